@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Bootstrap for a fresh machine with only Python: ``python3 dev.py demo`` and ``python3 dev.py test``.
+
+Both create ``.venv/`` in the checkout on first use (and again whenever setup.cfg or
+pyproject.toml change), install mailq into it with its test tools, then run inside it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / "bin" / "python"
+STAMP = VENV / ".mailq-installed"
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in ("setup.cfg", "pyproject.toml"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> None:
+    wanted = _fingerprint()
+    if PY.exists() and STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    if not PY.exists():
+        print(f"dev.py: creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    print("dev.py: installing mailq and its test tools (pip install -e .[test])", flush=True)
+    quiet = ["-q"] if os.environ.get("CI") else []
+    subprocess.run([str(PY), "-m", "pip", "install", *quiet, "--disable-pip-version-check",
+                    "-e", f"{ROOT}[test]"], check=True)
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\ncommands: demo [ARGS] | test [PYTEST ARGS] | bench | lint | shell")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    ensure_venv()
+    env = dict(os.environ, PATH=f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    if command == "demo":
+        return subprocess.call([str(PY), "-m", "mailq.demo", *rest], cwd=ROOT, env=env)
+    if command == "lint":
+        return subprocess.call([str(PY), "-m", "ruff", "check", "mailq", "tests", "bench", "dev.py"], cwd=ROOT, env=env)
+    if command == "test":
+        lint = subprocess.call([str(PY), "-m", "ruff", "check", "mailq", "tests", "bench", "dev.py"], cwd=ROOT, env=env)
+        if lint != 0:
+            print("dev.py: ruff found problems (above); fix them or run `python3 dev.py lint`", file=sys.stderr)
+            return lint
+        return subprocess.call([str(PY), "-m", "pytest", *rest], cwd=ROOT, env=env)
+    if command == "bench":
+        code = 0
+        for script in sorted((ROOT / "bench").glob("*.py")):
+            print(f"== {script.name}", flush=True)
+            code |= subprocess.call([str(PY), str(script), *rest], cwd=ROOT, env=env)
+        return code
+    if command == "shell":
+        return subprocess.call([str(PY), *rest], cwd=ROOT, env=env)
+    print(f"dev.py: unknown command {command!r} (demo, test, bench, lint, shell)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Command-line interfaces (click). Thin: parse, call the core, print."""

@@ -1,0 +1,108 @@
+"""Helpers every CLI module shares: settings from -C/--config, JSON output, errors and exit codes.
+
+Exit codes a shell script can trust (also in docs/cli.md):
+
+* 0  success
+* 1  the command ran but refused or found a problem (``slices check`` with gaps, ``locks break``
+     on a live holder, an unknown list or entry, invalid input that changed nothing)
+* 2  usage error (click's own: unknown option, missing argument)
+* 75 temporary failure: a lock could not be taken in time, the disk is full; run it again later
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable, NoReturn
+
+import click
+
+from mailq.config import ConfigError, Settings, load_settings
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+EXIT_TEMPFAIL = 75
+
+config_option = click.option(
+    "-C", "--config", "config_file", envvar="MAILQ_CONFIG", metavar="FILE",
+    help="Config file (default: $MAILQ_CONFIG, else etc/mailq.yaml in the checkout, else built-in defaults).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+
+
+def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
+    """Print *message* to stderr as ``mailq: error: ...`` and exit with *code*."""
+    click.echo(f"{_prog()}: error: {message}", err=True)
+    sys.exit(code)
+
+
+def warn(message: str) -> None:
+    click.echo(f"{_prog()}: warning: {message}", err=True)
+
+
+def _prog() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_root().info_name if ctx and ctx.find_root().info_name else "mailq"
+
+
+def get_settings(ctx: click.Context | None = None) -> Settings:
+    """The settings for this invocation, loaded once from the root command's -C/--config."""
+    ctx = ctx or click.get_current_context()
+    root = ctx.find_root()
+    obj = root.ensure_object(dict)
+    if "settings" not in obj:
+        try:
+            obj["settings"] = load_settings(obj.get("config_file"))
+        except ConfigError as exc:
+            fail(str(exc))
+    return obj["settings"]
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def print_table(rows: list[list[Any]], headers: list[str]) -> None:
+    """A plain left-aligned table; empty rows print just the headers."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for r in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn mailq's own exceptions into one-line errors with the right exit code.
+
+    Lock timeouts and full disks are temporary (75); everything else that is a known mailq error is 1.
+    Unknown exceptions are left alone so that a real bug still shows its traceback.
+    """
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mailq.errors import MailqError, TemporaryFailure
+
+        try:
+            return func(*args, **kwargs)
+        except TemporaryFailure as exc:
+            fail(str(exc), EXIT_TEMPFAIL)
+        except MailqError as exc:
+            fail(str(exc), EXIT_FAIL)
+    return wrapper
+
+
+def progress(iterable: Any, length: int | None = None, label: str = "") -> Any:
+    """A progress bar on a terminal, nothing in scripts (stderr not a tty)."""
+    if sys.stderr.isatty():
+        return click.progressbar(iterable, length=length, label=label, file=sys.stderr)
+    return _Quiet(iterable)
+
+
+class _Quiet:
+    def __init__(self, iterable: Any) -> None:
+        self.iterable = iterable
+
+    def __enter__(self) -> Any:
+        return self.iterable
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

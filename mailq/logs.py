@@ -1,0 +1,69 @@
+"""Per-node, per-component log files under ``var/log/<node>/``: one line per event.
+
+Lines look like ``2026-11-22 02:05:47,123 h1 out:0/1[4242] INFO delivered 1763777147.1+ab12.. to 3``.
+A WatchedFileHandler reopens the file when logrotate moves it; SIGHUP (``mailqctl reopen``) also
+calls ``reopen_all``.
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+
+from mailq.config import Settings
+
+_FORMAT = "%(asctime)s %(node)s %(component)s[%(process)d] %(levelname)s %(message)s"
+_handlers: list[logging.handlers.WatchedFileHandler] = []
+
+
+class _Context(logging.Filter):
+    def __init__(self, node: str, component: str) -> None:
+        super().__init__()
+        self.node, self.component = node, component
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node, record.component = self.node, self.component
+        return True
+
+
+def get_logger(settings: Settings, component: str, *, filename: str | None = None,
+               stderr: bool = False) -> logging.Logger:
+    """A logger writing to ``var/log/<node>/<filename or component>.log`` (and stderr if asked).
+
+    *component* names the writer in every line (``out:0/4``, ``master``, ``deliver``).
+    """
+    logger = logging.getLogger(f"mailq.{settings.node.name}.{component}")
+    if logger.handlers:
+        return logger
+    logger.setLevel(settings.log.level.upper())
+    logger.propagate = False
+    log_dir = settings.log_dir
+    name = (filename or component.split(":")[0]) + ".log"
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        handler: logging.Handler = logging.handlers.WatchedFileHandler(log_dir / name, encoding="utf-8")
+        _handlers.append(handler)  # type: ignore[arg-type]
+    except OSError:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.addFilter(_Context(settings.node.name, component))
+    logger.addHandler(handler)
+    if stderr:
+        err = logging.StreamHandler(sys.stderr)
+        err.setFormatter(logging.Formatter(_FORMAT))
+        err.addFilter(_Context(settings.node.name, component))
+        logger.addHandler(err)
+    return logger
+
+
+def reopen_all() -> None:
+    """Close and reopen every log file (after logrotate; SIGHUP)."""
+    for handler in _handlers:
+        handler.acquire()
+        try:
+            if handler.stream:
+                handler.stream.close()
+            handler.stream = handler._open()
+        finally:
+            handler.release()

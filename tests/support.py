@@ -1,0 +1,204 @@
+"""Shared test helpers: a node's config in a temp tree, CLI calls as real processes, an SMTP sink.
+
+Everything here is real: config files on disk, ``python -m`` subprocesses for every command, and an
+aiosmtpd server on loopback that records what it receives.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODULES = {
+    "mailq": "mailq.cli.main",
+    "mailqctl": "mailq.cli.ctl",
+    "qrunner": "mailq.cli.qrunner",
+    "mailq-deliver": "mailq.mta.deliver",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class Node:
+    """One mailq node's config in a test tree; several nodes may share one ``var``."""
+
+    name: str
+    config: Path
+    var: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def settings(self) -> Any:
+        from mailq.config import load_settings
+
+        return load_settings(self.config)
+
+    def run(self, program: str, *args: str, input: bytes | str | None = None, check: bool = False,
+            timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run a mailq program as a real process with this node's config; text output."""
+        cmd = [sys.executable, "-m", MODULES[program], *args]
+        if isinstance(input, str):
+            input = input.encode()
+        proc = subprocess.run(cmd, input=input, capture_output=True, timeout=timeout,
+                              env=self.environ(env), cwd=ROOT)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode,
+                                             proc.stdout.decode("utf-8", "replace"),
+                                             proc.stderr.decode("utf-8", "replace"))
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n"
+                                 f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        return result
+
+    def mailq(self, *args: str, **kw: Any) -> subprocess.CompletedProcess:
+        return self.run("mailq", *args, **kw)
+
+    def popen(self, program: str, *args: str, **kw: Any) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", MODULES[program], *args]
+        return subprocess.Popen(cmd, env=self.environ(kw.pop("env", None)), cwd=ROOT, **kw)
+
+    def environ(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["MAILQ_CONFIG"] = str(self.config)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(self.env)
+        env.update(extra or {})
+        return env
+
+
+def make_node(base: Path, name: str = "n1", var: Path | None = None, **overrides: Any) -> Node:
+    """Write ``<base>/<name>/mailq.yaml`` for node *name* with ``var`` (shared if given) and overrides.
+
+    Defaults suit tests: fast polling, short leases, LMTP off unless asked for, a free SMTP port
+    that nothing listens on unless the test starts a sink there.
+    """
+    var = var or base / "var"
+    var.mkdir(parents=True, exist_ok=True)
+    config = {
+        "node": {"name": name},
+        "paths": {"var": str(var), "run": str(base / "run")},
+        "smtp": {"host": "127.0.0.1", "port": free_port(), "timeout": 10},
+        "lmtp": {"host": "127.0.0.1", "port": free_port(), "enabled": False},
+        "cluster": {"heartbeat": 0.5, "lease": 3, "margin": 1},
+        "runners": {"poll_interval": 0.2},
+        "delivery": {"retry_initial": 0.5, "retry_max": 2},
+    }
+    config = deep_merge(config, overrides)
+    folder = base / name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "mailq.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return Node(name=name, config=path, var=var)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+             message: str = "condition") -> Any:
+    """Poll *predicate* until it returns something truthy; fail the test with *message* on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    at: float
+
+
+class SMTPSink:
+    """An aiosmtpd SMTP (or LMTP) server on loopback that records every message.
+
+    ``temp_fail`` (count of transactions to answer 451), ``refuse`` (addresses answered 550 at RCPT)
+    let a test make delivery fail the way real servers do.
+    """
+
+    def __init__(self, port: int | None = None, *, lmtp: bool = False) -> None:
+        self.port = port or free_port()
+        self.lmtp = lmtp
+        self.messages: list[Received] = []
+        self.temp_fail = 0
+        self.refuse: set[str] = set()
+        self.lock = threading.Lock()
+        self.controller: Any = None
+
+    # aiosmtpd handler hooks
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if address.lower() in self.refuse:
+            return "550 5.1.1 no such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        with self.lock:
+            if self.temp_fail > 0:
+                self.temp_fail -= 1
+                return "451 4.3.0 try again later"
+            self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                          bytes(envelope.original_content or envelope.content), time.time()))
+        return "250 OK queued"
+
+    def start(self) -> "SMTPSink":
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.lmtp import LMTP
+
+        kwargs: dict[str, Any] = {"hostname": "127.0.0.1", "port": self.port}
+        if self.lmtp:
+            class _LMTPController(Controller):
+                def factory(inner):  # noqa: N805
+                    return LMTP(inner.handler)
+            self.controller = _LMTPController(self, **kwargs)
+        else:
+            self.controller = Controller(self, **kwargs)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def recipients(self) -> list[str]:
+        """Every recipient of every accepted transaction, with repeats."""
+        with self.lock:
+            return [r for m in self.messages for r in m.rcpt_tos]
+
+    def wait_for_recipients(self, count: int, timeout: float = 30.0) -> list[str]:
+        wait_for(lambda: len(self.recipients()) >= count, timeout,
+                 message=f"{count} delivered recipients (have {len(self.recipients())})")
+        return self.recipients()
+
+    def __enter__(self) -> "SMTPSink":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
