@@ -20,7 +20,8 @@ def build_notice(settings: Settings, to: list[str], subject: str, body: str, *,
     msg["To"] = ", ".join(to)
     msg["Subject"] = subject
     msg["Date"] = email.utils.formatdate(localtime=True)
-    msg["Message-ID"] = email.utils.make_msgid(domain=(sender or settings.site_owner).rpartition("@")[2] or None)
+    domain = (sender or settings.site_owner).rpartition("@")[2] or None
+    msg["Message-ID"] = email.utils.make_msgid(domain=domain)
     msg["Auto-Submitted"] = "auto-generated"
     msg["Precedence"] = "bulk"
     msg.set_content(body)

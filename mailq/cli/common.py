@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
+from collections.abc import Callable
 
 import click
 
@@ -68,7 +69,7 @@ def print_table(rows: list[list[Any]], headers: list[str]) -> None:
     cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for r in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
