@@ -123,6 +123,14 @@ class PipelineSettings:
 
 
 @dataclass
+class ListsSettings:
+    #: Mail domain of new lists when `mailq lists create` gets no --domain; empty means the node name.
+    default_domain: str = ""
+    #: Seconds a list database writer waits for the list's lock before giving up (exit 75).
+    lock_timeout: float = 30.0
+
+
+@dataclass
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -139,6 +147,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    lists: ListsSettings = field(default_factory=ListsSettings)
     #: The file these settings came from, or None for built-in defaults.
     source: Path | None = None
 
