@@ -1,0 +1,160 @@
+"""Orphaned claims back to the queue, poison entries to ``bad``, stale temp files away.
+
+Implements docs/design.md §3.8 "Recovery" and §3.9 "Stale temp files".  A claim is only ever touched
+when the caller's ``is_dead(ClaimInfo)`` says its claimant is provably dead; this module never guesses
+from ages.  The recoverer first renames the dead claim to a claim of its own, so two recoverers (the
+local master and a takeover on another host) can never both put one entry back.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mailq.config import RUNNER_QUEUES, Settings
+from mailq.fsutil import pid_alive
+from mailq.queue.names import ENTRY_SUFFIX, TEMP_SUFFIX, ClaimInfo, Claimant, bucket_of
+from mailq.queue.payload import BadEntry, decode, encode
+from mailq.queue.queue import BUCKET_NAMES, Queue, read_all
+
+#: Queues that can hold claims: every runner queue, and shunt (``mailq queue unshunt`` claims there).
+CLAIM_QUEUES = (*RUNNER_QUEUES, "shunt")
+
+
+@dataclass
+class RecoveryReport:
+    recovered: list[dict[str, Any]] = field(default_factory=list)   # back to .pck, counter bumped
+    to_bad: list[dict[str, Any]] = field(default_factory=list)      # past the limit, or unreadable
+    dropped: list[dict[str, Any]] = field(default_factory=list)     # its requeue/shunt had already landed
+    left: int = 0                                                    # claims whose claimant is not dead
+    stale_temps: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def merge(self, other: RecoveryReport) -> None:
+        self.recovered += other.recovered
+        self.to_bad += other.to_bad
+        self.dropped += other.dropped
+        self.left += other.left
+        self.stale_temps += other.stale_temps
+
+
+def recover(settings: Settings, is_dead: Callable[[ClaimInfo], bool], queues: Iterable[str] | None = None,
+            slices: Iterable[tuple[str, int, int]] | None = None) -> RecoveryReport:
+    """Recover the claims of dead claimants in *queues* (default: all that can hold claims).
+
+    *slices*, when given, limits recovery to claims in those ``(queue, slice, count)`` slices (a
+    takeover recovers only the slices it moved).  Stale temp files are removed from every bucket of
+    the queues looked at.
+    """
+    report = RecoveryReport()
+    wanted = None if slices is None else list(slices)
+    chosen = list(queues) if queues is not None else (
+        sorted({q for q, _, _ in wanted}) if wanted is not None else list(CLAIM_QUEUES))
+    me = Claimant(settings.node.name, os.getpid(), 0)
+    limit = settings.queue.recovery_limit
+    for name in chosen:
+        queue = Queue.for_settings(settings, name)
+        for info in queue.claims():
+            if wanted is not None and not any(q == name and info.slice(n) == s for q, s, n in wanted):
+                continue
+            if not is_dead(info):
+                report.left += 1
+                continue
+            _recover_one(queue, info, me, limit, report)
+        report.stale_temps += remove_stale_temps(queue, settings.queue.stale_tmp_seconds)
+    return report
+
+
+def recover_local_dead(settings: Settings, queues: Iterable[str] | None = None) -> RecoveryReport:
+    """Claims made on this node (``settings.node.name``) by processes that are no longer running."""
+    node = settings.node.name
+    return recover(settings, lambda c: c.node == node and not pid_alive(c.pid), queues)
+
+
+def _recover_one(queue: Queue, info: ClaimInfo, me: Claimant, limit: int, report: RecoveryReport) -> None:
+    who = f"{info.node}:{info.pid} (epoch {info.epoch})"
+    row = {"queue": queue.name, "id": info.entry_id, "claimant": who}
+    folder = info.path.parent
+    mine = folder / (info.entry_id + ENTRY_SUFFIX + me.suffix())
+    try:
+        os.rename(info.path, mine)
+    except FileNotFoundError:
+        return      # another recoverer (or the claimant's own finish) got there first
+    sha = info.slice_hex
+    landed = any(n.endswith(f"+{sha}{ENTRY_SUFFIX}") for n in os.listdir(folder)) or os.path.exists(
+        queue.root / "shunt" / bucket_of(sha) / (info.entry_id + ENTRY_SUFFIX))
+    if landed:
+        # The claimant died after its requeue/shunt wrote the new file but before it removed the claim.
+        os.unlink(mine)
+        report.dropped.append(row)
+        queue.log.info("dropped claim %s of dead %s: its requeued/shunted copy already exists", info.path, who)
+        return
+    try:
+        msg, meta = decode(read_all(mine))
+    except (BadEntry, OSError) as exc:
+        queue.to_bad(mine, f"claim of dead {who} is unreadable: {exc}")
+        report.to_bad.append({**row, "reason": str(exc)})
+        return
+    count = meta.get("recovered", 0)
+    count = (count if isinstance(count, int) and not isinstance(count, bool) else 0) + 1
+    row["recovered"] = count
+    if count > limit:
+        reason = (f"claimant died {count} times while processing it (queue.recovery_limit = {limit}); "
+                  f"probably a poison message. Last claimant {who}. Inspect with `mailq queue show "
+                  f"{info.entry_id}`.")
+        queue.to_bad(mine, reason)
+        report.to_bad.append({**row, "reason": reason})
+        return
+    meta["recovered"] = count
+    queue.write(info.entry_id, encode(msg, meta))
+    os.unlink(mine)
+    report.recovered.append(row)
+    queue.log.warning("recovered %s/%s from dead %s (recovery %d of at most %d)", queue.name, info.entry_id,
+                      who, count, limit)
+
+
+def filesystem_now(folder: os.PathLike[str] | str) -> float:
+    """The shared filesystem's idea of "now": the mtime of a file just created there.
+
+    Comparing file ages against this, not against this host's clock, keeps a skewed host from
+    deleting another host's fresh temp files.
+    """
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".now.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"x")      # a write makes the server stamp the mtime, even on NFS
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def remove_stale_temps(queue: Queue, max_age: float) -> list[str]:
+    """Remove ``.<name>.<pid>.<rand>.tmp`` files older than *max_age* seconds (a writer died mid-write)."""
+    if not queue.dir.is_dir():
+        return []
+    now = filesystem_now(queue.dir)
+    removed = []
+    for bucket in BUCKET_NAMES:
+        folder = os.path.join(queue.dir, bucket)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                if now - os.stat(path).st_mtime > max_age:
+                    os.unlink(path)
+                    removed.append(path)
+                    queue.log.info("removed stale temp file %s", path)
+            except FileNotFoundError:
+                continue
+    return removed
