@@ -1,0 +1,109 @@
+"""The claim guard: may this runner claim from its slice right now? (DESIGN §5, docs/cluster.md).
+
+The Runner base calls :meth:`ClaimGuard.check` before every claim and :meth:`ClaimGuard.confirm`
+right after the claim rename (and again before processing, in case it was frozen meanwhile).  A
+check costs one ``stat`` of the slice map (re-parsed only when it changed) and one read of the
+host-local lease stamp.
+
+* ``may_claim`` is False while the lease is not fresh (self-fencing: the master could not renew
+  the heartbeat within ``cluster.lease``; monotonic time also runs on while the process is
+  SIGSTOPped, so a frozen runner wakes up fenced) or while the slice is not this node's.
+* ``moved`` is True when the map gives this slice to another node, fences this node, or changes
+  the queue's slice count: the runner stops claiming and exits after the entry in hand.
+
+Why re-check after the rename: the check and the rename are two steps, and the process may be
+frozen or slowed between them for longer than the lease.  Another node may then have fenced this
+one and recovered its claims; a claim made after that recovery would never be recovered.  So a
+claim only counts when the guard still holds *after* it exists; otherwise the claimant renames it
+back to ``.pck`` at once and the new owner picks it up.  If the claim is already gone when we try,
+a takeover recovered it: it is not ours to process either way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailq.cluster.heartbeat import lease_age
+from mailq.cluster.slicemap import MapWatcher
+from mailq.config import Settings
+
+
+@dataclass(frozen=True)
+class GuardState:
+    may_claim: bool
+    epoch: int
+    moved: bool
+    reason: str
+
+
+class ClaimGuard:
+    """Per-runner guard for one (queue, slice, count) of this node."""
+
+    def __init__(self, settings: Settings, queue: str, slice: int, count: int,
+                 log: logging.Logger | None = None) -> None:
+        self.settings, self.queue, self.slice, self.count = settings, queue, slice, count
+        self.node = settings.node.name
+        self.log = log or logging.getLogger("mailq.cluster.guard")
+        self.watcher = MapWatcher(settings, self.log)
+        self._last_reason = ""
+
+    def check(self) -> GuardState:
+        smap = self.watcher.current()
+        if smap is None:
+            # No map: a single host, nobody can take slices over, so there is no lease to respect.
+            return self._state(GuardState(True, 0, False, ""))
+        entry = smap.nodes.get(self.node)
+        if entry is None or entry.fenced:
+            why = "this node is fenced" if entry else "this node is not in the slice map"
+            return self._state(GuardState(False, smap.epoch, True, f"{why} (epoch {smap.epoch})"))
+        if smap.count(self.queue) != self.count:
+            return self._state(GuardState(False, smap.epoch, True,
+                                          f"{self.queue} now has {smap.count(self.queue)} slices, not {self.count} "
+                                          f"(epoch {smap.epoch})"))
+        owner = smap.owner_of(self.queue, self.slice)
+        if owner != self.node:
+            return self._state(GuardState(False, smap.epoch, True,
+                                          f"slice {self.queue}:{self.slice}/{self.count} moved to {owner} "
+                                          f"(epoch {smap.epoch})"))
+        age = lease_age(self.settings)
+        if age is None or age > self.settings.cluster.lease:
+            what = "no lease stamp (is the master running?)" if age is None else \
+                f"last heartbeat renewal {age:.1f}s ago > lease {self.settings.cluster.lease:g}s"
+            return self._state(GuardState(False, smap.epoch, False, f"self-fenced: {what}"))
+        return self._state(GuardState(True, smap.epoch, False, ""))
+
+    def _state(self, state: GuardState) -> GuardState:
+        # Log transitions only: a fenced runner polls many times a second.
+        if state.reason != self._last_reason:
+            if state.reason:
+                self.log.warning("not claiming from %s:%d/%d: %s", self.queue, self.slice, self.count, state.reason)
+            elif self._last_reason:
+                self.log.info("claiming again from %s:%d/%d (epoch %d)", self.queue, self.slice, self.count,
+                              state.epoch)
+            self._last_reason = state.reason
+        return state
+
+    def confirm(self, claimed: Any) -> GuardState:
+        """Re-check after a claim rename; when the guard no longer holds, give the entry back.
+
+        *claimed* is a ``Claimed`` (its ``.path`` is the claim file) or a claim path.  On refusal the
+        claim is renamed back to its ``.pck`` name (the part of the claim name up to ``.pck``); a
+        vanished claim means a takeover recovered it.  The caller must not process the entry
+        unless ``may_claim`` is True.
+        """
+        state = self.check()
+        if state.may_claim:
+            return state
+        path = Path(getattr(claimed, "path", claimed))
+        name = path.name
+        cut = name.find(".pck")
+        if cut > 0:
+            try:
+                os.rename(path, path.with_name(name[:cut + 4]))
+                self.log.warning("gave back %s after claiming: %s", name[:cut + 4], state.reason)
+            except FileNotFoundError:
+                self.log.warning("claim %s was recovered by a takeover: %s", name, state.reason)
+        return state

@@ -1,0 +1,178 @@
+"""Heartbeats and the host-local lease (DESIGN §5, docs/cluster.md "Liveness").
+
+Each master renews ``var/cluster/nodes/<node>`` every ``cluster.heartbeat`` seconds by *writing*
+it (a new file renamed over the old one): the file server sets its mtime, so every heartbeat is
+stamped by one clock, the shared filesystem's.  An observer judges a heartbeat's age by writing a
+probe file on the same filesystem just now and subtracting the two mtimes; no two hosts' clocks
+are ever compared.
+
+After each successful renewal the master also writes a host-local lease stamp
+(``<run_dir>/lease``) holding ``time.monotonic()`` taken *before* the write began.  Runners read it
+(:mod:`mailq.cluster.guard`) and stop claiming when it is older than ``cluster.lease``: a node
+that cannot renew fences itself before anyone may take its slices (lease + margin).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailq.config import Settings
+from mailq.fsutil import atomic_write
+
+
+def _boot_id() -> str:
+    # monotonic time restarts at boot: a stamp from an earlier boot must never look fresh.
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+BOOT_ID = _boot_id()
+
+
+def _host_id() -> str:
+    try:
+        from mailq.locks import host_id
+    except ImportError:  # locks.py not landed yet: the same function it wraps
+        from filelock._identity import host_name as host_id
+    return host_id()
+
+
+def nodes_dir(settings: Settings) -> Path:
+    return settings.cluster_dir / "nodes"
+
+
+def lease_path(settings: Settings) -> Path:
+    return settings.run_dir / "lease"
+
+
+class Heartbeat:
+    """The master's heartbeat for this node: ``renew()`` every beat."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.path = nodes_dir(settings) / settings.node.name
+        self.seq = 0
+
+    def renew(self) -> bool:
+        """Write the heartbeat; on success stamp the local lease.  False when the write failed."""
+        started = time.monotonic()
+        self.seq += 1
+        record = {"node": self.settings.node.name, "host": _host_id(), "pid": os.getpid(), "seq": self.seq}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # fsync is pointless for a liveness mark and would slow the beat on NFS.
+            atomic_write(self.path, (json.dumps(record) + "\n").encode(), fsync=False, mode=0o664)
+        except OSError:
+            return False
+        try:
+            stamp_lease(self.settings, started)
+        except OSError:
+            return False
+        return True
+
+
+def stamp_lease(settings: Settings, started: float) -> None:
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(lease_path(settings), f"{started!r} {BOOT_ID}\n".encode(), fsync=False)
+
+
+def lease_age(settings: Settings) -> float | None:
+    """Seconds since this node's last successful renewal began, by this host's monotonic clock.
+
+    None when there is no stamp, it is unreadable, or it comes from an earlier boot.
+    """
+    try:
+        text = lease_path(settings).read_text()
+        stamp, boot = text.split()
+        age = time.monotonic() - float(stamp)
+    except (OSError, ValueError):
+        return None
+    if boot != BOOT_ID or age < 0:
+        return None
+    return age
+
+
+def fs_now(settings: Settings) -> float:
+    """The shared filesystem's time now: the mtime of a probe file this observer just wrote."""
+    folder = nodes_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".probe.{settings.node.name}.{os.getpid()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o664)
+    try:
+        os.write(fd, b"probe\n")
+        now = os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+    return now
+
+
+@dataclass
+class HeartbeatInfo:
+    node: str
+    host: str
+    pid: int
+    #: seconds between the heartbeat's mtime and the probe's, both set by the file server
+    age: float
+
+
+def read_heartbeat(settings: Settings, node: str, now: float | None = None) -> HeartbeatInfo | None:
+    """The heartbeat of *node*, or None when it never beat."""
+    path = nodes_dir(settings) / node
+    try:
+        # open + fstat: on NFS an open revalidates attributes (close-to-open), a bare stat may be cached
+        with open(path, "rb") as fh:
+            data = fh.read()
+            mtime = os.fstat(fh.fileno()).st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(data)
+        host, pid = str(record.get("host", "?")), int(record.get("pid", 0))
+    except (ValueError, AttributeError, TypeError):
+        host, pid = "?", 0
+    now = fs_now(settings) if now is None else now
+    return HeartbeatInfo(node=node, host=host, pid=pid, age=max(0.0, now - mtime))
+
+
+def read_all(settings: Settings) -> dict[str, HeartbeatInfo]:
+    """Every node's heartbeat, ages against one probe."""
+    folder = nodes_dir(settings)
+    try:
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    except FileNotFoundError:
+        return {}
+    now = fs_now(settings)
+    out = {}
+    for name in names:
+        info = read_heartbeat(settings, name, now)
+        if info is not None:
+            out[name] = info
+    return out
+
+
+def state_of(settings: Settings, info: HeartbeatInfo | None, fenced: bool) -> str:
+    """alive / late / dead / fenced / unknown (never beat)."""
+    if fenced:
+        return "fenced"
+    if info is None:
+        return "unknown"
+    lease, margin = settings.cluster.lease, settings.cluster.margin
+    if info.age > lease + margin:
+        return "dead"
+    if info.age > max(3 * settings.cluster.heartbeat, 1.0):
+        return "late"
+    return "alive"
+
+
+def takeover_allowed(settings: Settings, info: HeartbeatInfo | None) -> bool:
+    """True when *info* is past lease + margin (or the node never beat): its runners have fenced themselves."""
+    return info is None or info.age > settings.cluster.lease + settings.cluster.margin

@@ -1,0 +1,450 @@
+"""The slice map: which node runs which slice of which queue (DESIGN §5, docs/cluster.md).
+
+``var/cluster/slices.yaml`` looks like this::
+
+    epoch: 7
+    queues:
+      in:  {count: 2, nodes: {h1: [0], h2: [1]}}
+      out: {count: 4, nodes: {h1: [0, 1], h2: [2, 3]}}
+      ...                                  # every runner queue must be listed
+    nodes:
+      h1: {backup: h2, fenced: false}
+      h2: {backup: h1, fenced: false}
+
+Per queue, every slice ``0..count-1`` belongs to exactly one node; owners are known nodes; a fenced
+node owns nothing; the epoch only grows.  Every change goes through :func:`update_map` (lock,
+reload, change, validate, epoch + 1, atomic write, last-good copy).  A hand edit is read by
+:class:`MapWatcher`; an invalid one is refused and the last good map (in memory, and on disk as
+``slices.yaml.good`` for a restarted master) stays in force, loudly.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailq.config import RUNNER_QUEUES, Settings
+from mailq.errors import InvalidInput
+from mailq.fsutil import atomic_write
+
+
+class SliceMapError(InvalidInput):
+    """A slice map that cannot be used; ``problems`` lists every reason, one per line."""
+
+    def __init__(self, where: str, problems: list[str]) -> None:
+        self.where, self.problems = where, problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{where}: invalid slice map, refused (the previous map stays in force):\n{lines}\n"
+                         f"Fix it with `mailq slices edit` or `mailq slices check` to see the problems again.")
+
+
+@dataclass
+class NodeEntry:
+    backup: str | None = None
+    fenced: bool = False
+
+
+@dataclass
+class SliceMap:
+    epoch: int = 0
+    #: queue -> the owner node of each slice (index = slice number)
+    queues: dict[str, list[str]] = field(default_factory=dict)
+    nodes: dict[str, NodeEntry] = field(default_factory=dict)
+
+    def count(self, queue: str) -> int:
+        return len(self.queues.get(queue, ()))
+
+    def owner_of(self, queue: str, slice: int) -> str | None:
+        owners = self.queues.get(queue, [])
+        return owners[slice] if 0 <= slice < len(owners) else None
+
+    def slices_for(self, node: str) -> list[tuple[str, int, int]]:
+        """(queue, slice, count) of every slice *node* runs; nothing for a fenced node."""
+        entry = self.nodes.get(node)
+        if entry is None or entry.fenced:
+            return []
+        return [(q, s, len(owners)) for q, owners in self.queues.items()
+                for s, owner in enumerate(owners) if owner == node]
+
+    def live_nodes(self) -> list[str]:
+        return sorted(n for n, e in self.nodes.items() if not e.fenced)
+
+    def copy(self) -> SliceMap:
+        return copy.deepcopy(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        queues: dict[str, Any] = {}
+        for q, owners in self.queues.items():
+            per_node: dict[str, list[int]] = {}
+            for s, owner in enumerate(owners):
+                per_node.setdefault(owner, []).append(s)
+            queues[q] = {"count": len(owners), "nodes": per_node}
+        return {"epoch": self.epoch, "queues": queues,
+                "nodes": {n: {"backup": e.backup, "fenced": e.fenced} for n, e in sorted(self.nodes.items())}}
+
+    def dump(self) -> str:
+        import yaml
+
+        head = ("# mailq slice map (DESIGN §5).  Change it with `mailq slices ...`; a hand edit must keep\n"
+                "# every slice owned by exactly one known, unfenced node and raise the epoch.\n")
+        return head + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# -- parsing and validation ------------------------------------------------------------------------
+
+def _loader() -> type:
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        """SafeLoader that refuses duplicate keys (PyYAML would silently keep the last one)."""
+
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return StrictLoader
+
+
+def parse_map(text: str, where: str = "<slice map>") -> SliceMap:
+    """Parse and validate; raise SliceMapError listing every problem."""
+    import yaml
+
+    try:
+        data = yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise SliceMapError(where, [f"not valid YAML{line}: {getattr(exc, 'problem', None) or exc}"])
+    if not isinstance(data, dict):
+        raise SliceMapError(where, ["expected a mapping with keys epoch, queues, nodes"])
+    problems: list[str] = []
+    unknown = set(data) - {"epoch", "queues", "nodes"}
+    if unknown:
+        problems.append(f"unknown top-level keys {sorted(map(str, unknown))}; valid: epoch, queues, nodes")
+    epoch = data.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        problems.append(f"epoch must be a whole number >= 0, got {epoch!r}")
+        epoch = 0
+    smap = SliceMap(epoch=epoch)
+    nodes = data.get("nodes")
+    if not isinstance(nodes, dict) or not nodes:
+        problems.append("nodes: expected a mapping of node name -> {backup: NODE, fenced: BOOL}")
+        nodes = {}
+    for name, entry in nodes.items():
+        entry = entry or {}
+        if not isinstance(entry, dict) or set(entry) - {"backup", "fenced"}:
+            problems.append(f"nodes.{name}: expected {{backup: NODE or null, fenced: true|false}}, got {entry!r}")
+            continue
+        backup, fenced = entry.get("backup"), entry.get("fenced", False)
+        if not isinstance(fenced, bool):
+            problems.append(f"nodes.{name}.fenced: expected true or false, got {fenced!r}")
+            fenced = False
+        if backup is not None and not isinstance(backup, str):
+            problems.append(f"nodes.{name}.backup: expected a node name, got {backup!r}")
+            backup = None
+        smap.nodes[str(name)] = NodeEntry(backup=backup, fenced=fenced)
+    queues = data.get("queues")
+    if not isinstance(queues, dict):
+        problems.append("queues: expected a mapping of queue -> {count: N, nodes: {NODE: [slices]}}")
+        queues = {}
+    for queue, spec in queues.items():
+        owners = _parse_queue(str(queue), spec, problems)
+        if owners is not None:
+            smap.queues[str(queue)] = owners
+    problems += validate(smap, skip_queues=set(map(str, queues)) - set(smap.queues))
+    if problems:
+        raise SliceMapError(where, problems)
+    return smap
+
+
+def _parse_queue(queue: str, spec: Any, problems: list[str]) -> list[str] | None:
+    if not isinstance(spec, dict) or set(spec) != {"count", "nodes"}:
+        problems.append(f"queues.{queue}: expected {{count: N, nodes: {{NODE: [slice, ...]}}}}, got {spec!r}")
+        return None
+    count, per_node = spec["count"], spec["nodes"]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        problems.append(f"queues.{queue}.count must be a whole number >= 1, got {count!r}")
+        return None
+    if not isinstance(per_node, dict):
+        problems.append(f"queues.{queue}.nodes: expected a mapping NODE -> [slice, ...]")
+        return None
+    seen: dict[int, list[str]] = {}
+    for node, slices in per_node.items():
+        if isinstance(slices, int) and not isinstance(slices, bool):
+            slices = [slices]
+        if not isinstance(slices, list) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                   for s in slices):
+            problems.append(f"queues.{queue}.nodes.{node}: expected a list of slice numbers, got {slices!r}")
+            continue
+        for s in slices:
+            if not 0 <= s < count:
+                problems.append(f"queues.{queue}: slice {s} of node {node} is out of range 0..{count - 1}")
+            else:
+                seen.setdefault(s, []).append(str(node))
+    ok = True
+    for s in range(count):
+        owners = seen.get(s, [])
+        if not owners:
+            problems.append(f"queues.{queue}: gap: slice {s} of {count} has no owner")
+            ok = False
+        elif len(owners) > 1:
+            problems.append(f"queues.{queue}: overlap: slice {s} of {count} is owned by {', '.join(owners)}")
+            ok = False
+    return [seen[s][0] for s in range(count)] if ok else None
+
+
+def validate(smap: SliceMap, skip_queues: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """Problems of an in-memory map (empty list: valid)."""
+    problems = []
+    for queue in RUNNER_QUEUES:
+        if queue not in smap.queues and queue not in skip_queues:
+            problems.append(f"queues.{queue}: missing (every runner queue needs slices, or its mail waits forever)")
+    for queue, owners in smap.queues.items():
+        if queue not in RUNNER_QUEUES:
+            problems.append(f"queues.{queue}: not a runner queue; valid: {', '.join(RUNNER_QUEUES)}")
+        if not owners:
+            problems.append(f"queues.{queue}: count must be >= 1")
+        for s, owner in enumerate(owners):
+            entry = smap.nodes.get(owner)
+            if entry is None:
+                problems.append(f"queues.{queue}: slice {s} is owned by unknown node {owner!r} "
+                                f"(add it under nodes: or assign the slice to a known node)")
+            elif entry.fenced:
+                problems.append(f"queues.{queue}: slice {s} is owned by fenced node {owner!r} "
+                                f"(run `mailq cluster unfence {owner}` first if it is healthy again)")
+    for name, entry in smap.nodes.items():
+        if entry.backup is not None and entry.backup not in smap.nodes:
+            problems.append(f"nodes.{name}.backup: unknown node {entry.backup!r}")
+        if entry.backup == name:
+            problems.append(f"nodes.{name}.backup: a node cannot be its own backup")
+    return problems
+
+
+def load_map(path: Path) -> SliceMap | None:
+    """The map at *path*, None when the file does not exist; SliceMapError when it is invalid."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise SliceMapError(str(path), ["not UTF-8 text"])
+    return parse_map(text, str(path))
+
+
+def good_path(settings: Settings) -> Path:
+    """The last-good copy every master falls back to when the map file is invalid."""
+    return settings.slice_map_path.with_name(settings.slice_map_path.name + ".good")
+
+
+def write_map(settings: Settings, smap: SliceMap) -> None:
+    """Validate and write *smap* as is (epoch unchanged) plus the last-good copy. Caller holds the lock."""
+    problems = validate(smap)
+    if problems:
+        raise SliceMapError(str(settings.slice_map_path), problems)
+    data = smap.dump().encode()
+    settings.cluster_dir.mkdir(parents=True, exist_ok=True)
+    # The file first: a watcher starting between the two writes then sees a newer file, never an older one.
+    atomic_write(settings.slice_map_path, data, keep_last=True)
+    atomic_write(good_path(settings), data)
+
+
+def slices_lock(settings: Settings, timeout: float = 30.0) -> Any:
+    """The one lock every writer of the slice map takes (var/locks/slices.lock)."""
+    try:
+        from mailq.locks import named_lock
+    except ImportError:  # locks.py not there yet: the same lock class on the same path
+        import filelock
+
+        settings.locks_dir.mkdir(parents=True, exist_ok=True)
+        return filelock.StrictSoftFileLock(str(settings.locks_dir / "slices.lock"), timeout=timeout)
+    return named_lock(settings, "slices")
+
+
+def current_for_update(settings: Settings) -> SliceMap:
+    """The map a change starts from: the file, or the last-good copy when the file is invalid or gone."""
+    try:
+        smap = load_map(settings.slice_map_path)
+    except SliceMapError:
+        smap = None
+    if smap is None:
+        try:
+            smap = load_map(good_path(settings))
+        except SliceMapError:
+            smap = None
+    if smap is None:
+        from mailq.errors import NotFound
+
+        raise NotFound(f"{settings.slice_map_path}: no slice map yet; create one with "
+                       f"`mailq slices init --nodes NODE1,NODE2,...`")
+    return smap
+
+
+def update_map(settings: Settings, change: Callable[[SliceMap], SliceMap | None]) -> tuple[SliceMap, SliceMap]:
+    """Lock, reload, apply *change* to a copy, validate, bump the epoch, write; return (old, new).
+
+    *change* may edit the copy in place or return a new map; it may raise InvalidInput to refuse.
+    The new epoch is one past the highest epoch seen (file and last-good copy), so it only grows.
+    """
+    with slices_lock(settings):
+        old = current_for_update(settings)
+        work = old.copy()
+        result = change(work)
+        new = result if isinstance(result, SliceMap) else work
+        new.epoch = max(old.epoch, _disk_epoch(settings)) + 1
+        write_map(settings, new)
+        return old, new
+
+
+def _disk_epoch(settings: Settings) -> int:
+    """Highest epoch in the file or the last-good copy, even an invalid file's (epochs never go back)."""
+    import re
+
+    best = 0
+    for path in (settings.slice_map_path, good_path(settings)):
+        try:
+            match = re.search(r"^epoch:\s*(\d+)", path.read_text(encoding="utf-8", errors="replace"), re.M)
+        except OSError:
+            continue
+        if match:
+            best = max(best, int(match.group(1)))
+    return best
+
+
+def create_map(settings: Settings, smap: SliceMap) -> SliceMap:
+    """Install a first map (``slices init``); refuses when one exists."""
+    with slices_lock(settings):
+        if settings.slice_map_path.exists():
+            raise InvalidInput(f"{settings.slice_map_path} exists already; change it with `mailq slices assign`, "
+                               f"`rebalance` or `edit` (or remove the file first if you really mean to start over)")
+        smap.epoch = _disk_epoch(settings) + 1
+        write_map(settings, smap)
+        return smap
+
+
+def spread(queues: dict[str, int], nodes: list[str]) -> dict[str, list[str]]:
+    """Owners spreading each queue's slices evenly, queues rotated so 1-slice queues spread too."""
+    out = {}
+    for qi, (queue, count) in enumerate(queues.items()):
+        out[queue] = [nodes[(qi + s) % len(nodes)] for s in range(count)]
+    return out
+
+
+def rebalance_owners(owners: list[str], nodes: list[str]) -> list[str]:
+    """An even spread of *owners* over *nodes* that moves as few slices as possible.
+
+    Each node's target is count // n, plus one for the first count % n nodes, giving the extra
+    slices to the nodes that already hold the most so that fewer slices move.
+    """
+    count, n = len(owners), len(nodes)
+    held = {node: [s for s, o in enumerate(owners) if o == node] for node in nodes}
+    order = sorted(nodes, key=lambda node: (-len(held[node]), node))
+    target = {node: count // n + (1 if i < count % n else 0) for i, node in enumerate(order)}
+    new = list(owners)
+    free = [s for s, o in enumerate(owners) if o not in held]
+    for node in nodes:
+        free += held[node][target[node]:]
+    free.sort()
+    for node in nodes:
+        need = target[node] - min(len(held[node]), target[node])
+        for _ in range(need):
+            new[free.pop(0)] = node
+    return new
+
+
+# -- watching the file ------------------------------------------------------------------------------
+
+class MapWatcher:
+    """The map in force for a long-running process; re-read only when the file changed (one stat).
+
+    An invalid or missing file leaves the last good map in force (from memory, or from the
+    last-good copy for a process that just started), sets ``problem`` and logs it once per change.
+    A changed map must raise the epoch: epochs are written into claim names, so two different maps
+    must never share one.
+    """
+
+    def __init__(self, settings: Settings, log: logging.Logger | None = None) -> None:
+        self.settings, self.log = settings, log or logging.getLogger("mailq.cluster")
+        self.path = settings.slice_map_path
+        self.smap: SliceMap | None = None
+        self.problem: str = ""
+        self._sig: tuple | None = ()  # () = never looked
+
+    def _signature(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def current(self) -> SliceMap | None:
+        sig = self._signature()
+        if sig == self._sig:
+            return self.smap
+        self._sig = sig
+        if self.smap is None:
+            self._load_good()
+        if sig is None:
+            if self.smap is not None:
+                self._refuse(f"{self.path} is missing; the last good map (epoch {self.smap.epoch}) stays in "
+                             f"force; restore it from {good_path(self.settings)} or run `mailq slices edit`")
+            return self.smap
+        try:
+            new = load_map(self.path)
+        except (SliceMapError, OSError) as exc:
+            self._refuse(str(exc))
+            return self.smap
+        if new is None:
+            return self.smap
+        if self.smap is not None and new.to_dict() != self.smap.to_dict() and new.epoch <= self.smap.epoch:
+            self._refuse(f"{self.path}: refused: the map changed but its epoch {new.epoch} is not above the "
+                         f"map in force ({self.smap.epoch}); set `epoch: {self.smap.epoch + 1}` or use "
+                         f"`mailq slices edit`")
+            return self.smap
+        if self.smap is None or new.to_dict() != self.smap.to_dict():
+            if self.smap is not None:
+                self.log.info("slice map epoch %d now in force (was %d)", new.epoch, self.smap.epoch)
+            try:
+                if load_map(good_path(self.settings)) != new:
+                    atomic_write(good_path(self.settings), new.dump().encode(), fsync=False)
+            except (SliceMapError, OSError):
+                atomic_write(good_path(self.settings), new.dump().encode(), fsync=False)
+        if self.problem:
+            self.log.warning("slice map problem fixed: epoch %d in force", new.epoch)
+        self.smap, self.problem = new, ""
+        return new
+
+    def _load_good(self) -> None:
+        try:
+            self.smap = load_map(good_path(self.settings))
+        except (SliceMapError, OSError):
+            self.smap = None
+
+    def _refuse(self, message: str) -> None:
+        self.problem = message
+        self.log.error("%s", message)
+
+
+def problem_now(settings: Settings) -> str:
+    """What is wrong with the map file right now ("" when valid or absent), for status and check."""
+    watcher = MapWatcher(settings, logging.getLogger("mailq.cluster.quiet"))
+    watcher.log.disabled = True
+    watcher.current()
+    return watcher.problem
+
+
+def assignments_for(settings: Settings, smap: SliceMap | None, node: str) -> list[tuple[str, int, int]]:
+    """(queue, slice, count) the master of *node* runs: from the map, or every slice when there is none."""
+    if smap is None:
+        return [(q, s, settings.slice_count(q)) for q in RUNNER_QUEUES for s in range(settings.slice_count(q))]
+    return smap.slices_for(node)
