@@ -1,0 +1,1 @@
+"""Mail out: SMTP to the smarthost or the recipients' MX hosts, VERP, retry policy, bounces."""

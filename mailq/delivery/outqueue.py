@@ -1,0 +1,183 @@
+"""Deliver one ``out`` entry and sort every recipient into delivered, ``retry`` or ``bounces``.
+
+This is the outgoing runner's whole job, written as one function over plain data so it can be
+read and tested without a runner around it:
+
+* **Bulk** (default): recipients in chunks of ``smtp.chunk_size`` per transaction, envelope sender
+  ``metadata["envelope_sender"]`` (the list's ``-bounces`` address, set by the pipeline).
+* **Personalized** (``metadata["personalize"]``): one transaction per recipient, VERP envelope
+  sender ``LIST-bounces+LOCAL=DOMAIN@HOST`` (``mailq.delivery.verp``).
+* **Temporary failures** (4xx, refused connection, timeout): ONLY the failed recipients go to
+  ``retry`` with ``not_before`` = now + backoff (``mailq.delivery.retry``), ``attempts`` + 1 and the
+  original ``first_attempt``. Past ``delivery.give_up_after`` they are given up and the list owner
+  is told (``mailq.notices.notify``).
+* **Permanent failures** (5xx): one ``bounces`` entry per recipient (metadata ``listname``, ``kind``
+  "bounce", ``recipient``, ``code``, ``response``), which the bounce runner scores.
+
+Nothing is lost when the smarthost is down: every recipient ends in exactly one of the three
+places, and the entry is finished only after the retry/bounce entries are on disk.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailq.config import Settings
+from mailq.delivery.retry import next_attempt, should_give_up
+from mailq.delivery.smtp import SendResult
+from mailq.delivery.verp import verp_sender
+
+Enqueue = Callable[..., str]   # enqueue(queue, msg, metadata, *, not_before=None) -> entry id
+
+
+@dataclass
+class DeliveryReport:
+    delivered: list[str] = field(default_factory=list)
+    retried: dict[str, tuple[int, str]] = field(default_factory=dict)
+    bounced: dict[str, tuple[int, str]] = field(default_factory=dict)
+    given_up: dict[str, tuple[int, str]] = field(default_factory=dict)
+    transactions: int = 0
+    retry_entry: str | None = None
+    not_before: float | None = None
+
+    def summary(self) -> str:
+        return (f"{len(self.delivered)} delivered, {len(self.retried)} to retry, {len(self.bounced)} bounced, "
+                f"{len(self.given_up)} given up in {self.transactions} transaction(s)")
+
+
+def envelope_sender(settings: Settings, metadata: dict[str, Any]) -> str:
+    """Our MAIL FROM: the pipeline's ``envelope_sender``, else the list's bounces address, else site."""
+    sender = metadata.get("envelope_sender")
+    if sender:
+        return sender
+    listname = metadata.get("listname") or ""
+    if listname:
+        try:
+            from mailq.lists import ListStore
+
+            return ListStore(settings).load(listname).bounces_address
+        except Exception:  # noqa: BLE001 - list gone or unreadable: the site address still works
+            pass
+    return settings.site_owner
+
+
+def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any], enqueue: Enqueue, *,
+            now: float | None = None, log=None) -> DeliveryReport:
+    """Deliver *msg* to ``metadata["recipients"]`` through *transport*; see the module docstring."""
+    report = DeliveryReport()
+    recipients = _unique(metadata.get("recipients") or [])
+    if not recipients:
+        return report
+    sender = envelope_sender(settings, metadata)
+    outcome = SendResult()
+    if metadata.get("personalize"):
+        for rcpt in recipients:
+            try:
+                mail_from = verp_sender(sender, rcpt)
+            except ValueError:
+                mail_from = sender  # no domain to encode: plain sender; the server will judge rcpt
+            outcome.merge(transport.send(mail_from, [rcpt], msg))
+            report.transactions += 1
+    else:
+        size = max(1, settings.smtp.chunk_size)
+        for i in range(0, len(recipients), size):
+            outcome.merge(transport.send(sender, recipients[i:i + size], msg))
+            report.transactions += 1
+    now = time.time() if now is None else now
+    report.delivered = outcome.delivered
+    listname = metadata.get("listname") or ""
+
+    # Permanent failures first: each becomes a bounce for the bounce runner.
+    for rcpt, (code, text) in outcome.permanent.items():
+        enqueue("bounces", msg, {
+            "listname": listname, "kind": "bounce", "via": "smtp", "received": now,
+            "recipient": rcpt, "code": code, "response": text,
+            "envelope_sender": sender,
+        })
+        report.bounced[rcpt] = (code, text)
+
+    if outcome.temporary:
+        attempts = int(metadata.get("attempts", 0)) + 1
+        first = float(metadata.get("first_attempt", now))
+        if should_give_up(settings, first, now):
+            report.given_up = dict(outcome.temporary)
+            if metadata.get("kind") == "notice":
+                # A notice that cannot be delivered must not breed another notice: log it only.
+                if log is not None:
+                    log.error("gave up on a system notice to %s", ", ".join(report.given_up))
+            else:
+                _notify_give_up(settings, listname, sender, msg, report.given_up, first, attempts, log)
+        else:
+            delay = next_attempt(settings, attempts)
+            retry_meta = dict(metadata)
+            retry_meta.update({
+                "recipients": list(outcome.temporary),
+                "attempts": attempts,
+                "first_attempt": first,
+                "last_attempt": now,
+                "last_errors": {r: f"{c} {t}" for r, (c, t) in outcome.temporary.items()},
+            })
+            report.not_before = now + delay
+            report.retry_entry = enqueue("retry", msg, retry_meta, not_before=report.not_before)
+            report.retried = dict(outcome.temporary)
+    if log is not None and (report.retried or report.bounced or report.given_up):
+        for rcpt, (code, text) in {**report.retried, **report.bounced, **report.given_up}.items():
+            what = "bounced" if rcpt in report.bounced else "given up" if rcpt in report.given_up else "retry"
+            log.info("%s %s: %s %s", what, rcpt, code, text)
+    return report
+
+
+def make_transport(settings: Settings, log=None, resolver=None):
+    """The smarthost connection, or direct MX delivery when ``smtp.direct_mx`` is set."""
+    if settings.smtp.direct_mx:
+        from mailq.delivery.mx import MXTransport
+
+        return MXTransport(settings, resolver, log=log)
+    from mailq.delivery.smtp import SMTPConnection
+
+    return SMTPConnection(settings, log=log)
+
+
+def _unique(recipients: list[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for r in recipients:
+        key = r.lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def owner_address(settings: Settings, listname: str, sender: str) -> str:
+    """Where give-up notices go: the list's -owner address, else the site owner."""
+    if listname:
+        try:
+            from mailq.lists import ListStore
+
+            return ListStore(settings).load(listname).owner_address
+        except Exception:  # noqa: BLE001 - fall back to the bounces address's sibling
+            local, at, host = sender.rpartition("@")
+            if at and local.split("+")[0].endswith("-bounces"):
+                return f"{local.split('+')[0][:-len('-bounces')]}-owner@{host}"
+    return settings.site_owner
+
+
+def _notify_give_up(settings: Settings, listname: str, sender: str, msg: bytes,
+                    failed: dict[str, tuple[int, str]], first: float, attempts: int, log) -> None:
+    from mailq.notices import notify
+
+    owner = owner_address(settings, listname, sender)
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(first))
+    lines = [f"  {r}: {c} {t}" for r, (c, t) in sorted(failed.items())]
+    body = (f"mailq gave up delivering a message{' of list ' + listname if listname else ''} to "
+            f"{len(failed)} recipient(s) after {attempts} attempt(s) since {since}\n"
+            f"(delivery.give_up_after is {settings.delivery.give_up_after:.0f} seconds).\n\n"
+            "Last error per recipient:\n" + "\n".join(lines) + "\n\n"
+            "The message is attached. Check these addresses or the receiving servers.\n")
+    notify(settings, [owner], f"Undeliverable mail{' for ' + listname if listname else ''}: "
+           f"{len(failed)} recipient(s) given up", body, listname=listname, attachment=msg)
+    if log is not None:
+        log.warning("gave up on %d recipient(s) of a %s message; told %s", len(failed), listname or "site", owner)

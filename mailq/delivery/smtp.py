@@ -1,0 +1,208 @@
+"""SMTP out: one reusable connection to the smarthost (or to one MX host), per-recipient results.
+
+``SMTPConnection.send(sender, recipients, msg)`` runs one transaction and says, for every
+recipient, whether it was delivered, failed temporarily (4xx, connection refused, timeout, the
+server hanging up) or failed permanently (5xx). The connection stays open between transactions
+(reconnecting once if the server dropped it while idle) and is closed by ``close()``, which the
+outgoing runner calls when it has been idle for a poll interval.
+
+The transaction is driven command by command (MAIL, RCPT per recipient, DATA) rather than through
+``smtplib.sendmail``, because sendmail forgets which recipients RCPT refused when DATA fails.
+"""
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+from dataclasses import dataclass, field
+
+from mailq.config import Settings
+
+#: Code used for failures with no SMTP reply (refused connection, timeout, reset).
+NO_REPLY = 451
+
+
+@dataclass
+class SendResult:
+    """Outcome of one transaction, per recipient; every recipient is in exactly one of the three."""
+
+    delivered: list[str] = field(default_factory=list)
+    #: recipient -> (code, response text)
+    temporary: dict[str, tuple[int, str]] = field(default_factory=dict)
+    permanent: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    def fail(self, recipients: list[str], code: int, text: str) -> None:
+        bucket = self.permanent if 500 <= code < 600 else self.temporary
+        for r in recipients:
+            bucket[r] = (code, text)
+
+    def merge(self, other: SendResult) -> None:
+        self.delivered.extend(other.delivered)
+        self.temporary.update(other.temporary)
+        self.permanent.update(other.permanent)
+
+
+def _text(resp: bytes | str) -> str:
+    if isinstance(resp, bytes):
+        resp = resp.decode("utf-8", "replace")
+    return " ".join(resp.split())
+
+
+class SMTPConnection:
+    """A lazily opened, reused SMTP client connection to *host*:*port* (default: the smarthost)."""
+
+    def __init__(self, settings: Settings, host: str | None = None, port: int | None = None, *,
+                 use_auth: bool = True, log=None) -> None:
+        self.settings = settings
+        cfg = settings.smtp
+        self.host = host or cfg.host
+        self.port = port or cfg.port
+        self.use_auth = use_auth
+        self.log = log
+        self.client: smtplib.SMTP | None = None
+        self.transactions = 0
+
+    # -- connection ---------------------------------------------------------------------------
+    def connect(self) -> smtplib.SMTP:
+        cfg = self.settings.smtp
+        client = smtplib.SMTP(timeout=cfg.timeout, local_hostname=cfg.helo or self.settings.node.name)
+        try:
+            client.connect(self.host, self.port)
+            client.ehlo_or_helo_if_needed()
+            if cfg.starttls:
+                if not client.has_extn("starttls"):
+                    raise smtplib.SMTPResponseException(
+                        454, f"{self.host}:{self.port} does not offer STARTTLS (smtp.starttls is true)")
+                client.starttls(context=ssl.create_default_context())
+                client.ehlo()
+            if self.use_auth and cfg.user:
+                client.login(cfg.user, cfg.password)
+        except BaseException:
+            _quiet_close(client)
+            raise
+        self.client = client
+        return client
+
+    def close(self) -> None:
+        """QUIT and drop the connection (idle, shutting down); safe to call when not connected."""
+        client, self.client = self.client, None
+        if client is not None:
+            try:
+                client.quit()
+            except (smtplib.SMTPException, OSError):
+                _quiet_close(client)
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None
+
+    # -- one transaction ----------------------------------------------------------------------
+    def send(self, sender: str, recipients: list[str], msg: bytes) -> SendResult:
+        """Deliver *msg* to *recipients* in one transaction; never raises for delivery failures."""
+        result = SendResult()
+        if not recipients:
+            return result
+        reused = self.client is not None
+        try:
+            return self._transaction(sender, recipients, msg)
+        except smtplib.SMTPServerDisconnected as exc:
+            self._drop()
+            if reused:
+                # The server closed an idle connection: one fresh attempt before calling it temporary.
+                try:
+                    return self._transaction(sender, recipients, msg)
+                except smtplib.SMTPServerDisconnected as exc2:
+                    self._drop()
+                    result.fail(recipients, NO_REPLY, f"{self.host}:{self.port} closed the connection: {exc2}")
+                except smtplib.SMTPAuthenticationError as exc2:
+                    self._drop()
+                    result.fail(recipients, _temp(exc2.smtp_code), f"AUTH failed: {_text(exc2.smtp_error)}")
+                except smtplib.SMTPResponseException as exc2:
+                    self._drop()
+                    result.fail(recipients, exc2.smtp_code, _text(exc2.smtp_error))
+                except (OSError, smtplib.SMTPException) as exc2:
+                    self._drop()
+                    result.fail(recipients, NO_REPLY, f"{self.host}:{self.port}: {exc2}")
+                return result
+            result.fail(recipients, NO_REPLY, f"{self.host}:{self.port} closed the connection: {exc}")
+        except smtplib.SMTPAuthenticationError as exc:
+            # Wrong credentials are our configuration problem, not the recipients': keep the mail.
+            self._drop()
+            result.fail(recipients, _temp(exc.smtp_code), f"AUTH failed: {_text(exc.smtp_error)}")
+        except smtplib.SMTPResponseException as exc:
+            # Greeting/EHLO/STARTTLS refused: the whole connection failed.
+            self._drop()
+            result.fail(recipients, exc.smtp_code, f"{self.host}:{self.port}: {_text(exc.smtp_error)}")
+        except (OSError, smtplib.SMTPException) as exc:  # refused, timeout, reset, DNS for host
+            self._drop()
+            what = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
+            result.fail(recipients, NO_REPLY, f"{self.host}:{self.port}: {what}")
+        return result
+
+    def _transaction(self, sender: str, recipients: list[str], msg: bytes) -> SendResult:
+        client = self.client or self.connect()
+        result = SendResult()
+        options = []
+        if client.does_esmtp and client.has_extn("8bitmime") and any(b > 127 for b in msg):
+            options.append("BODY=8BITMIME")
+        if client.does_esmtp and client.has_extn("smtputf8") and not (sender + "".join(recipients)).isascii():
+            options.append("SMTPUTF8")
+        self.transactions += 1
+        code, resp = client.mail(sender, options)
+        if code != 250:
+            self._abort(code)
+            result.fail(recipients, code, f"MAIL FROM refused: {_text(resp)}")
+            return result
+        accepted = []
+        for rcpt in recipients:
+            code, resp = client.rcpt(rcpt)
+            if code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                result.fail([rcpt], code, _text(resp))
+                if code == 421:  # the server is going away: the rest cannot be tried now
+                    self._drop()
+                    rest = [r for r in recipients if r not in accepted and r not in result.temporary
+                            and r not in result.permanent]
+                    result.fail(rest, 421, _text(resp))
+                    result.fail(accepted, 421, _text(resp))
+                    return result
+        if not accepted:
+            self._abort(250)
+            return result
+        try:
+            code, resp = client.data(msg)
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (not 354)
+            code, resp = exc.smtp_code, exc.smtp_error
+        if code == 250:
+            result.delivered.extend(accepted)
+        else:
+            self._abort(code)
+            result.fail(accepted, code, _text(resp))
+        return result
+
+    def _abort(self, code: int) -> None:
+        """End a failed transaction: RSET so the connection can carry the next one."""
+        if code == 421 or self.client is None:
+            self._drop()
+            return
+        try:
+            self.client.rset()
+        except (smtplib.SMTPException, OSError):
+            self._drop()
+
+    def _drop(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            _quiet_close(client)
+
+
+def _temp(code: int) -> int:
+    return code if 400 <= code < 500 else NO_REPLY
+
+
+def _quiet_close(client: smtplib.SMTP) -> None:
+    try:
+        client.close()
+    except OSError:
+        pass

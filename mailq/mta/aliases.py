@@ -1,0 +1,87 @@
+"""Alias lines that pipe every list address into ``mailq-deliver`` (DESIGN §6 "MTA pipe").
+
+Each list gets seven aliases, one per kind (``mailq.mta.addresses``)::
+
+    dev:          "|/srv/mailq/bin/mailq-deliver post dev"
+    dev-owner:    "|/srv/mailq/bin/mailq-deliver owner dev"
+    ...
+
+Formats: ``postfix`` and ``sendmail`` (aliases(5) files, run ``postalias``/``newaliases``), and
+``exim`` (an lsearch file for a redirect router). A list exists iff ``var/lists/<name>/list.pck``
+exists, so this needs no list database code.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailq.config import CHECKOUT, Settings
+from mailq.mta.addresses import KINDS, list_address
+
+FORMATS = ("postfix", "sendmail", "exim")
+
+
+@dataclass(frozen=True)
+class Alias:
+    listname: str
+    kind: str
+    local_part: str
+    command: str
+
+
+def deliver_path() -> str:
+    """Absolute path of the ``mailq-deliver`` program the MTA should run."""
+    checkout_bin = CHECKOUT / "bin" / "mailq-deliver"
+    if checkout_bin.exists():
+        return str(checkout_bin.resolve())
+    beside = Path(sys.executable).parent / "mailq-deliver"  # installed console script in a venv
+    if beside.exists():
+        return str(beside)
+    return shutil.which("mailq-deliver") or str(checkout_bin)
+
+
+def list_names(settings: Settings) -> list[str]:
+    """Every list, by the one rule that defines existence (``lists/<name>/list.pck``)."""
+    try:
+        entries = os.listdir(settings.lists_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in entries if not n.startswith(".")
+                  and (settings.lists_dir / n / "list.pck").exists())
+
+
+def aliases_for(listnames: list[str], program: str) -> list[Alias]:
+    return [Alias(name, kind, list_address(name, kind), f"{program} {kind} {name}")
+            for name in listnames for kind in KINDS]
+
+
+def render(aliases: list[Alias], fmt: str, program: str) -> str:
+    """The alias file text in *fmt*, with a header comment saying where it goes."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown alias format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    width = max((len(a.local_part) for a in aliases), default=0) + 2
+    if fmt == "exim":
+        header = [
+            "# mailq list aliases for Exim: save as /etc/exim4/mailq_aliases and add a router",
+            "#   mailq_lists:",
+            "#     driver = redirect",
+            "#     data = ${lookup{$local_part}lsearch{/etc/exim4/mailq_aliases}}",
+            "#     pipe_transport = address_pipe",
+            "#     user = mailq",
+            "# (keep it before the system aliases router)",
+        ]
+        lines = [f"{(a.local_part + ':').ljust(width)}|{a.command}" for a in aliases]
+    else:
+        tool = "postalias /etc/postfix/mailq_aliases" if fmt == "postfix" else "newaliases"
+        header = [f"# mailq list aliases ({fmt}): add to your aliases file, then run {tool}"]
+        if fmt == "postfix":
+            header.append("#   main.cf: alias_maps = hash:/etc/aliases, hash:/etc/postfix/mailq_aliases")
+        else:
+            header.append(f"#   sendmail's smrsh must allow it: ln -s {program} /etc/smrsh/")
+        lines = [f'{(a.local_part + ":").ljust(width)}"|{a.command}"' for a in aliases]
+    if not aliases:
+        lines = ["# (no lists yet: create one with 'mailq lists create NAME --owner ADDRESS')"]
+    return "\n".join(header + lines) + "\n"

@@ -1,0 +1,204 @@
+"""``mailq-deliver KIND LIST``: the MTA pipe entry point (DESIGN §6 "MTA pipe").
+
+The MTA runs this once per message (``|/path/bin/mailq-deliver post dev`` in its aliases). It
+reads the message from stdin and writes it as one entry into the queue for KIND (``in`` for
+post/owner, ``commands`` for request/join/leave/confirm, ``bounces`` for bounces), fsync'd, and
+exits 0 only after the entry's rename. Every other outcome is a sysexits code the MTA understands:
+
+====  =====================================================================================
+ 0    queued
+ 64   usage: wrong arguments (EX_USAGE)
+ 65   data error: empty message (EX_DATAERR; the MTA bounces it)
+ 67   no such list (EX_NOUSER; the MTA bounces it: "unknown user")
+ 75   temporary failure: disk full, filesystem unavailable, lock timeout, config unreadable
+      (EX_TEMPFAIL; the MTA keeps the message and tries again, nothing is lost)
+====  =====================================================================================
+
+It runs for every message, so it starts fast: no click, no email package, no lists package, no
+YAML when the config has not changed. The few settings it needs (the var path and the fsync flag)
+are cached as JSON next to the config file (``.<config name>.deliver.json``), keyed by the
+config's path, size, mtime and inode; any mismatch, or a cache it cannot read or write, means the
+YAML is parsed as usual. A list exists iff ``var/lists/<name>/list.pck`` exists: one stat.
+"""
+import os
+import sys
+import time
+
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL = 0, 64, 65, 67, 75
+QUEUE_FOR_KIND = {  # same as mailq.mta.addresses.QUEUE_FOR_KIND (kept here: one import less)
+    "post": "in", "owner": "in",
+    "request": "commands", "join": "commands", "leave": "commands", "confirm": "commands",
+    "bounces": "bounces",
+}
+USAGE = ("usage: mailq-deliver post|owner|request|bounces|join|leave|confirm LIST\n"
+         "  Reads one message on stdin and queues it for LIST; run by the MTA from the aliases that\n"
+         "  'mailq aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty message, 67 unknown list,\n"
+         "  75 temporary failure (the MTA retries).\n"
+         "Examples:\n"
+         "  mailq-deliver post dev < message.eml\n"
+         "  SENDER=alice@example.org mailq-deliver request dev < command.eml\n")
+CACHE_VERSION = 1
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Exit(Exception):
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def main(argv: "list[str] | None" = None) -> None:
+    try:
+        code = deliver(sys.argv[1:] if argv is None else argv)
+    except Exit as exc:
+        if exc.message:
+            sys.stderr.write(f"mailq-deliver: {exc.message}\n")
+        code = exc.code
+    sys.exit(code)
+
+
+def deliver(args: "list[str]") -> int:
+    if len(args) == 1 and args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return EX_OK
+    if len(args) != 2:
+        raise Exit(EX_USAGE, f"expected KIND and LIST, got {len(args)} argument(s)\n{USAGE.rstrip()}")
+    kind, listname = args[0].lower(), args[1].lower()
+    queue_name = QUEUE_FOR_KIND.get(kind)
+    if queue_name is None:
+        raise Exit(EX_USAGE, f"unknown kind {args[0]!r}; expected one of {', '.join(QUEUE_FOR_KIND)}")
+    if not _plausible_name(listname):
+        raise Exit(EX_NOUSER, f"no such list {args[1]!r} (not a valid list name)")
+    var, fsync = _settings()
+    _check_list(var, listname)
+    msg = sys.stdin.buffer.read()
+    msg, from_line_sender = _strip_from_line(msg)
+    if not msg.strip():
+        raise Exit(EX_DATAERR, f"empty message on stdin for {kind} {listname}; nothing queued")
+    env = os.environ
+    metadata = {
+        "listname": listname,
+        "kind": kind,
+        "received": time.time(),
+        "via": "pipe",
+        "envelope_sender": env.get("SENDER") or from_line_sender,
+    }
+    original = env.get("ORIGINAL_RECIPIENT") or env.get("RECIPIENT")
+    if original:
+        metadata["original_recipient"] = original
+    return _enqueue(var, fsync, queue_name, msg, metadata)
+
+
+def _plausible_name(name: str) -> bool:
+    # A stat of var/lists/<name>/ must stay inside var/lists: no separators, no dot files.
+    return bool(name) and "/" not in name and "\0" not in name and not name.startswith(".") and len(name) < 200
+
+
+def _check_list(var: str, listname: str) -> None:
+    try:
+        os.stat(os.path.join(var, "lists", listname, "list.pck"))
+        return
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # EIO, ESTALE, EACCES: the filesystem, not the list, is the problem
+        raise Exit(EX_TEMPFAIL, f"cannot check list {listname!r} in {var}/lists: {exc.strerror}; "
+                                "the MTA will retry")
+    if not os.path.isdir(var):
+        raise Exit(EX_TEMPFAIL, f"the mailq var folder {var} is not there (filesystem not mounted?); "
+                                "the MTA will retry")
+    raise Exit(EX_NOUSER, f"no such list {listname!r} (no {var}/lists/{listname}/list.pck)")
+
+
+def _strip_from_line(msg: bytes) -> "tuple[bytes, str]":
+    """Drop an mbox ``From sender date`` first line (some MTAs prepend one); return its sender."""
+    if msg.startswith(b"From "):
+        line, _, rest = msg.partition(b"\n")
+        words = line.split()
+        return rest, (words[1].decode("utf-8", "replace") if len(words) > 1 else "")
+    return msg, ""
+
+
+def _enqueue(var: str, fsync: bool, queue_name: str, msg: bytes, metadata: dict) -> int:
+    try:
+        from mailq.queue import Queue
+    except ImportError as exc:
+        raise Exit(EX_TEMPFAIL, f"mailq is not installed correctly ({exc}); the MTA will retry")
+    from mailq.errors import TemporaryFailure
+
+    try:
+        Queue(os.path.join(var, "qfiles"), queue_name, fsync=fsync).enqueue(
+            msg, metadata, listname=metadata["listname"])
+    except TemporaryFailure as exc:
+        raise Exit(EX_TEMPFAIL, f"{exc} (the MTA will retry)")
+    except OSError as exc:
+        # Read-only or missing folders are fixable by an operator: keep the mail at the MTA.
+        raise Exit(EX_TEMPFAIL, f"cannot queue the message in {var}/qfiles/{queue_name}: "
+                                f"{exc.strerror or exc}; the MTA will retry")
+    return EX_OK
+
+
+# -- settings: the var path and the fsync flag, cached ---------------------------------------------
+
+def _config_path() -> "str | None":
+    path = os.environ.get("MAILQ_CONFIG")
+    if path:
+        return path
+    default = os.path.join(_CHECKOUT, "etc", "mailq.yaml")
+    return default if os.path.exists(default) else None
+
+
+def _settings() -> "tuple[str, bool]":
+    """``(var, fsync)`` for this node: from the cache when the config is unchanged, else from YAML."""
+    path = _config_path()
+    if path is None:
+        return os.path.join(_CHECKOUT, "var"), True
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise Exit(EX_TEMPFAIL, f"cannot read config {path}: {exc.strerror}; fix it (or MAILQ_CONFIG), "
+                                "the MTA will retry")
+    key = [CACHE_VERSION, os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino]
+    cache = _cache_path(path)
+    try:
+        with open(cache, "rb") as fh:
+            import json
+
+            data = json.loads(fh.read())
+        if data.get("key") == key:
+            return data["var"], bool(data["fsync"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no cache, or a stale/broken one: parse the YAML
+    try:
+        from mailq.config import ConfigError, load_settings
+
+        settings = load_settings(path)
+    except ConfigError as exc:
+        raise Exit(EX_TEMPFAIL, f"config unusable: {exc}; the MTA will retry once it is fixed")
+    var, fsync = str(settings.var), bool(settings.queue.fsync)
+    _write_cache(cache, {"key": key, "var": var, "fsync": fsync})
+    return var, fsync
+
+
+def _cache_path(config: str) -> str:
+    folder, name = os.path.split(os.path.abspath(config))
+    return os.path.join(folder, f".{name}.deliver.json")
+
+
+def _write_cache(cache: str, data: dict) -> None:
+    import json
+
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data))
+        os.replace(tmp, cache)  # atomic: a concurrent reader sees the old cache or the new one
+    except OSError:
+        # A read-only etc/ just means no cache: every delivery parses the YAML.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+if __name__ == "__main__":
+    main()

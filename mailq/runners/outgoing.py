@@ -1,0 +1,32 @@
+"""The ``out`` runner: hand each entry to SMTP and sort its recipients (DESIGN §1, §6 "Outgoing").
+
+All the delivery rules (bulk chunks, personalized VERP, retry with backoff, bounces, give-up) live
+in ``mailq.delivery.outqueue.deliver``; this runner owns the SMTP connection: opened on the first
+entry, reused for every following one, closed after a poll interval with nothing to do.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mailq.delivery.outqueue import deliver, make_transport
+from mailq.runners.base import Runner
+
+
+class OutgoingRunner(Runner):
+    queue = "out"
+
+    def setup(self) -> None:
+        self.transport = make_transport(self.settings, log=self.log)
+
+    def process(self, entry: Any) -> None:
+        report = deliver(self.settings, self.transport, entry.msg, entry.metadata, self.enqueue, log=self.log)
+        self.log.info("%s: %s", entry.id, report.summary())
+
+    def idle(self) -> None:
+        # Idle connections hold a slot on the smarthost and die on its timeout anyway.
+        self.transport.close()
+
+    def teardown(self) -> None:
+        transport = getattr(self, "transport", None)
+        if transport is not None:
+            transport.close()
