@@ -1,0 +1,160 @@
+"""What every pipeline stage shares: the three ways to stop a message, the context, and safe MIME helpers.
+
+A stage is one module under ``mailq/pipeline/`` with a ``process(mlist, msg, msgdata, ctx)``
+function (docs/pipeline.md).  It changes ``msg`` (an ``email.message.Message`` parsed with the
+compat32 policy, which keeps 8-bit and broken input as it came) and ``msgdata`` (the entry's
+metadata, builtins only), or raises one of the exceptions below to end the pipeline.
+
+The helpers here never raise on hostile input: a header that cannot be decoded comes back with
+replacement characters, a sender that cannot be parsed comes back empty.
+"""
+from __future__ import annotations
+
+import email
+import email.header
+import email.utils
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email import policy as _policy
+from email.generator import BytesGenerator
+from email.message import Message
+from typing import Any
+
+from mailq.config import Settings
+
+#: Parsing policy: compat32 keeps undecodable bytes (surrogateescape) and never refuses a message.
+#: Output: no refolding of headers we did not touch (a refold can break a DKIM or PGP signature).
+PARSE_POLICY = _policy.compat32
+WIRE_POLICY = _policy.compat32.clone(linesep="\r\n", max_line_length=0)
+MBOX_POLICY = _policy.compat32.clone(linesep="\n", max_line_length=0)
+
+
+class StageStop(Exception):
+    """Base of the three ways a stage ends the pipeline; ``reason`` is for people."""
+
+    action = "stop"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Hold(StageStop):
+    """Keep the message for a moderator (lists/NAME/held/)."""
+
+    action = "hold"
+
+
+class Reject(StageStop):
+    """Refuse the message; the sender gets a notice saying why."""
+
+    action = "reject"
+
+
+class Discard(StageStop):
+    """Drop the message silently (logged)."""
+
+    action = "discard"
+
+
+@dataclass
+class Context:
+    """What a stage may use besides the list and the message.
+
+    ``enqueue(queue, msg_bytes, metadata) -> entry id`` writes into another queue: the runner's own
+    ``Runner.enqueue`` in production, a ``Queue`` in tests and benchmarks.
+    """
+
+    settings: Settings
+    log: logging.Logger
+    enqueue: Callable[[str, bytes, dict], str]
+    #: Names of the stages that ran, in order (filled in by ``mailq.pipeline.run``).
+    trail: list[str] = field(default_factory=list)
+
+
+def parse(raw: bytes) -> Message:
+    """Parse *raw* without ever failing: defects are recorded on the message, not raised."""
+    return email.message_from_bytes(raw, policy=PARSE_POLICY)
+
+
+def to_bytes(msg: Message, *, linesep: str = "\r\n") -> bytes:
+    """Serialize *msg* with the original bytes of untouched parts (no From-mangling, no refolding)."""
+    buf = io.BytesIO()
+    pol = WIRE_POLICY if linesep == "\r\n" else MBOX_POLICY
+    BytesGenerator(buf, mangle_from_=False, policy=pol).flatten(msg, unixfrom=False)
+    return buf.getvalue()
+
+
+def header_text(value: Any) -> str:
+    """A header value as readable Unicode: RFC 2047 words decoded, raw 8-bit read as UTF-8 or Latin-1."""
+    if value is None:
+        return ""
+    if isinstance(value, email.header.Header):
+        value = str(value)
+    value = _unescape_8bit(str(value))
+    try:
+        parts = email.header.decode_header(value)
+    except Exception:  # malformed encoded words: show the raw text rather than fail
+        return value
+    # Join like email.header.make_header (a space between an encoded word and plain text) but
+    # decode each chunk with fallbacks, so an unknown charset or bad bytes never raise.
+    text = ""
+    prev_encoded = None
+    for chunk, charset in parts:
+        piece = chunk if isinstance(chunk, str) else _decode_bytes(chunk, charset)
+        encoded = charset is not None
+        if text and prev_encoded is not None and encoded != prev_encoded \
+                and not text.endswith(" ") and not piece.startswith(" "):
+            text += " "
+        text += piece
+        prev_encoded = encoded
+    return " ".join(text.split()) if ("\n" in text or "\r" in text) else text
+
+
+def _decode_bytes(chunk: bytes, charset: str | None) -> str:
+    for candidate in (charset, "utf-8", "latin-1"):
+        if not candidate or candidate == "unknown-8bit":
+            continue
+        try:
+            return chunk.decode(candidate)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return chunk.decode("latin-1")
+
+
+def _unescape_8bit(value: str) -> str:
+    """compat32 keeps raw 8-bit header bytes as surrogates; turn them into text (UTF-8, else Latin-1)."""
+    try:
+        value.encode("ascii")
+        return value
+    except UnicodeEncodeError:
+        pass
+    raw = value.encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def addresses(msg: Message, *names: str) -> list[str]:
+    """Lower-cased addresses found in the named headers; unparsable entries are skipped."""
+    values = []
+    for name in names:
+        values.extend(_unescape_8bit(str(v)) for v in msg.get_all(name, []))
+    try:
+        pairs = email.utils.getaddresses(values)
+    except Exception:
+        return []
+    return [addr.strip().lower() for _, addr in pairs if "@" in addr and " " not in addr.strip()]
+
+
+def sender_of(msg: Message, msgdata: dict) -> str:
+    """The poster: From, else Sender, else the envelope sender; '' when none is usable."""
+    for name in ("from", "sender"):
+        found = addresses(msg, name)
+        if found:
+            return found[0]
+    envelope = str(msgdata.get("envelope_sender") or "").strip().strip("<>").lower()
+    return envelope if "@" in envelope else ""

@@ -1,0 +1,56 @@
+"""Stage ``list_headers``: the headers that tell mail programs (and loop checks) about the list.
+
+Adds, replacing any a previous list put there (RFC 2369, RFC 2919, RFC 8058):
+
+* ``List-Id: "Display Name" <name.domain>``, ``List-Post``, ``List-Help``, ``List-Subscribe``,
+  ``List-Unsubscribe`` (mailto: the list's -request / -join / -leave addresses);
+* with a web address configured (``pipeline.web_url``): an HTTPS unsubscribe link first in
+  ``List-Unsubscribe`` plus ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058 allows
+  the one-click header only next to an HTTPS URI), and ``List-Archive`` for archived lists;
+* ``Precedence: list`` and ``X-BeenThere: <posting address>`` (our loop detector, see ``sanity``);
+* ``Reply-To`` by the list's ``reply_to`` policy: ``poster`` leaves it alone, ``list`` points
+  replies at the list, ``explicit`` at ``reply_to_address``.
+"""
+from __future__ import annotations
+
+from email.message import Message
+from typing import Any
+from urllib.parse import quote
+
+from mailq.pipeline.base import Context
+
+_REPLACED = ("list-id", "list-post", "list-help", "list-subscribe", "list-unsubscribe",
+             "list-unsubscribe-post", "list-archive", "list-owner", "precedence")
+
+
+def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+    s = mlist.settings
+    for name in _REPLACED:
+        del msg[name]
+    display = str(getattr(s, "display_name", "") or "").replace("\\", "").replace('"', "")
+    list_id = f"<{mlist.list_id}>"
+    if display and display.isascii():
+        list_id = f'"{display}" {list_id}'
+    msg["List-Id"] = list_id
+    msg["List-Post"] = f"<mailto:{mlist.posting_address}>"
+    msg["List-Help"] = f"<mailto:{mlist.request_address}?subject=help>"
+    msg["List-Subscribe"] = f"<mailto:{mlist.join_address}>"
+    web = str(getattr(ctx.settings.pipeline, "web_url", "") or "").rstrip("/")
+    unsubscribe = f"<mailto:{mlist.leave_address}>"
+    if web.startswith("https://"):
+        link = f"{web}/lists/{quote(mlist.name)}/unsubscribe"
+        msg["List-Unsubscribe"] = f"<{link}>,\n {unsubscribe}"
+        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        if getattr(s, "archive", False):
+            msg["List-Archive"] = f"<{web}/archives/{quote(mlist.name)}/>"
+    else:
+        msg["List-Unsubscribe"] = unsubscribe
+    msg["Precedence"] = "list"
+    msg["X-BeenThere"] = mlist.posting_address
+    policy = getattr(s, "reply_to", "poster")
+    if policy == "list":
+        del msg["reply-to"]
+        msg["Reply-To"] = mlist.posting_address
+    elif policy == "explicit" and getattr(s, "reply_to_address", ""):
+        del msg["reply-to"]
+        msg["Reply-To"] = s.reply_to_address

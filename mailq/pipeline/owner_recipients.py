@@ -1,0 +1,26 @@
+"""Stage ``owner_recipients``: mail to ``LIST-owner`` goes to the list's owners and moderators.
+
+Sets ``msgdata["recipients"]`` to the owners followed by the moderators, each address once.  A
+list with neither (a broken configuration) sends the mail to the site owner instead, so that it
+reaches a person.
+"""
+from __future__ import annotations
+
+from email.message import Message
+from typing import Any
+
+from mailq.pipeline.base import Context
+
+
+def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+    seen: set[str] = set()
+    recipients = []
+    for address in [*mlist.settings.owners, *mlist.settings.moderators]:
+        if address and address.lower() not in seen:
+            seen.add(address.lower())
+            recipients.append(address)
+    if not recipients:
+        ctx.log.warning("list %s has no owner or moderator; -owner mail goes to the site owner %s",
+                        mlist.name, ctx.settings.site_owner)
+        recipients = [ctx.settings.site_owner]
+    msgdata["recipients"] = recipients

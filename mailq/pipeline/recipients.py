@@ -1,0 +1,24 @@
+"""Stage ``recipients``: who gets this post, as ``msgdata["recipients"]``.
+
+Every enabled member who takes regular delivery (``mlist.regular_recipients()``: not disabled by
+bounces, by themselves or by an admin, and not on digest).  Digest members get the post through
+the pending digest instead (stage ``to_digest``).  A recipient list already in the metadata is
+replaced: a re-queued post must go to the members of today, not of the day it was held.
+"""
+from __future__ import annotations
+
+from email.message import Message
+from typing import Any
+
+from mailq.pipeline.base import Context
+
+
+def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+    seen: set[str] = set()
+    recipients = []
+    for address in mlist.regular_recipients():
+        key = address.lower()
+        if key not in seen:
+            seen.add(key)
+            recipients.append(address)
+    msgdata["recipients"] = recipients

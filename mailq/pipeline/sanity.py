@@ -1,0 +1,34 @@
+"""Stage ``sanity``: stop mail loops, oversized posts and mail without a usable sender.
+
+* a message that already carries our own ``X-BeenThere: <posting address>`` went through this list
+  once and came back (an auto-responder, a member who is also a list address): discard it;
+* a post larger than the list's ``max_message_kb`` (0 = no limit) is held for a moderator, unless a
+  moderator already approved it;
+* a message with no parsable sender address (From, Sender, envelope) is discarded with a log line:
+  there is nobody to bounce it to.
+
+The sender found here is stored as ``msgdata["sender"]`` for the later stages.
+"""
+from __future__ import annotations
+
+from email.message import Message
+from typing import Any
+
+from mailq.pipeline.base import Context, Discard, Hold, addresses, sender_of, to_bytes
+
+
+def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+    if mlist.posting_address.lower() in addresses(msg, "x-beenthere"):
+        raise Discard(f"mail loop: the message already went through {mlist.posting_address} "
+                      f"(X-BeenThere)")
+    sender = sender_of(msg, msgdata)
+    if not sender:
+        ctx.log.warning("list %s: message %s has no usable sender (From/Sender/envelope); discarded",
+                        mlist.name, msg.get("message-id", "(no Message-ID)"))
+        raise Discard("no usable sender address in From, Sender or the envelope")
+    msgdata["sender"] = sender
+    limit_kb = int(getattr(mlist.settings, "max_message_kb", 0) or 0)
+    size = int(msgdata.get("size") or 0) or len(to_bytes(msg))
+    if (limit_kb > 0 and size > limit_kb * 1024 and msgdata.get("kind", "post") == "post"
+            and not msgdata.get("approved")):
+        raise Hold(f"message is {(size + 1023) // 1024} KB, over the list's limit of {limit_kb} KB")

@@ -1,0 +1,81 @@
+"""Stage ``subject_prefix``: put the list's ``subject_prefix`` (e.g. ``[dev] ``) in front of the Subject.
+
+The prefix is added once: a prefix already present anywhere in the subject (``Re: [dev] x``) is
+moved to the front instead of added again, giving ``[dev] Re: x``, and a run of reply markers
+(``Re: Re: RE:``) is collapsed to one ``Re:``.  Encoded subjects (RFC 2047) are decoded, prefixed
+and re-encoded in their own charset when it can carry the prefix, else in UTF-8, so a Japanese
+ISO-2022-JP subject stays ISO-2022-JP.  ASCII results are written as plain text.
+"""
+from __future__ import annotations
+
+import email.errors
+import email.header
+import re
+from email.message import Message
+from typing import Any
+
+from mailq.pipeline.base import Context, _unescape_8bit, header_text
+
+_REPLY = re.compile(r"^(\s*(re|aw|sv|antw|vs)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
+
+
+def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+    prefix = str(getattr(mlist.settings, "subject_prefix", "") or "")
+    if not prefix.strip():
+        return
+    raw = msg.get("subject")
+    original = header_text(raw) if raw is not None else ""
+    new = prefixed(original, prefix)
+    if raw is not None and new == original:
+        return
+    charset = _charset_of(raw)
+    del msg["subject"]
+    msg["Subject"] = encode_subject(new, charset)
+
+
+def prefixed(subject: str, prefix: str) -> str:
+    """*subject* with *prefix* at the front exactly once (pure function, tested on its own)."""
+    bare = prefix.strip()
+    rest = subject
+    if bare:
+        rest = re.sub(r"\s*" + re.escape(bare) + r"\s*", " ", rest, flags=re.IGNORECASE).strip()
+    reply = _REPLY.match(rest)
+    if reply:
+        rest = "Re: " + rest[reply.end():].lstrip()
+    rest = rest.strip()
+    if not rest:
+        rest = "(no subject)"
+    sep = "" if prefix.endswith(" ") else " "
+    return f"{prefix}{sep}{rest}"
+
+
+def encode_subject(text: str, charset: str | None) -> str:
+    """*text* as a header value: ASCII as is, else RFC 2047 encoded words, folded at 76 columns."""
+    try:
+        text.encode("ascii")
+        return text
+    except UnicodeEncodeError:
+        pass
+    for candidate in (charset, "utf-8"):
+        if not candidate:
+            continue
+        try:
+            text.encode(candidate)
+            header = email.header.Header(text, candidate, header_name="Subject")
+            return header.encode(maxlinelen=76).replace("\r\n", "\n")
+        except (UnicodeEncodeError, LookupError, email.errors.HeaderParseError):
+            continue
+    return email.header.Header(text, "utf-8", header_name="Subject").encode(maxlinelen=76)
+
+
+def _charset_of(raw: Any) -> str | None:
+    """The charset of the first encoded word of the original subject (None for plain ASCII)."""
+    if raw is None:
+        return None
+    try:
+        for _chunk, charset in email.header.decode_header(_unescape_8bit(str(raw))):
+            if charset and charset != "unknown-8bit":
+                return charset
+    except Exception:
+        return None
+    return None

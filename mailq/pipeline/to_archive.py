@@ -1,0 +1,29 @@
+"""Stage ``to_archive``: a copy of the post into the ``archive`` queue for archived lists.
+
+The archive runner (``mailq.runners.archive``) appends it to ``var/archives/<list>/<YYYY-MM>.mbox``
+under the list's archive lock, many posts per lock acquisition (DESIGN §4).  Lists with
+``archive`` off, and posts that ask not to be archived (``X-No-Archive: yes``, ``X-Archive: no``),
+are skipped.
+"""
+from __future__ import annotations
+
+import time
+from email.message import Message
+from typing import Any
+
+from mailq.pipeline.base import Context, to_bytes
+
+
+def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+    if not getattr(mlist.settings, "archive", False):
+        return
+    if str(msg.get("x-no-archive", "")).strip().lower() == "yes" \
+            or str(msg.get("x-archive", "")).strip().lower() == "no":
+        return
+    ctx.enqueue("archive", to_bytes(msg, linesep="\n"), {
+        "listname": mlist.name,
+        "kind": "archive",
+        "store": "archive",
+        "sender": msgdata.get("sender", ""),
+        "received": msgdata.get("received") or time.time(),
+    })
