@@ -1,0 +1,250 @@
+"""The queue on real files: names, buckets, payloads, claims, requeue, shunt, bad, full disk (design §3)."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailq import safepickle
+from mailq.errors import TemporaryFailure
+from mailq.queue import Claimant, Queue, QueueFull, slice_of
+from mailq.queue.names import ENTRY_RE
+from mailq.queue.payload import encode
+from mailq.queue.recovery import remove_stale_temps
+
+MSG = b"From: a@example.org\r\nSubject: hello\r\n\r\nbody\r\n"
+ME = Claimant("n1", os.getpid(), 7)
+
+
+@pytest.fixture
+def qroot(tmp_path):
+    return tmp_path / "qfiles"
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def test_enqueue_writes_one_named_pickle_in_its_bucket(qroot):
+    q = Queue(qroot, "in")
+    eid = q.enqueue(MSG, {"kind": "post"}, listname="dev")
+    t, _, sha = eid.partition("+")
+    assert ENTRY_RE.fullmatch(eid + ".pck") and abs(float(t) - time.time()) < 3600
+    path = qroot / "in" / sha[:2] / f"{eid}.pck"
+    assert files_under(qroot) == [path]
+    payload = safepickle.loads(path.read_bytes())
+    assert payload == {"version": 1, "msg": MSG, "metadata": {"kind": "post", "listname": "dev"}}
+
+
+def test_same_message_twice_gets_two_names(qroot):
+    q = Queue(qroot, "in", fsync=False)
+    assert q.enqueue(MSG, {}) != q.enqueue(MSG, {})
+
+
+def test_claim_renames_to_claimant_name_and_finish_removes_it(qroot):
+    q = Queue(qroot, "out")
+    eid = q.enqueue(MSG, {"recipients": ["x@example.org"]})
+    c = q.claim_next(0, 1, ME)
+    assert c.id == eid and c.msg == MSG and c.metadata["recipients"] == ["x@example.org"]
+    assert c.path.name == f"{eid}.pck.n1.{os.getpid()}.7.bak"
+    assert [i.entry_id for i in q.claims()] == [eid] and q.claims()[0].pid == os.getpid()
+    assert q.counts()["claimed"] == 1 and q.counts()["waiting"] == 0
+    assert q.claim(eid, ME) is None            # the .pck is gone: nobody else can have it
+    q.finish(c)
+    assert files_under(qroot) == []
+    assert q.claim_next(0, 1, ME) is None
+
+
+def test_claim_next_is_oldest_first_and_stays_in_its_slice(qroot):
+    q = Queue(qroot, "out", fsync=False)
+    base = time.time() - 1000
+    ids = [q.enqueue(MSG, {"n": i}, not_before=base + i) for i in range(60)]
+    for index in range(3):
+        mine = [e for e in ids if slice_of(e.split("+")[1], 3) == index]
+        assert q.waiting(index, 3) == mine
+        got = []
+        while (c := q.claim_next(index, 3, ME)) is not None:
+            got.append(c.id)
+            q.finish(c)
+        assert got == mine
+    assert q.counts()["waiting"] == 0
+
+
+def test_claim_next_sees_entries_another_process_adds_later(qroot, tmp_path):
+    q = Queue(qroot, "in", fsync=False, rescan_interval=3600)
+    first = q.enqueue(MSG, {})
+    c = q.claim_next(0, 1, ME)
+    assert c.id == first
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r});"
+            f"from mailq.queue import Queue; print(Queue({str(qroot)!r}, 'in').enqueue(b'x', {{}}))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    c2 = q.claim_next(0, 1, ME)
+    assert c2 is not None and c2.id == other
+
+
+def test_requeue_keeps_sha_and_slice_and_waits_for_not_before(qroot):
+    q = Queue(qroot, "retry")
+    eid = q.enqueue(MSG, {"attempts": 0})
+    c = q.claim_next(0, 1, ME)
+    later = time.time() + 600
+    new_id = q.requeue(c, not_before=later, metadata={**c.metadata, "attempts": 1})
+    assert new_id.split("+")[1] == eid.split("+")[1] and float(new_id.split("+")[0]) == pytest.approx(later)
+    assert q.claim_next(0, 1, ME) is None                      # not due yet
+    assert q.counts() | {"slices": None} == {"queue": "retry", "count": 1, "waiting": 1, "due": 0, "claimed": 0,
+                                             "slices": None}
+    c = q.claim_next(0, 1, ME, now=later + 1)
+    assert c.id == new_id and c.metadata["attempts"] == 1
+    q.finish(c)
+    assert files_under(qroot) == []
+
+
+def test_due_entries_are_claimed_past_not_yet_due_ones(qroot):
+    q = Queue(qroot, "retry", fsync=False)
+    q.enqueue(MSG, {"which": "later"}, not_before=time.time() + 600)
+    due = q.enqueue(MSG, {"which": "now"})
+    c = q.claim_next(0, 1, ME)
+    assert c.id == due
+    assert q.claim_next(0, 1, ME) is None
+
+
+def test_shunt_keeps_error_and_origin(qroot):
+    q = Queue(qroot, "out")
+    eid = q.enqueue(MSG, {"listname": "dev"})
+    c = q.claim_next(0, 1, ME)
+    assert q.shunt(c, "Traceback ...\nValueError: boom") == eid
+    [path] = files_under(qroot)
+    assert path == qroot / "shunt" / eid.split("+")[1][:2] / f"{eid}.pck"
+    _, meta = Queue(qroot, "shunt").read(path)
+    assert meta["error"].endswith("ValueError: boom") and meta["shunted_from"] == "out"
+
+
+def test_to_bad_keeps_the_file_and_a_reason(qroot):
+    q = Queue(qroot, "in")
+    eid = q.enqueue(MSG, {})
+    c = q.claim_next(0, 1, ME)
+    dest = q.to_bad(c, "operator says so")
+    assert dest.read_bytes() == encode(MSG, {"listname": ""})
+    assert "operator says so" in Path(str(dest) + ".reason").read_text()
+    assert dest.name == f"{eid}.pck" and Queue(qroot, "bad").counts()["waiting"] == 1
+
+
+def _plant(q: Queue, data: bytes, t: float, name: str | None = None, bucket: str | None = None) -> Path:
+    sha = hashlib.sha1(os.urandom(8)).hexdigest()
+    name = name or f"{t:.6f}+{sha}.pck"
+    folder = q.dir / (bucket or sha[:2])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_and_broken_files_go_to_bad_and_the_good_entry_is_claimed(qroot, tmp_path, caplog):
+    q = Queue(qroot, "in", fsync=False)
+    marker = tmp_path / "pwned"
+    old = time.time() - 500
+    good_payload = encode(MSG, {"ok": True})
+    broken = {
+        "truncated": _plant(q, good_payload[: len(good_payload) // 2], old + 1),
+        "runs code": _plant(q, pickle.dumps({"version": 1, "msg": _RunsCode(marker), "metadata": {}}), old + 2),
+        "wrong version": _plant(q, safepickle.dumps({"version": 99, "msg": MSG, "metadata": {}}), old + 3),
+        "not a dict": _plant(q, safepickle.dumps([1, MSG, {}]), old + 4),
+        "zero bytes": _plant(q, b"", old + 5),
+        "msg not bytes": _plant(q, safepickle.dumps({"version": 1, "msg": "text", "metadata": {}}), old + 6),
+    }
+    odd = [
+        _plant(q, good_payload, old, name="garbage.pck", bucket="00"),
+        _plant(q, good_payload, old, name=f"{old:.0f}+{'z' * 40}.pck", bucket="01"),
+        _plant(q, good_payload, old, name="README", bucket="02"),
+        _plant(q, good_payload, old, name=f"{old:.6f}+ab{'0' * 38}.pck", bucket="cd"),   # wrong bucket
+    ]
+    good = q.enqueue(MSG, {"ok": True})
+    with caplog.at_level(logging.WARNING, logger="mailq.queue"):
+        c = q.claim_next(0, 1, ME)
+    assert c is not None and c.id == good and c.metadata["ok"] is True
+    assert not marker.exists(), "unpickling a planted file ran code"
+    for why, path in broken.items():
+        assert not path.exists(), why
+        bad = qroot / "bad" / path.parent.name / path.name
+        assert bad.exists(), why
+        assert Path(str(bad) + ".reason").read_text().strip(), why
+    reasons = " ".join(p.read_text() for p in (qroot / "bad").rglob("*.reason"))
+    assert "forbidden object" in reasons and "version 99" in reasons and "zero bytes" in reasons
+    for path in odd:
+        assert path.exists()
+        assert f"ignoring {path}" in caplog.text
+    assert q.claim_next(0, 1, ME) is None
+    assert not marker.exists()
+
+
+def test_enqueue_on_a_full_disk_raises_temporary_failure_and_leaves_nothing(qroot, monkeypatch):
+    q = Queue(qroot, "in")
+    q.enqueue(MSG, {})           # bucket folders exist for some entries already
+    before = files_under(qroot)
+    monkeypatch.setenv("MAILQ_FAULT_ENOSPC", "1")
+    for _ in range(5):
+        with pytest.raises(QueueFull) as info:
+            q.enqueue(MSG * 100, {})
+        assert isinstance(info.value, TemporaryFailure)
+        assert "nothing was queued" in str(info.value) and "Free space" in str(info.value)
+    assert files_under(qroot) == before          # no .pck, no temp (hidden files included)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("needs root and mount(8) to mount a small tmpfs")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,nr_inodes=400", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip() or res.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_enqueue_on_a_really_full_tmpfs_leaves_only_complete_entries(small_tmpfs):
+    q = Queue(small_tmpfs / "qfiles", "in")
+    written = []
+    with pytest.raises(QueueFull) as info:
+        for i in range(10_000):
+            written.append(q.enqueue(os.urandom(20_000), {"i": i}))
+    assert info.value.__cause__.errno in (errno.ENOSPC, errno.EDQUOT)
+    assert written, "the tmpfs was full before the first entry"
+    names = sorted(p.name for p in small_tmpfs.rglob("*") if p.is_file())
+    assert names == sorted(f"{e}.pck" for e in written)      # no temp, no partial entry
+    for eid in written:
+        c = q.claim(eid, ME)
+        assert c is not None and len(c.msg) == 20_000
+
+
+def test_stale_temp_files_are_removed_fresh_ones_kept(qroot):
+    q = Queue(qroot, "in")
+    q.enqueue(MSG, {})
+    folder = q.dir / "ab"
+    folder.mkdir(parents=True, exist_ok=True)
+    stale, fresh = folder / ".x.pck.1.aa.tmp", folder / ".y.pck.2.bb.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert remove_stale_temps(q, 3600) == [str(stale)]
+    assert fresh.exists() and not stale.exists()
+    assert q.counts()["waiting"] == 1
