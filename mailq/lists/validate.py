@@ -1,0 +1,88 @@
+"""Validation of list names and e-mail addresses (shared by the list database and the CLI).
+
+A list name becomes a folder name under ``var/lists/`` and the local part of several addresses, so
+it is held to a small alphabet: lowercase letters, digits, ``.``, ``_`` and ``-``, starting with a
+letter or digit, at most 64 characters.  Addresses are checked with ``email-validator`` (syntax
+only, no DNS), which also accepts non-public test domains (``example.org``, ``*.test``, ``localhost``).
+"""
+from __future__ import annotations
+
+import re
+from email.utils import parseaddr
+
+from mailq.errors import InvalidInput
+
+MAX_NAME = 64
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
+#: Suffixes that would make a list's addresses collide with another list's role addresses.
+_ROLE_SUFFIXES = ("-owner", "-request", "-bounces", "-join", "-leave", "-confirm", "-subscribe",
+                  "-unsubscribe", "-admin")
+
+
+def validate_list_name(name: str) -> str:
+    """Return *name* if it is a valid list name, else raise InvalidInput saying why."""
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("list name is empty; use lowercase letters, digits, '.', '_' or '-'")
+    shown = name if len(name) <= 40 else name[:37] + "..."
+    if len(name) > MAX_NAME:
+        raise InvalidInput(f"list name {shown!r} is {len(name)} characters long; the limit is {MAX_NAME}")
+    if not _NAME_RE.match(name):
+        raise InvalidInput(f"invalid list name {shown!r}: use lowercase letters, digits, '.', '_' and '-', "
+                           f"starting with a letter or digit (no spaces, slashes or '..')")
+    if ".." in name:
+        raise InvalidInput(f"invalid list name {shown!r}: '..' is not allowed")
+    for suffix in _ROLE_SUFFIXES:
+        if name.endswith(suffix):
+            raise InvalidInput(f"invalid list name {shown!r}: names ending in {suffix!r} would clash with "
+                               f"another list's {suffix[1:]} address")
+    return name
+
+
+def validate_address(address: str) -> str:
+    """Return *address* (stripped, otherwise as given) if it is a syntactically valid e-mail address."""
+    from email_validator import EmailNotValidError, validate_email
+
+    if not isinstance(address, str):
+        raise InvalidInput(f"{address!r} is not an e-mail address")
+    address = address.strip()
+    if not address:
+        raise InvalidInput("empty e-mail address")
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        raise InvalidInput(f"invalid e-mail address {address!r}: it needs a local part, '@' and a domain")
+    probe = address
+    if domain.lower() == "localhost" or domain.lower().endswith(".localhost"):
+        # email-validator refuses the reserved name outright; tests and single-host setups use it.
+        probe = f"{local}@localhost.test"
+    try:
+        validate_email(probe, check_deliverability=False, test_environment=True)
+    except EmailNotValidError as exc:
+        try:
+            # Single-label or other non-public domains (a node name): still syntax-checked.
+            validate_email(probe, check_deliverability=False, globally_deliverable=False)
+        except EmailNotValidError:
+            raise InvalidInput(f"invalid e-mail address {address!r}: {exc}") from None
+    return address
+
+
+def parse_member_line(line: str) -> tuple[str, str]:
+    """``alice@example.org`` or ``Alice Example <alice@example.org>`` -> (address, display name)."""
+    text = line.strip()
+    if "<" in text or '"' in text:
+        name, addr = parseaddr(text)
+        if not addr or "@" not in addr:
+            raise InvalidInput(f"cannot parse {text!r}: expected 'Name <address>' or a bare address")
+        return validate_address(addr), name.strip()
+    return validate_address(text), ""
+
+
+def validate_domain(domain: str) -> str:
+    """A mail domain for a list (checked by validating ``x@domain``); returned lowercased."""
+    domain = (domain or "").strip().lower()
+    if not domain:
+        raise InvalidInput("empty list domain")
+    try:
+        validate_address(f"x@{domain}")
+    except InvalidInput:
+        raise InvalidInput(f"invalid list domain {domain!r}") from None
+    return domain
