@@ -1,0 +1,32 @@
+"""Queue runners: one module per queue, all built on ``mailq.runners.base.Runner`` (DESIGN §1).
+
+``REGISTRY`` names every runner the master may start, as ``"module:Class"`` so that a runner
+process imports only its own module.  Queues without an entry here (``bounces``, ``commands``)
+have no runner yet: entries written there wait until one exists.
+"""
+from __future__ import annotations
+
+import importlib
+
+#: runner name -> "module:Class".  Every name but ``lmtp`` is also the queue it serves.
+REGISTRY: dict[str, str] = {
+    "in": "mailq.runners.incoming:IncomingRunner",
+    "out": "mailq.runners.outgoing:OutgoingRunner",
+    "virgin": "mailq.runners.virgin:VirginRunner",
+    "retry": "mailq.runners.retry:RetryRunner",
+    "archive": "mailq.runners.archive:ArchiveRunner",
+    "lmtp": "mailq.runners.lmtp:LMTPRunner",
+}
+
+#: Runners that serve no queue and run once per node, never sliced.
+UNSLICED = frozenset({"lmtp"})
+
+
+def load_runner(name: str) -> type:
+    """The runner class registered as *name*; KeyError naming the valid names if there is none."""
+    try:
+        target = REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no runner named {name!r}; valid names: {', '.join(sorted(REGISTRY))}") from None
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)

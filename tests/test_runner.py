@@ -1,0 +1,96 @@
+"""The Runner base as real processes: processing, shunting, SIGTERM, inotify wake-ups, qrunner, virgin."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from mailq.queue import Queue
+from tests.support import ROOT, make_node, wait_for
+from tests.test_runner_helper import done
+
+
+def probe(node, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.test_runner_helper", str(node.config), *args],
+                            env=node.environ(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def put(settings, n: int, **meta) -> str:
+    return Queue.for_settings(settings, "commands").enqueue(b"Subject: probe\r\n\r\nbody\r\n", {"n": n, **meta})
+
+
+def entries(var: Path, queue: str, suffix: str = ".pck") -> list[Path]:
+    return sorted((var / "qfiles" / queue).glob(f"*/*{suffix}"))
+
+
+def test_runner_processes_entries_and_shunts_a_failure_with_its_traceback(node, settings):
+    ids = [put(settings, n, fail=(n == 2)) for n in range(5)]
+    proc = probe(node, "--once")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert sorted(done(node.var)) == [0, 1, 3, 4]
+    shunted = entries(node.var, "shunt")
+    assert len(shunted) == 1
+    _, metadata = Queue.for_settings(settings, "shunt").read(shunted[0])
+    assert metadata["n"] == 2 and metadata["shunted_from"] == "commands"
+    assert "Traceback" in metadata["error"] and "RuntimeError: probe failure for entry 2" in metadata["error"]
+    assert entries(node.var, "commands") == [] and entries(node.var, "commands", ".bak") == []
+    log = (settings.log_dir / "commands.log").read_text()
+    for eid in ids:
+        assert f"claimed {eid}" in log
+    assert f"shunted commands/{ids[2]}" in log and f"done {ids[4]}" in log
+
+
+def test_sigterm_while_processing_finishes_the_entry_in_hand(node, settings):
+    put(settings, 7, slow=1.5)
+    proc = probe(node)
+    try:
+        wait_for(lambda: (node.var / "probe" / "started-7").exists(), 60, message="entry 7 being processed")
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert done(node.var) == [7]
+    assert entries(node.var, "commands") == [] and entries(node.var, "commands", ".bak") == []
+
+
+def test_a_new_entry_wakes_the_runner_even_with_a_long_poll_interval(tmp_path):
+    node = make_node(tmp_path, "n1", runners={"poll_interval": 30})
+    settings = node.settings()
+    proc = probe(node)
+    try:
+        # The runner has scanned once and gone to sleep for 30 s; only inotify can wake it now.
+        wait_for(lambda: (node.var / "probe" / "idle").exists(), 60, message="runner idle")
+        put(settings, 1)
+        wait_for(lambda: done(node.var) == [1], 25, message="entry processed after an inotify wake-up")
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+
+
+def test_qrunner_refuses_a_bad_runner_name_or_slice_listing_the_valid_names(node):
+    bad_name = node.run("qrunner", "-r", "nosuch")
+    assert bad_name.returncode == 2
+    assert "valid names: archive, in, lmtp, out, retry, virgin" in bad_name.stderr
+    bad_slice = node.run("qrunner", "-r", "out:4:4")
+    assert bad_slice.returncode == 2 and "0 <= SLICE < COUNT" in bad_slice.stderr
+    assert "Examples:" in node.run("qrunner", "--help").stdout
+
+
+def test_virgin_runner_passes_notices_to_out_unchanged(node, settings):
+    from mailq.notices import notify
+
+    eid = notify(settings, ["owner@example.org"], "A notice", "Hello.", listname="dev")
+    raw = Queue.for_settings(settings, "virgin").read(entries(node.var, "virgin")[0])[0]
+    result = node.run("qrunner", "-r", "virgin", "--once")
+    assert result.returncode == 0, result.stderr
+    (out,) = entries(node.var, "out")
+    msg, metadata = Queue.for_settings(settings, "out").read(out)
+    assert msg == raw
+    assert metadata["recipients"] == ["owner@example.org"] and metadata["virgin_id"] == eid
+    assert metadata["envelope_sender"] == settings.site_owner and metadata["listname"] == "dev"
+    assert entries(node.var, "virgin") == []
