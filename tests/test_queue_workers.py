@@ -1,0 +1,127 @@
+"""Real processes on one queue: overlapping slices, a claimant killed with SIGKILL, recovery (design §3.5, §3.8)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from mailq.queue import Claimant, Queue
+from mailq.queue.recovery import recover, recover_local_dead
+
+WORKERS = Path(__file__).parent / "queue_workers"
+MSG = b"Subject: t\r\n\r\nbody\r\n"
+
+
+def test_overlapping_slices_never_process_one_entry_twice(tmp_path):
+    qfiles = tmp_path / "qfiles"
+    q = Queue(qfiles, "out", fsync=False)
+    ids = {q.enqueue(MSG, {"n": i}) for i in range(5000)}
+    go = tmp_path / "go"
+    # (count, slices): [0,1/2) twice, [1/3,1) and [0,1/3)+[2/3,1): every entry is in at least one
+    # range, most in two or three, so the workers really race for the same files.
+    plan = [(2, "0"), (2, "0"), (3, "1,2"), (3, "0,2")]
+    procs, outs = [], []
+    for i, (count, slices) in enumerate(plan):
+        out = tmp_path / f"worker{i}.ids"
+        outs.append(out)
+        procs.append(subprocess.Popen([sys.executable, str(WORKERS / "drain.py"), str(qfiles), "out", str(out),
+                                       str(go), str(count), slices]))
+    go.touch()
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    per_worker = [out.read_text().split() if out.exists() else [] for out in outs]
+    seen = Counter(i for ids_ in per_worker for i in ids_)
+    assert set(seen) == ids
+    assert [i for i, n in seen.items() if n > 1] == []
+    assert sum(1 for w in per_worker if w) >= 2, "only one worker did anything: no overlap was exercised"
+    assert not any(p.is_file() for p in qfiles.rglob("*"))
+
+
+def _hold(node, qfiles: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, str(WORKERS / "hold.py"), str(qfiles), "out", node.name],
+                            stdout=subprocess.PIPE, text=True, env=node.environ())
+    line = proc.stdout.readline().strip()
+    assert line and line != "NONE", "worker claimed nothing"
+    return proc, line
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(timeout=30)       # reaped: its pid is gone, not a zombie
+    proc.stdout.close()
+
+
+def test_killed_claimant_is_recovered_exactly_once_and_never_while_alive(node):
+    settings = node.settings()
+    q = Queue.for_settings(settings, "out")
+    eid = q.enqueue(MSG, {"listname": "dev"})
+    proc, claimed = _hold(node, settings.qfiles)
+    try:
+        assert claimed == eid
+        [info] = q.claims()
+        assert (info.node, info.pid, info.epoch) == ("n1", proc.pid, 3)
+        report = recover_local_dead(settings)
+        assert report.recovered == [] and report.left == 1
+        assert info.path.exists() and q.waiting() == []
+        # a caller that wrongly thinks another node's claims are dead still gets nothing here
+        assert recover(settings, lambda c: c.node == "elsewhere").recovered == []
+    finally:
+        _kill(proc)
+    report = recover_local_dead(settings)
+    assert [r["id"] for r in report.recovered] == [eid] and report.left == 0
+    assert q.waiting() == [eid] and q.claims() == []
+    c = q.claim(eid, Claimant("n1", os.getpid(), 0))
+    assert c.metadata["recovered"] == 1 and c.msg == MSG
+    q.requeue(c, not_before=0)              # back as it was, for the second round below
+    again = recover_local_dead(settings)
+    assert again.recovered == [] and again.to_bad == [] and q.waiting() == [f"{0:.6f}+{eid.split('+')[1]}"]
+
+
+def test_claims_of_another_node_are_left_to_that_node(node, tmp_path):
+    settings = node.settings()
+    q = Queue.for_settings(settings, "in")
+    q.enqueue(MSG, {})
+    c = q.claim_next(0, 1, Claimant("other-node", 1, 0))     # pid 1 is not "ours" to judge
+    report = recover_local_dead(settings)
+    assert report.recovered == [] and report.left == 1 and c.path.exists()
+
+
+def test_repeatedly_recovered_entry_goes_to_bad(tmp_path):
+    from tests.support import make_node
+
+    node = make_node(tmp_path, "n1", queue={"recovery_limit": 2})
+    settings = node.settings()
+    q = Queue.for_settings(settings, "out")
+    eid = q.enqueue(MSG, {})
+    for round_ in (1, 2, 3):
+        proc, claimed = _hold(node, settings.qfiles)
+        assert claimed == eid
+        _kill(proc)
+        report = recover_local_dead(settings)
+        if round_ <= 2:
+            assert [r["recovered"] for r in report.recovered] == [round_]
+        else:
+            assert report.recovered == [] and [r["id"] for r in report.to_bad] == [eid]
+    assert q.waiting() == [] and q.claims() == []
+    bad = Queue.for_settings(settings, "bad")
+    [(state, path)] = bad.locate(eid)
+    assert "recovery_limit = 2" in Path(str(path) + ".reason").read_text()
+    assert bad.read(path)[1]["recovered"] == 2
+
+
+def test_claimant_that_died_after_its_requeue_landed_is_not_duplicated(node):
+    settings = node.settings()
+    q = Queue.for_settings(settings, "retry")
+    q.enqueue(MSG, {})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    c = q.claim_next(0, 1, Claimant("n1", int(dead.stdout), 0))
+    # what requeue does first (the new .pck), without its last step (removing the claim)
+    from mailq.queue.payload import encode
+
+    q.write(f"{1.0:.6f}+{c.id.split('+')[1]}", encode(c.msg, c.metadata))
+    report = recover_local_dead(settings)
+    assert report.recovered == [] and [r["id"] for r in report.dropped] == [c.id]
+    assert len(q.waiting()) == 1 and q.claims() == []
