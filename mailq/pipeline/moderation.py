@@ -5,8 +5,10 @@
 * an ``Approved:`` or ``Approve:`` header (or, in a text/plain body, a first line
   ``Approved: <password>``) that carries the list's moderator password approves the post; the
   header or line is always removed, right password or not, so it never reaches the members;
+* with the list's ``emergency`` brake on, every other post is held;
 * owners and moderators post freely; a member with the moderation flag is held;
-* anyone else gets the list's ``nonmember_action``: hold, reject, discard or accept.
+* addresses in ``accept_nonmembers`` post freely; anyone else gets the list's
+  ``nonmember_action``: hold, reject, discard or accept.
 """
 from __future__ import annotations
 
@@ -32,12 +34,17 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
         msgdata["approved_by"] = "password"
         return
     sender = str(msgdata.get("sender") or "")
+    if getattr(mlist.settings, "emergency", False):
+        raise Hold("the list is in emergency moderation: every post is held")
     if mlist.is_owner(sender) or mlist.is_moderator(sender):
         return
     member = mlist.members.get(sender) if sender else None
     if member is not None:
         if member.moderated:
             raise Hold(f"post from moderated member {sender}")
+        return
+    allowed = {a.lower() for a in getattr(mlist.settings, "accept_nonmembers", [])}
+    if sender and sender.lower() in allowed:
         return
     action = getattr(mlist.settings, "nonmember_action", "hold")
     who = sender or "an unknown sender"

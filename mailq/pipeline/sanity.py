@@ -4,6 +4,8 @@
   once and came back (an auto-responder, a member who is also a list address): discard it;
 * a post larger than the list's ``max_message_kb`` (0 = no limit) is held for a moderator, unless a
   moderator already approved it;
+* a post with ``max_recipients`` or more addresses in To and Cc (0 = no limit) is held: the mark of
+  spam that Cc's a list among many others;
 * a message with no parsable sender address (From, Sender, envelope) is discarded with a log line:
   there is nobody to bounce it to.
 
@@ -32,3 +34,9 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     if (limit_kb > 0 and size > limit_kb * 1024 and msgdata.get("kind", "post") == "post"
             and not msgdata.get("approved")):
         raise Hold(f"message is {(size + 1023) // 1024} KB, over the list's limit of {limit_kb} KB")
+    most = int(getattr(mlist.settings, "max_recipients", 0) or 0)
+    if most > 0 and msgdata.get("kind", "post") == "post" and not msgdata.get("approved"):
+        named = len(set(addresses(msg, "to", "cc")))
+        if named >= most:
+            raise Hold(f"message names {named} recipients in To/Cc (the list holds posts with "
+                       f"{most} or more)")

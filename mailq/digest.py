@@ -1,0 +1,34 @@
+"""The pending digest of a list: ``var/lists/<list>/digest.mbox`` (issue 5; sending is a later issue).
+
+Posts for digest members are appended here in mboxrd format (``mailq.archive.mbox_entry``) under
+the list's digest lock (``var/locks/digest.<list>.lock``), many per lock acquisition; the archive
+runner does the appending for entries queued by the ``to_digest`` stage.  The digest sender will
+take the same lock, rename the file away and build the digest from it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from mailq.archive import append_bytes, mbox_entry
+from mailq.config import Settings
+
+
+def pending_path(settings: Settings, listname: str) -> Path:
+    return settings.lists_dir / listname / "digest.mbox"
+
+
+def digest_lock(settings: Settings, listname: str, timeout: float = 30.0):  # -> mailq.locks.Lock
+    from mailq.locks import named_lock
+
+    return named_lock(settings, f"digest.{listname}", timeout=timeout)
+
+
+def append_pending(settings: Settings, listname: str, items: Iterable[tuple[bytes, str, float]]) -> int:
+    """Append (msg, sender, received) posts to the pending digest under ONE lock cycle; count added."""
+    entries = [mbox_entry(msg, sender, when) for msg, sender, when in items]
+    if not entries:
+        return 0
+    with digest_lock(settings, listname):
+        append_bytes(pending_path(settings, listname), b"".join(entries), fsync=settings.queue.fsync)
+    return len(entries)

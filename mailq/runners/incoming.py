@@ -1,0 +1,76 @@
+"""The ``in`` runner: run each incoming message through its list's pipeline and act on the outcome.
+
+For each entry (DESIGN §1, docs/pipeline.md):
+
+1. load the list without a lock (``ListStore.load``; a save is an atomic rename).  An unknown list
+   (removed after the MTA queued the mail) raises, and the base loop shunts the entry with that
+   reason: nothing is lost, an operator can look at it;
+2. parse the message with the compat32 policy, which accepts 8-bit and broken MIME as it is;
+3. run ``settings.pipeline.posts`` for ``kind: post`` and ``settings.pipeline.owner`` for
+   ``kind: owner`` (the other kinds belong to the bounce and command runners);
+4. act on the disposition: went through (the stages queued it for ``out``/``archive``), ``Hold``
+   (stored in ``lists/<name>/held/``, owners and moderators told, poster acknowledged when the list
+   asks), ``Reject`` (the poster gets a notice saying why, with the post), ``Discard`` (logged).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mailq.errors import MailqError
+from mailq.lists.held import HeldStore, notify_held, notify_rejected
+from mailq.pipeline import Context, Discard, Hold, Reject, run
+from mailq.pipeline.base import header_text, parse
+from mailq.runners.base import Runner
+
+
+class IncomingRunner(Runner):
+    queue = "in"
+
+    def setup(self) -> None:
+        from mailq.lists import ListStore
+
+        self.store = ListStore(self.settings, log=self.log)
+
+    def process(self, entry: Any) -> None:
+        if not hasattr(self, "store"):
+            self.setup()
+        metadata = dict(entry.metadata)
+        listname = str(metadata.get("listname") or "")
+        kind = str(metadata.get("kind") or "post")
+        stages = {"post": self.settings.pipeline.posts, "owner": self.settings.pipeline.owner}.get(kind)
+        if stages is None:
+            raise MailqError(f"entry {entry.id} has kind {kind!r}, which the in runner does not handle "
+                             f"(only post and owner); it was queued in the wrong queue")
+        if not listname:
+            raise MailqError(f"entry {entry.id} names no list (metadata listname is empty)")
+        mlist = self.store.load(listname)  # NotFound says which list and what to run
+        msg = parse(entry.msg)
+        metadata.setdefault("size", len(entry.msg))
+        ctx = Context(self.settings, self.log, self.enqueue)
+        try:
+            run(stages, mlist, msg, metadata, ctx)
+        except Hold as stop:
+            self._hold(mlist, entry, metadata, msg, stop.reason)
+        except Reject as stop:
+            sender = str(metadata.get("sender") or "")
+            self.log.info("list %s: rejected %s from %s: %s", listname, entry.id, sender or "?", stop.reason)
+            if sender:
+                notify_rejected(self.settings, listname, sender, stop.reason, entry.msg,
+                                subject=header_text(msg.get("subject")))
+        except Discard as stop:
+            self.log.info("list %s: discarded %s from %s: %s", listname, entry.id,
+                          metadata.get("sender") or "?", stop.reason)
+        else:
+            self.log.info("list %s: %s %s from %s went through (%d recipients)", listname, kind, entry.id,
+                          metadata.get("sender") or "?", len(metadata.get("recipients") or []))
+
+    def _hold(self, mlist: Any, entry: Any, metadata: dict, msg: Any, reason: str) -> None:
+        sender = str(metadata.get("sender") or "")
+        subject = header_text(msg.get("subject"))
+        # The original bytes and metadata are kept: an approval replays the post from the start.
+        held_id = HeldStore(self.settings, mlist.name).hold(
+            entry.msg, dict(entry.metadata), reason, sender=sender, subject=subject,
+            date=header_text(msg.get("date")))
+        self.log.info("list %s: held %s as %s from %s: %s", mlist.name, entry.id, held_id, sender or "?",
+                      reason)
+        notify_held(self.settings, mlist, held_id, reason, sender, subject, entry.msg)
