@@ -1,0 +1,106 @@
+"""``mailq queue`` through real processes: count, show, inject, unshunt, recover."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+from mailq.queue import Claimant, Queue
+
+WORKERS = Path(__file__).parent / "queue_workers"
+MESSAGE = "From: alice@example.org\nTo: dev@example.org\nSubject: queue cli test\n\nhello\n"
+
+
+def test_inject_count_and_show_with_or_without_queue(node, tmp_path):
+    eml = tmp_path / "m.eml"
+    eml.write_text(MESSAGE)
+    res = node.mailq("queue", "inject", "--queue", "in", "--list", "dev", str(eml), "--json", check=True)
+    eid = json.loads(res.stdout)["id"]
+    counts = json.loads(node.mailq("queue", "count", "--json", "--slices", "3", check=True).stdout)
+    assert counts["queues"]["in"]["waiting"] == 1 and counts["queues"]["in"]["count"] == 3
+    assert sum(s["waiting"] for s in counts["queues"]["in"]["slices"]) == 1
+    assert counts["shunt"] == 0 and counts["bad"] == 0
+    for text in (eid, f"in/{eid}", eid[:30]):
+        shown = json.loads(node.mailq("queue", "show", text, "--json", check=True).stdout)
+        assert shown["id"] == eid and shown["queue"] == "in" and shown["state"] == "waiting"
+        assert shown["metadata"]["listname"] == "dev" and shown["metadata"]["via"] == "cli"
+        assert ["Subject", "queue cli test"] in shown["headers"]
+    table = node.mailq("queue", "show", eid, check=True).stdout
+    assert "Subject: queue cli test" in table and "listname: dev" in table
+    missing = node.mailq("queue", "show", "out/1.0+abcdef")
+    assert missing.returncode == 1 and "no queue entry" in missing.stderr
+
+
+def test_show_never_runs_code_from_a_planted_file(node, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    sha = "ab" + "1" * 38
+    folder = node.var / "qfiles" / "out" / "ab"
+    folder.mkdir(parents=True)
+    (folder / f"1.000000+{sha}.pck").write_bytes(pickle.dumps({"version": 1, "msg": RunsCode(), "metadata": {}}))
+    res = node.mailq("queue", "show", f"1.000000+{sha}", check=True)
+    assert "unreadable" in res.stdout and "forbidden object" in res.stdout
+    assert not marker.exists()
+
+
+def test_inject_on_full_disk_exits_75_and_queues_nothing(node, tmp_path):
+    eml = tmp_path / "m.eml"
+    eml.write_text(MESSAGE)
+    res = node.mailq("queue", "inject", "-q", "in", str(eml), env={"MAILQ_FAULT_ENOSPC": "1"})
+    assert res.returncode == 75, res.stderr
+    assert "nothing was queued" in res.stderr
+    assert not any(p.is_file() for p in (node.var / "qfiles").rglob("*"))
+    empty = tmp_path / "empty.eml"
+    empty.write_bytes(b"")
+    res = node.mailq("queue", "inject", "-q", "in", str(empty))
+    assert res.returncode == 1 and "empty message" in res.stderr
+
+
+def test_unshunt_moves_entries_back_to_where_they_failed(node, settings):
+    out, virgin = Queue.for_settings(settings, "out"), Queue.for_settings(settings, "virgin")
+    me = Claimant("n1", os.getpid(), 0)
+    a = out.enqueue(b"Subject: a\n\nx", {"recipients": ["a@example.org"]})
+    out.shunt(out.claim(a, me), "SMTP exploded")
+    b = virgin.enqueue(b"Subject: b\n\nx", {})
+    virgin.shunt(virgin.claim(b, me), "oops")
+    one = json.loads(node.mailq("queue", "unshunt", a, "--json", check=True).stdout)
+    assert one["moved"] == [{"id": a, "queue": "out"}]
+    c = out.claim(a, me)
+    assert c.metadata["last_error"] == "SMTP exploded" and "error" not in c.metadata
+    assert c.metadata["recipients"] == ["a@example.org"]
+    rest = node.mailq("queue", "unshunt", check=True)
+    assert f"virgin/{b}" in rest.stdout
+    assert virgin.waiting() == [b] and Queue.for_settings(settings, "shunt").waiting() == []
+
+
+def test_recover_puts_back_a_killed_process_claim(node, settings):
+    q = Queue.for_settings(settings, "out")
+    eid = q.enqueue(b"Subject: r\n\nx", {})
+    proc = subprocess.Popen([sys.executable, str(WORKERS / "hold.py"), str(settings.qfiles), "out", "n1"],
+                            stdout=subprocess.PIPE, text=True, env=node.environ())
+    try:
+        assert proc.stdout.readline().strip() == eid
+        alive = json.loads(node.mailq("queue", "recover", "--json", check=True).stdout)
+        assert alive["recovered"] == [] and alive["left"] == 1
+        shown = json.loads(node.mailq("queue", "show", eid, "--json", check=True).stdout)
+        assert shown["state"] == "claimed" and shown["claimant"]["pid"] == proc.pid
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    res = node.mailq("queue", "recover", check=True)
+    assert f"recovered out/{eid}" in res.stdout and "1 recovered" in res.stdout
+    assert q.waiting() == [eid]
+
+
+def test_every_queue_command_has_help_with_examples(node):
+    for cmd in ("count", "show", "inject", "unshunt", "recover"):
+        res = node.mailq("queue", cmd, "--help", check=True)
+        assert "Examples:\n" in res.stdout and "mailq queue " + cmd in res.stdout
