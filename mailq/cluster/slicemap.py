@@ -301,6 +301,8 @@ def update_map(settings: Settings, change: Callable[[SliceMap], SliceMap | None]
         work = old.copy()
         result = change(work)
         new = result if isinstance(result, SliceMap) else work
+        if new.to_dict() | {"epoch": 0} == old.to_dict() | {"epoch": 0}:
+            return old, old     # nothing changed: keep the epoch, so runners need not react
         new.epoch = max(old.epoch, _disk_epoch(settings)) + 1
         write_map(settings, new)
         return old, new

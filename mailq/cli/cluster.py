@@ -1,0 +1,87 @@
+"""``mailq cluster``: the state of every node (heartbeats, fencing, slices, queue depth) and unfencing.
+
+See docs/cluster.md for what alive / late / dead / fenced mean and how ages are measured.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mailq.cli.common import emit_json, get_settings, handle_errors, json_option, print_table, warn
+
+
+@click.group()
+def cluster() -> None:
+    """Cluster state: nodes, heartbeats, fencing, slices.
+
+    \b
+    Examples:
+      mailq cluster status
+      mailq cluster status --json
+      mailq cluster unfence h1
+    """
+
+
+@cluster.command()
+@json_option
+@click.option("--no-queues", is_flag=True, help="Skip counting entries per slice (faster on big queues).")
+@handle_errors
+def status(as_json: bool, no_queues: bool) -> None:
+    """Nodes (heartbeat age, alive/late/dead/fenced, slices), entries per slice, map problems.
+
+    Exit code 1 when the slice map file is invalid (the last good map is then in force).
+
+    \b
+    Examples:
+      mailq cluster status
+      mailq cluster status --json | jq '.nodes[] | select(.state == "dead")'
+    """
+    from mailq.cluster.status import gather
+
+    settings = get_settings()
+    data = gather(settings, queues=not no_queues)
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(f"slice map epoch {data['epoch']} (in force: {data['map_in_force']}); failover "
+                   f"{data['failover']}, lease {data['lease']:g}s + margin {data['margin']:g}s")
+        print_table([[n["node"], n["host"] or "-", n["pid"] or "-",
+                      "-" if n["heartbeat_age"] is None else f"{n['heartbeat_age']:.1f}s", n["state"],
+                      n["backup"] or "-", " ".join(n["slices"]) or "-"] for n in data["nodes"]],
+                    ["node", "host", "pid", "heartbeat", "state", "backup", "slices"])
+        if "slices" in data:
+            click.echo()
+            print_table([[f"{r['queue']}:{r['slice']}/{r['count']}", r["owner"] or "-", r["waiting"], r["claimed"],
+                          "-" if r["oldest_waiting_s"] is None else f"{r['oldest_waiting_s']}s"]
+                         for r in data["slices"]], ["slice", "owner", "waiting", "claimed", "oldest"])
+    if data["map_problem"]:
+        warn(f"slice map problem (the last good map stays in force):\n{data['map_problem']}")
+        sys.exit(1)
+
+
+@cluster.command()
+@click.argument("node")
+@handle_errors
+def unfence(node: str) -> None:
+    """Allow a fenced NODE to own slices again (it gets some with `slices assign` or `slices rebalance`).
+
+    Only do this once NODE is healthy: its master must be running and its claims from before the
+    takeover were recovered by the takeover itself.
+
+    \b
+    Examples:
+      mailq cluster unfence h1 && mailq slices rebalance
+    """
+    from mailq.cluster.takeover import unfence as do_unfence
+
+    smap = do_unfence(get_settings(), node)
+    click.echo(f"{node} unfenced in epoch {smap.epoch}; it owns no slices yet: run `mailq slices rebalance`")
+
+
+def main() -> None:
+    cluster(prog_name="mailq cluster")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""``mailq slices``: show, check and change the slice map (DESIGN §5, docs/cluster.md).
+
+Every change goes through :func:`mailq.cluster.slicemap.update_map`: lock, reload, change,
+validate, epoch + 1, atomic write.  Runners notice within one poll interval.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from mailq.cli.common import emit_json, fail, get_settings, handle_errors, json_option, print_table, warn
+from mailq.cluster import slicemap as sm
+from mailq.config import RUNNER_QUEUES
+from mailq.errors import InvalidInput
+
+
+def _nodes_arg(text: str) -> list[str]:
+    nodes = [n.strip() for n in text.split(",") if n.strip()]
+    if not nodes or len(set(nodes)) != len(nodes):
+        raise click.BadParameter(f"expected distinct node names separated by commas, got {text!r}")
+    return nodes
+
+
+def _print_moves(old: sm.SliceMap, new: sm.SliceMap) -> None:
+    moves = [(q, s, old.owner_of(q, s) if old.count(q) == new.count(q) else "-", o)
+             for q, owners in new.queues.items() for s, o in enumerate(owners)
+             if old.count(q) != new.count(q) or old.owner_of(q, s) != o]
+    if moves:
+        print_table([[f"{q}:{s}/{new.count(q)}", a, b] for q, s, a, b in moves], ["slice", "from", "to"])
+    click.echo(f"epoch {old.epoch} -> {new.epoch}: {len(moves)} slice(s) changed")
+
+
+@click.group()
+def slices() -> None:
+    """Show and change which node runs which slice of each queue.
+
+    \b
+    Examples:
+      mailq slices init --nodes h1,h2,h3
+      mailq slices show
+      mailq slices check
+      mailq slices assign out 0 1 h2
+      mailq slices rebalance
+      mailq slices reassign --from h1 --to h2
+      mailq slices drain h3
+    """
+
+
+@slices.command()
+@json_option
+@handle_errors
+def show(as_json: bool) -> None:
+    """Print the slice map in force.
+
+    \b
+    Examples:
+      mailq slices show
+      mailq slices show --json | jq .epoch
+    """
+    settings = get_settings()
+    smap = sm.current_for_update(settings)
+    problem = sm.problem_now(settings)
+    if as_json:
+        emit_json({**smap.to_dict(), "problem": problem})
+        return
+    click.echo(f"epoch {smap.epoch}  ({settings.slice_map_path})")
+    rows = [[q, len(owners), " ".join(f"{s}:{o}" for s, o in enumerate(owners))] for q, owners in smap.queues.items()]
+    print_table(rows, ["queue", "count", "slice:node"])
+    click.echo()
+    print_table([[n, e.backup or "-", "FENCED" if e.fenced else "", len(smap.slices_for(n))]
+                 for n, e in sorted(smap.nodes.items())], ["node", "backup", "fenced", "slices"])
+    if problem:
+        warn(f"the file on disk is NOT in force:\n{problem}")
+
+
+@slices.command()
+@json_option
+@handle_errors
+def check(as_json: bool) -> None:
+    """Validate the slice map file; exit 1 with every problem (gaps, overlaps, unknown nodes).
+
+    \b
+    Examples:
+      mailq slices check && echo fine
+    """
+    settings = get_settings()
+    path = settings.slice_map_path
+    try:
+        smap = sm.load_map(path)
+        problems = [] if smap is not None else [f"{path}: no slice map (run `mailq slices init --nodes ...`)"]
+    except sm.SliceMapError as exc:
+        problems = exc.problems
+    if not problems:
+        watcher_problem = sm.problem_now(settings)
+        if watcher_problem:
+            problems = [watcher_problem]
+    if as_json:
+        emit_json({"path": str(path), "ok": not problems, "problems": problems})
+    elif problems:
+        click.echo(f"{path}: {len(problems)} problem(s); the last good map stays in force until fixed:")
+        for p in problems:
+            click.echo(f"  - {p}")
+        click.echo("Fix with `mailq slices edit` (validates before installing).")
+    else:
+        click.echo(f"{path}: ok (epoch {smap.epoch if smap else '?'})")
+    if problems:
+        sys.exit(1)
+
+
+@slices.command()
+@click.option("--nodes", "nodes", required=True, callback=lambda c, p, v: _nodes_arg(v),
+              help="Comma-separated node names, in ring order (each node's backup is the next one).")
+@click.option("--no-backups", is_flag=True, help="Name no backup nodes.")
+@handle_errors
+def init(nodes: list[str], no_backups: bool) -> None:
+    """Create the slice map: every queue's slices spread evenly; counts from config (runners.slices).
+
+    \b
+    Examples:
+      mailq slices init --nodes h1,h2,h3
+    """
+    settings = get_settings()
+    counts = {q: settings.slice_count(q) for q in RUNNER_QUEUES}
+    entries = {n: sm.NodeEntry(backup=None if no_backups or len(nodes) == 1 else nodes[(i + 1) % len(nodes)])
+               for i, n in enumerate(nodes)}
+    smap = sm.create_map(settings, sm.SliceMap(queues=sm.spread(counts, nodes), nodes=entries))
+    click.echo(f"created {settings.slice_map_path} (epoch {smap.epoch}) for {', '.join(nodes)}")
+
+
+@slices.command()
+@click.argument("queue", type=click.Choice(RUNNER_QUEUES))
+@click.argument("args", nargs=-1, required=True)
+@handle_errors
+def assign(queue: str, args: tuple[str, ...]) -> None:
+    """Give slices SLICE... of QUEUE to NODE (the last argument).
+
+    \b
+    Examples:
+      mailq slices assign out 0 1 h2
+    """
+    if len(args) < 2:
+        fail("give at least one slice number and then the node, e.g. `mailq slices assign out 0 h2`", 2)
+    *nums, node = args
+    try:
+        wanted = [int(n) for n in nums]
+    except ValueError:
+        fail(f"slice numbers must be whole numbers, got {' '.join(nums)}", 2)
+
+    def change(smap: sm.SliceMap) -> None:
+        if node not in smap.nodes:
+            smap.nodes[node] = sm.NodeEntry()
+        count = smap.count(queue)
+        for s in wanted:
+            if not 0 <= s < count:
+                raise InvalidInput(f"{queue} has {count} slices (0..{count - 1}); there is no slice {s}")
+            smap.queues[queue][s] = node
+
+    old, new = sm.update_map(get_settings(), change)
+    _print_moves(old, new)
+
+
+@slices.command("set-count")
+@click.argument("queue", type=click.Choice(RUNNER_QUEUES))
+@click.argument("count", type=click.IntRange(min=1))
+@click.option("--force", is_flag=True, help="Change it even while the queue has waiting entries.")
+@handle_errors
+def set_count(queue: str, count: int, force: bool) -> None:
+    """Change QUEUE's number of slices; its hash space is spread over the same nodes again.
+
+    Every entry then belongs to a slice of the new count.  Refused while QUEUE has waiting entries
+    (their runners restart, so they wait a few seconds more) unless --force.
+
+    \b
+    Examples:
+      mailq slices set-count out 4
+    """
+    from mailq.queue import Queue
+
+    settings = get_settings()
+    counts = Queue.for_settings(settings, queue).counts(1)
+    if counts["waiting"] and not force:
+        fail(f"{queue} has {counts['waiting']} waiting entries; runners of the old slices stop and new ones "
+             f"start, so those entries wait a little. Run again with --force to do it anyway.")
+
+    def change(smap: sm.SliceMap) -> None:
+        nodes = sorted(set(smap.queues[queue]), key=smap.queues[queue].index)
+        smap.queues[queue] = [nodes[i * len(nodes) // count] for i in range(count)]
+
+    old, new = sm.update_map(settings, change)
+    click.echo(f"{queue}: {old.count(queue)} -> {count} slices; each slice now covers 1/{count} of the hash "
+               f"space:")
+    print_table([[f"{queue}:{s}/{count}", o] for s, o in enumerate(new.queues[queue])], ["slice", "node"])
+    click.echo(f"epoch {old.epoch} -> {new.epoch}")
+
+
+@slices.command()
+@click.option("--nodes", "nodes", default=None, callback=lambda c, p, v: _nodes_arg(v) if v else None,
+              help="Spread over these nodes only (default: every unfenced node).")
+@handle_errors
+def rebalance(nodes: list[str] | None) -> None:
+    """Spread every queue's slices evenly, moving as few slices as possible.
+
+    \b
+    Examples:
+      mailq slices rebalance
+      mailq slices rebalance --nodes h1,h2
+    """
+    def change(smap: sm.SliceMap) -> None:
+        chosen = nodes or smap.live_nodes()
+        for n in chosen:
+            entry = smap.nodes.setdefault(n, sm.NodeEntry())
+            if entry.fenced:
+                raise InvalidInput(f"{n} is fenced; unfence it first with `mailq cluster unfence {n}`")
+        for q, owners in smap.queues.items():
+            smap.queues[q] = sm.rebalance_owners(owners, chosen)
+
+    old, new = sm.update_map(get_settings(), change)
+    _print_moves(old, new)
+
+
+@slices.command()
+@handle_errors
+def edit() -> None:
+    """Edit the map in $EDITOR; the result is validated (epoch bumped) before it is installed.
+
+    \b
+    Examples:
+      EDITOR=nano mailq slices edit
+    """
+    settings = get_settings()
+    smap = sm.current_for_update(settings)
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "slices.yaml"
+        path.write_text(smap.dump())
+        if subprocess.call([*shlex.split(editor), str(path)]) != 0:
+            fail(f"{editor} failed; nothing changed")
+        text = path.read_text()
+    try:
+        edited = sm.parse_map(text, "your edit")
+    except sm.SliceMapError as exc:
+        fail(f"{exc}\nNothing changed.")
+    if edited.to_dict() | {"epoch": 0} == smap.to_dict() | {"epoch": 0}:
+        click.echo("no change")
+        return
+
+    def change(current: sm.SliceMap) -> sm.SliceMap:
+        if current.epoch != smap.epoch:
+            raise InvalidInput(f"the map changed while you edited it (epoch {smap.epoch} -> {current.epoch}); "
+                               f"nothing installed, run `mailq slices edit` again")
+        return edited
+
+    old, new = sm.update_map(settings, change)
+    _print_moves(old, new)
+
+
+@slices.command()
+@click.option("--from", "dead", required=True, metavar="NODE", help="The dead node.")
+@click.option("--to", "to", default=None, callback=lambda c, p, v: _nodes_arg(v) if v else None,
+              metavar="NODE[,NODE]", help="Who takes its slices (default: its backup, else the live nodes).")
+@json_option
+@handle_errors
+def reassign(dead: str, to: list[str] | None, as_json: bool) -> None:
+    """Take over a dead node: fence it, move its slices, recover its claims, break its locks.
+
+    Refused while its heartbeat is younger than lease + margin (use `drain` for a live node).
+
+    \b
+    Examples:
+      mailq slices reassign --from h1 --to h2
+    """
+    from mailq.cluster.takeover import takeover
+
+    report = takeover(get_settings(), dead, to=to)
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        click.echo(report.summary())
+
+
+@slices.command()
+@click.argument("node")
+@click.option("--to", "to", default=None, callback=lambda c, p, v: _nodes_arg(v) if v else None,
+              metavar="NODE[,NODE]", help="Who takes its slices (default: its backup, else the others).")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for its claims.")
+@click.option("--no-wait", is_flag=True, help="Move the slices and return at once.")
+@handle_errors
+def drain(node: str, to: list[str] | None, timeout: float, no_wait: bool) -> None:
+    """Planned maintenance: move NODE's slices away, then wait until its claims there are finished.
+
+    \b
+    Examples:
+      mailq slices drain h3
+      mailq slices drain h3 --to h1 --timeout 60
+    """
+    from mailq.cluster.takeover import claims_of, drain_moves
+
+    settings = get_settings()
+    moved: list[dict] = []
+
+    def change(smap: sm.SliceMap) -> None:
+        moved.extend(drain_moves(smap, node, to))
+
+    old, new = sm.update_map(settings, change)
+    _print_moves(old, new)
+    if no_wait or not moved:
+        return
+    slices_moved = [(m["queue"], m["slice"], m["count"]) for m in moved]
+    deadline = time.monotonic() + timeout
+    last = -1
+    while True:
+        left = claims_of(settings, node, slices_moved)
+        if not left:
+            click.echo(f"{node} drained: no claims left in its former slices")
+            return
+        if len(left) != last:
+            click.echo(f"waiting for {len(left)} claim(s) of {node} to finish ...", err=True)
+            last = len(left)
+        if time.monotonic() > deadline:
+            fail(f"{node} still holds {len(left)} claim(s) after {timeout:g}s (is it running? stuck?); "
+                 f"see `mailq cluster status`", 1)
+        time.sleep(0.5)
+
+
+def main() -> None:
+    slices(prog_name="mailq slices")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Automatic failover (``cluster.failover: auto``; DESIGN §5, docs/cluster.md "Automatic failover").
+
+Each master calls :func:`check` every beat; ``mailq cron run check-failover`` calls it too, as a
+safety net for a cluster whose masters are all busy or stuck.  A node is taken over when its
+heartbeat, judged by the shared filesystem's clock, is older than lease + margin.  Who performs
+it: the dead node's backup when that one is alive, else the first live node by name; a cron run
+performs it whoever it is.  Everybody else does nothing, and :func:`mailq.cluster.takeover.takeover`
+re-checks under the slices lock, so at most one takeover of a node ever happens.
+
+A node that never wrote a heartbeat is never taken over automatically (a cluster whose second
+node is not installed yet must not lose its slices at the first beat); `mailq slices reassign`
+does that by hand.
+"""
+from __future__ import annotations
+
+import logging
+
+from mailq.cluster.heartbeat import lease_age, read_all, state_of, takeover_allowed
+from mailq.cluster.slicemap import SliceMapError, current_for_update
+from mailq.cluster.takeover import TakeoverReport, takeover
+from mailq.config import Settings
+from mailq.errors import MailqError
+
+
+def dead_nodes(settings: Settings) -> list[str]:
+    """Unfenced nodes of the map whose heartbeat is past lease + margin (never-seen nodes excluded)."""
+    try:
+        smap = current_for_update(settings)
+    except (MailqError, SliceMapError):
+        return []
+    beats = read_all(settings)
+    return [n for n in smap.live_nodes() if n in beats and takeover_allowed(settings, beats[n])]
+
+
+def check(settings: Settings, log: logging.Logger, *, any_performer: bool = False) -> list[TakeoverReport]:
+    """Take over every dead node this node is the one to take over; return what was done."""
+    if settings.cluster.failover != "auto":
+        return []
+    me = settings.node.name
+    if not any_performer:
+        # A master whose own lease is stale may be the one cut off: it must not judge the others.
+        age = lease_age(settings)
+        if age is None or age > settings.cluster.lease:
+            return []
+    try:
+        smap = current_for_update(settings)
+    except (MailqError, SliceMapError):
+        return []
+    beats = read_all(settings)
+    dead = [n for n in smap.live_nodes() if n != me and n in beats and takeover_allowed(settings, beats[n])]
+    if not dead:
+        return []
+    alive = [n for n in smap.live_nodes() if state_of(settings, beats.get(n), False) in ("alive", "late")]
+    reports = []
+    for node in dead:
+        backup = smap.nodes[node].backup
+        performer = backup if backup in alive else (alive[0] if alive else None)
+        if not any_performer and performer != me:
+            continue
+        log.warning("failover: node %s is silent past lease + margin (heartbeat %.1fs old); taking over",
+                    node, beats[node].age)
+        try:
+            report = takeover(settings, node, log=log, skip_if_fenced=True)
+        except MailqError as exc:
+            # Someone else did it, or the node came back between our look and the lock: both fine.
+            log.info("failover of %s not done: %s", node, exc)
+            continue
+        reports.append(report)
+    return reports

@@ -1,0 +1,139 @@
+"""Scheduled tasks that cron starts on every host, each run once per period (DESIGN §5 last paragraph).
+
+Every host's crontab runs ``mailq cron run TASK`` for every task (see ``etc/crontab``).  A task is
+run under its own lock (``var/locks/cron.<task>.lock``), and only when its last-run stamp
+(``var/cluster/cron/<task>.last``) is older than its period, so a cluster-wide task runs once per
+period however many hosts start it.  The stamp's age is judged by the shared filesystem's clock
+(its mtime against a probe's), like every age in the cluster.  Node-scoped tasks (``recover``:
+this node's dead claims) keep one stamp and lock per node.  The stamp is written only after a run
+that succeeded, so a failed run is tried again by the next cron tick.
+
+A task is ``"module:function"``; the function takes ``(settings, log)`` and returns a one-line summary.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailq.config import Settings
+from mailq.errors import NotFound
+from mailq.fsutil import atomic_write
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    target: str          # "module:function", called as function(settings, log) -> summary
+    period: float        # seconds between runs across the cluster (or per node)
+    scope: str           # "cluster" | "node"
+    help: str
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("expire-held", "mailq.lists.held:expire_held", 3600.0, "cluster",
+         "discard held posts older than each list's max_held_days, owners told"),
+    Task("recover", "mailq.cron:recover_local", 300.0, "node",
+         "claims of this node's dead processes back to their queues"),
+    Task("check-failover", "mailq.cron:check_failover", 30.0, "cluster",
+         "take over nodes silent past lease + margin (cluster.failover: auto), a safety net for the masters"),
+)}
+
+
+@dataclass
+class RunResult:
+    task: str
+    ran: bool
+    ok: bool
+    summary: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "ran": self.ran, "ok": self.ok, "summary": self.summary}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise NotFound(f"no cron task {name!r}; known tasks: {', '.join(sorted(TASKS))} "
+                       f"(`mailq cron list`)") from None
+
+
+def _key(settings: Settings, task: Task) -> str:
+    return task.name if task.scope == "cluster" else f"{task.name}.{settings.node.name}"
+
+
+def stamp_path(settings: Settings, task: Task) -> Path:
+    return settings.cluster_dir / "cron" / f"{_key(settings, task)}.last"
+
+
+def last_run(settings: Settings, task: Task, now: float | None = None) -> dict[str, Any] | None:
+    """The stamp's record plus ``age`` (filesystem clock), or None when the task never ran."""
+    from mailq.cluster.heartbeat import fs_now
+
+    path = stamp_path(settings, task)
+    try:
+        with open(path, "rb") as fh:
+            data, mtime = fh.read(), os.fstat(fh.fileno()).st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        record = {}
+    now = fs_now(settings) if now is None else now
+    return {**record, "age": max(0.0, now - mtime)}
+
+
+def run_task(settings: Settings, name: str, *, force: bool = False, log: logging.Logger | None = None,
+             lock_timeout: float = 1.0) -> RunResult:
+    """Run task *name* unless it ran within its period anywhere (``force``: run anyway)."""
+    from mailq.locks import named_lock
+    from mailq.logs import get_logger
+
+    task = get_task(name)
+    log = log or get_logger(settings, "cron")
+    # A short wait: if another host is running it right now, that run is the one for this period.
+    with named_lock(settings, f"cron.{_key(settings, task)}", timeout=lock_timeout):
+        last = last_run(settings, task)
+        if last is not None and last["age"] < task.period and not force:
+            return RunResult(name, False, True, f"skipped: ran {last['age']:.0f}s ago on {last.get('node', '?')} "
+                                                f"(period {task.period:g}s; --force to run anyway)")
+        module, func = task.target.split(":")
+        function = getattr(importlib.import_module(module), func)
+        try:
+            summary = str(function(settings, log) or "done")
+        except Exception as exc:
+            log.exception("cron task %s failed", name)
+            return RunResult(name, True, False, f"failed: {exc.__class__.__name__}: {exc}")
+        path = stamp_path(settings, task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"node": settings.node.name, "pid": os.getpid(), "summary": summary}
+        atomic_write(path, (json.dumps(record) + "\n").encode(), fsync=False, mode=0o664)
+        log.info("cron task %s: %s", name, summary)
+        return RunResult(name, True, True, summary)
+
+
+# -- the tasks this module provides ------------------------------------------------------------------
+
+def recover_local(settings: Settings, log: logging.Logger) -> str:
+    """Claims made on this node by processes that are gone, back to their queues."""
+    from mailq.queue.recovery import recover_local_dead
+
+    report = recover_local_dead(settings)
+    return (f"recovered {len(report.recovered)}, to bad {len(report.to_bad)}, already done "
+            f"{len(report.dropped)}, removed {len(report.stale_temps)} stale temp files")
+
+
+def check_failover(settings: Settings, log: logging.Logger) -> str:
+    """Auto failover from cron: whoever runs it performs the takeover (under the slices lock)."""
+    from mailq.cluster import failover
+
+    if settings.cluster.failover != "auto":
+        return "cluster.failover is manual: nothing to do (use `mailq slices reassign`)"
+    reports = failover.check(settings, log, any_performer=True)
+    return "; ".join(r.summary() for r in reports) or "every node alive or fenced"
