@@ -5,6 +5,7 @@ what is due now and exits.  The runner names are ``mailq.runners.REGISTRY``.
 """
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -80,7 +81,16 @@ def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, 
     sys.exit(status or 0)
 
 
+def _reopen_logs(signum: int, frame: object) -> None:
+    from mailq.logs import reopen_all
+
+    reopen_all()
+
+
 def main() -> None:
+    # Until Runner.run() installs its own handlers, SIGHUP (the master passing on `mailqctl reopen`)
+    # must not kill a runner that is still starting; runners that serve no queue keep this one.
+    signal.signal(signal.SIGHUP, _reopen_logs)
     qrunner(prog_name="qrunner")
 
 

@@ -1,0 +1,395 @@
+"""The master: one per node, supervising that node's runner processes (DESIGN §1, §3 recovery, §5).
+
+Start-up, in this order: take the host-local master lock (``<run_dir>/master.lock``, a
+``filelock.FileLock``: the kernel drops it when the master dies, so a SIGKILLed master never blocks
+the next one), write the pid file, recover this node's claims whose process is gone
+(``recover_local_dead``: a claim whose pid is gone can only be an orphan),
+renew the heartbeat, then start one ``qrunner`` process per (queue, slice) that
+``assignments_for(settings, map, node)`` gives this node, plus ``lmtp`` when LMTP is enabled.
+
+Then, every tick: reap runners that exited and restart crashed ones with exponential backoff up to
+``runners.restart_cap`` restarts (then leave it down, loudly); every ``cluster.heartbeat`` seconds
+renew the heartbeat, run the automatic failover check when ``cluster.failover`` is ``auto``, re-read
+the slice map and start or stop runners to match it.  The state is written to
+``<run_dir>/status.json`` for ``mailqctl status``.
+
+Signals: SIGTERM/SIGINT stop every runner (SIGTERM, ``runners.stop_timeout``, then SIGKILL) and
+exit 0; SIGHUP reopens the log files and is passed on to every runner.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailq.config import Settings
+from mailq.errors import MailqError
+from mailq.fsutil import atomic_write, pid_alive
+
+#: A runner that ran this long before crashing starts again with a clean restart count.
+STABLE_SECONDS = 300.0
+#: Longest wait between two restarts of a crashing runner.
+MAX_BACKOFF = 60.0
+#: How often the master looks at its children and its signal flags.
+TICK = 0.1
+#: Environment variable that tells a runner its master's pid (it exits when the master is gone).
+MASTER_PID_ENV = "MAILQ_MASTER_PID"
+
+Key = tuple[str, int, int]   # (runner name, slice, count)
+
+
+def lock_path(settings: Settings) -> Path:
+    return settings.run_dir / "master.lock"
+
+
+def pid_path(settings: Settings) -> Path:
+    return settings.run_dir / "master.pid"
+
+
+def status_path(settings: Settings) -> Path:
+    return settings.run_dir / "status.json"
+
+
+def read_pid(settings: Settings) -> int | None:
+    """The pid in the pid file (alive or not), or None when there is no readable pid file."""
+    try:
+        return int(pid_path(settings).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def running_pid(settings: Settings) -> int | None:
+    """The pid of this node's live master, or None."""
+    pid = read_pid(settings)
+    return pid if pid is not None and pid_alive(pid) else None
+
+
+def read_status(settings: Settings) -> dict[str, Any] | None:
+    try:
+        return json.loads(status_path(settings).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class AlreadyRunning(MailqError):
+    def __init__(self, settings: Settings, pid: int | None) -> None:
+        self.pid = pid
+        who = f"pid {pid}" if pid else "pid unknown"
+        super().__init__(f"the mailq master for node {settings.node.name} is already running ({who}); "
+                         f"`mailqctl status` shows it, `mailqctl stop` stops it")
+
+
+@dataclass
+class Child:
+    """One supervised runner process."""
+
+    name: str
+    slice: int
+    count: int
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    state: str = "starting"        # running | backoff | failed | stopping
+    started: float = 0.0           # time.monotonic() of the last start
+    next_start: float = 0.0
+    last_exit: int | None = None
+    since: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> Key:
+        return (self.name, self.slice, self.count)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name == "lmtp" else f"{self.name}:{self.slice}/{self.count}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "slice": self.slice, "count": self.count,
+                "pid": self.proc.pid if self.proc and self.proc.returncode is None else None,
+                "restarts": self.restarts, "state": self.state, "last_exit": self.last_exit,
+                "since": self.since}
+
+
+class Master:
+    """Supervises this node's runners; ``serve()`` runs until SIGTERM."""
+
+    def __init__(self, settings: Settings, log: logging.Logger) -> None:
+        self.settings = settings
+        self.log = log
+        self.node = settings.node.name
+        self.children: dict[Key, Child] = {}
+        self._lock: Any = None
+        self._stop = False
+        self._hup = False
+        self._watcher: Any = None
+        self._epoch: int | None = None
+        self._map_problem = ""
+        self._last_status: Any = None
+        self._started = time.time()
+        self.on_hup: Callable[[], None] | None = None   # extra work on SIGHUP (the daemon's stdio)
+
+    # -- start-up -------------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take the host-local master lock and write the pid file; AlreadyRunning if another has it."""
+        import filelock
+
+        run_dir = self.settings.run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        lock = filelock.FileLock(str(lock_path(self.settings)), timeout=0, is_singleton=False)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise AlreadyRunning(self.settings, running_pid(self.settings) or read_pid(self.settings))
+        self._lock = lock
+        stale = read_pid(self.settings)
+        if stale is not None and stale != os.getpid():
+            self.log.warning("removing the stale pid file of master pid %d (it is gone)", stale)
+        atomic_write(pid_path(self.settings), f"{os.getpid()}\n".encode(), fsync=False, mode=0o644)
+
+    def release(self) -> None:
+        for path in (pid_path(self.settings), status_path(self.settings)):
+            try:
+                if path == pid_path(self.settings) and read_pid(self.settings) != os.getpid():
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def recover(self) -> None:
+        """Bring this node's orphaned claims back to their queues before any runner starts."""
+        from mailq.queue.recovery import recover_local_dead
+
+        report = recover_local_dead(self.settings)
+        self.log.info("recovery of dead local claims: %d back in their queues, %d to bad, %d dropped as "
+                      "already done, %d left (claimant alive), %d stale temp files removed",
+                      len(report.recovered), len(report.to_bad), len(report.dropped), report.left,
+                      len(report.stale_temps))
+        for row in report.recovered + report.to_bad:
+            self.log.info("recovered claim %s", row)
+
+    def serve(self, ready: Callable[[], None] | None = None) -> int:
+        """Recover, start the runners, call *ready*, supervise until SIGTERM; the exit status."""
+        self._install_signals()
+        self.log.info("master starting (pid %d, node %s)", os.getpid(), self.node)
+        try:
+            self.recover()
+            self._beat(first=True)
+            self._start_due()
+            if ready is not None:
+                ready()
+            self.log.info("master running: %s", ", ".join(c.label for c in self.children.values()) or
+                          "no runners assigned to this node")
+            next_beat = time.monotonic() + self.settings.cluster.heartbeat
+            while not self._stop:
+                if self._hup:
+                    self._reopen()
+                resync = self._reap()
+                now = time.monotonic()
+                if resync or now >= next_beat:
+                    self._beat()
+                    next_beat = now + self.settings.cluster.heartbeat
+                self._start_due()
+                self._write_status()
+                time.sleep(TICK)
+        finally:
+            self._shutdown()
+        return 0
+
+    # -- children -------------------------------------------------------------------------------
+    def _command(self, child: Child) -> list[str]:
+        cmd = [sys.executable, "-m", "mailq.cli.qrunner"]
+        if self.settings.source is not None:
+            cmd += ["-C", str(self.settings.source)]
+        spec = child.name if child.name == "lmtp" else f"{child.name}:{child.slice}:{child.count}"
+        return cmd + ["-r", spec]
+
+    def _spawn(self, child: Child) -> None:
+        import mailq
+
+        env = dict(os.environ)
+        # Runners import the same mailq as the master, even when it runs from a checkout.
+        package_root = str(Path(mailq.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env[MASTER_PID_ENV] = str(os.getpid())
+        try:
+            child.proc = subprocess.Popen(self._command(child), stdin=subprocess.DEVNULL, env=env,
+                                          close_fds=True)
+        except OSError as exc:
+            self.log.error("cannot start runner %s: %s", child.label, exc)
+            self._crashed(child, None)
+            return
+        child.state, child.started, child.since = "running", time.monotonic(), time.time()
+        self.log.info("started runner %s (pid %d)", child.label, child.proc.pid)
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        for child in list(self.children.values()):
+            if child.state in ("starting", "backoff") and now >= child.next_start:
+                self._spawn(child)
+
+    def _reap(self) -> bool:
+        """Handle runners that exited; True when one exited normally (its slice may have moved)."""
+        resync = False
+        for key, child in list(self.children.items()):
+            if child.proc is None or child.proc.poll() is None:
+                continue
+            code = child.proc.returncode
+            child.last_exit, child.proc = code, None
+            if child.state == "stopping":
+                self.log.info("runner %s stopped (exit %s)", child.label, code)
+                del self.children[key]
+            elif code == 0:
+                # A runner exits 0 by itself when its slice moved: re-read the map before restarting.
+                self.log.info("runner %s exited normally; checking the slice map", child.label)
+                child.state, child.next_start, child.since = "backoff", time.monotonic() + 1.0, time.time()
+                resync = True
+            else:
+                self._crashed(child, code)
+        return resync
+
+    def _crashed(self, child: Child, code: int | None) -> None:
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        if child.started and time.monotonic() - child.started >= STABLE_SECONDS:
+            child.restarts = 0
+        child.since = time.time()
+        if child.restarts >= self.settings.runners.restart_cap:
+            child.state = "failed"
+            self.log.critical("runner %s died (%s) after %d restarts: restart cap reached, LEAVING IT DOWN; "
+                              "look at var/log/%s/%s.log, then `mailqctl restart`", child.label, how,
+                              child.restarts, self.node, child.name)
+            return
+        delay = min(MAX_BACKOFF, 0.5 * 2 ** child.restarts)
+        child.restarts += 1
+        child.state, child.next_start = "backoff", time.monotonic() + delay
+        self.log.error("runner %s died (%s); restart %d of %d in %.1fs", child.label, how, child.restarts,
+                       self.settings.runners.restart_cap, delay)
+
+    def _desired(self) -> list[Key]:
+        from mailq.runners import REGISTRY, UNSLICED
+
+        smap = None
+        try:
+            from mailq.cluster.slicemap import MapWatcher, assignments_for
+
+            if self._watcher is None:
+                self._watcher = MapWatcher(self.settings, self.log)
+            smap = self._watcher.current()
+            self._map_problem = self._watcher.problem
+            assigned = assignments_for(self.settings, smap, self.node)
+        except ImportError:
+            self.log.error("mailq.cluster.slicemap is missing (broken install?): running every slice "
+                           "from the config:\n%s", traceback.format_exc().rstrip())
+            assigned = [(q, s, self.settings.slice_count(q)) for q in REGISTRY if q not in UNSLICED
+                        for s in range(self.settings.slice_count(q))]
+        self._epoch = smap.epoch if smap is not None else None
+        keys = [(q, s, n) for q, s, n in assigned if q in REGISTRY and q not in UNSLICED]
+        if self.settings.lmtp.enabled:
+            keys.append(("lmtp", 0, 1))
+        return keys
+
+    def _sync(self) -> None:
+        """Start runners for new assignments, stop those the map no longer gives this node."""
+        desired = self._desired()
+        for key, child in list(self.children.items()):
+            if key in desired:
+                continue
+            if child.proc is not None and child.state != "stopping":
+                self.log.info("slice %s is no longer assigned to %s: stopping its runner", child.label, self.node)
+                child.state = "stopping"
+                child.proc.send_signal(signal.SIGTERM)
+            elif child.proc is None:
+                del self.children[key]
+        for key in desired:
+            if key not in self.children:
+                self.children[key] = Child(*key)
+
+    def _beat(self, first: bool = False) -> None:
+        """Heartbeat, automatic failover, slice map: every cluster.heartbeat seconds."""
+        try:
+            from mailq.cluster.heartbeat import Heartbeat
+
+            if not Heartbeat(self.settings).renew():
+                self.log.error("cannot renew the heartbeat of node %s: runners stop claiming when the "
+                               "lease runs out", self.node)
+        except Exception:
+            self.log.error("heartbeat failed:\n%s", traceback.format_exc().rstrip())
+        if self.settings.cluster.failover == "auto" and not first:
+            try:
+                from mailq.cluster.failover import check
+
+                check(self.settings, self.log)
+            except Exception:
+                self.log.error("automatic failover check failed:\n%s", traceback.format_exc().rstrip())
+        self._sync()
+
+    # -- status, signals, shutdown --------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {"node": self.node, "pid": os.getpid(), "started": self._started, "epoch": self._epoch,
+                "map_problem": self._map_problem,
+                "runners": [c.as_dict() for c in sorted(self.children.values(), key=lambda c: c.key)]}
+
+    def _write_status(self) -> None:
+        status = self.status()
+        if status != self._last_status:
+            try:
+                atomic_write(status_path(self.settings), json.dumps(status, indent=1).encode(), fsync=False,
+                             mode=0o644)
+                self._last_status = status
+            except OSError as exc:
+                self.log.warning("cannot write %s: %s", status_path(self.settings), exc)
+
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, frame: Any) -> None:
+            self._stop = True
+
+        def on_hup(signum: int, frame: Any) -> None:
+            self._hup = True
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _reopen(self) -> None:
+        from mailq.logs import reopen_all
+
+        self._hup = False
+        if self.on_hup is not None:
+            self.on_hup()
+        reopen_all()
+        self.log.info("log files reopened; passing SIGHUP to the runners")
+        now = time.monotonic()
+        for child in self.children.values():
+            # A runner that started a moment ago opened its logs after the rotation, and may not
+            # have its SIGHUP handler yet (WatchedFileHandler also notices a moved file by itself).
+            if child.proc is not None and child.proc.poll() is None and now - child.started > 1.0:
+                child.proc.send_signal(signal.SIGHUP)
+
+    def _shutdown(self) -> None:
+        running = [c for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
+        self.log.info("master stopping: SIGTERM to %d runners", len(running))
+        for child in running:
+            child.state = "stopping"
+            child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.runners.stop_timeout
+        for child in running:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                child.proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                self.log.error("runner %s (pid %d) still busy after %.0fs: SIGKILL (its claim is recovered at "
+                               "the next start)", child.label, child.proc.pid, self.settings.runners.stop_timeout)
+                child.proc.kill()
+                child.proc.wait()
+        self.log.info("master stopped")
+        self.release()

@@ -1,0 +1,154 @@
+"""mailqctl and the master as real daemons: start/status/stop, stale locks, restarts, caps, SIGHUP."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from mailq.fsutil import pid_alive
+from mailq.queue import Claimant, Queue
+from tests.support import make_node, wait_for
+
+
+def status(node) -> dict:
+    result = node.run("mailqctl", "status", "--json")
+    return json.loads(result.stdout)
+
+
+def runner(node, name: str) -> dict:
+    return next(r for r in status(node)["runners"] if r["name"] == name)
+
+
+def runner_pid(node, name: str) -> int | None:
+    return runner(node, name)["pid"]
+
+
+@pytest.fixture
+def started():
+    """Start masters with ``started(node)``; every one still running is stopped (or killed) afterwards."""
+    nodes = []
+
+    def start(node, *args: str):
+        result = node.run("mailqctl", "start", *args)
+        assert result.returncode == 0, result.stderr
+        nodes.append(node)
+        return result
+
+    yield start
+    for node in nodes:
+        pid = status(node)["pid"]
+        node.run("mailqctl", "stop", "--timeout", "30")
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_start_status_stop_and_a_second_start_is_refused(node, started):
+    result = started(node)
+    pid = int(result.stdout.split("pid ")[1].rstrip(")\n"))
+    assert pid_alive(pid)
+    assert (node.settings().run_dir / "master.pid").read_text().strip() == str(pid)
+    wait_for(lambda: runner_pid(node, "virgin"), 60, message="virgin runner running")
+    text = node.run("mailqctl", "status")
+    assert text.returncode == 0 and f"running, pid {pid}" in text.stdout
+    assert "virgin" in text.stdout and "RESTARTS" in text.stdout
+
+    second = node.run("mailqctl", "start")
+    assert second.returncode == 1 and f"already running (pid {pid})" in second.stderr
+
+    runner_pids = [r["pid"] for r in status(node)["runners"] if r["pid"]]
+    stopped = node.run("mailqctl", "stop")
+    assert stopped.returncode == 0 and f"pid {pid}" in stopped.stdout
+    assert not pid_alive(pid) and not any(pid_alive(p) for p in runner_pids)
+    assert not (node.settings().run_dir / "master.pid").exists()
+    after = node.run("mailqctl", "status")
+    assert after.returncode == 1 and "not running" in after.stdout
+    assert node.run("mailqctl", "stop").returncode == 0      # stopping a stopped master is fine
+
+
+def test_a_sigkilled_master_leaves_nothing_that_blocks_the_next_start(node, started):
+    started(node)
+    first = status(node)
+    old_pid = first["pid"]
+    virgin = wait_for(lambda: runner_pid(node, "virgin"), 60, message="virgin runner running")
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(old_pid), 30, message="master gone")
+    # Its runners notice the master is gone and stop by themselves.
+    wait_for(lambda: not pid_alive(virgin), 30, message="orphaned runner exits")
+    stale = node.run("mailqctl", "status")
+    assert stale.returncode == 1 and f"stale pid file of pid {old_pid}" in stale.stdout
+    started(node)
+    new_pid = status(node)["pid"]
+    assert new_pid != old_pid and pid_alive(new_pid)
+
+
+def test_the_master_recovers_dead_local_claims_before_starting_runners(node, settings, started):
+    queue = Queue.for_settings(settings, "commands")      # no runner serves it: recovery is visible
+    eid = queue.enqueue(b"Subject: x\r\n\r\nbody\r\n", {"n": 1})
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    claimed = queue.claim(eid, Claimant(node.name, dead.pid, 0))
+    assert claimed is not None and claimed.path.exists()
+    started(node)
+    assert not claimed.path.exists()
+    assert queue.waiting() == [eid]
+    assert queue.read(next(settings.queue_dir("commands").glob("*/*.pck")))[1]["recovered"] == 1
+
+
+def test_a_killed_runner_is_restarted_until_the_restart_cap(tmp_path, started):
+    node = make_node(tmp_path, "n1", runners={"poll_interval": 0.2, "restart_cap": 2})
+    started(node)
+    seen = []
+    for restarts in range(3):
+        pid = wait_for(lambda: (runner(node, "virgin")["state"] == "running" and runner_pid(node, "virgin")),
+                       60, message=f"virgin runner running after {restarts} restarts")
+        assert pid not in seen
+        seen.append(pid)
+        os.kill(pid, signal.SIGKILL)
+        want = min(restarts + 1, 2)
+        wait_for(lambda pid=pid, want=want: runner(node, "virgin")["restarts"] == want and not pid_alive(pid),
+                 60, message="master noticed the kill")
+    final = wait_for(lambda: runner(node, "virgin")["state"] == "failed" and runner(node, "virgin"), 60,
+                     message="virgin runner left down")
+    assert final["pid"] is None and final["restarts"] == 2 and final["last_exit"] == -signal.SIGKILL
+    log = (node.settings().log_dir / "master.log").read_text()
+    assert "restart cap reached, LEAVING IT DOWN" in log
+
+
+def test_reopen_makes_the_master_and_its_runners_reopen_their_logs(node, started):
+    started(node)
+    log_dir = node.settings().log_dir
+    virgin = wait_for(lambda: runner_pid(node, "virgin"), 60, message="virgin runner running")
+    time.sleep(1.2)     # the master does not pass SIGHUP to runners younger than a second
+    (log_dir / "master.log").rename(log_dir / "master.log.1")
+    (log_dir / "virgin.log").rename(log_dir / "virgin.log.1")
+    result = node.run("mailqctl", "reopen")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: "log files reopened" in _read(log_dir / "master.log"), 30, message="new master.log")
+    wait_for(lambda: "log files reopened" in _read(log_dir / "virgin.log"), 30, message="new virgin.log")
+    assert runner_pid(node, "virgin") == virgin      # reopened, not restarted
+
+
+def test_foreground_master_stops_cleanly_on_sigterm(node):
+    proc = node.popen("mailqctl", "start", "--foreground", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: status(node)["running"] and runner_pid(node, "virgin"), 60, message="master up")
+        virgin = runner_pid(node, "virgin")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert b"master stopped" in err
+    assert not pid_alive(virgin)
+    assert not (node.settings().run_dir / "master.pid").exists()
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
