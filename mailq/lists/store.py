@@ -160,6 +160,9 @@ class ListStore:
         except BaseException:
             mlist.generation -= 1
             raise
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mode & FILE_MODE != FILE_MODE:
+                os.chmod(path, FILE_MODE)  # the umask cut the group bits; other hosts' mailq must write
         mlist.loaded_from_last = False
         mlist.load_problem = ""
 

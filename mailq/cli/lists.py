@@ -1,0 +1,294 @@
+"""``mailq lists``, ``mailq config`` and ``mailq check``: create, inspect and configure lists.
+
+Thin commands: parse, call ``mailq.lists``, print.  Every change goes through ``ListStore.edit``
+(lock, reload, change, save), and every value is validated before the lock is taken, so bad input
+changes nothing.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mailq.cli.common import (EXIT_FAIL, config_option, emit_json, fail, get_settings, handle_errors,
+                              json_option, print_table)
+
+
+def _store() -> Any:
+    from mailq.lists import ListStore
+    return ListStore(get_settings())
+
+
+def _root_config(ctx: click.Context, config_file: str | None) -> None:
+    # -C may be given after the group name too (``mailq lists -C f list``).
+    if config_file:
+        ctx.find_root().ensure_object(dict)["config_file"] = config_file
+
+
+# -- mailq lists ---------------------------------------------------------------------------------
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
+@click.pass_context
+def lists(ctx: click.Context, config_file: str | None) -> None:
+    """Create, remove and inspect mailing lists.
+
+    \b
+    Examples:
+      mailq lists create dev --owner alice@example.org --domain example.org
+      mailq lists list --json
+      mailq lists show dev
+      mailq lists remove dev --keep-archives
+    """
+    _root_config(ctx, config_file)
+
+
+@lists.command("create")
+@click.argument("name")
+@click.option("--owner", "owners", multiple=True, required=True, metavar="ADDR",
+              help="Owner address (repeat for several).")
+@click.option("--domain", default=None, help="Mail domain (default: lists.default_domain, else the node name).")
+@json_option
+@handle_errors
+def create(name: str, owners: tuple[str, ...], domain: str | None, as_json: bool) -> None:
+    """Create list NAME, posting as NAME@DOMAIN.
+
+    \b
+    Examples:
+      mailq lists create dev --owner alice@example.org --domain example.org
+      mailq lists create ops --owner a@example.org --owner b@example.org
+    """
+    from mailq.lists import validate_address
+
+    for addr in owners:
+        validate_address(addr)
+    mlist = _store().create(name, owners[0], domain, owners=list(owners))
+    if as_json:
+        emit_json(mlist.summary())
+    else:
+        click.echo(f"created list {mlist.name}: {mlist.posting_address} (owner {', '.join(owners)})")
+
+
+@lists.command("remove")
+@click.argument("name")
+@click.option("--keep-archives", is_flag=True, help="Keep var/archives/NAME.")
+@handle_errors
+def remove(name: str, keep_archives: bool) -> None:
+    """Remove list NAME: its database, held messages and (unless kept) archives.
+
+    \b
+    Examples:
+      mailq lists remove dev
+      mailq lists remove dev --keep-archives
+    """
+    _store().remove(name, keep_archives=keep_archives)
+    click.echo(f"removed list {name}" + (" (archives kept)" if keep_archives else ""))
+
+
+@lists.command("list")
+@json_option
+@handle_errors
+def list_(as_json: bool) -> None:
+    """Show every list with its address and member count.
+
+    \b
+    Examples:
+      mailq lists list
+      mailq lists list --json | jq '.[].name'
+    """
+    from mailq.errors import MailqError
+
+    store = _store()
+    out = []
+    for name in store.names():
+        try:
+            out.append(store.load(name).summary())
+        except MailqError as exc:
+            out.append({"name": name, "error": str(exc)})
+    if as_json:
+        emit_json(out)
+        return
+    rows = [[s["name"], s.get("posting_address", "-"), s.get("members", "-"), s.get("generation", "-"),
+             "UNREADABLE" if "error" in s else ("from .last" if s["loaded_from_last"] else "ok")] for s in out]
+    print_table(rows, ["LIST", "ADDRESS", "MEMBERS", "GEN", "STATE"])
+
+
+@lists.command("show")
+@click.argument("name")
+@json_option
+@handle_errors
+def show(name: str, as_json: bool) -> None:
+    """Show list NAME: addresses, counts and settings.
+
+    \b
+    Examples:
+      mailq lists show dev
+      mailq lists show dev --json
+    """
+    mlist = _store().load(name)
+    info = mlist.summary()
+    info.update({"owner_address": mlist.owner_address, "request_address": mlist.request_address,
+                 "bounces_address": mlist.bounces_address, "settings": mlist.settings.as_dict()})
+    if as_json:
+        emit_json(info)
+        return
+    if mlist.loaded_from_last:
+        click.echo(f"WARNING: {mlist.load_problem}", err=True)
+    for key in ("name", "posting_address", "owner_address", "request_address", "bounces_address", "list_id",
+                "members", "enabled_members", "digest_members", "generation"):
+        click.echo(f"{key:17} {info[key]}")
+    click.echo(f"{'owners':17} {', '.join(mlist.settings.owners)}")
+    click.echo(f"{'moderators':17} {', '.join(mlist.settings.moderators) or '-'}")
+
+
+# -- mailq config --------------------------------------------------------------------------------
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
+@click.pass_context
+def config(ctx: click.Context, config_file: str | None) -> None:
+    """Show and change a list's settings (typed and validated).
+
+    \b
+    Examples:
+      mailq config show dev
+      mailq config set dev subject_prefix='[dev] ' max_message_kb=100
+      mailq config load dev dev-settings.yaml
+    """
+    _root_config(ctx, config_file)
+
+
+@config.command("show")
+@click.argument("listname")
+@click.option("--yaml", "as_yaml", is_flag=True, help="Print YAML that 'config load' accepts.")
+@json_option
+@handle_errors
+def config_show(listname: str, as_yaml: bool, as_json: bool) -> None:
+    """Show the settings of list LISTNAME.
+
+    \b
+    Examples:
+      mailq config show dev
+      mailq config show dev --yaml > dev.yaml
+    """
+    from mailq.lists.settings import describe_type
+
+    values = _store().load(listname).settings.as_dict()
+    if as_json:
+        emit_json(values)
+    elif as_yaml:
+        import yaml
+        click.echo(yaml.safe_dump(values, sort_keys=True, allow_unicode=True), nl=False)
+    else:
+        print_table([[k, repr(v) if isinstance(v, str) else v, describe_type(k)]
+                     for k, v in sorted(values.items())], ["KEY", "VALUE", "TYPE"])
+
+
+@config.command("set")
+@click.argument("listname")
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+@handle_errors
+def config_set(listname: str, assignments: tuple[str, ...]) -> None:
+    """Set settings of list LISTNAME; all are checked before any is saved.
+
+    Lists take comma-separated addresses (or a YAML list); booleans take true/false/yes/no.
+
+    \b
+    Examples:
+      mailq config set dev nonmember_action=reject
+      mailq config set dev moderators=bob@example.org,carol@example.org send_hold_ack=false
+    """
+    from mailq.errors import InvalidInput
+    from mailq.lists import ListSettings
+
+    pairs = []
+    for item in assignments:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise InvalidInput(f"expected KEY=VALUE, got {item!r}")
+        pairs.append((key.strip(), value))
+    store = _store()
+    # Validate against the current settings first, outside the lock: bad input never waits or writes.
+    trial = ListSettings.from_dict(store.load(listname).settings.as_dict(), strict=False)
+    for key, value in pairs:
+        trial.set_text(key, value)
+    with store.edit(listname) as mlist:
+        for key, value in pairs:
+            mlist.settings.set_text(key, value)
+    click.echo(f"list {listname}: set {', '.join(k for k, _ in pairs)} (generation {mlist.generation})")
+
+
+@config.command("load")
+@click.argument("listname")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@handle_errors
+def config_load(listname: str, file: str) -> None:
+    """Apply the settings in a YAML FILE (a mapping of keys; others keep their values).
+
+    \b
+    Examples:
+      mailq config show dev --yaml > dev.yaml; $EDITOR dev.yaml; mailq config load dev dev.yaml
+    """
+    import yaml
+
+    from mailq.errors import InvalidInput
+    from mailq.lists import ListSettings
+
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {file}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"{file}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{file}: expected a mapping of setting keys to values")
+    store = _store()
+    merged = {**store.load(listname).settings.as_dict(), **data}
+    try:
+        ListSettings.from_dict(merged, strict=True)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{file}: {exc}") from None
+    with store.edit(listname) as mlist:
+        mlist.settings = ListSettings.from_dict({**mlist.settings.as_dict(), **data}, strict=True)
+    click.echo(f"list {listname}: loaded {len(data)} setting(s) from {file} (generation {mlist.generation})")
+
+
+# -- mailq check ---------------------------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
+@click.option("--fix", is_flag=True, help="Repair what is safe: permissions, re-save lists loaded from .last, "
+                                           "stale lock records, claims of dead processes on this host.")
+@json_option
+@click.pass_context
+@handle_errors
+def check(ctx: click.Context, config_file: str | None, fix: bool, as_json: bool) -> None:
+    """Check every list database, folder permissions and locks.
+
+    Exit status 1 when a problem remains (after --fix: one it could not repair).
+
+    \b
+    Examples:
+      mailq check
+      mailq check --fix
+      mailq check --json
+    """
+    _root_config(ctx, config_file)
+    from mailq.lists.check import run_checks
+
+    problems = run_checks(get_settings(), fix=fix)
+    if as_json:
+        emit_json([p.as_dict() for p in problems])
+    else:
+        for p in problems:
+            click.echo(f"{'FIXED' if p.fixed else 'PROBLEM'}: {p.where}: {p.what}")
+        if not problems:
+            click.echo("ok: every list loads, permissions and locks look right")
+    if any(not p.fixed for p in problems):
+        if not as_json:
+            fail(f"{sum(not p.fixed for p in problems)} problem(s) remain"
+                 + ("" if fix else "; 'mailq check --fix' repairs what is safe"), EXIT_FAIL)
+        sys.exit(EXIT_FAIL)
