@@ -15,8 +15,9 @@ exits 0 only after the entry's rename. Every other outcome is a sysexits code th
 ====  =====================================================================================
 
 It runs for every message, so it starts fast: no click, no email package, no lists package, no
-YAML when the config has not changed. The few settings it needs (the var path and the fsync flag)
-are cached as JSON next to the config file (``.<config name>.deliver.json``), keyed by the
+YAML when the config has not changed, no ``mailq.queue`` (see ``write_entry``). The few settings it
+needs (the var path and the fsync flag) are cached next to the config file
+(``.<config name>.deliver-cache``, three text lines), keyed by the
 config's path, size, mtime and inode; any mismatch, or a cache it cannot read or write, means the
 YAML is parsed as usual. A list exists iff ``var/lists/<name>/list.pck`` exists: one stat.
 """
@@ -38,6 +39,7 @@ USAGE = ("usage: mailq-deliver post|owner|request|bounces|join|leave|confirm LIS
          "  mailq-deliver post dev < message.eml\n"
          "  SENDER=alice@example.org mailq-deliver request dev < command.eml\n")
 CACHE_VERSION = 1
+PAYLOAD_VERSION = 1  # mailq.queue.payload.VERSION
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -120,21 +122,68 @@ def _strip_from_line(msg: bytes) -> "tuple[bytes, str]":
 
 def _enqueue(var: str, fsync: bool, queue_name: str, msg: bytes, metadata: dict) -> int:
     try:
-        from mailq.queue import Queue
-    except ImportError as exc:
-        raise Exit(EX_TEMPFAIL, f"mailq is not installed correctly ({exc}); the MTA will retry")
-    from mailq.errors import TemporaryFailure
-
-    try:
-        Queue(os.path.join(var, "qfiles"), queue_name, fsync=fsync).enqueue(
-            msg, metadata, listname=metadata["listname"])
-    except TemporaryFailure as exc:
-        raise Exit(EX_TEMPFAIL, f"{exc} (the MTA will retry)")
+        write_entry(os.path.join(var, "qfiles", queue_name), msg, metadata, fsync=fsync)
     except OSError as exc:
-        # Read-only or missing folders are fixable by an operator: keep the mail at the MTA.
+        # Disk full, read-only or missing folders: all fixable by an operator, so the MTA keeps the
+        # mail and retries (75) rather than bouncing it.
         raise Exit(EX_TEMPFAIL, f"cannot queue the message in {var}/qfiles/{queue_name}: "
-                                f"{exc.strerror or exc}; the MTA will retry")
+                                f"{exc.strerror or exc}; nothing was queued, the MTA will retry")
     return EX_OK
+
+
+def write_entry(queue_dir: str, msg: bytes, metadata: dict, *, fsync: bool) -> str:
+    """Write one queue entry exactly as ``mailq.queue.Queue.enqueue`` does, with builtins only.
+
+    ``import mailq.queue`` costs ~80 ms (dataclasses, pathlib, logging, re), four times Python's
+    own start-up, and the MTA pays it per message. So this mirrors the on-disk protocol of
+    docs/design.md §3 (payload: pickle of {version, msg, metadata}; name ``<time>+<sha1>.pck`` in
+    bucket ``<sha1[:2]>``; temp file, fsync, rename, fsync folder) using only C modules.
+    tests/test_mta_deliver.py reads every entry back through ``Queue`` so the two cannot drift.
+    Raises OSError; the temp file never survives a failure.
+    """
+    import _pickle
+    import _sha1
+
+    listname = metadata.get("listname", "")
+    data = _pickle.dumps({"version": PAYLOAD_VERSION, "msg": msg, "metadata": metadata}, protocol=5)
+    digest = _sha1.sha1(data)
+    digest.update(listname.encode("utf-8", "surrogateescape"))
+    digest.update(os.urandom(16))  # nonce: the same message twice gets two names
+    sha = digest.hexdigest()
+    final = f"{time.time():.6f}+{sha}.pck"
+    folder = os.path.join(queue_dir, sha[:2])
+    tmp = os.path.join(folder, f".{final}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+        try:
+            view = memoryview(data)
+            if os.environ.get("MAILQ_FAULT_ENOSPC") == "1":  # the queue's fault injection, for tests
+                os.write(fd, view[: len(view) // 2])
+                raise OSError(28, os.strerror(28) + " (injected by MAILQ_FAULT_ENOSPC)")
+            while view:
+                view = view[os.write(fd, view):]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, os.path.join(folder, final))
+        if fsync:
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return final[:-4]
 
 
 # -- settings: the var path and the fsync flag, cached ---------------------------------------------
@@ -157,16 +206,14 @@ def _settings() -> "tuple[str, bool]":
     except OSError as exc:
         raise Exit(EX_TEMPFAIL, f"cannot read config {path}: {exc.strerror}; fix it (or MAILQ_CONFIG), "
                                 "the MTA will retry")
-    key = [CACHE_VERSION, os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino]
+    key = f"{CACHE_VERSION}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
     cache = _cache_path(path)
     try:
-        with open(cache, "rb") as fh:
-            import json
-
-            data = json.loads(fh.read())
-        if data.get("key") == key:
-            return data["var"], bool(data["fsync"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        with open(cache, encoding="utf-8") as fh:
+            cached_key, var, fsync = fh.read().split("\n")[:3]
+        if cached_key == key and var and fsync in ("0", "1"):
+            return var, fsync == "1"
+    except (OSError, ValueError, UnicodeDecodeError):
         pass  # no cache, or a stale/broken one: parse the YAML
     try:
         from mailq.config import ConfigError, load_settings
@@ -175,22 +222,21 @@ def _settings() -> "tuple[str, bool]":
     except ConfigError as exc:
         raise Exit(EX_TEMPFAIL, f"config unusable: {exc}; the MTA will retry once it is fixed")
     var, fsync = str(settings.var), bool(settings.queue.fsync)
-    _write_cache(cache, {"key": key, "var": var, "fsync": fsync})
+    if "\n" not in var:
+        _write_cache(cache, f"{key}\n{var}\n{int(fsync)}\n")
     return var, fsync
 
 
 def _cache_path(config: str) -> str:
     folder, name = os.path.split(os.path.abspath(config))
-    return os.path.join(folder, f".{name}.deliver.json")
+    return os.path.join(folder, f".{name}.deliver-cache")
 
 
-def _write_cache(cache: str, data: dict) -> None:
-    import json
-
+def _write_cache(cache: str, text: str) -> None:
     tmp = f"{cache}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data))
+            fh.write(text)
         os.replace(tmp, cache)  # atomic: a concurrent reader sees the old cache or the new one
     except OSError:
         # A read-only etc/ just means no cache: every delivery parses the YAML.

@@ -1,0 +1,150 @@
+"""mailq-deliver as the MTA runs it: a real process per message, sysexits codes, entries on disk."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from mailq.mta.addresses import QUEUE_FOR_KIND, parse_list_address
+from mailq.queue import Queue
+
+MESSAGE = b"From: alice@example.org\r\nTo: dev@lists.example.org\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def create_list(settings, name: str) -> None:
+    from mailq.lists import ListStore
+
+    ListStore(settings).create(name, "owner@example.org", domain="lists.example.org")
+
+
+def entries(settings, queue: str) -> list[tuple[bytes, dict]]:
+    q = Queue.for_settings(settings, queue)
+    out = []
+    for eid in q.waiting(0, 1):
+        matches = q.locate(eid)
+        out.append(q.read(matches[0][1]))
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(QUEUE_FOR_KIND))
+def test_each_kind_lands_in_its_queue_with_metadata(node, settings, kind):
+    create_list(settings, "dev")
+    r = node.run("mailq-deliver", kind, "dev", input=MESSAGE,
+                 env={"SENDER": "alice@example.org", "ORIGINAL_RECIPIENT": "dev-x@lists.example.org"})
+    assert r.returncode == 0, r.stderr
+    queued = entries(settings, QUEUE_FOR_KIND[kind])
+    assert len(queued) == 1
+    msg, meta = queued[0]
+    assert msg == MESSAGE
+    assert meta["listname"] == "dev" and meta["kind"] == kind and meta["via"] == "pipe"
+    assert meta["envelope_sender"] == "alice@example.org"
+    assert meta["original_recipient"] == "dev-x@lists.example.org"
+    assert isinstance(meta["received"], float)
+
+
+def test_mbox_from_line_is_stripped_and_gives_the_sender(node, settings):
+    create_list(settings, "dev")
+    r = node.run("mailq-deliver", "post", "dev", input=b"From bob@example.net Sat Nov 21 10:00:00 2026\n" + MESSAGE,
+                 env={"SENDER": ""})
+    assert r.returncode == 0, r.stderr
+    [(msg, meta)] = entries(settings, "in")
+    assert msg == MESSAGE and meta["envelope_sender"] == "bob@example.net"
+
+
+@pytest.mark.parametrize("args", [[], ["post"], ["post", "dev", "extra"], ["bogus", "dev"]])
+def test_usage_errors_exit_64(node, settings, args):
+    create_list(settings, "dev")
+    r = node.run("mailq-deliver", *args, input=MESSAGE)
+    assert r.returncode == 64
+    assert "mailq-deliver" in r.stderr and "post|owner" in r.stderr or "unknown kind" in r.stderr
+    assert entries(settings, "in") == []
+
+
+def test_empty_message_exits_65(node, settings):
+    create_list(settings, "dev")
+    r = node.run("mailq-deliver", "post", "dev", input=b"\r\n")
+    assert r.returncode == 65 and "empty message" in r.stderr
+    assert entries(settings, "in") == []
+
+
+def test_unknown_list_exits_67(node, settings):
+    create_list(settings, "dev")
+    r = node.run("mailq-deliver", "post", "nosuch", input=MESSAGE)
+    assert r.returncode == 67 and "no such list 'nosuch'" in r.stderr
+    r = node.run("mailq-deliver", "post", "../dev", input=MESSAGE)
+    assert r.returncode == 67
+
+
+def test_disk_full_exits_75_and_leaves_nothing(node, settings):
+    create_list(settings, "dev")
+    r = node.run("mailq-deliver", "post", "dev", input=MESSAGE, env={"MAILQ_FAULT_ENOSPC": "1"})
+    assert r.returncode == 75, r.stderr
+    assert "No space left" in r.stderr and "retry" in r.stderr
+    assert entries(settings, "in") == []
+    leftovers = [f for _, _, files in os.walk(settings.queue_dir("in")) for f in files]
+    assert leftovers == []
+
+
+def test_missing_var_filesystem_exits_75(node, settings, tmp_path):
+    create_list(settings, "dev")
+    moved = tmp_path / "unmounted"
+    os.rename(settings.var, moved)   # as if the NFS mount were gone
+    try:
+        r = node.run("mailq-deliver", "post", "dev", input=MESSAGE)
+    finally:
+        os.rename(moved, settings.var)
+    assert r.returncode == 75 and "not there" in r.stderr
+
+
+def test_unreadable_config_exits_75(node, tmp_path):
+    r = node.run("mailq-deliver", "post", "dev", input=MESSAGE,
+                 env={"MAILQ_CONFIG": str(tmp_path / "missing.yaml")})
+    assert r.returncode == 75 and "missing.yaml" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("smtp: {port: [1\n")
+    r = node.run("mailq-deliver", "post", "dev", input=MESSAGE, env={"MAILQ_CONFIG": str(bad)})
+    assert r.returncode == 75 and "bad.yaml" in r.stderr
+
+
+def test_settings_cache_follows_config_changes(node, settings, tmp_path):
+    create_list(settings, "dev")
+    assert node.run("mailq-deliver", "post", "dev", input=MESSAGE).returncode == 0
+    cache = node.config.with_name(f".{node.config.name}.deliver-cache")
+    assert cache.read_text().split("\n")[1] == str(settings.var)
+    # Point the node at another var: the cached path must not be used any more.
+    other = tmp_path / "var2"
+    other.mkdir()
+    text = node.config.read_text().replace(str(settings.var), str(other))
+    node.config.write_text(text + "# changed\n")
+    r = node.run("mailq-deliver", "post", "dev", input=MESSAGE)
+    assert r.returncode == 67 and str(other) in r.stderr
+    assert cache.read_text().split("\n")[1] == str(other)
+
+
+def test_bin_script_runs_from_the_checkout(node, settings):
+    import subprocess
+
+    from tests.support import ROOT
+
+    create_list(settings, "dev")
+    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "mailq-deliver"), "owner", "dev"], input=MESSAGE,
+                          env=node.environ(), capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [m["kind"] for _, m in entries(settings, "in")] == ["owner"]
+
+
+@pytest.mark.parametrize("local,expected", [
+    ("dev", ("dev", "post")), ("Dev-Owner", ("dev", "owner")), ("dev-request", ("dev", "request")),
+    ("dev-bounces", ("dev", "bounces")), ("dev-bounces+alice=example.com", ("dev", "bounces")),
+    ("dev-join", ("dev", "join")), ("dev-leave", ("dev", "leave")), ("dev-confirm+abc123", ("dev", "confirm")),
+    ("dev-unsubscribe", ("dev", "leave")), ("dev-subscribe", ("dev", "join")),
+    ("my-team-owner", ("my-team", "owner")), ("dev-owner+x", ("dev-owner+x", "post")),
+])
+def test_parse_list_address(local, expected):
+    assert parse_list_address(local) == expected
+
+
+def test_a_list_named_like_a_suffix_stays_reachable():
+    assert parse_list_address("team-owner", exists=lambda n: n == "team-owner") == ("team-owner", "post")
+    assert parse_list_address("team-owner", exists=lambda n: False) == ("team", "owner")
