@@ -1,0 +1,192 @@
+"""Mail out against a real SMTP sink on loopback: chunks, VERP, retry, bounces, smarthost down, give-up."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mailq.delivery.outqueue import deliver, make_transport
+from mailq.delivery.retry import next_attempt
+from mailq.delivery.smtp import SMTPConnection
+from mailq.delivery.verp import verp_recipient, verp_sender
+from mailq.queue import Claimant, Queue
+from tests.support import SMTPSink, free_port, make_node
+
+MSG = b"From: dev@lists.example.org\r\nTo: dev@lists.example.org\r\nSubject: news\r\n\r\nbody\r\n"
+BOUNCES = "dev-bounces@lists.example.org"
+CLAIMANT = Claimant("n1", 1, 0)
+
+
+def rcpts(n: int) -> list[str]:
+    return [f"user{i}@example.com" for i in range(n)]
+
+
+def out_meta(recipients: list[str], **extra) -> dict:
+    return {"listname": "dev", "kind": "post", "recipients": recipients, "envelope_sender": BOUNCES, **extra}
+
+
+@pytest.fixture
+def setup(tmp_path, sink):
+    node = make_node(tmp_path, "n1", smtp={"port": sink.port, "chunk_size": 2})
+    settings = node.settings()
+    queues = {name: Queue.for_settings(settings, name) for name in ("out", "retry", "bounces", "virgin")}
+
+    def enqueue(queue, msg, metadata, *, not_before=None):
+        return queues[queue].enqueue(msg, metadata, listname=metadata.get("listname", ""), not_before=not_before)
+
+    return node, settings, queues, enqueue
+
+
+def take(queue: Queue, now: float | None = None):
+    entry = queue.claim_next(0, 1, CLAIMANT, now=now)
+    if entry is not None:
+        queue.finish(entry)
+    return entry
+
+
+def test_bulk_delivery_sends_recipients_in_chunks_from_the_bounces_address(setup, sink):
+    _, settings, queues, enqueue = setup
+    transport = make_transport(settings)
+    report = deliver(settings, transport, MSG, out_meta(rcpts(5)), enqueue)
+    transport.close()
+    assert report.transactions == 3 and sorted(report.delivered) == rcpts(5)
+    assert [m.rcpt_tos for m in sink.messages] == [rcpts(5)[0:2], rcpts(5)[2:4], rcpts(5)[4:]]
+    assert {m.mail_from for m in sink.messages} == {BOUNCES}
+    assert sink.messages[0].data.replace(b"\r\n", b"\n").endswith(b"body\n")
+    assert take(queues["retry"]) is None and take(queues["bounces"]) is None
+
+
+def test_personalized_delivery_uses_one_verp_transaction_per_recipient(setup, sink):
+    _, settings, _, enqueue = setup
+    transport = make_transport(settings)
+    report = deliver(settings, transport, MSG, out_meta(rcpts(3), personalize=True), enqueue)
+    transport.close()
+    assert report.transactions == 3
+    assert [(m.mail_from, m.rcpt_tos) for m in sink.messages] == [
+        (f"dev-bounces+user{i}=example.com@lists.example.org", [f"user{i}@example.com"]) for i in range(3)]
+
+
+def test_temporary_failure_retries_only_the_failed_recipients_with_backoff(setup, sink):
+    _, settings, queues, enqueue = setup
+    sink.temp_fail = 1                      # the first transaction (user0, user1) gets 451 at DATA
+    transport = make_transport(settings)
+    before = time.time()
+    report = deliver(settings, transport, MSG, out_meta(rcpts(4)), enqueue, now=before)
+    transport.close()
+    assert sorted(report.delivered) == rcpts(4)[2:]
+    assert sink.recipients() == rcpts(4)[2:]
+    assert take(queues["retry"], now=before) is None, "a retry entry must not be due before its backoff"
+    entry = take(queues["retry"], now=before + settings.delivery.retry_initial + 0.01)
+    assert entry is not None and entry.msg == MSG
+    meta = entry.metadata
+    assert meta["recipients"] == rcpts(4)[:2]
+    assert meta["attempts"] == 1 and meta["first_attempt"] == before
+    assert "451" in meta["last_errors"]["user0@example.com"]
+    assert take(queues["bounces"]) is None
+
+
+def test_backoff_doubles_up_to_the_maximum(settings):
+    settings.delivery.retry_initial, settings.delivery.retry_max = 60, 1000
+    assert [next_attempt(settings, n) for n in (1, 2, 3, 4, 5, 100)] == [60, 120, 240, 480, 960, 1000]
+
+
+def test_second_failure_keeps_first_attempt_and_counts_up(setup, sink):
+    _, settings, queues, enqueue = setup
+    sink.temp_fail = 5
+    first = time.time() - 10
+    report = deliver(settings, make_transport(settings), MSG,
+                     out_meta(rcpts(1), attempts=2, first_attempt=first), enqueue)
+    assert report.not_before is not None
+    entry = take(queues["retry"], now=report.not_before + 0.01)
+    assert entry.metadata["attempts"] == 3 and entry.metadata["first_attempt"] == first
+
+
+def test_refused_recipient_becomes_a_bounce_entry(setup, sink):
+    _, settings, queues, enqueue = setup
+    sink.refuse = {"user1@example.com"}
+    report = deliver(settings, make_transport(settings), MSG, out_meta(rcpts(3)), enqueue)
+    assert sorted(report.delivered) == ["user0@example.com", "user2@example.com"]
+    bounce = take(queues["bounces"])
+    assert bounce is not None and take(queues["bounces"]) is None
+    assert bounce.metadata["listname"] == "dev" and bounce.metadata["kind"] == "bounce"
+    assert bounce.metadata["recipient"] == "user1@example.com"
+    assert bounce.metadata["code"] == 550 and "no such user" in bounce.metadata["response"]
+    assert take(queues["retry"], now=time.time() + 3600) is None
+
+
+def test_smarthost_down_loses_nothing(tmp_path):
+    node = make_node(tmp_path, "n1", smtp={"port": free_port()})   # nothing listens there
+    settings = node.settings()
+    retry = Queue.for_settings(settings, "retry")
+    written = []
+
+    def enqueue(queue, msg, metadata, *, not_before=None):
+        written.append(queue)
+        return Queue.for_settings(settings, queue).enqueue(msg, metadata, not_before=not_before)
+
+    report = deliver(settings, make_transport(settings), MSG, out_meta(rcpts(3), personalize=True), enqueue)
+    assert report.delivered == [] and written == ["retry"]
+    entry = take(retry, now=time.time() + 3600)
+    assert entry.metadata["recipients"] == rcpts(3) and entry.metadata["personalize"] is True
+    assert all("Connection refused" in e or "refused" in e.lower() for e in entry.metadata["last_errors"].values())
+
+
+def test_give_up_tells_the_list_owner_and_stops_retrying(setup, sink):
+    _, settings, queues, enqueue = setup
+    sink.temp_fail = 1
+    long_ago = time.time() - settings.delivery.give_up_after - 1
+    report = deliver(settings, make_transport(settings), MSG,
+                     out_meta(rcpts(1), attempts=9, first_attempt=long_ago), enqueue)
+    assert report.given_up and not report.retried
+    assert take(queues["retry"], now=time.time() + 10 ** 6) is None
+    notice = take(queues["virgin"])
+    assert notice is not None
+    assert notice.metadata["recipients"] == ["dev-owner@lists.example.org"]
+    assert b"user0@example.com" in notice.msg and b"451" in notice.msg
+
+
+def test_connection_is_reused_across_transactions_and_survives_a_server_restart(tmp_path):
+    port = free_port()
+    node = make_node(tmp_path, "n1", smtp={"port": port})
+    settings = node.settings()
+    conn = SMTPConnection(settings)
+    with SMTPSink(port) as first:
+        assert conn.send(BOUNCES, ["a@example.com"], MSG).delivered == ["a@example.com"]
+        client = conn.client
+        assert conn.send(BOUNCES, ["b@example.com"], MSG).delivered == ["b@example.com"]
+        assert conn.client is client
+        assert first.recipients() == ["a@example.com", "b@example.com"]
+    with SMTPSink(port) as second:   # the old connection is dead: one reconnect, no failure
+        assert conn.send(BOUNCES, ["c@example.com"], MSG).delivered == ["c@example.com"]
+        assert second.recipients() == ["c@example.com"]
+    conn.close()
+    assert not conn.connected
+
+
+def test_verp_round_trip():
+    sender = verp_sender(BOUNCES, "a=b+c@example.com")
+    assert sender == "dev-bounces+a=b+c=example.com@lists.example.org"
+    assert verp_recipient(sender) == "a=b+c@example.com"
+    assert verp_recipient(BOUNCES) is None
+
+
+def test_out_and_retry_runners_deliver_retry_and_finish(tmp_path, sink):
+    node = make_node(tmp_path, "n1", smtp={"port": sink.port, "chunk_size": 2},
+                     delivery={"retry_initial": 0.2, "retry_max": 0.2})
+    settings = node.settings()
+    out = Queue.for_settings(settings, "out")
+    out.enqueue(MSG, out_meta(rcpts(3)), listname="dev")
+    sink.temp_fail = 1
+    r = node.run("qrunner", "-r", "out", "--once")
+    assert r.returncode == 0, r.stderr
+    assert sink.recipients() == ["user2@example.com"]
+    assert out.waiting(0, 1) == []
+    retry = Queue.for_settings(settings, "retry")
+    assert len(retry.waiting(0, 1)) == 1
+    time.sleep(0.3)   # let the 0.2 s backoff pass (the runner only takes due entries)
+    assert node.run("qrunner", "-r", "retry", "--once").returncode == 0
+    assert retry.waiting(0, 1) == [] and len(out.waiting(0, 1)) == 1
+    assert node.run("qrunner", "-r", "out", "--once").returncode == 0
+    assert sorted(sink.recipients()) == rcpts(3)
+    log = (settings.log_dir / "out.log").read_text()
+    assert "1 delivered, 2 to retry" in log and "2 delivered, 0 to retry" in log
