@@ -1,0 +1,228 @@
+"""The slice map: validation, hand edits, CLI edits, epochs, rebalance, concurrent updates (docs/cluster.md §1)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mailq.cluster import slicemap as sm
+from mailq.config import RUNNER_QUEUES
+from tests.support import ROOT, make_node
+
+
+def map_text(epoch: int = 5, out: str = "{h1: [0, 1], h2: [2, 3]}", count: int = 4,
+             nodes: str = "{h1: {backup: h2}, h2: {backup: h1}}") -> str:
+    lines = [f"epoch: {epoch}", "queues:", f"  out: {{count: {count}, nodes: {out}}}"]
+    lines += [f"  {q}: {{count: 1, nodes: {{h1: [0]}}}}" for q in RUNNER_QUEUES if q != "out"]
+    lines.append(f"nodes: {nodes}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Node h1 with a valid map (epoch 5) installed."""
+    node = make_node(tmp_path, "h1")
+    settings = node.settings()
+    settings.cluster_dir.mkdir(parents=True)
+    settings.slice_map_path.write_text(map_text())
+    return node, settings
+
+
+def test_a_valid_map_parses_and_answers_owner_questions():
+    smap = sm.parse_map(map_text())
+    assert smap.epoch == 5
+    assert smap.count("out") == 4
+    assert [smap.owner_of("out", s) for s in range(4)] == ["h1", "h1", "h2", "h2"]
+    assert ("out", 2, 4) in smap.slices_for("h2")
+    assert sm.parse_map(smap.dump()).to_dict() == smap.to_dict()
+
+
+@pytest.mark.parametrize("text, expected", [
+    (map_text(out="{h1: [0, 1, 2], h2: [2, 3]}"), "overlap: slice 2 of 4 is owned by h1, h2"),
+    (map_text(out="{h1: [0], h2: [2, 3]}"), "gap: slice 1 of 4 has no owner"),
+    (map_text(out="{h1: [0, 1], h9: [2, 3]}"), "unknown node 'h9'"),
+    (map_text(out="{h1: [0, 1, 2, 3, 4]}"), "slice 4 of node h1 is out of range 0..3"),
+    (map_text(count=0, out="{}"), "count must be a whole number >= 1"),
+    (map_text(nodes="{h1: {backup: h2}, h2: {fenced: true}}"), "owned by fenced node 'h2'"),
+    (map_text(nodes="{h1: {backup: h7}, h2: {}}"), "nodes.h1.backup: unknown node 'h7'"),
+    ("epoch: 3\nqueues: [\n", "not valid YAML"),
+    ("just a string\n", "expected a mapping"),
+    (map_text().replace("  out:", "  out: {count: 1, nodes: {h1: [0]}}\n  out:"), "duplicate key 'out'"),
+    (map_text().replace("  in: {count: 1, nodes: {h1: [0]}}\n", ""), "queues.in: missing"),
+    (map_text(epoch=-1), "epoch must be a whole number >= 0"),
+])
+def test_invalid_maps_are_refused_with_a_reason(text, expected):
+    with pytest.raises(sm.SliceMapError) as err:
+        sm.parse_map(text, "slices.yaml")
+    assert expected in str(err.value)
+    assert "previous map stays in force" in str(err.value)
+
+
+def test_an_invalid_hand_edit_keeps_the_previous_map_and_check_exits_1(cluster, caplog):
+    node, settings = cluster
+    watcher = sm.MapWatcher(settings)
+    assert watcher.current().epoch == 5
+    settings.slice_map_path.write_text(map_text(epoch=6, out="{h1: [0, 1, 2], h2: [2, 3]}"))
+    assert watcher.current().epoch == 5            # still the old map
+    assert "overlap" in watcher.problem
+    fresh = sm.MapWatcher(settings)                # a master that just started: the last-good copy
+    assert fresh.current().epoch == 5 and fresh.problem
+    check = node.mailq("slices", "check")
+    assert check.returncode == 1
+    assert "overlap: slice 2 of 4 is owned by h1, h2" in check.stdout
+    status = node.mailq("cluster", "status", "--json")
+    assert status.returncode == 1
+    data = json.loads(status.stdout)
+    assert "overlap" in data["map_problem"] and data["epoch"] == 5 and data["map_in_force"] == "last-good copy"
+    settings.slice_map_path.write_text(map_text(epoch=6))     # fixed
+    assert watcher.current().epoch == 6 and watcher.problem == ""
+    assert node.mailq("slices", "check").returncode == 0
+
+
+def test_garbage_and_deleted_map_files_keep_the_last_good_map(cluster):
+    node, settings = cluster
+    watcher = sm.MapWatcher(settings)
+    watcher.current()
+    settings.slice_map_path.write_bytes(b"\x00\xff garbage: [\n")
+    assert watcher.current().epoch == 5 and watcher.problem
+    assert node.mailq("slices", "check").returncode == 1
+    settings.slice_map_path.unlink()
+    assert watcher.current().epoch == 5 and "missing" in watcher.problem
+
+
+def test_a_hand_edit_must_raise_the_epoch(cluster):
+    node, settings = cluster
+    watcher = sm.MapWatcher(settings)
+    watcher.current()
+    settings.slice_map_path.write_text(map_text(epoch=5, out="{h1: [0], h2: [1, 2, 3]}"))
+    assert watcher.current().owner_of("out", 1) == "h1"
+    assert "epoch 5 is not above" in watcher.problem
+    settings.slice_map_path.write_text(map_text(epoch=7, out="{h1: [0], h2: [1, 2, 3]}"))
+    smap = watcher.current()
+    assert smap.epoch == 7 and smap.owner_of("out", 1) == "h2" and not watcher.problem
+
+
+def test_cli_changes_bump_the_epoch_and_a_no_op_does_not(cluster):
+    node, settings = cluster
+    node.mailq("slices", "assign", "out", "0", "1", "h2", check=True)
+    smap = sm.load_map(settings.slice_map_path)
+    assert smap.epoch == 6 and smap.queues["out"] == ["h2"] * 4
+    node.mailq("slices", "assign", "out", "0", "h2", check=True)
+    assert sm.load_map(settings.slice_map_path).epoch == 6
+    bad = node.mailq("slices", "assign", "out", "9", "h2")
+    assert bad.returncode == 1 and "there is no slice 9" in bad.stderr
+    assert sm.load_map(settings.slice_map_path).epoch == 6
+    assert (settings.slice_map_path.with_name("slices.yaml.last")).exists()
+
+
+def test_slices_edit_validates_before_installing(cluster, tmp_path):
+    node, settings = cluster
+    editor = tmp_path / "editor.py"
+    for repl in ("'h2: [2, 3, 1]'", "'h2: [2, 3'"):
+        editor.write_text(textwrap.dedent(f"""\
+            import sys
+            path = sys.argv[1]
+            text = open(path).read()
+            open(path, "w").write(text.replace("h2: [2, 3]", {repl}))
+        """))
+        result = node.mailq("slices", "edit", env={"EDITOR": f"{sys.executable} {editor}"})
+        assert result.returncode == 1, result.stderr
+        assert "Nothing changed" in result.stderr
+        assert sm.load_map(settings.slice_map_path).epoch == 5
+    editor.write_text(textwrap.dedent("""\
+        import sys
+        path = sys.argv[1]
+        text = open(path).read()
+        open(path, "w").write(text.replace("h1: [0, 1]", "h1: [0]").replace("h2: [2, 3]", "h2: [1, 2, 3]"))
+    """))
+    result = node.mailq("slices", "edit", env={"EDITOR": f"{sys.executable} {editor}"})
+    assert result.returncode == 0, result.stderr
+    smap = sm.load_map(settings.slice_map_path)
+    assert smap.epoch == 6 and smap.queues["out"] == ["h1", "h2", "h2", "h2"]
+
+
+def test_rebalance_spreads_evenly_with_fewest_moves():
+    assert sm.rebalance_owners(["a"] * 4 + ["b", "c"], ["a", "b", "c"]) == ["a", "a", "b", "c", "b", "c"]
+    owners = ["a", "a", "a", "b", "b", "b"]
+    new = sm.rebalance_owners(owners, ["a", "b", "c"])
+    assert sorted(new.count(n) for n in "abc") == [2, 2, 2]
+    assert sum(o != n for o, n in zip(owners, new, strict=True)) == 2       # the minimum
+    # dropping a node moves only that node's slices
+    owners = ["a", "b", "c", "a", "b", "c"]
+    new = sm.rebalance_owners(owners, ["a", "b"])
+    assert sum(o != n for o, n in zip(owners, new, strict=True)) == 2 and new.count("a") == new.count("b") == 3
+    # already even: nothing moves
+    assert sm.rebalance_owners(owners, ["a", "b", "c"]) == owners
+
+
+def test_init_spreads_one_slice_queues_over_nodes_and_refuses_a_second_time(tmp_path):
+    node = make_node(tmp_path, "h1", runners={"slices": {"out": 4}})
+    node.mailq("slices", "init", "--nodes", "h1,h2,h3", check=True)
+    smap = sm.load_map(node.settings().slice_map_path)
+    assert smap.count("out") == 4 and set(smap.queues["out"]) == {"h1", "h2", "h3"}
+    assert {smap.owner_of(q, 0) for q in RUNNER_QUEUES if q != "out"} == {"h1", "h2", "h3"}
+    assert smap.nodes["h3"].backup == "h1"
+    again = node.mailq("slices", "init", "--nodes", "h1")
+    assert again.returncode == 1 and "exists already" in again.stderr
+
+
+def test_set_count_refuses_while_entries_wait_unless_forced(cluster):
+    from mailq.queue import Queue
+
+    node, settings = cluster
+    Queue.for_settings(settings, "out").enqueue(b"Subject: x\n\nx\n", {"listname": "dev"})
+    refused = node.mailq("slices", "set-count", "out", "2")
+    assert refused.returncode == 1 and "1 waiting entries" in refused.stderr
+    assert sm.load_map(settings.slice_map_path).count("out") == 4
+    forced = node.mailq("slices", "set-count", "out", "2", "--force", check=True)
+    assert "4 -> 2 slices" in forced.stdout
+    smap = sm.load_map(settings.slice_map_path)
+    assert smap.queues["out"] == ["h1", "h2"] and smap.epoch == 6
+
+
+def test_concurrent_assigns_from_two_processes_lose_no_update(cluster):
+    node, settings = cluster
+    settings.slice_map_path.write_text(map_text(count=16, out="{h1: [" + ", ".join(map(str, range(16))) + "]}"))
+    script = textwrap.dedent("""\
+        import sys
+        from mailq.config import load_settings
+        from mailq.cluster.slicemap import update_map, NodeEntry
+        settings = load_settings(sys.argv[1])
+        me, slices = sys.argv[2], [int(s) for s in sys.argv[3].split(",")]
+        for s in slices:
+            def change(smap, s=s):
+                smap.nodes.setdefault(me, NodeEntry())
+                smap.queues["out"][s] = me
+            update_map(settings, change)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(node.config), who, ",".join(map(str, rng))],
+                              cwd=ROOT, env=node.environ())
+             for who, rng in (("pa", range(0, 16, 2)), ("pb", range(1, 16, 2)))]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    smap = sm.load_map(settings.slice_map_path)
+    assert smap.queues["out"] == ["pa", "pb"] * 8
+    assert smap.epoch == 5 + 16
+
+
+def test_assignments_without_a_map_cover_every_slice_from_config(tmp_path):
+    settings = make_node(tmp_path, "h1", runners={"slices": {"out": 3}}).settings()
+    got = sm.assignments_for(settings, None, "h1")
+    assert ("out", 2, 3) in got and ("in", 0, 1) in got and len(got) == len(RUNNER_QUEUES) + 2
+    smap = sm.parse_map(map_text(nodes="{h1: {backup: h2}, h2: {}}"))
+    assert sm.assignments_for(settings, smap, "h2") == [("out", 2, 4), ("out", 3, 4)]
+    smap.nodes["h2"].fenced = True
+    assert sm.assignments_for(settings, smap, "h2") == []
+
+
+def test_the_dumped_map_is_readable_yaml_with_a_comment(cluster):
+    node, settings = cluster
+    node.mailq("slices", "assign", "out", "0", "h2", check=True)
+    text = settings.slice_map_path.read_text()
+    assert text.startswith("# mailq slice map")
+    assert yaml.safe_load(text)["queues"]["out"]["nodes"] == {"h2": [0, 2, 3], "h1": [1]}
+    assert Path(str(settings.slice_map_path) + ".good").read_text() == text
