@@ -1,0 +1,172 @@
+"""The list database: save protocol, fallback to .last, validation, crash safety."""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mailq.errors import InvalidInput, NotFound
+from mailq.lists import ListSettings, ListStore, Member, validate_list_name
+from tests.support import ROOT
+
+
+@pytest.fixture
+def store(settings):
+    s = ListStore(settings)
+    s.create("dev", "Owner@Example.org", domain="example.org")
+    return s
+
+
+def test_create_edit_load_bumps_generation_and_keeps_last(store):
+    assert store.exists("dev") and store.names() == ["dev"]
+    path = store.db_path("dev")
+    assert path == store.settings.lists_dir / "dev" / "list.pck"
+    first = path.read_bytes()
+    with store.edit("dev") as mlist:
+        mlist.members.add("Alice@Example.org", display_name="Alice")
+    mlist = store.load("dev")
+    assert mlist.generation == 2 and not mlist.loaded_from_last
+    assert path.with_name("list.pck.last").read_bytes() == first
+    assert [m.address for m in mlist.members] == ["Alice@Example.org"]
+
+
+def test_role_addresses_and_list_id(store):
+    mlist = store.load("dev")
+    assert (mlist.posting_address, mlist.owner_address, mlist.request_address, mlist.bounces_address,
+            mlist.join_address, mlist.leave_address, mlist.confirm_address, mlist.list_id) == (
+        "dev@example.org", "dev-owner@example.org", "dev-request@example.org", "dev-bounces@example.org",
+        "dev-join@example.org", "dev-leave@example.org", "dev-confirm@example.org", "dev.example.org")
+    assert mlist.is_owner("owner@example.org") and mlist.is_moderator("OWNER@example.org")
+    assert not mlist.is_owner("someone@example.org")
+
+
+def test_members_match_case_insensitively_and_recipients_follow_status_and_digest(store):
+    with store.edit("dev") as mlist:
+        mlist.members.add("Alice@Example.org")
+        mlist.members.add(Member("bob@example.org", digest=True))
+        mlist.members.add("carol@example.org")
+        with pytest.raises(InvalidInput, match="already a member"):
+            mlist.members.add("ALICE@example.org")
+    with store.edit("dev") as mlist:
+        mlist.members.get("CAROL@EXAMPLE.ORG").status = "disabled_bounce"
+        mlist.members.get("alice@example.org").bounce_score = 1.5
+    mlist = store.load("dev")
+    assert mlist.regular_recipients() == ["Alice@Example.org"]
+    assert mlist.digest_recipients() == ["bob@example.org"]
+    carol = mlist.members.get("carol@example.org")
+    assert carol.status == "disabled_bounce" and carol.disabled_at is not None
+    assert mlist.members.get("alice@EXAMPLE.org").bounce_score == 1.5
+    assert "BOB@example.org" in mlist.members and len(mlist.members) == 3
+    with store.edit("dev") as mlist:
+        mlist.members.remove("Bob@Example.Org")
+    assert store.load("dev").digest_recipients() == []
+
+
+def test_corrupt_current_file_falls_back_to_last_says_so_and_next_save_keeps_last(store, caplog):
+    with store.edit("dev") as mlist:
+        mlist.members.add("alice@example.org")
+    path = store.db_path("dev")
+    good_last = path.with_name("list.pck.last").read_bytes()
+    path.write_bytes(path.read_bytes()[:100])  # a torn write
+    mlist = store.load("dev")
+    assert mlist.loaded_from_last and "unreadable" in mlist.load_problem and "list.pck.last" in mlist.load_problem
+    assert mlist.generation == 1 and len(mlist.members) == 0
+    assert any("unreadable" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    with store.edit("dev") as mlist:
+        mlist.members.add("bob@example.org")
+    assert path.with_name("list.pck.last").read_bytes() == good_last
+    assert [p.name for p in path.parent.glob("list.pck.corrupt.*")]
+    fresh = store.load("dev")
+    assert not fresh.loaded_from_last and [m.address for m in fresh.members] == ["bob@example.org"]
+
+
+def test_hostile_pickle_never_runs_code(store, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    with store.edit("dev"):
+        pass  # now there is a .last to fall back to
+    store.db_path("dev").write_bytes(pickle.dumps({"format": 1, "x": Evil()}))
+    mlist = store.load("dev")
+    assert mlist.loaded_from_last and "forbidden" in mlist.load_problem
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "x" * 300, "with space", "Dev", ".hidden", "a..b",
+                                  "dev-owner", "-x"])
+def test_hostile_list_names_are_refused(store, name):
+    with pytest.raises(InvalidInput):
+        validate_list_name(name)
+    with pytest.raises(InvalidInput):
+        store.create(name, "owner@example.org")
+    assert not store.exists(name)
+    assert store.names() == ["dev"]
+
+
+def test_settings_types_and_values_are_validated(store):
+    s = ListSettings(domain="example.org")
+    for key, text in [("max_message_kb", "big"), ("archive", "maybe"), ("nonmember_action", "bounce"),
+                      ("owners", "not-an-address"), ("reply_to", "explicit"), ("max_held_days", "-1")]:
+        with pytest.raises(InvalidInput, match=key):
+            s.set_text(key, text)
+    with pytest.raises(InvalidInput, match="did you mean 'subject_prefix'"):
+        s.set_text("subject_prefx", "[x]")
+    assert s == ListSettings(domain="example.org")  # nothing changed by the refusals
+    s.set_text("moderators", "a@example.org, b@localhost")
+    s.set_text("archive", "no")
+    assert s.moderators == ["a@example.org", "b@localhost"] and s.archive is False
+    with pytest.raises(InvalidInput, match="max_message_kb: expected whole number"):
+        ListSettings.from_dict({"max_message_kb": "40"})
+
+
+def test_unknown_list_is_not_found(store):
+    with pytest.raises(NotFound, match="no list named 'nope'"):
+        store.load("nope")
+
+
+SAVER = textwrap.dedent("""
+    from mailq.config import load_settings
+    from mailq.lists import ListStore
+    store = ListStore(load_settings())
+    i = 0
+    while True:
+        with store.edit("dev") as mlist:
+            mlist.members.add(f"user{mlist.generation}-{i}@example.org")
+        i += 1
+        if i == 1:
+            print("saving", flush=True)
+""")
+
+
+def test_writer_killed_at_random_points_of_saves_leaves_a_consistent_list(node, store):
+    rng = random.Random(4242)
+    with store.edit("dev") as mlist:
+        mlist.members.add_many(Member(f"base{i}@example.org") for i in range(3000))  # saves take a while
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER], env=node.environ(), cwd=ROOT,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "saving"
+        proc.stdout.close()
+        # Busy-wait a random amount of the writer's CPU time (no sleep-and-assert: any point is fine).
+        deadline = rng.uniform(0.0, 0.15)
+        start = os.times().elapsed
+        while os.times().elapsed - start < deadline:
+            pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        mlist = store.load("dev")  # old or new state, never an error
+        assert not mlist.loaded_from_last
+        # Every save adds exactly one member and bumps the generation once.
+        assert len(mlist.members) == 3000 + mlist.generation - 2
+    with store.edit("dev") as mlist:  # the dead writer's lock is broken by this writer
+        pass
+    leftovers = [p.name for p in store.list_dir("dev").iterdir() if p.name not in ("list.pck", "list.pck.last")]
+    assert all(name.endswith(".tmp") for name in leftovers)
