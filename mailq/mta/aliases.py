@@ -75,12 +75,13 @@ def render(aliases: list[Alias], fmt: str, program: str) -> str:
         ]
         lines = [f"{(a.local_part + ':').ljust(width)}|{a.command}" for a in aliases]
     else:
-        tool = "postalias /etc/postfix/mailq_aliases" if fmt == "postfix" else "newaliases"
-        header = [f"# mailq list aliases ({fmt}): add to your aliases file, then run {tool}"]
         if fmt == "postfix":
-            header.append("#   main.cf: alias_maps = hash:/etc/aliases, hash:/etc/postfix/mailq_aliases")
+            header = ["# mailq list aliases (postfix): save as /etc/postfix/mailq_aliases, owned by the mailq user,",
+                      "# then run postalias /etc/postfix/mailq_aliases (see etc/postfix/main.cf.pipe)",
+                      "#   main.cf: alias_maps = hash:/etc/aliases, hash:/etc/postfix/mailq_aliases"]
         else:
-            header.append(f"#   sendmail's smrsh must allow it: ln -s {program} /etc/smrsh/")
+            header = ["# mailq list aliases (sendmail): append to /etc/mail/aliases, then run newaliases",
+                      f"#   sendmail's smrsh must allow the program: ln -s {program} /etc/smrsh/"]
         lines = [f'{(a.local_part + ":").ljust(width)}"|{a.command}"' for a in aliases]
     if not aliases:
         lines = ["# (no lists yet: create one with 'mailq lists create NAME --owner ADDRESS')"]
