@@ -79,11 +79,23 @@ def parse(raw: bytes) -> Message:
     return email.message_from_bytes(raw, policy=PARSE_POLICY)
 
 
+class _Generator(BytesGenerator):
+    """BytesGenerator that also keeps the raw bytes of a multipart without parsable parts."""
+
+    def _handle_multipart(self, msg: Message) -> None:
+        # A multipart with no (usable) boundary parses to a str payload; the stock generator reads
+        # it through get_payload(), which turns 8-bit bytes into text and then fails to write them.
+        if isinstance(msg._payload, str):  # noqa: SLF001
+            self._handle_text(msg)
+            return
+        super()._handle_multipart(msg)
+
+
 def to_bytes(msg: Message, *, linesep: str = "\r\n") -> bytes:
     """Serialize *msg* with the original bytes of untouched parts (no From-mangling, no refolding)."""
     buf = io.BytesIO()
     pol = WIRE_POLICY if linesep == "\r\n" else MBOX_POLICY
-    BytesGenerator(buf, mangle_from_=False, policy=pol).flatten(msg, unixfrom=False)
+    _Generator(buf, mangle_from_=False, policy=pol).flatten(msg, unixfrom=False)
     return buf.getvalue()
 
 
@@ -92,7 +104,9 @@ def header_text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, email.header.Header):
-        value = str(value)
+        # compat32 hands out raw 8-bit headers as Header(unknown-8bit) whose str() is U+FFFD;
+        # its chunks still hold the original bytes (as surrogates).
+        value = "".join(str(chunk) for chunk, _charset in value._chunks)  # noqa: SLF001
     value = _unescape_8bit(str(value))
     try:
         parts = email.header.decode_header(value)

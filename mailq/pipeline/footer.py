@@ -8,7 +8,8 @@
   (the original content as the first part, the footer as the second);
 * ``multipart/signed`` and ``multipart/encrypted`` are left entirely alone: any change to them
   breaks the signature or the encryption;
-* a text body that cannot be decoded exactly is not edited; the footer goes in its own part.
+* a text body that cannot be decoded exactly is not edited; the footer goes in its own part;
+* a multipart without a usable boundary (broken MIME) is left alone.
 
 ``{list}``, ``{posting_address}``, ``{leave_address}`` and ``{request_address}`` in the footer
 text are replaced with the list's values.
@@ -41,7 +42,9 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
             text, charset, cte = decoded
             encode_text(msg, _join(text, footer), charset, cte)
             return
-    if msg.is_multipart() and ctype == "multipart/mixed" and isinstance(msg.get_payload(), list):
+    if ctype.startswith("multipart/") and not isinstance(msg._payload, list):  # noqa: SLF001
+        return  # no usable boundary: the parts cannot be told apart, so nothing can be added safely
+    if ctype == "multipart/mixed":
         msg.attach(_footer_part(footer))
         return
     _wrap_in_mixed(msg, _footer_part(footer))
@@ -65,6 +68,7 @@ def _join(text: str, footer: str) -> str:
 def _footer_part(footer: str) -> MIMEText:
     charset = "us-ascii" if footer.isascii() else "utf-8"
     part = MIMEText(footer if footer.endswith("\n") else footer + "\n", "plain", charset)
+    del part["mime-version"]  # only the top level carries it
     part["Content-Disposition"] = "inline"
     return part
 
@@ -72,13 +76,14 @@ def _footer_part(footer: str) -> MIMEText:
 def _wrap_in_mixed(msg: Message, extra: Message) -> None:
     """Turn *msg* into multipart/mixed [original content, extra] in place (headers stay on top)."""
     inner = Message()
+    for name, value in msg.items():
+        if name.lower() in _MOVED:
+            inner[name] = value  # original spelling and order kept
     for name in _MOVED:
-        for value in msg.get_all(name, []):
-            inner[name] = value
         del msg[name]
     if inner.get("content-type") is None:
         inner["Content-Type"] = "text/plain"
-    inner.set_payload(msg.get_payload())
+    inner.set_payload(msg._payload)  # noqa: SLF001 - get_payload() would transcode 8-bit bodies
     inner.preamble, inner.epilogue = msg.preamble, msg.epilogue
     msg.preamble, msg.epilogue = None, None
     msg.set_payload([inner, extra])

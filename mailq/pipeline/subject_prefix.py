@@ -28,9 +28,12 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     new = prefixed(original, prefix)
     if raw is not None and new == original:
         return
-    charset = _charset_of(raw)
-    del msg["subject"]
-    msg["Subject"] = encode_subject(new, charset)
+    value = encode_subject(new, _charset_of(raw))
+    if len(msg.get_all("subject", [])) == 1:
+        msg.replace_header("Subject", value)  # same place in the header block
+    else:
+        del msg["subject"]  # none, or duplicates: exactly one from now on
+        msg["Subject"] = value
 
 
 def prefixed(subject: str, prefix: str) -> str:

@@ -37,19 +37,29 @@ def first_text_part(msg: Message) -> Message | None:
     return msg
 
 
+def raw_payload(part: Message) -> bytes | None:
+    """The body bytes of a leaf exactly as received (get_payload() would re-decode 8-bit text)."""
+    payload = part._payload  # noqa: SLF001 - the public getter transcodes 8-bit bodies
+    if not isinstance(payload, str):
+        return None
+    try:
+        return payload.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:
+        return payload.encode("utf-8", "surrogateescape")
+
+
 def decode_text(part: Message) -> tuple[str, str, str] | None:
     """(text, charset, cte) of a text leaf, or None when it cannot be decoded exactly."""
     cte = str(part.get("content-transfer-encoding", "7bit")).strip().lower() or "7bit"
     if cte not in _CTES:
         return None
     charset = (part.get_content_charset() or "us-ascii").lower()
-    payload = part.get_payload()
-    if not isinstance(payload, str):
+    raw = raw_payload(part)
+    if raw is None:
         return None
-    raw = payload.encode("ascii", "surrogateescape")
     try:
         if cte == "base64":
-            data = base64.b64decode(raw, validate=False)
+            data = base64.b64decode(b"".join(raw.split()), validate=True)
         elif cte == "quoted-printable":
             data = quopri.decodestring(raw)
         else:
