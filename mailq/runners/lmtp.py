@@ -18,7 +18,10 @@ class LMTPRunner(Runner):
     queue = None  # type: ignore[assignment]
 
     def __init__(self, settings: Settings, slice: int = 0, count: int = 1) -> None:
-        super().__init__(settings, slice, count)
+        # Not Runner.__init__: that opens a queue runner's log file; this runner logs to lmtp.log.
+        self.settings = settings
+        self.slice, self.count = 0, 1
+        self.node = settings.node.name
         self.component = "lmtp"
         self.log = get_logger(settings, "lmtp")
 
