@@ -1,0 +1,193 @@
+"""The list administration CLI as real processes: lists, members, config, check."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mailq.lists import ListStore
+from tests.support import ROOT, make_node
+
+
+@pytest.fixture
+def dev(node):
+    node.mailq("lists", "create", "dev", "--owner", "owner@example.org", "--domain", "example.org", check=True)
+    return node
+
+
+def tree_bytes(var) -> dict[str, bytes]:
+    """Every file under var/lists, by relative path (what 'nothing changed' compares)."""
+    root = var / "lists"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_four_processes_as_two_nodes_add_250_members_each_without_lost_update(tmp_path):
+    n1 = make_node(tmp_path, "n1")
+    n2 = make_node(tmp_path, "n2", var=n1.var)
+    n1.mailq("lists", "create", "dev", "--owner", "owner@example.org", "--domain", "example.org", check=True)
+    procs = []
+    for w, node in enumerate([n1, n1, n2, n2]):
+        f = tmp_path / f"w{w}.txt"
+        f.write_text("".join(f"w{w}-m{i}@example.org\n" for i in range(250)))
+        procs.append(node.popen("mailq", "members", "add", "dev", str(f), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    mlist = ListStore(n1.settings()).load("dev")
+    assert len(mlist.members) == 1000
+    assert mlist.generation == 1 + 4  # one lock cycle and one save per command
+    assert {m.address for m in mlist.members} == {f"w{w}-m{i}@example.org" for w in range(4) for i in range(250)}
+
+
+def test_members_add_reports_bad_lines_by_number_adds_the_rest_and_skips_existing(dev):
+    dev.mailq("members", "add", "dev", input="alice@example.org\n", check=True)
+    text = "# comment\nBob Example <bob@example.org>\nnot an address\n\nALICE@example.org\ncarol@\ndan@example.org\n"
+    result = dev.mailq("members", "add", "dev", "--json", input=text)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["added"] == 2 and report["already_members"] == ["alice@example.org"]
+    assert [line.split(":")[0] for line in report["invalid"]] == ["line 3", "line 6"]
+    assert "line 3: invalid e-mail address 'not an address'" in result.stderr
+    listed = dev.mailq("members", "list", "dev", check=True).stdout.splitlines()
+    assert listed == ["alice@example.org", "Bob Example <bob@example.org>", "dan@example.org"]
+
+
+def test_members_set_list_filters_and_remove(dev):
+    dev.mailq("members", "add", "dev", "--digest", input="d1@example.org\nd2@example.org\n", check=True)
+    dev.mailq("members", "add", "dev", "--moderate", input="r1@example.org\n", check=True)
+    dev.mailq("members", "set", "dev", "D2@example.org", "--no-digest", "--disable", check=True)
+    digest = json.loads(dev.mailq("members", "list", "dev", "--digest", "--json", check=True).stdout)
+    assert [m["address"] for m in digest] == ["d1@example.org"]
+    disabled = json.loads(dev.mailq("members", "list", "dev", "--disabled", "--json", check=True).stdout)
+    assert [(m["address"], m["status"]) for m in disabled] == [("d2@example.org", "disabled_admin")]
+    regular = json.loads(dev.mailq("members", "list", "dev", "--regular", "--json", check=True).stdout)
+    assert {m["address"]: m["moderated"] for m in regular} == {"r1@example.org": True, "d2@example.org": False}
+    missing = dev.mailq("members", "set", "dev", "nobody@example.org", "--digest")
+    assert missing.returncode == 1 and "not a member" in missing.stderr
+    removed = json.loads(dev.mailq("members", "remove", "dev", "d1@example.org", "x@example.org", "--json",
+                                   check=True).stdout)
+    assert removed["removed"] == ["d1@example.org"] and removed["not_members"] == ["x@example.org"]
+
+
+def test_members_sync_dry_run_then_apply_and_refuses_invalid_file(dev, tmp_path):
+    dev.mailq("members", "add", "dev", input="keep@example.org\ngo@example.org\n", check=True)
+    target = tmp_path / "all.txt"
+    target.write_text("keep@example.org\nnew@example.org\n")
+    before = tree_bytes(dev.var)
+    dry = json.loads(dev.mailq("members", "sync", "dev", str(target), "--dry-run", "--json", check=True).stdout)
+    assert (dry["add"], dry["remove"]) == (["new@example.org"], ["go@example.org"])
+    assert tree_bytes(dev.var) == before
+    bad = tmp_path / "bad.txt"
+    bad.write_text("keep@example.org\nbroken@@example.org\n")
+    refused = dev.mailq("members", "sync", "dev", str(bad))
+    assert refused.returncode == 1 and "line 2" in refused.stderr and "nothing changed" in refused.stderr
+    assert tree_bytes(dev.var) == before
+    dev.mailq("members", "sync", "dev", str(target), check=True)
+    assert dev.mailq("members", "list", "dev", check=True).stdout.split() == ["keep@example.org", "new@example.org"]
+
+
+BAD_INPUT = [
+    ["lists", "create", "../x", "--owner", "a@example.org"],
+    ["lists", "create", "a/b", "--owner", "a@example.org"],
+    ["lists", "create", "", "--owner", "a@example.org"],
+    ["lists", "create", "x" * 300, "--owner", "a@example.org"],
+    ["lists", "create", "my list", "--owner", "a@example.org"],
+    ["lists", "create", "ok", "--owner", "not-an-address"],
+    ["members", "set", "dev", "owner@example.org", "--digest"],
+    ["config", "set", "dev", "subject_prefx=[dev]"],
+    ["config", "set", "dev", "max_message_kb=lots"],
+    ["config", "set", "dev", "owners=someone"],
+    ["config", "set", "dev", "archive=false", "nonmember_action=bounce"],
+    ["lists", "remove", "nosuch"],
+]
+
+
+def test_bad_input_is_refused_with_a_clear_message_and_changes_nothing(dev):
+    before = tree_bytes(dev.var)
+    for args in BAD_INPUT:
+        result = dev.mailq(*args, input="x@example.org\n")
+        assert result.returncode == 1, (args, result.stdout)
+        assert result.stderr.startswith("mailq: error: ") and "Traceback" not in result.stderr, args
+        assert tree_bytes(dev.var) == before, args
+        if "subject_prefx=[dev]" in args:
+            assert "did you mean 'subject_prefix'" in result.stderr and "max_held_days" in result.stderr
+
+
+def test_config_set_show_and_load_round_trip(dev, tmp_path):
+    dev.mailq("config", "set", "dev", "subject_prefix=[dev] ", "max_message_kb=100",
+              "moderators=m1@example.org,m2@example.org", "archive=no", check=True)
+    shown = json.loads(dev.mailq("config", "show", "dev", "--json", check=True).stdout)
+    assert (shown["subject_prefix"], shown["max_message_kb"], shown["moderators"], shown["archive"]) == (
+        "[dev] ", 100, ["m1@example.org", "m2@example.org"], False)
+    yaml_text = dev.mailq("config", "show", "dev", "--yaml", check=True).stdout
+    edited = tmp_path / "dev.yaml"
+    edited.write_text(yaml_text.replace("max_held_days: 14", "max_held_days: 30"))
+    dev.mailq("config", "load", "dev", str(edited), check=True)
+    assert json.loads(dev.mailq("config", "show", "dev", "--json", check=True).stdout)["max_held_days"] == 30
+    before = tree_bytes(dev.var)
+    edited.write_text("max_held_days: thirty\n")
+    bad = dev.mailq("config", "load", "dev", str(edited))
+    assert bad.returncode == 1 and "max_held_days: expected whole number" in bad.stderr
+    edited.write_text("max_hold_days: 3\n")
+    bad = dev.mailq("config", "load", "dev", str(edited))
+    assert bad.returncode == 1 and "did you mean 'max_held_days'" in bad.stderr
+    assert tree_bytes(dev.var) == before
+
+
+def test_lists_list_show_and_remove_keeping_archives(dev):
+    archive = dev.var / "archives" / "dev"
+    archive.mkdir(parents=True)
+    (archive / "2026-11.mbox").write_text("From x\n")
+    listed = json.loads(dev.mailq("lists", "list", "--json", check=True).stdout)
+    assert [(s["name"], s["posting_address"], s["members"]) for s in listed] == [("dev", "dev@example.org", 0)]
+    shown = json.loads(dev.mailq("lists", "show", "dev", "--json", check=True).stdout)
+    assert shown["list_id"] == "dev.example.org" and shown["owners"] == ["owner@example.org"]
+    dev.mailq("lists", "remove", "dev", "--keep-archives", check=True)
+    assert not (dev.var / "lists" / "dev").exists() and archive.exists()
+    assert json.loads(dev.mailq("lists", "list", "--json", check=True).stdout) == []
+
+
+def test_create_uses_configured_default_domain(tmp_path):
+    node = make_node(tmp_path, "n1", lists={"default_domain": "lists.example.net"})
+    node.mailq("lists", "create", "ops", "--owner", "a@example.org", check=True)
+    assert json.loads(node.mailq("lists", "show", "ops", "--json", check=True).stdout)["posting_address"] == \
+        "ops@lists.example.net"
+
+
+def test_check_reports_fallback_and_permissions_and_fix_repairs_them(dev):
+    dev.mailq("members", "add", "dev", input="a@example.org\n", check=True)
+    db = dev.var / "lists" / "dev" / "list.pck"
+    db.write_bytes(b"\x80\x05garbage")
+    os.chmod(db.parent, 0o755)
+    result = dev.mailq("check")
+    assert result.returncode == 1
+    assert "unreadable" in result.stdout and "lacks" in result.stdout
+    fixed = dev.mailq("check", "--fix")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "FIXED" in fixed.stdout
+    assert dev.mailq("check", check=True).stdout.startswith("ok")
+    assert json.loads(dev.mailq("lists", "show", "dev", "--json", check=True).stdout)["loaded_from_last"] is False
+
+
+HELP = ["lists create", "lists remove", "lists list", "lists show", "members add", "members remove", "members list",
+        "members sync", "members set", "config show", "config set", "config load", "check", "locks list",
+        "locks break"]
+HELP_SCRIPT = """
+import sys
+from click.testing import CliRunner
+from mailq.cli.main import cli
+for cmd in sys.argv[1:]:
+    out = CliRunner().invoke(cli, cmd.split() + ["--help"], prog_name="mailq").output
+    print(cmd, "Examples:" in out and ("mailq " + cmd) in out, flush=True)
+"""
+
+
+def test_every_command_has_help_with_examples(node):
+    # One process for every --help: cheap, and it still goes through the real lazy CLI root.
+    out = subprocess.run([sys.executable, "-c", HELP_SCRIPT, *HELP], env=node.environ(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == [f"{cmd} True" for cmd in HELP], out.stderr
