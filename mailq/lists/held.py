@@ -144,7 +144,13 @@ class HeldStore:
         _check_id(held_id)
         if action not in ACTIONS:
             raise InvalidInput(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")
-        self.get(held_id)  # NotFound (naming an earlier decision) before anything is written
+        try:
+            self.get(held_id)  # NotFound before anything is written
+        except NotFound:
+            earlier = self.decision(held_id)
+            if earlier is not None:  # decided and carried out already
+                raise AlreadyDecided(earlier) from None
+            raise
         decision = Decision(held_id, self.listname, action, node, socket.gethostname(), os.getpid(),
                             _user(), time.time(), reason or "")
         if not self._link_decision(decision):

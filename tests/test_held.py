@@ -1,0 +1,162 @@
+"""Held posts: stored, listed, decided exactly once across processes and nodes, expired by cron."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from mailq import safepickle
+from mailq.fsutil import atomic_write
+from mailq.lists.held import AlreadyDecided, HeldStore, expire_held
+from mailq.queue import Queue
+from tests.support import make_node
+from tests.test_pipeline_support import make_list, queue_entries, sample
+
+NONMEMBER_POST = sample("plain.eml").replace(b"alice@example.org", b"stranger@example.com")
+
+
+def _deliver(node, raw: bytes, kind: str = "post", listname: str = "dev") -> None:
+    node.run("mailq-deliver", kind, listname, input=raw, check=True)
+
+
+def _run_once(node, runner: str) -> None:
+    node.run("qrunner", "-r", runner, "--once", check=True)
+
+
+def test_hold_list_get_and_decide_once(settings):
+    make_list(settings)
+    held = HeldStore(settings, "dev")
+    held_id = held.hold(NONMEMBER_POST, {"listname": "dev", "kind": "post"}, "post from non-member",
+                        sender="stranger@example.com", subject="Build is green again")
+    (summary,) = held.list()
+    assert summary["id"] == held_id and summary["reason"] == "post from non-member"
+    assert summary["sender"] == "stranger@example.com" and "msg" not in summary
+    assert held.get(held_id)["msg"] == NONMEMBER_POST
+    decision = held.decide(held_id, "approve", "n1")
+    assert decision.action == "approve" and decision.node == "n1"
+    ((raw, meta),) = queue_entries(settings, "in")
+    assert raw == NONMEMBER_POST and meta["approved"] is True and meta["held_id"] == held_id
+    with pytest.raises(AlreadyDecided, match=r"already approved by node n1 .* at \d{4}-\d\d-\d\d"):
+        HeldStore(settings, "dev").decide(held_id, "discard", "n2")
+    assert held.list() == []
+
+
+def test_nonmember_post_is_held_approved_from_the_cli_and_delivered_once(node, sink):
+    import yaml
+
+    cfg = yaml.safe_load(node.config.read_text())
+    cfg["smtp"]["port"] = sink.port
+    node.config.write_text(yaml.safe_dump(cfg))
+    settings = node.settings()
+    mlist = make_list(settings)
+    _deliver(node, NONMEMBER_POST)
+    _run_once(node, "in")
+    assert queue_entries(settings, "out") == []
+    listing = json.loads(node.mailq("held", "list", "dev", "--json", check=True).stdout)
+    (record,) = listing
+    assert record["sender"] == "stranger@example.com" and "non-member" in record["reason"]
+    # One notice to owner + moderator, one acknowledgement to the poster.
+    notices = [meta["recipients"] for _, meta in queue_entries(settings, "virgin")]
+    assert sorted(notices) == [["owner@example.org", "mod@example.org"], ["stranger@example.com"]]
+    shown = node.mailq("held", "show", "dev", record["id"], check=True).stdout
+    assert "stranger@example.com" in shown and "Subject: Build is green again" in shown
+
+    approved = node.mailq("held", "approve", "dev", record["id"], check=True)
+    assert "approved by node n1" in approved.stdout
+    again = node.mailq("held", "approve", "dev", record["id"])
+    assert again.returncode == 1 and "already approved by node n1" in again.stderr
+
+    _run_once(node, "in")
+    _run_once(node, "out")
+    delivered = sink.wait_for_recipients(len(mlist.regular_recipients()))
+    assert sorted(delivered) == sorted(mlist.regular_recipients())
+    assert all(b"[dev] Build is green again" in m.data for m in sink.messages)
+    _run_once(node, "in")
+    _run_once(node, "out")
+    assert len(sink.recipients()) == len(mlist.regular_recipients())  # once, not twice
+    assert json.loads(node.mailq("held", "list", "dev", "--json", check=True).stdout) == []
+
+
+def test_twenty_concurrent_approvals_from_different_nodes_enqueue_once(tmp_path):
+    var = tmp_path / "var"
+    nodes = [make_node(tmp_path, f"n{i:02d}", var=var) for i in range(20)]
+    settings = nodes[0].settings()
+    make_list(settings)
+    held_id = HeldStore(settings, "dev").hold(NONMEMBER_POST, {"listname": "dev", "kind": "post"},
+                                              "post from non-member", sender="stranger@example.com")
+    procs = [n.popen("mailq", "held", "approve", "dev", held_id, "--json", stdout=-1, stderr=-1)
+             for n in nodes]
+    results = []
+    for n, p in zip(nodes, procs, strict=True):
+        out, err = p.communicate(timeout=120)
+        results.append((n.name, p.returncode, json.loads(out)[0], err.decode()))
+    winners = [r for r in results if r[1] == 0]
+    assert len(winners) == 1, results
+    winner = winners[0][0]
+    losers = [r for r in results if r[1] != 0]
+    assert len(losers) == 19 and all(r[1] == 1 for r in losers)
+    for _, _, answer, _ in losers:
+        assert answer["ok"] is False and answer["node"] == winner and answer["decided"] == "approve"
+        assert f"already approved by node {winner}" in answer["error"] and "UTC" in answer["error"]
+    ((_, meta),) = queue_entries(settings, "in")
+    assert meta["approved"] is True
+
+
+def test_reject_from_the_cli_tells_the_poster_why(node):
+    settings = node.settings()
+    make_list(settings)
+    held_id = HeldStore(settings, "dev").hold(NONMEMBER_POST, {"listname": "dev"}, "post from non-member",
+                                              sender="stranger@example.com", subject="hello")
+    result = node.mailq("held", "reject", "dev", held_id, "--reason", "off topic here", check=True)
+    assert "rejected by node n1" in result.stdout
+    ((raw, meta),) = queue_entries(settings, "virgin")
+    assert meta["recipients"] == ["stranger@example.com"]
+    assert b"off topic here" in raw and b"Build is green again" in raw
+    assert queue_entries(settings, "in") == []
+
+
+def test_unknown_held_id_and_unknown_list_are_clear_errors(node):
+    make_list(node.settings())
+    result = node.mailq("held", "approve", "dev", "20260101-000000-deadbeef")
+    assert result.returncode == 1 and "no held message 20260101-000000-deadbeef" in result.stderr
+    result = node.mailq("held", "list", "nosuch")
+    assert result.returncode == 1 and "no list named 'nosuch'" in result.stderr
+    help_text = node.mailq("held", "approve", "--help", check=True).stdout
+    assert "Examples:" in help_text
+
+
+def test_a_loop_is_never_redelivered_and_a_moderated_member_is_held(node):
+    settings = node.settings()
+    make_list(settings)
+    _deliver(node, b"X-BeenThere: dev@example.org\n" + sample("plain.eml"))
+    _run_once(node, "in")
+    assert queue_entries(settings, "out") == [] and HeldStore(settings, "dev").list() == []
+    log = (settings.log_dir / "in.log").read_text()
+    assert "discarded" in log and "mail loop" in log
+
+
+def test_unknown_list_in_the_in_queue_is_shunted_with_the_reason(node):
+    settings = node.settings()
+    Queue.for_settings(settings, "in").enqueue(sample("plain.eml"), {"listname": "gone", "kind": "post"},
+                                               listname="gone")
+    _run_once(node, "in")
+    ((_, meta),) = queue_entries(settings, "shunt")
+    assert "no list named 'gone'" in meta["error"]
+
+
+def test_expire_held_discards_old_posts_and_tells_the_owner(settings):
+    make_list(settings, max_held_days=3)
+    held = HeldStore(settings, "dev")
+    old = held.hold(NONMEMBER_POST, {"listname": "dev"}, "old", sender="a@example.com", subject="old one")
+    fresh = held.hold(NONMEMBER_POST, {"listname": "dev"}, "fresh", sender="b@example.com")
+    record = safepickle.loads(held._pck(old).read_bytes())
+    record["held_at"] = time.time() - 4 * 86400
+    atomic_write(held._pck(old), safepickle.dumps(record))
+    summary = expire_held(settings, logging.getLogger("test.expire"))
+    assert summary == "expired 1 held post(s) in 1 list(s)"
+    assert [r["id"] for r in held.list()] == [fresh]
+    assert held.decision(old).action == "discard" and "expired" in held.decision(old).reason
+    ((raw, meta),) = queue_entries(settings, "virgin")
+    assert meta["recipients"] == ["owner@example.org"] and b"old one" in raw
