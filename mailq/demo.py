@@ -132,15 +132,17 @@ class Demo:
 
         self.run(a, "mailq", "slices", "init", "--nodes", ",".join(NODES))
         shown = json.loads(self.run(a, "mailq", "slices", "show", "--json").stdout)
-        spread = {q: shown["queues"][q] for q in ("in", "out")} if "queues" in shown else shown
-        self.say(f"4. slice map epoch {shown.get('epoch')}: {json.dumps(spread)}")
+        spread = "; ".join(f"{q}: " + ", ".join(f"{n} runs slice {'+'.join(map(str, s))}"
+                                                 for n, s in shown["queues"][q]["nodes"].items())
+                           for q in ("in", "out"))
+        self.say(f"4. slice map (epoch {shown['epoch']}) splits the work: {spread}")
 
     def start(self) -> None:
         for node in NODES:
             self.run(node, "mailqctl", "start")
         status = json.loads(self.run(NODES[0], "mailq", "cluster", "status", "--json").stdout)
-        nodes = status.get("nodes", {})
-        alive = [n for n in NODES if (nodes.get(n) or {}).get("state") in ("alive", None)]
+        states = {n["node"]: n["state"] for n in status.get("nodes", [])}
+        alive = [n for n in NODES if states.get(n) == "alive"]
         self.say(f"5. masters started on {', '.join(NODES)} (cluster status: {len(alive)} alive)")
 
     def post(self) -> dict[str, float]:
