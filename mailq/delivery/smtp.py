@@ -143,7 +143,7 @@ class SMTPConnection:
         client = self.client or self.connect()
         result = SendResult()
         options = []
-        if client.does_esmtp and client.has_extn("8bitmime") and any(b > 127 for b in msg):
+        if client.does_esmtp and not msg.isascii() and client.has_extn("8bitmime"):
             options.append("BODY=8BITMIME")
         if client.does_esmtp and client.has_extn("smtputf8") and not (sender + "".join(recipients)).isascii():
             options.append("SMTPUTF8")

@@ -1,0 +1,299 @@
+"""Benchmark the mail flow on one host: post -> delivered latency, delivery rate, pipe start-up.
+
+    python bench/flow.py [--posts 100] [--recipients 500] [--rounds 3] [--runs 40] [--keep]
+
+Three measurements, in a fresh temp tree with its own node config:
+
+1. ``deliver_vs_python``: wall time of ``bin/mailq-deliver post LIST < msg`` (a real enqueue, fsync
+   on) against ``python -c pass``, interleaved, median of --runs each. Measured with byte-code
+   caching on (``PYTHONPYCACHEPREFIX`` in the temp tree), as an installed mailq runs; the table also
+   shows the figure without cached byte-code (this sandbox sets PYTHONDONTWRITEBYTECODE).
+2. ``ratio_vs_bare``: personalized (VERP, one transaction per recipient) delivery of one message
+   to --recipients recipients through ``qrunner -r out --once`` (time from the runner's own
+   "done (Xs)" log line) against a bare ``smtplib`` loop sending the same transactions to the same
+   sink in the same run. The sink is aiosmtpd in a separate process. Median of --rounds, the
+   order of the contenders alternating between rounds.
+3. ``latency_median_ms`` / ``latency_p99_ms``: ``mailqctl start`` the node's master (runners:
+   in with the list pipeline, out, ...), then post --posts messages one after another through
+   ``bin/mailq-deliver`` and time each from the start of mailq-deliver to the sink receiving it.
+
+The last line printed is one JSON object with the four figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import smtplib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PY = sys.executable
+DELIVER = str(ROOT / "bin" / "mailq-deliver")
+
+
+# -- the sink (separate process) -------------------------------------------------------------------
+
+def run_sink(port: int, record: str) -> None:
+    """``--sink PORT FILE``: accept everything; append ``bench-id time recipients`` per message."""
+    import signal
+
+    from aiosmtpd.controller import Controller
+
+    out = open(record, "a", buffering=1)
+    pattern = re.compile(rb"^X-Bench-Id: (\S+)", re.M)
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802
+            m = pattern.search(envelope.original_content or b"")
+            out.write(f"{m.group(1).decode() if m else '-'} {time.time():.6f} {len(envelope.rcpt_tos)}\n")
+            return "250 OK"
+
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    signal.signal(signal.SIGTERM, lambda *a: (controller.stop(), sys.exit(0)))
+    print("ready", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+class Sink:
+    def __init__(self, base: Path, port: int) -> None:
+        self.record = base / "sink.txt"
+        self.record.touch()
+        self.proc = subprocess.Popen([PY, __file__, "--sink", str(port), str(self.record)],
+                                     stdout=subprocess.PIPE, cwd=ROOT)
+        if self.proc.stdout.readline().strip() != b"ready":
+            raise SystemExit("the benchmark sink did not start")
+        self.offset = 0
+
+    def lines(self) -> list[list[str]]:
+        return [line.split() for line in self.record.read_text().splitlines()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def message(bench_id: str, sender: str = "member0@example.com") -> bytes:
+    return (f"From: {sender}\r\nTo: dev@lists.example.org\r\nSubject: bench {bench_id}\r\n"
+            f"Message-ID: <{bench_id}.{time.time()}@example.com>\r\nX-Bench-Id: {bench_id}\r\n\r\n"
+            + "A line of text for the benchmark body.\r\n" * 40).encode()
+
+
+def make_config(base: Path, smtp_port: int, lmtp_port: int) -> Path:
+    import yaml
+
+    config = {
+        "node": {"name": "bench"},
+        "paths": {"var": str(base / "var"), "run": str(base / "run")},
+        "smtp": {"host": "127.0.0.1", "port": smtp_port},
+        "lmtp": {"host": "127.0.0.1", "port": lmtp_port, "enabled": True},
+    }
+    path = base / "etc" / "mailq.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run(env: dict, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), input=input, capture_output=True, env=env, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}")
+    return proc
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))]
+
+
+# -- 1. mailq-deliver start-up ---------------------------------------------------------------------
+
+def bench_deliver(env: dict, base: Path, runs: int) -> dict:
+    msg = message("pipe")
+    results = {}
+    for label, extra in (("cached", {"PYTHONPYCACHEPREFIX": str(base / "pyc")}), ("no-pyc", None)):
+        e = dict(env)
+        if extra:
+            e.pop("PYTHONDONTWRITEBYTECODE", None)
+            e.update(extra)
+        else:
+            e["PYTHONDONTWRITEBYTECODE"] = "1"
+        for _ in range(3):  # warm the byte-code cache and the settings cache
+            run(e, PY, DELIVER, "post", "dev", input=msg)
+            run(e, PY, "-c", "pass")
+        bare, ours = [], []
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run([PY, "-c", "pass"], env=e, cwd=ROOT, capture_output=True)
+            bare.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            p = subprocess.run([PY, DELIVER, "post", "dev"], input=msg, env=e, cwd=ROOT, capture_output=True)
+            ours.append(time.perf_counter() - t)
+            if p.returncode != 0:
+                raise SystemExit(f"mailq-deliver failed: {p.stderr.decode()}")
+        results[label] = (statistics.median(bare), statistics.median(ours))
+    return results
+
+
+# -- 2. personalized delivery rate against bare smtplib --------------------------------------------
+
+def bench_rate(env: dict, settings, sink: Sink, recipients: int, rounds: int) -> dict:
+    from mailq.delivery.outqueue import deliver
+    from mailq.delivery.smtp import SMTPConnection
+    from mailq.delivery.verp import verp_sender
+    from mailq.queue import Queue
+
+    rcpts = [f"reader{i}@example.net" for i in range(recipients)]
+    bounces = "dev-bounces@lists.example.org"
+    msg = message("rate")
+    out = Queue.for_settings(settings, "out")
+    log = settings.log_dir / "out.log"
+    bare_rates, runner_rates, inproc_rates = [], [], []
+    def bare() -> None:
+        # bare smtplib: one connection, one transaction per recipient, same VERP senders
+        t = time.perf_counter()
+        client = smtplib.SMTP("127.0.0.1", settings.smtp.port)
+        for r in rcpts:
+            client.sendmail(verp_sender(bounces, r), [r], msg)
+        client.quit()
+        bare_rates.append(recipients / (time.perf_counter() - t))
+
+    def runner() -> None:
+        # mailq's out runner, as a process: its own "done <id> (Xs)" line is the processing time
+        eid = out.enqueue(msg, {"listname": "dev", "recipients": rcpts, "envelope_sender": bounces,
+                                "personalize": True}, listname="dev")
+        run(env, PY, "-m", "mailq.cli.qrunner", "-r", "out", "--once")
+        m = re.search(rf"done {re.escape(eid)} \(([\d.]+)s\)", log.read_text())
+        if not m:
+            raise SystemExit(f"out runner did not finish {eid}; see {log}")
+        runner_rates.append(recipients / float(m.group(1)))
+
+    def inproc() -> None:
+        # the same delivery function in this process (no claim, no runner)
+        conn = SMTPConnection(settings)
+        t = time.perf_counter()
+        report = deliver(settings, conn, msg, {"listname": "dev", "recipients": rcpts, "envelope_sender": bounces,
+                                               "personalize": True}, lambda *a, **k: "")
+        inproc_rates.append(recipients / (time.perf_counter() - t))
+        conn.close()
+        if len(report.delivered) != recipients:
+            raise SystemExit(f"in-process delivery lost recipients: {report.summary()}")
+
+    # The host is shared: alternate the order every round so that load drifts hit all three alike.
+    order = [bare, runner, inproc]
+    for i in range(rounds):
+        for step in (order if i % 2 == 0 else order[::-1]):
+            step()
+    return {"bare": statistics.median(bare_rates), "runner": statistics.median(runner_rates),
+            "inproc": statistics.median(inproc_rates)}
+
+
+# -- 3. post -> delivered latency through the master ---------------------------------------------
+
+def bench_latency(env: dict, sink: Sink, posts: int) -> list[float]:
+    run(env, PY, "-m", "mailq.cli.ctl", "start")
+    try:
+        time.sleep(1.0)  # runners import and set up their watches
+        seen = {parts[0]: float(parts[1]) for parts in sink.lines()}
+        latencies = []
+        for i in range(posts):
+            bench_id = f"post{i}"
+            t0 = time.time()
+            run(env, PY, DELIVER, "post", "dev", input=message(bench_id))
+            deadline = time.monotonic() + 60
+            while bench_id not in seen:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{bench_id} never reached the sink; see the logs under {env['BENCH_VAR']}/log")
+                time.sleep(0.002)
+                seen.update({parts[0]: float(parts[1]) for parts in sink.lines()})
+            latencies.append(seen[bench_id] - t0)
+        return latencies
+    finally:
+        run(env, PY, "-m", "mailq.cli.ctl", "stop", check=False)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--sink":
+        run_sink(int(sys.argv[2]), sys.argv[3])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--posts", type=int, default=100, help="posts timed end to end (default 100)")
+    ap.add_argument("--recipients", type=int, default=500, help="recipients in the rate test (default 500)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the rate test (default 5)")
+    ap.add_argument("--runs", type=int, default=40, help="runs of each program in the start-up test")
+    ap.add_argument("--keep", action="store_true", help="keep the temp tree (logs) for a look")
+    args = ap.parse_args()
+
+    from mailq.config import load_settings
+    from tests.support import free_port
+
+    base = Path(tempfile.mkdtemp(prefix="mailq-flow-"))
+    sink = None
+    try:
+        smtp_port = free_port()
+        config = make_config(base, smtp_port, free_port())
+        env = dict(os.environ, MAILQ_CONFIG=str(config), PYTHONPATH=str(ROOT), BENCH_VAR=str(base / "var"))
+        env["PATH"] = os.path.dirname(PY) + os.pathsep + env.get("PATH", "")
+        settings = load_settings(config)
+        run(env, PY, "-m", "mailq.cli.main", "lists", "create", "dev", "--owner", "owner@example.org",
+            "--domain", "lists.example.org")
+        members = "".join(f"member{i}@example.com\n" for i in range(3)).encode()
+        run(env, PY, "-m", "mailq.cli.main", "members", "add", "dev", "-", input=members)
+        sink = Sink(base, smtp_port)
+
+        startup = bench_deliver(env, base, args.runs)
+        # the start-up runs queued posts into `in`; nothing serves it yet, so clear them away
+        shutil.rmtree(settings.queue_dir("in"), ignore_errors=True)
+        rates = bench_rate(env, settings, sink, args.recipients, args.rounds)
+        latencies = bench_latency(env, sink, args.posts)
+    finally:
+        if sink is not None:
+            sink.stop()
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+    cached_bare, cached_ours = startup["cached"]
+    raw_bare, raw_ours = startup["no-pyc"]
+    result = {
+        "latency_median_ms": round(statistics.median(latencies) * 1000, 1),
+        "latency_p99_ms": round(pct(latencies, 0.99) * 1000, 1),
+        "ratio_vs_bare": round(rates["runner"] / rates["bare"], 3),
+        "deliver_vs_python": round(cached_ours / cached_bare, 2),
+    }
+    rows = [
+        ("post -> delivered, median", f"{result['latency_median_ms']} ms", f"{len(latencies)} posts, mailqctl start"),
+        ("post -> delivered, p99", f"{result['latency_p99_ms']} ms", "pipe -> in (pipeline) -> out -> sink"),
+        ("post -> delivered, min/max", f"{min(latencies) * 1000:.1f} / {max(latencies) * 1000:.1f} ms", ""),
+        ("bare smtplib, personalized", f"{rates['bare']:.0f} rcpt/s", f"{args.recipients} transactions"),
+        ("out runner, personalized", f"{rates['runner']:.0f} rcpt/s", "qrunner -r out --once, runner's time"),
+        ("deliver() in-process", f"{rates['inproc']:.0f} rcpt/s", "same code, no runner"),
+        ("ratio_vs_bare", f"{result['ratio_vs_bare']}", "out runner / bare (target >= 0.8)"),
+        ("python -c pass", f"{cached_bare * 1000:.1f} ms", f"median of {args.runs}"),
+        ("mailq-deliver post", f"{cached_ours * 1000:.1f} ms", "bin/mailq-deliver, byte-code cached"),
+        ("deliver_vs_python", f"{result['deliver_vs_python']}", "target <= 2"),
+        ("  same, no byte-code cache", f"{raw_ours / raw_bare:.2f}",
+         f"{raw_ours * 1000:.1f} vs {raw_bare * 1000:.1f} ms"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    print(f"{'measure'.ljust(width)}  {'value'.ljust(vwidth)}  notes")
+    for name, value, note in rows:
+        print(f"{name.ljust(width)}  {value.ljust(vwidth)}  {note}".rstrip())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
