@@ -98,6 +98,8 @@ class RunnerSettings:
     slices: dict[str, int] = field(default_factory=lambda: {q: 1 for q in RUNNER_QUEUES})
     #: Restarts of one crashed runner before the master gives up on it.
     restart_cap: int = 10
+    #: Longest wait (seconds) between restarts of a crashing runner; the wait doubles from 0.5 s up to this.
+    restart_backoff_max: float = 60.0
     #: Seconds a runner waits for the entry in hand when asked to stop.
     stop_timeout: float = 30.0
 

@@ -37,8 +37,6 @@ from mailq.fsutil import atomic_write, pid_alive
 
 #: A runner that ran this long before crashing starts again with a clean restart count.
 STABLE_SECONDS = 300.0
-#: Longest wait between two restarts of a crashing runner.
-MAX_BACKOFF = 60.0
 #: How often the master looks at its children and its signal flags.
 TICK = 0.1
 #: Environment variable that tells a runner its master's pid (it exits when the master is gone).
@@ -244,7 +242,7 @@ class Master:
         for key, child in list(self.children.items()):
             if child.proc is None or child.proc.poll() is None:
                 continue
-            code = child.proc.returncode
+            code, pid = child.proc.returncode, child.proc.pid
             child.last_exit, child.proc = code, None
             if child.state == "stopping":
                 self.log.info("runner %s stopped (exit %s)", child.label, code)
@@ -256,7 +254,26 @@ class Master:
                 resync = True
             else:
                 self._crashed(child, code)
+            if code != 0:
+                self._recover_child(child, pid)
         return resync
+
+    def _recover_child(self, child: Child, pid: int) -> None:
+        """Put back the entry a dead runner held, at once: a restart must not wait for the next master."""
+        from mailq.runners import UNSLICED
+
+        if child.name in UNSLICED:
+            return
+        try:
+            from mailq.queue.recovery import recover
+
+            report = recover(self.settings, lambda c: c.node == self.node and c.pid == pid, queues=[child.name])
+        except Exception:
+            self.log.error("recovering the claims of dead runner %s (pid %d) failed; they are recovered at "
+                           "the next master start:\n%s", child.label, pid, traceback.format_exc().rstrip())
+            return
+        for row in report.recovered + report.to_bad + report.dropped:
+            self.log.warning("claim of dead runner %s (pid %d): %s", child.label, pid, row)
 
     def _crashed(self, child: Child, code: int | None) -> None:
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
@@ -269,7 +286,7 @@ class Master:
                               "look at var/log/%s/%s.log, then `mailqctl restart`", child.label, how,
                               child.restarts, self.node, child.name)
             return
-        delay = min(MAX_BACKOFF, 0.5 * 2 ** child.restarts)
+        delay = min(self.settings.runners.restart_backoff_max, 0.5 * 2 ** child.restarts)
         child.restarts += 1
         child.state, child.next_start = "backoff", time.monotonic() + delay
         self.log.error("runner %s died (%s); restart %d of %d in %.1fs", child.label, how, child.restarts,

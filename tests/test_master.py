@@ -20,7 +20,11 @@ def status(node) -> dict:
 
 
 def runner(node, name: str) -> dict:
-    return next(r for r in status(node)["runners"] if r["name"] == name)
+    """One runner's row from the master's status file (polled often: no process per look)."""
+    from mailq.master import read_status
+
+    state = read_status(node.settings()) or {"runners": []}
+    return next((r for r in state["runners"] if r["name"] == name), {"pid": None, "state": "", "restarts": -1})
 
 
 def runner_pid(node, name: str) -> int | None:

@@ -1,0 +1,182 @@
+"""End to end, as real processes: MTA pipe and LMTP in, the master's runners, SMTP out to a sink.
+
+Every test starts a master with ``mailqctl start`` and checks what the SMTP sink received: every
+enabled member gets each post exactly once, disabled members nothing, and nothing is lost when the
+sink refuses for a while or the master is stopped in the middle.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import smtplib
+import time
+
+import pytest
+
+from mailq.fsutil import pid_alive
+from tests.support import SMTPSink, make_node, wait_for
+
+ENABLED = [f"m{i}@example.org" for i in range(4)]
+DISABLED = ["off1@example.org", "off2@example.org"]
+POSTER = "poster@example.net"
+
+
+def make_list(node, name: str = "dev", enabled=ENABLED, disabled=DISABLED) -> None:
+    from mailq.lists import ListStore
+    from mailq.lists.members import Member
+
+    store = ListStore(node.settings())
+    store.create(name, "owner@example.org", domain="example.org", nonmember_action="accept", archive=False)
+    with store.edit(name) as mlist:
+        mlist.members.add_many([Member(a) for a in enabled] +
+                               [Member(a, status="disabled_admin") for a in disabled])
+
+
+def post(subject: str, body: str = "Hello list.\n", listaddr: str = "dev@example.org") -> bytes:
+    return (f"From: {POSTER}\r\nTo: {listaddr}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '.')}@example.net>\r\n\r\n{body}").encode()
+
+
+def per_recipient(sink: SMTPSink) -> collections.Counter:
+    """(recipient, subject tag) -> how many copies the sink accepted."""
+    counts: collections.Counter = collections.Counter()
+    with sink.lock:
+        for m in sink.messages:
+            tag = _subject(m.data)
+            for rcpt in m.rcpt_tos:
+                counts[(rcpt, tag)] += 1
+    return counts
+
+
+def _subject(data: bytes) -> str:
+    for line in data.split(b"\r\n") if b"\r\n" in data else data.split(b"\n"):
+        if line.lower().startswith(b"subject:"):
+            return line.split(b"]", 1)[-1].strip().decode() if b"]" in line else line[8:].strip().decode()
+        if not line:
+            break
+    return ""
+
+
+def flow_node(tmp_path, **extra):
+    overrides = {"runners": {"poll_interval": 0.2, "restart_backoff_max": 0.5, "restart_cap": 100}}
+    for key, value in extra.items():
+        overrides.setdefault(key, {}).update(value)
+    return make_node(tmp_path, "n1", **overrides)
+
+
+@pytest.fixture
+def master():
+    nodes = []
+
+    def start(node):
+        result = node.run("mailqctl", "start")
+        assert result.returncode == 0, result.stderr
+        nodes.append(node)
+
+    yield start
+    for node in nodes:
+        pid = json.loads(node.run("mailqctl", "status", "--json").stdout)["pid"]
+        node.run("mailqctl", "stop", "--timeout", "30")
+        assert pid is None or not pid_alive(pid)
+
+
+def queue_files(node, queue: str) -> list:
+    return sorted((node.var / "qfiles" / queue).glob("*/*.pck*"))
+
+
+def test_a_post_by_pipe_and_by_lmtp_reaches_every_enabled_member_exactly_once(tmp_path, master):
+    node = flow_node(tmp_path, lmtp={"enabled": True})
+    settings = node.settings()
+    make_list(node)
+    with SMTPSink(settings.smtp.port) as sink:
+        master(node)
+        piped = node.run("mailq-deliver", "post", "dev", input=post("by pipe"), env={"SENDER": POSTER})
+        assert piped.returncode == 0, piped.stderr
+        wait_for(lambda: _lmtp_up(settings), 60, message="LMTP listener")
+        with smtplib.LMTP(settings.lmtp.host, settings.lmtp.port) as lmtp:
+            refused = lmtp.sendmail(POSTER, ["dev@example.org"], post("by lmtp"))
+        assert refused == {}
+        sink.wait_for_recipients(2 * len(ENABLED), timeout=60)
+        time.sleep(1)       # a duplicate would arrive right behind the first copies
+        counts = per_recipient(sink)
+    assert counts == {(rcpt, tag): 1 for rcpt in ENABLED for tag in ("by pipe", "by lmtp")}
+    assert not any(rcpt in DISABLED for rcpt, _ in counts)
+
+
+def test_a_refusing_smarthost_delays_delivery_but_loses_and_doubles_nothing(tmp_path, master):
+    node = flow_node(tmp_path)
+    settings = node.settings()
+    make_list(node)
+    with SMTPSink(settings.smtp.port) as sink:
+        sink.temp_fail = 2
+        master(node)
+        for i in range(3):
+            assert node.run("mailq-deliver", "post", "dev", input=post(f"retry {i}")).returncode == 0
+        sink.wait_for_recipients(3 * len(ENABLED), timeout=90)
+        wait_for(lambda: not queue_files(node, "retry") and not queue_files(node, "out"), 30,
+                 message="out and retry empty")
+        counts = per_recipient(sink)
+    assert sink.temp_fail == 0
+    assert counts == {(rcpt, f"retry {i}"): 1 for rcpt in ENABLED for i in range(3)}
+
+
+def _lmtp_up(settings) -> bool:
+    try:
+        with smtplib.LMTP(settings.lmtp.host, settings.lmtp.port, timeout=5) as lmtp:
+            lmtp.noop()
+        return True
+    except OSError:
+        return False
+
+
+def pipe_posts(node, count: int, prefix: str) -> None:
+    """Queue *count* posts exactly as mailq-deliver does (its own writer, without a process each)."""
+    from mailq.mta.deliver import write_entry
+
+    settings = node.settings()
+    for i in range(count):
+        metadata = {"listname": "dev", "kind": "post", "received": time.time(), "via": "pipe",
+                    "envelope_sender": POSTER}
+        write_entry(str(settings.queue_dir("in")), post(f"{prefix} {i}"), metadata, fsync=settings.queue.fsync)
+
+
+def runner_pid(node, name: str) -> int | None:
+    """The pid of the running *name* runner, from the master's status file (what `mailqctl status` reads)."""
+    from mailq.master import read_status
+
+    status = read_status(node.settings()) or {"runners": []}
+    return next((r["pid"] for r in status["runners"] if r["name"] == name and r["state"] == "running"), None)
+
+
+def test_sigkilling_the_out_runner_twenty_times_during_a_thousand_posts_loses_nothing(tmp_path, master):
+    import os
+    import signal
+
+    members = ENABLED[:2]
+    # No fsync: a SIGKILLed process loses nothing the kernel already has, and fsync would cost the budget.
+    node = flow_node(tmp_path, queue={"fsync": False})
+    settings = node.settings()
+    make_list(node, enabled=members, disabled=[])
+    posts = 1000
+    with SMTPSink(settings.smtp.port) as sink:
+        master(node)
+        pipe_posts(node, posts, "load")
+        killed: list[int] = []
+        while len(killed) < 20:
+            pid = wait_for(lambda: (p := runner_pid(node, "out")) not in killed and pid_alive(p or 0) and p,
+                           60, message="a new out runner running")
+            before = len(sink.messages)
+            wait_for(lambda before=before: len(sink.messages) > before, 60, message="some delivery")
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        kills = len(killed)
+        sink.wait_for_recipients(posts * len(members), timeout=240)
+        wait_for(lambda: not any(queue_files(node, q) for q in ("in", "out", "retry")), 60,
+                 message="queues drained")
+        counts = per_recipient(sink)
+    expected = {(rcpt, f"load {i}") for rcpt in members for i in range(posts)}
+    assert set(counts) == expected, "every post reached every member"
+    for rcpt in members:
+        extra = sum(n - 1 for (who, _), n in counts.items() if who == rcpt)
+        assert extra <= kills, f"{rcpt} got {extra} copies beyond one per post after {kills} kills"
+    assert not queue_files(node, "shunt") and not queue_files(node, "bad")
