@@ -15,6 +15,7 @@ import email.header
 import email.utils
 import io
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import policy as _policy
@@ -29,6 +30,7 @@ from mailq.config import Settings
 PARSE_POLICY = _policy.compat32
 WIRE_POLICY = _policy.compat32.clone(linesep="\r\n", max_line_length=0)
 MBOX_POLICY = _policy.compat32.clone(linesep="\n", max_line_length=0)
+_EOL = re.compile(r"\r\n|\r|\n")
 
 
 class StageStop(Exception):
@@ -80,7 +82,24 @@ def parse(raw: bytes) -> Message:
 
 
 class _Generator(BytesGenerator):
-    """BytesGenerator that also keeps the raw bytes of a multipart without parsable parts."""
+    """BytesGenerator that writes headers as they came and keeps the raw bytes of broken multiparts."""
+
+    def _write_headers(self, msg: Message) -> None:
+        # Header values from the parser (and the ones stages set) are complete, folded text.  The
+        # stock path runs every one through email.header.Header.encode, which is slow (most of the
+        # pipeline's CPU) and may rewrite whitespace; here they go out byte for byte, with only the
+        # line endings changed.  Header objects and non-ASCII text keep the stock treatment.
+        for name, value in msg.raw_items():
+            if isinstance(value, str):
+                try:
+                    data = _EOL.sub(self._NL, f"{name}: {value}").encode("ascii", "surrogateescape")
+                except UnicodeEncodeError:
+                    data = None
+                if data is not None:
+                    self._fp.write(data + self._encoded_NL)
+                    continue
+            self._fp.write(self.policy.fold_binary(name, value))
+        self.write(self._NL)
 
     def _handle_multipart(self, msg: Message) -> None:
         # A multipart with no (usable) boundary parses to a str payload; the stock generator reads

@@ -14,11 +14,5 @@ from mailq.pipeline.base import Context
 
 
 def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
-    seen: set[str] = set()
-    recipients = []
-    for address in mlist.regular_recipients():
-        key = address.lower()
-        if key not in seen:
-            seen.add(key)
-            recipients.append(address)
-    msgdata["recipients"] = recipients
+    # The roster keeps each address once (case-insensitively), so no de-duplication is needed here.
+    msgdata["recipients"] = list(mlist.regular_recipients())

@@ -1,0 +1,109 @@
+"""Benchmark the per-post cost of the list pipeline for a 1,000-member list.
+
+    python bench/pipeline_cost.py [--members 1000] [--posts 200] [--no-fsync]
+
+What one post costs the ``in`` runner, measured the way the runner does it, in a fresh temp var
+with a real ListStore: load the list without a lock (``ListStore.load``), parse the message
+(compat32), run ``settings.pipeline.posts`` (sanity ... to_outgoing) including the real enqueues
+into ``out`` and ``archive`` (and the pending-digest entry; fsync on by default, as configured out
+of the box).  Samples cycle through plain, multipart/alternative, multipart/mixed with an
+attachment, signed and encoded-subject messages from tests/data.
+
+``bench_pipeline(...)`` returns a dict and is what ``bench/flow.py`` imports; run alone, the last
+line printed is that dict as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SAMPLES = ("plain.eml", "alternative.eml", "mixed_attachment.eml", "signed.eml", "subject_utf8.eml",
+           "subject_iso2022jp.eml", "prefixed.eml")
+
+
+def bench_pipeline(members: int = 1000, posts: int = 200, fsync: bool = True) -> dict:
+    """Per-post pipeline cost in ms for a list of *members*; keys ``pipeline_ms_median`` etc."""
+    from mailq.config import Settings
+    from mailq.lists import ListStore, Member
+    from mailq.pipeline import Context, run
+    from mailq.pipeline.base import parse
+    from mailq.queue import Queue
+
+    tmp = Path(tempfile.mkdtemp(prefix="mailq-bench-pipeline-"))
+    try:
+        settings = Settings()
+        settings.paths.var = tmp / "var"
+        settings.node.name = f"bench-{tmp.name[-8:]}"  # a fresh logger per call (its folder is ours)
+        settings.queue.fsync = fsync
+        store = ListStore(settings)
+        store.create("bench", "owner@example.org", "example.org", subject_prefix="[bench] ",
+                     footer="Leave: {leave_address}", max_message_kb=0, max_recipients=0)
+        with store.edit("bench") as mlist:
+            mlist.members.add_many(Member(f"member{i:05d}@example.net", digest=(i % 50 == 0))
+                                   for i in range(members))
+            mlist.members.add_many([Member(a) for a in ("alice@example.org", "bob@example.org",
+                                                          "carol@example.org", "dave@example.org",
+                                                          "juergen@example.org", "taro@example.jp")])
+        raws = [(ROOT / "tests" / "data" / name).read_bytes() for name in SAMPLES]
+        queues = {q: Queue.for_settings(settings, q) for q in ("out", "archive")}
+        log = logging.getLogger("bench.pipeline")
+        log.addHandler(logging.NullHandler())
+        log.propagate = False
+
+        def enqueue(queue: str, data: bytes, meta: dict) -> str:
+            return queues[queue].enqueue(data, meta, listname=meta.get("listname", ""))
+
+        times = []
+        recipients = 0
+        for i in range(posts + 5):
+            raw = raws[i % len(raws)]
+            started = time.perf_counter()
+            ml = store.load("bench")
+            msg = parse(raw)
+            metadata = {"listname": "bench", "kind": "post", "size": len(raw), "received": time.time()}
+            run(settings.pipeline.posts, ml, msg, metadata, Context(settings, log, enqueue))
+            elapsed = time.perf_counter() - started
+            if i >= 5:  # the first posts warm imports and caches
+                times.append(elapsed * 1000.0)
+                recipients = len(metadata["recipients"])
+        times.sort()
+        return {
+            "pipeline_ms_median": round(statistics.median(times), 3),
+            "pipeline_ms_p90": round(times[int(len(times) * 0.9) - 1], 3),
+            "pipeline_ms_min": round(times[0], 3),
+            "members": members + 6,
+            "recipients_per_post": recipients,
+            "posts": posts,
+            "fsync": fsync,
+            "stages": list(settings.pipeline.posts),
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=1000)
+    parser.add_argument("--posts", type=int, default=200)
+    parser.add_argument("--no-fsync", action="store_true", help="queue writes without fsync (CPU cost only)")
+    args = parser.parse_args()
+    result = bench_pipeline(args.members, args.posts, fsync=not args.no_fsync)
+    print(f"pipeline per post ({result['members']} members, {result['recipients_per_post']} regular "
+          f"recipients, fsync {'on' if result['fsync'] else 'off'}): median {result['pipeline_ms_median']} ms, "
+          f"p90 {result['pipeline_ms_p90']} ms", file=sys.stderr)
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
