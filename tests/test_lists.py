@@ -170,3 +170,23 @@ def test_writer_killed_at_random_points_of_saves_leaves_a_consistent_list(node, 
         pass
     leftovers = [p.name for p in store.list_dir("dev").iterdir() if p.name not in ("list.pck", "list.pck.last")]
     assert all(name.endswith(".tmp") for name in leftovers)
+
+
+def test_changes_to_one_member_or_to_all_members_inside_edit_are_saved(store):
+    with store.edit("dev") as mlist:
+        mlist.members.add_many(Member(f"m{i}@example.org", digest=i % 2 == 0) for i in range(10))
+    with store.edit("dev") as mlist:  # columns stay columns: only the fetched member is patched
+        m3 = mlist.members.get("M3@example.org")
+        m3.status, m3.bounce_score, m3.display_name = "disabled_bounce", 3.0, "Three"
+        mlist.settings.description = "patched"
+    mlist = store.load("dev")
+    assert mlist.members.get("m3@example.org").as_dict() | {"disabled_at": None, "joined": None} == {
+        "address": "m3@example.org", "display_name": "Three", "status": "disabled_bounce", "disabled_at": None,
+        "digest": False, "moderated": False, "dont_receive_duplicates": True, "bounce_score": 3.0,
+        "last_bounce": None, "joined": None}
+    assert "m3@example.org" not in mlist.regular_recipients() and mlist.settings.description == "patched"
+    with store.edit("dev") as mlist:
+        for m in mlist.members:
+            m.moderated = True
+    assert all(m.moderated for m in store.load("dev").members)
+    assert store.load("dev").regular_recipients() == [f"m{i}@example.org" for i in (1, 5, 7, 9)]

@@ -105,9 +105,10 @@ class Roster:
     """The members of one list: ``get``/``add``/``remove`` by address (case-insensitive), ``len``, iteration.
 
     Two states.  Loaded from disk it holds *columns* (see ``to_stored``): counting, recipients and
-    look-ups work on them directly and ``get`` returns detached copies (a read-only load cannot
-    save anyway).  The first change, or ``materialize()`` (``store.edit`` calls it), turns the
-    columns into rows; from then on ``Member`` objects are live views that are saved with the list.
+    look-ups work on them directly, and a member fetched with ``get`` is kept as a patch that is
+    written back on save, so changing one member of a big list stays cheap.  Adding or removing
+    members, or iterating a roster opened for editing, turns the columns into rows (about 0.1 s per
+    100,000 members); ``Member`` objects are live views on their row either way.
     """
 
     def __init__(self, rows: list[list[Any]] | None = None) -> None:
@@ -115,14 +116,16 @@ class Roster:
         self._cols: dict[str, Any] | None = None
         self._row_index: dict[str, list[Any]] | None = None
         self._pos_index: dict[str, int] | None = None
+        self._patched: dict[int, list[Any]] = {}
+        #: Set by ``ListStore.edit``: iteration then yields live members (rows) instead of copies.
+        self.editable = False
 
     # -- storage ---------------------------------------------------------------------------------
     def to_stored(self) -> dict[str, Any]:
         """Columns: addresses and display names joined by newlines, status and flags one byte each,
         ``joined`` as packed doubles, and the rarely set fields in a sparse ``extra`` dict."""
         if self._rows is None:
-            assert self._cols is not None
-            return self._cols
+            return self._stored_columns()
         rows = self._rows
         extra = {i: [r[DISABLED_AT], r[SCORE], r[LAST_BOUNCE]] for i, r in enumerate(rows)
                  if r[DISABLED_AT] is not None or r[SCORE] or r[LAST_BOUNCE] is not None}
@@ -130,9 +133,31 @@ class Roster:
                 "address": "\n".join(r[ADDRESS] for r in rows),
                 "display_name": "\n".join(r[DISPLAY_NAME] for r in rows),
                 "status": bytes(_STATUS_CODE[r[STATUS]] for r in rows),
-                "flags": bytes((r[DIGEST] and 1) | (r[MODERATED] and 2) | (r[NODUPES] and 4) for r in rows),
+                "flags": bytes(_flags(r) for r in rows),
                 "joined": array.array("d", [r[JOINED] or 0.0 for r in rows]).tobytes(),
                 "extra": extra}
+
+    def _stored_columns(self) -> dict[str, Any]:
+        c = self._cols
+        assert c is not None
+        out = {k: c[k] for k in _STORED_KEYS}
+        if not self._patched:
+            return out  # nothing changed: the loaded strings and bytes are written back as they are
+        addresses, names = list(c["_addresses"]), list(c["_names"])
+        status, flags = bytearray(c["status"]), bytearray(c["flags"])
+        joined, extra = array.array("d", c["_joined"]), dict(c["extra"])
+        for i, r in self._patched.items():
+            _check_row(r)
+            addresses[i], names[i] = r[ADDRESS], r[DISPLAY_NAME]
+            status[i], flags[i] = _STATUS_CODE[r[STATUS]], _flags(r)
+            joined[i] = r[JOINED] or 0.0
+            if r[DISABLED_AT] is not None or r[SCORE] or r[LAST_BOUNCE] is not None:
+                extra[i] = [r[DISABLED_AT], r[SCORE], r[LAST_BOUNCE]]
+            else:
+                extra.pop(i, None)
+        out.update({"address": "\n".join(addresses), "display_name": "\n".join(names),
+                    "status": bytes(status), "flags": bytes(flags), "joined": joined.tobytes(), "extra": extra})
+        return out
 
     @classmethod
     def from_stored(cls, data: Any) -> Roster:
@@ -148,30 +173,36 @@ class Roster:
         except (KeyError, AttributeError, TypeError, ValueError) as exc:
             raise ValueError(f"members: damaged columns ({exc})") from None
         if not (len(addresses) == len(names) == len(status) == len(flags) == len(joined) == n) \
-                or not isinstance(extra, dict) or (status and max(status) >= len(STATUSES)):
-            raise ValueError("members: columns of different lengths or unknown status codes")
+                or not isinstance(status, bytes) or not isinstance(flags, bytes) \
+                or not isinstance(extra, dict) or (status and max(status) >= len(STATUSES)) \
+                or not all(isinstance(k, int) and 0 <= k < n and isinstance(v, list) and len(v) == 3
+                           for k, v in extra.items()):
+            raise ValueError("members: columns of different lengths, unknown status codes or bad extras")
         roster = cls()
         roster._rows = None
-        roster._cols = {"n": n, "address": data["address"], "display_name": data["display_name"],
-                        "status": status, "flags": flags, "joined": data["joined"], "extra": extra,
-                        "_addresses": addresses, "_names": names, "_joined": joined}
+        roster._cols = {k: data[k] for k in _STORED_KEYS}
+        roster._cols.update({"_addresses": addresses, "_names": names, "_joined": joined})
         return roster
 
     def _col_row(self, i: int) -> list[Any]:
+        patched = self._patched.get(i)
+        if patched is not None:
+            return patched
         c = self._cols
         assert c is not None
         f = c["flags"][i]
         ex = c["extra"].get(i) or (None, 0.0, None)
         return [c["_addresses"][i], c["_names"][i], STATUSES[c["status"][i]], ex[0], bool(f & 1),
-                bool(f & 2), bool(f & 4), float(ex[1]), ex[2], c["_joined"][i] or None]
+                bool(f & 2), bool(f & 4), float(ex[1] or 0.0), ex[2], c["_joined"][i] or None]
 
     def materialize(self) -> None:
-        """Turn columns into rows so that members can be changed (about 0.1 s per 100,000)."""
+        """Turn columns into rows (add, remove and editable iteration need them)."""
         if self._rows is None:
             assert self._cols is not None
             self._rows = [self._col_row(i) for i in range(self._cols["n"])]
             self._cols = None
             self._pos_index = None
+            self._patched = {}
 
     def rows(self) -> list[list[Any]]:
         self.materialize()
@@ -188,20 +219,30 @@ class Roster:
         return len(self._rows) if self._rows is not None else self._cols["n"]  # type: ignore[index]
 
     def __iter__(self) -> Iterator[Member]:
-        if self._rows is None:
-            return (Member.from_row(self._col_row(i)) for i in range(len(self)))
-        return (Member.from_row(row) for row in self._rows)
+        if self._rows is None and not self.editable:
+            return (Member.from_row(self._col_row(i)) for i in range(len(self)))  # copies: nothing to save
+        return (Member.from_row(row) for row in self.rows())
 
     def __contains__(self, address: object) -> bool:
-        return isinstance(address, str) and self.get(address) is not None
+        if not isinstance(address, str):
+            return False
+        if self._rows is None:
+            return address.lower() in self._positions()
+        return address.lower() in self._idx()
+
+    def _positions(self) -> dict[str, int]:
+        if self._pos_index is None:
+            self._pos_index = {a.lower(): i for i, a in enumerate(self._cols["_addresses"])}  # type: ignore[index]
+        return self._pos_index
 
     def get(self, address: str) -> Member | None:
         key = address.lower()
         if self._rows is None:
-            if self._pos_index is None:
-                self._pos_index = {a.lower(): i for i, a in enumerate(self._cols["_addresses"])}  # type: ignore[index]
-            pos = self._pos_index.get(key)
-            return Member.from_row(self._col_row(pos)) if pos is not None else None
+            pos = self._positions().get(key)
+            if pos is None:
+                return None
+            row = self._patched.setdefault(pos, self._col_row(pos))  # a live view: saved with the list
+            return Member.from_row(row)
         row = self._idx().get(key)
         return Member.from_row(row) if row is not None else None
 
@@ -213,18 +254,23 @@ class Roster:
 
     def regular(self) -> list[str]:
         """Enabled, non-digest members' addresses: runs for every post, so it works on columns."""
-        if self._rows is None:
+        if self._rows is None and not self._patched:
             c = self._cols
             return [a for a, s, f in zip(c["_addresses"], c["status"], c["flags"], strict=True)  # type: ignore[index]
                     if s == 0 and not f & 1]
-        return [r[ADDRESS] for r in self._rows if r[STATUS] == "enabled" and not r[DIGEST]]
+        return [r[ADDRESS] for r in self._all_rows() if r[STATUS] == "enabled" and not r[DIGEST]]
 
     def digest(self) -> list[str]:
-        if self._rows is None:
+        if self._rows is None and not self._patched:
             c = self._cols
             return [a for a, s, f in zip(c["_addresses"], c["status"], c["flags"], strict=True)  # type: ignore[index]
                     if s == 0 and f & 1]
-        return [r[ADDRESS] for r in self._rows if r[STATUS] == "enabled" and r[DIGEST]]
+        return [r[ADDRESS] for r in self._all_rows() if r[STATUS] == "enabled" and r[DIGEST]]
+
+    def _all_rows(self) -> Iterator[list[Any]]:
+        if self._rows is not None:
+            return iter(self._rows)
+        return (self._col_row(i) for i in range(len(self)))
 
     # -- changing --------------------------------------------------------------------------------
     def add(self, member: Member | str, **fields: Any) -> Member:
@@ -272,6 +318,11 @@ class Roster:
 
 
 _STATUS_CODE = {s: i for i, s in enumerate(STATUSES)}
+_STORED_KEYS = ("n", "address", "display_name", "status", "flags", "joined", "extra")
+
+
+def _flags(r: list[Any]) -> int:
+    return (1 if r[DIGEST] else 0) | (2 if r[MODERATED] else 0) | (4 if r[NODUPES] else 0)
 
 
 def _check_row(row: list[Any]) -> None:

@@ -140,7 +140,7 @@ class ListStore:
         """Lock, reload, yield the list for changes, save (unless the block raised), unlock."""
         with self.lock(name, timeout):
             mlist = self.load(name)
-            mlist.members.materialize()  # members become live views: changes to them are saved
+            mlist.members.editable = True  # iterating yields live members: changes to them are saved
             yield mlist
             self._save(mlist)
 
