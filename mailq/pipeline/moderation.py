@@ -68,8 +68,14 @@ def _take_header_password(msg: Message) -> str | None:
 
 
 def _take_body_password(msg: Message) -> str | None:
-    """``Approved: pw`` as the first non-blank line of the first text/plain part (removed)."""
+    """``Approved: pw`` as the first non-blank line of the first text/plain part (removed).
+
+    Not looked for when the message has alternative or HTML versions of the text: the password
+    would stay visible there, and a moderator should use the header instead.
+    """
     found: list[str] = []
+    if any(p.get_content_type() in ("multipart/alternative", "text/html") for p in msg.walk()):
+        return None
 
     def strip_first_line(text: str) -> str | None:
         lines = text.split("\n")
