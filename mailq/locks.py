@@ -100,6 +100,7 @@ class Lock:
         self._flock = StrictSoftFileLock(str(self.path), timeout=timeout, mode=_MODE, thread_local=False)
         self._thread_lock = threading.RLock()
         self._depth = 0
+        self._dirs_made = False
 
     # -- naming --------------------------------------------------------------------------------
     @property
@@ -143,7 +144,6 @@ class Lock:
         return self
 
     def _acquire_file(self, timeout: float) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_record()
         started = time.monotonic()
         deadline = started + timeout
@@ -210,13 +210,24 @@ class Lock:
         record = {"node": self.node, "host": host_id(), "pid": os.getpid(), "since": time.time(),
                   "what": self.what}
         path = self._record_path(host_id(), os.getpid())
-        tmp = path.with_name(f".{path.name}.tmp")
+        data = json.dumps(record).encode()
         try:
-            self.holders_dir.mkdir(mode=0o2775, exist_ok=True)
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, path)
+            if not self._dirs_made:
+                self.holders_dir.mkdir(mode=0o2775, parents=True, exist_ok=True)
+                self._dirs_made = True
+            # One small write: a reader that catches it half-written skips it (the claim shows node "?").
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o664)
+            except FileNotFoundError:  # var/locks was removed since: make it again
+                self.holders_dir.mkdir(mode=0o2775, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o664)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
         except OSError as exc:
-            raise TemporaryFailure(f"cannot write holder record {path}: {exc.strerror}") from exc
+            raise TemporaryFailure(f"cannot write holder record {path}: {exc.strerror} (check that "
+                                   f"{self.holders_dir} exists and is writable)") from exc
 
     def _remove_record(self, host: str | None = None, pid: int | None = None) -> None:
         try:
