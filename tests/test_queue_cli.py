@@ -34,6 +34,19 @@ def test_inject_count_and_show_with_or_without_queue(node, tmp_path):
     assert missing.returncode == 1 and "no queue entry" in missing.stderr
 
 
+def test_count_takes_slice_counts_from_the_slice_map(node):
+    def spec(q: str) -> str:
+        n = 4 if q == "out" else 1
+        return f"  {q}: {{count: {n}, nodes: {{n1: {list(range(n))}}}}}"
+
+    queues = "\n".join(spec(q) for q in ("in", "out", "virgin", "retry", "bounces", "commands", "archive"))
+    (node.var / "cluster").mkdir(parents=True)
+    (node.var / "cluster" / "slices.yaml").write_text(f"epoch: 1\nqueues:\n{queues}\nnodes:\n  n1: {{}}\n")
+    counts = json.loads(node.mailq("queue", "count", "--json", check=True).stdout)
+    assert counts["queues"]["out"]["count"] == 4 and len(counts["queues"]["out"]["slices"]) == 4
+    assert counts["queues"]["in"]["count"] == 1
+
+
 def test_show_never_runs_code_from_a_planted_file(node, tmp_path):
     marker = tmp_path / "pwned"
 

@@ -45,12 +45,12 @@ def _slice_counts(settings: Settings, override: int | None) -> dict[str, int]:
     try:   # the slice map decides once it exists (issue 6); fall back to config if it cannot be read
         from mailq.cluster.slicemap import load_map
 
-        smap = load_map(settings)
+        smap = load_map(settings.slice_map_path)
         for q in RUNNER_QUEUES:
-            if smap is not None and q in smap.queues:
+            if smap is not None and smap.count(q):
                 counts[q] = smap.count(q)
-    except Exception as exc:   # noqa: BLE001 - a broken map is `mailq slices check`'s business, not ours
-        warn(f"cannot read the slice map {settings.slice_map_path} ({exc}); using slice counts from config")
+    except MailqError as exc:   # a broken map is `mailq slices check`'s business; counting still works
+        warn(f"cannot use the slice map {settings.slice_map_path} ({exc}); slice counts from config instead")
     return counts
 
 
