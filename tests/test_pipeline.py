@@ -6,6 +6,9 @@ import email.header
 from email import policy
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from mailq.errors import InvalidInput
 from mailq.pipeline import load_stage
@@ -376,3 +379,18 @@ def test_unknown_stage_name_is_refused_before_any_stage_runs(settings, mlist):
         run_pipeline(settings, mlist, sample("plain.eml"), ["recipients", "nosuch"])
     with pytest.raises(InvalidInput):
         load_stage("../etc")
+
+
+# -- hostile input -------------------------------------------------------------------------------
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(SAMPLES), cut=st.integers(0, 4000), junk=st.binary(max_size=40),
+       flip=st.integers(0, 4000))
+def test_no_stage_crashes_on_mangled_messages(settings, mlist, name, cut, junk, flip):
+    raw = bytearray(sample(name))
+    if raw:
+        raw[flip % len(raw)] ^= 0x80  # an 8-bit byte anywhere: header, boundary, base64, charset
+    raw = bytes(raw[: cut % (len(raw) + 1)]) + junk + bytes(raw[cut % (len(raw) + 1):])
+    msg, msgdata, stop = run_pipeline(settings, mlist, raw)
+    assert stop is None or stop.action in ("hold", "reject", "discard")
+    parse(to_bytes(msg))  # what went out can be read back
