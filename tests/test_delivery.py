@@ -190,3 +190,41 @@ def test_out_and_retry_runners_deliver_retry_and_finish(tmp_path, sink):
     assert sorted(sink.recipients()) == rcpts(3)
     log = (settings.log_dir / "out.log").read_text()
     assert "1 delivered, 2 to retry" in log and "2 delivered, 0 to retry" in log
+
+
+class AuthSink(SMTPSink):
+    """The shared sink, but AUTH is required (plain text allowed on loopback for the test)."""
+
+    def start(self) -> AuthSink:
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult
+
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            ok = auth_data.login == b"mailq" and auth_data.password == b"s3cret"
+            return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd answers 535 itself
+
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, authenticator=authenticator,
+                                     auth_required=True, auth_require_tls=False)
+        self.controller.start()
+        return self
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+@pytest.mark.parametrize("password,delivered", [("s3cret", True), ("wrong", False)])
+def test_smtp_auth_and_wrong_credentials_keep_the_mail(tmp_path, password, delivered):
+    with AuthSink() as sink:
+        node = make_node(tmp_path, "n1", smtp={"port": sink.port, "user": "mailq", "password": password})
+        settings = node.settings()
+        retry = Queue.for_settings(settings, "retry")
+
+        def enqueue(queue, msg, metadata, *, not_before=None):
+            assert queue == "retry"
+            return retry.enqueue(msg, metadata, not_before=not_before)
+
+        report = deliver(settings, make_transport(settings), MSG, out_meta(rcpts(2)), enqueue)
+    if delivered:
+        assert sorted(report.delivered) == rcpts(2) and sink.recipients() == rcpts(2)
+    else:
+        # our configuration is wrong, not the recipients: temporary, kept for retry, never a bounce
+        assert report.delivered == [] and sorted(report.retried) == rcpts(2)
+        assert all("AUTH failed" in text for _, text in report.retried.values()), report.retried

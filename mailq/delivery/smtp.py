@@ -76,7 +76,7 @@ class SMTPConnection:
                 client.starttls(context=ssl.create_default_context())
                 client.ehlo()
             if self.use_auth and cfg.user:
-                client.login(cfg.user, cfg.password)
+                _login(client, cfg.user, cfg.password, f"{self.host}:{self.port}")
         except BaseException:
             _quiet_close(client)
             raise
@@ -195,6 +195,24 @@ class SMTPConnection:
         client, self.client = self.client, None
         if client is not None:
             _quiet_close(client)
+
+
+def _login(client: smtplib.SMTP, user: str, password: str, where: str) -> None:
+    """AUTH with the first of PLAIN, LOGIN, CRAM-MD5 the server offers, once.
+
+    Not ``smtplib.login``: after a refused password it tries the next mechanism, and some servers
+    then wait for input that never comes, turning a clear "535 bad credentials" into a timeout.
+    """
+    client.user, client.password = user, password
+    offered = client.esmtp_features.get("auth", "").upper().split()
+    for mechanism, method in (("PLAIN", client.auth_plain), ("LOGIN", client.auth_login),
+                              ("CRAM-MD5", client.auth_cram_md5)):
+        if mechanism in offered:
+            client.auth(mechanism, method, initial_response_ok=True)  # SMTPAuthenticationError if refused
+            return
+    raise smtplib.SMTPAuthenticationError(
+        454, f"{where} offers no AUTH mechanism mailq can use (offered: {' '.join(offered) or 'none'}; "
+             "smtp.user is set)")
 
 
 def _temp(code: int) -> int:
