@@ -228,3 +228,24 @@ def test_smtp_auth_and_wrong_credentials_keep_the_mail(tmp_path, password, deliv
         # our configuration is wrong, not the recipients: temporary, kept for retry, never a bounce
         assert report.delivered == [] and sorted(report.retried) == rcpts(2)
         assert all("AUTH failed" in text for _, text in report.retried.values()), report.retried
+
+
+class SenderRefusingSink(SMTPSink):
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
+        return "553 5.7.1 sender not allowed to relay"
+
+
+def test_a_refused_sender_never_bounces_the_recipients(tmp_path):
+    with SenderRefusingSink() as sink:
+        node = make_node(tmp_path, "n1", smtp={"port": sink.port})
+        settings = node.settings()
+        written = []
+
+        def enqueue(queue, msg, metadata, *, not_before=None):
+            written.append(queue)
+            return Queue.for_settings(settings, queue).enqueue(msg, metadata, not_before=not_before)
+
+        report = deliver(settings, make_transport(settings), MSG, out_meta(rcpts(3)), enqueue)
+    assert written == ["retry"] and not report.bounced
+    assert sorted(report.retried) == rcpts(3)
+    assert all("553" in text and "MAIL FROM" in text for _, text in report.retried.values())

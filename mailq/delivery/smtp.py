@@ -8,6 +8,11 @@ outgoing runner calls when it has been idle for a poll interval.
 
 The transaction is driven command by command (MAIL, RCPT per recipient, DATA) rather than through
 ``smtplib.sendmail``, because sendmail forgets which recipients RCPT refused when DATA fails.
+
+Classification: a 5xx answer to RCPT, or to the message at the end of DATA, is a permanent failure
+of those recipients (a bounce). Everything that is about the connection or about us (greeting,
+EHLO, STARTTLS, AUTH, MAIL FROM, even with a 5xx code; refused connections; timeouts) is temporary:
+the recipients are retried and, if it lasts, the list owner is told -- never bounced.
 """
 from __future__ import annotations
 
@@ -67,7 +72,9 @@ class SMTPConnection:
         cfg = self.settings.smtp
         client = smtplib.SMTP(timeout=cfg.timeout, local_hostname=cfg.helo or self.settings.node.name)
         try:
-            client.connect(self.host, self.port)
+            code, greeting = client.connect(self.host, self.port)
+            if code != 220:
+                raise smtplib.SMTPConnectError(code, greeting)
             client.ehlo_or_helo_if_needed()
             if cfg.starttls:
                 if not client.has_extn("starttls"):
@@ -119,7 +126,8 @@ class SMTPConnection:
                     result.fail(recipients, _temp(exc2.smtp_code), f"AUTH failed: {_text(exc2.smtp_error)}")
                 except smtplib.SMTPResponseException as exc2:
                     self._drop()
-                    result.fail(recipients, exc2.smtp_code, _text(exc2.smtp_error))
+                    result.fail(recipients, _temp(exc2.smtp_code),
+                                f"{self.host}:{self.port}: {exc2.smtp_code} {_text(exc2.smtp_error)}")
                 except (OSError, smtplib.SMTPException) as exc2:
                     self._drop()
                     result.fail(recipients, NO_REPLY, f"{self.host}:{self.port}: {exc2}")
@@ -130,9 +138,12 @@ class SMTPConnection:
             self._drop()
             result.fail(recipients, _temp(exc.smtp_code), f"AUTH failed: {_text(exc.smtp_error)}")
         except smtplib.SMTPResponseException as exc:
-            # Greeting/EHLO/STARTTLS refused: the whole connection failed.
+            # Greeting/EHLO/STARTTLS refused: about us or the server, never the recipients, so even a
+            # 5xx here is temporary (bouncing every member because a relay is misconfigured would
+            # disable the whole list). Give-up tells the owner if it lasts.
             self._drop()
-            result.fail(recipients, exc.smtp_code, f"{self.host}:{self.port}: {_text(exc.smtp_error)}")
+            result.fail(recipients, _temp(exc.smtp_code),
+                        f"{self.host}:{self.port}: {exc.smtp_code} {_text(exc.smtp_error)}")
         except (OSError, smtplib.SMTPException) as exc:  # refused, timeout, reset, DNS for host
             self._drop()
             what = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
@@ -150,8 +161,9 @@ class SMTPConnection:
         self.transactions += 1
         code, resp = client.mail(sender, options)
         if code != 250:
+            # A refused sender is our problem, not the recipients': temporary even when 5xx.
             self._abort(code)
-            result.fail(recipients, code, f"MAIL FROM refused: {_text(resp)}")
+            result.fail(recipients, _temp(code), f"MAIL FROM <{sender}> refused: {code} {_text(resp)}")
             return result
         accepted = []
         for rcpt in recipients:
