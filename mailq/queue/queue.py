@@ -188,7 +188,10 @@ class Queue:
         try:
             os.rename(src, dst)
         except FileNotFoundError:
-            return None     # another process claimed it first: not an error
+            # Usually another process claimed it first.  But an NFS client that retransmits a rename
+            # whose reply was lost gets ENOENT although the rename happened: then the claim is ours.
+            if not os.path.exists(dst):
+                return None
         try:
             msg, metadata = decode(read_all(dst))
         except (BadEntry, OSError) as exc:
