@@ -11,6 +11,7 @@ per lock acquisition: a strict lock cycle costs about 1 ms (DESIGN §4).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -37,7 +38,10 @@ def mbox_entry(msg: bytes, sender: str = "", when: float | None = None) -> bytes
 
 def append_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Append *data* to *path* in one write; on failure cut the file back to where it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # group-writable like the list folders: other hosts append
+            os.chmod(path.parent, 0o2775)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o660)
     try:
         start = os.fstat(fd).st_size

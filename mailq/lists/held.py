@@ -21,6 +21,7 @@ list`` shows it as ``decided, not carried out`` and ``HeldStore.complete(id)`` f
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import getpass
 import json
@@ -34,10 +35,11 @@ from typing import Any
 
 from mailq import safepickle
 from mailq.config import Settings
-from mailq.errors import InvalidInput, MailqError, NotFound
-from mailq.fsutil import atomic_write
+from mailq.errors import InvalidInput, MailqError, NotFound, TemporaryFailure
+from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write
 
 ACTIONS = ("approve", "reject", "discard")
+DIR_MODE = 0o2775  # as list folders (mailq.lists.store): group-writable, setgid
 PAST = {"approve": "approved", "reject": "rejected", "discard": "discarded"}
 
 
@@ -80,7 +82,10 @@ class HeldStore:
     def hold(self, msg: bytes, metadata: dict, reason: str, *, sender: str = "", subject: str = "",
              date: str = "") -> str:
         """Store a held post; returns its id (``YYYYMMDD-HHMMSS-<hex>``, sortable by age)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):  # the umask cut the group bits; other hosts must write
+                os.chmod(self.folder, DIR_MODE)
         now = time.time()
         held_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{secrets.token_hex(4)}"
         record = {"id": held_id, "msg": bytes(msg), "metadata": dict(metadata), "reason": reason,
@@ -163,7 +168,16 @@ class HeldStore:
     def _link_decision(self, decision: Decision) -> bool:
         target = self._decision(decision.id)
         mine = self.folder / f".{decision.id}.{decision.node}.{decision.pid}.{secrets.token_hex(4)}.tmp"
-        mine.write_text(json.dumps(asdict(decision)), encoding="utf-8")
+        try:
+            mine.write_text(json.dumps(asdict(decision)), encoding="utf-8")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(mine)
+            if exc.errno in TEMPORARY_ERRNOS:
+                raise TemporaryFailure(f"cannot record the decision for held message {decision.id} in "
+                                       f"{self.folder}: {exc.strerror}; nothing was decided, try again "
+                                       f"later") from exc
+            raise
         try:
             os.link(mine, target)
             return True
