@@ -51,7 +51,8 @@ def per_recipient(sink: SMTPSink) -> collections.Counter:
 def _subject(data: bytes) -> str:
     for line in data.split(b"\r\n") if b"\r\n" in data else data.split(b"\n"):
         if line.lower().startswith(b"subject:"):
-            return line.split(b"]", 1)[-1].strip().decode() if b"]" in line else line[8:].strip().decode()
+            text = line[8:].decode("utf-8", "replace")
+            return text.split("]", 1)[-1].strip()
         if not line:
             break
     return ""
@@ -180,3 +181,76 @@ def test_sigkilling_the_out_runner_twenty_times_during_a_thousand_posts_loses_no
         extra = sum(n - 1 for (who, _), n in counts.items() if who == rcpt)
         assert extra <= kills, f"{rcpt} got {extra} copies beyond one per post after {kills} kills"
     assert not queue_files(node, "shunt") and not queue_files(node, "bad")
+
+
+def test_stopping_the_master_during_a_busy_flow_loses_nothing_and_a_restart_finishes(tmp_path, master):
+    members = ENABLED[:2]
+    node = flow_node(tmp_path, queue={"fsync": False})
+    settings = node.settings()
+    make_list(node, enabled=members, disabled=[])
+    posts = 200
+    with SMTPSink(settings.smtp.port) as sink:
+        master(node)
+        pipe_posts(node, posts, "busy")
+        wait_for(lambda: len(sink.messages) >= 10, 120, message="the flow under way")
+        stopped = node.run("mailqctl", "stop")
+        assert stopped.returncode == 0, stopped.stderr
+        delivered_at_stop = len(sink.messages)
+        # Every runner finished the entry in hand: no claim is left anywhere.
+        assert not list((node.var / "qfiles").glob("*/*/*.bak"))
+        assert delivered_at_stop < posts, "the test must stop the master mid-flow"
+        master(node)
+        sink.wait_for_recipients(posts * len(members), timeout=180)
+        wait_for(lambda: not any(queue_files(node, q) for q in ("in", "out", "retry")), 60, message="drained")
+        counts = per_recipient(sink)
+    assert counts == {(rcpt, f"busy {i}"): 1 for rcpt in members for i in range(posts)}
+
+
+def test_bad_input_never_crashes_a_runner_and_each_message_ends_somewhere_with_a_reason(tmp_path, master):
+    from mailq.lists.held import HeldStore
+    from mailq.master import read_status
+    from mailq.queue import Queue
+
+    node = flow_node(tmp_path, lmtp={"enabled": True})
+    settings = node.settings()
+    make_list(node)
+    with SMTPSink(settings.smtp.port) as sink:
+        master(node)
+        unknown = node.run("mailq-deliver", "post", "nosuch", input=post("unknown list"))
+        assert unknown.returncode == 67 and "nosuch" in unknown.stderr
+        empty = node.run("mailq-deliver", "post", "dev", input=b"")
+        assert empty.returncode == 65 and "empty" in empty.stderr
+        bad = {
+            "garbage": bytes(range(256)) * 8,
+            "no headers": b"just a line of text without any header\n",
+            "8-bit": (f"From: {POSTER}\r\nTo: dev@example.org\r\nSubject: caf\xe9 8-bit \xe2\x82\xac\r\n\r\nbody\r\n"
+                      ).encode("latin-1"),
+            "broken mime": (f"From: {POSTER}\r\nTo: dev@example.org\r\nSubject: broken mime\r\nMIME-Version: 1.0\r\n"
+                            "Content-Type: multipart/mixed; boundary=\"nope\r\n\r\n--nope\r\nContent-Type: "
+                            "text/plain; charset=x-unknown\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!***\r\n"
+                            ).encode(),
+            "too big": post("too big", body="x" * 70 + "\r\n") * 1 + (b"y" * 76 + b"\r\n") * 700,
+        }
+        for name, data in bad.items():
+            result = node.run("mailq-deliver", "post", "dev", input=data, env={"SENDER": POSTER})
+            assert result.returncode == 0, f"{name}: {result.stderr}"
+        wait_for(lambda: _lmtp_up(settings), 60, message="LMTP listener")
+        with smtplib.LMTP(settings.lmtp.host, settings.lmtp.port) as lmtp:
+            with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+                lmtp.sendmail(POSTER, ["nosuch@example.org"], post("lmtp unknown"))
+        code, reason = refused.value.recipients["nosuch@example.org"]
+        assert code == 550 and b"nosuch" in reason
+        wait_for(lambda: not queue_files(node, "in"), 120, message="every bad post taken out of `in`")
+        # The 8-bit post is a fine post: it reaches every member.
+        wait_for(lambda: {r for (r, tag), _ in per_recipient(sink).items() if "8-bit" in tag} >= set(ENABLED),
+                 120, message="the 8-bit post delivered")
+    held = {h["subject"]: h["reason"] for h in HeldStore(settings, "dev").list()}
+    assert any("over the list's limit" in reason for reason in held.values()), held
+    shunted = [Queue.for_settings(settings, "shunt").read(p)[1] for p in queue_files(node, "shunt")]
+    assert all(meta.get("error") for meta in shunted)
+    status = read_status(settings)
+    assert status and all(r["restarts"] == 0 and r["state"] == "running" for r in status["runners"]), status
+    # Nothing vanished: every post that was accepted is delivered, held, shunted or logged as discarded.
+    in_log = (settings.log_dir / "in.log").read_text()
+    accounted = len(held) + len(shunted) + in_log.count("went through") + in_log.count("discarded")
+    assert accounted >= len(bad), in_log

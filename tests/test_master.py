@@ -156,3 +156,36 @@ def _read(path) -> str:
         return path.read_text()
     except FileNotFoundError:
         return ""
+
+
+def test_the_master_follows_the_slice_map_stopping_and_starting_runners(node, settings, started):
+    from mailq.cluster.slicemap import NodeEntry, SliceMap, create_map, update_map
+    from mailq.config import RUNNER_QUEUES
+
+    queues = {q: [node.name] for q in RUNNER_QUEUES}
+    queues["out"] = [node.name, node.name]
+    create_map(settings, SliceMap(queues=queues, nodes={node.name: NodeEntry(backup="n2"),
+                                                        "n2": NodeEntry(backup=node.name)}))
+    started(node)
+
+    def outs() -> dict[int, int | None]:
+        from mailq.master import read_status
+
+        state = read_status(settings) or {"runners": []}
+        return {r["slice"]: r["pid"] for r in state["runners"] if r["name"] == "out"}
+
+    first = wait_for(lambda: (o := outs()).keys() == {0, 1} and all(o.values()) and o, 60,
+                     message="out:0/2 and out:1/2 running")
+
+    def give_slice_1(owner: str):
+        def change(smap):
+            smap.queues["out"][1] = owner
+        update_map(settings, change)
+
+    give_slice_1("n2")
+    wait_for(lambda: outs().keys() == {0}, 60, message="out:1/2 stopped after its slice moved to n2")
+    assert not pid_alive(first[1]) and outs()[0] == first[0]
+    give_slice_1(node.name)
+    back = wait_for(lambda: (o := outs()).get(1) and o, 60, message="out:1/2 started again")
+    assert back[1] != first[1] and back[0] == first[0]
+    assert status(node)["epoch"] == 3
