@@ -58,7 +58,7 @@ def test_claim_renames_to_claimant_name_and_finish_removes_it(qroot):
     assert c.path.name == f"{eid}.pck.n1.{os.getpid()}.7.bak"
     assert [i.entry_id for i in q.claims()] == [eid] and q.claims()[0].pid == os.getpid()
     assert q.counts()["claimed"] == 1 and q.counts()["waiting"] == 0
-    assert q.claim(eid, ME) is None            # the .pck is gone: nobody else can have it
+    assert q.claim(eid, Claimant("n2", 1, 7)) is None     # the .pck is gone: nobody else can have it
     q.finish(c)
     assert files_under(qroot) == []
     assert q.claim_next(0, 1, ME) is None
