@@ -51,6 +51,11 @@ class Host:
     proc: subprocess.Popen | None = None
     log: Path | None = None
     kills: int = 0
+    #: NFS lane: mount this export at the node's var (in a mount namespace of the host's own) first
+    nfs_url: str = ""
+    actimeo: float = 1.0
+    #: where the test process itself sees the shared tree (the export's directory in the NFS lane)
+    view_var: Path | None = None
 
     @property
     def name(self) -> str:
@@ -58,7 +63,18 @@ class Host:
 
     def start(self) -> Host:
         cmd = [sys.executable, "-m", MODULES["mailqctl"], "start", "--foreground"]
-        if self.isolated:
+        if self.nfs_url:
+            # sh stays the parent of both the bridge and the master, all in one process group.
+            mnt = self.node.var
+            script = (f"{sys.executable} {NFSFUSE} '{self.nfs_url}' {mnt} {self.actimeo} & "
+                      f"n=0; until mountpoint -q {mnt}; do n=$((n+1)); [ $n -gt 300 ] && exit 70; sleep 0.1; done; "
+                      + " ".join(cmd))
+            cmd = ["unshare", "--mount", "--propagation", "private"]
+            if self.isolated:
+                cmd += ["--uts", "--pid", "--fork", "--mount-proc", "--kill-child"]
+                script = f"hostname {self.name}-host; " + script
+            cmd += ["sh", "-c", script]
+        elif self.isolated:
             # Own host name and pid space; --kill-child: the host's processes die with its init.
             script = f"hostname {self.name}-host && exec " + " ".join(cmd)
             cmd = ["unshare", "--uts", "--pid", "--fork", "--mount", "--mount-proc", "--kill-child",
@@ -97,6 +113,8 @@ class Host:
         assert self.proc is not None
         try:
             os.killpg(self.proc.pid, signal.SIGCONT)
+            if self.nfs_url:
+                os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=40)
         except (subprocess.TimeoutExpired, ProcessLookupError):
@@ -111,7 +129,7 @@ class Host:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
 
     def log_text(self, name: str) -> str:
-        folder = self.node.var / "log" / self.name
+        folder = (self.view_var or self.node.var) / "log" / self.name
         return "".join(p.read_text(errors="replace") for p in sorted(folder.glob(f"{name}*.log")))
 
 
@@ -127,22 +145,32 @@ class Cluster:
     isolated: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     hosts: dict[str, Host] = field(default_factory=dict)
+    #: NFS lane: every host mounts this server's export at <base>/mnt; the test uses the export dir
+    nfs: NfsServer | None = None
+    admin: Node | None = None
 
     def __post_init__(self) -> None:
-        var = self.base / "var"
+        var = self.base / ("mnt" if self.nfs else "var")
         counts = {q: self.slices.get(q, 1) for q in RUNNER_QUEUES}
+        extra = {"smtp": {"port": self.sink.port}, "cluster": {"failover": self.failover},
+                 "runners": {"slices": counts}, "queue": {"fsync": False}, **self.overrides}
         for name in self.names:
-            extra = {"smtp": {"port": self.sink.port}, "cluster": {"failover": self.failover},
-                     "runners": {"slices": counts}, "queue": {"fsync": False}, **self.overrides}
             node = make_node(self.base, name, var=var, **extra)
             self.hosts[name] = Host(node, isolated=self.isolated)
+            if self.nfs:
+                self.hosts[name].nfs_url, self.hosts[name].view_var = self.nfs.url, self.nfs.export
+        if self.nfs:
+            self.admin = make_node(self.base, "admin", var=self.nfs.export, **extra)
 
     @property
     def first(self) -> Node:
-        return self.hosts[self.names[0]].node
+        return self.admin or self.hosts[self.names[0]].node
 
     def settings(self, name: str | None = None) -> Any:
-        return self.hosts[name or self.names[0]].node.settings()
+        settings = self.hosts[name or self.names[0]].node.settings()
+        if self.nfs:
+            settings.paths.var = self.nfs.export
+        return settings
 
     def setup(self, backups: dict[str, str] | None = None) -> None:
         """Create the list and the slice map (ring backups unless *backups* says otherwise)."""
@@ -266,3 +294,100 @@ def first_log_event(host: Host, slices: list[tuple[str, int, int]], after: float
                 best = at
                 break
     return best
+
+
+# -- the NFS lane: a real NFS server (nfs-ganesha) and one nfsfuse.py mount per host ----------------
+
+NFSFUSE = Path("/work/shared/nfs/nfsfuse.py")
+
+
+def nfs_unavailable() -> str:
+    """Why the NFS lane cannot run here ("" when it can); `sh tests/nfs/setup.sh` installs the parts."""
+    if os.geteuid() != 0:
+        return "needs root (network namespace for the NFS server, FUSE mounts)"
+    missing = [p for p in ("ganesha.nfsd", "rpcbind", "ip", "unshare", "mountpoint") if not shutil.which(p)]
+    if missing:
+        return f"not installed: {', '.join(missing)} (run `sh tests/nfs/setup.sh`)"
+    if not NFSFUSE.exists():
+        return f"{NFSFUSE} is missing"
+    probe = subprocess.run([sys.executable, "-c", "import libnfs, mfusepy"], capture_output=True)
+    if probe.returncode != 0:
+        return "Python packages libnfs and mfusepy are not installed (run `sh tests/nfs/setup.sh`)"
+    if not Path("/dev/fuse").exists():
+        return "/dev/fuse is missing"
+    return ""
+
+
+GANESHA_CONF = """\
+NFS_CORE_PARAM {{
+    NFS_Port = {nfs_port}; MNT_Port = {mnt_port}; NLM_Port = {nlm_port};
+    Enable_NLM = false; Enable_RQUOTA = false; Protocols = 3, 4; Bind_addr = {addr};
+}}
+NFSv4 {{ Grace_Period = 2; Lease_Lifetime = 2; Graceless = true; }}
+EXPORT_DEFAULTS {{ Squash = No_Root_Squash; }}
+EXPORT {{
+    Export_Id = 1; Path = {export}; Pseudo = /mailq; Access_Type = RW; Squash = No_Root_Squash;
+    Protocols = 3, 4; Transports = TCP; SecType = sys;
+    FSAL {{ Name = VFS; }}
+}}
+LOG {{ Default_Log_Level = WARN; }}
+"""
+
+
+@dataclass
+class NfsServer:
+    """nfs-ganesha exporting *export* from a network namespace of its own (README recipe)."""
+
+    base: Path
+    export: Path
+    ns: str = field(default_factory=lambda: f"mqnfs{os.getpid() % 10000}")
+    # a /24 of its own per test process, so parallel runs do not collide
+    addr: str = field(default_factory=lambda: f"10.213.{os.getpid() % 250}.1")
+    peer: str = field(default_factory=lambda: f"10.213.{os.getpid() % 250}.2")
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nfs://{self.addr}{self.export}?nfsport=20490&mountport=20048"
+
+    def _ip(self, *args: str, check: bool = True) -> None:
+        subprocess.run(["ip", *args], check=check, capture_output=True, timeout=30)
+
+    def start(self) -> NfsServer:
+        veth = f"v{self.ns}"
+        self._ip("netns", "add", self.ns)
+        etc = Path("/etc/netns") / self.ns
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.addr} nfsserver\n")
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        self._ip("link", "add", veth, "type", "veth", "peer", "name", veth + "p")
+        self._ip("link", "set", veth + "p", "netns", self.ns)
+        self._ip("-n", self.ns, "addr", "add", f"{self.addr}/24", "dev", veth + "p")
+        self._ip("-n", self.ns, "link", "set", veth + "p", "up")
+        self._ip("-n", self.ns, "link", "set", "lo", "up")
+        self._ip("addr", "add", f"{self.peer}/24", "dev", veth)
+        self._ip("link", "set", veth, "up")
+        run = self.base / "ganesha-run"
+        run.mkdir(parents=True, exist_ok=True)
+        conf = self.base / "ganesha.conf"
+        conf.write_text(GANESHA_CONF.format(nfs_port=20490, mnt_port=20048, nlm_port=20049, addr=self.addr,
+                                            export=self.export))
+        self.log = self.base / "ganesha.log"
+        script = (f"mount --bind {run} /run && mkdir -p /run/rpcbind && (rpcbind -f -w &) && sleep 0.5 && "
+                  f"exec ganesha.nfsd -F -f {conf} -L {self.log} -p {run}/ganesha.pid")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation",
+                                      "private", "--pid", "--fork", "--kill-child", "sh", "-c", script],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: self.log.exists() and "NFS SERVER INITIALIZED" in self.log.read_text(errors="replace")
+                 or self.proc.poll() is not None, 60, interval=0.2, message="ganesha ready")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ganesha exited: {self.log.read_text(errors='replace')[-2000:]}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self._ip("link", "del", f"v{self.ns}", check=False)
+        self._ip("netns", "del", self.ns, check=False)
+        shutil.rmtree(Path("/etc/netns") / self.ns, ignore_errors=True)

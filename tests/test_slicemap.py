@@ -226,3 +226,8 @@ def test_the_dumped_map_is_readable_yaml_with_a_comment(cluster):
     assert text.startswith("# mailq slice map")
     assert yaml.safe_load(text)["queues"]["out"]["nodes"] == {"h2": [0, 2, 3], "h1": [1]}
     assert Path(str(settings.slice_map_path) + ".good").read_text() == text
+
+
+def test_the_sample_map_in_etc_is_valid():
+    smap = sm.load_map(ROOT / "etc" / "slices.yaml")
+    assert smap.count("out") == 6 and smap.nodes["h1"].backup == "h2"

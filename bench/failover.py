@@ -1,0 +1,131 @@
+"""Failover benchmark: throughput with 1, 2 and 3 hosts on one shared directory, and a host killed mid-flow.
+
+Real masters and runners (``mailqctl start --foreground``, one process group per host, see
+tests/cluster_support.py), posts written into ``in`` as the MTA pipe writes them, delivered over
+SMTP to an aiosmtpd sink on loopback in this process.
+
+Prints a table, then as its last line one JSON object:
+``lease_s``, ``heartbeat_s``, ``margin_s``, ``takeover_s`` (kill -> the backup's first finished entry
+from a taken slice; target <= lease + 2 x heartbeat... plus margin and runner start-up, see
+docs/cluster.md §6), ``detect_s`` (kill -> the takeover in the backup's log), ``lost`` (must be 0),
+``extra_copies``, ``posts_per_s_1``, ``posts_per_s_2``, ``posts_per_s_3``.
+
+    python bench/failover.py                 # 300 posts per run
+    python bench/failover.py --posts 3000 --lease 3 --heartbeat 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.cluster_support import (MEMBERS, Cluster, claims_by, deliveries,  # noqa: E402
+                                   first_log_event)
+from tests.support import SMTPSink, wait_for  # noqa: E402
+
+
+def make(base: Path, sink: SMTPSink, hosts: int, args: argparse.Namespace, prefix: str = "h") -> Cluster:
+    # Distinct node names per run: loggers are cached per node name in this process.
+    names = tuple(f"{prefix}{i + 1}" for i in range(hosts))
+    overrides = {"cluster": {"failover": "auto", "heartbeat": args.heartbeat, "lease": args.lease,
+                             "margin": args.margin}}
+    c = Cluster(base, sink, names=names, slices={"in": 3, "out": 3}, overrides=overrides)
+    c.setup()
+    return c
+
+
+def delivered(sink: SMTPSink, tags: dict[str, str]) -> int:
+    got = deliveries(sink)
+    return sum(1 for t in tags for m in MEMBERS if got[(t, m)])
+
+
+def throughput(hosts: int, args: argparse.Namespace) -> float:
+    with tempfile.TemporaryDirectory(prefix=f"mailq-bench-{hosts}-") as tmp, SMTPSink() as sink:
+        c = make(Path(tmp), sink, hosts, args, prefix=f"t{hosts}h")
+        try:
+            c.start()
+            for h in c.hosts.values():
+                wait_for(lambda h=h: "master running" in h.log_text("master"), 120, message="masters up")
+            time.sleep(2 * args.heartbeat + 1)        # runners importing
+            started = time.monotonic()
+            tags = c.post(args.posts)
+            wait_for(lambda: delivered(sink, tags) >= len(tags) * len(MEMBERS), args.timeout,
+                     interval=0.2, message="every post delivered")
+            return args.posts / (time.monotonic() - started)
+        finally:
+            c.stop()
+
+
+def kill_run(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mailq-bench-kill-") as tmp, SMTPSink() as sink:
+        c = make(Path(tmp), sink, 3, args)
+        try:
+            settings = c.settings("h2")
+            taken = [s for s in c.owners_of("h1")]
+            tags = c.post(args.posts)
+            c.start()
+            wait_for(lambda: delivered(sink, tags) >= args.posts * len(MEMBERS) // 4, args.timeout,
+                     interval=0.1, message="a quarter delivered")
+            killed = time.time()
+            c.hosts["h1"].kill()
+            dead_claims = len(claims_by(settings, "h1"))
+            try:
+                wait_for(lambda: delivered(sink, tags) >= len(tags) * len(MEMBERS), args.timeout,
+                         interval=0.2, message="every post delivered")
+            except AssertionError:
+                pass
+            got = deliveries(sink)
+            lost = sum(1 for t in tags for m in MEMBERS if not got[(t, m)])
+            extra = sum(n - 1 for (t, _), n in got.items() if t in tags)
+            h2 = c.hosts["h2"]
+            first = first_log_event(h2, taken, killed)
+            detect = None
+            for line in h2.log_text("master").splitlines():
+                m = re.match(r"(\S+ \S+),(\d+) .* takeover: fenced h1", line)
+                if m:
+                    detect = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000 - killed
+                    break
+            return {"takeover_s": None if first is None else round(first - killed, 2),
+                    "detect_s": None if detect is None else round(detect, 2),
+                    "lost": lost, "extra_copies": extra, "dead_claims": dead_claims}
+        finally:
+            c.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--posts", type=int, default=300)
+    parser.add_argument("--lease", type=float, default=3.0)
+    parser.add_argument("--heartbeat", type=float, default=0.5)
+    parser.add_argument("--margin", type=float, default=1.0)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args()
+
+    rates = {n: throughput(n, args) for n in (1, 2, 3)}
+    kill = kill_run(args)
+    rows = [(f"throughput, {n} host(s)", f"{rates[n]:.1f} posts/s ({len(MEMBERS)} recipients each)") for n in rates]
+    rows += [("lease / heartbeat / margin", f"{args.lease:g}s / {args.heartbeat:g}s / {args.margin:g}s"),
+             ("kill -> takeover written", f"{kill['detect_s']}s"),
+             ("kill -> first entry done from a taken slice", f"{kill['takeover_s']}s "
+              f"(lease + 2 x heartbeat = {args.lease + 2 * args.heartbeat:g}s)"),
+             ("claims of the dead host at the kill", kill["dead_claims"]),
+             ("lost", kill["lost"]), ("extra copies", kill["extra_copies"])]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(json.dumps({"lease_s": args.lease, "heartbeat_s": args.heartbeat, "margin_s": args.margin,
+                      "takeover_s": kill["takeover_s"], "detect_s": kill["detect_s"], "lost": kill["lost"],
+                      "extra_copies": kill["extra_copies"], "posts": args.posts,
+                      "posts_per_s_1": round(rates[1], 1), "posts_per_s_2": round(rates[2], 1),
+                      "posts_per_s_3": round(rates[3], 1)}))
+
+
+if __name__ == "__main__":
+    main()
