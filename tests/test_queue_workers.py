@@ -1,6 +1,7 @@
 """Real processes on one queue: overlapping slices, a claimant killed with SIGKILL, recovery (design §3.5, §3.8)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -14,10 +15,27 @@ WORKERS = Path(__file__).parent / "queue_workers"
 MSG = b"Subject: t\r\n\r\nbody\r\n"
 
 
+def _many_entries(q: Queue, n: int) -> set[str]:
+    """*n* waiting entries: one real enqueue, the rest hard links to its file under their own names.
+
+    A link is a directory entry like any other file for rename/read/unlink, and costs a fraction of
+    a file create on a disk shared with five other test suites.
+    """
+    first = q.enqueue(MSG, {})
+    src = q.dir / first.split("+")[1][:2] / f"{first}.pck"
+    ids = {first}
+    for i in range(1, n):
+        sha = hashlib.sha1(f"{first}{i}".encode()).hexdigest()
+        eid = f"{1_700_000_000 + i / 1000:.6f}+{sha}"
+        (q.dir / sha[:2]).mkdir(exist_ok=True)
+        os.link(src, q.dir / sha[:2] / f"{eid}.pck")
+        ids.add(eid)
+    return ids
+
+
 def test_overlapping_slices_never_process_one_entry_twice(tmp_path):
     qfiles = tmp_path / "qfiles"
-    q = Queue(qfiles, "out", fsync=False)
-    ids = {q.enqueue(MSG, {"n": i}) for i in range(5000)}
+    ids = _many_entries(Queue(qfiles, "out", fsync=False), 5000)
     go = tmp_path / "go"
     # (count, slices): [0,1/2) twice, [1/3,1) and [0,1/3)+[2/3,1): every entry is in at least one
     # range, most in two or three, so the workers really race for the same files.
