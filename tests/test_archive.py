@@ -37,7 +37,7 @@ def test_archive_of_a_thousand_posts_is_a_valid_mbox(tmp_path):
     q = Queue.for_settings(settings, "archive")
     now = time.time()
     for i in range(1000):
-        q.enqueue(_post(i), {"listname": "dev", "store": "archive", "sender": "alice@example.org",
+        q.enqueue(_post(i), {"listname": "dev", "stores": ["archive"], "sender": "alice@example.org",
                              "received": now}, listname="dev")
     node.run("qrunner", "-r", "archive", "--once", check=True)
     assert queue_entries(settings, "archive") == []
@@ -64,7 +64,7 @@ def test_concurrent_archive_runners_do_not_interleave_messages(tmp_path):
     now = time.time()
     for i in range(300):
         filler = (b"line of post %d " % i) * 1000 + b"\n"  # ~16 KB: big enough to tear without a lock
-        q.enqueue(_post(i, filler), {"listname": "dev", "store": "archive", "received": now}, listname="dev")
+        q.enqueue(_post(i, filler), {"listname": "dev", "stores": ["archive"], "received": now}, listname="dev")
     procs = [node.popen("qrunner", "-r", f"archive:{s}:3", "--once") for s in range(3)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     assert queue_entries(settings, "archive") == []

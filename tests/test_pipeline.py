@@ -313,8 +313,18 @@ def test_recipients_are_enabled_regular_members_and_digest_readers_get_the_diges
     assert "bob@example.org" not in msgdata["recipients"]
     assert "reader@example.org" not in msgdata["recipients"]
     assert "alice@example.org" in msgdata["recipients"] and len(msgdata["recipients"]) == 10
-    stores = sorted(meta["store"] for _, meta in queue_entries(settings, "archive"))
-    assert stores == ["archive", "digest"]
+    # One archive-queue entry serves both the archive and the pending digest (one fsync, not two).
+    ((_, meta),) = queue_entries(settings, "archive")
+    assert meta["stores"] == ["archive", "digest"]
+
+
+def test_held_post_gets_no_archive_copy(settings):
+    mlist = make_list(settings, nonmember_action="hold")
+    raw = sample("plain.eml").replace(b"alice@example.org", b"x@example.com")
+    names = ["sanity", "to_archive", "moderation", "to_outgoing"]  # even with archive before moderation
+    _, _, stop = run_pipeline(settings, mlist, raw, names)
+    assert stop is not None and stop.action == "hold"
+    assert queue_entries(settings, "archive") == []
 
 
 def test_members_named_in_to_or_cc_do_not_get_a_second_copy_unless_they_want_one(settings, mlist):

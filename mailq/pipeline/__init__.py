@@ -4,7 +4,9 @@
 its ``process(mlist, msg, msgdata, ctx)``.  The order is data (``settings.pipeline.posts`` and
 ``.owner``), so a site can drop or reorder stages in etc/mailq.yaml.  A stage ends the run by
 raising ``Hold``, ``Reject`` or ``Discard`` (``mailq.pipeline.base``); the caller (the ``in``
-runner) acts on it.  Returning normally means the message went all the way through.
+runner) acts on it.  Returning normally means the message went all the way through; the copies
+the stages asked for the ``archive`` queue (``ctx.copy_for_archive``) are written then, as one
+entry per distinct message.
 """
 from __future__ import annotations
 
@@ -50,3 +52,4 @@ def run(names: list[str], mlist: Any, msg: Message, msgdata: dict, ctx: Context)
     for name, stage in zip(names, stages, strict=True):
         ctx.trail.append(name)
         stage.process(mlist, msg, msgdata, ctx)
+    ctx.flush()

@@ -74,6 +74,27 @@ class Context:
     enqueue: Callable[[str, bytes, dict], str]
     #: Names of the stages that ran, in order (filled in by ``mailq.pipeline.run``).
     trail: list[str] = field(default_factory=list)
+    #: Copies for the ``archive`` queue, written by ``flush`` once every stage has passed.
+    copies: list[tuple[bytes, dict]] = field(default_factory=list)
+
+    def copy_for_archive(self, store: str, msg: bytes, metadata: dict) -> None:
+        """Ask for *msg* to be appended to *store* (``archive`` or ``digest``) by the archive runner.
+
+        The same bytes wanted by several stores travel as ONE entry (``metadata["stores"]``): each
+        queue entry is an fsync on the hot path of a post.
+        """
+        for data, meta in self.copies:
+            if data == msg and meta.get("listname") == metadata.get("listname"):
+                if store not in meta["stores"]:
+                    meta["stores"].append(store)
+                return
+        self.copies.append((msg, {**metadata, "stores": [store]}))
+
+    def flush(self) -> list[str]:
+        """Queue the archive copies asked for; entry ids.  A post stopped by a stage gets none."""
+        ids = [self.enqueue("archive", data, meta) for data, meta in self.copies]
+        self.copies.clear()
+        return ids
 
 
 def parse(raw: bytes) -> Message:

@@ -1,6 +1,8 @@
-"""Stage ``to_archive``: a copy of the post into the ``archive`` queue for archived lists.
+"""Stage ``to_archive``: a copy of the post for the archive of archived lists.
 
-The archive runner (``mailq.runners.archive``) appends it to ``var/archives/<list>/<YYYY-MM>.mbox``
+The copy goes into the ``archive`` queue with ``stores`` containing ``archive``
+(``ctx.copy_for_archive``, written once every stage has passed; shared with ``to_digest``).  The
+archive runner (``mailq.runners.archive``) appends it to ``var/archives/<list>/<YYYY-MM>.mbox``
 under the list's archive lock, many posts per lock acquisition (DESIGN §4).  Lists with
 ``archive`` off, and posts that ask not to be archived (``X-No-Archive: yes``, ``X-Archive: no``),
 are skipped.
@@ -20,10 +22,9 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     if str(msg.get("x-no-archive", "")).strip().lower() == "yes" \
             or str(msg.get("x-archive", "")).strip().lower() == "no":
         return
-    ctx.enqueue("archive", to_bytes(msg, linesep="\n"), {
+    ctx.copy_for_archive("archive", to_bytes(msg, linesep="\n"), {
         "listname": mlist.name,
         "kind": "archive",
-        "store": "archive",
         "sender": msgdata.get("sender", ""),
         "received": msgdata.get("received") or time.time(),
     })

@@ -1,7 +1,8 @@
 """The ``archive`` runner: append archived posts and pending-digest posts to their mbox files.
 
-Entries come from the ``to_archive`` stage (``store: archive`` -> ``var/archives/<list>/<YYYY-MM>.mbox``)
-and the ``to_digest`` stage (``store: digest`` -> ``var/lists/<list>/digest.mbox``).  A strict lock
+Entries come from the ``to_archive`` and ``to_digest`` stages; ``metadata["stores"]`` says where
+each goes: ``archive`` -> ``var/archives/<list>/<YYYY-MM>.mbox``, ``digest`` ->
+``var/lists/<list>/digest.mbox`` (one entry may name both).  A strict lock
 cycle costs about 1 ms (DESIGN §4), so the runner does not take one per post: with one entry
 claimed it claims up to ``pipeline.archive_batch`` more from its slice, groups them by list and
 file, appends each group under one lock acquisition, and only then finishes the claims.  A crash
@@ -34,22 +35,25 @@ class ArchiveRunner(Runner):
         groups: dict[tuple[str, str], list[Any]] = {}
         for item in batch:
             meta = item.metadata
-            key = (str(meta.get("listname") or ""), str(meta.get("store") or "archive"))
-            groups.setdefault(key, []).append(item)
-        failed_first: BaseException | None = None
+            stores = meta.get("stores") or [meta.get("store") or "archive"]
+            for store in stores:
+                groups.setdefault((str(meta.get("listname") or ""), str(store)), []).append(item)
+        failed: dict[str, BaseException] = {}
         for (listname, store), items in groups.items():
             try:
                 self._append(listname, store, items)
             except Exception as exc:
-                if entry in items:
-                    failed_first = exc  # the base loop requeues or shunts the first entry itself
-                self._give_back(queue, [i for i in items if i is not entry], exc)
-                continue
-            for item in items:
-                if item is not entry:
-                    queue.finish(item)
-        if failed_first is not None:
-            raise failed_first
+                self.log.error("list %s: cannot append %d post(s) to the %s: %s", listname, len(items),
+                               store, exc)
+                for item in items:
+                    failed.setdefault(item.id, exc)
+        for item in batch[1:]:
+            if item.id in failed:
+                self._give_back(queue, item, failed[item.id])
+            else:
+                queue.finish(item)
+        if entry.id in failed:
+            raise failed[entry.id]  # the base loop requeues (temporary) or shunts the first entry
         self.log.info("appended %d post(s) in %d group(s)", len(batch), len(groups))
 
     def _append(self, listname: str, store: str, items: list[Any]) -> None:
@@ -64,16 +68,19 @@ class ArchiveRunner(Runner):
         else:
             raise MailqError(f"archive entry for list {listname} with unknown store {store!r}")
 
-    def _give_back(self, queue: Any, items: list[Any], exc: BaseException) -> None:
-        """Extra claims of a failed group: temporary trouble -> requeue, anything else -> shunt."""
+    def _give_back(self, queue: Any, item: Any, exc: BaseException) -> None:
+        """An extra claim whose append failed: temporary trouble -> requeue, anything else -> shunt.
+
+        An entry for two stores of which one failed is retried whole: the other store may then get
+        the post twice, which beats losing it.
+        """
         from mailq.errors import TemporaryFailure
 
-        for item in items:
-            try:
-                if isinstance(exc, TemporaryFailure):
-                    queue.requeue(item, not_before=time.time() + self.tempfail_delay)
-                else:
-                    queue.shunt(item, "".join(traceback.format_exception(exc)).rstrip())
-            except Exception:
-                self.log.critical("cannot give back %s (claim left for recovery):\n%s", item.id,
-                                  traceback.format_exc().rstrip())
+        try:
+            if isinstance(exc, TemporaryFailure):
+                queue.requeue(item, not_before=time.time() + self.tempfail_delay)
+            else:
+                queue.shunt(item, "".join(traceback.format_exception(exc)).rstrip())
+        except Exception:
+            self.log.critical("cannot give back %s (claim left for recovery):\n%s", item.id,
+                              traceback.format_exc().rstrip())
