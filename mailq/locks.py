@@ -20,6 +20,7 @@ Protocol, in the order a process follows it:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -153,6 +154,10 @@ class Lock:
                 remaining = deadline - time.monotonic()
                 try:
                     self._flock.acquire(timeout=max(0.0, min(remaining, chunk)))
+                    if time.monotonic() - started > 0.5:
+                        # "since" then says when it got the lock, not when it asked; the old record will do
+                        with contextlib.suppress(TemporaryFailure):
+                            self._write_record()
                     return
                 except filelock.Timeout:
                     pass

@@ -71,8 +71,10 @@ class ListStore:
             return []
         out = []
         for entry in entries:
-            if entry.startswith("."):
-                continue
+            try:
+                validate_list_name(entry)
+            except InvalidInput:
+                continue  # ".removed.*" being deleted, or a folder someone made by hand: not a list
             base = self.settings.lists_dir / entry
             if (base / DB_NAME).exists() or (base / (DB_NAME + ".last")).exists():
                 out.append(entry)
