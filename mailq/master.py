@@ -66,9 +66,20 @@ def read_pid(settings: Settings) -> int | None:
 
 
 def running_pid(settings: Settings) -> int | None:
-    """The pid of this node's live master, or None."""
+    """The pid of this node's live master, or None (a stale pid file, or its pid reused by another program)."""
     pid = read_pid(settings)
-    return pid if pid is not None and pid_alive(pid) else None
+    return pid if pid is not None and _is_mailq(pid) else None
+
+
+def _is_mailq(pid: int) -> bool:
+    # After a reboot the pid of a dead master may belong to anything: `stop` must not signal it.
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"mailq" in fh.read()
+    except OSError:
+        return True     # no /proc: trust the pid
 
 
 def read_status(settings: Settings) -> dict[str, Any] | None:

@@ -73,20 +73,24 @@ def test_start_status_stop_and_a_second_start_is_refused(node, started):
     assert node.run("mailqctl", "stop").returncode == 0      # stopping a stopped master is fine
 
 
-def test_a_sigkilled_master_leaves_nothing_that_blocks_the_next_start(node, started):
+def test_a_sigkilled_master_leaves_nothing_that_blocks_the_next_start(tmp_path, started):
+    node = make_node(tmp_path, "n1", lmtp={"enabled": True})
     started(node)
     first = status(node)
     old_pid = first["pid"]
     virgin = wait_for(lambda: runner_pid(node, "virgin"), 60, message="virgin runner running")
+    lmtp = wait_for(lambda: runner_pid(node, "lmtp"), 60, message="lmtp runner running")
     os.kill(old_pid, signal.SIGKILL)
     wait_for(lambda: not pid_alive(old_pid), 30, message="master gone")
-    # Its runners notice the master is gone and stop by themselves.
-    wait_for(lambda: not pid_alive(virgin), 30, message="orphaned runner exits")
+    # Its runners notice the master is gone and stop by themselves (lmtp too: it holds the port).
+    wait_for(lambda: not pid_alive(virgin) and not pid_alive(lmtp), 30, message="orphaned runners exit")
     stale = node.run("mailqctl", "status")
     assert stale.returncode == 1 and f"stale pid file of pid {old_pid}" in stale.stdout
     started(node)
     new_pid = status(node)["pid"]
     assert new_pid != old_pid and pid_alive(new_pid)
+    wait_for(lambda: runner_pid(node, "lmtp"), 60, message="the new master's lmtp runner")
+    assert runner(node, "lmtp")["restarts"] == 0
 
 
 def test_the_master_recovers_dead_local_claims_before_starting_runners(node, settings, started):
@@ -126,6 +130,7 @@ def test_reopen_makes_the_master_and_its_runners_reopen_their_logs(node, started
     started(node)
     log_dir = node.settings().log_dir
     virgin = wait_for(lambda: runner_pid(node, "virgin"), 60, message="virgin runner running")
+    wait_for(lambda: "started" in _read(log_dir / "virgin.log"), 60, message="virgin runner logging")
     time.sleep(1.2)     # the master does not pass SIGHUP to runners younger than a second
     (log_dir / "master.log").rename(log_dir / "master.log.1")
     (log_dir / "virgin.log").rename(log_dir / "virgin.log.1")

@@ -67,6 +67,7 @@ def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, 
         raise click.BadParameter(f"the {name} runner is not sliced; use -r {name}", param_hint="-r/--runner")
     cls = load_runner(name)
     runner = cls(settings, slice_, count)
+    _watch_master()
     if verbose:
         import logging
 
@@ -79,6 +80,28 @@ def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, 
         runner.log.addHandler(err)
     status = runner.run(once=True) if once else runner.run()
     sys.exit(status or 0)
+
+
+def _watch_master() -> None:
+    """Under a master: SIGTERM ourselves when it is gone, so a SIGKILLed master leaves no runner behind.
+
+    The Runner loop checks this too between entries; this thread also covers runners with their own
+    ``run()`` (lmtp), which would otherwise keep the LMTP port from the next master's listener.
+    """
+    import os
+    import threading
+    import time
+
+    master = int(os.environ.get("MAILQ_MASTER_PID", "0") or 0)
+    if not master:
+        return
+
+    def watch() -> None:
+        while os.getppid() == master:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="master-watch", daemon=True).start()
 
 
 def _reopen_logs(signum: int, frame: object) -> None:

@@ -51,7 +51,8 @@ class Runner:
         self.slice = slice
         self.count = count
         self.node = settings.node.name
-        self.component = f"{self.queue or type(self).__name__.lower()}:{slice}/{count}"
+        name = self.queue or type(self).__name__.lower().removesuffix("runner")
+        self.component = f"{name}:{slice}/{count}"
         self.log: logging.Logger = get_logger(settings, self.component)
         self.claimant: Any = None          # a mailq.queue.Claimant, set before each claim
         self.epoch = 0
