@@ -173,7 +173,14 @@ def test_hostile_and_broken_files_go_to_bad_and_the_good_entry_is_claimed(qroot,
         _plant(q, good_payload, old, name="README", bucket="02"),
         _plant(q, good_payload, old, name=f"{old:.6f}+ab{'0' * 38}.pck", bucket="cd"),   # wrong bucket
     ]
+    directory = _plant(q, b"", old + 7)
+    directory.unlink()
+    directory.mkdir()                                   # a folder named like an entry
+    broken["a folder"] = directory
     good = q.enqueue(MSG, {"ok": True})
+    not_a_folder = q.dir / ("ef" if not good.split("+")[1].startswith("ef") else "fe")
+    if not not_a_folder.exists():
+        not_a_folder.write_bytes(b"a file where a bucket folder belongs")
     with caplog.at_level(logging.WARNING, logger="mailq.queue"):
         c = q.claim_next(0, 1, ME)
     assert c is not None and c.id == good and c.metadata["ok"] is True
@@ -188,6 +195,8 @@ def test_hostile_and_broken_files_go_to_bad_and_the_good_entry_is_claimed(qroot,
     for path in odd:
         assert path.exists()
         assert f"ignoring {path}" in caplog.text
+    if not_a_folder.is_file():
+        assert f"ignoring {not_a_folder}: cannot list it" in caplog.text
     assert q.claim_next(0, 1, ME) is None
     assert not marker.exists()
 

@@ -48,6 +48,7 @@ class _Batch:
     entries: list[tuple[float, str, str]] = field(default_factory=list)   # (due time, name, bucket)
     pos: int = 0
     at: float = 0.0
+    cost: float = 0.0           # seconds the listing took
 
 
 def read_all(path: str | os.PathLike[str]) -> bytes:
@@ -119,6 +120,9 @@ class Queue:
                 names = os.listdir(folder)
             except FileNotFoundError:
                 continue
+            except OSError as exc:      # not a folder, permissions, a stale NFS handle: skip it this round
+                self._odd(folder, "", f"cannot list it: {exc}")
+                continue
             for name in names:
                 if not name.endswith(ENTRY_SUFFIX):
                     if not (name.startswith(".") or name.endswith(CLAIM_SUFFIX) or name.endswith(REASON_SUFFIX)):
@@ -133,13 +137,13 @@ class Queue:
         found.sort()
         return found
 
-    def _odd(self, folder: str, name: str) -> None:
+    def _odd(self, folder: str, name: str, why: str = "") -> None:
         """A file that is not ours to touch: say so once per process, then leave it alone."""
-        key = os.path.join(folder, name)
+        key = os.path.join(folder, name) if name else folder
         if key not in self._warned:
             self._warned.add(key)
-            self.log.warning("ignoring %s: not a queue entry name (<time>+<sha1hex>.pck in bucket <first two "
-                             "hex digits>); move it away or delete it", key)
+            self.log.warning("ignoring %s: %s", key, why or "not a queue entry name (<time>+<sha1hex>.pck in "
+                             "bucket <first two hex digits>); move it away or delete it")
 
     def waiting(self, slice: int = 0, count: int = 1) -> list[str]:
         """Entry ids waiting in one slice (due or not), oldest first."""
@@ -156,7 +160,9 @@ class Queue:
         key = (slice, count)
         batch = self._batches.get(key)
         fresh = False
-        if batch is None or time.monotonic() - batch.at >= self.rescan_interval:
+        # A slice with a huge backlog of its own takes long to list: re-list at most every 10x
+        # the listing time, so listing never eats more than a tenth of the runner's time.
+        if batch is None or time.monotonic() - batch.at >= max(self.rescan_interval, 10 * batch.cost):
             batch, fresh = self._rescan(key), True
         while True:
             entries = batch.entries
@@ -173,8 +179,10 @@ class Queue:
             batch, fresh = self._rescan(key), True
 
     def _rescan(self, key: tuple[int, int]) -> _Batch:
-        batch = _Batch(self._scan(*key), 0, time.monotonic())
-        self._batches[key] = batch
+        started = time.monotonic()
+        entries = self._scan(*key)
+        now = time.monotonic()
+        batch = self._batches[key] = _Batch(entries, 0, now, now - started)
         return batch
 
     def claim(self, eid: str, claimant: Claimant) -> Claimed | None:
@@ -255,14 +263,22 @@ class Queue:
             folder, final = self.root / "bad" / "unnamed", name
         note = {"reason": reason, "queue": self.name, "file": str(path), "node": socket.gethostname(),
                 "time": time.time()}
-        write_entry(str(folder), final + REASON_SUFFIX, json.dumps(note, indent=1).encode() + b"\n",
-                    fsync=self.fsync)
+        try:
+            write_entry(str(folder), final + REASON_SUFFIX, json.dumps(note, indent=1).encode() + b"\n",
+                        fsync=self.fsync)
+        except OSError as exc:  # QueueFull included: the move matters more than the note (reason is logged)
+            self.log.error("cannot write %s: %s", folder / (final + REASON_SUFFIX), exc)
         dest = folder / final
         try:
+            os.makedirs(folder, exist_ok=True)
             os.rename(path, dest)
         except FileNotFoundError:
             self.log.warning("to_bad %s: file vanished before it could be moved", path)
             return dest
+        except OSError as exc:
+            # Leave it where it is (a claim: recovered once this process is gone); never crash a runner.
+            self.log.error("cannot move %s to %s (%s); reason was: %s", path, dest, exc, reason)
+            return Path(path)
         self.log.error("moved %s to %s: %s", path, dest, reason)
         return dest
 
