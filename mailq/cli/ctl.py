@@ -199,6 +199,9 @@ def _daemonize(settings: Settings) -> None:
     """Double fork; the parent waits on a pipe for "ok PID" or "error MESSAGE" from the daemon."""
     log_file = settings.log_dir / "master.log"
     os.makedirs(settings.log_dir, exist_ok=True)
+    if settings.source is not None:
+        # The daemon runs in "/": its runners get the config by absolute path.
+        settings.source = settings.source.resolve()
     sys.stdout.flush()
     sys.stderr.flush()
     read_fd, write_fd = os.pipe()
