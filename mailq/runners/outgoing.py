@@ -2,14 +2,21 @@
 
 All the delivery rules (bulk chunks, personalized VERP, retry with backoff, bounces, give-up) live
 in ``mailq.delivery.outqueue.deliver``; this runner owns the SMTP connection: opened on the first
-entry, reused for every following one, closed after a poll interval with nothing to do.
+entry, reused for every following one, closed once nothing has been due for ``IDLE_CLOSE`` seconds
+(like Postfix's connection cache: a steady trickle of posts keeps one connection, a quiet list
+holds no slot on the smarthost).
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from mailq.delivery.outqueue import deliver, make_transport
 from mailq.runners.base import Runner
+
+
+#: Seconds without work after which the SMTP connection(s) are closed.
+IDLE_CLOSE = 5.0
 
 
 class OutgoingRunner(Runner):
@@ -17,14 +24,17 @@ class OutgoingRunner(Runner):
 
     def setup(self) -> None:
         self.transport = make_transport(self.settings, log=self.log)
+        self.last_used = time.monotonic()
 
     def process(self, entry: Any) -> None:
         report = deliver(self.settings, self.transport, entry.msg, entry.metadata, self.enqueue, log=self.log)
+        self.last_used = time.monotonic()
         self.log.info("%s: %s", entry.id, report.summary())
 
     def idle(self) -> None:
         # Idle connections hold a slot on the smarthost and die on its timeout anyway.
-        self.transport.close()
+        if time.monotonic() - self.last_used >= IDLE_CLOSE:
+            self.transport.close()
 
     def teardown(self) -> None:
         transport = getattr(self, "transport", None)
