@@ -257,3 +257,14 @@ def test_stale_temp_files_are_removed_fresh_ones_kept(qroot):
     assert remove_stale_temps(q, 3600) == [str(stale)]
     assert fresh.exists() and not stale.exists()
     assert q.counts()["waiting"] == 1
+
+
+def test_a_slice_lists_only_its_own_buckets(qroot, caplog):
+    q = Queue(qroot, "in", fsync=False)
+    for bucket in ("3f", "40", "c0"):
+        (q.dir / bucket).mkdir(parents=True)
+        (q.dir / bucket / "not-an-entry").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="mailq.queue"):
+        assert q.claim_next(0, 4, ME) is None          # slice 0 of 4 = buckets 00..3f
+    assert f"ignoring {q.dir / '3f' / 'not-an-entry'}" in caplog.text
+    assert "/40/" not in caplog.text and "/c0/" not in caplog.text
