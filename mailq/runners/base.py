@@ -175,9 +175,10 @@ class Runner:
             try:
                 queue.shunt(entry, error)       # logs "shunted <queue>/<id>: <last line>"
             except Exception:
-                # The claim stays where it is; the master's recovery brings it back after a restart.
-                self.log.critical("cannot shunt %s (claim left in place): %s\nprocessing error was:\n%s",
+                # Shunt is unwritable (disk full, NFS trouble): put the entry back for later instead.
+                self.log.critical("cannot shunt %s: %s\nprocessing error was:\n%s",
                                   entry.id, traceback.format_exc().rstrip(), error)
+                self._requeue(queue, entry, RuntimeError("shunt failed"))
             return
         else:
             try:
@@ -193,6 +194,7 @@ class Runner:
             new_id = queue.requeue(entry, not_before=not_before)
             self.log.warning("requeued %s as %s for %.0fs: %s", entry.id, new_id, self.tempfail_delay, exc)
         except Exception:
+            # The claim stays; it is recovered when this runner's process is gone (restart, master start).
             self.log.critical("cannot requeue %s (claim left in place): %s", entry.id,
                               traceback.format_exc().rstrip())
 
@@ -209,6 +211,8 @@ class Runner:
     def _confirmed(self, guard: Any, entry: Any) -> bool:
         # The guard may have changed between check and rename (a frozen process, a takeover):
         # only a claim that still holds afterwards counts; otherwise confirm() gave it back.
+        # If the re-check itself fails, neither processing nor giving back is known to be safe: the
+        # exception ends this process, and the master recovers the claim of the dead pid and restarts it.
         state = guard.confirm(entry)
         if state.may_claim:
             return True
@@ -218,7 +222,11 @@ class Runner:
     def _guard_allows(self, guard: Any) -> bool:
         if guard is None:
             return True
-        state = guard.check()
+        try:
+            state = guard.check()
+        except Exception:       # an NFS hiccup reading the map or the lease: no claim, try again later
+            self.log.error("claim guard failed, not claiming:\n%s", traceback.format_exc().rstrip())
+            return False
         self.epoch = state.epoch
         if state.moved:
             self.log.warning("slice %d/%d of %s moved away (%s): stopping", self.slice, self.count,
