@@ -56,6 +56,13 @@ def main(argv: "list[str] | None" = None) -> None:
         if exc.message:
             sys.stderr.write(f"mailq-deliver: {exc.message}\n")
         code = exc.code
+    except Exception as exc:  # a bug must not bounce mail: the MTA keeps it until someone looks
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.write(f"mailq-deliver: internal error ({type(exc).__name__}: {exc}); nothing was queued, "
+                         "the MTA will retry\n")
+        code = EX_TEMPFAIL
     sys.exit(code)
 
 
@@ -71,9 +78,11 @@ def deliver(args: "list[str]") -> int:
         raise Exit(EX_USAGE, f"unknown kind {args[0]!r}; expected one of {', '.join(QUEUE_FOR_KIND)}")
     if not _plausible_name(listname):
         raise Exit(EX_NOUSER, f"no such list {args[1]!r} (not a valid list name)")
+    # Read the whole message first: an MTA whose pipe write fails may log a confusing error
+    # instead of the exit status and the reason.
+    msg = sys.stdin.buffer.read()
     var, fsync = _settings()
     _check_list(var, listname)
-    msg = sys.stdin.buffer.read()
     msg, from_line_sender = _strip_from_line(msg)
     if not msg.strip():
         raise Exit(EX_DATAERR, f"empty message on stdin for {kind} {listname}; nothing queued")

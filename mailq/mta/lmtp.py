@@ -69,6 +69,10 @@ class LMTPHandler:
             return f"550 5.1.1 <{address}>: no such list {listname!r}"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        # Remember the verdict so DATA does not touch the filesystem on the event loop again.
+        if not hasattr(envelope, "mailq_targets"):
+            envelope.mailq_targets = {}
+        envelope.mailq_targets[address] = (listname, kind)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
@@ -77,17 +81,19 @@ class LMTPHandler:
             msg = bytes(envelope.original_content or b"")
             statuses = []
             received = time.time()
+            targets = getattr(envelope, "mailq_targets", {})
             for address in envelope.rcpt_tos:
-                statuses.append(await self._deliver_one(address, envelope.mail_from, msg, received))
+                listname, kind = targets[address]
+                statuses.append(await self._deliver_one(address, listname, kind, envelope.mail_from, msg,
+                                                        received))
             return "\r\n".join(statuses)
         finally:
             self.in_flight -= 1
 
-    async def _deliver_one(self, address: str, sender: str, msg: bytes, received: float) -> str:
+    async def _deliver_one(self, address: str, listname: str, kind: str, sender: str, msg: bytes,
+                           received: float) -> str:
         from mailq.errors import TemporaryFailure
 
-        local = address.rpartition("@")[0] if "@" in address else address
-        listname, kind = parse_list_address(local, lambda name: list_exists(self.settings, name))
         metadata = {"listname": listname, "kind": kind, "received": received, "via": "lmtp",
                     "envelope_sender": sender or "", "original_recipient": address}
         queue = QUEUE_FOR_KIND[kind]
