@@ -42,6 +42,20 @@ def test_runner_processes_entries_and_shunts_a_failure_with_its_traceback(node, 
     assert f"shunted commands/{ids[2]}" in log and f"done {ids[4]}" in log
 
 
+def test_a_temporary_failure_puts_the_entry_back_for_later_instead_of_shunting_it(node, settings):
+    import time
+
+    eid = put(settings, 3, tempfail=True)
+    proc = probe(node, "--once")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    (back,) = entries(node.var, "commands")
+    assert back.name != f"{eid}.pck" and back.name.split("+")[1] == eid.split("+")[1] + ".pck"
+    assert float(back.name.split("+")[0]) > time.time(), "due only after the delay"
+    assert entries(node.var, "shunt") == [] and done(node.var) == []
+    assert "probe temporary failure for entry 3" in (settings.log_dir / "commands.log").read_text()
+
+
 def test_sigterm_while_processing_finishes_the_entry_in_hand(node, settings):
     put(settings, 7, slow=1.5)
     proc = probe(node)

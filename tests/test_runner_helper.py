@@ -1,8 +1,9 @@
 """A tiny runner for the Runner base tests, run as a real process: ``python -m tests.test_runner_helper``.
 
 It serves the ``commands`` queue (which has no registered runner, so no master competes for it).
-Per entry it reads ``metadata``: ``fail`` makes ``process`` raise, ``slow`` (seconds) makes it sleep
-after writing ``probe/started-<n>``; every processed entry appends ``<n>`` to ``probe/done``.
+Per entry it reads ``metadata``: ``fail`` makes ``process`` raise (``tempfail``: raise TemporaryFailure),
+``slow`` (seconds) makes it sleep after writing ``probe/started-<n>``; every processed entry appends
+``<n>`` to ``probe/done``.
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ class ProbeRunner(Runner):
         n = entry.metadata["n"]
         if entry.metadata.get("fail"):
             raise RuntimeError(f"probe failure for entry {n}")
+        if entry.metadata.get("tempfail"):
+            from mailq.errors import TemporaryFailure
+
+            raise TemporaryFailure(f"probe temporary failure for entry {n}")
         if entry.metadata.get("slow"):
             (self.probe / f"started-{n}").write_text(str(os.getpid()))
             time.sleep(float(entry.metadata["slow"]))
