@@ -61,7 +61,7 @@ class LMTPHandler:
         try:
             listname, kind = await self._run(parse_list_address, local, exists)
             known = await self._run(list_exists, self.settings, listname)
-        except OSError as exc:  # the shared filesystem is sick: the MTA should try again
+        except Exception as exc:  # noqa: BLE001 - a sick shared filesystem (or a bug): try again later
             self.log.warning("RCPT %s: cannot check the list: %s", address, exc)
             return "451 4.3.0 cannot check the list right now, try again later"
         if not known:
@@ -104,8 +104,8 @@ class LMTPHandler:
         except TemporaryFailure as exc:
             self.log.error("%s: not queued (temporary): %s", address, exc)
             return f"451 4.3.0 <{address}>: cannot queue now, try again later"
-        except OSError as exc:
-            self.log.error("%s: not queued: %s", address, exc)
+        except Exception as exc:  # noqa: BLE001 - OSError or a bug: never a 5xx, the MTA must keep the mail
+            self.log.exception("%s: not queued: %s", address, exc)
             return f"451 4.3.0 <{address}>: cannot queue now, try again later"
         self.log.info("%s from <%s>: queued %s in %s", address, sender, entry_id, queue)
         return f"250 2.0.0 <{address}> queued as {entry_id}"
