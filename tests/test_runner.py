@@ -108,3 +108,28 @@ def test_virgin_runner_passes_notices_to_out_unchanged(node, settings):
     assert metadata["recipients"] == ["owner@example.org"] and metadata["virgin_id"] == eid
     assert metadata["envelope_sender"] == settings.site_owner and metadata["listname"] == "dev"
     assert entries(node.var, "virgin") == []
+
+
+def test_a_runner_does_not_claim_without_a_fresh_lease_or_in_a_slice_it_does_not_own(node, settings):
+    from mailq.cluster.heartbeat import Heartbeat
+    from mailq.cluster.slicemap import NodeEntry, SliceMap, create_map, update_map
+    from mailq.config import RUNNER_QUEUES
+    from mailq.notices import notify
+
+    create_map(settings, SliceMap(queues={q: [node.name] for q in RUNNER_QUEUES},
+                                  nodes={node.name: NodeEntry(backup="n2"), "n2": NodeEntry(backup=node.name)}))
+    notify(settings, ["owner@example.org"], "A notice", "Hello.")
+    # No master has renewed the heartbeat: the runner fences itself and says so.
+    fenced = node.run("qrunner", "-r", "virgin", "--once")
+    assert fenced.returncode == 75
+    assert "self-fenced" in (settings.log_dir / "virgin.log").read_text()
+    assert len(entries(node.var, "virgin")) == 1
+
+    def move(smap):
+        smap.queues["virgin"] = ["n2"]
+
+    assert Heartbeat(settings).renew()
+    update_map(settings, move)
+    moved = node.run("qrunner", "-r", "virgin", "--once")
+    assert moved.returncode == 0 and len(entries(node.var, "virgin")) == 1
+    assert "moved to n2" in (settings.log_dir / "virgin.log").read_text()

@@ -40,6 +40,8 @@ def ctl(ctx: click.Context, config_file: str | None) -> None:
 
     The master runs one runner process per queue slice the slice map gives this node (plus the LMTP
     listener), restarts crashed runners, and renews the node's heartbeat.
+    Exit status: 0 done, 1 refused or failed (already running, not running,
+    did not stop in time), 2 usage error.  More in docs/operations.md.
 
     \b
     Examples:
