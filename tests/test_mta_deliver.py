@@ -148,3 +148,18 @@ def test_parse_list_address(local, expected):
 def test_a_list_named_like_a_suffix_stays_reachable():
     assert parse_list_address("team-owner", exists=lambda n: n == "team-owner") == ("team-owner", "post")
     assert parse_list_address("team-owner", exists=lambda n: False) == ("team", "owner")
+
+
+def test_fast_writer_matches_the_queue_format_byte_for_byte(tmp_path):
+    """mailq-deliver writes entries without importing mailq.queue: it must not drift from it."""
+    from mailq.mta import deliver
+    from mailq.queue import names, payload
+
+    assert deliver.PAYLOAD_VERSION == payload.VERSION
+    metadata = {"listname": "dev", "kind": "post", "received": 1.5, "via": "pipe", "envelope_sender": "a@b.c"}
+    eid = deliver.write_entry(str(tmp_path / "in"), MESSAGE, metadata, fsync=True)
+    [path] = [p for p in (tmp_path / "in").rglob("*") if p.is_file()]
+    assert names.ENTRY_RE.fullmatch(path.name) and path.name == eid + names.ENTRY_SUFFIX
+    assert path.parent.name == names.bucket_of(names.split_id(eid)[1])
+    assert path.read_bytes() == payload.encode(MESSAGE, metadata)
+    assert payload.decode(path.read_bytes()) == (MESSAGE, metadata)
