@@ -47,6 +47,22 @@ _MAX_SLICE = 1.0
 _MODE = 0o664
 
 
+def make_shared_dir(path: Path) -> None:
+    """Create *path* and missing parents as group-writable setgid folders (every host's mailq writes them).
+
+    Only folders created here are chmod-ed (the umask cuts mkdir's mode); existing ones are left alone.
+    """
+    if path.is_dir():
+        return
+    make_shared_dir(path.parent)
+    try:
+        path.mkdir(mode=0o2775)
+    except FileExistsError:
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o2775)
+
+
 def host_id() -> str:
     """The host name lock claims record (filelock's own), so claims and holder records compare."""
     return host_name()
@@ -218,13 +234,13 @@ class Lock:
         data = json.dumps(record).encode()
         try:
             if not self._dirs_made:
-                self.holders_dir.mkdir(mode=0o2775, parents=True, exist_ok=True)
+                make_shared_dir(self.holders_dir)
                 self._dirs_made = True
             # One small write: a reader that catches it half-written skips it (the claim shows node "?").
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o664)
             except FileNotFoundError:  # var/locks was removed since: make it again
-                self.holders_dir.mkdir(mode=0o2775, parents=True, exist_ok=True)
+                make_shared_dir(self.holders_dir)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o664)
             try:
                 os.write(fd, data)

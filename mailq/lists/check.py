@@ -4,8 +4,9 @@ Checks, and what ``--fix`` does about each (only what is safe):
 
 * a list whose ``list.pck`` is unreadable (loaded from ``.last``): re-save it from ``.last`` under
   its lock (the bad file is kept aside as ``list.pck.corrupt.<time>``);
-* a list folder that is not group-writable and setgid, or a database file that is not group
-  readable and writable (hosts run mailq as one user in one group): chmod;
+* ``var/lists`` or ``var/locks`` not group-writable, a list folder that is not group-writable and
+  setgid, or a database file that is not group readable and writable (hosts run mailq as one user
+  in one group): chmod;
 * a file or folder the user running mailq cannot read: reported only (needs root's chown);
 * lock claims left by dead processes on this host, and stale holder records: broken / removed.
 """
@@ -34,6 +35,9 @@ class Problem:
 
 def run_checks(settings: Settings, fix: bool = False) -> list[Problem]:
     problems: list[Problem] = []
+    for top in (settings.lists_dir, settings.locks_dir):
+        if top.exists():  # every host's mailq creates list folders and lock files in these
+            problems += _check_mode(top, 0o070, fix, is_dir=True)
     store = ListStore(settings)
     for name in store.names():
         problems += _check_list(store, name, fix)
@@ -76,8 +80,9 @@ def _check_mode(path: Path, want_bits: int, fix: bool, *, is_dir: bool) -> list[
     missing = want_bits & ~stat.S_IMODE(st.st_mode)
     if missing:
         kind = "folder" if is_dir else "file"
+        setgid = " and setgid" if missing & stat.S_ISGID else ""
         p = Problem(str(path), f"{kind} mode {stat.S_IMODE(st.st_mode):04o} lacks {missing:04o} "
-                               f"(group read/write{' and setgid' if is_dir else ''} for other hosts' mailq)")
+                               f"(group read/write{setgid} for other hosts' mailq)")
         if fix:
             try:
                 os.chmod(path, stat.S_IMODE(st.st_mode) | missing)

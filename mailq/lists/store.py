@@ -30,7 +30,7 @@ from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write
 from mailq.lists.mlist import MailingList
 from mailq.lists.settings import ListSettings
 from mailq.lists.validate import validate_address, validate_domain, validate_list_name
-from mailq.locks import Lock, list_lock
+from mailq.locks import Lock, list_lock, make_shared_dir
 
 DB_NAME = "list.pck"
 DIR_MODE = 0o2775   # group-writable, setgid: files inherit the mailq group
@@ -177,13 +177,9 @@ class ListStore:
         with self.lock(name):
             if self.exists(name):
                 raise InvalidInput(f"list {name!r} already exists ('mailq lists show {name}')")
-            folder = self.list_dir(name)
-            self.settings.lists_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                folder.mkdir(mode=DIR_MODE)
-                os.chmod(folder, DIR_MODE)  # mkdir's mode is cut by the umask; the group must write
-            except FileExistsError:
-                pass  # a folder without list.pck (a removed list's held messages, an aborted create)
+            # Group-writable setgid folders (mkdir's mode is cut by the umask): every host's mailq writes here.
+            # A folder without list.pck may exist already (held messages of a removed list, an aborted create).
+            make_shared_dir(self.list_dir(name))
             mlist = MailingList(name, settings)
             self._save(mlist)
         self.log.info("created list %s (%s), owner %s", name, mlist.posting_address, owner)
