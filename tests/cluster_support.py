@@ -330,7 +330,7 @@ EXPORT {{
     Protocols = 3, 4; Transports = TCP; SecType = sys;
     FSAL {{ Name = VFS; }}
 }}
-LOG {{ Default_Log_Level = WARN; }}
+LOG {{ Default_Log_Level = EVENT; }}
 """
 
 
