@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import email
 import email.header
+import os
 from email import policy
 
 import pytest
@@ -393,7 +394,8 @@ def test_unknown_stage_name_is_refused_before_any_stage_runs(settings, mlist):
 
 # -- hostile input -------------------------------------------------------------------------------
 
-@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hsettings(max_examples=int(os.environ.get("MAILQ_FUZZ_EXAMPLES", "150")), deadline=None,
+           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(SAMPLES), cut=st.integers(0, 4000), junk=st.binary(max_size=40),
        flip=st.integers(0, 4000))
 def test_no_stage_crashes_on_mangled_messages(settings, mlist, name, cut, junk, flip):

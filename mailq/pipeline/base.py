@@ -143,11 +143,7 @@ def header_text(value: Any) -> str:
     """A header value as readable Unicode: RFC 2047 words decoded, raw 8-bit read as UTF-8 or Latin-1."""
     if value is None:
         return ""
-    if isinstance(value, email.header.Header):
-        # compat32 hands out raw 8-bit headers as Header(unknown-8bit) whose str() is U+FFFD;
-        # its chunks still hold the original bytes (as surrogates).
-        value = "".join(str(chunk) for chunk, _charset in value._chunks)  # noqa: SLF001
-    value = _unescape_8bit(str(value))
+    value = _unescape_8bit(_raw(value))
     try:
         parts = email.header.decode_header(value)
     except Exception:  # malformed encoded words: show the raw text rather than fail
@@ -167,13 +163,31 @@ def header_text(value: Any) -> str:
     return " ".join(text.split()) if ("\n" in text or "\r" in text) else text
 
 
+_CHARSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,39}$")
+
+
+def charset_name(name: Any) -> str | None:
+    """*name* if it looks like a charset name (ASCII letters, digits, ``-_.:+``), else None."""
+    text = str(name or "")
+    return text.lower() if _CHARSET_NAME.match(text) else None
+
+
+def _raw(value: Any) -> str:
+    """A header value as the parser stored it (raw 8-bit bytes as surrogates)."""
+    if isinstance(value, email.header.Header):
+        # compat32 hands out raw 8-bit headers as Header(unknown-8bit) whose str() is U+FFFD;
+        # its chunks still hold the original bytes (as surrogates).
+        return "".join(str(chunk) for chunk, _charset in value._chunks)  # noqa: SLF001
+    return str(value)
+
+
 def _decode_bytes(chunk: bytes, charset: str | None) -> str:
     for candidate in (charset, "utf-8", "latin-1"):
         if not candidate or candidate == "unknown-8bit":
             continue
         try:
             return chunk.decode(candidate)
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, UnicodeError, ValueError):  # ValueError: a NUL in the charset name
             continue
     return chunk.decode("latin-1")
 
@@ -196,7 +210,7 @@ def addresses(msg: Message, *names: str) -> list[str]:
     """Lower-cased addresses found in the named headers; unparsable entries are skipped."""
     values = []
     for name in names:
-        values.extend(_unescape_8bit(str(v)) for v in msg.get_all(name, []))
+        values.extend(_unescape_8bit(_raw(v)) for v in msg.get_all(name, []))
     try:
         pairs = email.utils.getaddresses(values)
     except Exception:

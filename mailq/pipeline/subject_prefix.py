@@ -14,7 +14,7 @@ import re
 from email.message import Message
 from typing import Any
 
-from mailq.pipeline.base import Context, _unescape_8bit, header_text
+from mailq.pipeline.base import Context, _raw, _unescape_8bit, charset_name, header_text
 
 _REPLY = re.compile(r"^(\s*(re|aw|sv|antw|vs)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 
@@ -66,7 +66,7 @@ def encode_subject(text: str, charset: str | None) -> str:
             text.encode(candidate)
             header = email.header.Header(text, candidate, header_name="Subject")
             return header.encode(maxlinelen=76).replace("\r\n", "\n")
-        except (UnicodeEncodeError, LookupError, email.errors.HeaderParseError):
+        except (LookupError, UnicodeError, ValueError, email.errors.MessageError):
             continue
     return email.header.Header(text, "utf-8", header_name="Subject").encode(maxlinelen=76)
 
@@ -76,9 +76,9 @@ def _charset_of(raw: Any) -> str | None:
     if raw is None:
         return None
     try:
-        for _chunk, charset in email.header.decode_header(_unescape_8bit(str(raw))):
+        for _chunk, charset in email.header.decode_header(_unescape_8bit(_raw(raw))):
             if charset and charset != "unknown-8bit":
-                return charset
+                return charset_name(charset)
     except Exception:
         return None
     return None

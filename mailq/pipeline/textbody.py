@@ -14,6 +14,8 @@ import quopri
 from collections.abc import Callable
 from email.message import Message
 
+from mailq.pipeline.base import _raw, charset_name
+
 PROTECTED = ("multipart/signed", "multipart/encrypted")
 _CTES = ("7bit", "8bit", "binary", "quoted-printable", "base64")
 
@@ -53,7 +55,11 @@ def decode_text(part: Message) -> tuple[str, str, str] | None:
     cte = str(part.get("content-transfer-encoding", "7bit")).strip().lower() or "7bit"
     if cte not in _CTES:
         return None
-    charset = (part.get_content_charset() or "us-ascii").lower()
+    if not _raw(part.get("content-type", "")).isascii():
+        return None  # 8-bit bytes in Content-Type: nothing about this part can be trusted
+    charset = charset_name(part.get_content_charset() or "us-ascii")
+    if charset is None:
+        return None
     raw = raw_payload(part)
     if raw is None:
         return None
@@ -68,7 +74,7 @@ def decode_text(part: Message) -> tuple[str, str, str] | None:
         return None
     try:
         return data.decode(charset), charset, cte
-    except (LookupError, UnicodeDecodeError):
+    except (LookupError, UnicodeError, ValueError):
         pass
     if charset in ("us-ascii", "ascii"):  # unlabelled 8-bit text: UTF-8 is the only sane guess
         try:
@@ -82,7 +88,7 @@ def encode_text(part: Message, text: str, charset: str, cte: str) -> None:
     """Store *text* in *part* with *charset* (UTF-8 if it does not fit) and transfer encoding *cte*."""
     try:
         data = text.encode(charset)
-    except (UnicodeEncodeError, LookupError):
+    except (LookupError, UnicodeError, ValueError):
         charset = "utf-8"
         data = text.encode(charset)
     if cte in ("7bit",) and any(b > 127 for b in data):
