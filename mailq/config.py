@@ -63,6 +63,8 @@ class SmtpSettings:
     direct_mx: bool = False
     #: Name used in HELO/LHLO; empty means the node name.
     helo: str = ""
+    #: CA bundle (PEM) that signs the smarthost's STARTTLS certificate; empty: the system CAs.
+    ca_file: str = ""
 
 
 @dataclass

@@ -249,3 +249,56 @@ def test_a_refused_sender_never_bounces_the_recipients(tmp_path):
     assert written == ["retry"] and not report.bounced
     assert sorted(report.retried) == rcpts(3)
     assert all("553" in text and "MAIL FROM" in text for _, text in report.retried.values())
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 made with the openssl command line tool."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+class TLSSink(SMTPSink):
+    """The shared sink, but mail is only accepted after STARTTLS."""
+
+    def __init__(self, cert, key) -> None:
+        super().__init__()
+        self.cert, self.key = cert, key
+
+    def start(self) -> TLSSink:
+        import ssl
+
+        from aiosmtpd.controller import Controller
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, tls_context=context,
+                                     require_starttls=True)
+        self.controller.start()
+        return self
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_starttls_to_the_smarthost_verifies_its_certificate(tmp_path, certificate, trusted):
+    cert, key = certificate
+    with TLSSink(cert, key) as sink:
+        smtp = {"port": sink.port, "starttls": True}
+        if trusted:
+            smtp["ca_file"] = str(cert)
+        settings = make_node(tmp_path, "n1", smtp=smtp).settings()
+        result = SMTPConnection(settings).send(BOUNCES, ["a@example.com"], MSG)
+    if trusted:
+        assert result.delivered == ["a@example.com"] and sink.recipients() == ["a@example.com"]
+    else:
+        # an unverifiable smarthost is a temporary failure: the mail waits, it is not sent in clear
+        assert result.delivered == [] and "a@example.com" in result.temporary
+        assert "CERTIFICATE_VERIFY_FAILED" in result.temporary["a@example.com"][1]

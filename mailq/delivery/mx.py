@@ -7,7 +7,9 @@ passes the recipients on to the next host; a host that answers gives the final w
 
 Failure classes: a domain that does not exist (NXDOMAIN) or has a null MX (``MX 0 .``) is a
 permanent failure (5.1.2 / 5.1.10); a DNS timeout or SERVFAIL is temporary.
-Connections are kept per host and reused, like the smarthost connection.
+Connections are kept per host and reused, like the smarthost connection. No AUTH (the smarthost
+credentials are not the MX hosts'); STARTTLS whenever a host offers it, without certificate checks
+(MX certificates rarely match; this is opportunistic encryption, Postfix's "may" level).
 """
 from __future__ import annotations
 
@@ -101,7 +103,7 @@ class MXTransport:
                 if conn is None:
                     # No AUTH towards MX hosts: the smarthost credentials are not theirs.
                     conn = self.connections[address] = SMTPConnection(
-                        self.settings, address, self.port, use_auth=False, log=self.log)
+                        self.settings, address, self.port, use_auth=False, tls="may", log=self.log)
                 part = conn.send(sender, pending, msg)
                 # Unreachable host or 421: everything temporary with no host verdict -> next host.
                 unreachable = not part.delivered and not part.permanent and \

@@ -57,12 +57,15 @@ class SMTPConnection:
     """A lazily opened, reused SMTP client connection to *host*:*port* (default: the smarthost)."""
 
     def __init__(self, settings: Settings, host: str | None = None, port: int | None = None, *,
-                 use_auth: bool = True, log=None) -> None:
+                 use_auth: bool = True, tls: str | None = None, log=None) -> None:
         self.settings = settings
         cfg = settings.smtp
         self.host = host or cfg.host
         self.port = port or cfg.port
         self.use_auth = use_auth
+        #: "require" (STARTTLS with a verified certificate), "may" (STARTTLS when offered, unverified:
+        #: MX hosts, like Postfix's smtp_tls_security_level=may), "none".
+        self.tls = tls or ("require" if cfg.starttls else "none")
         self.log = log
         self.client: smtplib.SMTP | None = None
         self.transactions = 0
@@ -70,17 +73,23 @@ class SMTPConnection:
     # -- connection ---------------------------------------------------------------------------
     def connect(self) -> smtplib.SMTP:
         cfg = self.settings.smtp
-        client = smtplib.SMTP(timeout=cfg.timeout, local_hostname=cfg.helo or self.settings.node.name)
+        # Host given to the constructor (not to connect()): STARTTLS checks the certificate against
+        # the name the constructor stored. A greeting other than 220 raises SMTPConnectError.
+        client = smtplib.SMTP(self.host, self.port, timeout=cfg.timeout,
+                              local_hostname=cfg.helo or self.settings.node.name)
         try:
-            code, greeting = client.connect(self.host, self.port)
-            if code != 220:
-                raise smtplib.SMTPConnectError(code, greeting)
             client.ehlo_or_helo_if_needed()
-            if cfg.starttls:
+            if self.tls == "require" or (self.tls == "may" and client.has_extn("starttls")):
                 if not client.has_extn("starttls"):
                     raise smtplib.SMTPResponseException(
                         454, f"{self.host}:{self.port} does not offer STARTTLS (smtp.starttls is true)")
-                client.starttls(context=ssl.create_default_context())
+                if self.tls == "require":
+                    context = ssl.create_default_context(cafile=cfg.ca_file or None)
+                else:
+                    context = ssl.create_default_context()
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                client.starttls(context=context)
                 client.ehlo()
             if self.use_auth and cfg.user:
                 _login(client, cfg.user, cfg.password, f"{self.host}:{self.port}")
