@@ -148,12 +148,16 @@ class Lock:
         return self._depth > 0
 
     def acquire(self, timeout: float | None = None) -> Lock:
-        self._thread_lock.acquire()
+        timeout = self.timeout if timeout is None else timeout
+        started = time.monotonic()
+        if not self._thread_lock.acquire(timeout=timeout if timeout >= 0 else -1):
+            raise LockTimeout(f"timed out after {timeout:.1f}s waiting for lock {self.what} ({self.path}): "
+                              f"another thread of this process (pid {os.getpid()}) holds it", [])
         if self._depth:
             self._depth += 1
             return self
         try:
-            self._acquire_file(self.timeout if timeout is None else timeout)
+            self._acquire_file(max(0.0, timeout - (time.monotonic() - started)) if timeout >= 0 else 1e9)
         except BaseException:
             self._thread_lock.release()
             raise
