@@ -9,8 +9,9 @@ Layout, in ``var/lists/<name>/held/``::
 its record to a file with a name unique to it, then ``link()``s that file to ``<id>.decision``.
 ``link`` to an existing name fails with EEXIST on every POSIX filesystem including NFS, so exactly
 one decider wins however many processes on however many hosts try at the same moment.  NFS may
-report a failure for a link that did happen (a retransmitted request after a lost reply); the
-decider then checks its own file's link count: 2 means the link exists and the decision is its.
+report a failure (even EEXIST) for a link that did happen (a retransmitted request after a lost
+reply); so after any failure the decider checks its own file's link count: 2 means the link
+exists and the decision is its own.
 This is the same trick flufl.lock and filelock's strict locks rely on.  The loser reads the
 winning record and raises ``AlreadyDecided`` naming who decided and when.
 
@@ -181,13 +182,13 @@ class HeldStore:
         try:
             os.link(mine, target)
             return True
-        except FileExistsError:
-            return False
         except OSError as exc:
-            # NFS: the link may have happened although the reply was lost; our file then has 2 links.
-            if exc.errno != errno.EEXIST and os.stat(mine).st_nlink == 2:
+            # NFS: our link may have happened although its reply was lost, and the client's retry
+            # then fails, even with EEXIST (it meets our own link).  Our file has 2 links exactly
+            # when the decision file is ours.
+            if os.stat(mine).st_nlink == 2:
                 return True
-            if target.exists():
+            if exc.errno == errno.EEXIST or target.exists():
                 return False
             raise
         finally:
