@@ -160,3 +160,37 @@ def test_expire_held_discards_old_posts_and_tells_the_owner(settings):
     assert held.decision(old).action == "discard" and "expired" in held.decision(old).reason
     ((raw, meta),) = queue_entries(settings, "virgin")
     assert meta["recipients"] == ["owner@example.org"] and b"old one" in raw
+
+
+def test_a_decision_whose_decider_died_is_shown_and_can_be_completed(settings):
+    import os
+    import socket
+
+    from mailq.lists.held import Decision
+
+    make_list(settings)
+    held = HeldStore(settings, "dev")
+    held_id = held.hold(NONMEMBER_POST, {"listname": "dev", "kind": "post"}, "post from non-member",
+                        sender="stranger@example.com")
+    # What a decider leaves when it dies right after winning: the decision, but the post still held.
+    decision = Decision(held_id, "dev", "approve", "n9", socket.gethostname(), os.getpid(), "bob", time.time())
+    assert held._link_decision(decision) is True
+    assert held.incomplete() == [held_id]
+    assert held.list()[0]["decision"]["node"] == "n9"
+    with pytest.raises(AlreadyDecided, match="approved by node n9"):
+        held.decide(held_id, "discard", "n1")
+    held.complete(held_id)
+    ((_, meta),) = queue_entries(settings, "in")
+    assert meta["approved"] is True and meta["approved_by"] == "bob@n9"
+    assert held.incomplete() == [] and held.list() == []
+
+
+def test_owner_mail_goes_to_owners_and_moderators_through_the_runner(node):
+    settings = node.settings()
+    make_list(settings)
+    _deliver(node, sample("plain.eml").replace(b"alice@example.org", b"x@example.com"), kind="owner")
+    _run_once(node, "in")
+    ((raw, meta),) = queue_entries(settings, "out")
+    assert meta["recipients"] == ["owner@example.org", "mod@example.org"]
+    assert meta["envelope_sender"] == "dev-bounces@example.org"
+    assert HeldStore(settings, "dev").list() == []

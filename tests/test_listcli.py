@@ -101,6 +101,7 @@ BAD_INPUT = [
     ["config", "set", "dev", "subject_prefx=[dev]"],
     ["config", "set", "dev", "max_message_kb=lots"],
     ["config", "set", "dev", "owners=someone"],
+    ["config", "set", "dev", "owners="],
     ["config", "set", "dev", "archive=false", "nonmember_action=bounce"],
     ["lists", "remove", "nosuch"],
 ]

@@ -149,6 +149,8 @@ class ListStore:
     def _save(self, mlist: MailingList) -> None:
         """Write *mlist* (caller holds the lock): generation+1, temp+fsync, ``.last``, rename."""
         mlist.settings.validate()
+        if not mlist.settings.owners:
+            raise InvalidInput(f"list {mlist.name} would have no owner; keep at least one address in 'owners'")
         path = self.db_path(mlist.name)
         if mlist.loaded_from_last and path.exists():
             # Keep the good .last: move the unreadable current file aside instead of linking it to .last.
