@@ -124,7 +124,14 @@ class ListStore:
 
     def _read(self, path: Path, name: str) -> MailingList:
         try:
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                if exc.errno != errno.ESTALE:
+                    raise
+                # NFS: a save on another host renamed a new file over the one this client had cached.
+                # Opening again looks the name up afresh and finds the new file.
+                data = path.read_bytes()
         except OSError as exc:
             if exc.errno in TEMPORARY_ERRNOS:
                 raise TemporaryFailure(f"cannot read {path}: {exc.strerror}; try again later") from exc
