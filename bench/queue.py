@@ -175,7 +175,7 @@ def measure_backlog(base: Path, per_round: int = 1000, rounds: int = 6) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=5000)
-    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--dir", type=Path, default=ROOT / "var",
                         help="where to make the scratch folder (default: var/ in the checkout, where queues live)")
     parser.add_argument("--no-fsync", action="store_true", help="measure with queue.fsync off")

@@ -6,6 +6,7 @@ claimant from a claim name.  No file is opened to answer those questions.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,8 @@ def slice_bounds(index: int, count: int) -> tuple[int, int]:
     return lo, hi
 
 
-def slice_buckets(index: int, count: int) -> list[tuple[str, bool]]:
+@functools.lru_cache(maxsize=4096)
+def slice_buckets(index: int, count: int) -> tuple[tuple[str, bool], ...]:
     """Buckets that can hold entries of this slice, as ``(hex, whole)``.
 
     *whole* is True when every digest of the bucket belongs to the slice (no per-name check needed);
@@ -80,13 +82,13 @@ def slice_buckets(index: int, count: int) -> list[tuple[str, bool]]:
     """
     lo, hi = slice_bounds(index, count)
     if lo > hi:
-        return []
+        return ()
     first, last = lo >> BUCKET_SHIFT, hi >> BUCKET_SHIFT
     out = []
     for b in range(first, last + 1):
         b_lo, b_hi = b << BUCKET_SHIFT, ((b + 1) << BUCKET_SHIFT) - 1
         out.append((f"{b:02x}", lo <= b_lo and b_hi <= hi))
-    return out
+    return tuple(out)
 
 
 # -- claims ------------------------------------------------------------------------------------

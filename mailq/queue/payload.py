@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 from typing import Any
 
 from mailq import safepickle
@@ -17,8 +16,11 @@ from mailq.errors import TemporaryFailure
 from mailq.fsutil import TEMPORARY_ERRNOS
 
 VERSION = 1
-#: Fault injection for tests: when set to 1, every payload write fails with ENOSPC half-way.
+#: Fault injection for tests: with MAILQ_FAULT_ENOSPC=1 in a process's environment every entry write
+#: fails with ENOSPC half-way.  Read once at import (an environ lookup per write shows in profiles);
+#: tests inside one process flip ``FAULT_ENOSPC`` instead.
 FAULT_ENOSPC_ENV = "MAILQ_FAULT_ENOSPC"
+FAULT_ENOSPC = os.environ.get(FAULT_ENOSPC_ENV) == "1"
 
 
 class QueueFull(TemporaryFailure):
@@ -55,7 +57,7 @@ def decode(data: bytes) -> tuple[bytes, dict[str, Any]]:
 
 def temp_name(final_name: str) -> str:
     """A hidden name in the same folder: listings skip dot files, recovery removes stale ones."""
-    return f".{final_name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    return f".{final_name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
 
 
 def write_entry(folder: str, final_name: str, data: bytes, *, fsync: bool) -> None:
@@ -64,8 +66,8 @@ def write_entry(folder: str, final_name: str, data: bytes, *, fsync: bool) -> No
     The rename is what makes the entry visible, so readers see all of it or nothing.
     Failures raise QueueFull (temporary errnos) or OSError, and the temp file is removed either way.
     """
-    tmp = os.path.join(folder, temp_name(final_name))
-    final = os.path.join(folder, final_name)
+    tmp = f"{folder}/{temp_name(final_name)}"
+    final = f"{folder}/{final_name}"
     try:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
@@ -74,7 +76,7 @@ def write_entry(folder: str, final_name: str, data: bytes, *, fsync: bool) -> No
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
         try:
             view = memoryview(data)
-            if os.environ.get(FAULT_ENOSPC_ENV) == "1":
+            if FAULT_ENOSPC:
                 os.write(fd, view[: len(view) // 2])
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected by {FAULT_ENOSPC_ENV})")
             while view:

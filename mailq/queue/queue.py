@@ -31,16 +31,26 @@ BUCKET_NAMES = [f"{b:02x}" for b in range(256)]
 _HEX = frozenset("0123456789abcdef")
 
 
-@dataclass
 class Claimed:
     """An entry this process owns until it calls finish, shunt, to_bad or requeue."""
 
-    id: str
-    queue: str
-    path: Path
-    msg: bytes
-    metadata: dict[str, Any]
-    claimant: Claimant
+    __slots__ = ("id", "queue", "_path", "msg", "metadata", "claimant")
+
+    def __init__(self, id: str, queue: str, path: str | os.PathLike[str], msg: bytes,  # noqa: A002
+                 metadata: dict[str, Any], claimant: Claimant) -> None:
+        self.id, self.queue, self._path = id, queue, os.fspath(path)
+        self.msg, self.metadata, self.claimant = msg, metadata, claimant
+
+    @property
+    def path(self) -> Path:
+        """The claim file (a Path made on demand: the hot path only needs the string)."""
+        return Path(self._path)
+
+    def __fspath__(self) -> str:
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"Claimed({self.queue}/{self.id}, claimant={self.claimant})"
 
 
 @dataclass
@@ -101,21 +111,22 @@ class Queue:
         digest = hashlib.sha1(data)
         digest.update(listname.encode("utf-8", "surrogateescape"))
         digest.update(os.urandom(16))     # nonce: the same message twice must get two names
-        eid = entry_id(time.time() if not_before is None else not_before, digest.hexdigest())
-        self.write(eid, data)
+        sha = digest.hexdigest()
+        eid = entry_id(time.time() if not_before is None else not_before, sha)
+        write_entry(f"{self._dir}/{sha[:2]}", eid + ENTRY_SUFFIX, data, fsync=self.fsync)
         return eid
 
     def write(self, eid: str, data: bytes) -> None:
         """Make ``<eid>.pck`` with payload *data* visible in its bucket (temp, fsync, rename)."""
         _, sha = split_id(eid)
-        write_entry(self.bucket_dir(bucket_of(sha)), eid + ENTRY_SUFFIX, data, fsync=self.fsync)
+        write_entry(f"{self._dir}/{sha[:2]}", eid + ENTRY_SUFFIX, data, fsync=self.fsync)
 
     # -- listing ----------------------------------------------------------------------------
     def _scan(self, index: int, count: int) -> list[tuple[float, str, str]]:
         """Every waiting entry of one slice, oldest (earliest due) first; only its buckets are read."""
         found = []
         for bucket, whole in slice_buckets(index, count):
-            folder = os.path.join(self._dir, bucket)
+            folder = f"{self._dir}/{bucket}"
             try:
                 names = os.listdir(folder)
             except FileNotFoundError:
@@ -191,7 +202,7 @@ class Queue:
         return self._claim_file(bucket_of(sha), eid + ENTRY_SUFFIX, claimant)
 
     def _claim_file(self, bucket: str, name: str, claimant: Claimant) -> Claimed | None:
-        src = os.path.join(self._dir, bucket, name)
+        src = f"{self._dir}/{bucket}/{name}"
         dst = src + claimant.suffix()
         try:
             os.rename(src, dst)
@@ -204,9 +215,9 @@ class Queue:
             msg, metadata = decode(read_all(dst))
         except (BadEntry, OSError) as exc:
             reason = str(exc) if isinstance(exc, BadEntry) else f"cannot read: {exc}"
-            self.to_bad(Path(dst), reason)
+            self.to_bad(dst, reason)
             return None
-        return Claimed(name[: -len(ENTRY_SUFFIX)], self.name, Path(dst), msg, metadata, claimant)
+        return Claimed(name[:-4], self.name, dst, msg, metadata, claimant)
 
     def claims(self) -> list[ClaimInfo]:
         """Every claim file in this queue (any node, any slice)."""
@@ -222,7 +233,7 @@ class Queue:
     def finish(self, c: Claimed) -> None:
         """The entry is done: remove the claim."""
         try:
-            os.unlink(c.path)
+            os.unlink(c._path)
         except FileNotFoundError:
             self.log.warning("finish %s/%s: claim %s is gone (was it recovered while its claimant lived?)",
                              self.name, c.id, c.path)
@@ -233,7 +244,7 @@ class Queue:
         meta["error"] = error
         meta["shunted_from"] = self.name
         Queue(self.root, "shunt", fsync=self.fsync, log=self.log).write(c.id, encode(c.msg, meta))
-        self._unlink_quiet(c.path)
+        self._unlink_quiet(c._path)
         self.log.error("shunted %s/%s: %s", self.name, c.id, error.strip().splitlines()[-1] if error.strip() else "")
         return c.id
 
@@ -248,12 +259,12 @@ class Queue:
         new_id = entry_id(time.time() if not_before is None else not_before, sha)
         data = encode(c.msg if msg is None else msg, c.metadata if metadata is None else metadata)
         self.write(new_id, data)
-        self._unlink_quiet(c.path)
+        self._unlink_quiet(c._path)
         return new_id
 
     def to_bad(self, c_or_path: Claimed | str | os.PathLike[str], reason: str) -> Path:
         """Move a claimed entry (or any file of this queue) to ``bad``, reason kept in ``<name>.reason``."""
-        path = Path(c_or_path.path if isinstance(c_or_path, Claimed) else c_or_path)
+        path = Path(c_or_path)
         name = path.name
         info = parse_claim(name, path)
         eid = info.entry_id if info else name[: -len(ENTRY_SUFFIX)] if ENTRY_RE.fullmatch(name) else ""
