@@ -44,6 +44,19 @@ def isolation_unavailable() -> str:
     return ""
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies, so no host outlives a run.
+
+    Its runners notice their master is gone and stop by themselves.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @dataclass
 class Host:
     node: Node
@@ -82,7 +95,8 @@ class Host:
         self.log = self.node.config.parent / f"master-{self.kills}.out"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, env=self.node.environ(), cwd=ROOT, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         return self
 
     @property
