@@ -391,7 +391,8 @@ class NfsServer:
                   f"exec ganesha.nfsd -F -f {conf} -L {self.log} -p {run}/ganesha.pid")
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation",
                                       "private", "--pid", "--fork", "--kill-child", "sh", "-c", script],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         wait_for(lambda: self.log.exists() and "NFS SERVER INITIALIZED" in self.log.read_text(errors="replace")
                  or self.proc.poll() is not None, 60, interval=0.2, message="ganesha ready")
         if self.proc.poll() is not None:
