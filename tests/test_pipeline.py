@@ -394,7 +394,7 @@ def test_unknown_stage_name_is_refused_before_any_stage_runs(settings, mlist):
 
 # -- hostile input -------------------------------------------------------------------------------
 
-@hsettings(max_examples=int(os.environ.get("MAILQ_FUZZ_EXAMPLES", "150")), deadline=None,
+@hsettings(max_examples=int(os.environ.get("MAILQ_FUZZ_EXAMPLES", "100")), deadline=None,
            suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(SAMPLES), cut=st.integers(0, 4000), junk=st.binary(max_size=40),
        flip=st.integers(0, 4000))
