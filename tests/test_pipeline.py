@@ -406,3 +406,21 @@ def test_no_stage_crashes_on_mangled_messages(settings, mlist, name, cut, junk, 
     msg, msgdata, stop = run_pipeline(settings, mlist, raw)
     assert stop is None or stop.action in ("hold", "reject", "discard")
     parse(to_bytes(msg))  # what went out can be read back
+
+
+def test_delivery_stages_each_alone(settings, mlist):
+    _, msgdata, _ = run_pipeline(settings, mlist, sample("plain.eml"), ["recipients"])
+    assert len(msgdata["recipients"]) == 11 and "reader@example.org" not in msgdata["recipients"]
+    raw = b"To: alice@example.org\r\n" + sample("plain.eml")
+    _, msgdata, _ = run_pipeline(settings, mlist, raw, ["avoid_duplicates"],
+                                 recipients=["alice@example.org", "bob@example.org"])
+    assert msgdata["recipients"] == ["bob@example.org"]
+    run_pipeline(settings, mlist, sample("plain.eml"), ["to_archive"], sender="alice@example.org")
+    run_pipeline(settings, mlist, sample("prefixed.eml"), ["to_digest"])
+    stores = sorted(meta["stores"] for _, meta in queue_entries(settings, "archive"))
+    assert stores == [["archive"], ["digest"]]
+    _, msgdata, _ = run_pipeline(settings, mlist, sample("plain.eml"), ["to_outgoing"])
+    assert "out_id" not in msgdata and queue_entries(settings, "out") == []  # nobody to send to
+    run_pipeline(settings, mlist, sample("plain.eml"), ["to_outgoing"], recipients=["bob@example.org"])
+    ((raw, meta),) = queue_entries(settings, "out")
+    assert meta["recipients"] == ["bob@example.org"] and raw.replace(b"\r\n", b"\n") == sample("plain.eml")
