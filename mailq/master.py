@@ -139,6 +139,7 @@ class Master:
         self._stop = False
         self._hup = False
         self._watcher: Any = None
+        self._heartbeat: Any = None
         self._epoch: int | None = None
         self._map_problem = ""
         self._last_status: Any = None
@@ -345,9 +346,11 @@ class Master:
     def _beat(self, first: bool = False) -> None:
         """Heartbeat, automatic failover, slice map: every cluster.heartbeat seconds."""
         try:
-            from mailq.cluster.heartbeat import Heartbeat
+            if self._heartbeat is None:
+                from mailq.cluster.heartbeat import Heartbeat
 
-            if not Heartbeat(self.settings).renew():
+                self._heartbeat = Heartbeat(self.settings)     # one object: its sequence number grows
+            if not self._heartbeat.renew():
                 self.log.error("cannot renew the heartbeat of node %s: runners stop claiming when the "
                                "lease runs out", self.node)
         except Exception:
