@@ -63,6 +63,10 @@ def make_shared_dir(path: Path) -> None:
         os.chmod(path, 0o2775)
 
 
+_RECORDS_LOCK = threading.Lock()
+_RECORD_USERS: dict[str, int] = {}
+
+
 def host_id() -> str:
     """The host name lock claims record (filelock's own), so claims and holder records compare."""
     return host_name()
@@ -165,7 +169,7 @@ class Lock:
         return self
 
     def _acquire_file(self, timeout: float) -> None:
-        self._write_record()
+        self._record_in()
         started = time.monotonic()
         deadline = started + timeout
         chunk = 0.2
@@ -191,7 +195,7 @@ class Lock:
                     raise self._timeout_error(time.monotonic() - started)
                 chunk = min(chunk * 2, _MAX_SLICE)
         except BaseException:
-            self._remove_record()
+            self._record_out()
             raise
 
     def release(self) -> None:
@@ -203,7 +207,7 @@ class Lock:
                 try:
                     self._flock.release()
                 finally:
-                    self._remove_record()
+                    self._record_out()
         finally:
             self._thread_lock.release()
 
@@ -214,7 +218,8 @@ class Lock:
         self.release()
 
     def _timeout_error(self, waited: float) -> LockTimeout:
-        holders = [h for h in self.holders() if not _is_me(h)]
+        everyone = self.holders()
+        holders = [h for h in everyone if not _is_me(h)]
         held = [h for h in holders if h.state == "held"] or holders
         if held:
             h = held[0]
@@ -223,8 +228,12 @@ class Lock:
                 hint = (f"that process is alive on this host; wait for it, or stop it, or run "
                         f"'mailq locks break {self.name}' once it is gone")
             else:
-                hint = (f"it runs on another host; if that host or node is dead, fence it "
-                        f"('mailq slices takeover') or run 'mailq locks break {self.name}'")
+                hint = (f"it runs on another host; if that node is dead, take it over "
+                        f"('mailq slices reassign --from {h.node or 'NODE'}', which fences it and breaks its "
+                        f"locks) or fence it and run 'mailq locks break {self.name}'")
+        elif everyone:
+            who = f"this very process (pid {os.getpid()}) through another Lock object"
+            hint = "a bug: the code takes the same lock twice (for example store.edit inside store.edit)"
         else:
             who, hint = "a holder that has just left", "run the command again"
         return LockTimeout(f"timed out after {waited:.1f}s waiting for lock {self.what} ({self.path}): "
@@ -253,6 +262,24 @@ class Lock:
         except OSError as exc:
             raise TemporaryFailure(f"cannot write holder record {path}: {exc.strerror} (check that "
                                    f"{self.holders_dir} exists and is writable)") from exc
+
+    def _record_in(self) -> None:
+        # Several Lock objects of one process may use one path (nested edits, threads): one record,
+        # counted, so that the first to finish does not remove the record another still needs.
+        key = str(self.holders_dir)
+        with _RECORDS_LOCK:
+            self._write_record()
+            _RECORD_USERS[key] = _RECORD_USERS.get(key, 0) + 1
+
+    def _record_out(self) -> None:
+        key = str(self.holders_dir)
+        with _RECORDS_LOCK:
+            left = _RECORD_USERS.get(key, 1) - 1
+            if left > 0:
+                _RECORD_USERS[key] = left
+                return
+            _RECORD_USERS.pop(key, None)
+            self._remove_record()
 
     def _remove_record(self, host: str | None = None, pid: int | None = None) -> None:
         try:

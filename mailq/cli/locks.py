@@ -144,5 +144,6 @@ def break_(name: str, force: bool, as_json: bool) -> None:
     if refused:
         if not as_json:
             fail(f"refused to break lock {lock.name}: " + "; ".join(refused)
-                 + ". Stop that process, or fence its node ('mailq slices ...'), or use --force", EXIT_FAIL)
+                 + ". Stop that process, or take its node over ('mailq slices reassign --from NODE' fences it "
+                   "and breaks its locks), or use --force", EXIT_FAIL)
         sys.exit(EXIT_FAIL)
