@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import yaml
 
-from mailq.locks import Lock, break_dead, host_id, list_lock, named_lock
+from mailq.locks import Lock, LockTimeout, break_dead, host_id, list_lock, named_lock
 from tests.support import ROOT, make_node, wait_for
 
 # A process that takes a lock (as the node of its MAILQ_CONFIG) and keeps it until killed.
@@ -174,3 +174,13 @@ def test_locks_break_unknown_name_lists_known_locks(two_nodes):
     n1, _ = two_nodes
     result = n1.mailq("locks", "break", "nosuch")
     assert result.returncode == 1 and "list.dev" in result.stderr
+
+
+def test_second_lock_object_in_one_process_times_out_saying_so_and_keeps_the_record(settings):
+    first, second = named_lock(settings, "slices", timeout=5), named_lock(settings, "slices", timeout=0.3)
+    with first:
+        with pytest.raises(LockTimeout, match="this very process"):
+            second.acquire()
+        assert first.records()  # the failed second acquire did not remove the holder's record
+        assert {h.node for h in first.holders()} == {"n1"}
+    assert first.records() == {}
