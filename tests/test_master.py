@@ -194,3 +194,15 @@ def test_the_master_follows_the_slice_map_stopping_and_starting_runners(node, se
     back = wait_for(lambda: (o := outs()).get(1) and o, 60, message="out:1/2 started again")
     assert back[1] != first[1] and back[0] == first[0]
     assert status(node)["epoch"] == 3
+
+
+def test_two_nodes_on_one_machine_each_run_their_own_master(tmp_path, started):
+    n1 = make_node(tmp_path, "n1")
+    n2 = make_node(tmp_path, "n2", var=n1.var)
+    started(n1)
+    started(n2)
+    one, two = status(n1), status(n2)
+    assert one["running"] and two["running"] and one["pid"] != two["pid"]
+    assert one["node"] == "n1" and two["node"] == "n2"
+    refused = n2.run("mailqctl", "start")
+    assert refused.returncode == 1 and f"pid {two['pid']}" in refused.stderr
