@@ -75,16 +75,17 @@ class Context:
     #: Names of the stages that ran, in order (filled in by ``mailq.pipeline.run``).
     trail: list[str] = field(default_factory=list)
     #: Copies for the ``archive`` queue, written by ``flush`` once every stage has passed.
-    copies: list[tuple[bytes, dict]] = field(default_factory=list)
+    copies: list[tuple[Message, dict]] = field(default_factory=list)
 
-    def copy_for_archive(self, store: str, msg: bytes, metadata: dict) -> None:
+    def copy_for_archive(self, store: str, msg: Message, metadata: dict) -> None:
         """Ask for *msg* to be appended to *store* (``archive`` or ``digest``) by the archive runner.
 
-        The same bytes wanted by several stores travel as ONE entry (``metadata["stores"]``): each
-        queue entry is an fsync on the hot path of a post.
+        One entry per message however many stores want it (``metadata["stores"]``): each queue
+        entry is an fsync on the hot path of a post.  The copy is serialized at ``flush``, so it is
+        the message as it leaves the pipeline, serialized once.
         """
-        for data, meta in self.copies:
-            if data == msg and meta.get("listname") == metadata.get("listname"):
+        for queued, meta in self.copies:
+            if queued is msg and meta.get("listname") == metadata.get("listname"):
                 if store not in meta["stores"]:
                     meta["stores"].append(store)
                 return
@@ -92,7 +93,7 @@ class Context:
 
     def flush(self) -> list[str]:
         """Queue the archive copies asked for; entry ids.  A post stopped by a stage gets none."""
-        ids = [self.enqueue("archive", data, meta) for data, meta in self.copies]
+        ids = [self.enqueue("archive", to_bytes(msg, linesep="\n"), meta) for msg, meta in self.copies]
         self.copies.clear()
         return ids
 

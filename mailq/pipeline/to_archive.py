@@ -13,7 +13,7 @@ import time
 from email.message import Message
 from typing import Any
 
-from mailq.pipeline.base import Context, to_bytes
+from mailq.pipeline.base import Context
 
 
 def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
@@ -22,7 +22,7 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     if str(msg.get("x-no-archive", "")).strip().lower() == "yes" \
             or str(msg.get("x-archive", "")).strip().lower() == "no":
         return
-    ctx.copy_for_archive("archive", to_bytes(msg, linesep="\n"), {
+    ctx.copy_for_archive("archive", msg, {
         "listname": mlist.name,
         "kind": "archive",
         "sender": msgdata.get("sender", ""),

@@ -1,8 +1,8 @@
 """Stage ``to_digest``: the post goes into the list's pending digest when anyone reads the digest.
 
 The stage asks for a copy in the ``archive`` queue with ``stores`` containing ``digest``
-(``ctx.copy_for_archive``; the same entry as ``to_archive``'s when the bytes are the same, so a
-post costs one archive entry, not two).  The archive runner appends it to
+(``ctx.copy_for_archive``; the same entry as ``to_archive``'s, so a post costs one archive entry,
+not two).  The archive runner appends it to
 ``var/lists/<list>/digest.mbox`` under the list's digest lock, many posts per lock acquisition
 (``mailq.digest``).  Sending the digest is a cron task (later issue).  Lists without digests, or
 with no digest member, skip this.
@@ -13,13 +13,13 @@ import time
 from email.message import Message
 from typing import Any
 
-from mailq.pipeline.base import Context, to_bytes
+from mailq.pipeline.base import Context
 
 
 def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     if not getattr(mlist.settings, "digest_enabled", False) or not mlist.digest_recipients():
         return
-    ctx.copy_for_archive("digest", to_bytes(msg, linesep="\n"), {
+    ctx.copy_for_archive("digest", msg, {
         "listname": mlist.name,
         "kind": "archive",
         "sender": msgdata.get("sender", ""),
