@@ -186,7 +186,7 @@ class Master:
                       len(report.recovered), len(report.to_bad), len(report.dropped), report.left,
                       len(report.stale_temps))
         for row in report.recovered + report.to_bad:
-            self.log.info("recovered claim %s", row)
+            self.log.info("dead claim: %s", row)
 
     def serve(self, ready: Callable[[], None] | None = None) -> int:
         """Recover, start the runners, call *ready*, supervise until SIGTERM; the exit status."""
