@@ -224,13 +224,21 @@ class HeldStore:
         return [i for i in self.ids() if self._decision(i).exists()]
 
     def prune_decisions(self, older_than: float) -> int:
-        """Remove decision records of carried-out decisions taken before *older_than* (epoch)."""
+        """Remove decision records of carried-out decisions taken before *older_than* (epoch), and
+        temp files left by killed writers."""
         removed = 0
         try:
             names = os.listdir(self.folder)
         except FileNotFoundError:
             return 0
         for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                # A decider or holder killed between writing and linking/renaming its temp file.
+                # A day is far beyond any live writer; this only collects litter.
+                with contextlib.suppress(OSError):
+                    if os.stat(self.folder / name).st_mtime < time.time() - 86400:
+                        os.unlink(self.folder / name)
+                continue
             if not name.endswith(".decision") or (self.folder / (name[:-9] + ".pck")).exists():
                 continue
             decision = self.decision(name[:-9])
