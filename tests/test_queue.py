@@ -269,3 +269,10 @@ def test_a_slice_lists_only_its_own_buckets(qroot, caplog):
         assert q.claim_next(0, 4, ME) is None          # slice 0 of 4 = buckets 00..3f
     assert f"ignoring {q.dir / '3f' / 'not-an-entry'}" in caplog.text
     assert "/40/" not in caplog.text and "/c0/" not in caplog.text
+
+
+def test_metadata_that_could_not_be_read_back_is_refused_at_enqueue(qroot):
+    q = Queue(qroot, "in")
+    with pytest.raises(TypeError, match="builtin values only"):
+        q.enqueue(MSG, {"when": time.gmtime()})         # a struct_time pickles via a global
+    assert files_under(qroot) == []

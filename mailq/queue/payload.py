@@ -32,7 +32,18 @@ class BadEntry(ValueError):
 
 
 def encode(msg: bytes, metadata: dict[str, Any]) -> bytes:
-    return safepickle.dumps({"version": VERSION, "msg": bytes(msg), "metadata": metadata})
+    """The payload bytes; TypeError when *metadata* holds anything the restricted unpickler refuses.
+
+    Checked here, by reading the bytes back, because otherwise the mistake would only show when a
+    runner claims the entry and has to send it to ``bad``.
+    """
+    data = safepickle.dumps({"version": VERSION, "msg": bytes(msg), "metadata": metadata})
+    try:
+        safepickle.loads(data)
+    except safepickle.UnsafePickle as exc:
+        raise TypeError(f"queue metadata must hold builtin values only (str, int, float, bool, None, "
+                        f"bytes, list, tuple, dict, set): {exc}") from None
+    return data
 
 
 def decode(data: bytes) -> tuple[bytes, dict[str, Any]]:

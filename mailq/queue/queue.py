@@ -6,7 +6,8 @@ to each other can share a queue: a rename of one source succeeds once, whoever l
 
 Runners call :meth:`Queue.claim_next` in a loop.  It keeps the sorted names of its slice from the last
 listing (a *batch*) and claims from the front; it lists the slice's buckets again when the batch has
-nothing due left or is older than *rescan_interval* (entries written by other hosts meanwhile).
+nothing due left or is older than *rescan_interval* (entries written by other hosts meanwhile) and
+than ten times the last listing took.
 """
 from __future__ import annotations
 
