@@ -10,7 +10,8 @@ Three measurements, in a fresh temp tree with its own node config:
    shows the figure without cached byte-code (this sandbox sets PYTHONDONTWRITEBYTECODE).
 2. ``ratio_vs_bare``: personalized (VERP, one transaction per recipient) delivery of one message
    to --recipients recipients through ``qrunner -r out --once`` (time from the runner's own
-   "done (Xs)" log line) against a bare ``smtplib`` loop sending the same transactions to the same
+   "done (Xs)" log line) against a bare ``smtplib`` loop (its own process, timing itself) sending
+   the same transactions to the same
    sink in the same run. The sink is aiosmtpd in a separate process. Median of --rounds, the
    order of the contenders alternating between rounds.
 3. ``latency_median_ms`` / ``latency_p99_ms``: ``mailqctl start`` the node's master (runners:
@@ -64,6 +65,21 @@ def run_sink(port: int, record: str) -> None:
     print("ready", flush=True)
     while True:
         time.sleep(3600)
+
+
+def run_bare(port: int, recipients: int) -> None:
+    """``--bare PORT N``: the baseline: one smtplib connection, one VERP transaction per recipient."""
+    from mailq.delivery.verp import verp_sender
+
+    bounces = "dev-bounces@lists.example.org"
+    msg = message("rate")
+    rcpts = [f"reader{i}@example.net" for i in range(recipients)]
+    t = time.perf_counter()
+    client = smtplib.SMTP("127.0.0.1", port)
+    for r in rcpts:
+        client.sendmail(verp_sender(bounces, r), [r], msg)
+    client.quit()
+    print(f"{recipients / (time.perf_counter() - t):.3f}")
 
 
 class Sink:
@@ -153,7 +169,6 @@ def bench_deliver(env: dict, base: Path, runs: int) -> dict:
 def bench_rate(env: dict, settings, sink: Sink, recipients: int, rounds: int) -> dict:
     from mailq.delivery.outqueue import deliver
     from mailq.delivery.smtp import SMTPConnection
-    from mailq.delivery.verp import verp_sender
     from mailq.queue import Queue
 
     rcpts = [f"reader{i}@example.net" for i in range(recipients)]
@@ -163,13 +178,9 @@ def bench_rate(env: dict, settings, sink: Sink, recipients: int, rounds: int) ->
     log = settings.log_dir / "out.log"
     bare_rates, runner_rates, inproc_rates = [], [], []
     def bare() -> None:
-        # bare smtplib: one connection, one transaction per recipient, same VERP senders
-        t = time.perf_counter()
-        client = smtplib.SMTP("127.0.0.1", settings.smtp.port)
-        for r in rcpts:
-            client.sendmail(verp_sender(bounces, r), [r], msg)
-        client.quit()
-        bare_rates.append(recipients / (time.perf_counter() - t))
+        # bare smtplib in its own process too (like the runner), timing itself
+        proc = run(env, PY, __file__, "--bare", str(settings.smtp.port), str(recipients))
+        bare_rates.append(float(proc.stdout.split()[-1]))
 
     def runner() -> None:
         # mailq's out runner, as a process: its own "done <id> (Xs)" line is the processing time
@@ -229,10 +240,13 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--sink":
         run_sink(int(sys.argv[2]), sys.argv[3])
         return
+    if len(sys.argv) == 4 and sys.argv[1] == "--bare":
+        run_bare(int(sys.argv[2]), int(sys.argv[3]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--posts", type=int, default=100, help="posts timed end to end (default 100)")
     ap.add_argument("--recipients", type=int, default=500, help="recipients in the rate test (default 500)")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds of the rate test (default 5)")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of the rate test (default 7)")
     ap.add_argument("--runs", type=int, default=40, help="runs of each program in the start-up test")
     ap.add_argument("--keep", action="store_true", help="keep the temp tree (logs) for a look")
     args = ap.parse_args()
@@ -277,7 +291,8 @@ def main() -> None:
         ("post -> delivered, median", f"{result['latency_median_ms']} ms", f"{len(latencies)} posts, mailqctl start"),
         ("post -> delivered, p99", f"{result['latency_p99_ms']} ms", "pipe -> in (pipeline) -> out -> sink"),
         ("post -> delivered, min/max", f"{min(latencies) * 1000:.1f} / {max(latencies) * 1000:.1f} ms", ""),
-        ("bare smtplib, personalized", f"{rates['bare']:.0f} rcpt/s", f"{args.recipients} transactions"),
+        ("bare smtplib, personalized", f"{rates['bare']:.0f} rcpt/s", f"{args.recipients} transactions, "
+         f"median of {args.rounds}"),
         ("out runner, personalized", f"{rates['runner']:.0f} rcpt/s", "qrunner -r out --once, runner's time"),
         ("deliver() in-process", f"{rates['inproc']:.0f} rcpt/s", "same code, no runner"),
         ("ratio_vs_bare", f"{result['ratio_vs_bare']}", "out runner / bare (target >= 0.8)"),
