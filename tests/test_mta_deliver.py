@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
 
 from mailq.mta.addresses import QUEUE_FOR_KIND, parse_list_address
 from mailq.queue import Queue
+from tests.support import ROOT
 
 MESSAGE = b"From: alice@example.org\r\nTo: dev@lists.example.org\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -45,11 +47,22 @@ def test_each_kind_lands_in_its_queue_with_metadata(node, settings, kind):
 
 def test_mbox_from_line_is_stripped_and_gives_the_sender(node, settings):
     create_list(settings, "dev")
-    r = node.run("mailq-deliver", "post", "dev", input=b"From bob@example.net Sat Nov 21 10:00:00 2026\n" + MESSAGE,
-                 env={"SENDER": ""})
+    env = node.environ()
+    env.pop("SENDER", None)
+    r = subprocess.run([sys.executable, "-m", "mailq.mta.deliver", "post", "dev"], env=env, cwd=ROOT,
+                       input=b"From bob@example.net Sat Nov 21 10:00:00 2026\n" + MESSAGE, capture_output=True)
     assert r.returncode == 0, r.stderr
     [(msg, meta)] = entries(settings, "in")
     assert msg == MESSAGE and meta["envelope_sender"] == "bob@example.net"
+
+
+def test_empty_sender_is_the_null_sender_of_a_bounce(node, settings):
+    create_list(settings, "dev")
+    r = node.run("mailq-deliver", "bounces", "dev", input=b"From MAILER-DAEMON Sat Nov 21 10:00:00 2026\n" + MESSAGE,
+                 env={"SENDER": ""})
+    assert r.returncode == 0, r.stderr
+    [(msg, meta)] = entries(settings, "bounces")
+    assert msg == MESSAGE and meta["envelope_sender"] == ""
 
 
 @pytest.mark.parametrize("args", [[], ["post"], ["post", "dev", "extra"], ["bogus", "dev"]])
@@ -123,10 +136,6 @@ def test_settings_cache_follows_config_changes(node, settings, tmp_path):
 
 
 def test_bin_script_runs_from_the_checkout(node, settings):
-    import subprocess
-
-    from tests.support import ROOT
-
     create_list(settings, "dev")
     proc = subprocess.run([sys.executable, str(ROOT / "bin" / "mailq-deliver"), "owner", "dev"], input=MESSAGE,
                           env=node.environ(), capture_output=True, timeout=60)

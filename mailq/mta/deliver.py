@@ -92,7 +92,9 @@ def deliver(args: "list[str]") -> int:
         "kind": kind,
         "received": time.time(),
         "via": "pipe",
-        "envelope_sender": env.get("SENDER") or from_line_sender,
+        # $SENDER set but empty is the null sender of a bounce: keep "" rather than the From_ line's
+        # MAILER-DAEMON placeholder.
+        "envelope_sender": env["SENDER"] if "SENDER" in env else from_line_sender,
     }
     original = env.get("ORIGINAL_RECIPIENT") or env.get("RECIPIENT")
     if original:
