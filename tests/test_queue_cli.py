@@ -61,6 +61,12 @@ def test_show_never_runs_code_from_a_planted_file(node, tmp_path):
     res = node.mailq("queue", "show", f"1.000000+{sha}", check=True)
     assert "unreadable" in res.stdout and "forbidden object" in res.stdout
     assert not marker.exists()
+    q = Queue(node.var / "qfiles", "out")
+    assert q.claim_next(0, 1, Claimant("n1", os.getpid(), 0)) is None      # moved to bad on the way
+    shown = json.loads(node.mailq("queue", "show", f"1.000000+{sha}", "--json", check=True).stdout)
+    assert shown["queue"] == "bad" and shown["state"] == "bad"
+    assert "forbidden object" in shown["bad_reason"]["reason"] and shown["bad_reason"]["queue"] == "out"
+    assert not marker.exists()
 
 
 def test_inject_on_full_disk_exits_75_and_queues_nothing(node, tmp_path):

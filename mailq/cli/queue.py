@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import json
 import os
 import sys
 import time
@@ -112,7 +113,12 @@ def _describe(settings: Settings, qname: str, state: str, path: Path) -> dict[st
         info["claimant"] = {"node": claim.node, "pid": claim.pid, "epoch": claim.epoch}
     reason = Path(str(path) + REASON_SUFFIX)
     if reason.exists():
-        info["bad_reason"] = reason.read_text(errors="replace").strip()
+        text = reason.read_text(errors="replace").strip()
+        try:
+            note = json.loads(text)
+            info["bad_reason"] = note if isinstance(note, dict) else {"reason": text}
+        except ValueError:
+            info["bad_reason"] = {"reason": text}
     try:
         msg, metadata = Queue.for_settings(settings, qname).read(path)
     except BadEntry as exc:
@@ -153,10 +159,15 @@ def show(entry: str, as_json: bool) -> None:
         state += f" by node {c['node']} pid {c['pid']} (slice-map epoch {c['epoch']})"
     click.echo(f"state:    {state}")
     click.echo(f"file:     {info['file']} ({info['size']} bytes)")
-    if "due" in info:
+    if "due" in info and info["queue"] in RUNNER_QUEUES:
         click.echo(f"due:      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info['due']))}")
     if "bad_reason" in info:
-        click.echo("bad because:\n  " + info["bad_reason"].replace("\n", "\n  "))
+        note = info["bad_reason"]
+        when = note.get("time")
+        where = ", ".join(f"{k} {note[k]}" for k in ("queue", "host") if note.get(k))
+        if isinstance(when, (int, float)):
+            where += f", {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}"
+        click.echo(f"bad:      {note.get('reason', '')}" + (f" ({where.lstrip(', ')})" if where else ""))
     if "payload_error" in info:
         click.echo(f"payload:  unreadable: {info['payload_error']}")
         return

@@ -273,7 +273,7 @@ class Queue:
             folder, final = self.root / "bad" / bucket_of(split_id(eid)[1]), eid + ENTRY_SUFFIX
         else:
             folder, final = self.root / "bad" / "unnamed", name
-        note = {"reason": reason, "queue": self.name, "file": str(path), "node": socket.gethostname(),
+        note = {"reason": reason, "queue": self.name, "file": str(path), "host": socket.gethostname(),
                 "time": time.time()}
         try:
             write_entry(str(folder), final + REASON_SUFFIX, json.dumps(note, indent=1).encode() + b"\n",
