@@ -276,3 +276,12 @@ def test_metadata_that_could_not_be_read_back_is_refused_at_enqueue(qroot):
     with pytest.raises(TypeError, match="builtin values only"):
         q.enqueue(MSG, {"when": time.gmtime()})         # a struct_time pickles via a global
     assert files_under(qroot) == []
+
+
+def test_entries_not_yet_due_are_skipped_by_name_without_being_read(qroot):
+    q = Queue(qroot, "retry", fsync=False)
+    future = _plant(q, b"not even a pickle", time.time() + 600)
+    assert q.claim_next(0, 1, ME) is None
+    assert future.exists() and not (qroot / "bad").exists()     # never opened, so never judged bad
+    assert q.claim_next(0, 1, ME, now=time.time() + 601) is None
+    assert not future.exists() and (qroot / "bad" / future.parent.name / future.name).exists()
