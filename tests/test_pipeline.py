@@ -209,6 +209,13 @@ def test_one_click_unsubscribe_and_archive_link_with_a_web_address(tmp_path):
     assert out["list-archive"] == "<https://lists.example.org/archives/dev/>"
 
 
+def test_non_ascii_list_name_is_an_encoded_word_in_list_id(settings):
+    mlist = make_list(settings, display_name="Entwickler·innen")
+    msg, _, _ = run_pipeline(settings, mlist, sample("plain.eml"), ["list_headers"])
+    assert msg["list-id"].isascii()
+    assert str(_reparse(msg)["list-id"]) == "Entwickler·innen <dev.example.org>"
+
+
 @pytest.mark.parametrize("policy_,expected", [("list", "dev@example.org"), ("explicit", "talk@example.org")])
 def test_reply_to_follows_the_list_policy(settings, policy_, expected):
     mlist = make_list(settings, reply_to=policy_, reply_to_address="talk@example.org")

@@ -13,6 +13,7 @@ Adds, replacing any a previous list put there (RFC 2369, RFC 2919, RFC 8058):
 """
 from __future__ import annotations
 
+import email.header
 from email.message import Message
 from typing import Any
 from urllib.parse import quote
@@ -31,6 +32,8 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     list_id = f"<{mlist.list_id}>"
     if display and display.isascii():
         list_id = f'"{display}" {list_id}'
+    elif display:  # RFC 2919 allows encoded words in the phrase
+        list_id = f"{email.header.Header(display, 'utf-8').encode(maxlinelen=0)} {list_id}"
     msg["List-Id"] = list_id
     msg["List-Post"] = f"<mailto:{mlist.posting_address}>"
     msg["List-Help"] = f"<mailto:{mlist.request_address}?subject=help>"
