@@ -29,8 +29,10 @@ def test_aliases_file_formats(node, settings, fmt):
     assert r.returncode == 0, r.stderr
     lines = alias_lines(r.stdout)
     assert len(lines) == 14
-    assert lines[0].split() == ["dev:", f'"|{DELIVER}', "post", 'dev"']
-    assert lines[1].split() == ["dev-owner:", f'"|{DELIVER}', "owner", 'dev"']
+    # the node's config is not the checkout's etc/mailq.yaml, so the aliases name it
+    config = str(node.config.resolve())
+    assert lines[0].split() == ["dev:", f'"|{DELIVER}', "-C", config, "post", 'dev"']
+    assert lines[1].split() == ["dev-owner:", f'"|{DELIVER}', "-C", config, "owner", 'dev"']
     assert {line.split()[0] for line in lines} == {
         f"{name}{suffix}:" for name in ("dev", "users")
         for suffix in ("", "-owner", "-request", "-bounces", "-join", "-leave", "-confirm")}
@@ -42,7 +44,7 @@ def test_exim_format(node, settings):
     r = node.mailq("aliases", "--format", "exim")
     assert r.returncode == 0, r.stderr
     lines = alias_lines(r.stdout)
-    assert lines[3].split() == ["dev-bounces:", f"|{DELIVER}", "bounces", "dev"]
+    assert lines[3].split() == ["dev-bounces:", f"|{DELIVER}", "-C", str(node.config.resolve()), "bounces", "dev"]
     assert "driver = redirect" in r.stdout and len(lines) == 7
 
 
@@ -53,7 +55,7 @@ def test_json_and_one_list(node, settings):
     data = json.loads(r.stdout)
     assert [d["kind"] for d in data] == KINDS and {d["list"] for d in data} == {"users"}
     assert data[5] == {"list": "users", "kind": "leave", "local_part": "users-leave",
-                       "command": f"{DELIVER} leave users"}
+                       "command": f"{DELIVER} -C {node.config.resolve()} leave users"}
     r = node.mailq("aliases", "--list", "nosuch")
     assert r.returncode == 1 and "no such list: nosuch" in r.stderr
 
@@ -74,11 +76,17 @@ def test_every_alias_command_delivers(node, settings):
     create_lists(settings, "dev")
     data = json.loads(node.mailq("aliases", "--json").stdout)
     # bin/mailq-deliver runs "python3" from PATH: make that the interpreter with mailq's dependencies.
+    # and no MAILQ_CONFIG: the MTA cannot set one per alias, the -C in the command line finds it.
     env = node.environ({"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
+    del env["MAILQ_CONFIG"]
     for alias in data:
         proc = subprocess.run(shlex.split(alias["command"]), input=b"Subject: x\n\nbody\n",
                               env=env, capture_output=True, timeout=60)
         assert proc.returncode == 0, (alias, proc.stderr)
+    from mailq.queue import Queue
+
+    assert len(Queue.for_settings(settings, "in").waiting(0, 1)) == 2      # post + owner
+    assert len(Queue.for_settings(settings, "commands").waiting(0, 1)) == 4
 
 
 def test_help_has_examples(node):

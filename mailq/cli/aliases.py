@@ -21,8 +21,9 @@ def aliases(ctx: click.Context, fmt: str, only: tuple[str, ...], deliver_path: s
     """Print pipe aliases for every list: seven addresses per list.
 
     Each list NAME gets NAME, NAME-owner, NAME-request, NAME-bounces, NAME-join, NAME-leave and
-    NAME-confirm, each piped to `mailq-deliver KIND NAME`. Save the output where your MTA reads
-    aliases (see etc/postfix/ for a Postfix example, including LMTP instead of pipes).
+    NAME-confirm, each piped to `mailq-deliver KIND NAME` (with `-C CONFIG` when the config is not
+    the checkout's etc/mailq.yaml). Save the output where your MTA reads aliases (see etc/postfix/
+    for a Postfix example, including LMTP instead of pipes).
 
     \b
     Examples:
@@ -30,7 +31,7 @@ def aliases(ctx: click.Context, fmt: str, only: tuple[str, ...], deliver_path: s
       mailq aliases --format exim > /etc/exim4/mailq_aliases
       mailq aliases --list dev --json
     """
-    from mailq.mta.aliases import aliases_for, list_names, render
+    from mailq.mta.aliases import aliases_for, deliver_command, list_names, render
     from mailq.mta.aliases import deliver_path as default_path
 
     if config_file:
@@ -42,13 +43,13 @@ def aliases(ctx: click.Context, fmt: str, only: tuple[str, ...], deliver_path: s
         if missing:
             fail(f"no such list: {', '.join(missing)} (see 'mailq lists list')")
         names = [n for n in names if n in {o.lower() for o in only}]
-    program = deliver_path or default_path()
-    entries = aliases_for(names, program)
+    path = deliver_path or default_path()
+    entries = aliases_for(names, deliver_command(settings, path))
     if as_json:
         emit_json([{"list": a.listname, "kind": a.kind, "local_part": a.local_part, "command": a.command}
                    for a in entries])
         return
-    click.echo(render(entries, fmt, program), nl=False)
+    click.echo(render(entries, fmt, path), nl=False)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailq.config import CHECKOUT, Settings
+from mailq.config import CHECKOUT, DEFAULT_CONFIG, Settings
 from mailq.mta.addresses import KINDS, list_address
 
 FORMATS = ("postfix", "sendmail", "exim")
@@ -41,6 +41,18 @@ def deliver_path() -> str:
     if beside.exists():
         return str(beside)
     return shutil.which("mailq-deliver") or str(checkout_bin)
+
+
+def deliver_command(settings: Settings, program: str | None = None) -> str:
+    """How the MTA should run mailq-deliver: the program, plus ``-C CONFIG`` unless it is the default.
+
+    The MTA cannot pass MAILQ_CONFIG per alias, so a config outside the checkout's ``etc/`` is named.
+    """
+    command = program or deliver_path()
+    source = settings.source
+    if source is not None and Path(source).resolve() != DEFAULT_CONFIG.resolve():
+        command += f" -C {Path(source).resolve()}"
+    return command
 
 
 def list_names(settings: Settings) -> list[str]:

@@ -31,13 +31,14 @@ QUEUE_FOR_KIND = {  # same as mailq.mta.addresses.QUEUE_FOR_KIND (kept here: one
     "request": "commands", "join": "commands", "leave": "commands", "confirm": "commands",
     "bounces": "bounces",
 }
-USAGE = ("usage: mailq-deliver post|owner|request|bounces|join|leave|confirm LIST\n"
+USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave|confirm LIST\n"
          "  Reads one message on stdin and queues it for LIST; run by the MTA from the aliases that\n"
          "  'mailq aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty message, 67 unknown list,\n"
          "  75 temporary failure (the MTA retries).\n"
          "Examples:\n"
          "  mailq-deliver post dev < message.eml\n"
-         "  SENDER=alice@example.org mailq-deliver request dev < command.eml\n")
+         "  SENDER=alice@example.org mailq-deliver request dev < command.eml\n"
+         "  mailq-deliver -C /etc/mailq/mailq.yaml owner dev < message.eml\n")
 CACHE_VERSION = 1
 PAYLOAD_VERSION = 1  # mailq.queue.payload.VERSION
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,6 +71,12 @@ def deliver(args: "list[str]") -> int:
     if len(args) == 1 and args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return EX_OK
+    config = None
+    if args and args[0] in ("-C", "--config"):
+        # MTAs cannot set environment variables per alias, so the config path may come first.
+        if len(args) < 2:
+            raise Exit(EX_USAGE, f"{args[0]} needs a FILE\n{USAGE.rstrip()}")
+        config, args = args[1], args[2:]
     if len(args) != 2:
         raise Exit(EX_USAGE, f"expected KIND and LIST, got {len(args)} argument(s)\n{USAGE.rstrip()}")
     kind, listname = args[0].lower(), args[1].lower()
@@ -81,7 +88,7 @@ def deliver(args: "list[str]") -> int:
     # Read the whole message first: an MTA whose pipe write fails may log a confusing error
     # instead of the exit status and the reason.
     msg = sys.stdin.buffer.read()
-    var, fsync = _settings()
+    var, fsync = _settings(config)
     _check_list(var, listname)
     msg, from_line_sender = _strip_from_line(msg)
     if not msg.strip():
@@ -199,17 +206,17 @@ def write_entry(queue_dir: str, msg: bytes, metadata: dict, *, fsync: bool) -> s
 
 # -- settings: the var path and the fsync flag, cached ---------------------------------------------
 
-def _config_path() -> "str | None":
-    path = os.environ.get("MAILQ_CONFIG")
+def _config_path(explicit: "str | None" = None) -> "str | None":
+    path = explicit or os.environ.get("MAILQ_CONFIG")
     if path:
         return path
     default = os.path.join(_CHECKOUT, "etc", "mailq.yaml")
     return default if os.path.exists(default) else None
 
 
-def _settings() -> "tuple[str, bool]":
+def _settings(explicit: "str | None" = None) -> "tuple[str, bool]":
     """``(var, fsync)`` for this node: from the cache when the config is unchanged, else from YAML."""
-    path = _config_path()
+    path = _config_path(explicit)
     if path is None:
         return os.path.join(_CHECKOUT, "var"), True
     try:
