@@ -194,3 +194,7 @@ def test_owner_mail_goes_to_owners_and_moderators_through_the_runner(node):
     assert meta["recipients"] == ["owner@example.org", "mod@example.org"]
     assert meta["envelope_sender"] == "dev-bounces@example.org"
     assert HeldStore(settings, "dev").list() == []
+    # An owner address that forwards back to dev-owner: the second round is a loop, dropped.
+    _deliver(node, raw, kind="owner")
+    _run_once(node, "in")
+    assert len(queue_entries(settings, "out")) == 1

@@ -2,7 +2,8 @@
 
 Sets ``msgdata["recipients"]`` to the owners followed by the moderators, each address once.  A
 list with neither (a broken configuration) sends the mail to the site owner instead, so that it
-reaches a person.
+reaches a person.  Adds ``X-BeenThere: <owner address>`` so that the mail cannot loop through
+``LIST-owner`` (see ``sanity``).
 """
 from __future__ import annotations
 
@@ -24,3 +25,5 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
                         mlist.name, ctx.settings.site_owner)
         recipients = [ctx.settings.site_owner]
     msgdata["recipients"] = recipients
+    # An owner address that forwards back to LIST-owner must not loop: sanity discards on this mark.
+    msg["X-BeenThere"] = mlist.owner_address

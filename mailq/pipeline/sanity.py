@@ -1,7 +1,8 @@
 """Stage ``sanity``: stop mail loops, oversized posts and mail without a usable sender.
 
-* a message that already carries our own ``X-BeenThere: <posting address>`` went through this list
-  once and came back (an auto-responder, a member who is also a list address): discard it;
+* a message that already carries our own ``X-BeenThere: <posting address>`` (or ``<owner
+  address>``, set on -owner mail) went through this list once and came back (an auto-responder,
+  a member or owner address that forwards to the list): discard it;
 * a post larger than the list's ``max_message_kb`` (0 = no limit) is held for a moderator, unless a
   moderator already approved it;
 * a post with ``max_recipients`` or more addresses in To and Cc (0 = no limit) is held: the mark of
@@ -20,9 +21,10 @@ from mailq.pipeline.base import Context, Discard, Hold, addresses, sender_of, to
 
 
 def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
-    if mlist.posting_address.lower() in addresses(msg, "x-beenthere"):
-        raise Discard(f"mail loop: the message already went through {mlist.posting_address} "
-                      f"(X-BeenThere)")
+    been_there = set(addresses(msg, "x-beenthere"))
+    for ours in (mlist.posting_address, mlist.owner_address):
+        if ours.lower() in been_there:
+            raise Discard(f"mail loop: the message already went through {ours} (X-BeenThere)")
     sender = sender_of(msg, msgdata)
     if not sender:
         ctx.log.warning("list %s: message %s has no usable sender (From/Sender/envelope); discarded",
