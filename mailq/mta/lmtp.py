@@ -142,7 +142,8 @@ class LMTPServer:
                 self._loop.add_signal_handler(sig, self._stop.set)
         hostname = self.settings.smtp.helo or self.settings.node.name
         server = await self._loop.create_server(
-            lambda: LMTP(self.handler, hostname=hostname, ident="mailq LMTP"), self.host, self.port)
+            lambda: LMTP(self.handler, hostname=hostname, ident="mailq LMTP", enable_SMTPUTF8=True),
+            self.host, self.port)
         self.log.info("LMTP listening on %s:%d", self.host, self.port)
         try:
             await self._stop.wait()
