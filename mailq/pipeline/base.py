@@ -31,6 +31,8 @@ PARSE_POLICY = _policy.compat32
 WIRE_POLICY = _policy.compat32.clone(linesep="\r\n", max_line_length=0)
 MBOX_POLICY = _policy.compat32.clone(linesep="\n", max_line_length=0)
 _EOL = re.compile(r"\r\n|\r|\n")
+#: A line break not followed by folding white space would start a new header: never write it raw.
+_BARE_EOL = re.compile(r"(\r\n|\r|\n)(?![ \t])")
 
 
 class StageStop(Exception):
@@ -112,7 +114,7 @@ class _Generator(BytesGenerator):
         # pipeline's CPU) and may rewrite whitespace; here they go out byte for byte, with only the
         # line endings changed.  Header objects and non-ASCII text keep the stock treatment.
         for name, value in msg.raw_items():
-            if isinstance(value, str):
+            if isinstance(value, str) and not _BARE_EOL.search(value):
                 try:
                     data = _EOL.sub(self._NL, f"{name}: {value}").encode("ascii", "surrogateescape")
                 except UnicodeEncodeError:
