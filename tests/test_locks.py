@@ -84,6 +84,9 @@ def test_holder_killed_on_same_node_is_broken_by_next_writer_and_logged(two_node
     holder = start(n1, HOLDER, "dev")
     kill(holder)
     assert [h.pid for h in list_lock(n1.settings(), "dev").holders()] == [holder.pid, holder.pid]
+    checked = n1.mailq("check")
+    assert checked.returncode == 1 and f"claims of dead processes: node n1 (host {host_id()}, pid {holder.pid}" \
+        in checked.stdout
     n1.mailq("members", "add", "dev", input="a@example.org\n", check=True)
     log = (n1.settings().log_dir / "locks.log").read_text()
     assert f"pid {holder.pid}" in log and "its process is gone" in log
