@@ -238,9 +238,13 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         raise ConfigError(f"{chosen}: cannot read config file: {exc}")
     settings = parse_settings(text, str(chosen))
     settings.source = chosen
+    # Relative paths are relative to the checkout for etc/mailq.yaml, else to the file's folder; a
+    # daemon runs from "/", so they are made absolute here once.
+    anchor = chosen.parent.parent if chosen.parent.name == "etc" else chosen.parent
     if not settings.paths.var.is_absolute():
-        settings.paths.var = (chosen.parent.parent / settings.paths.var).resolve() \
-            if chosen.parent.name == "etc" else (chosen.parent / settings.paths.var).resolve()
+        settings.paths.var = (anchor / settings.paths.var).resolve()
+    if settings.paths.run and not Path(settings.paths.run).is_absolute():
+        settings.paths.run = str((anchor / settings.paths.run).resolve())
     return settings
 
 

@@ -58,3 +58,13 @@ def test_bad_config_names_file_line_and_expectation(text, line, words):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_are_made_absolute_against_the_config_file(tmp_path):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    path = folder / "node.yaml"
+    path.write_text("paths: {var: shared/var, run: local/run}\nnode: {name: n7}\n")
+    s = load_settings(path)
+    assert s.var == folder / "shared" / "var"
+    assert s.run_dir == folder / "local" / "run" / "n7"
