@@ -22,8 +22,14 @@ def _store() -> Any:
 
 
 def _root_config(ctx: click.Context, config_file: str | None) -> None:
-    # -C may be given after the group name too (``mailq lists -C f list``).
-    if config_file:
+    """-C may be given after the group name too (``mailq lists -C f list``).
+
+    Only a -C typed here counts: the option also reads $MAILQ_CONFIG, which must not override a
+    -C given to the root command.
+    """
+    from click.core import ParameterSource
+
+    if config_file and ctx.get_parameter_source("config_file") == ParameterSource.COMMANDLINE:
         ctx.find_root().ensure_object(dict)["config_file"] = config_file
 
 

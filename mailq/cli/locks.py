@@ -43,8 +43,8 @@ def locks(ctx: click.Context, config_file: str | None) -> None:
       mailq locks list --json
       mailq locks break list.dev
     """
-    if config_file:
-        ctx.find_root().ensure_object(dict)["config_file"] = config_file
+    from mailq.cli.lists import _root_config
+    _root_config(ctx, config_file)
 
 
 @locks.command("list")

@@ -67,8 +67,8 @@ def members(ctx: click.Context, config_file: str | None) -> None:
       mailq members list dev --json
       mailq members sync dev everyone.txt --dry-run
     """
-    if config_file:
-        ctx.find_root().ensure_object(dict)["config_file"] = config_file
+    from mailq.cli.lists import _root_config
+    _root_config(ctx, config_file)
 
 
 @members.command("add")
