@@ -1,6 +1,7 @@
 """The LMTP runner as the master starts it (``qrunner -r lmtp``), spoken to by a real LMTP client."""
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import subprocess
@@ -116,3 +117,19 @@ def test_disk_full_answers_451_for_that_recipient(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert Queue.for_settings(settings, "in").waiting(0, 1) == []
+
+
+def test_unmounted_var_answers_451_not_550(lmtp, tmp_path):
+    node, settings, proc, client = lmtp
+    moved = tmp_path / "unmounted"
+    os.rename(settings.var, moved)          # as if the NFS mount were gone
+    try:
+        client.ehlo_or_helo_if_needed()
+        assert client.mail("alice@example.org")[0] == 250
+        code, text = client.rcpt("dev@lists.example.org")
+        assert code == 451 and b"try again later" in text, text
+        client.rset()
+    finally:
+        os.rename(moved, settings.var)
+    assert client.mail("alice@example.org")[0] == 250
+    assert client.rcpt("dev@lists.example.org")[0] == 250

@@ -26,10 +26,20 @@ from mailq.mta.addresses import QUEUE_FOR_KIND, parse_list_address
 
 
 def list_exists(settings: Settings, listname: str) -> bool:
-    """One stat: a list exists iff ``var/lists/<name>/list.pck`` does."""
+    """One stat: a list exists iff ``var/lists/<name>/list.pck`` does.
+
+    Raises OSError when the answer is unknowable (var not mounted, I/O error): that must become a
+    451 for the MTA to retry, never a 550 that would bounce every list's mail.
+    """
     if not listname or "/" in listname or listname.startswith("."):
         return False
-    return os.path.exists(settings.lists_dir / listname / "list.pck")
+    try:
+        os.stat(settings.lists_dir / listname / "list.pck")
+        return True
+    except FileNotFoundError:
+        if not os.path.isdir(settings.var):
+            raise OSError(f"the mailq var folder {settings.var} is not there (filesystem not mounted?)")
+        return False
 
 
 class LMTPHandler:
@@ -52,6 +62,13 @@ class LMTPHandler:
             q = self._queues[queue] = Queue.for_settings(self.settings, queue)
         return q.enqueue(msg, metadata, listname=metadata.get("listname", ""))
 
+    def _note(self, level: str, message: str, *args: Any) -> None:
+        """Log, but never let a failing log (var/log on an unmounted NFS) change an SMTP answer."""
+        try:
+            getattr(self.log, level)(message, *args)
+        except Exception:  # noqa: BLE001
+            pass
+
     async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
@@ -62,10 +79,10 @@ class LMTPHandler:
             listname, kind = await self._run(parse_list_address, local, exists)
             known = await self._run(list_exists, self.settings, listname)
         except Exception as exc:  # noqa: BLE001 - a sick shared filesystem (or a bug): try again later
-            self.log.warning("RCPT %s: cannot check the list: %s", address, exc)
+            self._note("warning", "RCPT %s: cannot check the list: %s", address, exc)
             return "451 4.3.0 cannot check the list right now, try again later"
         if not known:
-            self.log.info("RCPT %s refused: no such list %r", address, listname)
+            self._note("info", "RCPT %s refused: no such list %r", address, listname)
             return f"550 5.1.1 <{address}>: no such list {listname!r}"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -102,12 +119,12 @@ class LMTPHandler:
         try:
             entry_id = await self._run(self.enqueue, queue, msg, metadata)
         except TemporaryFailure as exc:
-            self.log.error("%s: not queued (temporary): %s", address, exc)
+            self._note("error", "%s: not queued (temporary): %s", address, exc)
             return f"451 4.3.0 <{address}>: cannot queue now, try again later"
         except Exception as exc:  # noqa: BLE001 - OSError or a bug: never a 5xx, the MTA must keep the mail
-            self.log.exception("%s: not queued: %s", address, exc)
+            self._note("exception", "%s: not queued: %s", address, exc)
             return f"451 4.3.0 <{address}>: cannot queue now, try again later"
-        self.log.info("%s from <%s>: queued %s in %s", address, sender, entry_id, queue)
+        self._note("info", "%s from <%s>: queued %s in %s", address, sender, entry_id, queue)
         return f"250 2.0.0 <{address}> queued as {entry_id}"
 
 
