@@ -63,7 +63,13 @@ class MXTransport:
         if resolver is None:
             import dns.resolver
 
-            resolver = dns.resolver.Resolver()
+            try:
+                resolver = dns.resolver.Resolver()
+            except dns.resolver.NoResolverConfiguration as exc:
+                from mailq.errors import MailqError
+
+                raise MailqError(f"smtp.direct_mx is true but this host has no DNS resolver configuration "
+                                 f"({exc}); fix /etc/resolv.conf or use a smarthost (smtp.direct_mx: false)")
             resolver.lifetime = settings.smtp.timeout
         self.settings = settings
         self.resolver = resolver
