@@ -302,3 +302,21 @@ def test_starttls_to_the_smarthost_verifies_its_certificate(tmp_path, certificat
         # an unverifiable smarthost is a temporary failure: the mail waits, it is not sent in clear
         assert result.delivered == [] and "a@example.com" in result.temporary
         assert "CERTIFICATE_VERIFY_FAILED" in result.temporary["a@example.com"][1]
+
+
+class LimitedSink(SMTPSink):
+    """A server that takes at most two recipients per transaction (452 for the rest)."""
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if len(envelope.rcpt_tos) >= 2:
+            return "452 4.5.3 Too many recipients"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+def test_a_server_recipient_limit_below_chunk_size_costs_transactions_not_retries(tmp_path):
+    with LimitedSink() as sink:
+        settings = make_node(tmp_path, "n1", smtp={"port": sink.port, "chunk_size": 5}).settings()
+        report = deliver(settings, make_transport(settings), MSG, out_meta(rcpts(5)),
+                         lambda *a, **k: pytest.fail(f"nothing should be queued: {a[0]}"))
+    assert sorted(report.delivered) == rcpts(5) and report.transactions == 3
+    assert [len(m.rcpt_tos) for m in sink.messages] == [2, 2, 1]

@@ -83,8 +83,17 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
     else:
         size = max(1, settings.smtp.chunk_size)
         for i in range(0, len(recipients), size):
-            outcome.merge(transport.send(sender, recipients[i:i + size], msg))
-            report.transactions += 1
+            pending = recipients[i:i + size]
+            while pending:
+                part = transport.send(sender, pending, msg)
+                report.transactions += 1
+                # "452 too many recipients" after some were taken: the server's per-transaction
+                # limit is below chunk_size. Send the rest now in a new transaction (RFC 5321
+                # 4.5.3.1.10), not after a retry backoff.
+                pending = [r for r, (code, _) in part.temporary.items() if code == 452] if part.delivered else []
+                for r in pending:
+                    del part.temporary[r]
+                outcome.merge(part)
     now = time.time() if now is None else now
     report.delivered = outcome.delivered
     listname = metadata.get("listname") or ""
