@@ -27,6 +27,10 @@ class OutgoingRunner(Runner):
         self.last_used = time.monotonic()
 
     def process(self, entry: Any) -> None:
+        if not entry.metadata.get("recipients"):
+            self.log.warning("%s has no recipients (metadata keys: %s); nothing to send", entry.id,
+                             ", ".join(sorted(entry.metadata)))
+            return
         report = deliver(self.settings, self.transport, entry.msg, entry.metadata, self.enqueue, log=self.log)
         self.last_used = time.monotonic()
         self.log.info("%s: %s", entry.id, report.summary())
