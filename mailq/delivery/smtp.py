@@ -115,48 +115,40 @@ class SMTPConnection:
     # -- one transaction ----------------------------------------------------------------------
     def send(self, sender: str, recipients: list[str], msg: bytes) -> SendResult:
         """Deliver *msg* to *recipients* in one transaction; never raises for delivery failures."""
-        result = SendResult()
         if not recipients:
-            return result
+            return SendResult()
         reused = self.client is not None
         try:
             return self._transaction(sender, recipients, msg)
-        except smtplib.SMTPServerDisconnected as exc:
+        except (OSError, smtplib.SMTPException) as exc:
             self._drop()
-            if reused:
-                # The server closed an idle connection: one fresh attempt before calling it temporary.
-                try:
-                    return self._transaction(sender, recipients, msg)
-                except smtplib.SMTPServerDisconnected as exc2:
-                    self._drop()
-                    result.fail(recipients, NO_REPLY, f"{self.host}:{self.port} closed the connection: {exc2}")
-                except smtplib.SMTPAuthenticationError as exc2:
-                    self._drop()
-                    result.fail(recipients, _temp(exc2.smtp_code), f"AUTH failed: {_text(exc2.smtp_error)}")
-                except smtplib.SMTPResponseException as exc2:
-                    self._drop()
-                    result.fail(recipients, _temp(exc2.smtp_code),
-                                f"{self.host}:{self.port}: {exc2.smtp_code} {_text(exc2.smtp_error)}")
-                except (OSError, smtplib.SMTPException) as exc2:
-                    self._drop()
-                    result.fail(recipients, NO_REPLY, f"{self.host}:{self.port}: {exc2}")
-                return result
-            result.fail(recipients, NO_REPLY, f"{self.host}:{self.port} closed the connection: {exc}")
-        except smtplib.SMTPAuthenticationError as exc:
-            # Wrong credentials are our configuration problem, not the recipients': keep the mail.
+            if not (reused and isinstance(exc, smtplib.SMTPServerDisconnected)):
+                return self._failed(recipients, exc)
+        # The server closed a connection that sat idle: one fresh attempt before calling it temporary.
+        try:
+            return self._transaction(sender, recipients, msg)
+        except (OSError, smtplib.SMTPException) as exc:
             self._drop()
-            result.fail(recipients, _temp(exc.smtp_code), f"AUTH failed: {_text(exc.smtp_error)}")
-        except smtplib.SMTPResponseException as exc:
-            # Greeting/EHLO/STARTTLS refused: about us or the server, never the recipients, so even a
-            # 5xx here is temporary (bouncing every member because a relay is misconfigured would
-            # disable the whole list). Give-up tells the owner if it lasts.
-            self._drop()
-            result.fail(recipients, _temp(exc.smtp_code),
-                        f"{self.host}:{self.port}: {exc.smtp_code} {_text(exc.smtp_error)}")
-        except (OSError, smtplib.SMTPException) as exc:  # refused, timeout, reset, DNS for host
-            self._drop()
+            return self._failed(recipients, exc)
+
+    def _failed(self, recipients: list[str], exc: Exception) -> SendResult:
+        """Every recipient temporarily failed because the connection (not a recipient) failed.
+
+        Greeting, EHLO, STARTTLS, AUTH refusals are about us or the server, never the recipients, so
+        even a 5xx here is temporary: bouncing every member because a relay is misconfigured would
+        disable the whole list. If it lasts, give-up tells the list owner.
+        """
+        result = SendResult()
+        where = f"{self.host}:{self.port}"
+        if isinstance(exc, smtplib.SMTPAuthenticationError):
+            result.fail(recipients, _temp(exc.smtp_code), f"{where}: AUTH failed: {_text(exc.smtp_error)}")
+        elif isinstance(exc, smtplib.SMTPResponseException):
+            result.fail(recipients, _temp(exc.smtp_code), f"{where}: {exc.smtp_code} {_text(exc.smtp_error)}")
+        elif isinstance(exc, smtplib.SMTPServerDisconnected):
+            result.fail(recipients, NO_REPLY, f"{where} closed the connection: {exc}")
+        else:  # refused, timeout, reset, unknown host
             what = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
-            result.fail(recipients, NO_REPLY, f"{self.host}:{self.port}: {what}")
+            result.fail(recipients, NO_REPLY, f"{where}: {what}")
         return result
 
     def _transaction(self, sender: str, recipients: list[str], msg: bytes) -> SendResult:
