@@ -33,7 +33,9 @@ def get_logger(settings: Settings, component: str, *, filename: str | None = Non
 
     *component* names the writer in every line (``out:0/4``, ``master``, ``deliver``).
     """
-    logger = logging.getLogger(f"mailq.{settings.node.name}.{component}")
+    # Keyed by the log folder too: one process (a test, the demo) may serve several var/ trees.
+    log_key = str(settings.log_dir).replace(".", "_")
+    logger = logging.getLogger(f"mailq.{log_key}.{component}")
     if logger.handlers:
         return logger
     logger.setLevel(settings.log.level.upper())

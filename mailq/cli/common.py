@@ -25,8 +25,10 @@ EXIT_FAIL = 1
 EXIT_USAGE = 2
 EXIT_TEMPFAIL = 75
 
+# No envvar here: load_settings() falls back to $MAILQ_CONFIG itself, so a -C typed on a subcommand
+# group always wins over the environment.
 config_option = click.option(
-    "-C", "--config", "config_file", envvar="MAILQ_CONFIG", metavar="FILE",
+    "-C", "--config", "config_file", metavar="FILE",
     help="Config file (default: $MAILQ_CONFIG, else etc/mailq.yaml in the checkout, else built-in defaults).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
