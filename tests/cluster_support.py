@@ -127,7 +127,8 @@ class Host:
         assert self.proc is not None
         try:
             os.killpg(self.proc.pid, signal.SIGCONT)
-            if self.nfs_url:
+            if self.nfs_url or self.isolated:
+                # unshare does not pass SIGTERM on: tell the master and runners directly.
                 os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=40)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def test_a_cluster_task_runs_once_per_period_across_nodes(nodes):
     first = run(nodes["h1"], "expire-held")
     assert first["ran"] and first["ok"]
     second = run(nodes["h2"], "expire-held")
-    assert not second["ran"] and "ran 0s ago on h1" in second["summary"]
+    assert not second["ran"] and re.search(r"ran \d+s ago on h1", second["summary"])
     forced = run(nodes["h2"], "expire-held", "--force")
     assert forced["ran"]
     listing = json.loads(nodes["h3"].mailq("cron", "list", "--json", check=True).stdout)
