@@ -223,3 +223,21 @@ def test_member_columns_round_trip_and_patches_match_full_rows(rows, patch):
             m.disabled_at = 1795313999.0 if m.status != "enabled" else None
         again = Roster.from_stored(safepickle.loads(safepickle.dumps(loaded.to_stored())))
         assert [m.as_dict() for m in again] == [m.as_dict() for m in rowwise]
+
+
+def test_recipients_stay_right_after_members_are_fetched_from_a_loaded_roster():
+    """Moderation calls get() on every post; recipients must still honour each member's state."""
+    from mailq.lists.members import Roster
+
+    roster = Roster([])
+    for i in range(50):
+        roster.add(f"user{i}@example.org")
+    loaded = Roster.from_stored(roster.to_stored())
+    loaded.get("USER5@example.org").digest = True
+    loaded.get("user7@example.org").status = "disabled_user"
+    loaded.get("user9@example.org")  # fetched, unchanged
+    regular = loaded.regular()
+    assert len(regular) == 48
+    assert "user5@example.org" not in regular and "user7@example.org" not in regular
+    assert "user9@example.org" in regular
+    assert loaded.digest() == ["user5@example.org"]

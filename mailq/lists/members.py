@@ -254,18 +254,28 @@ class Roster:
 
     def regular(self) -> list[str]:
         """Enabled, non-digest members' addresses: runs for every post, so it works on columns."""
-        if self._rows is None and not self._patched:
-            c = self._cols
-            return [a for a, s, f in zip(c["_addresses"], c["status"], c["flags"], strict=True)  # type: ignore[index]
-                    if s == 0 and not f & 1]
-        return [r[ADDRESS] for r in self._all_rows() if r[STATUS] == "enabled" and not r[DIGEST]]
+        return self._enabled(digest=False)
 
     def digest(self) -> list[str]:
-        if self._rows is None and not self._patched:
-            c = self._cols
-            return [a for a, s, f in zip(c["_addresses"], c["status"], c["flags"], strict=True)  # type: ignore[index]
-                    if s == 0 and f & 1]
-        return [r[ADDRESS] for r in self._all_rows() if r[STATUS] == "enabled" and r[DIGEST]]
+        return self._enabled(digest=True)
+
+    def _enabled(self, *, digest: bool) -> list[str]:
+        if self._rows is not None:
+            return [r[ADDRESS] for r in self._rows if r[STATUS] == "enabled" and bool(r[DIGEST]) == digest]
+        c = self._cols
+        assert c is not None
+        want = 1 if digest else 0
+        base = [a for a, s, f in zip(c["_addresses"], c["status"], c["flags"], strict=True)
+                if s == 0 and (f & 1) == want]
+        if not self._patched:
+            return base
+        # Members fetched with get() (moderation does, for every post) are patches over the columns:
+        # take the column answer and correct just those, instead of rebuilding every row.
+        touched = {c["_addresses"][i] for i in self._patched}
+        out = [a for a in base if a not in touched]
+        out.extend(r[ADDRESS] for r in self._patched.values()
+                   if r[STATUS] == "enabled" and bool(r[DIGEST]) == digest)
+        return out
 
     def _all_rows(self) -> Iterator[list[Any]]:
         if self._rows is not None:
