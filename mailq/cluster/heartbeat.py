@@ -1,7 +1,7 @@
 """Heartbeats and the host-local lease (DESIGN §5, docs/cluster.md "Liveness").
 
 Each master renews ``var/cluster/nodes/<node>`` every ``cluster.heartbeat`` seconds by *writing*
-it (a new file renamed over the old one): the file server sets its mtime, so every heartbeat is
+it in place: the file server sets its mtime, so every heartbeat is
 stamped by one clock, the shared filesystem's.  An observer judges a heartbeat's age by writing a
 probe file on the same filesystem just now and subtracting the two mtimes; no two hosts' clocks
 are ever compared.
@@ -32,6 +32,8 @@ def _boot_id() -> str:
 
 
 BOOT_ID = _boot_id()
+#: Heartbeat records are padded to this size so an in-place rewrite never changes the length.
+RECORD_SIZE = 256
 
 
 def _host_id() -> str:
@@ -63,10 +65,17 @@ class Heartbeat:
         started = time.monotonic()
         self.seq += 1
         record = {"node": self.settings.node.name, "host": _host_id(), "pid": os.getpid(), "seq": self.seq}
+        data = json.dumps(record).encode().ljust(RECORD_SIZE - 1) + b"\n"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # fsync is pointless for a liveness mark and would slow the beat on NFS.
-            atomic_write(self.path, (json.dumps(record) + "\n").encode(), fsync=False, mode=0o664)
+            # Written in place at offset 0, same length every time: the file keeps its inode (no
+            # ESTALE for NFS readers holding the old one) and a reader never sees it half empty.
+            # close() flushes the WRITE to the server (close-to-open), which stamps the mtime.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o664)
+            try:
+                os.pwrite(fd, data, 0)
+            finally:
+                os.close(fd)
         except OSError:
             return False
         try:
@@ -127,15 +136,22 @@ class HeartbeatInfo:
 def read_heartbeat(settings: Settings, node: str, now: float | None = None) -> HeartbeatInfo | None:
     """The heartbeat of *node*, or None when it never beat."""
     path = nodes_dir(settings) / node
+    for attempt in (1, 2):
+        try:
+            # open + fstat: on NFS an open revalidates attributes (close-to-open), a bare stat may be cached
+            with open(path, "rb") as fh:
+                data = fh.read()
+                mtime = os.fstat(fh.fileno()).st_mtime
+            break
+        except FileNotFoundError:
+            return None
+        except OSError:
+            # ESTALE and friends: look once more; if it still fails, say "never seen", which never
+            # triggers an automatic takeover (the safe side).
+            if attempt == 2:
+                return None
     try:
-        # open + fstat: on NFS an open revalidates attributes (close-to-open), a bare stat may be cached
-        with open(path, "rb") as fh:
-            data = fh.read()
-            mtime = os.fstat(fh.fileno()).st_mtime
-    except FileNotFoundError:
-        return None
-    try:
-        record = json.loads(data)
+        record = json.loads(data.strip())
         host, pid = str(record.get("host", "?")), int(record.get("pid", 0))
     except (ValueError, AttributeError, TypeError):
         host, pid = "?", 0
