@@ -114,6 +114,8 @@ def test_cli_changes_bump_the_epoch_and_a_no_op_does_not(cluster):
     assert smap.epoch == 6 and smap.queues["out"] == ["h2"] * 4
     node.mailq("slices", "assign", "out", "0", "h2", check=True)
     assert sm.load_map(settings.slice_map_path).epoch == 6
+    typo = node.mailq("slices", "assign", "out", "0", "h22")
+    assert typo.returncode == 1 and "not in the slice map" in typo.stderr and "rebalance --nodes" in typo.stderr
     bad = node.mailq("slices", "assign", "out", "9", "h2")
     assert bad.returncode == 1 and "there is no slice 9" in bad.stderr
     assert sm.load_map(settings.slice_map_path).epoch == 6

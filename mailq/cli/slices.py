@@ -155,7 +155,10 @@ def assign(queue: str, args: tuple[str, ...]) -> None:
 
     def change(smap: sm.SliceMap) -> None:
         if node not in smap.nodes:
-            smap.nodes[node] = sm.NodeEntry()
+            # A typo must not create a node that nobody runs: new nodes come in through rebalance.
+            raise InvalidInput(f"node {node!r} is not in the slice map (known: {', '.join(sorted(smap.nodes))}); "
+                               f"to add a node run `mailq slices rebalance --nodes "
+                               f"{','.join(smap.live_nodes() + [node])}`")
         count = smap.count(queue)
         for s in wanted:
             if not 0 <= s < count:
