@@ -41,6 +41,7 @@ def gather(settings: Settings, *, queues: bool = True) -> dict[str, Any]:
             "state": state_of(settings, info, bool(entry and entry.fenced)),
             "in_map": entry is not None, "backup": entry.backup if entry else None,
             "slices": [f"{q}:{s}/{c}" for q, s, c in owned],
+            "runners": _local_runners(settings) if name == settings.node.name else None,
         })
     out: dict[str, Any] = {"epoch": smap.epoch if smap else None, "map_in_force": in_force,
                            "map_problem": problem, "failover": settings.cluster.failover,
@@ -49,6 +50,17 @@ def gather(settings: Settings, *, queues: bool = True) -> dict[str, Any]:
     if queues:
         out["slices"] = slice_rows(settings, smap, now)
     return out
+
+
+def _local_runners(settings: Settings) -> list[dict[str, Any]] | None:
+    """This node's runners as its master last wrote them (host-local, so only for this node)."""
+    import json
+
+    try:
+        data = json.loads((settings.run_dir / "status.json").read_text())
+        return [{k: r.get(k) for k in ("name", "pid", "state", "restarts") if k in r} for r in data["runners"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def slice_rows(settings: Settings, smap: SliceMap | None, now: float) -> list[dict[str, Any]]:
