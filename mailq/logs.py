@@ -13,8 +13,29 @@ import sys
 
 from mailq.config import Settings
 
+class _SafeWatchedFileHandler(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler that survives its folder vanishing (var unmounted, log dir removed).
+
+    The stock handler re-opens the file outside its own error handling, so a missing folder would
+    raise out of every ``log.info`` and take a runner down with it.  Here the folder is made again,
+    and if that fails too the line goes to logging's error hook (stderr) and work goes on.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.reopenIfNeeded()
+        except OSError:
+            try:
+                os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+                self.stream = self._open()
+            except OSError:
+                self.handleError(record)
+                return
+        logging.FileHandler.emit(self, record)
+
+
 _FORMAT = "%(asctime)s %(node)s %(component)s[%(process)d] %(levelname)s %(message)s"
-_handlers: list[logging.handlers.WatchedFileHandler] = []
+_handlers: list[_SafeWatchedFileHandler] = []
 
 
 class _Context(logging.Filter):
@@ -44,8 +65,9 @@ def get_logger(settings: Settings, component: str, *, filename: str | None = Non
     name = (filename or component.split(":")[0]) + ".log"
     try:
         os.makedirs(log_dir, exist_ok=True)
-        handler: logging.Handler = logging.handlers.WatchedFileHandler(log_dir / name, encoding="utf-8")
-        _handlers.append(handler)  # type: ignore[arg-type]
+        watched = _SafeWatchedFileHandler(log_dir / name, encoding="utf-8")
+        _handlers.append(watched)
+        handler: logging.Handler = watched
     except OSError:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT))
@@ -67,5 +89,7 @@ def reopen_all() -> None:
             if handler.stream:
                 handler.stream.close()
             handler.stream = handler._open()
+        except OSError:
+            pass  # folder gone: emit() makes it again on the next line
         finally:
             handler.release()

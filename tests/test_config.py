@@ -68,3 +68,17 @@ def test_relative_paths_are_made_absolute_against_the_config_file(tmp_path):
     s = load_settings(path)
     assert s.var == folder / "shared" / "var"
     assert s.run_dir == folder / "local" / "run" / "n7"
+
+
+def test_logging_survives_its_folder_vanishing(tmp_path):
+    import shutil
+
+    from mailq.config import parse_settings
+    from mailq.logs import get_logger
+
+    s = parse_settings(f"paths: {{var: {tmp_path / 'var'}}}\nnode: {{name: lognode}}\n")
+    log = get_logger(s, "probe")
+    log.info("first line")
+    shutil.rmtree(s.log_dir)
+    log.info("after the folder vanished")
+    assert "after the folder vanished" in (s.log_dir / "probe.log").read_text()
