@@ -17,20 +17,17 @@ class _SafeWatchedFileHandler(logging.handlers.WatchedFileHandler):
     """A WatchedFileHandler that survives its folder vanishing (var unmounted, log dir removed).
 
     The stock handler re-opens the file outside its own error handling, so a missing folder would
-    raise out of every ``log.info`` and take a runner down with it.  Here the folder is made again,
-    and if that fails too the line goes to logging's error hook (stderr) and work goes on.
+    raise out of every ``log.info`` and take a runner down with it.  Here the line goes to logging's
+    error hook (stderr) and work goes on; the folder is NOT made again, because an empty folder is
+    what an unmounted shared ``var/`` looks like, and writing under a mount point fills local disk.
     """
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.reopenIfNeeded()
         except OSError:
-            try:
-                os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
-                self.stream = self._open()
-            except OSError:
-                self.handleError(record)
-                return
+            self.handleError(record)
+            return
         logging.FileHandler.emit(self, record)
 
 

@@ -80,5 +80,8 @@ def test_logging_survives_its_folder_vanishing(tmp_path):
     log = get_logger(s, "probe")
     log.info("first line")
     shutil.rmtree(s.log_dir)
-    log.info("after the folder vanished")
-    assert "after the folder vanished" in (s.log_dir / "probe.log").read_text()
+    log.info("after the folder vanished")  # must not raise, and must not make the folder again
+    assert not s.log_dir.exists()
+    s.log_dir.mkdir(parents=True)  # the filesystem is back
+    log.info("after it came back")
+    assert "after it came back" in (s.log_dir / "probe.log").read_text()
