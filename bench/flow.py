@@ -261,6 +261,7 @@ def main() -> None:
     ap.add_argument("--recipients", type=int, default=500, help="recipients in the rate test (default 500)")
     ap.add_argument("--rounds", type=int, default=7, help="rounds of the rate test (default 7)")
     ap.add_argument("--runs", type=int, default=40, help="runs of each program in the start-up test")
+    ap.add_argument("--pipeline-posts", type=int, default=200, help="posts in the pipeline cost test (default 200)")
     ap.add_argument("--keep", action="store_true", help="keep the temp tree (logs) for a look")
     args = ap.parse_args()
 
@@ -300,6 +301,14 @@ def main() -> None:
         "ratio_vs_bare": round(rates["runner"] / rates["bare"], 3),
         "deliver_vs_python": round(cached_ours / cached_bare, 2),
     }
+    # Issue 5: what the list pipeline costs per post (1,000-member list, fsync on), and its share
+    # of a post's whole trip measured above.
+    sys.path.insert(0, str(ROOT / "bench"))
+    from pipeline_cost import bench_pipeline
+
+    pipe = bench_pipeline(members=1000, posts=args.pipeline_posts)
+    result["pipeline_ms_median"] = round(pipe["pipeline_ms_median"], 2)
+    result["pipeline_share"] = round(pipe["pipeline_ms_median"] / result["latency_median_ms"], 3)
     rows = [
         ("post -> delivered, median", f"{result['latency_median_ms']} ms", f"{len(latencies)} posts, mailqctl start"),
         ("post -> delivered, p99", f"{result['latency_p99_ms']} ms", "pipe -> in (pipeline) -> out -> sink"),
@@ -314,6 +323,9 @@ def main() -> None:
         ("python -c pass", f"{cached_bare * 1000:.1f} ms", f"median of {args.runs}"),
         ("mailq-deliver post", f"{cached_ours * 1000:.1f} ms", "bin/mailq-deliver, byte-code cached"),
         ("deliver_vs_python", f"{result['deliver_vs_python']}", "target <= 2"),
+        ("pipeline per post", f"{result['pipeline_ms_median']} ms",
+         f"median of {args.pipeline_posts}, 1,000-member list, fsync on"),
+        ("pipeline_share", f"{result['pipeline_share']}", "pipeline / post -> delivered median"),
         ("  same, no byte-code cache", f"{raw_ours / raw_bare:.2f}",
          f"{raw_ours * 1000:.1f} vs {raw_bare * 1000:.1f} ms"),
     ]
