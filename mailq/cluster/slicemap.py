@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailq.cluster.layout import rebalance_owners, spread  # noqa: F401 - part of this module's interface
 from mailq.config import RUNNER_QUEUES, Settings
 from mailq.errors import InvalidInput
 from mailq.fsutil import atomic_write
@@ -332,36 +333,6 @@ def create_map(settings: Settings, smap: SliceMap) -> SliceMap:
         smap.epoch = _disk_epoch(settings) + 1
         write_map(settings, smap)
         return smap
-
-
-def spread(queues: dict[str, int], nodes: list[str]) -> dict[str, list[str]]:
-    """Owners spreading each queue's slices evenly, queues rotated so 1-slice queues spread too."""
-    out = {}
-    for qi, (queue, count) in enumerate(queues.items()):
-        out[queue] = [nodes[(qi + s) % len(nodes)] for s in range(count)]
-    return out
-
-
-def rebalance_owners(owners: list[str], nodes: list[str]) -> list[str]:
-    """An even spread of *owners* over *nodes* that moves as few slices as possible.
-
-    Each node's target is count // n, plus one for the first count % n nodes, giving the extra
-    slices to the nodes that already hold the most so that fewer slices move.
-    """
-    count, n = len(owners), len(nodes)
-    held = {node: [s for s, o in enumerate(owners) if o == node] for node in nodes}
-    order = sorted(nodes, key=lambda node: (-len(held[node]), node))
-    target = {node: count // n + (1 if i < count % n else 0) for i, node in enumerate(order)}
-    new = list(owners)
-    free = [s for s, o in enumerate(owners) if o not in held]
-    for node in nodes:
-        free += held[node][target[node]:]
-    free.sort()
-    for node in nodes:
-        need = target[node] - min(len(held[node]), target[node])
-        for _ in range(need):
-            new[free.pop(0)] = node
-    return new
 
 
 # -- watching the file ------------------------------------------------------------------------------
