@@ -40,6 +40,17 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+def compile_bytecode() -> None:
+    """Byte-compile mailq once: every runner, master and mailq-deliver start reads the .pyc files.
+
+    An editable install compiles nothing, and with PYTHONDONTWRITEBYTECODE set (common in
+    containers) every process would compile the package again at start-up.
+    """
+    import compileall
+
+    compileall.compile_dir(str(ROOT / "mailq"), quiet=1)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -47,6 +58,7 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     ensure_venv()
+    compile_bytecode()
     env = dict(os.environ, PATH=f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
     if command == "demo":
         return subprocess.call([str(PY), "-m", "mailq.demo", *rest], cwd=ROOT, env=env)

@@ -313,7 +313,9 @@ def first_log_event(host: Host, slices: list[tuple[str, int, int]], after: float
 
 # -- the NFS lane: a real NFS server (nfs-ganesha) and one nfsfuse.py mount per host ----------------
 
-NFSFUSE = Path("/work/shared/nfs/nfsfuse.py")
+#: shared/ sits beside the checkout (CI clones main next to it); /work/shared on developer machines
+NFSFUSE = next((p for p in (ROOT.parent / "shared" / "nfs" / "nfsfuse.py", Path("/work/shared/nfs/nfsfuse.py"))
+                if p.exists()), ROOT.parent / "shared" / "nfs" / "nfsfuse.py")
 
 
 def nfs_unavailable() -> str:
