@@ -40,6 +40,27 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+def nfs_lane_extras() -> None:
+    """The NFS lane's Python side (libnfs, mfusepy) when this machine has its system side.
+
+    Only where nfs-ganesha and libnfs are already installed (``sh tests/nfs/setup.sh`` as root does
+    that); nothing is installed from Debian here.  Best effort: without them the lane is skipped with
+    the reason, and the rest of the suite runs.
+    """
+    import shutil
+
+    stamp = VENV / ".nfs-extras"
+    if stamp.exists() or not shutil.which("ganesha.nfsd") or not Path("/usr/include/nfsc/libnfs.h").exists():
+        return
+    print("dev.py: nfs-ganesha is here: installing the NFS lane's bridge (libnfs, mfusepy)", flush=True)
+    try:
+        subprocess.run([str(PY), "-m", "pip", "install", "-q", "--disable-pip-version-check", "libnfs", "mfusepy"],
+                       check=True, timeout=600)
+        stamp.write_text("ok")
+    except (subprocess.SubprocessError, OSError) as exc:
+        print(f"dev.py: could not install the NFS lane's bridge ({exc}); that lane will be skipped", flush=True)
+
+
 def compile_bytecode() -> None:
     """Byte-compile mailq once: every runner, master and mailq-deliver start reads the .pyc files.
 
@@ -65,6 +86,7 @@ def main(argv: list[str]) -> int:
     if command == "lint":
         return subprocess.call([str(PY), "-m", "ruff", "check", "mailq", "tests", "bench", "dev.py"], cwd=ROOT, env=env)
     if command == "test":
+        nfs_lane_extras()
         lint = subprocess.call([str(PY), "-m", "ruff", "check", "mailq", "tests", "bench", "dev.py"], cwd=ROOT, env=env)
         if lint != 0:
             print("dev.py: ruff found problems (above); fix them or run `python3 dev.py lint`", file=sys.stderr)

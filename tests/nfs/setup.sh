@@ -4,7 +4,8 @@
 # Python bindings.  The default test run never installs anything: without these the lane is
 # skipped with the reason.  Run as root:  sh tests/nfs/setup.sh [PYTHON]
 set -eu
-PYTHON=${1:-/tmp/venv/bin/python}
+HERE=$(cd "$(dirname "$0")/../.." && pwd)
+PYTHON=${1:-$HERE/.venv/bin/python}
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
 apt-get install -y --no-install-recommends nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-dev fuse3 \
