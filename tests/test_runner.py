@@ -86,6 +86,32 @@ def test_a_new_entry_wakes_the_runner_even_with_a_long_poll_interval(tmp_path):
     assert proc.returncode == 0
 
 
+def test_inotify_hints_only_ever_claim_entries_of_the_runners_own_slice(tmp_path):
+    """With a 30 s poll only inotify drives these runners: each must still take only its slice."""
+    from mailq.queue.names import slice_of, split_id
+
+    node = make_node(tmp_path, "n1", runners={"poll_interval": 30})
+    settings = node.settings()
+    procs = [probe(node, "--slice", f"{s}:2") for s in (0, 1)]
+    try:
+        for s in (0, 1):
+            wait_for(lambda s=s: (node.var / "probe" / f"idle-slice-{s}").exists(), 60, message=f"slice {s} idle")
+        ids = [put(settings, n) for n in range(40)]
+        wait_for(lambda: len(done(node.var)) >= 40, 60, message="40 entries processed by inotify wake-ups")
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert sorted(done(node.var)) == list(range(40))          # each exactly once
+    for s in (0, 1):
+        taken = (node.var / "probe" / f"done-slice-{s}").read_text().split()
+        assert taken and all(slice_of(split_id(eid)[1], 2) == s for eid in taken)
+    assert sorted(sum(((node.var / "probe" / f"done-slice-{s}").read_text().split() for s in (0, 1)), [])) \
+        == sorted(ids)
+
+
 def test_qrunner_refuses_a_bad_runner_name_or_slice_listing_the_valid_names(node):
     bad_name = node.run("qrunner", "-r", "nosuch")
     assert bad_name.returncode == 2

@@ -3,7 +3,7 @@
 It serves the ``commands`` queue (which has no registered runner, so no master competes for it).
 Per entry it reads ``metadata``: ``fail`` makes ``process`` raise (``tempfail``: raise TemporaryFailure),
 ``slow`` (seconds) makes it sleep after writing ``probe/started-<n>``; every processed entry appends
-``<n>`` to ``probe/done``.
+``<n>`` to ``probe/done`` and its id to ``probe/done-slice-<slice>`` (``--slice S:N`` picks the slice).
 """
 from __future__ import annotations
 
@@ -36,9 +36,12 @@ class ProbeRunner(Runner):
             time.sleep(float(entry.metadata["slow"]))
         with open(self.probe / "done", "a") as fh:
             fh.write(f"{n}\n")
+        with open(self.probe / f"done-slice-{self.slice}", "a") as fh:
+            fh.write(f"{entry.id}\n")
 
     def idle(self) -> None:
         (self.probe / "idle").touch()
+        (self.probe / f"idle-slice-{self.slice}").touch()
 
 
 def done(var: Path) -> list[int]:
@@ -52,7 +55,10 @@ def main(argv: list[str]) -> int:
     from mailq.config import load_settings
 
     settings = load_settings(argv[0])
-    return ProbeRunner(settings).run(once="--once" in argv)
+    slice_, count = 0, 1
+    if "--slice" in argv:  # --slice S:N
+        slice_, count = map(int, argv[argv.index("--slice") + 1].split(":"))
+    return ProbeRunner(settings, slice_, count).run(once="--once" in argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ One runner process serves one queue and one slice of it.  The loop:
 
 With nothing to do it sleeps on a threading.Event that a watchdog (inotify) handler sets when a
 ``.pck`` file appears in the queue folder on this host, and wakes every ``runners.poll_interval``
-anyway, because inotify does not see files that other hosts write over NFS.
+anyway, because inotify does not see files that other hosts write over NFS.  The event names the
+new entry: an idle runner claims that one directly (its slice and due time are in its name) instead
+of listing every bucket of its slice again, which is most of a hop's latency.  A full listing still
+runs when there are no such hints and at least once per poll interval, so entries written by other
+hosts, and older ones, are never passed over for long.
 
 Signals: SIGTERM/SIGINT finish the entry in hand, then the runner exits 0.  SIGHUP reopens the log
 files.  When the guard says the slice moved to another node the runner stops claiming at once and
@@ -20,6 +24,8 @@ the slice to this node.
 """
 from __future__ import annotations
 
+import abc
+import collections
 import logging
 import os
 import signal
@@ -36,7 +42,7 @@ from mailq.logs import get_logger, reopen_all
 EXIT_TEMPFAIL = 75
 
 
-class Runner:
+class Runner(abc.ABC):
     """Base class of every queue runner; subclasses set ``queue`` and implement ``process``."""
 
     #: The queue this runner serves (a name in config.RUNNER_QUEUES).
@@ -60,23 +66,26 @@ class Runner:
         self._moved = False
         self._reopen = False
         self._wake = threading.Event()
+        #: Entry ids inotify saw arrive on this host (appended by the watchdog thread).
+        self._hints: collections.deque[str] = collections.deque(maxlen=100_000)
+        self._idle_since_scan: float | None = None   # monotonic time of the last listing that found nothing
         self._queues: dict[str, Any] = {}
         self._observer: Any = None
         # Started by a master: exit when it is gone (a SIGKILLed master must not leave runners behind).
         self._master_pid = int(os.environ.get("MAILQ_MASTER_PID", "0") or 0)
 
     # -- hooks for subclasses -----------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 (optional hook, empty on purpose)
         """Once, after the process starts and before the first claim."""
 
+    @abc.abstractmethod
     def process(self, entry: Any) -> None:
         """Handle one claimed entry.  Return: finished.  Raise: shunted with the traceback."""
-        raise NotImplementedError(f"{type(self).__name__} must implement process()")
 
-    def idle(self) -> None:
+    def idle(self) -> None:  # noqa: B027 (optional hook)
         """Called when a poll finds nothing due (cheap housekeeping only)."""
 
-    def teardown(self) -> None:
+    def teardown(self) -> None:  # noqa: B027 (optional hook)
         """Once, before the process exits."""
 
     # -- services for subclasses --------------------------------------------------------------
@@ -145,7 +154,10 @@ class Runner:
             from mailq.queue import Claimant
 
             self.claimant = Claimant(self.node, os.getpid(), self.epoch)
-            entry = queue.claim_next(self.slice, self.count, self.claimant)
+            entry = self._claim_hinted(queue, poll)
+            if entry is None:
+                entry = queue.claim_next(self.slice, self.count, self.claimant)
+                self._idle_since_scan = time.monotonic() if entry is None else None
             if entry is not None and guard is not None and not self._confirmed(guard, entry):
                 continue
             if entry is None:
@@ -162,6 +174,31 @@ class Runner:
                     break
                 seen.add(entry.id)
         return 0
+
+    def _claim_hinted(self, queue: Any, poll: float) -> Any:
+        """Claim an entry inotify named, while the slice was idle at its last listing; else None.
+
+        Only when idle: with a backlog the listing order (oldest first) must win.  Only within one
+        poll interval of that listing: after that a full listing runs anyway, for other hosts' files.
+        """
+        if self._idle_since_scan is None or time.monotonic() - self._idle_since_scan > poll:
+            self._hints.clear()
+            return None
+        from mailq.queue.names import slice_of, split_id
+
+        now = time.time()
+        while self._hints:
+            eid = self._hints.popleft()
+            try:
+                due, sha = split_id(eid)
+            except ValueError:
+                continue
+            if due > now or slice_of(sha, self.count) != self.slice:
+                continue
+            entry = queue.claim(eid, self.claimant)
+            if entry is not None:
+                return entry
+        return None
 
     def _handle(self, queue: Any, entry: Any) -> None:
         self.log.info("claimed %s", entry.id)
@@ -254,14 +291,23 @@ class Runner:
             from watchdog.events import FileSystemEventHandler
             from watchdog.observers import Observer
 
-            wake = self._wake
+            wake, hints = self._wake, self._hints
 
             class _Wake(FileSystemEventHandler):
-                def on_any_event(self, event: Any) -> None:
-                    path = event.dest_path or event.src_path
+                # Only an entry arriving (renamed or created as <id>.pck) is new work; claims, finishes
+                # and temp files are not, and waking on them would only cost a listing.
+                def on_moved(self, event: Any) -> None:
+                    self._arrived(event.dest_path)
+
+                def on_created(self, event: Any) -> None:
+                    self._arrived(event.src_path)
+
+                def _arrived(self, path: Any) -> None:
                     if isinstance(path, bytes):
                         path = path.decode("utf-8", "replace")
-                    if path.endswith(".pck"):
+                    name = os.path.basename(path)
+                    if name.endswith(".pck") and not name.startswith("."):
+                        hints.append(name[:-4])
                         wake.set()
 
             observer = Observer()

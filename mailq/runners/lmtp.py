@@ -25,6 +25,10 @@ class LMTPRunner(Runner):
         self.component = "lmtp"
         self.log = get_logger(settings, "lmtp")
 
+    def process(self, entry: object) -> None:
+        """Never called: this runner serves a socket, not a queue (``run`` is its whole loop)."""
+        raise RuntimeError("the LMTP runner has no queue; nothing should hand it an entry")
+
     def run(self, once: bool = False) -> int:
         from mailq.mta.lmtp import LMTPServer
 
