@@ -107,10 +107,13 @@ def kill_run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--posts", type=int, default=300)
-    parser.add_argument("--lease", type=float, default=3.0)
-    parser.add_argument("--heartbeat", type=float, default=0.5)
-    parser.add_argument("--margin", type=float, default=1.0)
+    # Timings default to mailq's shipped cluster settings (etc/mailq.yaml), so takeover_s is what an
+    # operator gets.  The target lease + 2 x heartbeat is only reachable when margin < 2 x heartbeat:
+    # no takeover may start before lease + margin (docs/cluster.md).
+    parser.add_argument("--posts", type=int, default=1000, help="posts per run (default 1000)")
+    parser.add_argument("--lease", type=float, default=10.0, help="cluster.lease (default 10, as shipped)")
+    parser.add_argument("--heartbeat", type=float, default=2.0, help="cluster.heartbeat (default 2, as shipped)")
+    parser.add_argument("--margin", type=float, default=2.0, help="cluster.margin (default 2, as shipped)")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
     # SIGTERM runs the finally blocks, so no master of a run outlives the benchmark.
