@@ -7,9 +7,12 @@ once, like a machine losing power.  ``freeze()``/``thaw()`` SIGSTOP/SIGCONT the 
 
 With ``isolated=True`` (root, ``unshare`` available) each host also runs in its own UTS, PID and
 mount namespace: its own host name (so lock claims and heartbeats carry different host names) and
-its own pid space (pids of different hosts may collide, as on real machines).  The network is
-shared: the SMTP sink listens on loopback and the hosts share the queue tree on local disk (see
-/work/shared/nfs/README.md; the NFS lane mounts it through nfsfuse.py instead).
+its own pid space (pids of different hosts may collide, as on real machines).  With a ``Network``
+as well (root, ``ip netns``) each host also gets a network namespace of its own on a private bridge,
+and the SMTP sink runs in one more namespace on that bridge (``NetSink``), so the hosts reach it
+over the bridge, not loopback; nothing routes off the machine.  The hosts share the queue tree on
+local disk in every variant (see /work/shared/nfs/README.md; the NFS lane mounts it through
+nfsfuse.py instead).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mailq.config import RUNNER_QUEUES
+from tests.cluster_netns import Network
 from tests.support import MODULES, ROOT, Node, SMTPSink, make_node, wait_for
 
 MEMBERS = ("ann@example.org", "ben@example.org")
@@ -69,6 +73,8 @@ class Host:
     actimeo: float = 1.0
     #: where the test process itself sees the shared tree (the export's directory in the NFS lane)
     view_var: Path | None = None
+    #: run the host inside this network namespace (``ip netns exec <ns>``, tests/cluster_netns.py)
+    netns: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -90,8 +96,8 @@ class Host:
         elif self.isolated:
             # Own host name and pid space; --kill-child: the host's processes die with its init.
             script = f"hostname {self.name}-host && exec " + " ".join(cmd)
-            cmd = ["unshare", "--uts", "--pid", "--fork", "--mount", "--mount-proc", "--kill-child",
-                   "sh", "-c", script]
+            cmd = [*self.netns, "unshare", "--uts", "--pid", "--fork", "--mount", "--mount-proc",
+                   "--kill-child", "sh", "-c", script]
         self.log = self.node.config.parent / f"master-{self.kills}.out"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, env=self.node.environ(), cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -163,15 +169,22 @@ class Cluster:
     #: NFS lane: every host mounts this server's export at <base>/mnt; the test uses the export dir
     nfs: NfsServer | None = None
     admin: Node | None = None
+    #: every host in a network namespace of its own on this network (implies isolated); the sink
+    #: should then be a tests.cluster_netns.NetSink on the same network
+    network: Network | None = None
 
     def __post_init__(self) -> None:
         var = self.base / ("mnt" if self.nfs else "var")
         counts = {q: self.slices.get(q, 1) for q in RUNNER_QUEUES}
-        extra = {"smtp": {"port": self.sink.port}, "cluster": {"failover": self.failover},
+        self.isolated = self.isolated or self.network is not None
+        smtp = {"host": getattr(self.sink, "host", "127.0.0.1"), "port": self.sink.port}
+        extra = {"smtp": smtp, "cluster": {"failover": self.failover},
                  "runners": {"slices": counts}, "queue": {"fsync": False}, **self.overrides}
         for name in self.names:
             node = make_node(self.base, name, var=var, **extra)
             self.hosts[name] = Host(node, isolated=self.isolated)
+            if self.network:
+                self.hosts[name].netns = self.network.exec_prefix(name)
             if self.nfs:
                 self.hosts[name].nfs_url, self.hosts[name].view_var = self.nfs.url, self.nfs.export
         if self.nfs:
