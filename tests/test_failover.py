@@ -14,6 +14,7 @@ to keep this file inside its time budget; it is skipped, with the reason, where 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -168,18 +169,24 @@ def test_frozen_host_claims_nothing_from_slices_it_lost(make_cluster, sink):
     c.start()
     wait_for(lambda: len(deliveries(sink)) >= 20, 120, message="some posts delivered")
     h1 = c.hosts["h1"]
+    labels = [f"{q}:{s}/{n}" for q, s, n in c.owners_of("h1") if q in ("in", "out")]
     h1.freeze()
     try:
         wait_for(lambda: load_map(settings.slice_map_path).nodes["h1"].fenced, 60, message="h1 fenced")
         fenced_epoch = load_map(settings.slice_map_path).epoch
-        offsets = {name: len(h1.log_text(name)) for name in ("in", "out")}
+        offsets = {name: len(h1.log_text(name)) for name in ("in", "out", "master")}
         more = c.post(30, start=60)
     finally:
         h1.thaw()
     wait_for(lambda: all_delivered(sink, {**tags, **more}), 180, message="every post delivered")
-    # Give the woken runners time to notice the map (they must stop, not claim).
-    wait_for(lambda: "fenced" in h1.log_text("in")[offsets["in"]:] or not h1.running, 30,
-             message="h1's runners notice they are fenced")
+    # Wait until every woken runner is gone: it noticed the fence itself and exited, or its master
+    # saw the new map and stopped it first (whichever wins); until then it must not claim.
+    def runners_gone() -> bool:
+        master = h1.log_text("master")[offsets["master"]:]
+        return not h1.running or all(re.search(rf"runner {re.escape(label)} (stopped|exited|died)", master)
+                                     for label in labels)
+
+    wait_for(runners_gone, 60, interval=0.2, message=f"h1's runners {labels} gone after waking")
     for name in ("in", "out"):
         after = h1.log_text(name)[offsets[name]:]
         assert " claimed " not in after, f"h1 claimed from {name} after waking:\n{after}"
