@@ -26,19 +26,19 @@ HOLDER = textwrap.dedent("""
     time.sleep(600)
 """)
 
-# A waiter killed at the doorway: its holder record and an `intent` claim, published the way
-# StrictSoftFileLock publishes one, and no `held` claim.
+# A waiter killed at the doorway: its holder record and an `intent` claim, and no `held` claim.
+# Built from a real acquisition whose `held` claim is then withdrawn, so the claim files are
+# exactly what StrictSoftFileLock writes (no private filelock API: its internals move between releases).
 DOORWAY = textwrap.dedent("""
-    import secrets, sys, time
-    from filelock._strict import _claim_name, _claim_record, _publish_record
+    import os, sys, time
     from mailq.config import load_settings
     from mailq.locks import list_lock
     lock = list_lock(load_settings(), sys.argv[1])
-    lock._write_record()
+    lock.acquire()
     claims = lock.path.with_name(lock.path.name + ".filelock") / "claims"
-    claims.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(16)
-    _publish_record(str(claims / _claim_name("intent", token)), _claim_record(token), 0o664)
+    held = [p for p in claims.iterdir() if p.name.startswith("held-") and p.name.endswith(".claim")]
+    assert len(held) == 1, sorted(p.name for p in claims.iterdir())
+    os.unlink(held[0])
     print("intent", flush=True)
     time.sleep(600)
 """)
