@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def run_sink(port: int, record: str) -> None:
     class Handler:
         async def handle_DATA(self, server, session, envelope):  # noqa: N802
             m = pattern.search(envelope.original_content or b"")
-            out.write(f"{m.group(1).decode() if m else '-'} {time.time():.6f} {len(envelope.rcpt_tos)}\n")
+            line = f"{m.group(1).decode() if m else '-'} {time.time():.6f} {len(envelope.rcpt_tos)}\n"
+            out.write(line)
+            sys.stdout.write(line)      # the bench blocks on this pipe instead of polling the file
+            sys.stdout.flush()
             return "250 OK"
 
     controller = Controller(Handler(), hostname="127.0.0.1", port=port)
@@ -91,10 +95,27 @@ class Sink:
                                      stdout=subprocess.PIPE, cwd=ROOT)
         if self.proc.stdout.readline().strip() != b"ready":
             raise SystemExit("the benchmark sink did not start")
-        self.offset = 0
+        self.seen: dict[str, float] = {}
+        self.arrived = threading.Condition()
+        # A thread blocked on the sink's pipe reads every line as it comes: the pipe never fills
+        # (which would stall the sink mid-SMTP) and nobody polls, so the measuring process stays
+        # off the CPU while mail flows (on two cores a polling loop slows the runners it times).
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def lines(self) -> list[list[str]]:
-        return [line.split() for line in self.record.read_text().splitlines()]
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            parts = raw.split()
+            if len(parts) >= 2:
+                with self.arrived:
+                    self.seen[parts[0].decode()] = float(parts[1])
+                    self.arrived.notify_all()
+
+    def arrival(self, bench_id: str, timeout: float = 60.0) -> float | None:
+        """When *bench_id* reached the sink (the sink's own clock); None after *timeout* seconds."""
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: bench_id in self.seen, timeout):
+                return None
+            return self.seen[bench_id]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -218,16 +239,12 @@ def bench_rate(env: dict, settings, sink: Sink, recipients: int, rounds: int) ->
 def bench_latency(env: dict, settings, sink: Sink, posts: int) -> tuple[list[float], list[float]]:
     """(pipe latencies, LMTP latencies); the LMTP ones for the table only."""
     run(env, PY, "-m", "mailq.cli.ctl", "start")
-    seen = {parts[0]: float(parts[1]) for parts in sink.lines()}
 
     def arrival(bench_id: str) -> float:
-        deadline = time.monotonic() + 60
-        while bench_id not in seen:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{bench_id} never reached the sink; see the logs under {env['BENCH_VAR']}/log")
-            time.sleep(0.002)
-            seen.update({parts[0]: float(parts[1]) for parts in sink.lines()})
-        return seen[bench_id]
+        at = sink.arrival(bench_id, 60)
+        if at is None:
+            raise SystemExit(f"{bench_id} never reached the sink; see the logs under {env['BENCH_VAR']}/log")
+        return at
 
     try:
         piped, lmtp = [], []
