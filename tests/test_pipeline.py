@@ -135,6 +135,16 @@ def test_approved_first_body_line_approves_and_is_removed(settings, mlist):
     assert body.startswith("Hi all,") and "s3cret" not in body
 
 
+def test_an_approved_replay_still_removes_the_password_line(settings, mlist):
+    # A held post is replayed from its original bytes with msgdata["approved"] set: the body line
+    # must go then too, or the moderator's password reaches every member.
+    raw = sample("plain.eml").replace(b"Hi all,", b"Approved: s3cret\n\nHi all,").replace(
+        b"Subject:", b"Approved: s3cret\nSubject:")
+    msg, _, stop = run_pipeline(settings, mlist, raw, approved=True)
+    assert stop is None
+    assert b"s3cret" not in to_bytes(msg)
+
+
 def test_approved_metadata_skips_moderation(settings, mlist):
     raw = sample("plain.eml").replace(b"alice@example.org", b"x@example.com")
     _, _, stop = run_pipeline(settings, mlist, raw, ["sanity", "moderation"], approved=True)
@@ -177,6 +187,17 @@ def test_very_long_subject_is_prefixed_and_long_headers_survive(settings, mlist)
     assert str(out["subject"]) == "[dev] " + header_text(original["subject"])
     assert out["references"].split() == original["references"].split()
     assert str(out["x-unfolded-very-long"]) == "y" * 1500
+
+
+def test_a_long_folded_subject_is_folded_again_after_the_prefix(settings, mlist):
+    words = " ".join(f"word{i}" for i in range(250))
+    folded = email.header.Header(words, "us-ascii", header_name="Subject").encode(maxlinelen=75)
+    raw = sample("plain.eml").replace(b"Subject:", b"Subject: " + folded.encode() + b"\nX-Old-Subject:")
+    msg, _, _ = run_pipeline(settings, mlist, raw, ["subject_prefix"])
+    wire = to_bytes(msg)
+    head = wire.split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    assert header_text(_reparse(msg)["subject"]) == "[dev] " + words
 
 
 # -- list_headers --------------------------------------------------------------------------------

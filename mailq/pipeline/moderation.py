@@ -4,7 +4,8 @@
   released) skips this stage;
 * an ``Approved:`` or ``Approve:`` header (or, in a text/plain body, a first line
   ``Approved: <password>``) that carries the list's moderator password approves the post; the
-  header or line is always removed, right password or not, so it never reaches the members;
+  header and line are always removed, right password or not, and on an approved replay too, so
+  they never reach the members;
 * with the list's ``emergency`` brake on, every other post is held;
 * owners and moderators post freely; a member with the moderation flag is held;
 * addresses in ``accept_nonmembers`` post freely; anyone else gets the list's
@@ -24,9 +25,11 @@ _HEADERS = ("approved", "approve")
 
 def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     password = str(getattr(mlist.settings, "moderator_password", "") or "")
+    # Both are taken out every time, a released held post included: its replay starts again from
+    # the bytes that came in, and a password left in them would go out to every member.
     offered = _take_header_password(msg)
-    if offered is None and not msgdata.get("approved"):
-        offered = _take_body_password(msg)
+    in_body = _take_body_password(msg)
+    offered = offered if offered is not None else in_body
     if msgdata.get("approved"):
         return
     if offered is not None and password and hmac.compare_digest(offered.encode(), password.encode()):

@@ -56,7 +56,7 @@ def encode_subject(text: str, charset: str | None) -> str:
     """*text* as a header value: ASCII as is, else RFC 2047 encoded words, folded at 76 columns."""
     try:
         text.encode("ascii")
-        return text
+        return _fold_ascii(text)
     except UnicodeEncodeError:
         pass
     for candidate in (charset, "utf-8"):
@@ -69,6 +69,30 @@ def encode_subject(text: str, charset: str | None) -> str:
         except (LookupError, UnicodeError, ValueError, email.errors.MessageError):
             continue
     return email.header.Header(text, "utf-8", header_name="Subject").encode(maxlinelen=76)
+
+
+def _fold_ascii(text: str, width: int = 76) -> str:
+    """Plain text folded at spaces so no line passes *width* (RFC 5322: 78 advised, 998 at most).
+
+    The header text arrives unfolded (``header_text`` joins folded lines), so a long subject must
+    be folded again here.  Unfolding (dropping each line break) gives *text* back exactly.  A word
+    longer than a line stays whole.
+    """
+    room = width - len("Subject: ")
+    if len(text) <= room:
+        return text
+    lines: list[str] = []
+    current: str | None = None
+    for word in text.split(" "):
+        if current is None:
+            current = word
+        elif len(current) + 1 + len(word) > room and current.strip():
+            lines.append(current)
+            current, room = word, width - 1
+        else:
+            current += " " + word
+    lines.append(current or "")
+    return "\n ".join(lines)
 
 
 def _charset_of(raw: Any) -> str | None:
