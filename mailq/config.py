@@ -90,6 +90,8 @@ class QueueSettings:
     recovery_limit: int = 3
     #: Temporary files older than this (seconds) are removed by recovery.
     stale_tmp_seconds: float = 3600.0
+    #: Largest message (bytes) mail-in takes: mailq-deliver exits 65, LMTP answers 552; 0: no limit.
+    max_message_size: int = 100 * 1024 * 1024
 
 
 @dataclass

@@ -37,11 +37,13 @@ def drain(queue: Queue) -> list[tuple[bytes, dict]]:
 
 
 @pytest.fixture
-def lmtp(tmp_path):
-    node = make_node(tmp_path, "n1", lmtp={"enabled": True})
+def lmtp(tmp_path, request):
+    env = getattr(request, "param", None) or {}
+    node = make_node(tmp_path, "n1", lmtp={"enabled": True}, queue={"max_message_size": 50_000})
     settings = node.settings()
     create_list(settings, "dev")
-    proc = node.popen("qrunner", "-r", "lmtp", stderr=subprocess.PIPE)
+    create_list(settings, "slow")
+    proc = node.popen("qrunner", "-r", "lmtp", stderr=subprocess.PIPE, env=env)
     client = wait_for(lambda: proc.poll() is None and connect(settings.lmtp.port), 30,
                       message="the LMTP runner to listen")
     yield node, settings, proc, client
@@ -133,3 +135,92 @@ def test_unmounted_var_answers_451_not_550(lmtp, tmp_path):
         os.rename(moved, settings.var)
     assert client.mail("alice@example.org")[0] == 250
     assert client.rcpt("dev@lists.example.org")[0] == 250
+
+
+def test_an_empty_var_folder_answers_451_for_every_list(lmtp, tmp_path):
+    """An unmounted NFS mount point is an empty folder: 550 there would bounce every list's mail."""
+    node, settings, proc, client = lmtp
+    moved = tmp_path / "unmounted"
+    os.rename(settings.var, moved)
+    os.mkdir(settings.var)
+    try:
+        client.ehlo_or_helo_if_needed()
+        assert client.mail("alice@example.org")[0] == 250
+        for rcpt in ("dev@lists.example.org", "nosuch@lists.example.org"):
+            code, text = client.rcpt(rcpt)
+            assert code == 451 and b"try again later" in text, (rcpt, text)
+        client.rset()
+    finally:
+        os.rmdir(settings.var)
+        os.rename(moved, settings.var)
+    assert client.mail("alice@example.org")[0] == 250
+    assert client.rcpt("dev@lists.example.org")[0] == 250
+    assert client.rcpt("nosuch@lists.example.org")[0] == 550
+
+
+def test_a_list_address_in_another_domain_is_refused(lmtp):
+    node, settings, proc, client = lmtp
+    client.ehlo_or_helo_if_needed()
+    assert client.mail("alice@example.org")[0] == 250
+    code, text = client.rcpt("dev@elsewhere.example.com")
+    assert code == 550 and b"lists.example.org" in text, text
+    assert client.rcpt("dev@LISTS.example.org")[0] == 250      # domains are case-insensitive
+    client.rset()
+
+
+def test_two_rcpts_for_the_same_list_make_one_entry_and_two_250s(lmtp):
+    node, settings, proc, client = lmtp
+    client.ehlo_or_helo_if_needed()
+    client.mail("alice@example.org")
+    for rcpt in ("dev@lists.example.org", "DEV@lists.example.org", "dev-owner@lists.example.org"):
+        assert client.rcpt(rcpt)[0] == 250
+    code, text = client.data(MSG)
+    replies = [(code, text)] + [client.getreply() for _ in range(2)]
+    assert [c for c, _ in replies] == [250, 250, 250]
+    assert b"<DEV@lists.example.org>" in replies[1][1]
+    first_id, second_id = (text.split(b"queued as ")[1] for _, text in replies[:2])
+    assert first_id == second_id
+    kinds = sorted(meta["kind"] for _, meta in drain(Queue.for_settings(settings, "in")))
+    assert kinds == ["owner", "post"]
+
+
+def test_a_message_over_the_size_limit_gets_552_for_each_recipient(lmtp):
+    node, settings, proc, client = lmtp
+    client.ehlo_or_helo_if_needed()
+    client.mail("alice@example.org")
+    client.rcpt("dev@lists.example.org")
+    client.rcpt("dev-owner@lists.example.org")
+    code, text = client.data(MSG + (b"x" * 70 + b"\r\n") * 1000)
+    second = client.getreply()
+    assert code == 552 and second[0] == 552, (code, text, second)
+    assert b"dev-owner@" in second[1]
+    # the connection is in step: a normal message goes through next
+    assert client.sendmail("alice@example.org", ["dev@lists.example.org"], MSG) == {}
+    assert len(drain(Queue.for_settings(settings, "in"))) == 1
+
+
+@pytest.mark.parametrize("lmtp", [{"MAILQ_TEST_LMTP_SLOW_ENQUEUE": "4:slow"}], indirect=True)
+def test_a_stuck_enqueue_does_not_hold_up_another_session(lmtp):
+    """One session's queue write hangs for 4 s (the test-only hook in mailq.mta.lmtp); another
+    session, started after it, is answered long before."""
+    import threading
+    import time
+
+    node, settings, proc, client = lmtp
+    finished: dict[str, float] = {}
+
+    def send(rcpt: str) -> None:
+        with smtplib.LMTP("127.0.0.1", settings.lmtp.port, timeout=30) as other:
+            assert other.sendmail("alice@example.org", [rcpt], MSG) == {}
+        finished[rcpt] = time.monotonic()
+
+    started = time.monotonic()
+    slow = threading.Thread(target=send, args=("slow@lists.example.org",))
+    slow.start()
+    time.sleep(0.5)                      # the slow session is inside its enqueue now
+    send("dev@lists.example.org")
+    slow.join(30)
+    assert finished["dev@lists.example.org"] - started < 3, "the fast session waited for the slow one"
+    assert finished["slow@lists.example.org"] - started >= 4
+    listnames = sorted(meta["listname"] for _, meta in drain(Queue.for_settings(settings, "in")))
+    assert listnames == ["dev", "slow"]

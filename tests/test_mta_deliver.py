@@ -110,6 +110,39 @@ def test_missing_var_filesystem_exits_75(node, settings, tmp_path):
     assert r.returncode == 75 and "not there" in r.stderr
 
 
+def test_an_empty_var_folder_is_an_unmounted_filesystem_not_an_unknown_list(node, settings, tmp_path):
+    """An NFS mount point without its filesystem is an empty folder: 67 there would bounce all mail."""
+    create_list(settings, "dev")
+    moved = tmp_path / "unmounted"
+    os.rename(settings.var, moved)
+    os.mkdir(settings.var)              # the bare mount point
+    try:
+        r = node.run("mailq-deliver", "post", "dev", input=MESSAGE)
+        unknown = node.run("mailq-deliver", "post", "nosuch", input=MESSAGE)
+    finally:
+        os.rmdir(settings.var)
+        os.rename(moved, settings.var)
+    assert r.returncode == 75 and "mounted?" in r.stderr and "retry" in r.stderr, r.stderr
+    assert unknown.returncode == 75 and "mounted?" in unknown.stderr
+    # mounted again: the same command works, and an unknown list is 67 again
+    assert node.run("mailq-deliver", "post", "dev", input=MESSAGE).returncode == 0
+    assert node.run("mailq-deliver", "post", "nosuch", input=MESSAGE).returncode == 67
+
+
+def test_a_message_over_the_size_limit_exits_65_with_the_limit(tmp_path):
+    from tests.support import make_node
+
+    node = make_node(tmp_path, "n1", queue={"max_message_size": 10_000})
+    settings = node.settings()
+    create_list(settings, "dev")
+    big = MESSAGE + b"x" * 76 * 1000       # the pipe is drained, then refused
+    r = node.run("mailq-deliver", "post", "dev", input=big)
+    assert r.returncode == 65 and "too big" in r.stderr and "10000 bytes" in r.stderr, r.stderr
+    assert entries(settings, "in") == []
+    assert node.run("mailq-deliver", "post", "dev", input=MESSAGE + b"y" * 9000).returncode == 0
+    assert len(entries(settings, "in")) == 1
+
+
 def test_unreadable_config_exits_75(node, tmp_path):
     r = node.run("mailq-deliver", "post", "dev", input=MESSAGE,
                  env={"MAILQ_CONFIG": str(tmp_path / "missing.yaml")})
@@ -127,7 +160,7 @@ def test_settings_cache_follows_config_changes(node, settings, tmp_path):
     assert cache.read_text().split("\n")[1] == str(settings.var)
     # Point the node at another var: the cached path must not be used any more.
     other = tmp_path / "var2"
-    other.mkdir()
+    (other / "lists").mkdir(parents=True)
     text = node.config.read_text().replace(str(settings.var), str(other))
     node.config.write_text(text + "# changed\n")
     r = node.run("mailq-deliver", "post", "dev", input=MESSAGE)

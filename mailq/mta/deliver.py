@@ -8,7 +8,8 @@ exits 0 only after the entry's rename. Every other outcome is a sysexits code th
 ====  =====================================================================================
  0    queued
  64   usage: wrong arguments (EX_USAGE)
- 65   data error: empty message (EX_DATAERR; the MTA bounces it)
+ 65   data error: empty message, or over ``queue.max_message_size`` (EX_DATAERR; the MTA
+      bounces it with our one-line reason)
  67   no such list (EX_NOUSER; the MTA bounces it: "unknown user")
  75   temporary failure: disk full, filesystem unavailable, lock timeout, config unreadable
       (EX_TEMPFAIL; the MTA keeps the message and tries again, nothing is lost)
@@ -16,10 +17,12 @@ exits 0 only after the entry's rename. Every other outcome is a sysexits code th
 
 It runs for every message, so it starts fast: no click, no email package, no lists package, no
 YAML when the config has not changed, no ``mailq.queue`` (see ``write_entry``). The few settings it
-needs (the var path and the fsync flag) are cached next to the config file
-(``.<config name>.deliver-cache``, three text lines), keyed by the
+needs (the var path, the fsync flag, the size limit) are cached next to the config file
+(``.<config name>.deliver-cache``, four text lines), keyed by the
 config's path, size, mtime and inode; any mismatch, or a cache it cannot read or write, means the
-YAML is parsed as usual. A list exists iff ``var/lists/<name>/list.pck`` exists: one stat.
+YAML is parsed as usual. A list exists iff ``var/lists/<name>/list.pck`` exists: one stat; only
+when it does not, a second stat of ``var/lists`` tells "no such list" (67) from "var not mounted"
+(75).
 """
 import os
 import sys
@@ -33,13 +36,14 @@ QUEUE_FOR_KIND = {  # same as mailq.mta.addresses.QUEUE_FOR_KIND (kept here: one
 }
 USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave|confirm LIST\n"
          "  Reads one message on stdin and queues it for LIST; run by the MTA from the aliases that\n"
-         "  'mailq aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty message, 67 unknown list,\n"
+         "  'mailq aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty or too big, 67 unknown list,\n"
          "  75 temporary failure (the MTA retries).\n"
          "Examples:\n"
          "  mailq-deliver post dev < message.eml\n"
          "  SENDER=alice@example.org mailq-deliver request dev < command.eml\n"
          "  mailq-deliver -C /etc/mailq/mailq.yaml owner dev < message.eml\n")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+DEFAULT_MAX_SIZE = 100 * 1024 * 1024  # mailq.config.QueueSettings.max_message_size
 PAYLOAD_VERSION = 1  # mailq.queue.payload.VERSION
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -87,9 +91,12 @@ def deliver(args: "list[str]") -> int:
         raise Exit(EX_NOUSER, f"no such list {args[1]!r} (not a valid list name)")
     # Read the whole message first: an MTA whose pipe write fails may log a confusing error
     # instead of the exit status and the reason.
-    msg = sys.stdin.buffer.read()
-    var, fsync = _settings(config)
+    var, fsync, limit = _settings(config)
+    msg = _read_message(limit)
     _check_list(var, listname)
+    if limit and len(msg) > limit:
+        raise Exit(EX_DATAERR, f"message too big for {kind} {listname}: over {limit} bytes "
+                               "(queue.max_message_size); nothing queued")
     msg, from_line_sender = _strip_from_line(msg)
     if not msg.strip():
         raise Exit(EX_DATAERR, f"empty message on stdin for {kind} {listname}; nothing queued")
@@ -109,6 +116,21 @@ def deliver(args: "list[str]") -> int:
     return _enqueue(var, fsync, queue_name, msg, metadata)
 
 
+def _read_message(limit: int) -> bytes:
+    """Stdin up to *limit* + 1 bytes (0: all); past the limit the rest is read and dropped.
+
+    Draining matters: an MTA whose pipe write fails may report that instead of our exit status.
+    """
+    stdin = sys.stdin.buffer
+    if not limit:
+        return stdin.read()
+    msg = stdin.read(limit + 1)
+    if len(msg) > limit:
+        while stdin.read(1 << 20):
+            pass
+    return msg
+
+
 def _plausible_name(name: str) -> bool:
     # A stat of var/lists/<name>/ must stay inside var/lists: no separators, no dot files.
     return bool(name) and "/" not in name and "\0" not in name and not name.startswith(".") and len(name) < 200
@@ -123,9 +145,17 @@ def _check_list(var: str, listname: str) -> None:
     except OSError as exc:  # EIO, ESTALE, EACCES: the filesystem, not the list, is the problem
         raise Exit(EX_TEMPFAIL, f"cannot check list {listname!r} in {var}/lists: {exc.strerror}; "
                                 "the MTA will retry")
-    if not os.path.isdir(var):
-        raise Exit(EX_TEMPFAIL, f"the mailq var folder {var} is not there (filesystem not mounted?); "
-                                "the MTA will retry")
+    # Only now, for an unknown list, one more stat: is this a real var tree? An unmounted NFS mount
+    # point is an empty folder, and answering 67 there would bounce every list's mail. var/lists
+    # exists on every site with a list (ListStore.create makes it); without it nothing can be
+    # known, so the MTA keeps the mail.
+    try:
+        os.stat(os.path.join(var, "lists"))
+    except FileNotFoundError:
+        raise Exit(EX_TEMPFAIL, f"{var}/lists is not there: is the mailq var filesystem mounted? (a new "
+                                "site: create a list first with 'mailq lists create'); the MTA will retry")
+    except OSError as exc:
+        raise Exit(EX_TEMPFAIL, f"cannot check {var}/lists: {exc.strerror}; the MTA will retry")
     raise Exit(EX_NOUSER, f"no such list {listname!r} (no {var}/lists/{listname}/list.pck)")
 
 
@@ -204,7 +234,7 @@ def write_entry(queue_dir: str, msg: bytes, metadata: dict, *, fsync: bool) -> s
     return final[:-4]
 
 
-# -- settings: the var path and the fsync flag, cached ---------------------------------------------
+# -- settings: the var path, the fsync flag and the size limit, cached -----------------------------
 
 def _config_path(explicit: "str | None" = None) -> "str | None":
     path = explicit or os.environ.get("MAILQ_CONFIG")
@@ -214,11 +244,11 @@ def _config_path(explicit: "str | None" = None) -> "str | None":
     return default if os.path.exists(default) else None
 
 
-def _settings(explicit: "str | None" = None) -> "tuple[str, bool]":
-    """``(var, fsync)`` for this node: from the cache when the config is unchanged, else from YAML."""
+def _settings(explicit: "str | None" = None) -> "tuple[str, bool, int]":
+    """``(var, fsync, max size)`` for this node: from the cache when the config is unchanged, else YAML."""
     path = _config_path(explicit)
     if path is None:
-        return os.path.join(_CHECKOUT, "var"), True
+        return os.path.join(_CHECKOUT, "var"), True, DEFAULT_MAX_SIZE
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -228,9 +258,9 @@ def _settings(explicit: "str | None" = None) -> "tuple[str, bool]":
     cache = _cache_path(path)
     try:
         with open(cache, encoding="utf-8") as fh:
-            cached_key, var, fsync = fh.read().split("\n")[:3]
+            cached_key, var, fsync, limit = fh.read().split("\n")[:4]
         if cached_key == key and var and fsync in ("0", "1"):
-            return var, fsync == "1"
+            return var, fsync == "1", int(limit)
     except (OSError, ValueError, UnicodeDecodeError):
         pass  # no cache, or a stale/broken one: parse the YAML
     try:
@@ -239,10 +269,10 @@ def _settings(explicit: "str | None" = None) -> "tuple[str, bool]":
         settings = load_settings(path)
     except ConfigError as exc:
         raise Exit(EX_TEMPFAIL, f"config unusable: {exc}; the MTA will retry once it is fixed")
-    var, fsync = str(settings.var), bool(settings.queue.fsync)
+    var, fsync, limit = str(settings.var), bool(settings.queue.fsync), int(settings.queue.max_message_size)
     if "\n" not in var:
-        _write_cache(cache, f"{key}\n{var}\n{int(fsync)}\n")
-    return var, fsync
+        _write_cache(cache, f"{key}\n{var}\n{int(fsync)}\n{limit}\n")
+    return var, fsync, limit
 
 
 def _cache_path(config: str) -> str:

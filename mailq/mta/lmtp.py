@@ -22,14 +22,23 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mailq.config import Settings
-from mailq.mta.addresses import QUEUE_FOR_KIND, parse_list_address
+from mailq.mta.addresses import DETAIL_KINDS, QUEUE_FOR_KIND, parse_list_address
+
+
+#: Fault injection, used ONLY by tests/test_lmtp.py: ``SECONDS:LIST`` makes every enqueue for
+#: LIST sleep SECONDS first (a stuck NFS write), to show the other sessions are not held up.
+#: Read once at import; unset in production.
+SLOW_ENQUEUE_ENV = "MAILQ_TEST_LMTP_SLOW_ENQUEUE"
+_SLOW = os.environ.get(SLOW_ENQUEUE_ENV, "")
 
 
 def list_exists(settings: Settings, listname: str) -> bool:
     """One stat: a list exists iff ``var/lists/<name>/list.pck`` does.
 
     Raises OSError when the answer is unknowable (var not mounted, I/O error): that must become a
-    451 for the MTA to retry, never a 550 that would bounce every list's mail.
+    451 for the MTA to retry, never a 550 that would bounce every list's mail. An unmounted NFS
+    mount point is an empty folder, so "no such list" needs ``var/lists`` to be there (one more
+    stat, only for unknown names), exactly as ``mailq-deliver`` decides.
     """
     if not listname or "/" in listname or listname.startswith("."):
         return False
@@ -37,13 +46,13 @@ def list_exists(settings: Settings, listname: str) -> bool:
         os.stat(settings.lists_dir / listname / "list.pck")
         return True
     except FileNotFoundError:
-        if not os.path.isdir(settings.var):
-            raise OSError(f"the mailq var folder {settings.var} is not there (filesystem not mounted?)")
+        if not os.path.isdir(settings.lists_dir):
+            raise OSError(f"{settings.lists_dir} is not there: is the mailq var filesystem mounted?")
         return False
 
 
 class LMTPHandler:
-    """aiosmtpd handler: RCPT checks the list, DATA enqueues one entry per recipient."""
+    """aiosmtpd handler: RCPT checks the list and its domain, DATA enqueues one entry per target."""
 
     def __init__(self, settings: Settings, log: Any, executor: ThreadPoolExecutor,
                  enqueue: Callable[[str, bytes, dict], str] | None = None) -> None:
@@ -53,10 +62,16 @@ class LMTPHandler:
         self.enqueue = enqueue or self._enqueue
         self.in_flight = 0
         self._queues: dict[str, Any] = {}
+        #: list name -> (stamp of list.pck, its mail domain): one stat per RCPT, a load only on change.
+        self._domains: dict[str, tuple[Any, str]] = {}
 
     def _enqueue(self, queue: str, msg: bytes, metadata: dict) -> str:
         from mailq.queue import Queue
 
+        if _SLOW:
+            seconds, _, listname = _SLOW.partition(":")
+            if metadata.get("listname") == listname:
+                time.sleep(float(seconds))
         q = self._queues.get(queue)
         if q is None:
             q = self._queues[queue] = Queue.for_settings(self.settings, queue)
@@ -72,18 +87,40 @@ class LMTPHandler:
     async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
+    def _check(self, address: str) -> tuple[str, str, str | None]:
+        """``(listname, kind, problem)`` for one RCPT address; problem None means accept. In a thread."""
+        local, at, domain = address.rpartition("@")
+        if not at:
+            local, domain = address, ""
+        listname, kind = parse_list_address(local, lambda name: list_exists(self.settings, name))
+        if not list_exists(self.settings, listname):
+            return listname, kind, f"no such list {listname!r}"
+        list_domain = self._list_domain(listname)
+        if domain.lower().rstrip(".") != list_domain.lower():
+            return listname, kind, f"list {listname!r} is at {list_domain}, not {domain or '(no domain)'}"
+        return listname, kind, None
+
+    def _list_domain(self, listname: str) -> str:
+        from mailq.lists import ListStore
+
+        store = ListStore(self.settings, log=self.log)
+        stamp = store.stamp(listname)
+        cached = self._domains.get(listname)
+        if cached is not None and cached[0] == stamp and stamp is not None:
+            return cached[1]
+        domain = store.load(listname).domain
+        self._domains[listname] = (stamp, domain)
+        return domain
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
-        local = address.rpartition("@")[0] if "@" in address else address
-        exists = lambda name: list_exists(self.settings, name)  # noqa: E731
         try:
-            listname, kind = await self._run(parse_list_address, local, exists)
-            known = await self._run(list_exists, self.settings, listname)
+            listname, kind, problem = await self._run(self._check, address)
         except Exception as exc:  # noqa: BLE001 - a sick shared filesystem (or a bug): try again later
             self._note("warning", "RCPT %s: cannot check the list: %s", address, exc)
             return "451 4.3.0 cannot check the list right now, try again later"
-        if not known:
-            self._note("info", "RCPT %s refused: no such list %r", address, listname)
-            return f"550 5.1.1 <{address}>: no such list {listname!r}"
+        if problem is not None:
+            self._note("info", "RCPT %s refused: %s", address, problem)
+            return f"550 5.1.1 <{address}>: {problem}"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         # Remember the verdict so DATA does not touch the filesystem on the event loop again.
@@ -96,36 +133,67 @@ class LMTPHandler:
         self.in_flight += 1
         try:
             msg = bytes(envelope.original_content or b"")
-            statuses = []
             received = time.time()
             targets = getattr(envelope, "mailq_targets", {})
+            # One entry per distinct target: "dev@" and "DEV@" in one transaction are one post (both
+            # get the same 250). -bounces/-confirm keep their +detail apart: it is the information.
+            done: dict[tuple[str, str, str], str] = {}
+            statuses = []
             for address in envelope.rcpt_tos:
                 listname, kind = targets[address]
-                statuses.append(await self._deliver_one(address, listname, kind, envelope.mail_from, msg,
-                                                        received))
+                detail = address.rpartition("@")[0].lower() if kind in DETAIL_KINDS else ""
+                key = (listname, kind, detail)
+                if key not in done:
+                    done[key] = await self._deliver_one(address, listname, kind, envelope.mail_from, msg,
+                                                        received)
+                statuses.append(done[key].replace("<>", f"<{address}>", 1))
             return "\r\n".join(statuses)
         finally:
             self.in_flight -= 1
 
     async def _deliver_one(self, address: str, listname: str, kind: str, sender: str, msg: bytes,
                            received: float) -> str:
+        """The status for *address*'s entry, with ``<>`` where each recipient's address goes."""
         from mailq.errors import TemporaryFailure
 
         metadata = {"listname": listname, "kind": kind, "received": received, "via": "lmtp",
                     "envelope_sender": sender or "", "original_recipient": address}
         queue = QUEUE_FOR_KIND[kind]
         if not msg.strip():
-            return f"554 5.6.0 <{address}>: empty message"
+            return "554 5.6.0 <>: empty message"
         try:
             entry_id = await self._run(self.enqueue, queue, msg, metadata)
         except TemporaryFailure as exc:
             self._note("error", "%s: not queued (temporary): %s", address, exc)
-            return f"451 4.3.0 <{address}>: cannot queue now, try again later"
+            return "451 4.3.0 <>: cannot queue now, try again later"
         except Exception as exc:  # noqa: BLE001 - OSError or a bug: never a 5xx, the MTA must keep the mail
             self._note("exception", "%s: not queued: %s", address, exc)
-            return f"451 4.3.0 <{address}>: cannot queue now, try again later"
+            return "451 4.3.0 <>: cannot queue now, try again later"
         self._note("info", "%s from <%s>: queued %s in %s", address, sender, entry_id, queue)
-        return f"250 2.0.0 <{address}> queued as {entry_id}"
+        return f"250 2.0.0 <> queued as {entry_id}"
+
+
+def _lmtp_class() -> type:
+    from aiosmtpd.lmtp import LMTP
+
+    class _PerRecipientLMTP(LMTP):
+        """aiosmtpd's LMTP, but a message refused as a whole during DATA gets one reply per recipient.
+
+        aiosmtpd answers "552 Too much mail data" (over ``queue.max_message_size``) and "500 Line too
+        long" once, as SMTP would; an LMTP client waits for one reply per accepted recipient
+        (RFC 2033 4.2) and would hang or misread the next command's reply.
+        """
+
+        async def push(self, status: str) -> None:
+            rcpts = getattr(getattr(self, "envelope", None), "rcpt_tos", None) or []
+            if status.startswith(("552 Error: Too much mail data", "500 Line too long")) and len(rcpts) > 1:
+                code, _, text = status.partition(" ")
+                for rcpt in rcpts[:-1]:
+                    await super().push(f"{code} <{rcpt}>: {text}")
+                status = f"{code} <{rcpts[-1]}>: {text}"
+            await super().push(status)
+
+    return _PerRecipientLMTP
 
 
 class LMTPServer:
@@ -150,7 +218,7 @@ class LMTPServer:
             self._loop.call_soon_threadsafe(self._stop.set)
 
     async def _serve(self, install_signals: bool) -> None:
-        from aiosmtpd.lmtp import LMTP
+        _LMTP = _lmtp_class()  # noqa: N806
 
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -158,8 +226,10 @@ class LMTPServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stop.set)
         hostname = self.settings.smtp.helo or self.settings.node.name
+        limit = self.settings.queue.max_message_size or None
         server = await self._loop.create_server(
-            lambda: LMTP(self.handler, hostname=hostname, ident="mailq LMTP", enable_SMTPUTF8=True),
+            lambda: _LMTP(self.handler, hostname=hostname, ident="mailq LMTP", enable_SMTPUTF8=True,
+                          data_size_limit=limit),
             self.host, self.port)
         self.log.info("LMTP listening on %s:%d", self.host, self.port)
         try:
