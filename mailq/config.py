@@ -65,6 +65,8 @@ class SmtpSettings:
     helo: str = ""
     #: CA bundle (PEM) that signs the smarthost's STARTTLS certificate; empty: the system CAs.
     ca_file: str = ""
+    #: Send smtp.user/password without TLS (only for a trusted link such as loopback); else refused.
+    allow_plaintext_auth: bool = False
 
 
 @dataclass

@@ -108,7 +108,7 @@ def test_refused_recipient_becomes_a_bounce_entry(setup, sink):
     assert sorted(report.delivered) == ["user0@example.com", "user2@example.com"]
     bounce = take(queues["bounces"])
     assert bounce is not None and take(queues["bounces"]) is None
-    assert bounce.metadata["listname"] == "dev" and bounce.metadata["kind"] == "bounce"
+    assert bounce.metadata["listname"] == "dev" and bounce.metadata["kind"] == "bounces"
     assert bounce.metadata["recipient"] == "user1@example.com"
     assert bounce.metadata["code"] == 550 and "no such user" in bounce.metadata["response"]
     assert take(queues["retry"], now=time.time() + 3600) is None
@@ -192,16 +192,26 @@ def test_out_and_retry_runners_deliver_retry_and_finish(tmp_path, sink):
     assert "1 delivered, 2 to retry" in log and "2 delivered, 0 to retry" in log
 
 
+def _authenticator(server, session, envelope, mechanism, auth_data):
+    from aiosmtpd.smtp import AuthResult
+
+    ok = auth_data.login == b"mailq" and auth_data.password == b"s3cret"
+    return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd answers 535 itself
+
+
 class AuthSink(SMTPSink):
     """The shared sink, but AUTH is required (plain text allowed on loopback for the test)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.auth_attempts = 0
+
     def start(self) -> AuthSink:
         from aiosmtpd.controller import Controller
-        from aiosmtpd.smtp import AuthResult
 
-        def authenticator(server, session, envelope, mechanism, auth_data):
-            ok = auth_data.login == b"mailq" and auth_data.password == b"s3cret"
-            return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd answers 535 itself
+        def authenticator(*args):
+            self.auth_attempts += 1
+            return _authenticator(*args)
 
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port, authenticator=authenticator,
                                      auth_required=True, auth_require_tls=False)
@@ -213,7 +223,8 @@ class AuthSink(SMTPSink):
 @pytest.mark.parametrize("password,delivered", [("s3cret", True), ("wrong", False)])
 def test_smtp_auth_and_wrong_credentials_keep_the_mail(tmp_path, password, delivered):
     with AuthSink() as sink:
-        node = make_node(tmp_path, "n1", smtp={"port": sink.port, "user": "mailq", "password": password})
+        node = make_node(tmp_path, "n1", smtp={"port": sink.port, "user": "mailq", "password": password,
+                                               "allow_plaintext_auth": True})
         settings = node.settings()
         retry = Queue.for_settings(settings, "retry")
 
@@ -228,6 +239,20 @@ def test_smtp_auth_and_wrong_credentials_keep_the_mail(tmp_path, password, deliv
         # our configuration is wrong, not the recipients: temporary, kept for retry, never a bounce
         assert report.delivered == [] and sorted(report.retried) == rcpts(2)
         assert all("AUTH failed" in text for _, text in report.retried.values()), report.retried
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_auth_credentials_are_never_sent_in_clear_text_unless_allowed(tmp_path):
+    with AuthSink() as sink:
+        settings = make_node(tmp_path, "n1", smtp={"port": sink.port, "user": "mailq", "password": "s3cret"}
+                             ).settings()
+        retry = Queue.for_settings(settings, "retry")
+        report = deliver(settings, make_transport(settings), MSG, out_meta(rcpts(3), personalize=True),
+                         lambda q, m, meta, **kw: retry.enqueue(m, meta, **kw))
+    assert sink.auth_attempts == 0 and sink.recipients() == []
+    assert sorted(report.retried) == rcpts(3) and not report.bounced
+    assert report.transactions == 1, "a refused AUTH is about the connection: one try per entry"
+    assert all("clear text" in text and "smtp.starttls" in text for _, text in report.retried.values())
 
 
 class SenderRefusingSink(SMTPSink):
@@ -304,6 +329,36 @@ def test_starttls_to_the_smarthost_verifies_its_certificate(tmp_path, certificat
         assert "CERTIFICATE_VERIFY_FAILED" in result.temporary["a@example.com"][1]
 
 
+class TLSAuthSink(TLSSink):
+    """STARTTLS, then AUTH required: the shape of a real submission smarthost."""
+
+    def start(self) -> TLSAuthSink:
+        import ssl
+
+        from aiosmtpd.controller import Controller
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, tls_context=context,
+                                     require_starttls=True, authenticator=_authenticator, auth_required=True)
+        self.controller.start()
+        return self
+
+
+@pytest.mark.parametrize("password,delivered", [("s3cret", True), ("wrong", False)])
+def test_auth_over_starttls(tmp_path, certificate, password, delivered):
+    cert, key = certificate
+    with TLSAuthSink(cert, key) as sink:
+        settings = make_node(tmp_path, "n1", smtp={"port": sink.port, "starttls": True, "ca_file": str(cert),
+                                                   "user": "mailq", "password": password}).settings()
+        result = SMTPConnection(settings).send(BOUNCES, ["a@example.com"], MSG)
+    if delivered:
+        assert result.delivered == ["a@example.com"] and sink.recipients() == ["a@example.com"]
+    else:
+        assert result.delivered == [] and "AUTH failed" in result.temporary["a@example.com"][1]
+        assert result.temporary["a@example.com"][0] in range(400, 500) and not result.permanent
+
+
 class LimitedSink(SMTPSink):
     """A server that takes at most two recipients per transaction (452 for the rest)."""
 
@@ -320,3 +375,127 @@ def test_a_server_recipient_limit_below_chunk_size_costs_transactions_not_retrie
                          lambda *a, **k: pytest.fail(f"nothing should be queued: {a[0]}"))
     assert sorted(report.delivered) == rcpts(5) and report.transactions == 3
     assert [len(m.rcpt_tos) for m in sink.messages] == [2, 2, 1]
+
+
+class UTF8Sink(SMTPSink):
+    def __init__(self, smtputf8: bool) -> None:
+        super().__init__()
+        self.smtputf8 = smtputf8
+        self.mail_options: list[list[str]] = []
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
+        self.mail_options.append(list(mail_options))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    def start(self) -> UTF8Sink:
+        from aiosmtpd.controller import Controller
+
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=self.smtputf8)
+        self.controller.start()
+        return self
+
+
+@pytest.mark.parametrize("smtputf8", [False, True])
+def test_non_ascii_recipients_with_and_without_smtputf8(tmp_path, smtputf8):
+    recipients = ["a@example.com", "jörg@example.com", "b@bücher.de", "c@example.com"]
+    with UTF8Sink(smtputf8) as sink:
+        settings = make_node(tmp_path, "n1", smtp={"port": sink.port}).settings()
+        queues = {q: Queue.for_settings(settings, q) for q in ("retry", "bounces")}
+        transport = make_transport(settings)
+        report = deliver(settings, transport, MSG, out_meta(recipients),
+                         lambda q, m, meta, **kw: queues[q].enqueue(m, meta, **kw))
+        # the connection is not left mid-transaction: the next entry goes through on it
+        assert transport.send(BOUNCES, ["next@example.com"], MSG).delivered == ["next@example.com"]
+        transport.close()
+    if smtputf8:
+        assert sorted(report.delivered) == sorted(recipients) and not report.bounced
+        assert sink.messages[0].rcpt_tos == recipients and "SMTPUTF8" in sink.mail_options[0]
+    else:
+        # an IDN domain travels as A-labels; a non-ASCII local part cannot travel at all: 553 5.6.7
+        assert sorted(report.delivered) == ["a@example.com", "b@bücher.de", "c@example.com"]
+        assert sink.messages[0].rcpt_tos == ["a@example.com", "b@xn--bcher-kva.de", "c@example.com"]
+        assert list(report.bounced) == ["jörg@example.com"] and not report.retried
+        code, text = report.bounced["jörg@example.com"]
+        assert code == 553 and "5.6.7" in text and "SMTPUTF8" in text
+        bounce = take(queues["bounces"])
+        assert bounce.metadata["recipient"] == "jörg@example.com" and bounce.metadata["kind"] == "bounces"
+    assert sink.recipients()[-1] == "next@example.com"
+
+
+def test_personalized_idn_recipient_gets_an_ascii_verp_sender(tmp_path):
+    with UTF8Sink(False) as sink:
+        settings = make_node(tmp_path, "n1", smtp={"port": sink.port}).settings()
+        report = deliver(settings, make_transport(settings), MSG, out_meta(["b@bücher.de"], personalize=True),
+                         lambda *a, **k: pytest.fail("nothing should be queued"))
+    assert report.delivered == ["b@bücher.de"]
+    assert sink.messages[0].mail_from == "dev-bounces+b=xn--bcher-kva.de@lists.example.org"
+
+
+class SilentServer:
+    """Accepts TCP connections and never says a word (a hung smarthost); counts the connections."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)      # held open, never answered
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def test_a_hung_smarthost_costs_one_timeout_per_entry_and_loses_nothing(tmp_path):
+    server = SilentServer()
+    try:
+        settings = make_node(tmp_path, "n1", smtp={"port": server.port, "timeout": 0.5}).settings()
+        retry = Queue.for_settings(settings, "retry")
+        started = time.monotonic()
+        report = deliver(settings, make_transport(settings), MSG, out_meta(rcpts(10), personalize=True),
+                         lambda q, m, meta, **kw: retry.enqueue(m, meta, **kw))
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert elapsed < 2.5, f"took {elapsed:.1f}s: more than one smtp.timeout"
+    assert len(server.connections) == 1 and report.transactions == 1
+    assert sorted(report.retried) == rcpts(10) and not report.delivered and not report.bounced
+    entry = take(retry, now=time.time() + 3600)
+    assert sorted(entry.metadata["recipients"]) == rcpts(10)
+    assert "timed out" in entry.metadata["last_errors"]["user0@example.com"]
+    assert "not tried after" in entry.metadata["last_errors"]["user9@example.com"]
+    assert take(retry, now=time.time() + 3600) is None
+
+
+def test_stopping_between_transactions_puts_the_untried_recipients_back_in_out(setup, sink):
+    _, settings, queues, enqueue = setup
+    calls = []
+
+    def stopping() -> bool:
+        calls.append(1)
+        return len(calls) >= 2                 # SIGTERM arrives during the second transaction
+
+    report = deliver(settings, make_transport(settings), MSG, out_meta(rcpts(5), personalize=True,
+                                                                      attempts=1), enqueue, stopping=stopping)
+    assert report.delivered == rcpts(5)[:2] and report.requeued == rcpts(5)[2:]
+    assert sink.recipients() == rcpts(5)[:2]
+    back = take(queues["out"])
+    assert back.id == report.requeue_entry and back.metadata["recipients"] == rcpts(5)[2:]
+    assert back.metadata["personalize"] is True and back.metadata["attempts"] == 1
+    assert take(queues["retry"], now=time.time() + 3600) is None
+    assert "stopping: 3 not tried" in report.summary()

@@ -85,6 +85,8 @@ class MXTransport:
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
         for domain, rcpts in by_domain.items():
             result.merge(self._send_domain(domain, sender, rcpts, msg))
+        # One domain's unreachable MX says nothing about the next domain's: never stop the entry early.
+        result.connection_failed = False
         return result
 
     def _send_domain(self, domain: str, sender: str, rcpts: list[str], msg: bytes) -> SendResult:

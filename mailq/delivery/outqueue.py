@@ -12,7 +12,12 @@ read and tested without a runner around it:
   original ``first_attempt``. Past ``delivery.give_up_after`` they are given up and the list owner
   is told (``mailq.notices.notify``).
 * **Permanent failures** (5xx): one ``bounces`` entry per recipient (metadata ``listname``, ``kind``
-  "bounce", ``recipient``, ``code``, ``response``), which the bounce runner scores.
+  "bounces" -- the same kind as mail to the ``-bounces`` address -- ``via`` "smtp", ``recipient``,
+  ``code``, ``response``), which the bounce runner scores.
+* **Connection failures** (refused, timeout, the server gone, 421, TLS or AUTH trouble): the rest of
+  the entry's recipients go to ``retry`` at once, untried; no further connection is attempted.
+* **Stopping** (the runner's flag, asked between transactions): the recipients not tried yet go
+  back to ``out`` in one new entry, so ``mailqctl stop`` waits for one transaction, not the entry.
 
 Nothing is lost when the smarthost is down: every recipient ends in exactly one of the three
 places, and the entry is finished only after the retry/bounce entries are on disk.
@@ -26,7 +31,7 @@ from typing import Any
 
 from mailq.config import Settings
 from mailq.delivery.retry import next_attempt, should_give_up
-from mailq.delivery.smtp import SendResult
+from mailq.delivery.smtp import NO_REPLY, SendResult
 from mailq.delivery.verp import verp_sender
 
 Enqueue = Callable[..., str]   # enqueue(queue, msg, metadata, *, not_before=None) -> entry id
@@ -39,12 +44,18 @@ class DeliveryReport:
     bounced: dict[str, tuple[int, str]] = field(default_factory=dict)
     given_up: dict[str, tuple[int, str]] = field(default_factory=dict)
     transactions: int = 0
+    #: Not tried because the runner is stopping: back in ``out`` as ``requeue_entry``.
+    requeued: list[str] = field(default_factory=list)
+    requeue_entry: str | None = None
     retry_entry: str | None = None
     not_before: float | None = None
 
     def summary(self) -> str:
-        return (f"{len(self.delivered)} delivered, {len(self.retried)} to retry, {len(self.bounced)} bounced, "
+        text = (f"{len(self.delivered)} delivered, {len(self.retried)} to retry, {len(self.bounced)} bounced, "
                 f"{len(self.given_up)} given up in {self.transactions} transaction(s)")
+        if self.requeued:
+            text += f"; stopping: {len(self.requeued)} not tried, back to out as {self.requeue_entry}"
+        return text
 
 
 def envelope_sender(settings: Settings, metadata: dict[str, Any]) -> str:
@@ -64,8 +75,12 @@ def envelope_sender(settings: Settings, metadata: dict[str, Any]) -> str:
 
 
 def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any], enqueue: Enqueue, *,
-            now: float | None = None, log=None) -> DeliveryReport:
-    """Deliver *msg* to ``metadata["recipients"]`` through *transport*; see the module docstring."""
+            now: float | None = None, log=None, stopping: Callable[[], bool] | None = None) -> DeliveryReport:
+    """Deliver *msg* to ``metadata["recipients"]`` through *transport*; see the module docstring.
+
+    *stopping* (the runner's stop flag) is asked between transactions: once true, the recipients
+    not tried yet go back to ``out`` in one new entry and this entry is done.
+    """
     report = DeliveryReport()
     recipients = _unique(metadata.get("recipients") or [])
     if not recipients:
@@ -73,35 +88,37 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
     sender = envelope_sender(settings, metadata)
     outcome = SendResult()
     if metadata.get("personalize"):
-        for rcpt in recipients:
-            try:
-                mail_from = verp_sender(sender, rcpt)
-            except ValueError:
-                mail_from = sender  # no domain to encode: plain sender; the server will judge rcpt
-            outcome.merge(transport.send(mail_from, [rcpt], msg))
-            report.transactions += 1
+        batches = [(_verp_or_plain(sender, rcpt), [rcpt]) for rcpt in recipients]
     else:
         size = max(1, settings.smtp.chunk_size)
-        for i in range(0, len(recipients), size):
-            pending = recipients[i:i + size]
-            while pending:
-                part = transport.send(sender, pending, msg)
-                report.transactions += 1
-                # "452 too many recipients" after some were taken: the server's per-transaction
-                # limit is below chunk_size. Send the rest now in a new transaction (RFC 5321
-                # 4.5.3.1.10), not after a retry backoff.
-                pending = [r for r, (code, _) in part.temporary.items() if code == 452] if part.delivered else []
-                for r in pending:
-                    del part.temporary[r]
-                outcome.merge(part)
+        batches = [(sender, recipients[i:i + size]) for i in range(0, len(recipients), size)]
+    left: list[str] = []
+    for n, (mail_from, batch) in enumerate(batches):
+        if n and stopping is not None and stopping():
+            left = [r for _, rest in batches[n:] for r in rest]
+            break
+        part = _send_batch(transport, mail_from, batch, msg, report)
+        outcome.merge(part)
+        if part.connection_failed:
+            # Refused, timed out, gone: every further transaction would wait out the same timeout
+            # (N members x smtp.timeout). The rest goes to retry now, untried, with the reason.
+            code, text = next(iter(part.temporary.values()), (NO_REPLY, "connection failed"))
+            outcome.fail([r for _, rest in batches[n + 1:] for r in rest], code, f"not tried after: {text}")
+            break
     now = time.time() if now is None else now
     report.delivered = outcome.delivered
     listname = metadata.get("listname") or ""
 
+    if left:
+        # Stopping: what was not tried goes back to out as it was (no attempt counted).
+        rest = dict(metadata, recipients=left)
+        report.requeue_entry = enqueue("out", msg, rest)
+        report.requeued = left
+
     # Permanent failures first: each becomes a bounce for the bounce runner.
     for rcpt, (code, text) in outcome.permanent.items():
         enqueue("bounces", msg, {
-            "listname": listname, "kind": "bounce", "via": "smtp", "received": now,
+            "listname": listname, "kind": "bounces", "via": "smtp", "received": now,
             "recipient": rcpt, "code": code, "response": text,
             "envelope_sender": sender,
         })
@@ -136,6 +153,30 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
             what = "bounced" if rcpt in report.bounced else "given up" if rcpt in report.given_up else "retry"
             log.info("%s %s: %s %s", what, rcpt, code, text)
     return report
+
+
+def _send_batch(transport, mail_from: str, batch: list[str], msg: bytes, report: DeliveryReport) -> SendResult:
+    """One batch, in as many transactions as the server's recipient limit needs."""
+    result = SendResult()
+    pending = batch
+    while pending:
+        part = transport.send(mail_from, pending, msg)
+        report.transactions += 1
+        # "452 too many recipients" after some were taken: the server's per-transaction limit is
+        # below chunk_size. Send the rest now in a new transaction (RFC 5321 4.5.3.1.10), not
+        # after a retry backoff.
+        pending = [r for r, (code, _) in part.temporary.items() if code == 452] if part.delivered else []
+        for r in pending:
+            del part.temporary[r]
+        result.merge(part)
+    return result
+
+
+def _verp_or_plain(sender: str, rcpt: str) -> str:
+    try:
+        return verp_sender(sender, rcpt)
+    except ValueError:
+        return sender  # no domain to encode: plain sender; the server will judge rcpt
 
 
 def make_transport(settings: Settings, log=None, resolver=None):

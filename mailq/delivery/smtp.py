@@ -12,7 +12,14 @@ The transaction is driven command by command (MAIL, RCPT per recipient, DATA) ra
 Classification: a 5xx answer to RCPT, or to the message at the end of DATA, is a permanent failure
 of those recipients (a bounce). Everything that is about the connection or about us (greeting,
 EHLO, STARTTLS, AUTH, MAIL FROM, even with a 5xx code; refused connections; timeouts) is temporary:
-the recipients are retried and, if it lasts, the list owner is told -- never bounced.
+the recipients are retried and, if it lasts, the list owner is told -- never bounced. Such a
+failure sets ``SendResult.connection_failed``: the caller sends no more transactions for that entry.
+
+Non-ASCII addresses: with a server offering SMTPUTF8 the transaction asks for it (``MAIL FROM ...
+SMTPUTF8``). Without it, an IDN domain is sent as A-labels (RFC 6531 3.2 allows that downgrade) and
+a recipient whose local part is not ASCII fails permanently, alone, with ``553 5.6.7`` before
+anything is said on the connection. AUTH is refused over a connection without TLS unless
+``smtp.allow_plaintext_auth`` says the link is trusted.
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ class SendResult:
     #: recipient -> (code, response text)
     temporary: dict[str, tuple[int, str]] = field(default_factory=dict)
     permanent: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: The connection itself failed (refused, timeout, server gone, 421, TLS/AUTH trouble): the next
+    #: transaction to the same place would fail the same way, after the same timeout.
+    connection_failed: bool = False
 
     def fail(self, recipients: list[str], code: int, text: str) -> None:
         bucket = self.permanent if 500 <= code < 600 else self.temporary
@@ -45,6 +55,35 @@ class SendResult:
         self.delivered.extend(other.delivered)
         self.temporary.update(other.temporary)
         self.permanent.update(other.permanent)
+        self.connection_failed = self.connection_failed or other.connection_failed
+
+
+def ascii_domain(domain: str) -> str | None:
+    """*domain* with IDN labels as A-labels (``bücher.de`` -> ``xn--bcher-kva.de``); None if invalid.
+
+    email-validator does the IDNA 2008 / UTS 46 conversion (the library that accepted the address).
+    """
+    if domain.isascii():
+        return domain
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        return validate_email(f"x@{domain}", check_deliverability=False, globally_deliverable=False,
+                              test_environment=True).ascii_domain
+    except EmailNotValidError:
+        return None
+
+
+def ascii_address(address: str) -> str | None:
+    """*address* as plain SMTP can carry it (RFC 6531 3.2): the domain as A-labels. None when the
+    local part is not ASCII: only a server offering SMTPUTF8 can take that address."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    domain = ascii_domain(domain)
+    return f"{local}@{domain}" if domain else None
 
 
 def _text(resp: bytes | str) -> str:
@@ -92,6 +131,13 @@ class SMTPConnection:
                 client.starttls(context=context)
                 client.ehlo()
             if self.use_auth and cfg.user:
+                if not isinstance(client.sock, ssl.SSLSocket) and not cfg.allow_plaintext_auth:
+                    # Temporary (454, like a server refusing AUTH without TLS): the mail waits while
+                    # the operator fixes the config; the password is never sent in clear text.
+                    raise smtplib.SMTPAuthenticationError(
+                        454, f"refusing to send the smtp.user credentials in clear text to {self.host}:"
+                             f"{self.port}; set smtp.starttls: true (or smtp.allow_plaintext_auth: true "
+                             "for a trusted link such as loopback)")
                 _login(client, cfg.user, cfg.password, f"{self.host}:{self.port}")
         except BaseException:
             _quiet_close(client)
@@ -124,12 +170,18 @@ class SMTPConnection:
             self._drop()
             if not (reused and isinstance(exc, smtplib.SMTPServerDisconnected)):
                 return self._failed(recipients, exc)
+        except BaseException:
+            self._drop()  # a bug mid-transaction: never leave the next entry on a half-used connection
+            raise
         # The server closed a connection that sat idle: one fresh attempt before calling it temporary.
         try:
             return self._transaction(sender, recipients, msg)
         except (OSError, smtplib.SMTPException) as exc:
             self._drop()
             return self._failed(recipients, exc)
+        except BaseException:
+            self._drop()
+            raise
 
     def _failed(self, recipients: list[str], exc: Exception) -> SendResult:
         """Every recipient temporarily failed because the connection (not a recipient) failed.
@@ -138,7 +190,7 @@ class SMTPConnection:
         even a 5xx here is temporary: bouncing every member because a relay is misconfigured would
         disable the whole list. If it lasts, give-up tells the list owner.
         """
-        result = SendResult()
+        result = SendResult(connection_failed=True)
         where = f"{self.host}:{self.port}"
         if isinstance(exc, smtplib.SMTPAuthenticationError):
             result.fail(recipients, _temp(exc.smtp_code), f"{where}: AUTH failed: {_text(exc.smtp_error)}")
@@ -154,31 +206,51 @@ class SMTPConnection:
     def _transaction(self, sender: str, recipients: list[str], msg: bytes) -> SendResult:
         client = self.client or self.connect()
         result = SendResult()
+        utf8 = bool(client.does_esmtp and client.has_extn("smtputf8"))
+        # recipient as given -> as written on the wire (IDN domains as A-labels without SMTPUTF8)
+        wire: dict[str, str] = {}
+        for rcpt in recipients:
+            plain = rcpt if utf8 else ascii_address(rcpt)
+            if plain is None:
+                # RFC 6531 3.7.5: the client cannot send this address here. Permanent for this
+                # recipient only; nothing was said on the connection, so it stays usable.
+                result.fail([rcpt], 553, f"5.6.7 <{rcpt}>: non-ASCII address, and {self.host}:{self.port} "
+                                         "does not offer SMTPUTF8")
+            else:
+                wire[rcpt] = plain
+        mail_from = sender if utf8 else ascii_address(sender)
+        if not wire:
+            return result
+        if mail_from is None:
+            result.fail(list(wire), NO_REPLY, f"envelope sender <{sender}> is not ASCII and "
+                                              f"{self.host}:{self.port} does not offer SMTPUTF8")
+            return result
         options = []
         if client.does_esmtp and not msg.isascii() and client.has_extn("8bitmime"):
             options.append("BODY=8BITMIME")
-        if client.does_esmtp and client.has_extn("smtputf8") and not (sender + "".join(recipients)).isascii():
-            options.append("SMTPUTF8")
+        if utf8 and not (mail_from + "".join(wire.values())).isascii():
+            options.append("SMTPUTF8")   # smtplib then encodes the commands as UTF-8
         self.transactions += 1
-        code, resp = client.mail(sender, options)
+        code, resp = client.mail(mail_from, options)
         if code != 250:
             # A refused sender is our problem, not the recipients': temporary even when 5xx.
             self._abort(code)
-            result.fail(recipients, _temp(code), f"MAIL FROM <{sender}> refused: {code} {_text(resp)}")
+            result.fail(list(wire), _temp(code), f"MAIL FROM <{sender}> refused: {code} {_text(resp)}")
             return result
         accepted = []
-        for rcpt in recipients:
-            code, resp = client.rcpt(rcpt)
+        for rcpt, address in wire.items():
+            code, resp = client.rcpt(address)
             if code in (250, 251):
                 accepted.append(rcpt)
             else:
                 result.fail([rcpt], code, _text(resp))
                 if code == 421:  # the server is going away: the rest cannot be tried now
                     self._drop()
-                    rest = [r for r in recipients if r not in accepted and r not in result.temporary
+                    rest = [r for r in wire if r not in accepted and r not in result.temporary
                             and r not in result.permanent]
                     result.fail(rest, 421, _text(resp))
                     result.fail(accepted, 421, _text(resp))
+                    result.connection_failed = True
                     return result
         if not accepted:
             self._abort(250)
@@ -192,6 +264,9 @@ class SMTPConnection:
         else:
             self._abort(code)
             result.fail(accepted, code, _text(resp))
+            result.connection_failed = code == 421
+        if client is self.client:
+            client.command_encoding = "ascii"   # only the transaction that asked for SMTPUTF8 uses it
         return result
 
     def _abort(self, code: int) -> None:

@@ -2,9 +2,10 @@
 
 Format (docs/mail-flow.md): for the bounces address ``dev-bounces@lists.example.org`` and the
 recipient ``alice@example.com`` the envelope sender is
-``dev-bounces+alice=example.com@lists.example.org``. The recipient's ``@`` becomes ``=``; nothing
-else is escaped, because the recipient's local part is kept verbatim and ``verp_recipient`` splits
-on the LAST ``=`` (domains never contain ``=``; local parts may).
+``dev-bounces+alice=example.com@lists.example.org``. The recipient's ``@`` becomes ``=``; an IDN
+domain is written as A-labels (``a@bücher.de`` -> ``a=xn--bcher-kva.de``); nothing else is
+escaped, because the recipient's local part is kept verbatim and ``verp_recipient`` splits on the
+LAST ``=`` (domains never contain ``=``; local parts may).
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def verp_sender(bounces_address: str, recipient: str) -> str:
     r_local, r_at, r_domain = recipient.rpartition("@")
     if not r_at:
         raise ValueError(f"recipient {recipient!r} has no domain")
+    # An IDN domain goes in as A-labels: the envelope sender stays ASCII, so a server without
+    # SMTPUTF8 can still take it (a non-ASCII local part needs SMTPUTF8 anyway, for the RCPT).
+    from mailq.delivery.smtp import ascii_domain
+
+    r_domain = ascii_domain(r_domain) or r_domain
     return f"{local}+{r_local}={r_domain}@{host}"
 
 

@@ -31,7 +31,9 @@ class OutgoingRunner(Runner):
             self.log.warning("%s has no recipients (metadata keys: %s); nothing to send", entry.id,
                              ", ".join(sorted(entry.metadata)))
             return
-        report = deliver(self.settings, self.transport, entry.msg, entry.metadata, self.enqueue, log=self.log)
+        # stopping: `mailqctl stop` waits for one transaction, not for a whole personalized entry.
+        report = deliver(self.settings, self.transport, entry.msg, entry.metadata, self.enqueue, log=self.log,
+                         stopping=lambda: self.stopping)
         self.last_used = time.monotonic()
         self.log.info("%s: %s", entry.id, report.summary())
 
