@@ -95,12 +95,84 @@ def test_hostile_pickle_never_runs_code(store, tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
-    with store.edit("dev"):
-        pass  # now there is a .last to fall back to
+    with store.edit("dev") as mlist:
+        mlist.settings.description = "changed"  # a save: now there is a .last to fall back to
     store.db_path("dev").write_bytes(pickle.dumps({"format": 1, "x": Evil()}))
     mlist = store.load("dev")
     assert mlist.loaded_from_last and "forbidden" in mlist.load_problem
     assert not marker.exists()
+
+
+def test_an_edit_that_changes_nothing_writes_nothing(store):
+    with store.edit("dev") as mlist:
+        mlist.members.add_many(Member(f"m{i}@example.org", digest=i == 1) for i in range(3))
+    path = store.db_path("dev")
+    last = path.with_name("list.pck.last")
+
+    def state():
+        return path.read_bytes(), last.read_bytes(), os.stat(path).st_ino, os.stat(last).st_ino
+
+    before = state()
+    no_ops = [
+        lambda m: None,
+        lambda m: m.members.add_many([Member("M0@example.org")]),       # already a member
+        lambda m: m.members.remove_many(["nobody@example.org"]),        # not a member
+        lambda m: setattr(m.members.get("m1@example.org"), "digest", True),  # already digest
+        lambda m: m.settings.set_text("nonmember_action", m.settings.nonmember_action),
+        lambda m: [setattr(x, "moderated", x.moderated) for x in m.members],  # every row, unchanged
+    ]
+    for change in no_ops:
+        with store.edit("dev") as mlist:
+            change(mlist)
+        assert not mlist.saved and mlist.generation == 2
+        assert state() == before
+    with store.edit("dev") as mlist:
+        mlist.members.get("m2@example.org").bounce_score = 1.0
+    assert mlist.saved and store.load("dev").generation == 3
+    assert last.read_bytes() == before[0]
+    with store.edit("dev", always_save=True) as mlist:  # what 'mailq check --fix' uses
+        pass
+    assert mlist.saved and store.load("dev").generation == 4
+
+
+def test_load_returns_the_cached_list_until_the_file_changes(store, settings):
+    first = store.load("dev")
+    assert store.load("dev") is first  # one open and fstat, no unpickling
+    other = ListStore(settings)  # another process or host, as far as this store knows
+    with other.edit("dev") as mlist:
+        mlist.members.add("alice@example.org")
+    fresh = store.load("dev")
+    assert fresh is not first and fresh.generation == 2 and "alice@example.org" in fresh.members
+    with store.edit("dev") as editing:
+        assert editing is not fresh  # an edit always reads afresh: it may change what it gets
+        editing.members.add("bob@example.org")
+    assert store.load("dev").generation == 3
+    store.db_path("dev").write_bytes(b"\x80\x05garbage")
+    fallback = store.load("dev")
+    assert fallback.loaded_from_last and store.load("dev") is not fallback  # a fallback is never cached
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_non_finite_numbers_are_refused_for_float_settings(text):
+    s = ListSettings(domain="example.org")
+    with pytest.raises(InvalidInput, match="bounce_score_threshold must be a finite number"):
+        s.set_text("bounce_score_threshold", text)
+    assert s.bounce_score_threshold == 5.0
+    with pytest.raises(InvalidInput, match="finite"):
+        ListSettings.from_dict({"bounce_score_threshold": float(text)})
+
+
+def test_longest_allowed_list_name_keeps_every_role_address_within_64_characters(store):
+    from mailq.lists.validate import MAX_NAME
+
+    name = "a" * MAX_NAME
+    mlist = store.create(name, "owner@example.org", domain="example.org")
+    for address in (mlist.posting_address, mlist.owner_address, mlist.request_address, mlist.bounces_address,
+                    mlist.join_address, mlist.leave_address, mlist.confirm_address):
+        assert len(address.split("@")[0]) <= 64
+    assert max(len(a.split("@")[0]) for a in (mlist.bounces_address, mlist.request_address)) == 64
+    with pytest.raises(InvalidInput, match="64-character limit on an address's local part"):
+        validate_list_name(name + "a")
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "", "x" * 300, "with space", "Dev", ".hidden", "a..b",

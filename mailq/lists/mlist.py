@@ -32,6 +32,8 @@ class MailingList:
         #: True when list.pck was unreadable and this came from list.pck.last.
         self.loaded_from_last = False
         self.load_problem = ""
+        #: Set by ``ListStore.edit``/``_save``: False after an edit whose block changed nothing.
+        self.saved = False
 
     # -- storage -------------------------------------------------------------------------------
     def to_stored(self) -> dict[str, Any]:

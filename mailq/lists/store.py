@@ -4,13 +4,17 @@ Layout: ``var/lists/<name>/list.pck`` (current), ``list.pck.last`` (the one befo
 decides whether a list exists by looking for ``list.pck``, without importing this package.
 
 Reading takes no lock: a save is an atomic rename, so a reader sees the old or the new file.  If the
-current file is unreadable (truncated, corrupt, hostile) the reader falls back to ``.last``, logs it
-and flags the list (``loaded_from_last``); ``mailq check`` reports it.
+current file is unreadable (truncated, corrupt, hostile) the reader falls back to ``.last``, logs it,
+flags the list (``loaded_from_last``) and tells ``on_fallback`` (the CLI prints a warning);
+``mailq check`` reports it.  A store remembers the last list it loaded under each name with the
+file's stamp: when ``list.pck`` has not changed since, ``load`` costs one open and fstat and returns
+the same object (so a runner does not unpickle a 100,000-member list for every post).
 
 Writing (``with store.edit(name) as mlist``): take the list's lock, reload, let the caller change
-the list, bump the generation, pickle (builtins only), write a temp file and fsync it, keep the
-previous file as ``.last`` (hard link), rename over ``list.pck``, fsync the folder, unlock.  A corrupt
-current file is first moved aside (``list.pck.corrupt.<time>``) so that the good ``.last`` survives.
+the list; if its stored form changed, bump the generation, pickle (builtins only), write a temp file
+and fsync it, keep the previous file as ``.last`` (hard link), rename over ``list.pck``, fsync the
+folder; unlock.  A block that changes nothing writes nothing.  A corrupt current file is first moved
+aside (``list.pck.corrupt.<time>``) so that the good ``.last`` survives.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import errno
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +41,29 @@ DIR_MODE = 0o2775   # group-writable, setgid: files inherit the mailq group
 FILE_MODE = 0o660
 
 
-class ListStore:
-    """Every list under ``settings.lists_dir``."""
+#: What identifies one version of ``list.pck``: every save renames a new file (a new inode) over it,
+#: and mtime, ctime and size guard against an inode number reused after two saves.
+FileKey = tuple[int, int, int, int, int]
 
-    def __init__(self, settings: Settings, log: Any = None) -> None:
+
+def _file_key(st: os.stat_result) -> FileKey:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+class ListStore:
+    """Every list under ``settings.lists_dir``.
+
+    *on_fallback* is called with a one-line message when a list is loaded from ``list.pck.last``
+    because ``list.pck`` is unreadable, and again when a change is saved on top of that state.
+    """
+
+    def __init__(self, settings: Settings, log: Any = None,
+                 on_fallback: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self._log = log
+        self.on_fallback = on_fallback
+        #: name -> (key of the list.pck it came from, the list): see ``load``.
+        self._cache: dict[str, tuple[FileKey, MailingList]] = {}
 
     @property
     def log(self) -> Any:
@@ -97,20 +118,31 @@ class ListStore:
 
     # -- reading ---------------------------------------------------------------------------------
     def load(self, name: str) -> MailingList:
-        """The list as last saved (no lock).  NotFound if there is none; falls back to ``.last``."""
+        """The list as last saved (no lock).  NotFound if there is none; falls back to ``.last``.
+
+        When ``list.pck`` is the same file as at this store's previous load of *name* (same device,
+        inode, mtime, ctime and size, read with one open and fstat), the same object is returned
+        without reading the file again.  Treat it as read-only; change a list through ``edit``.
+        """
+        return self._load(name, cached=True)[0]
+
+    def _load(self, name: str, *, cached: bool) -> tuple[MailingList, dict[str, Any]]:
+        """The list and the stored dict it was built from (empty for a cache hit)."""
         path = self.db_path(name)
         last = path.with_name(DB_NAME + ".last")
         try:
-            return self._read(path, name)
+            return self._read(path, name, cached=cached)
         except FileNotFoundError:
             if not last.exists():
+                self._cache.pop(name, None)
                 raise NotFound(f"no list named {name!r} (in {self.settings.lists_dir}); "
                                f"'mailq lists list' shows the lists") from None
             problem = f"{path} is missing; using {last.name}"
         except (safepickle.UnsafePickle, ValueError, InvalidInput) as exc:
             problem = f"{path} is unreadable ({exc}); using {last.name}"
+        self._cache.pop(name, None)  # a fallback is never cached: the next load looks at list.pck again
         try:
-            mlist = self._read(last, name)
+            mlist, stored = self._read(last, name, cached=False)
         except FileNotFoundError:
             raise MailqError(f"list {name}: {problem.split(';')[0]} and there is no {last.name}; "
                              f"restore {path} from a backup") from None
@@ -120,62 +152,88 @@ class ListStore:
         self.log.error("list %s: %s (generation %d)", name, problem, mlist.generation)
         mlist.loaded_from_last = True
         mlist.load_problem = problem
-        return mlist
+        if self.on_fallback is not None:
+            self.on_fallback(f"list {name}: {problem} (generation {mlist.generation}, the state before the "
+                             f"last save); run 'mailq check', whose --fix re-saves it and keeps the bad file")
+        return mlist, stored
 
-    def _read(self, path: Path, name: str) -> MailingList:
-        try:
+    def _read(self, path: Path, name: str, *, cached: bool) -> tuple[MailingList, dict[str, Any]]:
+        for attempt in (1, 2):
             try:
-                data = path.read_bytes()
+                with open(path, "rb") as f:
+                    key = _file_key(os.fstat(f.fileno()))
+                    hit = self._cache.get(name) if cached else None
+                    if hit is not None and hit[0] == key:
+                        return hit[1], {}
+                    data = f.read()
+                break
             except OSError as exc:
-                if exc.errno != errno.ESTALE:
-                    raise
-                # NFS: a save on another host renamed a new file over the one this client had cached.
-                # Opening again looks the name up afresh and finds the new file.
-                data = path.read_bytes()
-        except OSError as exc:
-            if exc.errno in TEMPORARY_ERRNOS:
-                raise TemporaryFailure(f"cannot read {path}: {exc.strerror}; try again later") from exc
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise FileNotFoundError(exc.errno, exc.strerror, str(path)) from None
-            raise
-        mlist = MailingList.from_stored(safepickle.loads(data))
+                if exc.errno == errno.ESTALE and attempt == 1:
+                    # NFS: a save on another host renamed a new file over the one this client had cached.
+                    # Opening again looks the name up afresh and finds the new file.
+                    continue
+                if exc.errno in TEMPORARY_ERRNOS:
+                    raise TemporaryFailure(f"cannot read {path}: {exc.strerror}; try again later") from exc
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    raise FileNotFoundError(exc.errno, exc.strerror, str(path)) from None
+                raise
+        stored = safepickle.loads(data)
+        mlist = MailingList.from_stored(stored)
         if mlist.name != name:
             raise ValueError(f"it holds list {mlist.name!r}, not {name!r}")
-        return mlist
+        if cached:
+            self._cache[name] = (key, mlist)
+        return mlist, stored
 
     # -- writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def edit(self, name: str, timeout: float | None = None) -> Iterator[MailingList]:
-        """Lock, reload, yield the list for changes, save (unless the block raised), unlock."""
+    def edit(self, name: str, timeout: float | None = None, *, always_save: bool = False) -> Iterator[MailingList]:
+        """Lock, reload, yield the list for changes, save if it changed (and the block did not raise), unlock.
+
+        "Changed" compares the list's stored form with what was loaded, so any change counts (a
+        setting, a member edited in place) and a block that changes nothing writes nothing:
+        ``list.pck``, ``.last`` and the generation stay as they were.  ``mlist.saved`` says which.
+        *always_save* saves anyway (``mailq check --fix`` re-saves a list that came from ``.last``).
+        """
         with self.lock(name, timeout):
-            mlist = self.load(name)
+            mlist, loaded = self._load(name, cached=False)
             mlist.members.editable = True  # iterating yields live members: changes to them are saved
             yield mlist
-            self._save(mlist)
+            self._check(mlist)
+            stored = mlist.to_stored()
+            if always_save or stored != loaded:
+                self._save(mlist, stored)
 
-    def _save(self, mlist: MailingList) -> None:
-        """Write *mlist* (caller holds the lock): generation+1, temp+fsync, ``.last``, rename."""
+    @staticmethod
+    def _check(mlist: MailingList) -> None:
         mlist.settings.validate()
         if not mlist.settings.owners:
             raise InvalidInput(f"list {mlist.name} would have no owner; keep at least one address in 'owners'")
+
+    def _save(self, mlist: MailingList, stored: dict[str, Any] | None = None) -> None:
+        """Write *mlist* (caller holds the lock): generation+1, temp+fsync, ``.last``, rename."""
+        if stored is None:
+            self._check(mlist)
+            stored = mlist.to_stored()
         path = self.db_path(mlist.name)
         if mlist.loaded_from_last and path.exists():
             # Keep the good .last: move the unreadable current file aside instead of linking it to .last.
             aside = path.with_name(f"{DB_NAME}.corrupt.{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(path, aside)
             self.log.warning("list %s: moved unreadable %s to %s", mlist.name, path.name, aside.name)
+            if self.on_fallback is not None:
+                self.on_fallback(f"list {mlist.name}: saving this change on top of {DB_NAME}.last (generation "
+                                 f"{mlist.generation}); the unreadable {DB_NAME} is kept as {aside.name}")
+        stored["generation"] = mlist.generation + 1
+        data = safepickle.dumps(stored)
+        atomic_write(path, data, fsync=True, keep_last=True, mode=FILE_MODE)
         mlist.generation += 1
-        data = safepickle.dumps(mlist.to_stored())
-        try:
-            atomic_write(path, data, fsync=True, keep_last=True, mode=FILE_MODE)
-        except BaseException:
-            mlist.generation -= 1
-            raise
         with contextlib.suppress(OSError):
             if os.stat(path).st_mode & FILE_MODE != FILE_MODE:
                 os.chmod(path, FILE_MODE)  # the umask cut the group bits; other hosts' mailq must write
         mlist.loaded_from_last = False
         mlist.load_problem = ""
+        mlist.saved = True
 
     def create(self, name: str, owner: str, domain: str | None = None, **overrides: Any) -> MailingList:
         """A new list owned by *owner*; InvalidInput if the name, owner or domain is bad or it exists."""
