@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -128,6 +129,10 @@ class ListSettings:
             raise InvalidInput("reply_to is 'explicit' but reply_to_address is empty; set both, e.g. "
                                "'mailq config set LIST reply_to=explicit reply_to_address=ADDR'")
         for key, hint in _HINTS.items():
+            if hint is float and not math.isfinite(getattr(self, key)):
+                # nan compares false with everything: a nan threshold would silently never trigger
+                raise InvalidInput(f"{key} must be a finite number (got {getattr(self, key)}); "
+                                   f"give a plain number such as 5 or 2.5")
             if hint in (int, float) and getattr(self, key) < 0:
                 raise InvalidInput(f"{key} must not be negative (got {getattr(self, key)})")
 

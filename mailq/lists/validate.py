@@ -2,8 +2,10 @@
 
 A list name becomes a folder name under ``var/lists/`` and the local part of several addresses, so
 it is held to a small alphabet: lowercase letters, digits, ``.``, ``_`` and ``-``, starting with a
-letter or digit, at most 64 characters.  Addresses are checked with ``email-validator`` (syntax
-only, no DNS), which also accepts non-public test domains (``example.org``, ``*.test``, ``localhost``).
+letter or digit, at most ``MAX_NAME`` (56) characters: its longest role address (``NAME-bounces@``)
+must still fit the 64-character limit on an address's local part (RFC 5321).  Addresses are checked
+with ``email-validator`` (syntax only, no DNS), which also accepts non-public test domains
+(``example.org``, ``*.test``, ``localhost``).
 """
 from __future__ import annotations
 
@@ -11,8 +13,12 @@ import re
 from email.utils import parseaddr
 
 from mailq.errors import InvalidInput
+from mailq.mta.addresses import SUFFIXES
 
-MAX_NAME = 64
+#: RFC 5321's limit on a local part, and the longest role suffix a list's addresses add to its name.
+MAX_LOCAL_PART = 64
+_LONGEST_SUFFIX = max(SUFFIXES.values(), key=len)
+MAX_NAME = MAX_LOCAL_PART - len(_LONGEST_SUFFIX)
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
 #: Suffixes that would make a list's addresses collide with another list's role addresses.
 _ROLE_SUFFIXES = ("-owner", "-request", "-bounces", "-join", "-leave", "-confirm", "-subscribe",
@@ -25,7 +31,9 @@ def validate_list_name(name: str) -> str:
         raise InvalidInput("list name is empty; use lowercase letters, digits, '.', '_' or '-'")
     shown = name if len(name) <= 40 else name[:37] + "..."
     if len(name) > MAX_NAME:
-        raise InvalidInput(f"list name {shown!r} is {len(name)} characters long; the limit is {MAX_NAME}")
+        raise InvalidInput(f"list name {shown!r} is {len(name)} characters long; the limit is {MAX_NAME}, so "
+                           f"that its longest address ({'NAME' + _LONGEST_SUFFIX}@) fits the "
+                           f"{MAX_LOCAL_PART}-character limit on an address's local part")
     if not _NAME_RE.match(name):
         raise InvalidInput(f"invalid list name {shown!r}: use lowercase letters, digits, '.', '_' and '-', "
                            f"starting with a letter or digit (no spaces, slashes or '..')")
