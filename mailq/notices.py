@@ -32,11 +32,9 @@ def build_notice(settings: Settings, to: list[str], subject: str, body: str, *,
     return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
 
 
-def notify(settings: Settings, to: list[str], subject: str, body: str, *, listname: str = "",
-           sender: str | None = None, attachment: bytes | None = None) -> str:
-    """Queue a notice to *to* in ``virgin``; returns the entry id."""
-    from mailq.queue import Queue
-
+def notice_entry(settings: Settings, to: list[str], subject: str, body: str, *, listname: str = "",
+                 sender: str | None = None, attachment: bytes | None = None) -> tuple[bytes, dict]:
+    """The ``virgin`` queue entry of a notice, as (message bytes, metadata), not yet queued."""
     raw = build_notice(settings, to, subject, body, sender=sender, attachment=attachment)
     metadata = {
         "listname": listname,
@@ -46,4 +44,14 @@ def notify(settings: Settings, to: list[str], subject: str, body: str, *, listna
         "recipients": list(to),
         "envelope_sender": sender or settings.site_owner,
     }
+    return raw, metadata
+
+
+def notify(settings: Settings, to: list[str], subject: str, body: str, *, listname: str = "",
+           sender: str | None = None, attachment: bytes | None = None) -> str:
+    """Queue a notice to *to* in ``virgin``; returns the entry id."""
+    from mailq.queue import Queue
+
+    raw, metadata = notice_entry(settings, to, subject, body, listname=listname, sender=sender,
+                                 attachment=attachment)
     return Queue.for_settings(settings, "virgin").enqueue(raw, metadata, listname=listname)

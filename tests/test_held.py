@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import pytest
@@ -79,11 +80,11 @@ def test_nonmember_post_is_held_approved_from_the_cli_and_delivered_once(node, s
     assert json.loads(node.mailq("held", "list", "dev", "--json", check=True).stdout) == []
 
 
-def test_twenty_concurrent_approvals_from_different_nodes_enqueue_once(tmp_path):
+def test_twenty_concurrent_approvals_from_different_nodes_deliver_once(tmp_path, sink):
     var = tmp_path / "var"
-    nodes = [make_node(tmp_path, f"n{i:02d}", var=var) for i in range(20)]
+    nodes = [make_node(tmp_path, f"n{i:02d}", var=var, smtp={"port": sink.port}) for i in range(20)]
     settings = nodes[0].settings()
-    make_list(settings)
+    mlist = make_list(settings)
     held_id = HeldStore(settings, "dev").hold(NONMEMBER_POST, {"listname": "dev", "kind": "post"},
                                               "post from non-member", sender="stranger@example.com")
     procs = [n.popen("mailq", "held", "approve", "dev", held_id, "--json", stdout=-1, stderr=-1)
@@ -102,6 +103,71 @@ def test_twenty_concurrent_approvals_from_different_nodes_enqueue_once(tmp_path)
         assert f"already approved by node {winner}" in answer["error"] and "UTC" in answer["error"]
     ((_, meta),) = queue_entries(settings, "in")
     assert meta["approved"] is True
+    # Through the real runners (in on one node, out on another) to the SMTP sink: once per member.
+    _run_once(nodes[3], "in")
+    _run_once(nodes[7], "out")
+    regular = sorted(mlist.regular_recipients())
+    assert sorted(sink.wait_for_recipients(len(regular))) == regular
+    assert all(b"[dev] Build is green again" in m.data for m in sink.messages)
+    for n in nodes[:3]:     # every node's runners again: nothing is left to send
+        _run_once(n, "in")
+        _run_once(n, "out")
+    assert sorted(sink.recipients()) == regular
+    assert queue_entries(settings, "in") == queue_entries(settings, "out") == []
+
+
+CRASH_STEPS = ("decided", "staged", "unheld", "queued")
+
+
+def test_a_decider_killed_at_any_step_is_finished_by_expire_held_and_delivers_once(tmp_path, sink):
+    node = make_node(tmp_path, "n1", smtp={"port": sink.port})
+    settings = node.settings()
+    mlist = make_list(settings)
+    held = HeldStore(settings, "dev")
+    approved = {}
+    for step in CRASH_STEPS:
+        raw = NONMEMBER_POST.replace(b"Build is green again", f"crash at {step}".encode())
+        approved[step] = held.hold(raw, {"listname": "dev", "kind": "post"}, "post from non-member",
+                                   sender="stranger@example.com", subject=f"crash at {step}")
+    rejected = held.hold(NONMEMBER_POST, {"listname": "dev", "kind": "post"}, "post from non-member",
+                         sender="stranger@example.com", subject="rejected one")
+    # A real SIGKILL right after each step (decided = the link; then stage, unhold, send).
+    for step, held_id in [*approved.items(), ("staged", rejected)]:
+        action = "reject" if held_id == rejected else "approve"
+        result = node.mailq("held", action, "dev", held_id, env={"MAILQ_FAULT_HELD_CRASH": step})
+        assert result.returncode == -9, (step, result.stderr)
+    names = set(os.listdir(held.folder))
+    assert {f"{approved['decided']}.pck", f"{approved['staged']}.pck", f"{approved['staged']}.to-in",
+            f"{approved['unheld']}.to-in", f"{rejected}.to-virgin"} <= names
+    assert f"{approved['unheld']}.pck" not in names and f"{approved['queued']}.pck" not in names
+    assert sorted(held.incomplete()) == sorted([approved["decided"], approved["staged"], approved["unheld"],
+                                                rejected])
+    assert len(queue_entries(settings, "in")) == 1       # only the one killed after the send
+    assert queue_entries(settings, "virgin") == []
+    # expire-held finishes decisions older than five minutes: age them as the clock would.
+    for held_id in [*approved.values(), rejected]:
+        record = json.loads(held._decision(held_id).read_text())
+        record["at"] -= 600
+        held._decision(held_id).write_text(json.dumps(record))
+    done = json.loads(node.mailq("cron", "run", "expire-held", "--json", check=True).stdout)
+    assert "finished 4 interrupted decision(s)" in json.dumps(done)
+    assert held.incomplete() == [] and held.list() == []
+    node.mailq("cron", "run", "expire-held", "--force", check=True)
+    for held_id in [*approved.values(), rejected]:      # completing again, by hand, adds nothing
+        held.complete(held_id)
+    assert len(queue_entries(settings, "in")) == 4
+    ((notice, meta),) = queue_entries(settings, "virgin")
+    assert meta["recipients"] == ["stranger@example.com"] and b"rejected one" in notice
+    _run_once(node, "in")
+    _run_once(node, "out")
+    regular = mlist.regular_recipients()
+    sink.wait_for_recipients(4 * len(regular))
+    _run_once(node, "in")
+    _run_once(node, "out")
+    for step in CRASH_STEPS:
+        got = [r for m in sink.messages if f"[dev] crash at {step}".encode() in m.data for r in m.rcpt_tos]
+        assert sorted(got) == sorted(regular), step      # every member once, none twice
+    assert len(sink.recipients()) == 4 * len(regular)
 
 
 def test_reject_from_the_cli_tells_the_poster_why(node):

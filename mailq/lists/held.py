@@ -15,10 +15,22 @@ exists and the decision is its own.
 This is the same trick flufl.lock and filelock's strict locks rely on.  The loser reads the
 winning record and raises ``AlreadyDecided`` naming who decided and when.
 
-Only the winner then carries the decision out (approve: back into the ``in`` queue with
-``metadata["approved"] = True``; reject: a notice to the poster; discard: nothing) and removes
-``<id>.pck``.  A winner that dies in between leaves a decision next to a held post: ``mailq held
-list`` shows it as ``decided, not carried out`` and ``HeldStore.complete(id)`` finishes it.
+**Carrying it out once.**  The winner then carries the decision out (approve: the post back into
+the ``in`` queue with ``metadata["approved"] = True``; reject: a notice to the poster through
+``virgin``; discard: nothing), under the lock ``var/locks/held.<list>.lock`` so two completers
+never interleave, in three steps of one atomic file operation each:
+
+1. **stage**: write the queue entry the decision sends as ``<id>.to-<queue>`` (temp, fsync,
+   rename) next to the post.  Repeatable: it is rewritten only while ``<id>.pck`` exists;
+2. **unhold**: unlink ``<id>.pck``.  From here on the staged entry is never written again;
+3. **send**: ``rename()`` ``<id>.to-<queue>`` into ``qfiles/<queue>/<bb>/<eid>.pck``, ``eid`` a
+   function of the list, the id, the queue and the decision time.  A rename of one source
+   succeeds once, so the entry can only ever be queued once.
+
+What is on disk says which step comes next: ``.pck`` -> from 1; no ``.pck`` but ``.to-*`` -> 3;
+neither -> done.  A completer killed anywhere leaves one of those states and ``complete()`` (run by
+``expire-held`` for decisions older than five minutes) resumes from it: no state can lead to a
+second entry, and none loses the post (docs/pipeline.md has the crash analysis).
 """
 from __future__ import annotations
 
@@ -28,6 +40,7 @@ import getpass
 import json
 import os
 import secrets
+import signal
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +55,16 @@ from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write
 ACTIONS = ("approve", "reject", "discard")
 DIR_MODE = 0o2775  # as list folders (mailq.lists.store): group-writable, setgid
 PAST = {"approve": "approved", "reject": "rejected", "discard": "discarded"}
+STAGED_PREFIX = ".to-"   # <id>.to-<queue>: a decision's queue entry, staged (see the module docstring)
+#: Fault injection for tests only: ``MAILQ_FAULT_HELD_CRASH=<step>`` SIGKILLs the process right
+#: after that step of deciding (``decided``, ``staged``, ``unheld``, ``queued``).
+FAULT_CRASH_ENV = "MAILQ_FAULT_HELD_CRASH"
+_CRASH_AT = os.environ.get(FAULT_CRASH_ENV, "")
+
+
+def _crash_point(step: str) -> None:
+    if _CRASH_AT == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -95,6 +118,11 @@ class HeldStore:
         return held_id
 
     # -- reading -------------------------------------------------------------------------------
+    def known(self, held_id: str) -> bool:
+        """True while *held_id* is held or has a decision (the ``in`` runner's retry check)."""
+        _check_id(held_id)
+        return self._pck(held_id).exists() or self._decision(held_id).exists()
+
     def ids(self) -> list[str]:
         try:
             names = os.listdir(self.folder)
@@ -163,6 +191,7 @@ class HeldStore:
             earlier = self.decision(held_id)
             assert earlier is not None
             raise AlreadyDecided(earlier)
+        _crash_point("decided")
         self.complete(held_id)
         return decision
 
@@ -195,33 +224,92 @@ class HeldStore:
             os.unlink(mine)
 
     def complete(self, held_id: str) -> None:
-        """Carry out the recorded decision for *held_id* (again, after a crash) and remove the post."""
+        """Carry out the recorded decision for *held_id*, or finish carrying it out after a crash.
+
+        Stage, unhold, send (module docstring); each call resumes from what is on disk, so calling
+        it again, after a crash or not, never queues a second entry.
+        """
+        from mailq.locks import named_lock
+
         decision = self.decision(held_id)
         if decision is None:
             raise InvalidInput(f"held message {held_id} of list {self.listname} has no decision yet")
-        try:
-            record = self.get(held_id)
-        except NotFound:
-            return  # already carried out
-        if decision.action == "approve":
-            from mailq.queue import Queue
+        with named_lock(self.settings, f"held.{self.listname}"):
+            if self._pck(held_id).exists():
+                try:
+                    record = self.get(held_id)
+                except NotFound:
+                    record = None       # unlinked since the check: only a completer does that
+                if record is not None:
+                    entry = self._entry_for(decision, record)
+                    if entry is not None:
+                        queue, data = entry
+                        atomic_write(self._staged(held_id, queue), data, fsync=self.settings.queue.fsync)
+                        _crash_point("staged")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._pck(held_id))
+                    _crash_point("unheld")
+            for queue, path in self._staged_entries(held_id):
+                self._send(decision, queue, path)
+                _crash_point("queued")
 
+    def _entry_for(self, decision: Decision, record: dict[str, Any]) -> tuple[str, bytes] | None:
+        """The queue and payload that *decision* sends, or None (discard, reject without a sender)."""
+        from mailq.queue.payload import encode
+
+        if decision.action == "approve":
             metadata = dict(record["metadata"])
             metadata.update(approved=True, approved_by=f"{decision.user}@{decision.node}",
-                            held_id=held_id, listname=self.listname)
-            Queue.for_settings(self.settings, "in").enqueue(record["msg"], metadata, listname=self.listname)
-        elif decision.action == "reject" and record.get("sender"):
-            notify_rejected(self.settings, self.listname, record["sender"],
-                            decision.reason or "a moderator rejected your post", record["msg"],
-                            subject=record.get("subject", ""))
+                            held_id=decision.id, listname=self.listname)
+            return "in", encode(record["msg"], metadata)
+        if decision.action == "reject" and record.get("sender"):
+            raw, metadata = rejection_notice(self.settings, self.listname, record["sender"],
+                                             decision.reason or "a moderator rejected your post",
+                                             record["msg"], subject=record.get("subject", ""))
+            return "virgin", encode(raw, metadata)
+        return None
+
+    def _send(self, decision: Decision, queue: str, path: Path) -> None:
+        """Step 3: rename the staged entry into its queue, under a name fixed by the decision."""
+        import hashlib
+
+        from mailq.queue.names import ENTRY_SUFFIX, entry_id
+
+        sha = hashlib.sha1(f"{self.listname}\0{decision.id}\0{queue}".encode("utf-8", "surrogateescape"),
+                           usedforsecurity=False).hexdigest()
+        folder = self.settings.queue_dir(queue) / sha[:2]
+        target = folder / f"{entry_id(decision.at, sha)}{ENTRY_SUFFIX}"
+        folder.mkdir(parents=True, exist_ok=True)
         try:
-            os.unlink(self._pck(held_id))
+            os.rename(path, target)
         except FileNotFoundError:
-            pass
+            if path.exists():
+                raise
+            return  # NFS: a retransmitted rename whose first try went through; it is queued
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise MailqError(f"cannot move {path} into {folder}: var/lists and var/qfiles are on "
+                                 f"different filesystems, and var/ must be one (DESIGN §2). The "
+                                 f"{PAST.get(decision.action, decision.action)} post waits there; fix the "
+                                 f"mounts, then run 'mailq cron run expire-held'") from exc
+            if exc.errno in TEMPORARY_ERRNOS:
+                raise TemporaryFailure(f"cannot move {path} into {folder}: {exc.strerror}; the decision "
+                                       f"is kept and 'mailq cron run expire-held' finishes it") from exc
+            raise
+        if self.settings.queue.fsync:
+            from mailq.fsutil import fsync_dir
+
+            fsync_dir(folder)
 
     def incomplete(self) -> list[str]:
-        """Held posts with a decision that was never carried out (the decider died in between)."""
-        return [i for i in self.ids() if self._decision(i).exists()]
+        """Decisions never (fully) carried out: decided posts still held, or staged entries not yet sent."""
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        staged = {n.split(STAGED_PREFIX, 1)[0] for n in names if STAGED_PREFIX in n and not n.startswith(".")}
+        pending = {i for i in self.ids() if f"{i}.decision" in names} | staged
+        return sorted(pending)
 
     def prune_decisions(self, older_than: float) -> int:
         """Remove decision records of carried-out decisions taken before *older_than* (epoch), and
@@ -231,6 +319,7 @@ class HeldStore:
             names = os.listdir(self.folder)
         except FileNotFoundError:
             return 0
+        present = set(names)
         for name in names:
             if name.startswith(".") and name.endswith(".tmp"):
                 # A decider or holder killed between writing and linking/renaming its temp file.
@@ -239,9 +328,11 @@ class HeldStore:
                     if os.stat(self.folder / name).st_mtime < time.time() - 86400:
                         os.unlink(self.folder / name)
                 continue
-            if not name.endswith(".decision") or (self.folder / (name[:-9] + ".pck")).exists():
-                continue
-            decision = self.decision(name[:-9])
+            held_id = name[:-9]
+            if not name.endswith(".decision") or f"{held_id}.pck" in present \
+                    or any(n.startswith(f"{held_id}{STAGED_PREFIX}") for n in names):
+                continue  # still held, or its entry still to send: the decision is needed
+            decision = self.decision(held_id)
             if decision is not None and decision.at < older_than:
                 try:
                     os.unlink(self.folder / name)
@@ -255,6 +346,18 @@ class HeldStore:
 
     def _decision(self, held_id: str) -> Path:
         return self.folder / f"{held_id}.decision"
+
+    def _staged(self, held_id: str, queue: str) -> Path:
+        return self.folder / f"{held_id}{STAGED_PREFIX}{queue}"
+
+    def _staged_entries(self, held_id: str) -> list[tuple[str, Path]]:
+        """(queue, path) of the entries staged for *held_id* (at most one in practice)."""
+        prefix = f"{held_id}{STAGED_PREFIX}"
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        return [(n[len(prefix):], self.folder / n) for n in sorted(names) if n.startswith(prefix)]
 
 
 def _check_id(held_id: str) -> None:
@@ -281,14 +384,19 @@ def _load_list(settings: Settings, listname: str) -> Any:
 
 
 def notify_held(settings: Settings, mlist: Any, held_id: str, reason: str, sender: str, subject: str,
-                msg: bytes) -> list[str]:
-    """One notice to the owners and moderators, and the poster's acknowledgement if the list asks."""
+                msg: bytes, *, done: list[str] | None = None) -> list[str]:
+    """One notice to the owners and moderators, and the poster's acknowledgement if the list asks.
+
+    *done* names the notices already sent (``staff``, ``ack``) and gets each one appended as it is
+    queued: a caller that retries after a failed write (the ``in`` runner) sends none twice.
+    """
     from mailq.notices import notify
 
+    done = [] if done is None else done
     sent = []
     s = mlist.settings
     staff = list(dict.fromkeys(a for a in [*s.owners, *s.moderators] if a))
-    if staff and getattr(s, "notify_owners_on_hold", True):
+    if staff and getattr(s, "notify_owners_on_hold", True) and "staff" not in done:
         body = (f"A post to {mlist.posting_address} is waiting for a moderator.\n\n"
                 f"  From:    {sender or '(unknown)'}\n  Subject: {subject or '(none)'}\n"
                 f"  Reason:  {reason}\n  Id:      {held_id}\n\n"
@@ -299,26 +407,37 @@ def notify_held(settings: Settings, mlist: Any, held_id: str, reason: str, sende
                 f"The post is attached.\n")
         sent.append(notify(settings, staff, f"{mlist.name}: post from {sender or 'unknown'} held ({reason})",
                            body, listname=mlist.name, sender=mlist.owner_address, attachment=msg))
-    if sender and getattr(s, "send_hold_ack", False):
+        done.append("staff")
+    if sender and getattr(s, "send_hold_ack", False) and "ack" not in done:
         body = (f"Your post to {mlist.posting_address}\n\n  Subject: {subject or '(none)'}\n\n"
                 f"is waiting for a moderator's approval. Reason: {reason}.\n"
                 f"You will hear from us if it is rejected.\n")
         sent.append(notify(settings, [sender], f"Your post to {mlist.name} awaits moderator approval",
                            body, listname=mlist.name, sender=mlist.owner_address))
+        done.append("ack")
     return sent
 
 
-def notify_rejected(settings: Settings, listname: str, sender: str, reason: str, msg: bytes, *,
-                    subject: str = "") -> str:
-    """Tell *sender* that their post was rejected and why; the post goes back attached."""
-    from mailq.notices import notify
+def rejection_notice(settings: Settings, listname: str, sender: str, reason: str, msg: bytes, *,
+                     subject: str = "") -> tuple[bytes, dict]:
+    """The ``virgin`` entry telling *sender* that their post was rejected and why (post attached)."""
+    from mailq.notices import notice_entry
 
     mlist = _load_list(settings, listname)
     address = mlist.posting_address if mlist else listname
     body = (f"Your post to {address}\n\n  Subject: {subject or '(none)'}\n\nwas rejected.\n"
             f"Reason: {reason}\n\nYour message is attached.\n")
-    return notify(settings, [sender], f"Your post to {listname} was rejected", body, listname=listname,
-                  sender=mlist.owner_address if mlist else None, attachment=msg)
+    return notice_entry(settings, [sender], f"Your post to {listname} was rejected", body, listname=listname,
+                        sender=mlist.owner_address if mlist else None, attachment=msg)
+
+
+def notify_rejected(settings: Settings, listname: str, sender: str, reason: str, msg: bytes, *,
+                    subject: str = "") -> str:
+    """Tell *sender* that their post was rejected and why; the ``virgin`` entry id."""
+    from mailq.queue import Queue
+
+    raw, metadata = rejection_notice(settings, listname, sender, reason, msg, subject=subject)
+    return Queue.for_settings(settings, "virgin").enqueue(raw, metadata, listname=listname)
 
 
 # -- cron: expire-held -----------------------------------------------------------------------------
@@ -345,10 +464,16 @@ def expire_held(settings: Settings, log: Any) -> str:
         held = HeldStore(settings, name)
         for held_id in held.incomplete():
             decision = held.decision(held_id)
-            if decision is not None and decision.at < now - 300:  # a live decider finishes in seconds
+            if decision is None or decision.at >= now - 300:  # a live decider finishes in seconds
+                continue
+            try:
                 held.complete(held_id)
-                completed += 1
-                log.warning("expire-held: list %s: finished %s", name, decision.describe())
+            except MailqError as exc:   # a lock held by a live completer, a full disk: next run
+                log.error("expire-held: list %s: cannot finish held message %s yet: %s", name, held_id, exc)
+                continue
+            completed += 1
+            log.warning("expire-held: list %s: finished held message %s, %s", name, held_id,
+                        decision.describe())
         days = int(getattr(mlist.settings, "max_held_days", 0) or 0)
         if days <= 0:
             continue
