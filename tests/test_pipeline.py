@@ -12,6 +12,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from mailq.errors import InvalidInput
+from mailq.lists.held import HeldStore
 from mailq.pipeline import load_stage
 from mailq.pipeline.base import header_text, parse, to_bytes
 from mailq.pipeline.subject_prefix import prefixed
@@ -448,7 +449,46 @@ def test_delivery_stages_each_alone(settings, mlist):
     stores = sorted(meta["stores"] for _, meta in queue_entries(settings, "archive"))
     assert stores == [["archive"], ["digest"]]
     _, msgdata, _ = run_pipeline(settings, mlist, sample("plain.eml"), ["to_outgoing"])
-    assert "out_id" not in msgdata and queue_entries(settings, "out") == []  # nobody to send to
-    run_pipeline(settings, mlist, sample("plain.eml"), ["to_outgoing"], recipients=["bob@example.org"])
+    assert msgdata["queued"] == {} and queue_entries(settings, "out") == []  # nobody to send to
+    _, msgdata, _ = run_pipeline(settings, mlist, sample("plain.eml"), ["to_outgoing"],
+                                 recipients=["bob@example.org"])
     ((raw, meta),) = queue_entries(settings, "out")
+    assert list(msgdata["queued"]) == ["out"]
     assert meta["recipients"] == ["bob@example.org"] and raw.replace(b"\r\n", b"\n") == sample("plain.eml")
+
+
+# -- a failed queue write, retried -----------------------------------------------------------------
+
+@pytest.mark.parametrize("full", ["archive", "out"])
+def test_a_full_disk_on_a_queue_write_never_sends_the_post_twice(tmp_path, sink, full):
+    import mailbox
+
+    from tests.support import make_node
+    from tests.test_pipeline_support import make_due
+
+    node = make_node(tmp_path, "n1", smtp={"port": sink.port})
+    settings = node.settings()
+    mlist = make_list(settings)
+    node.run("mailq-deliver", "post", "dev", input=sample("plain.eml"), check=True)
+    # The in runner runs every stage, then one of its writes fails with ENOSPC: the entry is
+    # requeued (temporary failure) knowing what it already queued and what it still has to.
+    node.run("qrunner", "-r", "in", "--once", env={"MAILQ_FAULT_ENOSPC": full}, check=True)
+    ((_, meta),) = queue_entries(settings, "in")
+    assert [w["queue"] for w in meta["pending_writes"]] == (["archive", "out"] if full == "archive" else ["out"])
+    assert list(meta["queued"]) == ([] if full == "archive" else ["archive:0"])
+    assert queue_entries(settings, "out") == []          # out is written last, so never before a failure
+    assert len(queue_entries(settings, "archive")) == (0 if full == "archive" else 1)
+    # Meanwhile the list is put under emergency moderation: the retry must not run the stages again
+    # (the post passed them once; holding it now could deliver it twice on approval).
+    _edit(settings, emergency=True)
+    assert make_due(settings, "in") == 1
+    node.run("qrunner", "-r", "in", "--once", check=True)
+    assert queue_entries(settings, "in") == [] and HeldStore(settings, "dev").ids() == []
+    assert len(queue_entries(settings, "out")) == 1 and len(queue_entries(settings, "archive")) == 1
+    assert "went through on a retry" in (settings.log_dir / "in.log").read_text()
+    node.run("qrunner", "-r", "out", "--once", check=True)
+    node.run("qrunner", "-r", "archive", "--once", check=True)
+    delivered = sink.wait_for_recipients(len(mlist.regular_recipients()))
+    assert sorted(delivered) == sorted(mlist.regular_recipients())     # each member once
+    archived = list(mailbox.mbox(next((settings.archives_dir / "dev").glob("*.mbox")), create=False))
+    assert len(archived) == 1 and str(archived[0]["subject"]) == "[dev] Build is green again"

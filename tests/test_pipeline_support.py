@@ -64,3 +64,21 @@ def run_pipeline(settings: Any, mlist: Any, raw: bytes, names: list[str] | None 
     except StageStop as stop:
         return msg, msgdata, stop
     return msg, msgdata, None
+
+
+def make_due(settings: Any, name: str) -> int:
+    """Rename every waiting entry of queue *name* to a due time in the past: what a retry delay's
+    passing does, without the wait.  The SHA-1 (so the slice) stays; returns how many were moved."""
+    import os
+    import time
+
+    from mailq.queue.names import entry_id, split_id
+
+    q = Queue.for_settings(settings, name)
+    moved = 0
+    for eid in q.waiting(0, 1):
+        _, sha = split_id(eid)
+        folder = q.bucket_dir(sha[:2])
+        os.rename(f"{folder}/{eid}.pck", f"{folder}/{entry_id(time.time() - 1, sha)}.pck")
+        moved += 1
+    return moved

@@ -4,9 +4,11 @@
 its ``process(mlist, msg, msgdata, ctx)``.  The order is data (``settings.pipeline.posts`` and
 ``.owner``), so a site can drop or reorder stages in etc/mailq.yaml.  A stage ends the run by
 raising ``Hold``, ``Reject`` or ``Discard`` (``mailq.pipeline.base``); the caller (the ``in``
-runner) acts on it.  Returning normally means the message went all the way through; the copies
-the stages asked for the ``archive`` queue (``ctx.copy_for_archive``) are written then, as one
-entry per distinct message.
+runner) acts on it.  Returning normally means the message went all the way through; the entries
+the stages asked for are written then (``ctx.flush``): the ``archive`` copies
+(``ctx.copy_for_archive``, one entry per distinct message) first, the ``out`` entry
+(``ctx.send_out``) last.  A write that fails leaves ``ctx.queued`` / ``ctx.unwritten()`` saying
+what is done and what is not; the ``in`` runner keeps that in the entry it requeues.
 """
 from __future__ import annotations
 
@@ -53,3 +55,4 @@ def run(names: list[str], mlist: Any, msg: Message, msgdata: dict, ctx: Context)
         ctx.trail.append(name)
         stage.process(mlist, msg, msgdata, ctx)
     ctx.flush()
+    msgdata["queued"] = dict(ctx.queued)   # what this post became: {"archive:0": id, "out": id}

@@ -69,6 +69,11 @@ class Context:
 
     ``enqueue(queue, msg_bytes, metadata) -> entry id`` writes into another queue: the runner's own
     ``Runner.enqueue`` in production, a ``Queue`` in tests and benchmarks.
+
+    Stages do not write queue entries themselves: they ask for them (``copy_for_archive``,
+    ``send_out``) and ``flush`` writes them once every stage has passed, the ``out`` entry last.
+    ``queued`` records each write as it succeeds (key -> entry id), so a caller whose flush failed
+    half-way knows what is already on its way and what is not (``unwritten``).
     """
 
     settings: Settings
@@ -76,8 +81,14 @@ class Context:
     enqueue: Callable[[str, bytes, dict], str]
     #: Names of the stages that ran, in order (filled in by ``mailq.pipeline.run``).
     trail: list[str] = field(default_factory=list)
-    #: Copies for the ``archive`` queue, written by ``flush`` once every stage has passed.
+    #: Copies for the ``archive`` queue, serialized by ``flush`` once every stage has passed.
     copies: list[tuple[Message, dict]] = field(default_factory=list)
+    #: The message for ``out`` and its metadata (``send_out``); written after the archive copies.
+    outgoing: tuple[Message, dict] | None = None
+    #: The writes of this post, serialized: dicts {key, queue, data, metadata}; None before ``flush``.
+    writes: list[dict] | None = None
+    #: Writes done so far: key -> entry id.
+    queued: dict[str, str] = field(default_factory=dict)
 
     def copy_for_archive(self, store: str, msg: Message, metadata: dict) -> None:
         """Ask for *msg* to be appended to *store* (``archive`` or ``digest``) by the archive runner.
@@ -86,18 +97,48 @@ class Context:
         entry is an fsync on the hot path of a post.  The copy is serialized at ``flush``, so it is
         the message as it leaves the pipeline, serialized once.
         """
-        for queued, meta in self.copies:
-            if queued is msg and meta.get("listname") == metadata.get("listname"):
+        for known, meta in self.copies:
+            if known is msg and meta.get("listname") == metadata.get("listname"):
                 if store not in meta["stores"]:
                     meta["stores"].append(store)
                 return
         self.copies.append((msg, {**metadata, "stores": [store]}))
 
+    def send_out(self, msg: Message, metadata: dict) -> None:
+        """Ask for *msg* to go to the ``out`` queue with *metadata* (serialized, CRLF, at ``flush``)."""
+        self.outgoing = (msg, metadata)
+
     def flush(self) -> list[str]:
-        """Queue the archive copies asked for; entry ids.  A post stopped by a stage gets none."""
-        ids = [self.enqueue("archive", to_bytes(msg, linesep="\n"), meta) for msg, meta in self.copies]
-        self.copies.clear()
+        """Write what the stages asked for: archive copies first, ``out`` last; the new entry ids.
+
+        ``out`` goes last because it is the write whose repetition costs most (every member gets
+        the post again); see ``unwritten`` for what a failed flush leaves to do.
+        """
+        if self.writes is None:
+            writes = [{"key": f"archive:{i}", "queue": "archive", "data": to_bytes(msg, linesep="\n"),
+                       "metadata": meta} for i, (msg, meta) in enumerate(self.copies)]
+            if self.outgoing is not None:
+                msg, meta = self.outgoing
+                writes.append({"key": "out", "queue": "out", "data": to_bytes(msg), "metadata": meta})
+            self.writes = writes
+            self.copies.clear()
+            self.outgoing = None
+        return self.write_pending()
+
+    def write_pending(self) -> list[str]:
+        """Write every entry of ``writes`` not yet in ``queued``, in order; the new entry ids."""
+        ids = []
+        for write in self.writes or ():
+            if write["key"] in self.queued:
+                continue
+            eid = self.enqueue(write["queue"], write["data"], write["metadata"])
+            self.queued[write["key"]] = eid
+            ids.append(eid)
         return ids
+
+    def unwritten(self) -> list[dict]:
+        """The serialized writes still to do (after a failed flush); [] before flush or when all done."""
+        return [w for w in self.writes or () if w["key"] not in self.queued]
 
 
 def parse(raw: bytes) -> Message:

@@ -1,5 +1,9 @@
 """Stage ``to_outgoing``: hand the finished message to the ``out`` queue.
 
+The entry is written by ``ctx.flush`` after the last stage, after the archive copies
+(``Context.send_out``): a post that a later stage stops is never sent, and a failed archive write
+cannot leave an ``out`` entry behind that a retry would write again.
+
 Metadata for the out runner: ``recipients`` (from ``recipients`` / ``avoid_duplicates`` /
 ``owner_recipients``), ``envelope_sender`` = the list's bounces address (bounces come back to the
 bounce runner, never to the poster), ``personalize`` = the list's setting (one transaction per
@@ -11,7 +15,7 @@ import time
 from email.message import Message
 from typing import Any
 
-from mailq.pipeline.base import Context, to_bytes
+from mailq.pipeline.base import Context
 
 
 def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
@@ -29,4 +33,4 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
         "received": msgdata.get("received") or time.time(),
         "sender": msgdata.get("sender", ""),
     }
-    msgdata["out_id"] = ctx.enqueue("out", to_bytes(msg), metadata)
+    ctx.send_out(msg, metadata)

@@ -17,10 +17,12 @@ from mailq.fsutil import TEMPORARY_ERRNOS
 
 VERSION = 1
 #: Fault injection for tests: with MAILQ_FAULT_ENOSPC=1 in a process's environment every entry write
-#: fails with ENOSPC half-way.  Read once at import (an environ lookup per write shows in profiles);
-#: tests inside one process flip ``FAULT_ENOSPC`` instead.
+#: fails with ENOSPC half-way; with MAILQ_FAULT_ENOSPC=archive,virgin only writes into those queues.
+#: Read once at import (an environ lookup per write shows in profiles); tests inside one process
+#: flip ``FAULT_ENOSPC`` instead.
 FAULT_ENOSPC_ENV = "MAILQ_FAULT_ENOSPC"
 FAULT_ENOSPC = os.environ.get(FAULT_ENOSPC_ENV) == "1"
+FAULT_ENOSPC_QUEUES = frozenset(q for q in os.environ.get(FAULT_ENOSPC_ENV, "").split(",") if q not in ("", "1"))
 
 
 class QueueFull(TemporaryFailure):
@@ -87,7 +89,8 @@ def write_entry(folder: str, final_name: str, data: bytes, *, fsync: bool) -> No
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
         try:
             view = memoryview(data)
-            if FAULT_ENOSPC:
+            if FAULT_ENOSPC or (FAULT_ENOSPC_QUEUES
+                                and os.path.basename(os.path.dirname(folder)) in FAULT_ENOSPC_QUEUES):
                 os.write(fd, view[: len(view) // 2])
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected by {FAULT_ENOSPC_ENV})")
             while view:

@@ -8,9 +8,18 @@ For each entry (DESIGN §1, docs/pipeline.md):
 2. parse the message with the compat32 policy, which accepts 8-bit and broken MIME as it is;
 3. run ``settings.pipeline.posts`` for ``kind: post`` and ``settings.pipeline.owner`` for
    ``kind: owner`` (the other kinds belong to the bounce and command runners);
-4. act on the disposition: went through (the stages queued it for ``out``/``archive``), ``Hold``
-   (stored in ``lists/<name>/held/``, owners and moderators told, poster acknowledged when the list
-   asks), ``Reject`` (the poster gets a notice saying why, with the post), ``Discard`` (logged).
+4. act on the disposition: went through (``run`` wrote the ``archive`` copy, then the ``out``
+   entry), ``Hold`` (stored in ``lists/<name>/held/``, owners and moderators told, poster
+   acknowledged when the list asks), ``Reject`` (the poster gets a notice saying why, with the
+   post), ``Discard`` (logged).
+
+**A retry never repeats what is done.**  When a write fails after the stages passed (disk full on
+``archive``, say), the entry's own metadata gets ``pending_writes`` (the serialized entries not yet
+written) and ``queued`` (what was) before the base loop requeues or shunts it; the next attempt
+writes only the pending ones and does not run the stages again, so ``out`` never gets the post
+twice and a list change in between cannot turn a sent post into a held one.  A hold does the same
+with ``held_as`` and ``notified``: one held copy and one notice per held post, however often the
+notice write fails.
 """
 from __future__ import annotations
 
@@ -62,6 +71,9 @@ class IncomingRunner(Runner):
                              f"(only post and owner); it was queued in the wrong queue")
         if not listname:
             raise MailqError(f"entry {entry.id} names no list (metadata listname is empty)")
+        if "pending_writes" in metadata:     # an earlier attempt passed every stage
+            self._resume(entry, metadata)
+            return
         mlist = self.store.load(listname)  # NotFound says which list and what to run
         msg = parse(entry.msg)
         metadata.setdefault("size", len(entry.msg))
@@ -79,17 +91,57 @@ class IncomingRunner(Runner):
         except Discard as stop:
             self.log.info("list %s: discarded %s from %s: %s", listname, entry.id,
                           metadata.get("sender") or "?", stop.reason)
+        except BaseException:
+            _keep_progress(entry, ctx)
+            raise
         else:
             self.log.info("list %s: %s %s from %s went through (%d recipients)", listname, kind, entry.id,
                           metadata.get("sender") or "?", len(metadata.get("recipients") or []))
 
+    def _resume(self, entry: Any, metadata: dict) -> None:
+        """Write the entries an earlier attempt of *entry* could not (its stages had all passed)."""
+        pending = metadata["pending_writes"]
+        if not isinstance(pending, list) or not all(
+                isinstance(w, dict) and {"key", "queue", "data", "metadata"} <= w.keys() for w in pending):
+            raise MailqError(f"entry {entry.id} has unusable pending_writes metadata (expected a list of "
+                             f"{{key, queue, data, metadata}}); look at it with 'mailq queue show'")
+        queued = metadata.get("queued")
+        ctx = Context(self.settings, self.log, self.enqueue, writes=list(pending),
+                      queued=dict(queued) if isinstance(queued, dict) else {})
+        try:
+            ctx.write_pending()
+        except BaseException:
+            _keep_progress(entry, ctx)
+            raise
+        self.log.info("list %s: %s went through on a retry: wrote %s (already queued before: %s)",
+                      metadata.get("listname"), entry.id, ", ".join(w["queue"] for w in pending),
+                      ", ".join(sorted(queued or {})) or "nothing")
+
     def _hold(self, mlist: Any, entry: Any, metadata: dict, msg: Any, reason: str) -> None:
         sender = str(metadata.get("sender") or "")
         subject = header_text(msg.get("subject"))
-        # The original bytes and metadata are kept: an approval replays the post from the start.
-        held_id = HeldStore(self.settings, mlist.name).hold(
-            entry.msg, dict(entry.metadata), reason, sender=sender, subject=subject,
-            date=header_text(msg.get("date")))
-        self.log.info("list %s: held %s as %s from %s: %s", mlist.name, entry.id, held_id, sender or "?",
-                      reason)
-        notify_held(self.settings, mlist, held_id, reason, sender, subject, entry.msg)
+        store = HeldStore(self.settings, mlist.name)
+        held_id = str(entry.metadata.get("held_as") or "")
+        if held_id and store.known(held_id):
+            self.log.info("list %s: %s was held as %s on an earlier attempt", mlist.name, entry.id, held_id)
+        else:
+            # The original bytes and metadata are kept: an approval replays the post from the start.
+            held_id = store.hold(entry.msg, dict(entry.metadata), reason, sender=sender, subject=subject,
+                                 date=header_text(msg.get("date")))
+            entry.metadata["held_as"] = held_id   # a requeue after a failed notice keeps it
+            self.log.info("list %s: held %s as %s from %s: %s", mlist.name, entry.id, held_id,
+                          sender or "?", reason)
+        notify_held(self.settings, mlist, held_id, reason, sender, subject, entry.msg,
+                    done=entry.metadata.setdefault("notified", []))
+
+
+def _keep_progress(entry: Any, ctx: Context) -> None:
+    """Before a requeue or shunt of *entry*: record in it what its pipeline run already queued.
+
+    ``entry.metadata`` is what the base loop writes back (requeue, shunt), so the next attempt (or
+    ``mailq queue unshunt``) starts from here.  Nothing to record when the stages did not finish.
+    """
+    if ctx.writes is None:
+        return
+    entry.metadata["pending_writes"] = ctx.unwritten()
+    entry.metadata["queued"] = {**(entry.metadata.get("queued") or {}), **ctx.queued}
