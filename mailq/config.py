@@ -2,15 +2,27 @@
 
 The file is read with PyYAML's composer so that every error can name the file, the line and what
 was expected.  The schema is the dataclasses below: a key that is not a field is refused (with the
-valid keys listed), a value of the wrong type is refused, and a missing key keeps its default.
+valid keys listed), so is a key given twice, a value of the wrong type or out of its range (the
+``check`` in a field's metadata), and a missing key keeps its default.  Where text is expected a
+number is taken as written (``name: 01`` is ``"01"``); where a number is expected ``1e3`` is
+accepted although YAML 1.1 reads it as text.
 
 Where the file is found, first match wins: the ``-C/--config`` option, ``$MAILQ_CONFIG``,
 ``etc/mailq.yaml`` in the checkout (only when it exists), else built-in defaults.
+
+Defaults for the two trees: in a checkout ``paths.var`` is ``var/`` in the checkout and ``paths.run``
+is ``<var>/run``.  An installed package (no checkout beside it) has no sensible shared tree of its
+own, so without ``paths.var`` it refuses to start; with ``paths.var`` set anywhere but the checkout,
+``paths.run`` defaults to host-local ``/run/mailq`` (``/var/run/mailq``), never to the shared tree,
+because the master's lock must be a kernel lock on local disk.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
+import re
 import socket
 import types
 import typing
@@ -18,8 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mailq.errors import MailqError
+
 CHECKOUT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = CHECKOUT / "etc" / "mailq.yaml"
+#: A source checkout (or an editable install) has setup.cfg beside the package; site-packages has not.
+IS_CHECKOUT = (CHECKOUT / "setup.cfg").is_file()
+#: The default shared tree; compared by identity in load_settings to tell "not set" from "set".
+CHECKOUT_VAR = CHECKOUT / "var"
+#: Host-local folders for paths.run when paths.var is set and paths.run is not, first usable wins.
+HOST_LOCAL_RUN = (Path("/run/mailq"), Path("/var/run/mailq"))
 
 #: Every queue that runners serve, in the order the master starts them.
 RUNNER_QUEUES = ("in", "out", "virgin", "retry", "bounces", "commands", "archive")
@@ -28,8 +48,45 @@ HOLDING_QUEUES = ("shunt", "bad")
 ALL_QUEUES = RUNNER_QUEUES + HOLDING_QUEUES
 
 
-class ConfigError(Exception):
+class ConfigError(MailqError):
     """A configuration file that cannot be used: the message names file, line and what was expected."""
+
+
+# -- value checks: a field's metadata["check"](value) returns what was expected, or None -----------
+
+def _limited(default: Any, *, at_least: float | None = None, above: float | None = None,
+             at_most: float | None = None) -> Any:
+    """A numeric field with a range, checked when the file is read."""
+    def check(value: float) -> str | None:
+        if isinstance(value, float) and not math.isfinite(value):
+            return "a finite number"
+        if (at_least is not None and value < at_least) or (above is not None and value <= above) \
+                or (at_most is not None and value > at_most):
+            parts = [f">= {at_least:g}" if at_least is not None else "", f"> {above:g}" if above is not None else "",
+                     f"<= {at_most:g}" if at_most is not None else ""]
+            return "a number " + " and ".join(p for p in parts if p)
+        return None
+    return field(default=default, metadata={"check": check})
+
+
+#: Node names end up in file names on the shared tree (claims, heartbeats, log folders).
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def node_name_problem(name: str) -> str | None:
+    """What a node name must look like, or None when *name* is one."""
+    if NODE_NAME_RE.fullmatch(name):
+        return None
+    return ("a node name: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(it becomes part of file names on the shared tree)")
+
+
+def _slices_problem(queue: str, count: int) -> str | None:
+    if queue not in RUNNER_QUEUES:
+        return f"a runner queue ({', '.join(RUNNER_QUEUES)}) as key"
+    if count < 1:
+        return "a slice count >= 1"
+    return None
 
 
 def _short_hostname() -> str:
@@ -38,27 +95,45 @@ def _short_hostname() -> str:
 
 @dataclass
 class NodeSettings:
-    name: str = dataclasses.field(default_factory=_short_hostname)
+    name: str = dataclasses.field(default_factory=_short_hostname, metadata={"check": node_name_problem})
 
 
 @dataclass
 class PathSettings:
-    var: Path = CHECKOUT / "var"
+    #: The shared tree (NFS in a cluster).  Default: var/ in the checkout; an installed package
+    #: has no default and refuses to start without it (load_settings).
+    var: Path = CHECKOUT_VAR
     #: Host-local state (master lock, pid file, lease stamp), keyed by node name below it.
-    #: Empty means ``<var>/run``; point it at local disk (``/run/mailq``) in production.
+    #: Empty means ``<var>/run`` in a checkout, else host-local ``/run/mailq`` (Settings.run_dir).
     run: str = ""
+
+
+@functools.lru_cache(maxsize=4)
+def host_local_run(candidates: tuple[Path, ...] = HOST_LOCAL_RUN) -> Path:
+    """The first of *candidates* that exists as a folder or can be made (its parent is writable).
+
+    Only the success is cached: a folder made later (systemd's RuntimeDirectory) is found then.
+    """
+    for path in candidates:
+        if path.is_dir() or (path.parent.is_dir() and os.access(path.parent, os.W_OK | os.X_OK)):
+            return path
+    raise ConfigError(
+        f"paths.run is not set and none of {', '.join(map(str, candidates))} exists or can be made by "
+        f"this user: set paths.run to a host-local folder this user can write (not on the shared tree: "
+        f"the master's lock must be on local disk), or create /run/mailq owned by the mailq user "
+        f"(systemd: RuntimeDirectory=mailq)")
 
 
 @dataclass
 class SmtpSettings:
     host: str = "127.0.0.1"
-    port: int = 25
+    port: int = _limited(25, at_least=1, at_most=65535)
     starttls: bool = False
     user: str = ""
     password: str = ""
-    timeout: float = 30.0
+    timeout: float = _limited(30.0, above=0)
     #: Recipients per transaction in bulk (non-personalized) delivery.
-    chunk_size: int = 500
+    chunk_size: int = _limited(500, at_least=1)
     #: Deliver straight to the recipients' MX hosts (dnspython) instead of the smarthost.
     direct_mx: bool = False
     #: Name used in HELO/LHLO; empty means the node name.
@@ -72,51 +147,52 @@ class SmtpSettings:
 @dataclass
 class LmtpSettings:
     host: str = "127.0.0.1"
-    port: int = 8024
+    port: int = _limited(8024, at_least=1, at_most=65535)
     enabled: bool = True
 
 
 @dataclass
 class ClusterSettings:
     failover: Literal["manual", "auto"] = "manual"
-    heartbeat: float = 2.0
-    lease: float = 10.0
+    heartbeat: float = _limited(2.0, above=0)
+    lease: float = _limited(10.0, above=0)
     #: Extra wait past the lease before another node may take a silent node's slices.
-    margin: float = 2.0
+    margin: float = _limited(2.0, at_least=0)
 
 
 @dataclass
 class QueueSettings:
     fsync: bool = True
     #: A claim recovered this many times goes to ``bad`` instead of back to the queue.
-    recovery_limit: int = 3
+    recovery_limit: int = _limited(3, at_least=0)
     #: Temporary files older than this (seconds) are removed by recovery.
-    stale_tmp_seconds: float = 3600.0
+    stale_tmp_seconds: float = _limited(3600.0, above=0)
     #: Largest message (bytes) mail-in takes: mailq-deliver exits 65, LMTP answers 552; 0: no limit.
-    max_message_size: int = 100 * 1024 * 1024
+    max_message_size: int = _limited(100 * 1024 * 1024, at_least=0)
 
 
 @dataclass
 class RunnerSettings:
     #: Seconds between directory scans (catches files written by other hosts; inotify does not).
-    poll_interval: float = 1.0
+    poll_interval: float = _limited(1.0, above=0)
     #: Slices per queue when there is no slice map yet.
-    slices: dict[str, int] = field(default_factory=lambda: {q: 1 for q in RUNNER_QUEUES})
+    slices: dict[str, int] = field(default_factory=lambda: {q: 1 for q in RUNNER_QUEUES},
+                                   metadata={"item_check": _slices_problem})
     #: Restarts of one crashed runner before the master gives up on it.
-    restart_cap: int = 10
+    restart_cap: int = _limited(10, at_least=0)
     #: Longest wait (seconds) between restarts of a crashing runner; the wait doubles from 0.5 s up to this.
-    restart_backoff_max: float = 60.0
+    restart_backoff_max: float = _limited(60.0, above=0)
     #: Seconds a runner waits for the entry in hand when asked to stop.
-    stop_timeout: float = 30.0
+    stop_timeout: float = _limited(30.0, at_least=0)
 
 
 @dataclass
 class DeliverySettings:
     #: First retry delay in seconds; doubles each attempt up to ``retry_max``.
-    retry_initial: float = 60.0
-    retry_max: float = 3600.0
+    retry_initial: float = _limited(60.0, above=0)
+    retry_max: float = _limited(3600.0, above=0)
     #: After this many seconds of temporary failures a recipient is given up and the owner told.
-    give_up_after: float = 5 * 86400.0
+    give_up_after: float = _limited(5 * 86400.0, above=0)
     #: Address the system uses as sender of its own notices; empty means mailq@<node>.
     site_owner: str = ""
 
@@ -132,7 +208,7 @@ class PipelineSettings:
     #: ``List-Unsubscribe`` link (``<web_url>/lists/<name>/unsubscribe``) and ``List-Archive``.
     web_url: str = ""
     #: Posts appended to an archive or pending-digest mbox per lock acquisition (archive runner).
-    archive_batch: int = 200
+    archive_batch: int = _limited(200, at_least=1)
 
 
 @dataclass
@@ -140,7 +216,7 @@ class ListsSettings:
     #: Mail domain of new lists when `mailq lists create` gets no --domain; empty means the node name.
     default_domain: str = ""
     #: Seconds a list database writer waits for the list's lock before giving up (exit 75).
-    lock_timeout: float = 30.0
+    lock_timeout: float = _limited(30.0, at_least=0)
 
 
 @dataclass
@@ -203,8 +279,17 @@ class Settings:
 
     @property
     def run_dir(self) -> Path:
-        """Host-local state for this node (master lock, pid file, lease stamp)."""
-        base = Path(self.paths.run) if self.paths.run else self.var / "run"
+        """Host-local state for this node (master lock, pid file, lease stamp).
+
+        ``paths.run`` if set; else ``<var>/run`` while var is the checkout's own (a checkout is one
+        host); else host-local ``/run/mailq`` (ConfigError, a MailqError, when it cannot be used).
+        """
+        if self.paths.run:
+            base = Path(self.paths.run)
+        elif self.paths.var == CHECKOUT_VAR:
+            base = self.var / "run"
+        else:
+            base = host_local_run()
         return base / self.node.name
 
     @property
@@ -233,7 +318,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read settings from *path* (or the usual places); raise ConfigError naming file and line."""
     chosen = config_path(path)
     if chosen is None:
-        return Settings()
+        return _require_var(Settings(), None)
     try:
         text = chosen.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -249,7 +334,19 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         settings.paths.var = (anchor / settings.paths.var).resolve()
     if settings.paths.run and not Path(settings.paths.run).is_absolute():
         settings.paths.run = str((anchor / settings.paths.run).resolve())
-    return settings
+    return _require_var(settings, chosen)
+
+
+def _require_var(settings: Settings, source: Path | None) -> Settings:
+    """Refuse an installed package's default var (``site-packages/var``): nobody means that tree."""
+    if settings.paths.var is not CHECKOUT_VAR or IS_CHECKOUT:
+        return settings
+    where = f"{source}: paths.var is not set" if source else "no config file found and paths.var is not set"
+    raise ConfigError(
+        f"{where}; mailq is installed as a package ({CHECKOUT}), not run from a checkout, so there is no "
+        f"var/ beside it. Set paths.var to the shared tree (the NFS mount in a cluster, e.g. /srv/mailq/var) "
+        f"in the config file{'' if source else ' and point -C/--config or MAILQ_CONFIG at it'}; the "
+        f"commented sample is etc/mailq.yaml in the mailq source.")
 
 
 def parse_settings(text: str, filename: str = "<config>") -> Settings:
@@ -263,8 +360,29 @@ def parse_settings(text: str, filename: str = "<config>") -> Settings:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{where}: YAML syntax error: {problem}")
     if root is None:
-        return Settings()
-    return _build(Settings, root, filename, "")
+        settings = Settings()
+    else:
+        settings = _build(Settings, root, filename, "")
+    if not _given(root, "node", "name"):
+        problem = node_name_problem(settings.node.name)
+        if problem:     # the host name default: there is no line to point at
+            raise ConfigError(f"{filename}: node.name is not set and the host name {settings.node.name!r} "
+                              f"is not {problem}; set node.name")
+    return settings
+
+
+def _given(root: Any, *keys: str) -> bool:
+    """Whether the YAML tree sets the dotted key *keys* (``_given(root, "node", "name")``)."""
+    import yaml
+
+    node = root
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            return False
+        node = next((v for k, v in node.value if k.value == key), None)
+        if node is None:
+            return False
+    return True
 
 
 def _where(node: Any, filename: str) -> str:
@@ -279,6 +397,7 @@ def _build(cls: type, node: Any, filename: str, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     values: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
     for key_node, value_node in node.value:
         key = key_node.value
         dotted = f"{prefix}.{key}" if prefix else key
@@ -286,11 +405,28 @@ def _build(cls: type, node: Any, filename: str, prefix: str) -> Any:
             raise ConfigError(
                 f"{_where(key_node, filename)}: unknown key {dotted!r}; "
                 f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(sorted(fields))}")
-        values[key] = _convert(hints[key], value_node, filename, dotted)
+        _refuse_duplicate(seen, key_node, filename, dotted)
+        meta = fields[key].metadata
+        values[key] = _convert(hints[key], value_node, filename, dotted, meta.get("item_check"))
+        problem = meta["check"](values[key]) if "check" in meta else None
+        if problem:
+            raise ConfigError(f"{_where(value_node, filename)}: {dotted}: expected {problem}, got {values[key]!r}")
     return cls(**values)
 
 
-def _convert(hint: Any, node: Any, filename: str, dotted: str) -> Any:
+def _refuse_duplicate(seen: dict[str, Any], key_node: Any, filename: str, dotted: str) -> None:
+    """YAML would silently keep the last of two equal keys; a config file must not."""
+    first = seen.setdefault(key_node.value, key_node)
+    if first is not key_node:
+        raise ConfigError(f"{_where(key_node, filename)}: {dotted}: key given twice (first on line "
+                          f"{first.start_mark.line + 1}); expected each key once, remove one")
+
+
+#: Plain scalars YAML 1.1 leaves as text although they are decimal numbers: 1e3, 2.5E-1, 1.5e3.
+_EXPONENT_FLOAT_RE = re.compile(r"[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+")
+
+
+def _convert(hint: Any, node: Any, filename: str, dotted: str, item_check: Any = None) -> Any:
     import yaml
 
     where = _where(node, filename)
@@ -312,8 +448,16 @@ def _convert(hint: Any, node: Any, filename: str, dotted: str) -> Any:
         key_t, val_t = typing.get_args(hint)
         if not isinstance(node, yaml.MappingNode):
             raise ConfigError(f"{where}: {dotted}: expected a mapping")
-        return {_convert(key_t, k, filename, dotted): _convert(val_t, v, filename, f"{dotted}.{k.value}")
-                for k, v in node.value}
+        out, seen = {}, {}
+        for k, v in node.value:
+            _refuse_duplicate(seen, k, filename, f"{dotted}.{k.value}")
+            key, value = _convert(key_t, k, filename, dotted), _convert(val_t, v, filename, f"{dotted}.{k.value}")
+            problem = item_check(key, value) if item_check else None
+            if problem:
+                raise ConfigError(f"{_where(k, filename)}: {dotted}.{k.value}: expected {problem}, "
+                                  f"got {k.value}: {v.value}")
+            out[key] = value
+        return out
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: {dotted}: unsupported type")  # no optional fields in the schema
     if not isinstance(node, yaml.ScalarNode):
@@ -328,9 +472,13 @@ def _convert(hint: Any, node: Any, filename: str, dotted: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and node.style is None and _EXPONENT_FLOAT_RE.fullmatch(value):
+            return float(value.replace("_", ""))
     elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return node.value       # as written: 01 stays "01", 1.10 stays "1.10"
     elif hint is Path:
         if isinstance(value, str) and value:
             return Path(value).expanduser()

@@ -1,6 +1,11 @@
 """Configuration: defaults that work with no file, typed values, and errors that name file and line."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from mailq.config import ConfigError, Settings, load_settings, parse_settings
@@ -45,6 +50,21 @@ def test_config_from_environment_variable(monkeypatch, tmp_path):
     ("node: [unclosed\n", 2, ["YAML syntax error"]),
     ("queue:\n  fsync: maybe\n", 2, ["queue.fsync", "true or false"]),
     ("bogus: 1\n", 1, ["unknown key 'bogus'"]),
+    ("node:\n  name: ''\n", 2, ["node.name", "a node name", "got ''"]),
+    ("node:\n  name: a/b\n", 2, ["node.name", "a node name", "'a/b'"]),
+    ("node:\n  name: .hidden\n", 2, ["node.name", "starting with a letter or digit"]),
+    ("runners:\n  slices:\n    in: 1\n    outt: 2\n", 4, ["runners.slices.outt", "a runner queue", "got outt: 2"]),
+    ("runners:\n  slices: {out: 0}\n", 2, ["runners.slices.out", "a slice count >= 1"]),
+    ("runners:\n  slices: {out: -3}\n", 2, ["runners.slices.out", "a slice count >= 1"]),
+    ("queue:\n  recovery_limit: -1\n", 2, ["queue.recovery_limit", "a number >= 0", "-1"]),
+    ("runners:\n  poll_interval: -0.5\n", 2, ["runners.poll_interval", "a number > 0"]),
+    ("queue:\n  stale_tmp_seconds: -10\n", 2, ["queue.stale_tmp_seconds", "a number > 0"]),
+    ("smtp:\n  port: 70000\n", 2, ["smtp.port", "<= 65535"]),
+    ("smtp:\n  timeout: .inf\n", 2, ["smtp.timeout", "a finite number"]),
+    ("queue:\n  stale_tmp_seconds: '1e3'\n", 2, ["queue.stale_tmp_seconds", "a number"]),
+    ("smtp:\n  port: 25\n  host: h\n  port: 26\n", 4, ["smtp.port", "key given twice (first on line 2)"]),
+    ("queue: {fsync: true}\nlog: {}\nqueue: {}\n", 3, ["queue", "key given twice (first on line 1)"]),
+    ("runners:\n  slices:\n    out: 2\n    out: 3\n", 4, ["runners.slices.out", "key given twice (first on line 3)"]),
 ])
 def test_bad_config_names_file_line_and_expectation(text, line, words):
     with pytest.raises(ConfigError) as info:
@@ -85,3 +105,94 @@ def test_logging_survives_its_folder_vanishing(tmp_path):
     s.log_dir.mkdir(parents=True)  # the filesystem is back
     log.info("after it came back")
     assert "after it came back" in (s.log_dir / "probe.log").read_text()
+
+
+
+def test_numbers_in_exponent_form_and_number_like_text_are_read_as_written():
+    s = parse_settings("queue: {stale_tmp_seconds: 1e3}\ncluster: {lease: 1.5E1, heartbeat: 25e-1}\n"
+                       "node: {name: 01}\nsmtp: {password: 0123, user: 1.10}\n")
+    assert s.queue.stale_tmp_seconds == 1000.0
+    assert s.cluster.lease == 15.0 and s.cluster.heartbeat == 2.5
+    assert s.node.name == "01"                          # not the YAML 1.1 integer 1
+    assert s.smtp.password == "0123" and s.smtp.user == "1.10"
+    assert parse_settings("node: {name: 123}\n").node.name == "123"
+    assert parse_settings("runners: {slices: {out: 4}}\n").slice_count("out") == 4
+
+
+def test_the_sample_config_shows_the_defaults_except_where_it_says_default():
+    from mailq.config import CHECKOUT
+
+    text = (CHECKOUT / "etc" / "mailq.yaml").read_text()
+    header, body = text.split("\n\n", 1)
+    uncommented = "\n".join(line[2:] if line.startswith("# ") else line for line in body.splitlines())
+    sample, defaults = parse_settings(uncommented, "etc/mailq.yaml"), Settings()
+    differ = set()
+    for section in dataclasses.fields(Settings):
+        if section.name != "source":
+            for f in dataclasses.fields(getattr(defaults, section.name)):
+                if getattr(getattr(sample, section.name), f.name) != getattr(getattr(defaults, section.name), f.name):
+                    differ.add(f"{section.name}.{f.name}")
+    assert differ == {"node.name", "paths.var", "paths.run"}
+    lines = body.splitlines()
+    for key in differ:     # the key's line, or the comment lines continuing it, says "default:"
+        at = next(i for i, line in enumerate(lines) if line.lstrip("# ").startswith(key.split(".")[1] + ":"))
+        end = next(i for i in range(at + 1, len(lines) + 1)
+                   if i == len(lines) or not lines[i].startswith("#" + " " * 20))
+        assert "default:" in " ".join(lines[at:end]), lines[at]
+    assert "Unknown or repeated keys, wrong types and values out" in header
+
+
+def test_a_checkout_keeps_var_and_run_in_the_checkout(monkeypatch):
+    from mailq.config import CHECKOUT, IS_CHECKOUT
+
+    monkeypatch.delenv("MAILQ_CONFIG", raising=False)
+    assert IS_CHECKOUT
+    s = Settings()
+    assert s.var == CHECKOUT / "var" and s.run_dir == CHECKOUT / "var" / "run" / s.node.name
+
+
+def test_run_dir_is_host_local_once_var_is_set_elsewhere(tmp_path):
+    from mailq.config import HOST_LOCAL_RUN, host_local_run
+
+    s = parse_settings(f"paths: {{var: {tmp_path / 'shared'}}}\nnode: {{name: h1}}\n")
+    assert s.run_dir == host_local_run() / "h1" and host_local_run() in HOST_LOCAL_RUN
+    assert not str(s.run_dir).startswith(str(tmp_path))
+    made = tmp_path / "local" / "mailq"
+    made.parent.mkdir()
+    assert host_local_run((tmp_path / "nothing" / "mailq", made)) == made        # its parent is writable
+    made.mkdir()
+    assert host_local_run((tmp_path / "nothing" / "mailq", made)) == made        # it exists
+    with pytest.raises(ConfigError, match="set paths.run to a host-local folder"):
+        host_local_run((tmp_path / "nothing" / "mailq", tmp_path / "neither" / "mailq"))
+
+
+def test_an_installed_package_refuses_to_start_without_paths_var(tmp_path):
+    """A copy of the package with no checkout around it, as `pip install .` leaves it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mailq.config import CHECKOUT
+
+    site = tmp_path / "site-packages"
+    shutil.copytree(CHECKOUT / "mailq", site / "mailq", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("MAILQ_CONFIG", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(site)
+
+    def mailq(*args: str, config: Path | None = None) -> subprocess.CompletedProcess:
+        extra = {"MAILQ_CONFIG": str(config)} if config else {}
+        return subprocess.run([sys.executable, "-m", "mailq.cli.main", *args], capture_output=True, text=True,
+                              env={**env, **extra}, cwd=tmp_path, timeout=60)
+
+    res = mailq("queue", "count")
+    assert res.returncode == 1, res.stderr
+    assert "no config file found and paths.var is not set" in res.stderr and "installed as a package" in res.stderr
+    assert "MAILQ_CONFIG" in res.stderr and not (site / "var").exists()
+    conf = tmp_path / "mailq.yaml"
+    conf.write_text("node: {name: h1}\n")
+    res = mailq("queue", "count", config=conf)
+    assert res.returncode == 1 and f"{conf}: paths.var is not set" in res.stderr, res.stderr
+    conf.write_text(f"node: {{name: h1}}\npaths: {{var: {tmp_path / 'shared'}, run: {tmp_path / 'run'}}}\n")
+    res = mailq("queue", "count", "--json", config=conf)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["queues"]["in"]["waiting"] == 0
