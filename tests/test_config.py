@@ -188,6 +188,10 @@ def test_an_installed_package_refuses_to_start_without_paths_var(tmp_path):
     assert res.returncode == 1, res.stderr
     assert "no config file found and paths.var is not set" in res.stderr and "installed as a package" in res.stderr
     assert "MAILQ_CONFIG" in res.stderr and not (site / "var").exists()
+    pipe = subprocess.run([sys.executable, "-m", "mailq.mta.deliver", "post", "dev"], input=b"Subject: x\n\nx\n",
+                          capture_output=True, env=env, cwd=tmp_path, timeout=60)
+    assert pipe.returncode == 75 and b"paths.var is not set" in pipe.stderr, pipe.stderr   # the MTA retries
+    assert not (site / "var").exists()
     conf = tmp_path / "mailq.yaml"
     conf.write_text("node: {name: h1}\n")
     res = mailq("queue", "count", config=conf)

@@ -248,6 +248,13 @@ def _settings(explicit: "str | None" = None) -> "tuple[str, bool, int]":
     """``(var, fsync, max size)`` for this node: from the cache when the config is unchanged, else YAML."""
     path = _config_path(explicit)
     if path is None:
+        if not os.path.isfile(os.path.join(_CHECKOUT, "setup.cfg")):   # installed, not a checkout
+            from mailq.config import ConfigError, load_settings
+
+            try:
+                load_settings(None)     # refuses: there is no var/ beside an installed package
+            except ConfigError as exc:
+                raise Exit(EX_TEMPFAIL, f"config unusable: {exc}; the MTA will retry once it is fixed")
         return os.path.join(_CHECKOUT, "var"), True, DEFAULT_MAX_SIZE
     try:
         st = os.stat(path)
