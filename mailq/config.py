@@ -204,8 +204,8 @@ class PipelineSettings:
         "recipients", "avoid_duplicates", "to_archive", "to_digest", "to_outgoing",
     ])
     owner: list[str] = field(default_factory=lambda: ["sanity", "owner_recipients", "to_outgoing"])
-    #: Base HTTPS address of the list web pages, if any: enables the RFC 8058 one-click
-    #: ``List-Unsubscribe`` link (``<web_url>/lists/<name>/unsubscribe``) and ``List-Archive``.
+    #: Base HTTPS address of the list web pages, if any: ``List-Archive`` and, in personalized
+    #: delivery, a per-recipient RFC 8058 one-click link (docs/mail-flow.md, "One-click unsubscribe").
     web_url: str = ""
     #: Posts appended to an archive or pending-digest mbox per lock acquisition (archive runner).
     archive_batch: int = _limited(200, at_least=1)

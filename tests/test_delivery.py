@@ -1,6 +1,7 @@
 """Mail out against a real SMTP sink on loopback: chunks, VERP, retry, bounces, smarthost down, give-up."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -499,3 +500,66 @@ def test_stopping_between_transactions_puts_the_untried_recipients_back_in_out(s
     assert back.metadata["personalize"] is True and back.metadata["attempts"] == 1
     assert take(queues["retry"], now=time.time() + 3600) is None
     assert "stopping: 3 not tried" in report.summary()
+
+
+def test_personalized_copies_carry_their_own_one_click_unsubscribe_link(tmp_path, sink):
+    from email import message_from_bytes
+    from urllib.parse import parse_qs, urlsplit
+
+    from mailq.delivery.unsubscribe import secret_path, verify_token
+
+    settings = make_node(tmp_path, "n1", smtp={"port": sink.port},
+                         pipeline={"web_url": "https://lists.example.org/"}).settings()
+    listed = (b"From: dev@lists.example.org\r\nList-Unsubscribe: <mailto:dev-leave@lists.example.org>\r\n"
+              b"Subject: news\r\n\r\nbody\r\n")
+    members = ["alice@example.com", "bob@example.net"]
+    transport = make_transport(settings)
+    report = deliver(settings, transport, listed, out_meta(members, personalize=True),
+                     lambda *a, **k: pytest.fail("nothing should be queued"))
+    bulk = deliver(settings, transport, listed, out_meta(members), lambda *a, **k: pytest.fail("queued"))
+    transport.close()
+    assert sorted(report.delivered) == members and sorted(bulk.delivered) == members
+    links = {}
+    for m in sink.messages[:2]:
+        parsed = message_from_bytes(m.data)
+        assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        uris = [u.strip() for u in parsed["List-Unsubscribe"].split(",")]
+        assert uris[1] == "<mailto:dev-leave@lists.example.org>" and len(parsed.get_all("List-Unsubscribe")) == 1
+        url = urlsplit(uris[0].strip("<>"))
+        assert (url.scheme, url.netloc, url.path) == ("https", "lists.example.org", "/lists/dev/unsubscribe")
+        query = parse_qs(url.query)
+        assert query["address"] == m.rcpt_tos
+        links[m.rcpt_tos[0]] = query["token"][0]
+    assert links["alice@example.com"] != links["bob@example.net"]
+    for address, token in links.items():
+        assert verify_token(settings, "dev", address, token)
+        other = next(a for a in members if a != address)
+        assert not verify_token(settings, "dev", other, token)
+        assert not verify_token(settings, "users", address, token)
+    assert (os.stat(secret_path(settings)).st_mode & 0o777) == 0o600
+    # bulk: one copy for both, so no one-click header and the mailto: link only
+    shared = message_from_bytes(sink.messages[2].data)
+    assert sink.messages[2].rcpt_tos == members
+    assert shared["List-Unsubscribe-Post"] is None
+    assert shared["List-Unsubscribe"] == "<mailto:dev-leave@lists.example.org>"
+
+
+def test_the_verify_command_for_a_web_front_end(tmp_path):
+    import subprocess
+    import sys
+
+    from mailq.delivery.unsubscribe import make_token
+    from tests.support import ROOT
+
+    node = make_node(tmp_path, "n1", pipeline={"web_url": "https://lists.example.org"})
+    token = make_token(node.settings(), "dev", "alice@example.com")
+
+    def verify(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mailq.delivery.unsubscribe", "verify", *args],
+                              env=node.environ(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    assert verify("dev", "alice@example.com", token).returncode == 0
+    assert verify("dev", "Alice@Example.com", token).returncode == 0     # addresses compare lower-cased
+    assert verify("dev", "bob@example.com", token).returncode == 1
+    usage = verify("dev")
+    assert usage.returncode == 2 and "Example" in usage.stderr

@@ -6,7 +6,8 @@ read and tested without a runner around it:
 * **Bulk** (default): recipients in chunks of ``smtp.chunk_size`` per transaction, envelope sender
   ``metadata["envelope_sender"]`` (the list's ``-bounces`` address, set by the pipeline).
 * **Personalized** (``metadata["personalize"]``): one transaction per recipient, VERP envelope
-  sender ``LIST-bounces+LOCAL=DOMAIN@HOST`` (``mailq.delivery.verp``).
+  sender ``LIST-bounces+LOCAL=DOMAIN@HOST`` (``mailq.delivery.verp``); with an https
+  ``pipeline.web_url`` each copy gets its own RFC 8058 one-click link (``mailq.delivery.unsubscribe``).
 * **Temporary failures** (4xx, refused connection, timeout): ONLY the failed recipients go to
   ``retry`` with ``not_before`` = now + backoff (``mailq.delivery.retry``), ``attempts`` + 1 and the
   original ``first_attempt``. Past ``delivery.give_up_after`` they are given up and the list owner
@@ -89,15 +90,18 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
     outcome = SendResult()
     if metadata.get("personalize"):
         batches = [(_verp_or_plain(sender, rcpt), [rcpt]) for rcpt in recipients]
+        one_click = _one_click(settings, metadata, msg)
     else:
         size = max(1, settings.smtp.chunk_size)
         batches = [(sender, recipients[i:i + size]) for i in range(0, len(recipients), size)]
+        one_click = None
     left: list[str] = []
     for n, (mail_from, batch) in enumerate(batches):
         if n and stopping is not None and stopping():
             left = [r for _, rest in batches[n:] for r in rest]
             break
-        part = _send_batch(transport, mail_from, batch, msg, report)
+        copy = one_click(batch[0]) if one_click else msg
+        part = _send_batch(transport, mail_from, batch, copy, report)
         outcome.merge(part)
         if part.connection_failed:
             # Refused, timed out, gone: every further transaction would wait out the same timeout
@@ -170,6 +174,25 @@ def _send_batch(transport, mail_from: str, batch: list[str], msg: bytes, report:
             del part.temporary[r]
         result.merge(part)
     return result
+
+
+def _one_click(settings: Settings, metadata: dict[str, Any], msg: bytes) -> Callable[[str], bytes] | None:
+    """Per-recipient copies with an RFC 8058 one-click link (``mailq.delivery.unsubscribe``), or
+    None: no https ``pipeline.web_url``, no list, or a message the list pipeline did not mark
+    (no ``List-Unsubscribe``: owner mail, notices)."""
+    listname = metadata.get("listname") or ""
+    web = str(settings.pipeline.web_url or "")
+    if not listname or not web.startswith("https://") or b"list-unsubscribe:" not in _head(msg).lower():
+        return None
+    from mailq.delivery.unsubscribe import personalize, unsubscribe_url
+
+    return lambda rcpt: personalize(msg, unsubscribe_url(settings, listname, rcpt) or "")
+
+
+def _head(msg: bytes) -> bytes:
+    end = msg.find(b"\r\n\r\n")
+    end = msg.find(b"\n\n") if end < 0 else end
+    return msg if end < 0 else msg[:end]
 
 
 def _verp_or_plain(sender: str, rcpt: str) -> str:

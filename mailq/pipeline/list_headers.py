@@ -4,9 +4,11 @@ Adds, replacing any a previous list put there (RFC 2369, RFC 2919, RFC 8058):
 
 * ``List-Id: "Display Name" <name.domain>``, ``List-Post``, ``List-Help``, ``List-Subscribe``,
   ``List-Unsubscribe`` (mailto: the list's -request / -join / -leave addresses);
-* with a web address configured (``pipeline.web_url``): an HTTPS unsubscribe link first in
-  ``List-Unsubscribe`` plus ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058 allows
-  the one-click header only next to an HTTPS URI), and ``List-Archive`` for archived lists;
+* ``List-Archive`` for archived lists when the archive has an address (``pipeline.web_url``, http
+  or https: ``<web_url>/archives/<name>/``); without it there is no List-Archive;
+* never ``List-Unsubscribe-Post``: RFC 8058 wants a link that by itself names the subscriber, and
+  this message may go to many. In personalized delivery the out runner gives each copy its own
+  HTTPS link and the one-click header (``mailq.delivery.unsubscribe``); a bulk copy keeps mailto:.
 * ``Precedence: list`` and ``X-BeenThere: <posting address>`` (our loop detector, see ``sanity``);
 * ``Reply-To`` by the list's ``reply_to`` policy: ``poster`` leaves it alone, ``list`` points
   replies at the list, ``explicit`` at ``reply_to_address``.
@@ -39,15 +41,9 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     msg["List-Help"] = f"<mailto:{mlist.request_address}?subject=help>"
     msg["List-Subscribe"] = f"<mailto:{mlist.join_address}>"
     web = str(getattr(ctx.settings.pipeline, "web_url", "") or "").rstrip("/")
-    unsubscribe = f"<mailto:{mlist.leave_address}>"
-    if web.startswith("https://"):
-        link = f"{web}/lists/{quote(mlist.name)}/unsubscribe"
-        msg["List-Unsubscribe"] = f"<{link}>,\n {unsubscribe}"
-        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        if getattr(s, "archive", False):
-            msg["List-Archive"] = f"<{web}/archives/{quote(mlist.name)}/>"
-    else:
-        msg["List-Unsubscribe"] = unsubscribe
+    msg["List-Unsubscribe"] = f"<mailto:{mlist.leave_address}>"
+    if web.startswith(("https://", "http://")) and getattr(s, "archive", False):
+        msg["List-Archive"] = f"<{web}/archives/{quote(mlist.name)}/>"
     msg["Precedence"] = "list"
     msg["X-BeenThere"] = mlist.posting_address
     policy = getattr(s, "reply_to", "poster")

@@ -1,0 +1,162 @@
+"""RFC 8058 one-click unsubscribe: a per-recipient HTTPS link whose token only we can make.
+
+RFC 8058 wants the URI alone to say who unsubscribes, so one link for the whole list cannot work.
+In personalized (VERP) delivery, the out runner rewrites each copy's ``List-Unsubscribe`` to
+
+    List-Unsubscribe: <https://WEB/lists/dev/unsubscribe?address=alice%40example.org&token=TOKEN>,
+     <mailto:dev-leave@example.org>
+    List-Unsubscribe-Post: List-Unsubscribe=One-Click
+
+when ``pipeline.web_url`` is an ``https://`` address. TOKEN is an HMAC-SHA256 of the list name and
+the (lower-cased) address under a site secret kept in ``var/secrets/unsubscribe.key`` (made on
+first use, mode 0600, shared by every node through var; never in git). Bulk delivery sends one copy
+to many members, so it carries only the mailto: address and no ``List-Unsubscribe-Post``.
+
+Whatever web front end the operator runs checks a request with ``verify_token`` (or the command
+line: ``python -m mailq.delivery.unsubscribe verify LIST ADDRESS TOKEN``, exit 0 valid, 1 not)
+before it unsubscribes anyone. Rotating the secret (delete the file) invalidates every link
+already mailed.
+"""
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import hmac
+import os
+import re
+from urllib.parse import quote
+
+from mailq.config import Settings
+
+SECRET_NAME = "unsubscribe.key"
+_secrets: dict[str, bytes] = {}
+
+
+def secret_path(settings: Settings) -> str:
+    return os.path.join(settings.var, "secrets", SECRET_NAME)
+
+
+def site_secret(settings: Settings) -> bytes:
+    """The site's HMAC key, made once (32 random bytes) by whichever node needs it first."""
+    path = secret_path(settings)
+    key = _secrets.get(path)
+    if key is not None:
+        return key
+    try:
+        with open(path, "rb") as fh:
+            key = fh.read()
+    except FileNotFoundError:
+        key = _create_secret(path)
+    if len(key) < 32:
+        raise ValueError(f"{path} holds {len(key)} bytes, expected 32 or more; delete it to make a new "
+                         "one (links already mailed stop working)")
+    _secrets[path] = key
+    return key
+
+
+def _create_secret(path: str) -> bytes:
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, os.urandom(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        # link(), not rename(): two nodes making it at once must end up with ONE key, the first.
+        os.link(tmp, path)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+    finally:
+        os.unlink(tmp)
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def make_token(settings: Settings, listname: str, address: str) -> str:
+    """The unguessable token for *address* on *listname* (URL-safe, 32 characters)."""
+    message = f"{listname.lower()}\0{address.strip().lower()}".encode()
+    digest = hmac.new(site_secret(settings), message, hashlib.sha256).digest()[:24]
+    return base64.urlsafe_b64encode(digest).decode("ascii")
+
+
+def verify_token(settings: Settings, listname: str, address: str, token: str) -> bool:
+    """True iff *token* is the one mailed to *address* for *listname* (constant-time compare).
+
+    For the web front end: call it with the ``address`` and ``token`` query parameters of the
+    one-click POST (and the list name from the path) before unsubscribing the address.
+    """
+    try:
+        expected = make_token(settings, listname, address)
+    except FileNotFoundError:
+        return False
+    return hmac.compare_digest(expected.encode("ascii"), token.strip().encode("ascii", "replace"))
+
+
+def unsubscribe_url(settings: Settings, listname: str, address: str) -> str | None:
+    """The one-click link for *address*, or None without an ``https://`` ``pipeline.web_url``."""
+    web = str(settings.pipeline.web_url or "").rstrip("/")
+    if not web.startswith("https://"):
+        return None
+    return (f"{web}/lists/{quote(listname, safe='')}/unsubscribe?address={quote(address, safe='')}"
+            f"&token={make_token(settings, listname, address)}")
+
+
+_UNSUBSCRIBE = re.compile(rb"^list-unsubscribe(-post)?[ \t]*:", re.IGNORECASE)
+
+
+def personalize(msg: bytes, url: str) -> bytes:
+    """*msg* with its ``List-Unsubscribe`` (kept mailto: addresses) led by *url*, plus the
+    one-click ``List-Unsubscribe-Post``. A message without ``List-Unsubscribe`` is returned as is:
+    it did not come through the list pipeline (owner mail, notices)."""
+    nl = b"\r\n" if b"\r\n" in msg[:4000] else b"\n"
+    end = msg.find(nl + nl)
+    if end < 0:
+        return msg
+    head, rest = msg[:end], msg[end:]
+    kept: list[bytes] = []
+    old_value: list[bytes] = []
+    current = None          # the header being dropped: b"" List-Unsubscribe, b"-post" the Post one
+    for line in head.split(nl):
+        if line[:1] in (b" ", b"\t") and current is not None:
+            if current == b"":
+                old_value.append(line.strip())
+            continue
+        match = _UNSUBSCRIBE.match(line)
+        current = (match.group(1) or b"").lower() if match else None
+        if match is None:
+            kept.append(line)
+        elif current == b"":
+            old_value.append(line[match.end():].strip())
+    if not old_value:
+        return msg
+    uris = [u.strip() for u in b" ".join(old_value).split(b",") if u.strip().lower().startswith(b"<mailto:")]
+    kept.append(b"List-Unsubscribe: " + (b"," + nl + b" ").join([f"<{url}>".encode("ascii")] + uris))
+    kept.append(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click")
+    return nl.join(kept) + rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mailq.delivery.unsubscribe verify LIST ADDRESS TOKEN``: 0 valid, 1 not, 2 usage."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 4 or args[0] != "verify":
+        sys.stderr.write("usage: python -m mailq.delivery.unsubscribe verify LIST ADDRESS TOKEN\n"
+                         "  Exit 0 if TOKEN is the one-click unsubscribe token mailed to ADDRESS for LIST,\n"
+                         "  1 if not. Example:\n"
+                         "  python -m mailq.delivery.unsubscribe verify dev alice@example.org Zm9v...\n")
+        return 2
+    from mailq.config import load_settings
+
+    ok = verify_token(load_settings(), args[1], args[2], args[3])
+    print("valid" if ok else "not valid")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
