@@ -44,7 +44,15 @@ LOCK_SUFFIX = ".lock"
 HOLDERS_SUFFIX = ".holders"
 #: Longest single wait slice between two looks for dead holders (seconds).
 _MAX_SLICE = 1.0
+#: filelock's mode: its folders get 0o775 (cut by the umask, so ``_make_dirs`` makes them first) and
+#: its sentinel and claims 0o644 whatever we ask: it publishes records without group write on
+#: purpose and only ever reads them, so group read is all other hosts need there.
 _MODE = 0o664
+#: Holder records: group-writable whatever the umask (a recycled pid of another user rewrites one).
+_RECORD_MODE = 0o664
+#: filelock's folder beside the sentinel and the claims folder inside it.
+COORDINATION_SUFFIX = ".filelock"
+CLAIMS_DIR = "claims"
 
 
 def make_shared_dir(path: Path) -> None:
@@ -247,21 +255,32 @@ class Lock:
         data = json.dumps(record).encode()
         try:
             if not self._dirs_made:
-                make_shared_dir(self.holders_dir)
-                self._dirs_made = True
+                self._make_dirs()
             # One small write: a reader that catches it half-written skips it (the claim shows node "?").
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o664)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _RECORD_MODE)
             except FileNotFoundError:  # var/locks was removed since: make it again
-                make_shared_dir(self.holders_dir)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o664)
+                self._make_dirs()
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _RECORD_MODE)
             try:
+                os.fchmod(fd, _RECORD_MODE)  # the umask cut the group write bit
                 os.write(fd, data)
             finally:
                 os.close(fd)
         except OSError as exc:
             raise TemporaryFailure(f"cannot write holder record {path}: {exc.strerror} (check that "
                                    f"{self.holders_dir} exists and is writable)") from exc
+
+    def _make_dirs(self) -> None:
+        """The holder records' folder, and filelock's ``<lock>.filelock/claims/`` before filelock makes them.
+
+        filelock creates its folders with mkdir (the umask cuts group write) and never widens them
+        later, so another user of the group could not publish a claim; made here group-writable and
+        setgid, filelock keeps those bits (it only adds the sticky bit).
+        """
+        make_shared_dir(self.holders_dir)
+        make_shared_dir(self.path.with_name(self.path.name + COORDINATION_SUFFIX) / CLAIMS_DIR)
+        self._dirs_made = True
 
     def _record_in(self) -> None:
         # Several Lock objects of one process may use one path (nested edits, threads): one record,
@@ -411,7 +430,7 @@ def all_locks(settings: Settings) -> list[Lock]:
     except FileNotFoundError:
         return []
     for entry in entries:
-        for suffix in (LOCK_SUFFIX, LOCK_SUFFIX + ".filelock", LOCK_SUFFIX + HOLDERS_SUFFIX):
+        for suffix in (LOCK_SUFFIX, LOCK_SUFFIX + COORDINATION_SUFFIX, LOCK_SUFFIX + HOLDERS_SUFFIX):
             if entry.endswith(suffix) and not entry.startswith("."):
                 names.add(entry[: -len(suffix)])
                 break

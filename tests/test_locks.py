@@ -79,6 +79,22 @@ def test_lock_writes_holder_record_while_held_and_removes_it_after(settings):
     assert lock.records() == {}
 
 
+def test_lock_folders_and_holder_records_are_group_writable_whatever_the_umask(settings):
+    old = os.umask(0o022)
+    try:
+        lock = named_lock(settings, "slices", timeout=5)
+        with lock:
+            claims = lock.path.with_name(lock.path.name + ".filelock") / "claims"
+            records = list(lock.holders_dir.iterdir())
+            modes = {p: os.stat(p).st_mode for p in [claims.parent, claims, lock.holders_dir, *records]}
+            sentinel = os.stat(lock.path).st_mode
+    finally:
+        os.umask(old)
+    # Another host's mailq (maybe another user of the group) publishes claims and records there.
+    assert all(mode & 0o060 == 0o060 for mode in modes.values()), {p.name: oct(m) for p, m in modes.items()}
+    assert sentinel & 0o040  # filelock only reads the sentinel: group read is what it needs
+
+
 def test_holder_killed_on_same_node_is_broken_by_next_writer_and_logged(two_nodes):
     n1, _ = two_nodes
     holder = start(n1, HOLDER, "dev")

@@ -1,12 +1,17 @@
 """``mailq check``: is every list loadable, are permissions right, do dead processes block locks?
 
-Checks, and what ``--fix`` does about each (only what is safe):
+Hosts share ``var/`` and their mailq may run as different users of one group, so everything one
+host's mailq creates another must be able to use.  Checks, and what ``--fix`` does about each (only
+what is safe):
 
 * a list whose ``list.pck`` is unreadable (loaded from ``.last``): re-save it from ``.last`` under
   its lock (the bad file is kept aside as ``list.pck.corrupt.<time>``);
-* ``var/lists`` or ``var/locks`` not group-writable, a list folder that is not group-writable and
-  setgid, or a database file that is not group readable and writable (hosts run mailq as one user
-  in one group): chmod;
+* folders without group read/write/search (``var/lists``, ``var/locks``, list folders and their
+  ``held/`` folders, which must be setgid too, lock folders ``<lock>.filelock/``, its ``claims/``
+  and ``<lock>.holders/``); data files without group read and write (``list.pck``, ``.last``, held
+  messages, ``digest.mbox``, holder records); lock sentinels and claims without group read
+  (filelock publishes them without group write on purpose and only ever reads them): chmod adding
+  the missing bits;
 * a file or folder the user running mailq cannot read: reported only (needs root's chown);
 * lock claims left by dead processes on this host, and stale holder records: broken / removed.
 """
@@ -20,7 +25,14 @@ from pathlib import Path
 from mailq.config import Settings
 from mailq.errors import MailqError
 from mailq.lists.store import DB_NAME, DIR_MODE, ListStore
-from mailq.locks import all_locks, break_dead, holder_is_dead_here, prune_records
+from mailq.locks import (CLAIMS_DIR, COORDINATION_SUFFIX, HOLDERS_SUFFIX, LOCK_SUFFIX, all_locks, break_dead,
+                         holder_is_dead_here, prune_records)
+
+#: Bits each kind of path must have (the group's share of what other hosts' mailq does with it).
+SHARED_DIR = DIR_MODE & 0o7070   # group rwx + setgid: files made inside keep the mailq group
+GROUP_DIR = 0o070                # group rwx
+GROUP_RW = 0o060                 # data files other hosts rewrite or append to
+GROUP_R = 0o040                  # files other hosts only read
 
 
 @dataclass
@@ -37,10 +49,11 @@ def run_checks(settings: Settings, fix: bool = False) -> list[Problem]:
     problems: list[Problem] = []
     for top in (settings.lists_dir, settings.locks_dir):
         if top.exists():  # every host's mailq creates list folders and lock files in these
-            problems += _check_mode(top, 0o070, fix, is_dir=True)
+            problems += _check_mode(top, GROUP_DIR, fix)
     store = ListStore(settings)
     for name in store.names():
         problems += _check_list(store, name, fix)
+    problems += _check_lock_files(settings.locks_dir, fix)
     problems += _check_locks(settings, fix)
     return problems
 
@@ -51,42 +64,93 @@ def _check_list(store: ListStore, name: str, fix: bool) -> list[Problem]:
     try:
         mlist = store.load(name)
     except MailqError as exc:
-        return [Problem(str(folder), f"list {name} cannot be loaded: {exc}")]
-    if mlist.loaded_from_last:
-        p = Problem(str(folder / DB_NAME), f"list {name}: {mlist.load_problem}")
-        if fix:
-            with store.edit(name):
-                pass  # edit reloads (from .last), moves the bad file aside and saves a good current file
-            p.fixed = True
-            p.what += f"; re-saved from {DB_NAME}.last"
-        out.append(p)
-    out += _check_mode(folder, DIR_MODE & 0o7070, fix, is_dir=True)
-    for fname in (DB_NAME, DB_NAME + ".last"):
-        path = folder / fname
-        if path.exists():
-            out += _check_mode(path, 0o060, fix, is_dir=False)
+        out.append(Problem(str(folder), f"list {name} cannot be loaded: {exc}"))
+    else:
+        if mlist.loaded_from_last:
+            p = Problem(str(folder / DB_NAME), f"list {name}: {mlist.load_problem}")
+            if fix:
+                # edit reloads (from .last), moves the bad file aside and saves a good current file
+                with store.edit(name, always_save=True):
+                    pass
+                p.fixed = True
+                p.what += f"; re-saved from {DB_NAME}.last"
+            out.append(p)
+    out += _check_mode(folder, SHARED_DIR, fix)
+    for fname in (DB_NAME, DB_NAME + ".last", "digest.mbox"):
+        out += _check_mode(folder / fname, GROUP_RW, fix, missing_ok=True)
+    held = folder / "held"
+    if held.is_dir():
+        out += _check_mode(held, SHARED_DIR, fix)
+        out += _check_files_in(held, GROUP_RW, fix)
     return out
 
 
-def _check_mode(path: Path, want_bits: int, fix: bool, *, is_dir: bool) -> list[Problem]:
+def _check_lock_files(locks_dir: Path, fix: bool) -> list[Problem]:
+    """The sentinel, filelock's folders and claims, and our holder records, of every lock."""
+    try:
+        entries = sorted(os.scandir(locks_dir), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    out: list[Problem] = []
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.name.startswith("."):
+            continue
+        if entry.name.endswith(LOCK_SUFFIX):
+            out += _check_mode(path, GROUP_R, fix, missing_ok=True)
+        elif entry.name.endswith(LOCK_SUFFIX + COORDINATION_SUFFIX):
+            out += _check_mode(path, GROUP_DIR, fix, missing_ok=True)
+            if (path / CLAIMS_DIR).is_dir():
+                out += _check_mode(path / CLAIMS_DIR, GROUP_DIR, fix, missing_ok=True)
+                out += _check_files_in(path / CLAIMS_DIR, GROUP_R, fix)
+        elif entry.name.endswith(LOCK_SUFFIX + HOLDERS_SUFFIX):
+            out += _check_mode(path, SHARED_DIR, fix, missing_ok=True)
+            out += _check_files_in(path, GROUP_RW, fix)
+    return out
+
+
+def _check_files_in(folder: Path, want_bits: int, fix: bool) -> list[Problem]:
+    out: list[Problem] = []
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return out
+    except OSError as exc:
+        return [Problem(str(folder), f"cannot list: {exc.strerror}")]
+    for name in names:
+        # Files come and go while we look (claims, held posts decided meanwhile): a vanished one is fine.
+        out += _check_mode(folder / name, want_bits, fix, missing_ok=True)
+    return out
+
+
+def _check_mode(path: Path, want_bits: int, fix: bool, *, missing_ok: bool = False) -> list[Problem]:
     out = []
     try:
         st = os.stat(path)
+    except FileNotFoundError:
+        return [] if missing_ok else [Problem(str(path), "missing")]
     except OSError as exc:
         return [Problem(str(path), f"cannot stat: {exc.strerror}")]
+    is_dir = stat.S_ISDIR(st.st_mode)
     if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
         out.append(Problem(str(path), f"not readable by the user running mailq (uid {os.getuid()}); "
                                       f"chown it to that user or group"))
-    missing = want_bits & ~stat.S_IMODE(st.st_mode)
+    mode = stat.S_IMODE(st.st_mode)
+    missing = want_bits & ~mode
     if missing:
         kind = "folder" if is_dir else "file"
+        need = {GROUP_R: "group read", GROUP_RW: "group read/write"}.get(want_bits & 0o070, "group read/write/search")
         setgid = " and setgid" if missing & stat.S_ISGID else ""
-        p = Problem(str(path), f"{kind} mode {stat.S_IMODE(st.st_mode):04o} lacks {missing:04o} "
-                               f"(group read/write{setgid} for other hosts' mailq)")
+        p = Problem(str(path), f"{kind} mode {mode:04o} lacks {missing:04o} ({need}{setgid} for other hosts' "
+                               f"mailq, which may run as another user of the group)")
         if fix:
             try:
-                os.chmod(path, stat.S_IMODE(st.st_mode) | missing)
+                os.chmod(path, mode | missing)
                 p.fixed = True
+            except FileNotFoundError:
+                if missing_ok:
+                    return out
+                p.what += "; it vanished before chmod"
             except OSError as exc:
                 p.what += f"; chmod failed: {exc.strerror}"
         out.append(p)
