@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from mailq.lists import ListStore
+from mailq.locks import named_lock
 from tests.support import ROOT, make_node
 
 
@@ -66,11 +67,76 @@ def test_members_set_list_filters_and_remove(dev):
     assert [(m["address"], m["status"]) for m in disabled] == [("d2@example.org", "disabled_admin")]
     regular = json.loads(dev.mailq("members", "list", "dev", "--regular", "--json", check=True).stdout)
     assert {m["address"]: m["moderated"] for m in regular} == {"r1@example.org": True, "d2@example.org": False}
+    both = dev.mailq("members", "list", "dev", "--regular", "--digest")
+    assert both.returncode == 2 and "--regular and --digest exclude each other" in both.stderr
     missing = dev.mailq("members", "set", "dev", "nobody@example.org", "--digest")
     assert missing.returncode == 1 and "not a member" in missing.stderr
     removed = json.loads(dev.mailq("members", "remove", "dev", "d1@example.org", "x@example.org", "--json",
                                    check=True).stdout)
     assert removed["removed"] == ["d1@example.org"] and removed["not_members"] == ["x@example.org"]
+
+
+def test_invalid_only_or_no_op_member_and_config_commands_leave_the_database_untouched(dev):
+    dev.mailq("members", "add", "dev", input="a@example.org\nd@example.org\n", check=True)
+    lists = dev.var / "lists" / "dev"
+    before = tree_bytes(dev.var)
+    inodes = [(lists / f).stat().st_ino for f in ("list.pck", "list.pck.last")]
+    refused = dev.mailq("members", "add", "dev", input="not an address\ncarol@\n")
+    assert refused.returncode == 1 and "line 1: invalid" in refused.stderr and "line 2: invalid" in refused.stderr
+    assert "mailq: error: every address line (2) is invalid (see above): nothing added" in refused.stderr
+    refused = dev.mailq("members", "remove", "dev", "bob@", "not-an-address")
+    assert refused.returncode == 1
+    assert "mailq: error: 2 invalid address(es) refused (see above); nothing removed" in refused.stderr
+    no_ops = [(["members", "add", "dev"], "A@example.org\n"),           # already a member
+              (["members", "remove", "dev", "zed@example.org"], None),  # not a member
+              (["members", "set", "dev", "a@example.org", "--no-digest"], None),
+              (["members", "sync", "dev", "-"], "d@example.org\na@example.org\n"),
+              (["config", "set", "dev", "nonmember_action=hold"], None)]
+    for args, text in no_ops:
+        result = dev.mailq(*args, input=text)
+        assert result.returncode == 0, (args, result.stderr)
+        assert tree_bytes(dev.var) == before, args
+    assert "nothing changed" in result.stdout
+    assert [(lists / f).stat().st_ino for f in ("list.pck", "list.pck.last")] == inodes
+    assert ListStore(dev.settings()).load("dev").generation == 2
+
+
+def test_commands_on_a_list_with_a_corrupt_current_file_warn_naming_the_fallback(dev):
+    dev.mailq("members", "add", "dev", input="a@example.org\n", check=True)
+    db = dev.var / "lists" / "dev" / "list.pck"
+    db.write_bytes(b"\x80\x05garbage")
+    for args in (["members", "list", "dev"], ["config", "show", "dev"], ["lists", "show", "dev"], ["lists", "list"]):
+        result = dev.mailq(*args, check=True)
+        assert f"mailq: warning: list dev: {db} is unreadable" in result.stderr, args
+        assert "using list.pck.last (generation 1" in result.stderr and "run 'mailq check'" in result.stderr
+    edited = dev.mailq("members", "add", "dev", input="b@example.org\n", check=True)
+    assert edited.stderr.count("is unreadable") == 1  # loaded twice (check, then edit): said once
+    assert "saving this change on top of list.pck.last (generation 1)" in edited.stderr
+    assert "kept as list.pck.corrupt." in edited.stderr
+    assert dev.mailq("members", "list", "dev", check=True).stdout.split() == ["b@example.org"]
+    db.write_bytes(b"junk")
+    db.with_name("list.pck.last").write_bytes(b"junk")
+    listed = dev.mailq("lists", "list")
+    assert listed.returncode == 1 and "UNREADABLE" in listed.stdout
+    assert "mailq: error: 1 list(s) cannot be loaded: dev" in listed.stderr
+
+
+def test_members_add_from_a_terminal_says_it_reads_stdin_until_ctrl_d(dev):
+    import pty
+
+    master, slave = pty.openpty()
+    proc = dev.popen("mailq", "members", "add", "dev", stdin=slave, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    os.close(slave)
+    try:
+        hint = proc.stderr.readline()
+        assert "reading addresses from stdin" in hint and "Ctrl-D" in hint
+        os.write(master, b"tty@example.org\n\x04")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, err
+    assert "added 1 member(s)" in out
 
 
 def test_members_sync_dry_run_then_apply_and_refuses_invalid_file(dev, tmp_path):
@@ -147,6 +213,9 @@ def test_lists_list_show_and_remove_keeping_archives(dev):
     assert [(s["name"], s["posting_address"], s["members"]) for s in listed] == [("dev", "dev@example.org", 0)]
     shown = json.loads(dev.mailq("lists", "show", "dev", "--json", check=True).stdout)
     assert shown["list_id"] == "dev.example.org" and shown["owners"] == ["owner@example.org"]
+    text = dev.mailq("lists", "show", "dev", check=True).stdout
+    assert "list_id           dev.example.org" in text
+    assert any(line.split()[:2] == ["nonmember_action", "'hold'"] for line in text.splitlines())
     dev.mailq("lists", "remove", "dev", "--keep-archives", check=True)
     assert not (dev.var / "lists" / "dev").exists() and archive.exists()
     assert json.loads(dev.mailq("lists", "list", "--json", check=True).stdout) == []
@@ -160,15 +229,36 @@ def test_create_uses_configured_default_domain(tmp_path):
 
 
 def test_check_reports_fallback_and_permissions_and_fix_repairs_them(dev):
+    from mailq.digest import append_pending
+    from mailq.lists.held import HeldStore
+
     dev.mailq("members", "add", "dev", input="a@example.org\n", check=True)
+    assert dev.mailq("check", check=True).stdout.startswith("ok")  # what a umask-022 mailq made is right
+    settings = dev.settings()
+    held = dev.var / "lists" / "dev" / "held" / f"{HeldStore(settings, 'dev').hold(b'x', {}, 'test')}.pck"
+    append_pending(settings, "dev", [(b"Subject: x\n\nbody\n", "a@example.org", 0.0)])
     db = dev.var / "lists" / "dev" / "list.pck"
     db.write_bytes(b"\x80\x05garbage")
-    os.chmod(db.parent, 0o755)
-    result = dev.mailq("check")
-    assert result.returncode == 1
-    assert "unreadable" in result.stdout and "lacks" in result.stdout
-    fixed = dev.mailq("check", "--fix")
-    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    locks = dev.var / "locks"
+    claims = locks / "list.dev.lock.filelock" / "claims"
+    held_lock = named_lock(settings, "slices", timeout=5)  # its claims and holder record exist while held
+    with held_lock:
+        slices = locks / "slices.lock.filelock" / "claims"
+        too_narrow = {db.parent: 0o755, held: 0o600, db.parent / "digest.mbox": 0o640,
+                      locks / "list.dev.lock": 0o600, claims.parent: 0o755, claims: 0o1755,
+                      locks / "list.dev.lock.holders": 0o755, next(slices.iterdir()): 0o600,
+                      next((locks / "slices.lock.holders").iterdir()): 0o644}
+        for path, mode in too_narrow.items():
+            os.chmod(path, mode)
+        result = dev.mailq("check")
+        assert result.returncode == 1
+        assert "unreadable" in result.stdout
+        for path in too_narrow:
+            assert f"PROBLEM: {path}: " in result.stdout and "lacks" in result.stdout, path
+        fixed = dev.mailq("check", "--fix")
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        for path, mode in too_narrow.items():
+            assert os.stat(path).st_mode & 0o070 & ~mode, path  # the group bits that were missing are there
     assert "FIXED" in fixed.stdout
     assert dev.mailq("check", check=True).stdout.startswith("ok")
     assert json.loads(dev.mailq("lists", "show", "dev", "--json", check=True).stdout)["loaded_from_last"] is False

@@ -13,12 +13,26 @@ from typing import Any
 import click
 
 from mailq.cli.common import (EXIT_FAIL, config_option, emit_json, fail, get_settings, handle_errors,
-                              json_option, print_table)
+                              json_option, print_table, warn)
 
 
 def _store() -> Any:
+    """The list store for this command; a list loaded from ``list.pck.last`` is warned about on stderr."""
     from mailq.lists import ListStore
-    return ListStore(get_settings())
+
+    shown: set[str] = set()
+
+    def on_fallback(message: str) -> None:
+        if message not in shown:  # a command that loads and then edits reads the list twice: warn once
+            shown.add(message)
+            warn(message)
+    return ListStore(get_settings(), on_fallback=on_fallback)
+
+
+def _settings_rows(values: dict[str, Any]) -> list[list[Any]]:
+    from mailq.lists.settings import describe_type
+
+    return [[k, repr(v) if isinstance(v, str) else v, describe_type(k)] for k, v in sorted(values.items())]
 
 
 def _root_config(ctx: click.Context, config_file: str | None) -> None:
@@ -115,10 +129,17 @@ def list_(as_json: bool) -> None:
             out.append({"name": name, "error": str(exc)})
     if as_json:
         emit_json(out)
-        return
-    rows = [[s["name"], s.get("posting_address", "-"), s.get("members", "-"), s.get("generation", "-"),
-             "UNREADABLE" if "error" in s else ("from .last" if s["loaded_from_last"] else "ok")] for s in out]
-    print_table(rows, ["LIST", "ADDRESS", "MEMBERS", "GEN", "STATE"])
+    else:
+        rows = [[s["name"], s.get("posting_address", "-"), s.get("members", "-"), s.get("generation", "-"),
+                 "UNREADABLE" if "error" in s else ("from .last" if s["loaded_from_last"] else "ok")]
+                for s in out]
+        print_table(rows, ["LIST", "ADDRESS", "MEMBERS", "GEN", "STATE"])
+    unreadable = [s for s in out if "error" in s]
+    for s in unreadable:
+        warn(s["error"])
+    if unreadable:
+        fail(f"{len(unreadable)} list(s) cannot be loaded: {', '.join(s['name'] for s in unreadable)} "
+             f"(see above); 'mailq check' reports every problem")
 
 
 @lists.command("show")
@@ -140,13 +161,13 @@ def show(name: str, as_json: bool) -> None:
     if as_json:
         emit_json(info)
         return
-    if mlist.loaded_from_last:
-        click.echo(f"WARNING: {mlist.load_problem}", err=True)
     for key in ("name", "posting_address", "owner_address", "request_address", "bounces_address", "list_id",
                 "members", "enabled_members", "digest_members", "generation"):
         click.echo(f"{key:17} {info[key]}")
     click.echo(f"{'owners':17} {', '.join(mlist.settings.owners)}")
     click.echo(f"{'moderators':17} {', '.join(mlist.settings.moderators) or '-'}")
+    click.echo(f"\nsettings ('mailq config set {name} KEY=VALUE' changes one):")
+    print_table(_settings_rows(info["settings"]), ["KEY", "VALUE", "TYPE"])
 
 
 # -- mailq config --------------------------------------------------------------------------------
@@ -179,8 +200,6 @@ def config_show(listname: str, as_yaml: bool, as_json: bool) -> None:
       mailq config show dev
       mailq config show dev --yaml > dev.yaml
     """
-    from mailq.lists.settings import describe_type
-
     values = _store().load(listname).settings.as_dict()
     if as_json:
         emit_json(values)
@@ -188,8 +207,7 @@ def config_show(listname: str, as_yaml: bool, as_json: bool) -> None:
         import yaml
         click.echo(yaml.safe_dump(values, sort_keys=True, allow_unicode=True), nl=False)
     else:
-        print_table([[k, repr(v) if isinstance(v, str) else v, describe_type(k)]
-                     for k, v in sorted(values.items())], ["KEY", "VALUE", "TYPE"])
+        print_table(_settings_rows(values), ["KEY", "VALUE", "TYPE"])
 
 
 @config.command("set")
@@ -223,7 +241,15 @@ def config_set(listname: str, assignments: tuple[str, ...]) -> None:
     with store.edit(listname) as mlist:
         for key, value in pairs:
             mlist.settings.set_text(key, value)
-    click.echo(f"list {listname}: set {', '.join(k for k, _ in pairs)} (generation {mlist.generation})")
+    _report_saved(mlist, f"set {', '.join(k for k, _ in pairs)}")
+
+
+def _report_saved(mlist: Any, what: str) -> None:
+    if mlist.saved:
+        click.echo(f"list {mlist.name}: {what} (generation {mlist.generation})")
+    else:
+        click.echo(f"list {mlist.name}: nothing changed, every value was already so (generation "
+                   f"{mlist.generation}, not saved)")
 
 
 @config.command("load")
@@ -259,7 +285,7 @@ def config_load(listname: str, file: str) -> None:
         raise InvalidInput(f"{file}: {exc}") from None
     with store.edit(listname) as mlist:
         mlist.settings = ListSettings.from_dict({**mlist.settings.as_dict(), **data}, strict=True)
-    click.echo(f"list {listname}: loaded {len(data)} setting(s) from {file} (generation {mlist.generation})")
+    _report_saved(mlist, f"loaded {len(data)} setting(s) from {file}")
 
 
 # -- mailq check ---------------------------------------------------------------------------------

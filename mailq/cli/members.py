@@ -12,19 +12,16 @@ from typing import Any
 
 import click
 
-from mailq.cli.common import (EXIT_FAIL, config_option, emit_json, fail, get_settings, handle_errors,
-                              json_option, print_table, progress, warn)
-
-
-def _store() -> Any:
-    from mailq.lists import ListStore
-    return ListStore(get_settings())
+from mailq.cli.common import config_option, emit_json, fail, handle_errors, json_option, print_table, progress, warn
+from mailq.cli.lists import _root_config, _store
 
 
 def _read_lines(source: str) -> list[str]:
     from mailq.errors import InvalidInput
 
     if source == "-":
+        if sys.stdin.isatty():  # someone typed the command without a file: say why nothing happens
+            click.echo("reading addresses from stdin, one per line; end with Ctrl-D (or give a FILE)", err=True)
         return sys.stdin.read().splitlines()
     try:
         return Path(source).read_text(encoding="utf-8").splitlines()
@@ -67,7 +64,6 @@ def members(ctx: click.Context, config_file: str | None) -> None:
       mailq members list dev --json
       mailq members sync dev everyone.txt --dry-run
     """
-    from mailq.cli.lists import _root_config
     _root_config(ctx, config_file)
 
 
@@ -93,20 +89,25 @@ def add(listname: str, source: str, digest: bool, moderate: bool | None, as_json
     from mailq.lists import Member
 
     store = _store()
-    store.load(listname)  # unknown list: say so before reading a long file
+    mlist = store.load(listname)  # unknown list: say so before reading a long file
     good, bad = _parse(_read_lines(source), "checking addresses")
     for text in bad:
         warn(text)
-    with store.edit(listname) as mlist:
-        mod = mlist.settings.default_member_moderation if moderate is None else moderate
-        batch, seen = [], set()
-        for _, addr, name in good:
-            if addr.lower() not in seen:  # a file listing one address twice adds it once
-                seen.add(addr.lower())
-                batch.append(Member(addr, name, digest=digest, moderated=mod))
-        added, existing = mlist.members.add_many(batch)
+    added, existing = [], []
+    if good:  # nothing valid: no lock, no save
+        with store.edit(listname) as mlist:
+            mod = mlist.settings.default_member_moderation if moderate is None else moderate
+            batch, seen = [], set()
+            for _, addr, name in good:
+                if addr.lower() not in seen:  # a file listing one address twice adds it once
+                    seen.add(addr.lower())
+                    batch.append(Member(addr, name, digest=digest, moderated=mod))
+            added, existing = mlist.members.add_many(batch)
+    elif not bad:
+        warn(f"{source if source != '-' else 'stdin'} holds no addresses; nothing changed")
     result = {"list": listname, "added": len(added), "already_members": [m.address for m in existing],
-              "invalid": bad, "members": len(mlist.members), "generation": mlist.generation}
+              "invalid": bad, "members": len(mlist.members), "generation": mlist.generation,
+              "changed": mlist.saved}
     if as_json:
         emit_json(result)
     else:
@@ -114,11 +115,11 @@ def add(listname: str, source: str, digest: bool, moderate: bool | None, as_json
         if existing:
             click.echo(f"already members ({len(existing)}): " + ", ".join(m.address for m in existing[:20])
                        + (" ..." if len(existing) > 20 else ""))
+    if bad and not good:
+        fail(f"every address line ({len(bad)}) is invalid (see above): nothing added, list {listname} unchanged")
     if bad:
-        if not as_json:
-            fail(f"{len(bad)} line(s) were not added (see above); fix them and run the command again "
-                 f"with just those lines", EXIT_FAIL)
-        sys.exit(EXIT_FAIL)
+        fail(f"{len(bad)} line(s) were not added (see above); fix them and run the command again "
+             f"with just those lines")
 
 
 @members.command("remove")
@@ -151,30 +152,35 @@ def remove(listname: str, items: tuple[str, ...], as_json: bool) -> None:
                 bad.append(f"{item}: {exc}")
     for text in bad:
         warn(text)
-    with _store().edit(listname) as mlist:
-        removed = mlist.members.remove_many(addresses)
+    store = _store()
+    if addresses:
+        with store.edit(listname) as mlist:  # only non-members: nothing changes, nothing is saved
+            removed = mlist.members.remove_many(addresses)
+    else:  # nothing valid to remove: no lock, no save
+        mlist, removed = store.load(listname), []
     gone = {m.key for m in removed}
     missing = sorted({a for a in addresses if a.lower() not in gone}, key=str.lower)
     if as_json:
         emit_json({"list": listname, "removed": [m.address for m in removed], "not_members": missing,
-                   "invalid": bad, "members": len(mlist.members)})
+                   "invalid": bad, "members": len(mlist.members), "changed": mlist.saved})
     else:
         click.echo(f"{listname}: removed {len(removed)} member(s); now {len(mlist.members)}")
         if missing:
             more = " ..." if len(missing) > 20 else ""
             click.echo(f"not members ({len(missing)}): {', '.join(missing[:20])}{more}")
     if bad:
-        sys.exit(EXIT_FAIL)
+        done = "the valid ones were removed" if removed else f"nothing removed, list {listname} unchanged"
+        fail(f"{len(bad)} invalid address(es) refused (see above); {done}")
 
 
 @members.command("list")
 @click.argument("listname")
-@click.option("--regular", "kind", flag_value="regular", help="Only members who get every post.")
-@click.option("--digest", "kind", flag_value="digest", help="Only digest members.")
+@click.option("--regular", is_flag=True, help="Only members who get every post (not with --digest).")
+@click.option("--digest", is_flag=True, help="Only digest members (not with --regular).")
 @click.option("--disabled", is_flag=True, help="Only members whose delivery is disabled.")
 @json_option
 @handle_errors
-def list_(listname: str, kind: str | None, disabled: bool, as_json: bool) -> None:
+def list_(listname: str, regular: bool, digest: bool, disabled: bool, as_json: bool) -> None:
     """Show the members of LISTNAME (all, or --regular / --digest, optionally --disabled).
 
     \b
@@ -183,6 +189,9 @@ def list_(listname: str, kind: str | None, disabled: bool, as_json: bool) -> Non
       mailq members list dev --digest --json
       mailq members list dev --disabled
     """
+    if regular and digest:
+        raise click.UsageError("--regular and --digest exclude each other: give one, or neither for every member")
+    kind = "regular" if regular else "digest" if digest else None
     mlist = _store().load(listname)
     chosen = [m for m in mlist.members
               if (kind is None or m.digest == (kind == "digest")) and (not disabled or not m.enabled)]
@@ -243,7 +252,8 @@ def sync(listname: str, source: str, dry_run: bool, as_json: bool) -> None:
         emit_json(result)
         return
     verb = ("would add", "would remove") if dry_run else ("added", "removed")
-    click.echo(f"{listname}: {verb[0]} {len(to_add)}, {verb[1]} {len(to_remove)}")
+    same = "" if to_add or to_remove else " (the list already matches: nothing changed)"
+    click.echo(f"{listname}: {verb[0]} {len(to_add)}, {verb[1]} {len(to_remove)}{same}")
     for m in to_add[:50]:
         click.echo(f"  + {m.address}")
     for a in to_remove[:50]:
@@ -285,7 +295,9 @@ def set_(listname: str, address: str, digest: bool | None, moderate: bool | None
             member.display_name = " ".join(display_name.split())
         info = member.as_dict()
     if as_json:
-        emit_json(info)
+        emit_json({**info, "changed": mlist.saved})
     else:
+        same = "" if mlist.saved else " (already so: nothing changed)"
         click.echo(f"{listname}: {info['address']}: status {info['status']}, "
-                   f"{'digest' if info['digest'] else 'regular'}, moderated {'yes' if info['moderated'] else 'no'}")
+                   f"{'digest' if info['digest'] else 'regular'}, moderated {'yes' if info['moderated'] else 'no'}"
+                   f"{same}")
