@@ -108,13 +108,16 @@ class ListStore:
             return False
         return path.exists() or path.with_name(DB_NAME + ".last").exists()
 
-    def stamp(self, name: str) -> tuple[int, int, int] | None:
-        """A cheap change marker for ``list.pck`` (inode, mtime, size): compare to skip a reload."""
+    def stamp(self, name: str) -> FileKey | None:
+        """The key ``load`` caches by (device, inode, mtime, ctime, size of ``list.pck``), or None.
+
+        A bare stat: on NFS it may answer from the attribute cache for a few seconds, where
+        ``load``'s open asks the server (close-to-open consistency).
+        """
         try:
-            st = os.stat(self.db_path(name))
+            return _file_key(os.stat(self.db_path(name)))
         except FileNotFoundError:
             return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     # -- reading ---------------------------------------------------------------------------------
     def load(self, name: str) -> MailingList:
