@@ -5,8 +5,15 @@ run under its own lock (``var/locks/cron.<task>.lock``), and only when its last-
 (``var/cluster/cron/<task>.last``) is older than its period, so a cluster-wide task runs once per
 period however many hosts start it.  The stamp's age is judged by the shared filesystem's clock
 (its mtime against a probe's), like every age in the cluster.  Node-scoped tasks (``recover``:
-this node's dead claims) keep one stamp and lock per node.  The stamp is written only after a run
-that succeeded, so a failed run is tried again by the next cron tick.
+this node's dead claims) keep one stamp and lock per node.
+
+The stamp is written when a run *starts*, so its mtime is the start of the run by the filesystem's
+clock, and a task is due again once its age reaches the period less a tolerance (a tenth of the
+period): cron starts every host's run a little late, by a varying amount, and a run judged
+against the previous run's *end*, or with no slack for a start a few seconds early relative to
+the last one, would skip every other period.  A run that fails puts the previous stamp back (the
+file, renamed, keeps its mtime), so the next cron tick tries again.  What the run did goes into
+``<task>.result`` next to the stamp (``mailq cron list`` shows it).
 
 A task is ``"module:function"``; the function takes ``(settings, log)`` and returns a one-line summary.
 """
@@ -71,8 +78,21 @@ def stamp_path(settings: Settings, task: Task) -> Path:
     return settings.cluster_dir / "cron" / f"{_key(settings, task)}.last"
 
 
+def result_path(settings: Settings, task: Task) -> Path:
+    return settings.cluster_dir / "cron" / f"{_key(settings, task)}.result"
+
+
+#: A task is due once its stamp is this share of its period short of the period (cron start jitter).
+TOLERANCE = 0.1
+
+
+def due_after(task: Task) -> float:
+    """Age of the last run's start after which *task* runs again."""
+    return task.period * (1 - TOLERANCE)
+
+
 def last_run(settings: Settings, task: Task, now: float | None = None) -> dict[str, Any] | None:
-    """The stamp's record plus ``age`` (filesystem clock), or None when the task never ran."""
+    """The stamp's record plus ``age`` (filesystem clock) and the last result, or None when it never ran."""
     from mailq.cluster.heartbeat import fs_now
 
     path = stamp_path(settings, task)
@@ -81,12 +101,23 @@ def last_run(settings: Settings, task: Task, now: float | None = None) -> dict[s
             data, mtime = fh.read(), os.fstat(fh.fileno()).st_mtime
     except FileNotFoundError:
         return None
+    record = _json(data)
     try:
-        record = json.loads(data)
-    except ValueError:
-        record = {}
+        result = _json(result_path(settings, task).read_bytes())
+    except OSError:
+        result = {}
+    if (result.get("node"), result.get("pid")) != (record.get("node"), record.get("pid")):
+        result = {"summary": "running (or it died before it finished)"}
     now = fs_now(settings) if now is None else now
-    return {**record, "age": max(0.0, now - mtime)}
+    return {**record, "summary": result.get("summary"), "ok": result.get("ok"), "age": max(0.0, now - mtime)}
+
+
+def _json(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def run_task(settings: Settings, name: str, *, force: bool = False, log: logging.Logger | None = None,
@@ -100,20 +131,34 @@ def run_task(settings: Settings, name: str, *, force: bool = False, log: logging
     # A short wait: if another host is running it right now, that run is the one for this period.
     with named_lock(settings, f"cron.{_key(settings, task)}", timeout=lock_timeout):
         last = last_run(settings, task)
-        if last is not None and last["age"] < task.period and not force:
-            return RunResult(name, False, True, f"skipped: ran {last['age']:.0f}s ago on {last.get('node', '?')} "
+        if last is not None and last["age"] < due_after(task) and not force:
+            return RunResult(name, False, True, f"skipped: started {last['age']:.0f}s ago on {last.get('node', '?')} "
                                                 f"(period {task.period:g}s; --force to run anyway)")
-        module, func = task.target.split(":")
-        function = getattr(importlib.import_module(module), func)
+        path = stamp_path(settings, task)
+        previous = path.with_name(path.name + ".prev")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        had_stamp = True
         try:
+            os.replace(path, previous)      # kept, with its mtime, in case this run fails
+        except FileNotFoundError:
+            had_stamp = False
+        record = {"node": settings.node.name, "pid": os.getpid()}
+        atomic_write(path, (json.dumps(record) + "\n").encode(), fsync=False, mode=0o664)
+        module, func = task.target.split(":")
+        try:
+            function = getattr(importlib.import_module(module), func)
             summary = str(function(settings, log) or "done")
         except Exception as exc:
             log.exception("cron task %s failed", name)
+            # Put the previous stamp back (or none): the next tick tries again.
+            if had_stamp:
+                os.replace(previous, path)
+            else:
+                path.unlink(missing_ok=True)
             return RunResult(name, True, False, f"failed: {exc.__class__.__name__}: {exc}")
-        path = stamp_path(settings, task)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"node": settings.node.name, "pid": os.getpid(), "summary": summary}
-        atomic_write(path, (json.dumps(record) + "\n").encode(), fsync=False, mode=0o664)
+        previous.unlink(missing_ok=True)
+        result = {**record, "ok": True, "summary": summary}
+        atomic_write(result_path(settings, task), (json.dumps(result) + "\n").encode(), fsync=False, mode=0o664)
         log.info("cron task %s: %s", name, summary)
         return RunResult(name, True, True, summary)
 

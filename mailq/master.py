@@ -9,9 +9,12 @@ renew the heartbeat, then start one ``qrunner`` process per (queue, slice) that
 
 Then, every tick: reap runners that exited and restart crashed ones with exponential backoff up to
 ``runners.restart_cap`` restarts (then leave it down, loudly); every ``cluster.heartbeat`` seconds
-renew the heartbeat, run the automatic failover check when ``cluster.failover`` is ``auto``, re-read
-the slice map and start or stop runners to match it.  The state is written to
-``<run_dir>/status.json`` for ``mailqctl status``.
+renew the heartbeat, re-read the slice map and start or stop runners to match it.  When
+``cluster.failover`` is ``auto``, a worker thread looks for dead nodes every quarter beat and
+performs the takeovers this node is due to do (on a thread, so that a slow takeover never holds up
+our own heartbeat); the slices it took are started as soon as it is done.  The state is written to
+``<run_dir>/status.json`` for ``mailqctl status`` and to ``var/cluster/status/<node>.json`` for
+``mailq cluster status`` on any host.
 
 Signals: SIGTERM/SIGINT stop every runner (SIGTERM, ``runners.stop_timeout``, then SIGKILL) and
 exit 0; SIGHUP reopens the log files and is passed on to every runner.
@@ -24,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -80,6 +84,20 @@ def _is_mailq(pid: int) -> bool:
             return b"mailq" in fh.read()
     except OSError:
         return True     # no /proc: trust the pid
+
+
+def shared_status_path(settings: Settings, node: str | None = None) -> Path:
+    """This node's runner list on the shared tree, for ``mailq cluster status`` on any host."""
+    return settings.cluster_dir / "status" / f"{node or settings.node.name}.json"
+
+
+def failover_interval(settings: Settings) -> float:
+    """How often a master looks for dead nodes: a quarter beat (at least 0.25 s, at most 1 s).
+
+    Judging costs one listing and a probe write; looking more often than we beat shortens the
+    time from lease + margin to the takeover (docs/cluster.md §6).
+    """
+    return min(1.0, max(0.25, settings.cluster.heartbeat / 4))
 
 
 def read_status(settings: Settings) -> dict[str, Any] | None:
@@ -144,6 +162,10 @@ class Master:
         self._map_problem = ""
         self._last_status: Any = None
         self._started = time.time()
+        self._rejoining = False
+        self._failover_thread: threading.Thread | None = None
+        self._takeover_done = threading.Event()
+        self._shared_at = 0.0
         self.on_hup: Callable[[], None] | None = None   # extra work on SIGHUP (the daemon's stdio)
 
     # -- start-up -------------------------------------------------------------------------------
@@ -201,14 +223,22 @@ class Master:
             self.log.info("master running: %s", ", ".join(c.label for c in self.children.values()) or
                           "no runners assigned to this node")
             next_beat = time.monotonic() + self.settings.cluster.heartbeat
+            next_check = time.monotonic()
             while not self._stop:
                 if self._hup:
                     self._reopen()
                 resync = self._reap()
                 now = time.monotonic()
-                if resync or now >= next_beat:
+                if now >= next_beat:
                     self._beat()
                     next_beat = now + self.settings.cluster.heartbeat
+                elif resync or self._takeover_done.is_set():
+                    # A runner left its slice, or our takeover just moved slices here: start them now.
+                    self._takeover_done.clear()
+                    self._sync()
+                if now >= next_check:
+                    self._start_failover_check()
+                    next_check = now + failover_interval(self.settings)
                 self._start_due()
                 self._write_status()
                 time.sleep(TICK)
@@ -344,7 +374,7 @@ class Master:
                 self.children[key] = Child(*key)
 
     def _beat(self, first: bool = False) -> None:
-        """Heartbeat, automatic failover, slice map: every cluster.heartbeat seconds."""
+        """Heartbeat and slice map: every cluster.heartbeat seconds (failover runs on its own thread)."""
         try:
             if self._heartbeat is None:
                 from mailq.cluster.heartbeat import Heartbeat
@@ -353,21 +383,48 @@ class Master:
             if not self._heartbeat.renew():
                 self.log.error("cannot renew the heartbeat of node %s: runners stop claiming when the "
                                "lease runs out", self.node)
+            self._log_rejoin(self._heartbeat.rejoin_left)
         except Exception:
             self.log.error("heartbeat failed:\n%s", traceback.format_exc().rstrip())
-        if self.settings.cluster.failover == "auto" and not first:
+        self._sync()
+        self._publish_status()
+
+    def _log_rejoin(self, left: float) -> None:
+        if left > 0 and not self._rejoining:
+            self.log.warning("node %s was silent for longer than its lease (a takeover may be under way): "
+                             "heartbeat renewed, but its runners claim nothing for %.1fs more (lease + margin "
+                             "of continuous renewals), then follow the slice map they read", self.node, left)
+        elif left <= 0 and self._rejoining:
+            self.log.warning("node %s rejoined: lease stamped again (slice map epoch %s)", self.node, self._epoch)
+        self._rejoining = left > 0
+
+    def _start_failover_check(self) -> None:
+        """Automatic failover on a worker thread, so a slow takeover never delays our own heartbeat.
+
+        A takeover may wait up to 30 s for the slices lock and then scan every queue for the dead
+        node's claims; done inline, this master would stop renewing, fence itself and look dead.
+        """
+        if self.settings.cluster.failover != "auto" or self._heartbeat is None:
+            return
+        if self._failover_thread is not None and self._failover_thread.is_alive():
+            return
+
+        def work() -> None:
             try:
                 from mailq.cluster.failover import check
 
-                check(self.settings, self.log)
+                if check(self.settings, self.log):
+                    self._takeover_done.set()
             except Exception:
                 self.log.error("automatic failover check failed:\n%s", traceback.format_exc().rstrip())
-        self._sync()
+
+        self._failover_thread = threading.Thread(target=work, name="failover", daemon=True)
+        self._failover_thread.start()
 
     # -- status, signals, shutdown --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {"node": self.node, "pid": os.getpid(), "started": self._started, "epoch": self._epoch,
-                "map_problem": self._map_problem,
+                "map_problem": self._map_problem, "rejoining": self._rejoining,
                 "runners": [c.as_dict() for c in sorted(self.children.values(), key=lambda c: c.key)]}
 
     def _write_status(self) -> None:
@@ -379,6 +436,20 @@ class Master:
                 self._last_status = status
             except OSError as exc:
                 self.log.warning("cannot write %s: %s", status_path(self.settings), exc)
+            self._publish_status(status)
+
+    def _publish_status(self, status: dict[str, Any] | None = None, *, stopped: bool = False) -> None:
+        """The runner list on the shared tree (every beat, and on each change): ``cluster status`` reads it
+        on any host; its mtime, against the reader's probe, says how fresh it is."""
+        status = dict(status or self.status(), stopped=stopped)
+        path = shared_status_path(self.settings)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(status).encode(), fsync=False, mode=0o664)
+        except OSError as exc:
+            if time.monotonic() - self._shared_at > 60:     # once a minute at most: the disk may be gone
+                self.log.warning("cannot write %s: %s", path, exc)
+                self._shared_at = time.monotonic()
 
     def _install_signals(self) -> None:
         def on_stop(signum: int, frame: Any) -> None:
@@ -407,6 +478,10 @@ class Master:
                 child.proc.send_signal(signal.SIGHUP)
 
     def _shutdown(self) -> None:
+        if self._failover_thread is not None and self._failover_thread.is_alive():
+            # A takeover half done is safe to redo, but let it finish: it holds the slices lock.
+            self.log.info("master stopping: waiting for the failover check in progress")
+            self._failover_thread.join(self.settings.runners.stop_timeout)
         running = [c for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
         self.log.info("master stopping: SIGTERM to %d runners", len(running))
         for child in running:
@@ -422,5 +497,7 @@ class Master:
                                "the next start)", child.label, child.proc.pid, self.settings.runners.stop_timeout)
                 child.proc.kill()
                 child.proc.wait()
+        self.children.clear()
+        self._publish_status(stopped=True)
         self.log.info("master stopped")
         self.release()

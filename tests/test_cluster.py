@@ -12,10 +12,11 @@ import time
 import pytest
 
 from mailq.cluster import failover, heartbeat
+from mailq.cluster import takeover as takeover_mod
 from mailq.cluster.guard import ClaimGuard
 from mailq.cluster.slicemap import load_map
 from mailq.queue import Claimant, Queue
-from tests.support import ROOT, make_node
+from tests.support import ROOT, make_node, wait_for
 
 LOG = logging.getLogger("test.cluster")
 
@@ -183,3 +184,144 @@ def test_drain_moves_slices_and_waits_for_the_nodes_claims(nodes):
     assert proc.returncode == 0, err
     assert b"h2 drained" in out
     assert not load_map(s1.slice_map_path).nodes["h2"].fenced
+
+
+def test_reassign_refuses_an_unknown_or_silent_target_unless_forced(nodes):
+    s1 = renew(nodes["h1"])
+    renew(nodes["h2"])
+    age_heartbeat(s1, "h2", 60)                          # h2 dead; h3 never beat
+    typo = nodes["h1"].mailq("slices", "reassign", "--from", "h2", "--to", "h33")
+    assert typo.returncode == 1 and "node 'h33' is not in the slice map" in typo.stderr, typo.stderr
+    smap = load_map(s1.slice_map_path)
+    assert "h33" not in smap.nodes and not smap.nodes["h2"].fenced       # nothing changed
+    silent = nodes["h1"].mailq("slices", "reassign", "--from", "h2", "--to", "h3")
+    assert silent.returncode == 1 and "heartbeat is unknown" in silent.stderr and "--force" in silent.stderr
+    assert not load_map(s1.slice_map_path).nodes["h2"].fenced
+    taken = smap.slices_for("h2")
+    forced = nodes["h1"].mailq("slices", "reassign", "--from", "h2", "--to", "h3", "--force")
+    assert forced.returncode == 0, forced.stderr
+    after = load_map(s1.slice_map_path)
+    assert after.nodes["h2"].fenced and all(after.owner_of(q, s) == "h3" for q, s, _ in taken)
+
+
+def test_rebalance_onto_a_new_node_warns_when_it_has_no_live_heartbeat(nodes):
+    renew(nodes["h1"])
+    result = nodes["h1"].mailq("slices", "rebalance", "--nodes", "h1,h4")
+    assert result.returncode == 0, result.stderr
+    assert "node h4 has no live heartbeat (unknown)" in result.stderr
+    assert load_map(nodes["h1"].settings().slice_map_path).slices_for("h4")
+
+
+HOLD_SLICES_LOCK = """\
+import sys, time
+from mailq.config import load_settings
+from mailq.cluster.slicemap import slices_lock
+lock = slices_lock(load_settings(sys.argv[1]))
+lock.acquire()
+print("held", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_slices_lock_held_by_the_dead_node_is_broken_by_its_takeover_and_no_other(nodes):
+    s1 = renew(nodes["h1"])
+    renew(nodes["h2"])
+    renew(nodes["h3"])
+    # h2's process holds the slices lock and stays alive (to the lock it could be on any host).
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SLICES_LOCK, str(nodes["h2"].config)], cwd=ROOT,
+                              env=nodes["h2"].environ(), stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        age_heartbeat(s1, "h3", 60)
+        # Taking over h3 does not break h2's claim: h2 is not the node being taken over.
+        from mailq.locks import LockTimeout
+
+        with pytest.raises(LockTimeout):
+            takeover_mod.take_slices_lock(s1, "h3", LOG, timeout=1.5)
+        age_heartbeat(s1, "h2", 60)
+        renew(nodes["h3"])                           # h2's backup, alive
+        result = nodes["h1"].mailq("slices", "reassign", "--from", "h2", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "broke lock slices held by node h2" in (s1.log_dir / "takeover.log").read_text()
+        assert load_map(s1.slice_map_path).nodes["h2"].fenced
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_node_that_beats_again_during_its_takeover_keeps_its_claims_until_silent_again(nodes, monkeypatch):
+    s1 = renew(nodes["h1"])
+    s2 = renew(nodes["h2"])
+    s3 = renew(nodes["h3"])
+    claimed = claim_one(s1, "out", "h2")
+    age_heartbeat(s1, "h2", 60)
+    real_write = takeover_mod.write_checked
+
+    def write_then_wake(*args, **kw):
+        real_write(*args, **kw)
+        assert heartbeat.Heartbeat(s2).renew()      # h2 wakes right after the map fencing it is written
+
+    monkeypatch.setattr(takeover_mod, "write_checked", write_then_wake)
+    report = takeover_mod.takeover(s1, "h2", log=LOG)
+    monkeypatch.undo()
+    assert report.deferred and report.recovered == 0 and report.broken_locks == []
+    assert claimed.path.exists()                    # h2's own to finish: it may be processing it
+    assert load_map(s1.slice_map_path).nodes["h2"].fenced
+    assert takeover_mod.pending_recovery(s1) == ["h2"]
+    assert failover.check(s3, LOG, any_performer=True) == []     # h2 is alive again: not yet
+    assert claimed.path.exists()
+    age_heartbeat(s1, "h2", 60)                     # silent again: the next look finishes the recovery
+    reports = failover.check(s3, LOG, any_performer=True)
+    assert [(r.dead, r.already_fenced, r.recovered) for r in reports] == [("h2", True, 1)]
+    assert not claimed.path.exists() and takeover_mod.pending_recovery(s1) == []
+
+
+def test_a_master_silent_past_its_lease_claims_nothing_until_it_beat_for_lease_plus_margin(tmp_path):
+    node = make_node(tmp_path, "h1", cluster={"heartbeat": 0.2, "lease": 1, "margin": 0.5})
+    s = node.settings()
+    hb = heartbeat.Heartbeat(s)
+    assert hb.renew() and hb.rejoin_left == 0 and heartbeat.lease_age(s) < 0.5     # first start ever
+    time.sleep(1.3)                                 # frozen past the lease
+    resumed = time.monotonic()
+    assert hb.renew() and hb.rejoin_left > 1.0
+    assert heartbeat.read_heartbeat(s, "h1").age < 0.5          # others see it alive again ...
+    assert heartbeat.lease_age(s) > 1.0                          # ... but its runners stay fenced
+    while hb.rejoin_left > 0:
+        time.sleep(0.2)
+        assert hb.renew()
+        if hb.rejoin_left > 0:
+            assert heartbeat.lease_age(s) > 1.0
+    assert time.monotonic() - resumed >= 1.5 - 0.01 and heartbeat.lease_age(s) < 0.5
+    # A master starting after the node was silent past its lease rejoins the same way.
+    age_heartbeat(s, "h1", 5)
+    again = heartbeat.Heartbeat(s)
+    assert again.renew() and again.rejoin_left > 1.0
+
+
+def test_a_slow_takeover_does_not_stop_the_performers_heartbeat(nodes):
+    s1 = renew(nodes["h1"])
+    age_heartbeat(s1, "h3", 60)                     # h3 dead; h1 is its backup; h2 never beat
+    # A live holder of the slices lock (not the dead node) makes the takeover wait for it.
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SLICES_LOCK, str(nodes["h2"].config)], cwd=ROOT,
+                              env=nodes["h2"].environ(), stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"held"
+    master = nodes["h1"].popen("mailqctl", "start", "--foreground", stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    log = s1.log_dir / "master.log"
+    try:
+        wait_for(lambda: log.exists() and "node h3 is silent" in log.read_text(), 60,
+                 message="h1's master starting the takeover of h3")
+        worst = 0.0
+        deadline = time.monotonic() + 2 * s1.cluster.lease
+        while time.monotonic() < deadline:           # the takeover waits for the lock meanwhile
+            worst = max(worst, heartbeat.read_heartbeat(s1, "h1").age)
+            time.sleep(0.1)
+        assert not load_map(s1.slice_map_path).nodes["h3"].fenced      # still waiting
+        assert worst < s1.cluster.lease, f"h1's heartbeat reached {worst:.1f}s during its takeover"
+        holder.kill()
+        wait_for(lambda: load_map(s1.slice_map_path).nodes["h3"].fenced, 40, message="the takeover done")
+    finally:
+        holder.kill()
+        holder.wait()
+        master.terminate()
+        master.wait(timeout=60)

@@ -2,16 +2,37 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
+from mailq import cron
 from mailq.cluster import heartbeat
 from mailq.cluster.slicemap import load_map
 from tests.support import ROOT, make_node
+
+#: what the test tasks below do on their next run
+BEHAVIOUR = {"fail": False}
+
+
+def slow_task(settings, log) -> str:
+    """A task that takes a good part of its (test) period, as a real one may."""
+    time.sleep(0.4)
+    if BEHAVIOUR["fail"]:
+        raise RuntimeError("the task broke")
+    return "slow task done"
+
+
+@pytest.fixture
+def slow(monkeypatch):
+    """Task "slow": period 1 s, runs 0.4 s."""
+    monkeypatch.setitem(cron.TASKS, "slow", cron.Task("slow", "tests.test_cron:slow_task", 1.0, "cluster", "test"))
+    monkeypatch.setitem(BEHAVIOUR, "fail", False)
+    return "slow"
 
 
 @pytest.fixture
@@ -30,12 +51,45 @@ def test_a_cluster_task_runs_once_per_period_across_nodes(nodes):
     first = run(nodes["h1"], "expire-held")
     assert first["ran"] and first["ok"]
     second = run(nodes["h2"], "expire-held")
-    assert not second["ran"] and re.search(r"ran \d+s ago on h1", second["summary"])
+    assert not second["ran"] and re.search(r"started \d+s ago on h1", second["summary"])
     forced = run(nodes["h2"], "expire-held", "--force")
     assert forced["ran"]
     listing = json.loads(nodes["h3"].mailq("cron", "list", "--json", check=True).stdout)
     row = next(r for r in listing if r["task"] == "expire-held")
     assert row["last_node"] == "h2" and row["last_age"] is not None
+
+
+def test_a_run_one_period_after_the_last_start_runs_however_long_the_last_run_took(nodes, slow):
+    s1, s2 = nodes["h1"].settings(), nodes["h2"].settings()
+    started = time.monotonic()
+    assert cron.run_task(s1, slow).ran
+    assert not cron.run_task(s2, slow).ran                  # within the period, on another node
+    # The next cron tick, one period after the last *start*: it must run (a stamp taken at the
+    # end of the 0.4 s run would make it look 0.6 s old and skip this period).
+    time.sleep(max(0.0, started + 1.0 - time.monotonic()))
+    again = cron.run_task(s2, slow)
+    assert again.ran and again.ok, again.summary
+    last = cron.last_run(s1, cron.TASKS[slow])
+    assert last["node"] == "h2" and last["summary"] == "slow task done" and last["ok"]
+
+
+def test_a_failed_run_keeps_the_previous_stamp_so_the_next_tick_retries(nodes, slow):
+    s1, s2 = nodes["h1"].settings(), nodes["h2"].settings()
+    assert cron.run_task(s1, slow).ran
+    BEHAVIOUR["fail"] = True
+    failed = cron.run_task(s2, slow, force=True)
+    assert failed.ran and not failed.ok and "the task broke" in failed.summary
+    last = cron.last_run(s1, cron.TASKS[slow])
+    assert last["node"] == "h1" and last["summary"] == "slow task done"     # h1's run still the last one
+    BEHAVIOUR["fail"] = False
+    time.sleep(max(0.0, 1.0 - last["age"]))
+    assert cron.run_task(s2, slow).ran
+    stamp = cron.stamp_path(s1, cron.TASKS[slow])
+    stamp.unlink()
+    BEHAVIOUR["fail"] = True
+    assert not cron.run_task(s1, slow).ok and not stamp.exists()       # never ran well: due at once
+    BEHAVIOUR["fail"] = False
+    assert cron.run_task(s1, slow).ran
 
 
 def test_a_node_task_runs_on_every_node(nodes):
@@ -66,6 +120,32 @@ def test_check_failover_from_cron_takes_over_a_silent_node(nodes):
     assert result["ran"] and "fenced h2" in result["summary"]
     smap = load_map(settings.slice_map_path)
     assert smap.nodes["h2"].fenced and smap.slices_for("h1")
+
+
+def test_check_failover_without_backups_spreads_the_dead_nodes_slices_over_the_live_ones(tmp_path):
+    var = tmp_path / "var"
+    made = {n: make_node(tmp_path, n, var=var, cluster={"failover": "auto"}, runners={"slices": {"out": 6, "in": 3}})
+            for n in ("h1", "h2", "h3")}
+    made["h1"].mailq("slices", "init", "--nodes", "h1,h2,h3", "--no-backups", check=True)
+    settings = made["h1"].settings()
+    before = load_map(settings.slice_map_path)
+    assert before.nodes["h3"].backup is None
+    taken = before.slices_for("h3")
+    for n in ("h1", "h2", "h3"):
+        assert heartbeat.Heartbeat(made[n].settings()).renew()
+    path = heartbeat.nodes_dir(settings) / "h3"
+    now = heartbeat.fs_now(settings)
+    os.utime(path, (now - 60, now - 60))
+    result = run(made["h1"], "check-failover")
+    assert result["ran"] and "fenced h3" in result["summary"], result
+    after = load_map(settings.slice_map_path)
+    assert after.nodes["h3"].fenced and after.slices_for("h3") == []
+    got = {n: [(q, s) for q, s, _ in taken if after.owner_of(q, s) == n] for n in ("h1", "h2")}
+    assert len(got["h1"]) + len(got["h2"]) == len(taken)
+    assert abs(len(got["h1"]) - len(got["h2"])) <= 1, got                  # shared evenly
+    for queue in ("in", "out"):                                            # and evenly per queue
+        owners = after.queues[queue]
+        assert abs(owners.count("h1") - owners.count("h2")) <= 1, (queue, owners)
 
 
 def test_an_unknown_task_is_refused_with_the_known_ones(nodes):

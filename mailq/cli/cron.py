@@ -74,7 +74,7 @@ def list_cmd(as_json: bool) -> None:
         return
     print_table([[r["task"], f"{r['period']:g}s", r["scope"],
                   "never" if r["last_age"] is None else f"{r['last_age']:.0f}s ago on {r['last_node']}",
-                  r["help"]] for r in rows], ["task", "period", "scope", "last run", "what"])
+                  r["help"]] for r in rows], ["task", "period", "scope", "last started", "what"])
 
 
 def main() -> None:

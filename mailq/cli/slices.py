@@ -57,7 +57,7 @@ def slices() -> None:
 @json_option
 @handle_errors
 def show(as_json: bool) -> None:
-    """Print the slice map in force.
+    """Print the slice map in force (exit 1, loudly, when the file on disk is refused).
 
     \b
     Examples:
@@ -65,19 +65,26 @@ def show(as_json: bool) -> None:
       mailq slices show --json | jq .epoch
     """
     settings = get_settings()
-    smap = sm.current_for_update(settings)
-    problem = sm.problem_now(settings)
+    state = sm.map_in_force(settings)
+    smap, problem = state.smap, state.problem
+    if smap is None:
+        fail(f"{settings.slice_map_path}: no slice map{f' ({problem})' if problem else ''}; every node runs every "
+             f"slice. Create one with `mailq slices init --nodes NODE1,NODE2,...`")
     if as_json:
-        emit_json({**smap.to_dict(), "problem": problem})
-        return
-    click.echo(f"epoch {smap.epoch}  ({settings.slice_map_path})")
-    rows = [[q, len(owners), " ".join(f"{s}:{o}" for s, o in enumerate(owners))] for q, owners in smap.queues.items()]
-    print_table(rows, ["queue", "count", "slice:node"])
-    click.echo()
-    print_table([[n, e.backup or "-", "FENCED" if e.fenced else "", len(smap.slices_for(n))]
-                 for n, e in sorted(smap.nodes.items())], ["node", "backup", "fenced", "slices"])
+        emit_json({**smap.to_dict(), "in_force_from": state.source, "problem": problem})
+    else:
+        click.echo(f"epoch {smap.epoch} in force (from the {state.source}, {settings.slice_map_path})")
+        rows = [[q, len(owners), " ".join(f"{s}:{o}" for s, o in enumerate(owners))]
+                for q, owners in smap.queues.items()]
+        print_table(rows, ["queue", "count", "slice:node"])
+        click.echo()
+        print_table([[n, e.backup or "-", "FENCED" if e.fenced else "", len(smap.slices_for(n))]
+                     for n, e in sorted(smap.nodes.items())], ["node", "backup", "fenced", "slices"])
     if problem:
-        warn(f"the file on disk is NOT in force:\n{problem}")
+        warn(f"THE FILE ON DISK IS REFUSED and not in force; every node runs the map above (epoch "
+             f"{smap.epoch}) until it is fixed:\n{problem}\nThe next `mailq slices` change starts from the map "
+             f"above and replaces the refused file (kept as slices.yaml.last).")
+        sys.exit(1)
 
 
 @slices.command()
@@ -215,6 +222,10 @@ def rebalance(nodes: list[str] | None) -> None:
       mailq slices rebalance
       mailq slices rebalance --nodes h1,h2
     """
+    from mailq.cluster.heartbeat import read_all, state_of
+
+    settings = get_settings()
+
     def change(smap: sm.SliceMap) -> None:
         chosen = nodes or smap.live_nodes()
         for n in chosen:
@@ -224,8 +235,17 @@ def rebalance(nodes: list[str] | None) -> None:
         for q, owners in smap.queues.items():
             smap.queues[q] = sm.rebalance_owners(owners, chosen)
 
-    old, new = sm.update_map(get_settings(), change)
+    old, new = sm.update_map(settings, change)
     _print_moves(old, new)
+    if nodes:
+        # Naming a new node here is how nodes join, so it is allowed; but a node with no live
+        # master leaves its new slices' mail waiting, and a typo looks just like that.
+        beats = read_all(settings)
+        for n in nodes:
+            state = state_of(settings, beats.get(n), False)
+            if state != "alive":
+                warn(f"node {n} has no live heartbeat ({state}): its slices wait until its master runs "
+                     f"(`mailqctl start` on that host). A typo? Fix it with `mailq slices rebalance --nodes ...`.")
 
 
 @slices.command()
@@ -268,20 +288,28 @@ def edit() -> None:
 @click.option("--from", "dead", required=True, metavar="NODE", help="The dead node.")
 @click.option("--to", "to", default=None, callback=lambda c, p, v: _nodes_arg(v) if v else None,
               metavar="NODE[,NODE]", help="Who takes its slices (default: its backup, else the live nodes).")
+@click.option("--force", is_flag=True,
+              help="Accept a --to node whose heartbeat is not alive (its slices then wait until its master runs).")
 @json_option
 @handle_errors
-def reassign(dead: str, to: list[str] | None, as_json: bool) -> None:
+def reassign(dead: str, to: list[str] | None, force: bool, as_json: bool) -> None:
     """Take over a dead node: fence it, move its slices, recover its claims, break its locks.
 
     Refused while its heartbeat is younger than lease + margin (use `drain` for a live node).
+    A --to node must be in the map and alive (its master renewing its heartbeat); --force accepts
+    one that is not, at the risk that the slices' mail waits until that node's master runs.
 
     \b
     Examples:
+      mailq slices reassign --from h1
       mailq slices reassign --from h1 --to h2
+      mailq slices reassign --from h1 --to h3 --force     # h3's master is about to start
     """
     from mailq.cluster.takeover import takeover
+    from mailq.logs import get_logger
 
-    report = takeover(get_settings(), dead, to=to)
+    settings = get_settings()
+    report = takeover(settings, dead, to=to, force=force, log=get_logger(settings, "takeover"))
     if as_json:
         emit_json(report.as_dict())
     else:

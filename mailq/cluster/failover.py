@@ -17,7 +17,7 @@ import logging
 
 from mailq.cluster.heartbeat import lease_age, read_all, state_of, takeover_allowed
 from mailq.cluster.slicemap import SliceMapError, current_for_update
-from mailq.cluster.takeover import TakeoverReport, takeover
+from mailq.cluster.takeover import TakeoverReport, pending_recovery, takeover
 from mailq.config import Settings
 from mailq.errors import MailqError
 
@@ -33,7 +33,13 @@ def dead_nodes(settings: Settings) -> list[str]:
 
 
 def check(settings: Settings, log: logging.Logger, *, any_performer: bool = False) -> list[TakeoverReport]:
-    """Take over every dead node this node is the one to take over; return what was done."""
+    """Take over every dead node this node is the one to take over; return what was done.
+
+    Also finishes deferred recoveries (a node that beat again during its takeover, see
+    :func:`mailq.cluster.takeover.takeover`) once that node is silent past lease + margin again.
+    Cheap when nothing is dead: one listing of the heartbeat folder and a probe; the map is read
+    only when some node looks dead.
+    """
     if settings.cluster.failover != "auto":
         return []
     me = settings.node.name
@@ -42,25 +48,33 @@ def check(settings: Settings, log: logging.Logger, *, any_performer: bool = Fals
         age = lease_age(settings)
         if age is None or age > settings.cluster.lease:
             return []
+    beats = read_all(settings)
+    silent = {n for n, info in beats.items() if n != me and takeover_allowed(settings, info)}
+    pending = [n for n in pending_recovery(settings) if n != me and takeover_allowed(settings, beats.get(n))]
+    if not silent and not pending:
+        return []
     try:
         smap = current_for_update(settings)
     except (MailqError, SliceMapError):
         return []
-    beats = read_all(settings)
-    dead = [n for n in smap.live_nodes() if n != me and n in beats and takeover_allowed(settings, beats[n])]
-    if not dead:
-        return []
+    dead = [n for n in smap.live_nodes() if n in silent]
+    pending = [n for n in pending if n in smap.nodes and smap.nodes[n].fenced]
     alive = [n for n in smap.live_nodes() if state_of(settings, beats.get(n), False) in ("alive", "late")]
     reports = []
-    for node in dead:
+    for node in dead + pending:
         backup = smap.nodes[node].backup
         performer = backup if backup in alive else (alive[0] if alive else None)
         if not any_performer and performer != me:
             continue
-        log.warning("failover: node %s is silent past lease + margin (heartbeat %.1fs old); taking over",
-                    node, beats[node].age)
+        if node in dead:
+            log.warning("failover: node %s is silent past lease + margin (heartbeat %.1fs old); taking over",
+                        node, beats[node].age)
+        else:
+            log.warning("failover: fenced node %s is silent again; finishing the recovery its takeover "
+                        "deferred", node)
         try:
-            report = takeover(settings, node, log=log, skip_if_fenced=True)
+            report = takeover(settings, node, log=log, skip_if_fenced=node in dead,
+                              own_lease=not any_performer)
         except MailqError as exc:
             # Someone else did it, or the node came back between our look and the lock: both fine.
             log.info("failover of %s not done: %s", node, exc)

@@ -53,16 +53,39 @@ def lease_path(settings: Settings) -> Path:
 
 
 class Heartbeat:
-    """The master's heartbeat for this node: ``renew()`` every beat."""
+    """The master's heartbeat for this node: ``renew()`` every beat.
+
+    After a gap (a renewal that began more than ``cluster.lease`` after the previous one, or a
+    start when the heartbeat file on disk is already older than the lease) the node may have been
+    taken over meanwhile, and that takeover may not have written its map yet.  So the heartbeat is
+    renewed at once, but the lease is stamped again only once renewals have been continuous for
+    ``lease + margin`` ("rejoining"): any takeover that judged this node dead finished writing its
+    map before then, or saw this node alive again when it re-checked after writing (takeover.py),
+    and the runners, which read the map before each claim, see it (docs/cluster.md §3).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.path = nodes_dir(settings) / settings.node.name
         self.seq = 0
+        self._last_ok: float | None = None      # monotonic start of the last successful write
+        self._fresh_since: float | None = None  # start of the current run of continuous renewals
+        #: seconds of rejoining left after the last renewal (0: the lease is stamped normally)
+        self.rejoin_left = 0.0
 
     def renew(self) -> bool:
-        """Write the heartbeat; on success stamp the local lease.  False when the write failed."""
+        """Write the heartbeat; on success stamp the local lease (unless rejoining).  False when the write failed."""
         started = time.monotonic()
+        cl = self.settings.cluster
+        if self._last_ok is None:
+            # First renewal of this master: was this node silent for longer than its lease?
+            try:
+                before = read_heartbeat(self.settings, self.settings.node.name)
+            except OSError:
+                before = None
+            self._fresh_since = started if before is not None and before.age > cl.lease else float("-inf")
+        elif started - self._last_ok > cl.lease:
+            self._fresh_since = started
         self.seq += 1
         record = {"node": self.settings.node.name, "host": _host_id(), "pid": os.getpid(), "seq": self.seq}
         data = json.dumps(record).encode().ljust(RECORD_SIZE - 1) + b"\n"
@@ -78,6 +101,11 @@ class Heartbeat:
                 os.close(fd)
         except OSError:
             return False
+        self._last_ok = started
+        assert self._fresh_since is not None
+        self.rejoin_left = max(0.0, self._fresh_since + cl.lease + cl.margin - started)
+        if self.rejoin_left > 0:
+            return True
         try:
             stamp_lease(self.settings, started)
         except OSError:

@@ -262,27 +262,44 @@ def write_map(settings: Settings, smap: SliceMap) -> None:
 
 def slices_lock(settings: Settings, timeout: float = 30.0) -> Any:
     """The one lock every writer of the slice map takes (var/locks/slices.lock)."""
-    try:
-        from mailq.locks import named_lock
-    except ImportError:  # locks.py not there yet: the same lock class on the same path
-        import filelock
+    from mailq.locks import named_lock
 
-        settings.locks_dir.mkdir(parents=True, exist_ok=True)
-        return filelock.StrictSoftFileLock(str(settings.locks_dir / "slices.lock"), timeout=timeout)
-    return named_lock(settings, "slices")
+    return named_lock(settings, "slices", timeout=timeout)
+
+
+@dataclass
+class InForce:
+    """The map the cluster follows now, where it came from, and what is wrong with the file."""
+
+    smap: SliceMap | None
+    #: "file", "last-good copy" or "none"
+    source: str
+    #: why the file on disk is not the map in force ("" when it is, or there is no map at all)
+    problem: str
+
+
+def map_in_force(settings: Settings) -> InForce:
+    """The map a master starting now would run: the last-good copy, replaced by the file only when the
+    file is valid and either equal to it or of a higher epoch (the rule of :class:`MapWatcher`).
+
+    ``slices show``, ``cluster status`` and every change (:func:`current_for_update`) start from
+    this, so a refused hand edit is never shown as in force nor used as the base of a change.
+    """
+    watcher = MapWatcher(settings, _QUIET)
+    smap = watcher.current()
+    source = "none"
+    if smap is not None:
+        try:
+            on_disk = load_map(settings.slice_map_path)
+        except (SliceMapError, OSError):
+            on_disk = None
+        source = "file" if on_disk is not None and on_disk.to_dict() == smap.to_dict() else "last-good copy"
+    return InForce(smap, source, watcher.problem)
 
 
 def current_for_update(settings: Settings) -> SliceMap:
-    """The map a change starts from: the file, or the last-good copy when the file is invalid or gone."""
-    try:
-        smap = load_map(settings.slice_map_path)
-    except SliceMapError:
-        smap = None
-    if smap is None:
-        try:
-            smap = load_map(good_path(settings))
-        except SliceMapError:
-            smap = None
+    """The map a change starts from: the map in force (a refused hand edit is not; it is replaced)."""
+    smap = map_in_force(settings).smap
     if smap is None:
         from mailq.errors import NotFound
 
@@ -291,25 +308,42 @@ def current_for_update(settings: Settings) -> SliceMap:
     return smap
 
 
+def write_checked(settings: Settings, smap: SliceMap, seen_epoch: int) -> None:
+    """write_map, unless the highest epoch on disk moved since the caller read *seen_epoch* under the lock.
+
+    It moves only when someone wrote without the lock: a hand edit, or a writer whose lock claim was
+    broken because its node was taken over (docs/cluster.md §5).  Either way this change is stale.
+    """
+    now = disk_epoch(settings)
+    if now != seen_epoch:
+        raise SliceMapError(str(settings.slice_map_path), [
+            f"the map on disk changed while this change was being made (highest epoch {seen_epoch} -> {now}); "
+            f"nothing written: look at `mailq slices show` and run the command again"])
+    write_map(settings, smap)
+
+
 def update_map(settings: Settings, change: Callable[[SliceMap], SliceMap | None]) -> tuple[SliceMap, SliceMap]:
     """Lock, reload, apply *change* to a copy, validate, bump the epoch, write; return (old, new).
 
     *change* may edit the copy in place or return a new map; it may raise InvalidInput to refuse.
     The new epoch is one past the highest epoch seen (file and last-good copy), so it only grows.
+    The change starts from the map in force, so a refused hand edit in the file is replaced (it is
+    kept as ``slices.yaml.last``).
     """
     with slices_lock(settings):
+        seen = disk_epoch(settings)
         old = current_for_update(settings)
         work = old.copy()
         result = change(work)
         new = result if isinstance(result, SliceMap) else work
         if new.to_dict() | {"epoch": 0} == old.to_dict() | {"epoch": 0}:
             return old, old     # nothing changed: keep the epoch, so runners need not react
-        new.epoch = max(old.epoch, _disk_epoch(settings)) + 1
-        write_map(settings, new)
+        new.epoch = max(old.epoch, seen) + 1
+        write_checked(settings, new, seen)
         return old, new
 
 
-def _disk_epoch(settings: Settings) -> int:
+def disk_epoch(settings: Settings) -> int:
     """Highest epoch in the file or the last-good copy, even an invalid file's (epochs never go back)."""
     import re
 
@@ -330,9 +364,14 @@ def create_map(settings: Settings, smap: SliceMap) -> SliceMap:
         if settings.slice_map_path.exists():
             raise InvalidInput(f"{settings.slice_map_path} exists already; change it with `mailq slices assign`, "
                                f"`rebalance` or `edit` (or remove the file first if you really mean to start over)")
-        smap.epoch = _disk_epoch(settings) + 1
+        smap.epoch = disk_epoch(settings) + 1
         write_map(settings, smap)
         return smap
+
+
+#: Loggers for looks that report problems themselves (status, show): the watcher must not log them too.
+_QUIET = logging.getLogger("mailq.cluster.quiet")
+_QUIET.disabled = True
 
 
 # -- watching the file ------------------------------------------------------------------------------
@@ -410,10 +449,7 @@ class MapWatcher:
 
 def problem_now(settings: Settings) -> str:
     """What is wrong with the map file right now ("" when valid or absent), for status and check."""
-    watcher = MapWatcher(settings, logging.getLogger("mailq.cluster.quiet"))
-    watcher.log.disabled = True
-    watcher.current()
-    return watcher.problem
+    return map_in_force(settings).problem
 
 
 def assignments_for(settings: Settings, smap: SliceMap | None, node: str) -> list[tuple[str, int, int]]:

@@ -5,18 +5,23 @@ work done: re-check that the node's heartbeat is past lease + margin (its runner
 themselves by then), mark it fenced and move its slices in one new epoch, recover its orphaned
 claims (back to ``.pck``), and break its lock claims.  The order matters: the map changes first,
 so no runner of any node claims for the dead node's slices under the old owner again; recovery
-then finds every claim the dead node will ever have.
+then finds every claim the dead node will ever have.  Recovery and lock breaking happen only if
+the node is *still* past lease + margin once the new map is written: a node that woke up in
+between keeps its claims and locks (it finishes them and stops); a marker makes a later look
+finish the recovery once it is silent again (docs/cluster.md §5).
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from mailq.cluster.heartbeat import read_all, read_heartbeat, state_of, takeover_allowed
-from mailq.cluster.slicemap import NodeEntry, SliceMap, current_for_update, slices_lock, write_map
+from mailq.cluster.heartbeat import nodes_dir, read_all, read_heartbeat, state_of, takeover_allowed
+from mailq.cluster.slicemap import SliceMap, disk_epoch, current_for_update, slices_lock, write_checked
 from mailq.config import Settings
 from mailq.errors import InvalidInput, NotFound
 
@@ -32,6 +37,8 @@ class TakeoverReport:
     dropped: int = 0
     broken_locks: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: the node beat again during the takeover: fenced, but its claims and locks left to it for now
+    deferred: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,6 +48,9 @@ class TakeoverReport:
         head = (f"node {self.dead} was already fenced (epoch {self.epoch}); finished its recovery" if
                 self.already_fenced else
                 f"fenced {self.dead} in epoch {self.epoch}; moved {len(self.moved)} slices to {', '.join(dest) or '-'}")
+        if self.deferred:
+            return (f"{head}; it renewed its heartbeat meanwhile, so its claims and locks are left to it "
+                    f"until it is silent past lease + margin again")
         return (f"{head}; recovered {self.recovered} claims ({self.to_bad} to bad, {self.dropped} already done); "
                 f"broke {len(self.broken_locks)} lock claims in {self.seconds:.2f}s")
 
@@ -64,12 +74,62 @@ def distribute(smap: SliceMap, slices: list[tuple[str, int]], targets: list[str]
     return moved
 
 
+#: Seconds a takeover waits for the slices lock before it gives up (exit 75: try again).
+LOCK_WAIT = 30.0
+
+
+def pending_path(settings: Settings, node: str) -> Path:
+    """Marker of a takeover whose recovery was deferred because *node* renewed again (hidden: not a heartbeat)."""
+    return nodes_dir(settings) / f".recover-pending.{node}"
+
+
+def pending_recovery(settings: Settings) -> list[str]:
+    """Fenced nodes whose claims a takeover left alone because they beat again meanwhile."""
+    prefix = ".recover-pending."
+    try:
+        return sorted(n[len(prefix):] for n in os.listdir(nodes_dir(settings)) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def take_slices_lock(settings: Settings, dead: str, log: logging.Logger, timeout: float = LOCK_WAIT) -> Any:
+    """The slices lock, breaking a claim of *dead* on it once *dead* is past lease + margin.
+
+    A node that died holding the lock (in the middle of its own ``slices`` change or takeover)
+    would otherwise block its own takeover for ever: its claim is on another host, so no waiter
+    can prove its pid dead.  The criterion that allows the takeover also allows this: its runners
+    stopped claiming a margin ago, and if it wakes up and writes anyway, :func:`write_checked` sees
+    the epoch moved and writes nothing.
+    """
+    from mailq.locks import LockTimeout, break_dead
+
+    lock = slices_lock(settings, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return lock.acquire(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+        except LockTimeout:
+            if any(h.node == dead for h in lock.holders()) and \
+                    takeover_allowed(settings, read_heartbeat(settings, dead)):
+                if break_dead(lock, fenced_nodes={dead}, log=log):
+                    continue
+            if time.monotonic() >= deadline:
+                raise
+
+
 def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log: logging.Logger | None = None,
-             require_dead: bool = True, skip_if_fenced: bool = False) -> TakeoverReport:
-    """Fence *dead*, move its slices (to *to*, else its backup, else the live nodes), recover, break locks."""
+             require_dead: bool = True, skip_if_fenced: bool = False, force: bool = False,
+             own_lease: bool = False) -> TakeoverReport:
+    """Fence *dead*, move its slices (to *to*, else its backup, else the live nodes), recover, break locks.
+
+    *force* lets *to* name a node without a live heartbeat.  *own_lease* (automatic failover): write
+    nothing unless this node's own lease is fresh, so a performer that was frozen itself stops.
+    """
     log = log or logging.getLogger("mailq.cluster.takeover")
     started = time.monotonic()
-    with slices_lock(settings):
+    lock = take_slices_lock(settings, dead, log)
+    try:
+        seen = disk_epoch(settings)
         smap = current_for_update(settings)
         if dead not in smap.nodes:
             raise NotFound(f"node {dead!r} is not in the slice map (known: {', '.join(sorted(smap.nodes))})")
@@ -86,31 +146,80 @@ def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log:
         report = TakeoverReport(dead=dead, epoch=smap.epoch, already_fenced=already)
         if not already:
             owned = [(q, s) for q, owners in smap.queues.items() for s, o in enumerate(owners) if o == dead]
-            targets = _targets(settings, smap, dead, to, manual=not skip_if_fenced)
+            targets = _targets(settings, smap, dead, to, manual=not skip_if_fenced, force=force)
             if owned and not targets:
                 raise InvalidInput(f"no node can take {dead}'s {len(owned)} slices: every other node is fenced "
                                    f"or silent. Name one with --to NODE.")
             report.moved = distribute(smap, owned, targets)
             smap.nodes[dead].fenced = True
-            smap.epoch += 1
-            write_map(settings, smap)
+            smap.epoch = max(smap.epoch, seen) + 1
+            if own_lease:
+                _require_own_lease(settings)
+            write_checked(settings, smap, seen)
             report.epoch = smap.epoch
             log.warning("takeover: fenced %s in epoch %d, moved %d slices to %s", dead, smap.epoch,
                         len(owned), ", ".join(sorted({m["to"] for m in report.moved})) or "-")
-        _recover_and_break(settings, dead, report, log)
+        # Re-check now that the map fencing it is written: if it beat again after our first look,
+        # it woke up in between and its runners may hold claims they made under the old map.
+        # Those are its own to finish (it now sees itself fenced and stops); recovering them or
+        # breaking its locks would let two hosts work on the same entry.
+        after = read_heartbeat(settings, dead)
+        if require_dead and not takeover_allowed(settings, after):
+            report.deferred = True
+            _mark_pending(settings, dead)
+            log.error("takeover of %s: it renewed its heartbeat during the takeover (now %.1fs old): it is "
+                      "fenced in epoch %d, but its claims and locks are left to it; they are recovered "
+                      "once it is silent past lease + margin again (automatic failover, `mailq cron run "
+                      "check-failover`, or `mailq slices reassign --from %s`)", dead, after.age if after else
+                      -1.0, report.epoch, dead)
+        else:
+            _recover_and_break(settings, dead, report, log)
+            pending_path(settings, dead).unlink(missing_ok=True)
+    finally:
+        lock.release()
     report.seconds = time.monotonic() - started
     log.warning("takeover of %s: %s", dead, report.summary())
     return report
 
 
-def _targets(settings: Settings, smap: SliceMap, dead: str, to: list[str] | None, manual: bool) -> list[str]:
+def _require_own_lease(settings: Settings) -> None:
+    from mailq.cluster.heartbeat import lease_age
+
+    age = lease_age(settings)
+    if age is None or age > settings.cluster.lease:
+        raise InvalidInput(f"this node's own lease is stale ({'none' if age is None else f'{age:.1f}s'}): it may be "
+                           f"the one cut off, so it takes nobody over")
+
+
+def _mark_pending(settings: Settings, dead: str) -> None:
+    from mailq.fsutil import atomic_write
+
+    atomic_write(pending_path(settings, dead), f"{dead}\n".encode(), fsync=False, mode=0o664)
+
+
+def _targets(settings: Settings, smap: SliceMap, dead: str, to: list[str] | None, manual: bool,
+             force: bool = False) -> list[str]:
     if to:
+        beats = read_all(settings)
         for n in to:
+            if n == dead:
+                raise InvalidInput(f"cannot move {dead}'s slices to {dead} itself")
             if n not in smap.nodes:
-                smap.nodes[n] = NodeEntry()
-            if smap.nodes[n].fenced or n == dead:
-                raise InvalidInput(f"cannot move slices to {n}: it is {'fenced' if n != dead else 'the dead node'}"
-                                   f" (unfence it with `mailq cluster unfence {n}` first)")
+                # A typo must not create a node nobody runs (the slices would wait for ever).
+                raise NotFound(f"node {n!r} is not in the slice map (known: {', '.join(sorted(smap.nodes))}); "
+                               f"to add a node run `mailq slices rebalance --nodes "
+                               f"{','.join(smap.live_nodes() + [n])}` first")
+            if smap.nodes[n].fenced:
+                raise InvalidInput(f"cannot move slices to {n}: it is fenced (unfence it with "
+                                   f"`mailq cluster unfence {n}` first)")
+            state = state_of(settings, beats.get(n), False)
+            if state != "alive" and not force:
+                age = beats[n].age if n in beats else None
+                raise InvalidInput(
+                    f"cannot move {dead}'s slices to {n}: its heartbeat is {state}"
+                    f"{'' if age is None else f' ({age:.1f}s old)'}, so its master is not running them and "
+                    f"their mail would wait. Start its master first, pick a live node, or add --force "
+                    f"(risk: the slices wait until {n}'s master runs; if {n} is dead too, take it over next)")
         return list(to)
     live = live_nodes(settings, smap, exclude=[dead])
     backup = smap.nodes[dead].backup
