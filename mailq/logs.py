@@ -1,8 +1,10 @@
 """Per-node, per-component log files under ``var/log/<node>/``: one line per event.
 
 Lines look like ``2026-11-22 02:05:47,123 h1 out:0/1[4242] INFO delivered 1763777147.1+ab12.. to 3``.
-A WatchedFileHandler reopens the file when logrotate moves it; SIGHUP (``mailqctl reopen``) also
-calls ``reopen_all``.
+An event whose text has several lines (a traceback) keeps its first line as the event line; every
+further line is indented by four spaces, so ``grep -v '^ '`` lists events and nothing in a
+traceback can pass for one. A WatchedFileHandler reopens the file when logrotate moves it; SIGHUP
+(``mailqctl reopen``) also calls ``reopen_all``.
 """
 from __future__ import annotations
 
@@ -32,7 +34,25 @@ class _SafeWatchedFileHandler(logging.handlers.WatchedFileHandler):
 
 
 _FORMAT = "%(asctime)s %(node)s %(component)s[%(process)d] %(levelname)s %(message)s"
+#: Prefix of every continuation line of a multi-line event.
+CONTINUATION = "    "
 _handlers: list[_SafeWatchedFileHandler] = []
+
+
+class _EventFormatter(logging.Formatter):
+    """One event per unindented line: continuation lines (tracebacks, multi-line messages) indented."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if "\n" not in text and "\r" not in text:
+            return text
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n").split("\n")
+        return lines[0] + "".join(f"\n{CONTINUATION}{line}" for line in lines[1:])
+
+
+def formatter() -> logging.Formatter:
+    """The formatter of every mailq log line (files and the ``-v`` / foreground stderr copies)."""
+    return _EventFormatter(_FORMAT)
 
 
 class _Context(logging.Filter):
@@ -67,12 +87,12 @@ def get_logger(settings: Settings, component: str, *, filename: str | None = Non
         handler: logging.Handler = watched
     except OSError:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(formatter())
     handler.addFilter(_Context(settings.node.name, component))
     logger.addHandler(handler)
     if stderr:
         err = logging.StreamHandler(sys.stderr)
-        err.setFormatter(logging.Formatter(_FORMAT))
+        err.setFormatter(formatter())
         err.addFilter(_Context(settings.node.name, component))
         logger.addHandler(err)
     return logger
@@ -87,6 +107,8 @@ def reopen_all() -> None:
                 handler.stream.close()
             handler.stream = handler._open()
         except OSError:
-            pass  # folder gone: emit() makes it again on the next line
+            # Folder gone (var unmounted): never made again here; emit() retries the open on each
+            # line and reports to stderr until the folder is back.
+            pass
         finally:
             handler.release()

@@ -103,24 +103,49 @@ def test_a_sigkilled_master_leaves_nothing_that_blocks_the_next_start_which_reco
     assert runner(node, "lmtp")["restarts"] == 0
 
 
-def test_a_killed_runner_is_restarted_until_the_restart_cap(tmp_path, started):
-    node = make_node(tmp_path, "n1", runners={"poll_interval": 0.2, "restart_cap": 2})
+def test_a_killed_runner_is_restarted_with_growing_delays_until_the_restart_cap(tmp_path, started):
+    node = make_node(tmp_path, "n1", runners={"poll_interval": 0.2, "restart_cap": 3})
     started(node)
     seen = []
-    for restarts in range(3):
+    for restarts in range(4):
         pid = wait_for(lambda: (runner(node, "virgin")["state"] == "running" and runner_pid(node, "virgin")),
                        60, message=f"virgin runner running after {restarts} restarts")
         assert pid not in seen
         seen.append(pid)
         os.kill(pid, signal.SIGKILL)
-        want = min(restarts + 1, 2)
+        want = min(restarts + 1, 3)
         wait_for(lambda pid=pid, want=want: runner(node, "virgin")["restarts"] == want and not pid_alive(pid),
                  60, message="master noticed the kill")
     final = wait_for(lambda: runner(node, "virgin")["state"] == "failed" and runner(node, "virgin"), 60,
                      message="virgin runner left down")
-    assert final["pid"] is None and final["restarts"] == 2 and final["last_exit"] == -signal.SIGKILL
+    assert final["pid"] is None and final["restarts"] == 3 and final["last_exit"] == -signal.SIGKILL
     log = (node.settings().log_dir / "master.log").read_text()
     assert "restart cap reached, LEAVING IT DOWN" in log
+    # The waits, from the master's own timestamps: each death -> the next start of virgin.
+    announced, measured = restart_delays(log, "virgin")
+    assert announced == [0.5, 1.0, 2.0], announced
+    assert all(got >= want - 0.05 for got, want in zip(measured, announced, strict=True)), (measured, announced)
+    assert measured[0] < measured[1] < measured[2], f"delays between restarts must grow: {measured}"
+
+
+def restart_delays(log: str, name: str) -> tuple[list[float], list[float]]:
+    """(delays the master announced, seconds from each 'died' line to the next 'started' line)."""
+    import re
+    from datetime import datetime
+
+    def at(line: str) -> float:
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    announced, measured, died = [], [], None
+    for line in log.splitlines():
+        m = re.search(rf"runner {name}\S* died .*; restart \d+ of \d+ in ([\d.]+)s", line)
+        if m:
+            announced.append(float(m.group(1)))
+            died = at(line)
+        elif died is not None and re.search(rf"started runner {name}\S* \(pid", line):
+            measured.append(at(line) - died)
+            died = None
+    return announced, measured
 
 
 def test_reopen_makes_the_master_and_its_runners_reopen_their_logs(node, started):
@@ -191,6 +216,19 @@ def test_the_master_follows_the_slice_map_stopping_and_starting_runners(node, se
     back = wait_for(lambda: (o := outs()).get(1) and o, 60, message="out:1/2 started again")
     assert back[1] != first[1] and back[0] == first[0]
     assert status(node)["epoch"] == 3
+
+
+def test_restart_takes_a_timeout_like_stop(node, started):
+    first = started(node)
+    old = int(first.stdout.split("pid ")[1].rstrip(")\n"))
+    bad = node.run("mailqctl", "restart", "--timeout", "-1")
+    assert bad.returncode == 2 and "--timeout" in bad.stderr and pid_alive(old)
+    result = node.run("mailqctl", "restart", "--timeout", "30")
+    assert result.returncode == 0, result.stderr
+    assert f"stopped mailq master for node n1 (pid {old})" in result.stdout
+    new = status(node)["pid"]
+    assert new and new != old and not pid_alive(old)
+    assert "--timeout" in node.run("mailqctl", "restart", "--help").stdout
 
 
 def test_two_nodes_on_one_machine_each_run_their_own_master(tmp_path, started):

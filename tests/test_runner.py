@@ -119,6 +119,33 @@ def test_qrunner_refuses_a_bad_runner_name_or_slice_listing_the_valid_names(node
     bad_slice = node.run("qrunner", "-r", "out:4:4")
     assert bad_slice.returncode == 2 and "0 <= SLICE < COUNT" in bad_slice.stderr
     assert "Examples:" in node.run("qrunner", "--help").stdout
+    listener = node.run("qrunner", "-r", "lmtp", "--once", timeout=60)
+    assert listener.returncode == 2 and "--once does not apply to the lmtp runner" in listener.stderr
+
+
+def test_a_multi_line_event_is_one_unindented_line_and_indented_continuations(node, settings):
+    import re
+
+    from mailq.logs import get_logger
+
+    log = get_logger(settings, "probe-log")
+    log.info("first event")
+    try:
+        raise RuntimeError("boom\nsecond line of the error")
+    except RuntimeError:
+        log.exception("processing %s failed", "E1")
+    log.warning("a message\r\nwith a CRLF inside")
+    log.info("last event")
+    lines = (settings.log_dir / "probe-log.log").read_text().splitlines()
+    event = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} n1 probe-log\[\d+\] [A-Z]+ ")
+    events = [line for line in lines if not line.startswith("    ")]
+    assert all(event.match(line) for line in events), lines
+    assert [line.split("] ", 1)[1] for line in events] == [
+        "INFO first event", "ERROR processing E1 failed", "WARNING a message", "INFO last event"]
+    continuation = [line for line in lines if line.startswith("    ")]
+    assert "    Traceback (most recent call last):" in continuation
+    assert "    RuntimeError: boom" in continuation and "    second line of the error" in continuation
+    assert "    with a CRLF inside" in continuation
 
 
 def test_virgin_runner_passes_notices_to_out_unchanged(node, settings):

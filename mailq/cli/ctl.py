@@ -76,10 +76,15 @@ def start(ctx: click.Context, foreground: bool) -> None:
     _daemonize(settings)
 
 
+def _timeout_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+                        help="How long to wait for the master to exit (default: runners.stop_timeout + 15)."
+                        )(func)
+
+
 @ctl.command()
 @_with_config
-@click.option("--timeout", type=float, default=None, metavar="SECONDS",
-              help="How long to wait for the master to exit (default: runners.stop_timeout + 15).")
+@_timeout_option
 @click.pass_context
 def stop(ctx: click.Context, timeout: float | None) -> None:
     """Stop the master: its runners finish the entry in hand and exit, then the master exits.
@@ -98,16 +103,21 @@ def stop(ctx: click.Context, timeout: float | None) -> None:
 
 @ctl.command()
 @_with_config
+@_timeout_option
 @click.pass_context
-def restart(ctx: click.Context) -> None:
+def restart(ctx: click.Context, timeout: float | None) -> None:
     """Stop the master (if running) and start it again.
+
+    If the old master does not exit within the timeout, nothing is started and the exit status
+    is 1 (as for `stop`).
 
     \b
     Examples:
       mailqctl restart
+      mailqctl restart --timeout 120
     """
     settings = get_settings(ctx)
-    _stop(settings, None)
+    _stop(settings, timeout)
     _daemonize(settings)
 
 

@@ -1,7 +1,8 @@
 """``qrunner``: run one queue runner in the foreground (debugging, cron, and how the master starts them).
 
 ``qrunner -r out:1:4`` serves slice 1 of 4 of the ``out`` queue until SIGTERM; ``--once`` processes
-what is due now and exits.  The runner names are ``mailq.runners.REGISTRY``.
+what is due now and exits (refused for ``lmtp``, which serves a socket: usage error, exit 2).
+The runner names are ``mailq.runners.REGISTRY``.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def parse_spec(spec: str) -> tuple[str, int, int]:
 @config_option
 @click.option("-r", "--runner", "spec", required=True, metavar="NAME[:SLICE:COUNT]",
               help="The runner and slice to serve (default slice 0 of 1).")
-@click.option("--once", is_flag=True, help="Process every entry due now in the slice, then exit.")
+@click.option("--once", is_flag=True, help="Process every entry due now in the slice, then exit (not for lmtp).")
 @click.option("-v", "--verbose", is_flag=True, help="Also print the log lines on stderr.")
 @click.pass_context
 def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, verbose: bool) -> None:
@@ -65,16 +66,21 @@ def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, 
 
     if name in UNSLICED and count != 1:
         raise click.BadParameter(f"the {name} runner is not sliced; use -r {name}", param_hint="-r/--runner")
+    if name in UNSLICED and once:
+        # A listener has no "everything due now" to finish; serving until SIGTERM would silently
+        # ignore --once and hang a cron job.
+        raise click.UsageError(f"--once does not apply to the {name} runner (it serves a socket, not a "
+                               f"queue); run `qrunner -r {name}` and stop it with SIGTERM")
     cls = load_runner(name)
     runner = cls(settings, slice_, count)
     _watch_master()
     if verbose:
         import logging
 
-        from mailq.logs import _FORMAT
+        from mailq.logs import formatter
 
         err = logging.StreamHandler(sys.stderr)
-        err.setFormatter(logging.Formatter(_FORMAT))
+        err.setFormatter(formatter())
         for flt in runner.log.handlers[0].filters:
             err.addFilter(flt)
         runner.log.addHandler(err)
