@@ -79,7 +79,8 @@ def add(listname: str, source: str, digest: bool, moderate: bool | None, as_json
     """Add the members listed in FILE (or stdin) to LISTNAME.
 
     Bad lines are reported with their line numbers and skipped; the good ones are added (exit 1 if
-    any line was bad).  Addresses already on the list are reported and left as they are.
+    any line was bad; when every line is bad nothing is written).  Addresses already on the list
+    are reported and left as they are.  Reading a terminal, it waits for the addresses until Ctrl-D.
 
     \b
     Examples:
@@ -129,6 +130,9 @@ def add(listname: str, source: str, digest: bool, moderate: bool | None, as_json
 @handle_errors
 def remove(listname: str, items: tuple[str, ...], as_json: bool) -> None:
     """Remove members from LISTNAME: addresses given, or listed in FILE (or stdin).
+
+    Addresses that are not members are reported.  Invalid ones are refused (exit 1); the valid
+    ones are still removed.  Nothing is written when nothing is removed.
 
     \b
     Examples:
