@@ -27,6 +27,8 @@ import yaml
 from mailq.config import CHECKOUT, RUNNER_QUEUES
 
 NODES = ("demo1", "demo2")
+#: Header naming each demo post, so deliveries are matched to posts exactly.
+TAG = "X-Mailq-Demo-Post"
 LIST = "demo"
 DOMAIN = "lists.example.org"
 MEMBERS = [
@@ -150,11 +152,13 @@ class Demo:
         for i in range(self.posts):
             subject = f"Hello from the pipe #{i + 1}"
             msg = (f"From: Poster <poster@example.com>\r\nTo: {LIST}@{DOMAIN}\r\nSubject: {subject}\r\n"
+                   f"{TAG}: {subject}\r\n"
                    f"Message-ID: <pipe{i}@example.com>\r\n\r\nPosted through mailq-deliver.\r\n").encode()
             sent[subject] = time.time()
             self.run(NODES[1], "mailq-deliver", "post", LIST, input=msg)
         subject = "Hello over LMTP"
         msg = (f"From: Poster <poster@example.com>\r\nTo: {LIST}@{DOMAIN}\r\nSubject: {subject}\r\n"
+               f"{TAG}: {subject}\r\n"
                f"Message-ID: <lmtp@example.com>\r\n\r\nPosted over LMTP.\r\n").encode()
         deadline = time.time() + 20
         while True:
@@ -180,10 +184,11 @@ class Demo:
             with self.sink.lock:
                 received = list(self.sink.received)
             for at, _sender, rcpts, data in received:
-                subject = email.message_from_bytes(data).get("Subject", "")
-                key = next((s for s in sent if s in subject), None)
+                # Matched by our own header, exactly: the list adds a subject prefix, and a
+                # substring match would read "#10" as "#1" too.
+                key = str(email.message_from_bytes(data).get(TAG, "")).strip()
                 for r in rcpts:
-                    got.setdefault(r, {}).setdefault(key or subject, []).append(at)
+                    got.setdefault(r, {}).setdefault(key, []).append(at)
             if sum(len(v) for v in got.values()) >= want:
                 break
             time.sleep(0.1)
@@ -199,8 +204,9 @@ class Demo:
             lat = [1000 * (min(mails[s]) - sent[s]) for s in mails if s in sent]
             timing = f", post->delivery {min(lat):.0f}-{max(lat):.0f} ms" if lat else ""
             copies = sum(len(times) for times in mails.values())
-            good = len(mails) == expected and copies == expected
-            mark = "ok" if good else ("DOUBLED" if copies > len(mails) else "MISSING")
+            unknown = [s for s in mails if s not in sent]
+            good = len(mails) == expected and copies == expected and not unknown
+            mark = "ok" if good else ("DOUBLED" if copies > len(mails) else "UNKNOWN" if unknown else "MISSING")
             ok &= good
             self.say(f"   {mark:7} {name} <{addr}> ({state}): {copies}/{expected} messages{timing}")
         copies = sum(len(r[2]) for r in self.sink.received)
@@ -211,14 +217,21 @@ class Demo:
                      f" | envelope sender {parseaddr(self.sink.received[0][1])[1]}")
         return ok
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop both masters and the sink; False (after saying why) when a master did not stop."""
+        ok = True
         for node in NODES:
-            self.run(node, "mailqctl", "stop", check=False)
+            proc = self.run(node, "mailqctl", "stop", check=False)
+            if proc.returncode != 0:
+                ok = False
+                self.say(f"   FAILED: `mailqctl stop` on {node} exited {proc.returncode}: "
+                         f"{(proc.stderr or proc.stdout).decode(errors='replace').strip()}")
         self.sink.stop()
         waiting = self.run(NODES[0], "mailq", "queue", "count", "--json", check=False).stdout.decode()
         self.say(f"8. masters stopped, sink closed; queue counts now: {_compact_counts(waiting)}")
         logs = sorted(str(p.relative_to(self.base)) for p in self.var.glob("log/*/*.log"))
         self.say(f"   logs: {', '.join(logs[:6])}{' ...' if len(logs) > 6 else ''}")
+        return ok
 
 
 def _compact_counts(text: str) -> str:
@@ -238,10 +251,14 @@ def _compact_counts(text: str) -> str:
 @click.command()
 @click.option("--dir", "base", type=click.Path(path_type=Path), default=CHECKOUT / "demo-var",
               show_default=True, help="Folder for the demo's var/ and configs (wiped first).")
-@click.option("--posts", default=3, show_default=True, help="Messages to post through the pipe.")
+@click.option("--posts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Messages to post through the pipe.")
 @click.option("--keep", is_flag=True, help="Leave the masters running and the folder in place.")
 def main(base: Path, posts: int, keep: bool) -> None:
     """Run a two-node local cluster that delivers real mail to a local SMTP sink.
+
+    Exit status 0 when every enabled member got every post exactly once and both masters
+    stopped cleanly; 1 otherwise (what went wrong is printed).
 
     \b
     Example:
@@ -249,7 +266,7 @@ def main(base: Path, posts: int, keep: bool) -> None:
     """
     demo = Demo(base.resolve(), posts)
     started = time.time()
-    ok = False
+    ok = stopped = False
     try:
         demo.setup()
         demo.start()
@@ -257,11 +274,12 @@ def main(base: Path, posts: int, keep: bool) -> None:
         got = demo.wait(sent)
         ok = demo.report(sent, got)
     finally:
-        if not keep:
-            demo.stop()
-    verdict = "every enabled member got every post exactly once" if ok else "SOME MAIL IS MISSING"
+        stopped = keep or demo.stop()
+    verdict = "every enabled member got every post exactly once" if ok else "SOME MAIL IS MISSING OR DOUBLED"
+    if not stopped:
+        verdict += "; A MASTER DID NOT STOP (see above)"
     click.echo(f"done in {time.time() - started:.1f} s: {verdict}")
-    sys.exit(0 if ok else 1)
+    sys.exit(0 if ok and stopped else 1)
 
 
 if __name__ == "__main__":
