@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +23,8 @@ def _deliver(node, raw: bytes, kind: str = "post", listname: str = "dev") -> Non
     node.run("mailq-deliver", kind, listname, input=raw, check=True)
 
 
-def _run_once(node, runner: str) -> None:
-    node.run("qrunner", "-r", runner, "--once", check=True)
+def _run_once(node, runner: str, env: dict | None = None) -> None:
+    node.run("qrunner", "-r", runner, "--once", env=env, check=True)
 
 
 def test_hold_list_get_and_decide_once(settings):
@@ -168,6 +169,37 @@ def test_a_decider_killed_at_any_step_is_finished_by_expire_held_and_delivers_on
         got = [r for m in sink.messages if f"[dev] crash at {step}".encode() in m.data for r in m.rcpt_tos]
         assert sorted(got) == sorted(regular), step      # every member once, none twice
     assert len(sink.recipients()) == 4 * len(regular)
+
+
+def test_a_post_processed_twice_is_held_once_and_a_failed_notice_is_not_sent_twice(node):
+    import shutil
+
+    from tests.test_pipeline_support import make_due
+
+    settings = node.settings()
+    make_list(settings)
+    _deliver(node, NONMEMBER_POST)
+    q = Queue.for_settings(settings, "in")
+    (eid,) = q.waiting()
+    path = Path(q.bucket_dir(eid.split("+")[1][:2])) / f"{eid}.pck"
+    saved = node.var / "saved.pck"
+    shutil.copy(path, saved)     # the entry as a recovered claim would bring it back
+    # The virgin queue is full: the post is held, its notices fail, the entry is requeued.
+    _run_once(node, "in", {"MAILQ_FAULT_ENOSPC": "virgin"})
+    held = HeldStore(settings, "dev")
+    (held_id,) = held.ids()
+    ((_, meta),) = queue_entries(settings, "in")
+    assert meta["notified"] == [] and queue_entries(settings, "virgin") == []
+    make_due(settings, "in")
+    _run_once(node, "in")
+    assert held.ids() == [held_id]
+    notices = sorted(m["recipients"] for _, m in queue_entries(settings, "virgin"))
+    assert notices == [["owner@example.org", "mod@example.org"], ["stranger@example.com"]]
+    # The same entry processed once more (its runner killed before the finish, then recovered).
+    shutil.copy(saved, path)
+    _run_once(node, "in")
+    assert held.ids() == [held_id] and queue_entries(settings, "in") == []
+    assert "was held as" in (settings.log_dir / "in.log").read_text()
 
 
 def test_reject_from_the_cli_tells_the_poster_why(node):

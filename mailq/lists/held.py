@@ -104,18 +104,41 @@ class HeldStore:
 
     # -- holding -------------------------------------------------------------------------------
     def hold(self, msg: bytes, metadata: dict, reason: str, *, sender: str = "", subject: str = "",
-             date: str = "") -> str:
-        """Store a held post; returns its id (``YYYYMMDD-HHMMSS-<hex>``, sortable by age)."""
+             date: str = "", held_id: str | None = None) -> str:
+        """Store a held post; returns its id (``YYYYMMDD-HHMMSS-<hex>``, sortable by age).
+
+        With *held_id* (``id_for``: the ``in`` runner's, fixed by the queue entry) a post already
+        held or decided under that id is not stored again: an entry processed twice (its runner
+        killed before the finish, then recovered) must not become two held posts that a moderator
+        could approve twice.
+        """
+        if held_id is not None:
+            _check_id(held_id)
+            if self.known(held_id):
+                return held_id
         if not self.folder.is_dir():
             self.folder.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(OSError):  # the umask cut the group bits; other hosts must write
                 os.chmod(self.folder, DIR_MODE)
         now = time.time()
-        held_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{secrets.token_hex(4)}"
+        held_id = held_id or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{secrets.token_hex(4)}"
         record = {"id": held_id, "msg": bytes(msg), "metadata": dict(metadata), "reason": reason,
                   "sender": sender, "subject": subject, "date": date, "held_at": now}
         atomic_write(self._pck(held_id), safepickle.dumps(record), fsync=self.settings.queue.fsync)
         return held_id
+
+    @staticmethod
+    def id_for(entry_id: str, received: float | None) -> str:
+        """The held id of queue entry *entry_id*: its received time and SHA-1, the same on every try.
+
+        16 hex digits of the SHA-1 (the random ids have 8): two posts received in the same second
+        must never share an id, or the second would be taken for a retry of the first and dropped.
+        """
+        from mailq.queue.names import split_id
+
+        due, sha = split_id(entry_id)
+        when = received if isinstance(received, (int, float)) and received > 0 else due
+        return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(when))}-{sha[:16]}"
 
     # -- reading -------------------------------------------------------------------------------
     def known(self, held_id: str) -> bool:

@@ -17,9 +17,10 @@ For each entry (DESIGN §1, docs/pipeline.md):
 ``archive``, say), the entry's own metadata gets ``pending_writes`` (the serialized entries not yet
 written) and ``queued`` (what was) before the base loop requeues or shunts it; the next attempt
 writes only the pending ones and does not run the stages again, so ``out`` never gets the post
-twice and a list change in between cannot turn a sent post into a held one.  A hold does the same
-with ``held_as`` and ``notified``: one held copy and one notice per held post, however often the
-notice write fails.
+twice and a list change in between cannot turn a sent post into a held one.  A hold is stored
+under an id fixed by the entry (``HeldStore.id_for``: received time and SHA-1), so an entry
+processed twice (requeued, or recovered after its runner died) is held once; ``notified`` in the
+entry's metadata keeps a retried notice write from sending a notice twice.
 """
 from __future__ import annotations
 
@@ -121,14 +122,13 @@ class IncomingRunner(Runner):
         sender = str(metadata.get("sender") or "")
         subject = header_text(msg.get("subject"))
         store = HeldStore(self.settings, mlist.name)
-        held_id = str(entry.metadata.get("held_as") or "")
-        if held_id and store.known(held_id):
+        held_id = store.id_for(entry.id, entry.metadata.get("received"))
+        if store.known(held_id):
             self.log.info("list %s: %s was held as %s on an earlier attempt", mlist.name, entry.id, held_id)
         else:
             # The original bytes and metadata are kept: an approval replays the post from the start.
-            held_id = store.hold(entry.msg, dict(entry.metadata), reason, sender=sender, subject=subject,
-                                 date=header_text(msg.get("date")))
-            entry.metadata["held_as"] = held_id   # a requeue after a failed notice keeps it
+            store.hold(entry.msg, dict(entry.metadata), reason, sender=sender, subject=subject,
+                       date=header_text(msg.get("date")), held_id=held_id)
             self.log.info("list %s: held %s as %s from %s: %s", mlist.name, entry.id, held_id,
                           sender or "?", reason)
         notify_held(self.settings, mlist, held_id, reason, sender, subject, entry.msg,
