@@ -6,8 +6,11 @@ ends with an empty line.  Any mbox reader (Python's ``mailbox.mbox``, mutt) spli
 
 Writers append under the list's archive lock (``var/locks/archive.<list>.lock``, a named lock,
 not the list database lock) with one ``write`` per batch; a batch that cannot be written whole
-(disk full) is cut off again, so the file never ends in half a message.  Callers batch many posts
-per lock acquisition: a strict lock cycle costs about 1 ms (DESIGN §4).
+(disk full) is cut off again, so the file never ends in half a message.  A writer killed in the
+middle of a ``write`` can still leave half a message behind: the next append sees that the file
+does not end in an empty line and starts with one, so that torn message never swallows the
+``From `` line of the next (every later message still parses).  Callers batch many posts per lock
+acquisition: a strict lock cycle costs about 1 ms (DESIGN §4).
 """
 from __future__ import annotations
 
@@ -42,9 +45,13 @@ def append_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):  # group-writable like the list folders: other hosts append
             os.chmod(path.parent, 0o2775)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o660)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o660)
     try:
         start = os.fstat(fd).st_size
+        if start:
+            tail = os.pread(fd, 2, max(0, start - 2))
+            if tail != b"\n\n" and tail != b"\n":    # torn by a killed writer: start on a line of its own
+                data = (b"\n" if tail.endswith(b"\n") else b"\n\n") + data
         try:
             view = memoryview(data)
             while view:

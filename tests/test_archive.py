@@ -116,3 +116,15 @@ def test_archive_months_follow_the_received_time(settings):
     feb = time.mktime((2026, 2, 15, 12, 0, 0, 0, 0, 0))
     append_to_archive(settings, "dev", [(_post(1), "a@example.org", jan), (_post(2), "a@example.org", feb)])
     assert sorted(p.name for p in (settings.archives_dir / "dev").iterdir()) == ["2026-01.mbox", "2026-02.mbox"]
+
+
+def test_an_archive_torn_by_a_killed_writer_does_not_swallow_the_next_post(settings):
+    path = archive_path(settings, "dev", 0.0)
+    path.parent.mkdir(parents=True)
+    # What a writer killed in the middle of its write leaves: one whole message, then half of one.
+    path.write_bytes(mbox_entry(_post(1), "a@example.org", 0.0) + mbox_entry(_post(2), "a@example.org", 0.0)[:90])
+    append_to_archive(settings, "dev", [(_post(3), "a@example.org", 0.0)])
+    messages = list(mailbox.mbox(path, create=False))
+    assert [m["subject"] for m in messages] == ["post 1", "post 2", "post 3"]
+    assert messages[2].get_payload().startswith(">From the start of a line\n")
+    assert path.read_bytes().endswith(b"\n\n")
