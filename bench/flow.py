@@ -1,6 +1,7 @@
 """Benchmark the mail flow on one host: post -> delivered latency, delivery rate, pipe start-up.
 
-    python bench/flow.py [--posts 100] [--recipients 500] [--rounds 3] [--runs 40] [--keep]
+    python bench/flow.py [--posts 100] [--big-posts 30] [--recipients 500] [--rounds 3] [--runs 40]
+                         [--pipeline-posts 200] [--keep]
 
 Three measurements, in a fresh temp tree with its own node config:
 
@@ -18,8 +19,18 @@ Three measurements, in a fresh temp tree with its own node config:
    in with the list pipeline, out, ...), wait for one warm-up post to arrive, then post --posts
    messages one after another through ``bin/mailq-deliver`` and time each from the start of
    mailq-deliver to the sink receiving it (a list with three members, bulk delivery).
+4. issue 5, the list pipeline on a 1,000-member list: ``pipeline_ms_median`` is the in-process
+   per-post cost from ``bench/pipeline_cost.py`` (list load, parse, every stage, the queue writes).
+   ``pipeline_share`` comes from one run of posts whose parts are all measured on the same post:
+   with the master of 3. still running, --big-posts posts go to a list of 1,000 members (bulk
+   delivery, 500 recipients a transaction, into the sink); for each, the in runner's own
+   processing time of that post (its ``done <id> (Xs)`` log line: load, parse, stages, queue
+   writes) is divided by that post's post -> delivered time (start of mailq-deliver to the sink
+   receiving the last recipient's transaction), and the median of those ratios is reported.
 
-The last line printed is one JSON object with the four figures.
+The last line printed is one JSON object with the figures (``latency_*``, ``ratio_vs_bare``,
+``deliver_vs_python``, ``pipeline_ms_median``, ``pipeline_share``, ``latency_1000_median_ms``,
+``pipeline_in_runner_ms_median``).
 """
 from __future__ import annotations
 
@@ -42,6 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 PY = sys.executable
 DELIVER = str(ROOT / "bin" / "mailq-deliver")
+#: Members of the list ``big`` (issue 5's pipeline share is measured on a 1,000-member list).
+BIG_MEMBERS = 1000
 
 
 # -- the sink (separate process) -------------------------------------------------------------------
@@ -95,7 +108,8 @@ class Sink:
                                      stdout=subprocess.PIPE, cwd=ROOT)
         if self.proc.stdout.readline().strip() != b"ready":
             raise SystemExit("the benchmark sink did not start")
-        self.seen: dict[str, float] = {}
+        self.seen: dict[str, float] = {}      # bench id -> arrival of its latest transaction
+        self.count: dict[str, int] = {}       # bench id -> recipients received so far
         self.arrived = threading.Condition()
         # A thread blocked on the sink's pipe reads every line as it comes: the pipe never fills
         # (which would stall the sink mid-SMTP) and nobody polls, so the measuring process stays
@@ -105,15 +119,18 @@ class Sink:
     def _read(self) -> None:
         for raw in self.proc.stdout:
             parts = raw.split()
-            if len(parts) >= 2:
+            if len(parts) >= 3:
+                key = parts[0].decode()
                 with self.arrived:
-                    self.seen[parts[0].decode()] = float(parts[1])
+                    self.seen[key] = float(parts[1])
+                    self.count[key] = self.count.get(key, 0) + int(parts[2])
                     self.arrived.notify_all()
 
-    def arrival(self, bench_id: str, timeout: float = 60.0) -> float | None:
-        """When *bench_id* reached the sink (the sink's own clock); None after *timeout* seconds."""
+    def arrival(self, bench_id: str, timeout: float = 60.0, recipients: int = 1) -> float | None:
+        """When *bench_id* had reached *recipients* recipients at the sink (the sink's own clock:
+        the arrival of the transaction that completed them); None after *timeout* seconds."""
         with self.arrived:
-            if not self.arrived.wait_for(lambda: bench_id in self.seen, timeout):
+            if not self.arrived.wait_for(lambda: self.count.get(bench_id, 0) >= recipients, timeout):
                 return None
             return self.seen[bench_id]
 
@@ -236,12 +253,13 @@ def bench_rate(env: dict, settings, sink: Sink, recipients: int, rounds: int) ->
 
 # -- 3. post -> delivered latency through the master ---------------------------------------------
 
-def bench_latency(env: dict, settings, sink: Sink, posts: int) -> tuple[list[float], list[float]]:
-    """(pipe latencies, LMTP latencies); the LMTP ones for the table only."""
+def bench_latency(env: dict, settings, sink: Sink, posts: int, big_posts: int, big_members: int
+                  ) -> tuple[list[float], list[float], list[tuple[float, float]]]:
+    """(pipe latencies, LMTP latencies, big-list (latency, in-runner time) pairs), in seconds."""
     run(env, PY, "-m", "mailq.cli.ctl", "start")
 
-    def arrival(bench_id: str) -> float:
-        at = sink.arrival(bench_id, 60)
+    def arrival(bench_id: str, recipients: int = 1) -> float:
+        at = sink.arrival(bench_id, 60, recipients)
         if at is None:
             raise SystemExit(f"{bench_id} never reached the sink; see the logs under {env['BENCH_VAR']}/log")
         return at
@@ -261,9 +279,33 @@ def bench_latency(env: dict, settings, sink: Sink, posts: int) -> tuple[list[flo
                 t0 = time.time()
                 client.sendmail("member0@example.com", ["dev@lists.example.org"], message(f"lmtp{i}"))
                 lmtp.append(arrival(f"lmtp{i}") - t0)
-        return piped, lmtp
+        # The 1,000-member list: post -> the last recipient delivered, one post at a time.
+        big = []
+        for i in range(-1, big_posts):
+            t0 = time.time()
+            run(env, PY, DELIVER, "post", "big", input=message(f"big{i}"))
+            latency = arrival(f"big{i}", big_members) - t0
+            if i >= 0:
+                big.append(latency)
+        in_times = in_runner_times(settings.log_dir / "in.log", "big")[1:]   # [0]: the warm-up
+        if len(in_times) != len(big):
+            raise SystemExit(f"found {len(in_times)} in-runner times for {len(big)} posts to list big "
+                             f"in {settings.log_dir / 'in.log'}")
+        return piped, lmtp, list(zip(big, in_times, strict=True))
     finally:
         run(env, PY, "-m", "mailq.cli.ctl", "stop", check=False)
+
+
+def in_runner_times(log: Path, listname: str) -> list[float]:
+    """The in runner's processing time (seconds) of each post to *listname*, in log order.
+
+    The runner logs ``list L: post <id> ... went through`` and then ``done <id> (Xs)``, its time
+    from the claim to the finish (list load, parse, every stage, the queue writes).
+    """
+    text = log.read_text()
+    ids = re.findall(rf"list {re.escape(listname)}: post (\S+) from .* went through", text)
+    done = dict(re.findall(r"done (\S+) \(([\d.]+)s\)", text))
+    return [float(done[eid]) for eid in ids if eid in done]
 
 
 def main() -> None:
@@ -275,6 +317,8 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--posts", type=int, default=100, help="posts timed end to end (default 100)")
+    ap.add_argument("--big-posts", type=int, default=30,
+                    help="posts timed end to end to the 1,000-member list (default 30)")
     ap.add_argument("--recipients", type=int, default=500, help="recipients in the rate test (default 500)")
     ap.add_argument("--rounds", type=int, default=7, help="rounds of the rate test (default 7)")
     ap.add_argument("--runs", type=int, default=40, help="runs of each program in the start-up test")
@@ -297,13 +341,18 @@ def main() -> None:
             "--domain", "lists.example.org")
         members = "".join(f"member{i}@example.com\n" for i in range(3)).encode()
         run(env, PY, "-m", "mailq.cli.main", "members", "add", "dev", "-", input=members)
+        run(env, PY, "-m", "mailq.cli.main", "lists", "create", "big", "--owner", "owner@example.org",
+            "--domain", "lists.example.org")
+        members = "".join(f"member{i}@example.com\n" for i in range(BIG_MEMBERS)).encode()
+        run(env, PY, "-m", "mailq.cli.main", "members", "add", "big", "-", input=members)
         sink = Sink(base, smtp_port)
 
         startup = bench_deliver(env, base, args.runs)
         # the start-up runs queued posts into `in`; nothing serves it yet, so clear them away
         shutil.rmtree(settings.queue_dir("in"), ignore_errors=True)
         rates = bench_rate(env, settings, sink, args.recipients, args.rounds)
-        latencies, lmtp_latencies = bench_latency(env, settings, sink, args.posts)
+        latencies, lmtp_latencies, big = bench_latency(env, settings, sink, args.posts, args.big_posts,
+                                                       BIG_MEMBERS)
     finally:
         if sink is not None:
             sink.stop()
@@ -318,14 +367,17 @@ def main() -> None:
         "ratio_vs_bare": round(rates["runner"] / rates["bare"], 3),
         "deliver_vs_python": round(cached_ours / cached_bare, 2),
     }
-    # Issue 5: what the list pipeline costs per post (1,000-member list, fsync on), and its share
-    # of a post's whole trip measured above.
+    # Issue 5: what the list pipeline costs per post (1,000-member list, fsync on), in process; and
+    # its share of one post's whole trip, both parts measured on the same post (see the docstring).
     sys.path.insert(0, str(ROOT / "bench"))
     from pipeline_cost import bench_pipeline
 
     pipe = bench_pipeline(members=1000, posts=args.pipeline_posts)
+    big_latencies = [lat for lat, _ in big]
     result["pipeline_ms_median"] = round(pipe["pipeline_ms_median"], 2)
-    result["pipeline_share"] = round(pipe["pipeline_ms_median"] / result["latency_median_ms"], 3)
+    result["pipeline_share"] = round(statistics.median(t / lat for lat, t in big), 3)
+    result["latency_1000_median_ms"] = round(statistics.median(big_latencies) * 1000, 1)
+    result["pipeline_in_runner_ms_median"] = round(statistics.median(t for _, t in big) * 1000, 1)
     rows = [
         ("post -> delivered, median", f"{result['latency_median_ms']} ms", f"{len(latencies)} posts, mailqctl start"),
         ("post -> delivered, p99", f"{result['latency_p99_ms']} ms", "pipe -> in (pipeline) -> out -> sink"),
@@ -342,7 +394,11 @@ def main() -> None:
         ("deliver_vs_python", f"{result['deliver_vs_python']}", "target <= 2"),
         ("pipeline per post", f"{result['pipeline_ms_median']} ms",
          f"median of {args.pipeline_posts}, 1,000-member list, fsync on"),
-        ("pipeline_share", f"{result['pipeline_share']}", "pipeline / post -> delivered median"),
+        ("1,000 members: post -> delivered", f"{result['latency_1000_median_ms']} ms",
+         f"median of {len(big)}, to the last recipient, bulk"),
+        ("1,000 members: in runner", f"{result['pipeline_in_runner_ms_median']} ms",
+         "median, the runner's time for those posts"),
+        ("pipeline_share", f"{result['pipeline_share']}", "median of in runner / post -> delivered, per post"),
         ("  same, no byte-code cache", f"{raw_ours / raw_bare:.2f}",
          f"{raw_ours * 1000:.1f} vs {raw_bare * 1000:.1f} ms"),
     ]
