@@ -168,6 +168,7 @@ BAD_INPUT = [
     ["config", "set", "dev", "max_message_kb=lots"],
     ["config", "set", "dev", "owners=someone"],
     ["config", "set", "dev", "owners="],
+    ["config", "set", "dev", "bounce_score_threshold=nan"],
     ["config", "set", "dev", "archive=false", "nonmember_action=bounce"],
     ["lists", "remove", "nosuch"],
 ]
@@ -180,6 +181,8 @@ def test_bad_input_is_refused_with_a_clear_message_and_changes_nothing(dev):
         assert result.returncode == 1, (args, result.stdout)
         assert result.stderr.startswith("mailq: error: ") and "Traceback" not in result.stderr, args
         assert tree_bytes(dev.var) == before, args
+        if "bounce_score_threshold=nan" in args:
+            assert "bounce_score_threshold must be a finite number" in result.stderr
         if "subject_prefx=[dev]" in args:
             assert "did you mean 'subject_prefix'" in result.stderr and "max_held_days" in result.stderr
 
