@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mailq.queue import Claimant, Queue
+import pytest
+
+from mailq.queue import Claimant, Queue, slice_of
 
 WORKERS = Path(__file__).parent / "queue_workers"
 MESSAGE = "From: alice@example.org\nTo: dev@example.org\nSubject: queue cli test\n\nhello\n"
@@ -123,3 +125,75 @@ def test_every_queue_command_has_help_with_examples(node):
     for cmd in ("count", "show", "inject", "unshunt", "recover"):
         res = node.mailq("queue", cmd, "--help", check=True)
         assert "Examples:\n" in res.stdout and "mailq queue " + cmd in res.stdout
+
+
+def test_count_shows_shunt_and_bad_per_queue_and_slice(node, settings):
+    out, virgin = Queue.for_settings(settings, "out"), Queue.for_settings(settings, "virgin")
+    me = Claimant("n1", os.getpid(), 0)
+    shunted = [out.enqueue(b"Subject: s\n\nx", {}) for _ in range(3)]
+    for eid in shunted:
+        out.shunt(out.claim(eid, me), "boom")
+    bad_id = virgin.enqueue(b"Subject: b\n\nx", {})
+    virgin.to_bad(virgin.claim(bad_id, me), "operator says so")
+    odd = virgin.dir / "00" / "garbage.pck"           # no entry name: to_bad puts it in bad/unnamed/
+    odd.parent.mkdir(parents=True, exist_ok=True)
+    odd.write_bytes(b"junk")
+    virgin.to_bad(odd, "not an entry name")
+    stray = Queue.for_settings(settings, "shunt")
+    stray.write(f"1.000000+{'e' * 40}", b"truncated")  # unreadable shunt entry: origin unknown
+    counts = json.loads(node.mailq("queue", "count", "--json", "--slices", "2", check=True).stdout)
+    assert counts["shunt"] == 4 and counts["bad"] == 2
+    assert counts["unattributed"] == {"shunt": 1, "bad": 0}
+    q_out, q_virgin = counts["queues"]["out"], counts["queues"]["virgin"]
+    assert q_out["shunt"] == 3 and q_out["bad"] == 0 and q_out["waiting"] == 0
+    for k in (0, 1):
+        want = sum(1 for e in shunted if slice_of(e.split("+")[1], 2) == k)
+        assert q_out["slices"][k]["shunt"] == want
+    assert q_virgin["bad"] == 2 and q_virgin["bad_unnamed"] == 1
+    assert q_virgin["slices"][slice_of(bad_id.split("+")[1], 2)]["bad"] == 1
+    assert sum(s["bad"] for s in q_virgin["slices"]) == 1
+    table = node.mailq("queue", "count", check=True).stdout
+    assert "shunt" in table.splitlines()[0] and "bad" in table.splitlines()[0]
+    assert "in all: 4 shunted (1 from an unknown queue), 2 bad (0 from an unknown queue)" in table
+    bad_q = Queue.for_settings(settings, "bad")
+    assert bad_q.counts()["waiting"] == 2 and bad_q.counts()["unnamed"] == 1
+    shown = json.loads(node.mailq("queue", "show", "bad/garbage.pck", "--json", check=True).stdout)
+    assert shown["queue"] == "bad" and shown["bad_reason"]["reason"] == "not an entry name"
+    assert shown["payload_error"] and shown["size"] == 4
+
+
+def test_show_of_an_entry_that_goes_meanwhile_is_a_clear_not_found(node, settings):
+    from mailq.cli.queue import _describe, describe_entry
+    from mailq.errors import NotFound
+
+    q = Queue.for_settings(settings, "out")
+    eid = q.enqueue(b"Subject: gone\n\nx", {})
+    state, path = q.locate(eid)[0]
+    c = q.claim(eid, Claimant("n1", os.getpid(), 0))     # claimed between locate and read
+    with pytest.raises(FileNotFoundError):
+        _describe(settings, "out", state, path)            # never a stat first, then a failed read
+    info = describe_entry(settings, eid)                    # located again: now claimed
+    assert info["state"] == "claimed" and info["claimant"]["pid"] == os.getpid()
+    q.finish(c)
+    with pytest.raises(NotFound, match="no queue entry"):
+        describe_entry(settings, eid)
+
+
+def test_config_option_is_accepted_after_any_command(node, tmp_path):
+    from tests.support import make_node
+
+    other = make_node(tmp_path / "other", "n2")
+    eml = tmp_path / "m.eml"
+    eml.write_text(MESSAGE)
+    # MAILQ_CONFIG names node's file; a -C after the leaf command wins, as does one after the group.
+    res = node.mailq("queue", "inject", "-q", "in", str(eml), "--json", "-C", str(other.config), check=True)
+    eid = json.loads(res.stdout)["id"]
+    assert Queue(other.var / "qfiles", "in").waiting() == [eid]
+    assert Queue(node.var / "qfiles", "in").waiting() == []
+    counts = json.loads(node.mailq("queue", "-C", str(other.config), "count", "--json", check=True).stdout)
+    assert counts["queues"]["in"]["waiting"] == 1
+    counts = json.loads(node.mailq("-C", "/nonexistent.yaml", "queue", "count", "-C", str(other.config),
+                                   "--json", check=True).stdout)
+    assert counts["queues"]["in"]["waiting"] == 1
+    res = node.mailq("lists", "list", "-C", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 1 and "missing.yaml: no such config file" in res.stderr

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 from mailq.queue import Claimant, Queue
+from mailq.queue.payload import encode
 from mailq.queue.recovery import recover, recover_local_dead
 
 WORKERS = Path(__file__).parent / "queue_workers"
@@ -129,17 +132,93 @@ def test_repeatedly_recovered_entry_goes_to_bad(tmp_path):
     assert bad.read(path)[1]["recovered"] == 2
 
 
-def test_claimant_that_died_after_its_requeue_landed_is_not_duplicated(node):
+def test_a_dead_claim_whose_requeued_copy_is_waiting_is_dropped(node):
     settings = node.settings()
     q = Queue.for_settings(settings, "retry")
     q.enqueue(MSG, {})
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    c = q.claim_next(0, 1, Claimant("n1", int(dead.stdout), 0))
-    # what requeue does first (the new .pck), without its last step (removing the claim)
-    from mailq.queue.payload import encode
-
+    c = q.claim_next(0, 1, Claimant("n1", _dead_pid(), 0))
+    # what a requeue that copied instead of moving the claim did first (the new .pck), without its
+    # last step (removing the claim)
     q.write(f"{1.0:.6f}+{c.id.split('+')[1]}", encode(c.msg, c.metadata))
     report = recover_local_dead(settings)
     assert report.recovered == [] and [r["id"] for r in report.dropped] == [c.id]
     assert len(q.waiting()) == 1 and q.claims() == []
+
+
+def _files_of(qfiles: Path, sha: str) -> list[Path]:
+    """Every file of one entry (waiting, claimed, shunted, bad) anywhere under qfiles."""
+    return sorted(p for p in qfiles.rglob(f"*+{sha}.pck*") if not p.name.endswith(".reason"))
+
+
+def test_a_requeue_killed_half_way_leaves_one_copy_and_recovery_makes_it_one_entry(node):
+    settings = node.settings()
+    q = Queue.for_settings(settings, "retry")
+    eid = q.enqueue(MSG, {"attempts": 0})
+    sha = eid.split("+")[1]
+    proc = subprocess.run([sys.executable, str(WORKERS / "requeue.py"), str(settings.qfiles), "retry", "n1"],
+                          capture_output=True, text=True, env=node.environ({"MAILQ_FAULT_KILL": "rewritten"}),
+                          timeout=60)
+    assert proc.returncode == -9 and proc.stdout.split() == [eid], proc.stderr     # died inside requeue
+    [claim] = _files_of(settings.qfiles, sha)
+    assert claim.name.endswith(".bak") and q.read(claim)[1]["attempts"] == 1       # rewritten in place
+    report = recover_local_dead(settings)
+    assert [r["id"] for r in report.recovered] == [eid] and report.dropped == []
+    [entry] = _files_of(settings.qfiles, sha)
+    assert entry.name == f"{eid}.pck" and q.read(entry)[1] == {"attempts": 1, "listname": "", "recovered": 1}
+    assert recover_local_dead(settings).recovered == []
+
+
+def test_unshunt_killed_half_way_leaves_the_entry_once_in_its_queue(node):
+    settings = node.settings()
+    out = Queue.for_settings(settings, "out")
+    me = Claimant("n1", os.getpid(), 0)
+    for point in ("moved", "rewritten"):
+        eid = out.enqueue(MSG, {"recipients": ["a@example.org"]})
+        sha = eid.split("+")[1]
+        out.shunt(out.claim(eid, me), "boom")
+        res = node.mailq("queue", "unshunt", eid, env={"MAILQ_FAULT_KILL": point})
+        assert res.returncode == -9, (point, res.stderr)
+        [claim] = _files_of(settings.qfiles, sha)
+        assert claim.parent.parent.name == "out" and claim.name.endswith(".bak"), (point, claim)
+        report = json.loads(node.mailq("queue", "recover", "--json", check=True).stdout)
+        assert [r["id"] for r in report["recovered"]] == [eid] and report["dropped"] == [], point
+        [entry] = _files_of(settings.qfiles, sha)
+        assert entry == out.dir / sha[:2] / f"{eid}.pck", point
+        c = out.claim(eid, me)
+        assert c.metadata["recipients"] == ["a@example.org"] and c.metadata["recovered"] == 1
+        assert ("last_error" in c.metadata) == (point == "rewritten"), (point, c.metadata)
+        out.finish(c)
+    assert Queue.for_settings(settings, "shunt").waiting() == []
+
+
+def test_a_dead_claim_whose_requeued_copy_is_claimed_already_is_dropped(node):
+    """The state a requeue that copied (instead of moving the claim) could leave: no second delivery."""
+    settings = node.settings()
+    q = Queue.for_settings(settings, "retry")
+    q.enqueue(MSG, {})
+    dead = Claimant("n1", _dead_pid(), 0)
+    c = q.claim_next(0, 1, dead)
+    later = f"{time.time() + 600:.6f}+{c.id.split('+')[1]}"
+    q.write(later, encode(c.msg, c.metadata))
+    live = q.claim(later, Claimant("n1", os.getpid(), 0))            # the copy is being processed
+    report = recover_local_dead(settings)
+    assert report.recovered == [] and [r["id"] for r in report.dropped] == [c.id]
+    assert report.dropped[0]["newer"] == f"retry/{live.path.name}"
+    assert [i.entry_id for i in q.claims()] == [later] and q.waiting() == []
+    # Two dead claims of one entry: only the one with the earlier time is dropped, never both.
+    sha = hashlib.sha1(b"two dead claims").hexdigest()
+    t = time.time()
+    for when in (t - 10, t - 5):
+        q.write(f"{when:.6f}+{sha}", encode(MSG, {}))
+        assert q.claim(f"{when:.6f}+{sha}", dead) is not None
+    report = recover_local_dead(settings)
+    assert [r["id"] for r in report.dropped] == [f"{t - 10:.6f}+{sha}"]
+    assert [r["id"] for r in report.recovered] == [f"{t - 5:.6f}+{sha}"]
+    assert _files_of(settings.qfiles, sha) == [q.dir / sha[:2] / f"{t - 5:.6f}+{sha}.pck"]
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout)

@@ -25,12 +25,31 @@ EXIT_FAIL = 1
 EXIT_USAGE = 2
 EXIT_TEMPFAIL = 75
 
-# No envvar here: load_settings() falls back to $MAILQ_CONFIG itself, so a -C typed on a subcommand
-# group always wins over the environment.
-config_option = click.option(
-    "-C", "--config", "config_file", metavar="FILE",
-    help="Config file (default: $MAILQ_CONFIG, else etc/mailq.yaml in the checkout, else built-in defaults).",
-)
+CONFIG_HELP = "Config file (default: $MAILQ_CONFIG, else etc/mailq.yaml in the checkout, else built-in defaults)."
+# No envvar here: load_settings() falls back to $MAILQ_CONFIG itself, so a -C typed on the command
+# line always wins over the environment.  Groups take it as ``config_file``; every other command
+# gets its own -C from accept_config_everywhere(), so `mailq -C F queue count`, `mailq queue -C F
+# count` and `mailq queue count -C F` all work (the last one typed wins).
+config_option = click.option("-C", "--config", "config_file", metavar="FILE", help=CONFIG_HELP)
+
+
+def _remember_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.find_root().ensure_object(dict)["config_file"] = value
+
+
+def accept_config_everywhere(cmd: click.Command) -> click.Command:
+    """Give *cmd* and every command under it a -C/--config of its own, unless it has one already.
+
+    The option stores the file where get_settings() looks (the root context), so a command body
+    never sees it.  Idempotent: the lazy ``mailq`` group calls it on every lookup.
+    """
+    if not any("-C" in p.opts for p in cmd.params):
+        cmd.params.append(click.Option(["-C", "--config", "leaf_config"], metavar="FILE", expose_value=False,
+                                       callback=_remember_config, help=CONFIG_HELP))
+    for sub in getattr(cmd, "commands", {}).values():
+        accept_config_everywhere(sub)
+    return cmd
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 
 

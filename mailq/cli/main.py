@@ -9,7 +9,7 @@ import importlib
 
 import click
 
-from mailq.cli.common import config_option
+from mailq.cli.common import accept_config_everywhere, config_option
 
 #: command name -> "module:attribute"
 SUBCOMMANDS = {
@@ -39,7 +39,7 @@ class LazyGroup(click.Group):
             return None
         module_name, attr = target.split(":")
         module = importlib.import_module(module_name)
-        return getattr(module, attr)
+        return accept_config_everywhere(getattr(module, attr))     # -C after any (sub)command too
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

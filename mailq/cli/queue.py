@@ -16,12 +16,14 @@ from typing import Any
 
 import click
 
-from mailq.cli.common import emit_json, get_settings, handle_errors, json_option, print_table, warn
+from mailq.cli.common import (accept_config_everywhere, emit_json, get_settings, handle_errors, json_option,
+                              print_table, warn)
 from mailq.config import ALL_QUEUES, RUNNER_QUEUES, Settings
 from mailq.errors import InvalidInput, MailqError, NotFound
 from mailq.queue import BadEntry, Claimant, Queue
 from mailq.queue.names import REASON_SUFFIX, parse_claim, split_id
-from mailq.queue.payload import encode
+from mailq.queue.payload import decode
+from mailq.queue.queue import UNNAMED, count_queues
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,7 +63,11 @@ def _slice_counts(settings: Settings, override: int | None) -> dict[str, int]:
 @json_option
 @handle_errors
 def count(slices: int | None, as_json: bool) -> None:
-    """Entries per queue and per slice: waiting (and due), claimed; shunt and bad totals.
+    """Entries per queue and per slice: waiting (and due), claimed, shunt and bad.
+
+    shunt and bad count the entries that failed in that queue, in the slice their id falls in.
+    Waiting and claimed come from file names alone; shunt costs one read of each shunted entry
+    (for the queue it failed in), bad one read of each small .reason note.
 
     \b
     Examples:
@@ -69,18 +75,20 @@ def count(slices: int | None, as_json: bool) -> None:
       mailq queue count --slices 4 --json
     """
     settings = get_settings()
-    per_queue = {q: Queue.for_settings(settings, q).counts(n) for q, n in _slice_counts(settings, slices).items()}
-    held = {q: Queue.for_settings(settings, q).counts(1)["waiting"] for q in ("shunt", "bad")}
+    counts = count_queues(settings.qfiles, _slice_counts(settings, slices))
     if as_json:
-        emit_json({"queues": per_queue, **held})
+        emit_json(counts)
         return
     rows = []
-    for q, c in per_queue.items():
+    for q, c in counts["queues"].items():
         for s in c["slices"]:
-            rows.append([q, f"{s['slice']}/{c['count']}", s["waiting"], s["due"], s["claimed"]])
-    for q, n in held.items():
-        rows.append([q, "-", n, "-", "-"])
-    print_table(rows, ["queue", "slice", "waiting", "due", "claimed"])
+            rows.append([q, f"{s['slice']}/{c['count']}", s["waiting"], s["due"], s["claimed"], s["shunt"], s["bad"]])
+        if c["bad_unnamed"]:
+            rows.append([q, "no name", "-", "-", "-", "-", c["bad_unnamed"]])
+    print_table(rows, ["queue", "slice", "waiting", "due", "claimed", "shunt", "bad"])
+    stray = counts["unattributed"]
+    click.echo(f"in all: {counts['shunt']} shunted ({stray['shunt']} from an unknown queue), "
+               f"{counts['bad']} bad ({stray['bad']} from an unknown queue)")
 
 
 def find_entry(settings: Settings, text: str) -> tuple[str, str, Path]:
@@ -92,8 +100,13 @@ def find_entry(settings: Settings, text: str) -> tuple[str, str, Path]:
         queues = list(ALL_QUEUES)
     text = os.path.basename(text)
     if "+" not in text:
+        # Only bad/unnamed/ holds files without an entry name (bad/unnamed/<name> or the name alone).
+        found = [("bad", s, p) for s, p in Queue.for_settings(settings, "bad").locate(text)] if text else []
+        if len(found) == 1 and "bad" in queues:
+            return found[0]
         raise InvalidInput(f"{text!r} is not an entry id: expected <time>+<sha1hex> (as `mailq queue count` "
-                           f"and the logs print it), optionally prefixed by the queue, e.g. out/1763...+ab12")
+                           f"and the logs print it), optionally prefixed by the queue, e.g. out/1763...+ab12"
+                           + (f" (nor one file in bad/{UNNAMED}/)" if "bad" in queues else ""))
     found = [(q, state, path) for q in queues for state, path in Queue.for_settings(settings, q).locate(text)]
     if not found:
         raise NotFound(f"no queue entry {text!r} in {', '.join(queues)} (finished already? "
@@ -104,27 +117,50 @@ def find_entry(settings: Settings, text: str) -> tuple[str, str, Path]:
     return found[0]
 
 
+def describe_entry(settings: Settings, text: str, attempts: int = 3) -> dict[str, Any]:
+    """What `show` prints for *text*.  The file is located, then read once; an entry claimed,
+    finished or moved in between is located again (it may be claimed now), and only when it has
+    gone for good is that a NotFound, never a traceback."""
+    for _ in range(attempts - 1):
+        try:
+            return _describe(settings, *find_entry(settings, text))
+        except FileNotFoundError:
+            continue
+    try:
+        return _describe(settings, *find_entry(settings, text))
+    except FileNotFoundError:
+        raise NotFound(f"{text!r} kept changing while being read (claimed, finished or moved); "
+                       f"try again, or see `mailq queue count`") from None
+
+
 def _describe(settings: Settings, qname: str, state: str, path: Path) -> dict[str, Any]:
-    info: dict[str, Any] = {"queue": qname, "file": str(path), "size": path.stat().st_size}
+    """FileNotFoundError when the file goes before it is read; nothing here stats it first."""
+    from mailq.queue.queue import read_all
+
+    data = read_all(path)       # one open: what is shown is what was read, whatever happens next
+    info: dict[str, Any] = {"queue": qname, "file": str(path), "size": len(data)}
     claim = parse_claim(path.name, path)
     info["id"] = claim.entry_id if claim else path.name.removesuffix(".pck")
     info["state"] = {"shunt": "shunted", "bad": "bad"}.get(qname, state)
     if claim:
         info["claimant"] = {"node": claim.node, "pid": claim.pid, "epoch": claim.epoch}
     reason = Path(str(path) + REASON_SUFFIX)
-    if reason.exists():
+    try:
         text = reason.read_text(errors="replace").strip()
+    except FileNotFoundError:
+        text = None
+    if text is not None:
         try:
             note = json.loads(text)
             info["bad_reason"] = note if isinstance(note, dict) else {"reason": text}
         except ValueError:
             info["bad_reason"] = {"reason": text}
     try:
-        msg, metadata = Queue.for_settings(settings, qname).read(path)
+        msg, metadata = decode(data)
     except BadEntry as exc:
         info["payload_error"] = str(exc)
         return info
-    info["due"] = split_id(info["id"])[0]
+    info["due"] = split_id(info["id"])[0] if "+" in info["id"] else None
     info["metadata"] = metadata
     headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(msg)
     info["headers"] = [[k, str(v)] for k, v in headers.items()]
@@ -148,7 +184,7 @@ def show(entry: str, as_json: bool) -> None:
       mailq queue show shunt/1763777147.120000+ab12cd --json
     """
     settings = get_settings()
-    info = _describe(settings, *find_entry(settings, entry))
+    info = describe_entry(settings, entry)
     if as_json:
         emit_json(info)
         return
@@ -159,7 +195,7 @@ def show(entry: str, as_json: bool) -> None:
         state += f" by node {c['node']} pid {c['pid']} (slice-map epoch {c['epoch']})"
     click.echo(f"state:    {state}")
     click.echo(f"file:     {info['file']} ({info['size']} bytes)")
-    if "due" in info and info["queue"] in RUNNER_QUEUES:
+    if info.get("due") is not None and info["queue"] in RUNNER_QUEUES:
         click.echo(f"due:      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info['due']))}")
     if "bad_reason" in info:
         note = info["bad_reason"]
@@ -249,8 +285,9 @@ def unshunt(entries: tuple[str, ...], as_json: bool) -> None:
             continue
         meta = {k: v for k, v in c.metadata.items() if k not in ("error", "shunted_from")}
         meta["last_error"] = c.metadata.get("error", "")
-        Queue.for_settings(settings, target).write(c.id, encode(c.msg, meta))
-        shunt.finish(c)
+        # The claim itself moves (one file throughout): a crash leaves it claimed in the target
+        # queue, where recovery puts it back once; never a copy in both queues (§3.6).
+        shunt.transfer(c, Queue.for_settings(settings, target), meta)
         moved.append({"id": eid, "queue": target})
     if as_json:
         emit_json({"moved": moved, "problems": problems})
@@ -297,6 +334,7 @@ def recover(as_json: bool) -> None:
 
 
 def main() -> None:
+    accept_config_everywhere(queue)
     try:
         queue(prog_name="mailq queue")
     except MailqError as exc:   # pragma: no cover - handle_errors covers the commands

@@ -3,6 +3,9 @@
 Implements §3.4 "Enqueue", §3.5 "Claim", §3.6 "Finish, shunt, bad" and §3.7 "Requeue".  Every state
 change is one rename or one unlink of a single file, so processes on different hosts that never talk
 to each other can share a queue: a rename of one source succeeds once, whoever loses sees ENOENT.
+An entry that leaves its claim for somewhere else (requeue, shunt, unshunt, recovery) is never
+copied: the claim file itself is rewritten in place and then renamed to where it goes (§3.7), so a
+crash at any point leaves exactly one file of the entry.
 
 Runners call :meth:`Queue.claim_next` in a loop.  It keeps the sorted names of its slice from the last
 listing (a *batch*) and claims from the front; it lists the slice's buckets again when the batch has
@@ -15,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mailq.errors import NotFound
+from mailq.fsutil import fsync_dir
 from mailq.queue.names import (
     CLAIM_SUFFIX, ENTRY_RE, ENTRY_SUFFIX, REASON_SUFFIX, ClaimInfo, Claimant, bucket_of,
     entry_id, parse_claim, slice_buckets, slice_of, split_id,
@@ -29,7 +34,18 @@ from mailq.queue.names import (
 from mailq.queue.payload import BadEntry, decode, encode, write_entry
 
 BUCKET_NAMES = [f"{b:02x}" for b in range(256)]
+#: Where ``to_bad`` puts files whose name is not an entry name (only ``bad`` has it).
+UNNAMED = "unnamed"
 _HEX = frozenset("0123456789abcdef")
+#: Fault injection for tests: MAILQ_FAULT_KILL=rewritten SIGKILLs the process after a claim was
+#: rewritten in place and before it is renamed to its destination; =moved after unshunt moved the
+#: claim into the target queue.  Read once at import.
+FAULT_KILL = os.environ.get("MAILQ_FAULT_KILL", "")
+
+
+def _fault(point: str) -> None:
+    if FAULT_KILL == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Claimed:
@@ -240,12 +256,16 @@ class Queue:
                              self.name, c.id, c.path)
 
     def shunt(self, c: Claimed, error: str) -> str:
-        """Move a claimed entry to ``shunt`` with *error* in its metadata; ``mailq queue unshunt`` undoes it."""
+        """Move a claimed entry to ``shunt`` with *error* in its metadata; ``mailq queue unshunt`` undoes it.
+
+        The claim is rewritten with the new metadata, then renamed into ``shunt`` (§3.6): a crash
+        between the two leaves the claim, which recovery puts back into this queue to be tried again.
+        """
         meta = dict(c.metadata)
         meta["error"] = error
         meta["shunted_from"] = self.name
-        Queue(self.root, "shunt", fsync=self.fsync, log=self.log).write(c.id, encode(c.msg, meta))
-        self._unlink_quiet(c._path)
+        self.settle(c._path, encode(c.msg, meta), self.root / "shunt" / bucket_of(split_id(c.id)[1]),
+                    c.id + ENTRY_SUFFIX)
         self.log.error("shunted %s/%s: %s", self.name, c.id, error.strip().splitlines()[-1] if error.strip() else "")
         return c.id
 
@@ -253,15 +273,48 @@ class Queue:
                 msg: bytes | None = None) -> str:
         """Put a claimed entry back, due at *not_before* (default now): same SHA-1, so the same slice.
 
-        The new ``.pck`` appears before the claim goes; a crash in between leaves both, and recovery
-        then drops the claim instead of making a second copy (§3.8).
+        The claim is rewritten in place, then renamed to the new ``.pck`` name (§3.7): there is never
+        a second copy, whenever the process dies.
         """
         _, sha = split_id(c.id)
         new_id = entry_id(time.time() if not_before is None else not_before, sha)
         data = encode(c.msg if msg is None else msg, c.metadata if metadata is None else metadata)
-        self.write(new_id, data)
-        self._unlink_quiet(c._path)
+        self.settle(c._path, data, os.path.dirname(c._path), new_id + ENTRY_SUFFIX)
         return new_id
+
+    def transfer(self, c: Claimed, target: Queue, metadata: dict[str, Any]) -> str:
+        """Move a claimed entry into another queue under the same id, with *metadata* (``unshunt``).
+
+        First the claim itself moves into the target's bucket (still a claim, so no runner takes it
+        and a crash leaves it for recovery *there*), then it is rewritten and released as ``.pck``.
+        """
+        folder = target.bucket_dir(bucket_of(split_id(c.id)[1]))
+        moved = os.path.join(folder, os.path.basename(c._path))
+        os.makedirs(folder, exist_ok=True)
+        os.rename(c._path, moved)
+        c._path = moved
+        _fault("moved")
+        target.settle(moved, encode(c.msg, metadata), folder, c.id + ENTRY_SUFFIX)
+        return c.id
+
+    def settle(self, claim: str | os.PathLike[str], data: bytes, folder: str | os.PathLike[str], name: str) -> None:
+        """Replace the claim's content with *data*, then rename the claim to ``folder/name``.
+
+        Two renames of one file: before the second the entry is the (rewritten) claim, after it
+        the new entry; at no moment are there two.  QueueFull from the rewrite leaves the claim as
+        it was.
+        """
+        claim = os.fspath(claim)
+        write_entry(os.path.dirname(claim), os.path.basename(claim), data, fsync=self.fsync)
+        _fault("rewritten")
+        dest = os.path.join(folder, name)
+        try:
+            os.rename(claim, dest)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            os.rename(claim, dest)
+        if self.fsync:
+            fsync_dir(Path(folder))
 
     def to_bad(self, c_or_path: Claimed | str | os.PathLike[str], reason: str) -> Path:
         """Move a claimed entry (or any file of this queue) to ``bad``, reason kept in ``<name>.reason``."""
@@ -302,8 +355,9 @@ class Queue:
 
     # -- inspection -------------------------------------------------------------------------
     def _all_names(self) -> list[tuple[str, str]]:
+        """Every (folder, name) in the bucket folders, and in ``unnamed`` (bad only)."""
         out = []
-        for bucket in BUCKET_NAMES:
+        for bucket in (*BUCKET_NAMES, UNNAMED):
             folder = os.path.join(self._dir, bucket)
             try:
                 out.extend((folder, n) for n in os.listdir(folder))
@@ -312,12 +366,21 @@ class Queue:
         return out
 
     def counts(self, count: int | None = None, now: float | None = None) -> dict[str, Any]:
-        """Waiting (and due) and claimed entries, in total and per slice of *count* slices."""
+        """Waiting (and due) and claimed entries, in total and per slice of *count* slices, from names only.
+
+        Files in ``bad/unnamed/`` (moved there because their name is not an entry name) count as
+        waiting in total and as ``unnamed``, in no slice.
+        """
         count = count or 1
         now = time.time() if now is None else now
         per = [{"slice": i, "waiting": 0, "due": 0, "claimed": 0} for i in range(count)]
-        for _, name in self._all_names():
-            if name.endswith(ENTRY_SUFFIX):
+        unnamed = 0
+        for folder, name in self._all_names():
+            if name.startswith(".") or name.endswith(REASON_SUFFIX):
+                continue
+            if os.path.basename(folder) == UNNAMED:
+                unnamed += 1
+            elif name.endswith(ENTRY_SUFFIX):
                 m = ENTRY_RE.fullmatch(name)
                 if m:
                     row = per[slice_of(m["sha"], count)]
@@ -328,7 +391,37 @@ class Queue:
                 if info:
                     per[slice_of(info.slice_hex, count)]["claimed"] += 1
         total = {k: sum(r[k] for r in per) for k in ("waiting", "due", "claimed")}
-        return {"queue": self.name, "count": count, **total, "slices": per}
+        total["waiting"] += unnamed
+        return {"queue": self.name, "count": count, **total, "unnamed": unnamed, "slices": per}
+
+    def held(self) -> list[tuple[str, str | None]]:
+        """``(origin queue, sha1hex or None)`` of every entry waiting in this holding queue.
+
+        The origin is not in the file name, so it costs a read per entry: for ``shunt`` each entry
+        is read and unpickled (restricted) for ``metadata["shunted_from"]`` (shunt is an operator's
+        queue and expected to stay small); for ``bad`` only the small ``.reason`` note is read, for
+        its ``queue``, and the entry itself is never opened.  The origin is "" when unknown
+        (unreadable, no note); the SHA-1 is None for files in ``bad/unnamed/``.
+        """
+        out: list[tuple[str, str | None]] = []
+        for folder, name in self._all_names():
+            if name.startswith(".") or name.endswith(REASON_SUFFIX) or name.endswith(CLAIM_SUFFIX):
+                continue
+            m = ENTRY_RE.fullmatch(name)
+            if m is None and os.path.basename(folder) != UNNAMED:
+                continue
+            path = os.path.join(folder, name)
+            origin: Any = ""
+            try:
+                if self.name == "bad":
+                    with open(path + REASON_SUFFIX, "rb") as fh:
+                        origin = json.loads(fh.read()).get("queue", "")
+                else:
+                    origin = decode(read_all(path))[1].get("shunted_from", "")
+            except (OSError, ValueError, AttributeError, BadEntry):
+                pass        # gone meanwhile, no note, or unreadable: origin unknown
+            out.append((origin if isinstance(origin, str) else "", m["sha"] if m else None))
+        return out
 
     def locate(self, text: str) -> list[tuple[str, Path]]:
         """Files of this queue whose entry id starts with *text* (``<time>+<sha1 prefix>``), as (state, path)."""
@@ -336,14 +429,17 @@ class Queue:
         if text.endswith(ENTRY_SUFFIX):
             text = text[: -len(ENTRY_SUFFIX)]
         sha = text.partition("+")[2]
-        if len(sha) >= 2 and set(sha[:2]) <= _HEX:
+        if "+" not in text:     # not an entry id: only bad/unnamed/ can hold such a name
+            names = [(os.path.join(self._dir, UNNAMED), n) for n in self._listdir(UNNAMED)]
+        elif len(sha) >= 2 and set(sha[:2]) <= _HEX:
             names = [(os.path.join(self._dir, sha[:2]), n) for n in self._listdir(sha[:2])]
         else:
             names = self._all_names()
         out = []
         for folder, name in names:
             if name.startswith(text) and not name.endswith(REASON_SUFFIX) and not name.startswith("."):
-                state = "waiting" if name.endswith(ENTRY_SUFFIX) else "claimed"
+                unnamed = os.path.basename(folder) == UNNAMED
+                state = "waiting" if unnamed or name.endswith(ENTRY_SUFFIX) else "claimed"
                 out.append((state, Path(folder, name)))
         return out
 
@@ -355,8 +451,46 @@ class Queue:
 
     def read(self, path: str | os.PathLike[str]) -> tuple[bytes, dict[str, Any]]:
         """``(msg, metadata)`` of any entry file, through the restricted unpickler; BadEntry if unusable."""
+        return decode(self.read_bytes(path))
+
+    def read_bytes(self, path: str | os.PathLike[str]) -> bytes:
+        """The raw bytes of any entry file; NotFound (not FileNotFoundError) when it has gone."""
         try:
-            return decode(read_all(path))
+            return read_all(path)
         except FileNotFoundError:
             raise NotFound(f"{path}: no such queue file (it was claimed or finished meanwhile; "
                            f"run `mailq queue count` to see what is there)")
+
+
+def count_queues(qfiles: str | os.PathLike[str], slice_counts: dict[str, int], now: float | None = None,
+                 ) -> dict[str, Any]:
+    """``mailq queue count``: every queue of *slice_counts* per slice, shunt and bad by origin queue.
+
+    Each queue's totals and slice rows get ``shunt`` and ``bad``: entries that failed in it, by the
+    slice their SHA-1 falls in (``bad_unnamed``: bad files with no entry name, so no slice).  The
+    top-level ``shunt`` and ``bad`` are the totals; ``unattributed`` counts those whose origin is
+    unknown or not one of these queues.  Costs: see :meth:`Queue.counts` and :meth:`Queue.held`.
+    """
+    per_queue = {q: Queue(qfiles, q).counts(n, now) for q, n in slice_counts.items()}
+    for c in per_queue.values():
+        c.pop("unnamed")
+        c.update(shunt=0, bad=0, bad_unnamed=0)
+        for row in c["slices"]:
+            row.update(shunt=0, bad=0)
+    out: dict[str, Any] = {"queues": per_queue, "unattributed": {}}
+    for hold in ("shunt", "bad"):
+        entries = Queue(qfiles, hold).held()
+        out[hold] = len(entries)
+        stray = 0
+        for origin, sha in entries:
+            c = per_queue.get(origin)
+            if c is None:
+                stray += 1
+                continue
+            c[hold] += 1
+            if sha is None:
+                c["bad_unnamed"] += 1
+            else:
+                c["slices"][slice_of(sha, c["count"])][hold] += 1
+        out["unattributed"][hold] = stray
+    return out

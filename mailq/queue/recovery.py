@@ -15,7 +15,7 @@ from typing import Any
 
 from mailq.config import RUNNER_QUEUES, Settings
 from mailq.fsutil import pid_alive
-from mailq.queue.names import ENTRY_SUFFIX, TEMP_SUFFIX, ClaimInfo, Claimant, bucket_of
+from mailq.queue.names import CLAIM_RE, ENTRY_RE, ENTRY_SUFFIX, TEMP_SUFFIX, ClaimInfo, Claimant, bucket_of
 from mailq.queue.payload import BadEntry, decode, encode
 from mailq.queue.queue import BUCKET_NAMES, Queue, read_all
 
@@ -27,7 +27,7 @@ CLAIM_QUEUES = (*RUNNER_QUEUES, "shunt")
 class RecoveryReport:
     recovered: list[dict[str, Any]] = field(default_factory=list)   # back to .pck, counter bumped
     to_bad: list[dict[str, Any]] = field(default_factory=list)      # past the limit, or unreadable
-    dropped: list[dict[str, Any]] = field(default_factory=list)     # its requeue/shunt had already landed
+    dropped: list[dict[str, Any]] = field(default_factory=list)     # a newer copy of the entry exists
     left: int = 0                                                    # claims whose claimant is not dead
     stale_temps: list[str] = field(default_factory=list)
 
@@ -84,14 +84,11 @@ def _recover_one(queue: Queue, info: ClaimInfo, me: Claimant, limit: int, report
         os.rename(info.path, mine)
     except FileNotFoundError:
         return      # another recoverer (or the claimant's own finish) got there first
-    sha = info.slice_hex
-    landed = any(n.endswith(f"+{sha}{ENTRY_SUFFIX}") for n in os.listdir(folder)) or os.path.exists(
-        queue.root / "shunt" / bucket_of(sha) / (info.entry_id + ENTRY_SUFFIX))
-    if landed:
-        # The claimant died after its requeue/shunt wrote the new file but before it removed the claim.
+    newer = _newer_copy(queue, info, mine.name)
+    if newer:
         os.unlink(mine)
-        report.dropped.append(row)
-        queue.log.info("dropped claim %s of dead %s: its requeued/shunted copy already exists", info.path, who)
+        report.dropped.append({**row, "newer": newer})
+        queue.log.info("dropped claim %s of dead %s: a newer copy of the entry exists (%s)", info.path, who, newer)
         return
     try:
         msg, meta = decode(read_all(mine))
@@ -110,11 +107,42 @@ def _recover_one(queue: Queue, info: ClaimInfo, me: Claimant, limit: int, report
         report.to_bad.append({**row, "reason": reason})
         return
     meta["recovered"] = count
-    queue.write(info.entry_id, encode(msg, meta))
-    os.unlink(mine)
+    # Rewrite the claim, then rename it back: a recoverer that dies here leaves its own claim (with
+    # the counter already bumped), never a second copy.
+    queue.settle(mine, encode(msg, meta), folder, info.entry_id + ENTRY_SUFFIX)
     report.recovered.append(row)
     queue.log.warning("recovered %s/%s from dead %s (recovery %d of at most %d)", queue.name, info.entry_id,
                       who, count, limit)
+
+
+def _newer_copy(queue: Queue, info: ClaimInfo, mine: str) -> str:
+    """Another file of the same entry (same SHA-1) that supersedes this dead claim, or "".
+
+    mailq itself never leaves one (requeue, shunt, unshunt and recovery move the claim file itself,
+    §3.7), but a copy made by hand, or by a mailq before that rule, must not become a second
+    delivery.  A waiting ``.pck`` (here or in shunt) always supersedes the claim.  Another *claim*
+    supersedes it only when its time field is strictly later (a requeue moves the due time
+    forward): of two dead claims only the older is dropped, so two recoverers working at once can
+    never drop both.
+    """
+    sha = info.slice_hex
+    bucket = bucket_of(sha)
+    places = [(queue.name, info.path.parent), ("shunt", queue.root / "shunt" / bucket)]
+    when = float(info.entry_id.partition("+")[0])
+    for qname, folder in places:
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name == mine or f"+{sha}{ENTRY_SUFFIX}" not in name:
+                continue
+            if ENTRY_RE.fullmatch(name):
+                return f"{qname}/{name}"
+            m = CLAIM_RE.fullmatch(name)
+            if m and float(m["id"].partition("+")[0]) > when:
+                return f"{qname}/{name}"
+    return ""
 
 
 def filesystem_now(folder: os.PathLike[str] | str) -> float:
