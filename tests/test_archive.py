@@ -128,3 +128,21 @@ def test_an_archive_torn_by_a_killed_writer_does_not_swallow_the_next_post(setti
     assert [m["subject"] for m in messages] == ["post 1", "post 2", "post 3"]
     assert messages[2].get_payload().startswith(">From the start of a line\n")
     assert path.read_bytes().endswith(b"\n\n")
+
+
+def test_an_entry_whose_digest_append_failed_is_retried_for_the_digest_only(node):
+    settings = node.settings()
+    mlist = make_list(settings)
+    run_pipeline(settings, mlist, sample("plain.eml"))          # one entry: stores archive + digest
+    pending = settings.lists_dir / "dev" / "digest.mbox"
+    pending.mkdir()                                           # the digest cannot be appended to
+    node.run("qrunner", "-r", "archive", "--once", check=True)
+    ((_, meta),) = queue_entries(settings, "shunt")
+    assert meta["stores"] == ["digest"] and "digest.mbox" in meta["error"]
+    pending.rmdir()
+    node.mailq("queue", "unshunt", check=True)
+    node.run("qrunner", "-r", "archive", "--once", check=True)
+    assert queue_entries(settings, "archive") == queue_entries(settings, "shunt") == []
+    assert len(list(mailbox.mbox(pending, create=False))) == 1
+    archived = list(mailbox.mbox(next((settings.archives_dir / "dev").glob("*.mbox")), create=False))
+    assert len(archived) == 1                                 # not appended a second time

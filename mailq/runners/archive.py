@@ -7,6 +7,8 @@ cycle costs about 1 ms (DESIGN §4), so the runner does not take one per post: w
 claimed it claims up to ``pipeline.archive_batch`` more from its slice, groups them by list and
 file, appends each group under one lock acquisition, and only then finishes the claims.  A crash
 before the finish leaves the claims for recovery, which may append a post twice but never loses one.
+An entry for two stores of which one append failed goes back (requeued, or shunted) with
+``stores`` cut down to the failed one, so the retry does not append it to the other store again.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class ArchiveRunner(Runner):
             for store in stores:
                 groups.setdefault((str(meta.get("listname") or ""), str(store)), []).append(item)
         failed: dict[str, BaseException] = {}
+        failed_stores: dict[str, list[str]] = {}
         for (listname, store), items in groups.items():
             try:
                 self._append(listname, store, items)
@@ -47,6 +50,10 @@ class ArchiveRunner(Runner):
                                store, exc)
                 for item in items:
                     failed.setdefault(item.id, exc)
+                    failed_stores.setdefault(item.id, []).append(store)
+        for item in batch:
+            if item.id in failed:   # what goes back (requeue, shunt) keeps only what is still to do
+                item.metadata["stores"] = failed_stores[item.id]
         for item in batch[1:]:
             if item.id in failed:
                 self._give_back(queue, item, failed[item.id])
@@ -69,11 +76,7 @@ class ArchiveRunner(Runner):
             raise MailqError(f"archive entry for list {listname} with unknown store {store!r}")
 
     def _give_back(self, queue: Any, item: Any, exc: BaseException) -> None:
-        """An extra claim whose append failed: temporary trouble -> requeue, anything else -> shunt.
-
-        An entry for two stores of which one failed is retried whole: the other store may then get
-        the post twice, which beats losing it.
-        """
+        """An extra claim whose append failed: temporary trouble -> requeue, anything else -> shunt."""
         from mailq.errors import TemporaryFailure
 
         try:
