@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -222,3 +223,40 @@ def _dead_pid() -> int:
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
     return int(done.stdout)
+
+
+def test_a_real_qrunner_sends_hostile_files_to_bad_and_processes_the_good_ones(node, tmp_path):
+    from mailq import safepickle
+    from tests.test_queue import MSG as GOOD_MSG
+    from tests.test_queue import _plant, _RunsCode
+
+    settings = node.settings()
+    q = Queue.for_settings(settings, "retry")
+    marker = tmp_path / "pwned"
+    old = time.time() - 500
+    good_payload = encode(GOOD_MSG, {"ok": True})
+    hostile = {
+        "truncated": _plant(q, good_payload[: len(good_payload) // 2], old + 1),
+        "runs code": _plant(q, pickle.dumps({"version": 1, "msg": _RunsCode(marker), "metadata": {}}), old + 2),
+        "wrong version": _plant(q, safepickle.dumps({"version": 99, "msg": GOOD_MSG, "metadata": {}}), old + 3),
+        "not a dict": _plant(q, safepickle.dumps([1, GOOD_MSG, {}]), old + 4),
+        "zero bytes": _plant(q, b"", old + 5),
+    }
+    odd = [_plant(q, good_payload, old, name="garbage.pck", bucket="00"),
+           _plant(q, good_payload, old, name=f"{old:.0f}+{'z' * 40}.pck", bucket="01"),
+           _plant(q, good_payload, old, name=f"{old:.6f}+ab{'0' * 38}.pck", bucket="cd")]   # wrong bucket
+    good = {q.enqueue(GOOD_MSG, {"ok": True, "n": i}) for i in range(3)}
+    res = node.run("qrunner", "-r", "retry", "--once", "-v", timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert not marker.exists(), "unpickling a planted file ran code"
+    for why, path in hostile.items():
+        assert not path.exists(), why
+        moved = settings.qfiles / "bad" / path.parent.name / path.name
+        assert moved.exists() and json.loads(Path(f"{moved}.reason").read_text())["queue"] == "retry", why
+    log = (settings.log_dir / "retry.log").read_text()
+    for path in odd:
+        assert path.exists() and f"ignoring {path}" in log
+    assert q.waiting() == [] and q.claims() == []
+    out = Queue.for_settings(settings, "out")
+    moved_on = [out.read(out.dir / e.split("+")[1][:2] / f"{e}.pck")[1] for e in out.waiting()]
+    assert sorted(m["n"] for m in moved_on) == [0, 1, 2] and len(good) == 3
