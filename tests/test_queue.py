@@ -155,10 +155,11 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_hostile_and_broken_files_go_to_bad_and_the_good_entry_is_claimed(qroot, tmp_path, caplog):
-    q = Queue(qroot, "in", fsync=False)
-    marker = tmp_path / "pwned"
-    old = time.time() - 500
+def plant_hostile(q: Queue, marker: Path, old: float) -> tuple[dict[str, Path], list[Path]]:
+    """Broken entries (each must end in bad) and misnamed files (each must be left, with a log line).
+
+    The code-running pickle would create *marker* if anything unpickled it blindly.
+    """
     good_payload = encode(MSG, {"ok": True})
     broken = {
         "truncated": _plant(q, good_payload[: len(good_payload) // 2], old + 1),
@@ -174,6 +175,14 @@ def test_hostile_and_broken_files_go_to_bad_and_the_good_entry_is_claimed(qroot,
         _plant(q, good_payload, old, name="README", bucket="02"),
         _plant(q, good_payload, old, name=f"{old:.6f}+ab{'0' * 38}.pck", bucket="cd"),   # wrong bucket
     ]
+    return broken, odd
+
+
+def test_hostile_and_broken_files_go_to_bad_and_the_good_entry_is_claimed(qroot, tmp_path, caplog):
+    q = Queue(qroot, "in", fsync=False)
+    marker = tmp_path / "pwned"
+    old = time.time() - 500
+    broken, odd = plant_hostile(q, marker, old)
     directory = _plant(q, b"", old + 7)
     directory.unlink()
     directory.mkdir()                                   # a folder named like an entry

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -226,25 +225,13 @@ def _dead_pid() -> int:
 
 
 def test_a_real_qrunner_sends_hostile_files_to_bad_and_processes_the_good_ones(node, tmp_path):
-    from mailq import safepickle
     from tests.test_queue import MSG as GOOD_MSG
-    from tests.test_queue import _plant, _RunsCode
+    from tests.test_queue import plant_hostile
 
     settings = node.settings()
     q = Queue.for_settings(settings, "retry")
     marker = tmp_path / "pwned"
-    old = time.time() - 500
-    good_payload = encode(GOOD_MSG, {"ok": True})
-    hostile = {
-        "truncated": _plant(q, good_payload[: len(good_payload) // 2], old + 1),
-        "runs code": _plant(q, pickle.dumps({"version": 1, "msg": _RunsCode(marker), "metadata": {}}), old + 2),
-        "wrong version": _plant(q, safepickle.dumps({"version": 99, "msg": GOOD_MSG, "metadata": {}}), old + 3),
-        "not a dict": _plant(q, safepickle.dumps([1, GOOD_MSG, {}]), old + 4),
-        "zero bytes": _plant(q, b"", old + 5),
-    }
-    odd = [_plant(q, good_payload, old, name="garbage.pck", bucket="00"),
-           _plant(q, good_payload, old, name=f"{old:.0f}+{'z' * 40}.pck", bucket="01"),
-           _plant(q, good_payload, old, name=f"{old:.6f}+ab{'0' * 38}.pck", bucket="cd")]   # wrong bucket
+    hostile, odd = plant_hostile(q, marker, time.time() - 500)
     good = {q.enqueue(GOOD_MSG, {"ok": True, "n": i}) for i in range(3)}
     res = node.run("qrunner", "-r", "retry", "--once", "-v", timeout=60)
     assert res.returncode == 0, res.stderr
