@@ -75,7 +75,7 @@ def _check_list(store: ListStore, name: str, fix: bool) -> list[Problem]:
                 p.fixed = True
                 p.what += f"; re-saved from {DB_NAME}.last"
             out.append(p)
-    out += _check_mode(folder, SHARED_DIR, fix)
+    out += _check_mode(folder, SHARED_DIR, fix, missing_ok=True)  # removed while we looked: fine
     for fname in (DB_NAME, DB_NAME + ".last", "digest.mbox"):
         out += _check_mode(folder / fname, GROUP_RW, fix, missing_ok=True)
     held = folder / "held"
