@@ -144,7 +144,13 @@ def test_cluster_status_shows_states_slices_and_waiting_entries(nodes):
     s1 = renew(nodes["h1"])
     s2 = renew(nodes["h2"])
     age_heartbeat(s1, "h3", 60)
-    Queue.for_settings(s1, "in").enqueue(b"Subject: t\n\nt\n", {"listname": "dev"})
+    q = Queue.for_settings(s1, "in")
+    eid = q.enqueue(b"Subject: t\n\nt\n", {"listname": "dev"})
+    # Its file was written 100 s ago by the filesystem's clock (its id's due time says now).
+    path = next(p for _, p in q.locate(eid))
+    now = heartbeat.fs_now(s1)
+    os.utime(path, (now - 100, now - 100))
+    q.enqueue(b"Subject: later\n\nt\n", {"listname": "dev"}, not_before=time.time() + 3600)
     # h1 and h2 stand for live masters: keep renewing while the CLI starts (slow on a busy machine).
     done = threading.Event()
     beats = [heartbeat.Heartbeat(s1), heartbeat.Heartbeat(s2)]
@@ -165,7 +171,8 @@ def test_cluster_status_shows_states_slices_and_waiting_entries(nodes):
     states = {n["node"]: n["state"] for n in data["nodes"]}
     assert states == {"h1": "alive", "h2": "alive", "h3": "dead"}
     row = next(r for r in data["slices"] if r["queue"] == "in")
-    assert row["waiting"] == 1 and row["owner"] == "h1" and row["oldest_waiting_s"] is not None
+    assert row["waiting"] == 1 and row["deferred"] == 1 and row["owner"] == "h1"
+    assert 99 <= row["oldest_waiting_s"] < 200
     text = nodes["h1"].mailq("cluster", "status")
     assert "dead" in text.stdout and "in:0/1" in text.stdout
 
@@ -320,6 +327,19 @@ def test_a_slow_takeover_does_not_stop_the_performers_heartbeat(nodes):
         assert worst < s1.cluster.lease, f"h1's heartbeat reached {worst:.1f}s during its takeover"
         holder.kill()
         wait_for(lambda: load_map(s1.slice_map_path).nodes["h3"].fenced, 40, message="the takeover done")
+        # Any node's `cluster status` shows the runners h1's master runs now, h3's former slices too.
+        from mailq.runners import REGISTRY       # queues with a runner (some have none yet)
+
+        owned = {f"{q}:{s}/{c}" for q, s, c in load_map(s1.slice_map_path).slices_for("h1") if q in REGISTRY}
+        assert {"out:1/3", "out:2/3"} <= owned                  # its own and h3's former out slice
+
+        def h1_runners() -> set[str]:
+            data = json.loads(nodes["h2"].mailq("cluster", "status", "--json", "--no-queues").stdout)
+            node = next(n for n in data["nodes"] if n["node"] == "h1")
+            return {f"{r['name']}:{r['slice']}/{r['count']}" for r in node["runners"] or ()
+                    if r["state"] == "running"}
+
+        wait_for(lambda: h1_runners() == owned, 60, interval=0.3, message=f"h1's runners {owned} in cluster status")
     finally:
         holder.kill()
         holder.wait()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,20 @@ def test_a_hand_edit_must_raise_the_epoch(cluster):
     settings.slice_map_path.write_text(map_text(epoch=5, out="{h1: [0], h2: [1, 2, 3]}"))
     assert watcher.current().owner_of("out", 1) == "h1"
     assert "epoch 5 is not above" in watcher.problem
+    # show and status show the map in force, not the refused file, and say why it is refused.
+    show = node.mailq("slices", "show", "--json")
+    assert show.returncode == 1 and "REFUSED" in show.stderr and "epoch 5 is not above" in show.stderr
+    shown = json.loads(show.stdout)
+    assert shown["queues"]["out"]["nodes"] == {"h1": [0, 1], "h2": [2, 3]}
+    assert shown["in_force_from"] == "last-good copy"
+    status = json.loads(node.mailq("cluster", "status", "--json", "--no-queues").stdout)
+    assert status["map_in_force"] == "last-good copy" and "epoch 5 is not above" in status["map_problem"]
+    # A CLI change starts from the map in force (and replaces the refused file), not from the edit.
+    node.mailq("slices", "assign", "out", "3", "h1", check=True)
+    smap = sm.load_map(settings.slice_map_path)
+    assert smap.epoch == 6 and smap.queues["out"] == ["h1", "h1", "h2", "h1"]
+    assert "h2: [1, 2, 3]" in settings.slice_map_path.with_name("slices.yaml.last").read_text()
+    assert watcher.current().epoch == 6 and not watcher.problem
     settings.slice_map_path.write_text(map_text(epoch=7, out="{h1: [0], h2: [1, 2, 3]}"))
     smap = watcher.current()
     assert smap.epoch == 7 and smap.owner_of("out", 1) == "h2" and not watcher.problem
@@ -173,18 +188,39 @@ def test_init_spreads_one_slice_queues_over_nodes_and_refuses_a_second_time(tmp_
     assert again.returncode == 1 and "exists already" in again.stderr
 
 
-def test_set_count_refuses_while_entries_wait_unless_forced(cluster):
+def slice_rows(text: str) -> dict[str, str]:
+    """Table rows of CLI output keyed by their first column, a slice label like ``out:0/2``."""
+    return {line.split()[0]: line for line in text.splitlines() if re.match(r"\w+:\d+/\d+ ", line)}
+
+
+def test_set_count_refuses_while_entries_wait_unless_forced_and_says_what_moves(cluster):
     from mailq.queue import Queue
+    from mailq.queue.names import split_id
 
     node, settings = cluster
-    Queue.for_settings(settings, "out").enqueue(b"Subject: x\n\nx\n", {"listname": "dev"})
+    eid = Queue.for_settings(settings, "out").enqueue(b"Subject: x\n\nx\n", {"listname": "dev"})
     refused = node.mailq("slices", "set-count", "out", "2")
-    assert refused.returncode == 1 and "1 waiting entries" in refused.stderr
+    assert refused.returncode == 1 and "1 waiting entries" in refused.stderr and "--force" in refused.stderr
     assert sm.load_map(settings.slice_map_path).count("out") == 4
-    forced = node.mailq("slices", "set-count", "out", "2", "--force", check=True)
-    assert "4 -> 2 slices" in forced.stdout
+    # The preview: out:0/2 covers old slices 0 and 1 (both h1's), out:1/2 covers 2 and 3 (h2's).
+    lines = slice_rows(refused.stdout)
+    assert "00000000-7fffffff" in lines["out:0/2"] and "h1 (out:0/4), h1 (out:1/4)" in lines["out:0/2"]
+    assert "80000000-ffffffff" in lines["out:1/2"] and "h2 (out:2/4), h2 (out:3/4)" in lines["out:1/2"]
+    assert all(line.split()[-1] == "0" for line in lines.values())     # nobody's entries change node
+    forced = node.mailq("slices", "set-count", "out", "3", "--force", check=True)
+    assert "out: 4 -> 3 slices" in forced.stdout
     smap = sm.load_map(settings.slice_map_path)
-    assert smap.queues["out"] == ["h1", "h2"] and smap.epoch == 6
+    assert smap.queues["out"] == ["h1", "h1", "h2"] and smap.epoch == 6
+    table = {k: line.split()[-1] for k, line in slice_rows(forced.stdout).items()}
+    assert table == {"out:0/3": "h1", "out:1/3": "h1", "out:2/3": "h2"}
+    # Going back to 2 would move the waiting entry if it sits in the middle third.
+    sha = split_id(eid)[1]
+    again = node.mailq("slices", "set-count", "out", "2")
+    rows = {k: line.split()[-1] for k, line in slice_rows(again.stdout).items()}
+    from mailq.queue.names import slice_of
+
+    moving = int(smap.queues["out"][slice_of(sha, 3)] != ["h1", "h2"][slice_of(sha, 2)])
+    assert rows[f"out:{slice_of(sha, 2)}/2"] == str(moving)
 
 
 def test_concurrent_assigns_from_two_processes_lose_no_update(cluster):

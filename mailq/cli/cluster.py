@@ -28,9 +28,12 @@ def cluster() -> None:
 @click.option("--no-queues", is_flag=True, help="Skip counting entries per slice (faster on big queues).")
 @handle_errors
 def status(as_json: bool, no_queues: bool) -> None:
-    """Nodes (heartbeat age, alive/late/dead/fenced, slices), entries per slice, map problems.
+    """Nodes (heartbeat age, alive/late/dead/fenced, slices, runners), entries per slice, map problems.
 
-    Exit code 1 when the slice map file is invalid (the last good map is then in force).
+    Each node's runners are the list its master publishes every beat (with its age: a dead
+    node's list is its last word).  Per slice: waiting (due) and deferred (not yet due) entries,
+    claims, and the age of the oldest waiting entry's file, by the shared filesystem's clock.
+    Exit code 1 when the slice map file is refused (the last good map is then in force).
 
     \b
     Examples:
@@ -47,17 +50,33 @@ def status(as_json: bool, no_queues: bool) -> None:
         click.echo(f"slice map epoch {data['epoch']} (in force: {data['map_in_force']}); failover "
                    f"{data['failover']}, lease {data['lease']:g}s + margin {data['margin']:g}s")
         print_table([[n["node"], n["host"] or "-", n["pid"] or "-",
-                      "-" if n["heartbeat_age"] is None else f"{n['heartbeat_age']:.1f}s", n["state"],
+                      "-" if n["heartbeat_age"] is None else f"{n['heartbeat_age']:.1f}s",
+                      n["state"] + (" (rejoining)" if n["rejoining"] else ""),
                       n["backup"] or "-", " ".join(n["slices"]) or "-"] for n in data["nodes"]],
                     ["node", "host", "pid", "heartbeat", "state", "backup", "slices"])
+        click.echo()
+        print_table([[n["node"], _runners_text(n)] for n in data["nodes"]],
+                    ["node", "runners (as its master last said)"])
         if "slices" in data:
             click.echo()
-            print_table([[f"{r['queue']}:{r['slice']}/{r['count']}", r["owner"] or "-", r["waiting"], r["claimed"],
+            print_table([[f"{r['queue']}:{r['slice']}/{r['count']}", r["owner"] or "-", r["waiting"],
+                          r["deferred"], r["claimed"],
                           "-" if r["oldest_waiting_s"] is None else f"{r['oldest_waiting_s']}s"]
-                         for r in data["slices"]], ["slice", "owner", "waiting", "claimed", "oldest"])
+                         for r in data["slices"]], ["slice", "owner", "waiting", "deferred", "claimed", "oldest"])
     if data["map_problem"]:
-        warn(f"slice map problem (the last good map stays in force):\n{data['map_problem']}")
+        warn(f"THE SLICE MAP FILE IS REFUSED; the map above (epoch {data['epoch']}, from the "
+             f"{data['map_in_force']}) stays in force until it is fixed:\n{data['map_problem']}")
         sys.exit(1)
+
+
+def _runners_text(node: dict) -> str:
+    if node["runners"] is None:
+        return "- (its master never published a status)"
+    if node["master_stopped"]:
+        return f"none: its master stopped ({node['runners_age']:.0f}s ago)"
+    names = [r["name"] if r["name"] == "lmtp" else f"{r['name']}:{r['slice']}/{r['count']}"
+             + ("" if r["state"] == "running" else f" ({r['state']})") for r in node["runners"]]
+    return f"{' '.join(names) or 'none'} ({node['runners_age']:.0f}s ago)"
 
 
 @cluster.command()

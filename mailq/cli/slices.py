@@ -28,13 +28,42 @@ def _nodes_arg(text: str) -> list[str]:
     return nodes
 
 
+def _hash_range(index: int, count: int) -> str:
+    """Slice *index* of *count* as the first 8 hex digits of its lowest and highest SHA-1."""
+    from mailq.queue.names import slice_bounds
+
+    lo, hi = slice_bounds(index, count)
+    return f"{lo >> 128:08x}-{hi >> 128:08x}"
+
+
+def _recount_rows(queue: str, old: list[str], new: list[str], shas: list[str] | None = None) -> list[list]:
+    """One row per new slice of a queue whose count changes: hash range, old owners there, new owner,
+    and (with *shas* of its waiting entries) how many of them change node."""
+    from mailq.queue.names import DIGEST_BITS, slice_bounds, slice_of
+
+    rows = []
+    for t, to in enumerate(new):
+        lo, hi = slice_bounds(t, len(new))
+        first, last = (lo * len(old)) >> DIGEST_BITS, (hi * len(old)) >> DIGEST_BITS
+        was = [f"{old[s]} ({queue}:{s}/{len(old)})" for s in range(first, last + 1)]
+        row = [f"{queue}:{t}/{len(new)}", _hash_range(t, len(new)), ", ".join(was), to]
+        if shas is not None:
+            row.append(sum(1 for sha in shas if slice_of(sha, len(new)) == t and old[slice_of(sha, len(old))] != to))
+        rows.append(row)
+    return rows
+
+
 def _print_moves(old: sm.SliceMap, new: sm.SliceMap) -> None:
-    moves = [(q, s, old.owner_of(q, s) if old.count(q) == new.count(q) else "-", o)
-             for q, owners in new.queues.items() for s, o in enumerate(owners)
-             if old.count(q) != new.count(q) or old.owner_of(q, s) != o]
+    moves = [[f"{q}:{s}/{new.count(q)}", old.owner_of(q, s), o] for q, owners in new.queues.items()
+             if old.count(q) == new.count(q) for s, o in enumerate(owners) if old.owner_of(q, s) != o]
     if moves:
-        print_table([[f"{q}:{s}/{new.count(q)}", a, b] for q, s, a, b in moves], ["slice", "from", "to"])
-    click.echo(f"epoch {old.epoch} -> {new.epoch}: {len(moves)} slice(s) changed")
+        print_table(moves, ["slice", "from", "to"])
+    recounted = [q for q in new.queues if old.count(q) != new.count(q)]
+    for q in recounted:
+        click.echo(f"{q}: {old.count(q)} -> {new.count(q)} slices; each covers 1/{new.count(q)} of the hash space:")
+        print_table(_recount_rows(q, old.queues[q], new.queues[q]), ["slice", "sha1 range", "from", "to"])
+    click.echo(f"epoch {old.epoch} -> {new.epoch}: {len(moves) + sum(new.count(q) for q in recounted)} "
+               f"slice(s) changed")
 
 
 @click.group()
@@ -185,29 +214,47 @@ def set_count(queue: str, count: int, force: bool) -> None:
     """Change QUEUE's number of slices; its hash space is spread over the same nodes again.
 
     Every entry then belongs to a slice of the new count.  Refused while QUEUE has waiting entries
-    (their runners restart, so they wait a few seconds more) unless --force.
+    (their runners restart, so they wait a few seconds more) unless --force; the refusal prints
+    what would move (each new slice's SHA-1 range, its old and new owner, and how many waiting
+    entries change node), a change prints the same table as done.
 
     \b
     Examples:
       mailq slices set-count out 4
     """
     from mailq.queue import Queue
+    from mailq.queue.names import split_id
 
     settings = get_settings()
-    counts = Queue.for_settings(settings, queue).counts(1)
-    if counts["waiting"] and not force:
-        fail(f"{queue} has {counts['waiting']} waiting entries; runners of the old slices stop and new ones "
-             f"start, so those entries wait a little. Run again with --force to do it anyway.")
+    refused: list[list] = []
 
     def change(smap: sm.SliceMap) -> None:
-        nodes = sorted(set(smap.queues[queue]), key=smap.queues[queue].index)
-        smap.queues[queue] = [nodes[i * len(nodes) // count] for i in range(count)]
+        owners = smap.queues[queue]
+        nodes = sorted(set(owners), key=owners.index)
+        new_owners = [nodes[i * len(nodes) // count] for i in range(count)]
+        # Counted under the slices lock: no other change of the map can come between this and the write.
+        shas = [split_id(eid)[1] for eid in Queue.for_settings(settings, queue).waiting(0, 1)]
+        if shas and not force and new_owners != owners:
+            refused.extend(_recount_rows(queue, owners, new_owners, shas))
+            raise _Refused(len(owners), len(shas))
+        smap.queues[queue] = new_owners
 
-    old, new = sm.update_map(settings, change)
-    click.echo(f"{queue}: {old.count(queue)} -> {count} slices; each slice now covers 1/{count} of the hash "
-               f"space:")
-    print_table([[f"{queue}:{s}/{count}", o] for s, o in enumerate(new.queues[queue])], ["slice", "node"])
-    click.echo(f"epoch {old.epoch} -> {new.epoch}")
+    try:
+        old, new = sm.update_map(settings, change)
+    except _Refused as exc:
+        click.echo(f"{queue}: {exc.count} -> {count} slices "
+                   f"would give each slice 1/{count} of the hash space (nothing changed):")
+        print_table(refused, ["slice", "sha1 range", "from", "to", "waiting that change node"])
+        fail(f"{queue} has {exc.waiting} waiting entries; their runners stop and new ones start, so they wait a "
+             f"little (none is lost). Run again with --force to do it anyway, or when {queue} is empty.")
+    _print_moves(old, new)
+
+
+class _Refused(Exception):
+    """set-count found waiting entries: the preview is printed after the lock is released."""
+
+    def __init__(self, count: int, waiting: int) -> None:
+        self.count, self.waiting = count, waiting
 
 
 @slices.command()

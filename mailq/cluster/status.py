@@ -1,32 +1,29 @@
-"""What ``mailq cluster status`` reports: nodes, heartbeat ages and states, slices, queue depth per slice.
+"""What ``mailq cluster status`` reports: nodes, heartbeat ages and states, slices, runners, queue depth.
 
-Ages of heartbeats and of the oldest waiting entries are measured against the shared filesystem's
-clock (a probe file's mtime), like every other age in the cluster.
+Every age is measured against the shared filesystem's clock (a probe file's mtime), like every
+other age in the cluster: heartbeats, each master's published runner list
+(``var/cluster/status/<node>.json``, written by that master every beat), and the oldest waiting
+entry of a slice (its file's mtime: when it was written into the queue, or put back).  Entries
+whose due time (in their id, the enqueuing host's wall clock, which is also what runners go by)
+has not come yet are counted apart as ``deferred``.
 """
 from __future__ import annotations
 
+import json
+import os
+import time
 from typing import Any
 
 from mailq.cluster.heartbeat import fs_now, read_all, state_of
-from mailq.cluster.slicemap import SliceMap, SliceMapError, current_for_update, load_map, problem_now
+from mailq.cluster.slicemap import SliceMap, map_in_force
 from mailq.config import RUNNER_QUEUES, Settings
-from mailq.errors import MailqError
 
 
 def gather(settings: Settings, *, queues: bool = True) -> dict[str, Any]:
     """A plain dict (JSON-ready) describing the cluster now."""
-    problem = problem_now(settings)
-    try:
-        smap: SliceMap | None = load_map(settings.slice_map_path)
-    except SliceMapError:
-        smap = None
-    in_force = "file"
-    if smap is None:
-        try:
-            smap = current_for_update(settings)
-            in_force = "last-good copy"
-        except MailqError:
-            smap, in_force = None, "none (every node runs every slice, counts from its config)"
+    state = map_in_force(settings)
+    smap = state.smap
+    in_force = state.source if smap is not None else "none (every node runs every slice, counts from its config)"
     now = fs_now(settings)
     beats = read_all(settings)
     names = sorted(set(beats) | set(smap.nodes if smap else ()))
@@ -35,16 +32,20 @@ def gather(settings: Settings, *, queues: bool = True) -> dict[str, Any]:
         entry = smap.nodes.get(name) if smap else None
         info = beats.get(name)
         owned = smap.slices_for(name) if smap else []
+        published = published_status(settings, name, now)
         nodes.append({
             "node": name, "host": info.host if info else None, "pid": info.pid if info else None,
             "heartbeat_age": round(info.age, 2) if info else None,
             "state": state_of(settings, info, bool(entry and entry.fenced)),
             "in_map": entry is not None, "backup": entry.backup if entry else None,
             "slices": [f"{q}:{s}/{c}" for q, s, c in owned],
-            "runners": _local_runners(settings) if name == settings.node.name else None,
+            "runners": published["runners"] if published else None,
+            "runners_age": published["age"] if published else None,
+            "master_stopped": published["stopped"] if published else None,
+            "rejoining": published["rejoining"] if published else None,
         })
     out: dict[str, Any] = {"epoch": smap.epoch if smap else None, "map_in_force": in_force,
-                           "map_problem": problem, "failover": settings.cluster.failover,
+                           "map_problem": state.problem, "failover": settings.cluster.failover,
                            "lease": settings.cluster.lease, "margin": settings.cluster.margin,
                            "heartbeat": settings.cluster.heartbeat, "nodes": nodes}
     if queues:
@@ -52,36 +53,47 @@ def gather(settings: Settings, *, queues: bool = True) -> dict[str, Any]:
     return out
 
 
-def _local_runners(settings: Settings) -> list[dict[str, Any]] | None:
-    """This node's runners as its master last wrote them (host-local, so only for this node)."""
-    import json
+def published_status(settings: Settings, node: str, now: float) -> dict[str, Any] | None:
+    """The runner list *node*'s master last published, with its age by the filesystem's clock."""
+    from mailq.master import shared_status_path
 
     try:
-        data = json.loads((settings.run_dir / "status.json").read_text())
-        return [{k: r.get(k) for k in ("name", "pid", "state", "restarts") if k in r} for r in data["runners"]]
+        with open(shared_status_path(settings, node), "rb") as fh:
+            data, mtime = json.loads(fh.read()), os.fstat(fh.fileno()).st_mtime
+        runners = [{k: r.get(k) for k in ("name", "slice", "count", "pid", "state", "restarts")}
+                   for r in data["runners"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    return {"runners": runners, "age": round(max(0.0, now - mtime), 1), "stopped": bool(data.get("stopped")),
+            "rejoining": bool(data.get("rejoining"))}
 
 
 def slice_rows(settings: Settings, smap: SliceMap | None, now: float) -> list[dict[str, Any]]:
     from mailq.queue import Queue
-    from mailq.queue.names import split_id
+    from mailq.queue.names import bucket_of, split_id
 
     rows = []
+    wall = time.time()      # due times are wall-clock times, and runners judge them by their own clock
     for queue in RUNNER_QUEUES:
         count = smap.count(queue) if smap and smap.count(queue) else settings.slice_count(queue)
         q = Queue.for_settings(settings, queue)
-        counts = q.counts(count)
+        counts = q.counts(count, now=wall)
         for row in counts["slices"]:
             oldest = None
-            if row["waiting"]:
-                ids = q.waiting(row["slice"], count)
-                if ids:
+            if row["due"]:
+                folder = settings.queue_dir(queue)
+                mtimes = []
+                for eid in q.waiting(row["slice"], count):
                     try:
-                        oldest = round(max(0.0, now - split_id(ids[0])[0]), 1)
-                    except ValueError:
-                        oldest = None
+                        due, sha = split_id(eid)
+                        if due <= wall:
+                            mtimes.append(os.stat(folder / bucket_of(sha) / f"{eid}.pck").st_mtime)
+                    except (ValueError, OSError):
+                        continue        # claimed or finished meanwhile
+                if mtimes:
+                    oldest = round(max(0.0, now - min(mtimes)), 1)
             rows.append({"queue": queue, "slice": row["slice"], "count": count,
                          "owner": smap.owner_of(queue, row["slice"]) if smap else "(every node)",
-                         "waiting": row["waiting"], "claimed": row["claimed"], "oldest_waiting_s": oldest})
+                         "waiting": row["due"], "deferred": row["waiting"] - row["due"], "claimed": row["claimed"],
+                         "oldest_waiting_s": oldest})
     return rows
