@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mailq import safepickle
+from mailq.errors import MailqError
 from mailq.fsutil import atomic_write
 from mailq.lists.held import AlreadyDecided, HeldStore, expire_held
 from mailq.queue import Queue
@@ -296,3 +297,15 @@ def test_owner_mail_goes_to_owners_and_moderators_through_the_runner(node):
     _deliver(node, raw, kind="owner")
     _run_once(node, "in")
     assert len(queue_entries(settings, "out")) == 1
+
+
+def test_a_damaged_decision_record_is_never_carried_out(settings):
+    make_list(settings)
+    held = HeldStore(settings, "dev")
+    held_id = held.hold(NONMEMBER_POST, {"listname": "dev"}, "post from non-member", sender="a@example.com")
+    held._decision(held_id).write_text("{not json")
+    with pytest.raises(MailqError, match="unreadable"):
+        held.complete(held_id)
+    assert held.ids() == [held_id] and queue_entries(settings, "in") == []
+    summary = expire_held(settings, logging.getLogger("test.expire"))
+    assert "finished" not in summary and held.ids() == [held_id]

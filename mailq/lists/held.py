@@ -257,6 +257,10 @@ class HeldStore:
         decision = self.decision(held_id)
         if decision is None:
             raise InvalidInput(f"held message {held_id} of list {self.listname} has no decision yet")
+        if decision.action not in ACTIONS:     # a damaged record: carrying "it" out could lose the post
+            raise MailqError(f"the decision for held message {held_id} of list {self.listname} is "
+                             f"unreadable ({decision.reason}); look at {self._decision(held_id)} and fix "
+                             f"or remove it by hand")
         with named_lock(self.settings, f"held.{self.listname}"):
             if self._pck(held_id).exists():
                 try:
