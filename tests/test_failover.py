@@ -82,6 +82,15 @@ def make_cluster(tmp_path):
         c.stop()
 
 
+def published_runners(settings, node: str) -> set[str]:
+    """The running runners *node*'s master last published on the shared tree (``mailq cluster status``)."""
+    from mailq.cluster.heartbeat import fs_now
+    from mailq.cluster.status import published_status
+
+    status = published_status(settings, node, fs_now(settings)) or {"runners": []}
+    return {f"{r['name']}:{r['slice']}/{r['count']}" for r in status["runners"] if r["state"] == "running"}
+
+
 def all_delivered(sink, tags) -> bool:
     got = deliveries(sink)
     return all(got[(t, m)] for t in tags for m in MEMBERS)
@@ -148,17 +157,37 @@ def test_sigkilled_host_fails_over_and_rejoins_only_after_unfence(lane, make_clu
     got = deliveries(sink)
     assert all(got[(t, m)] - before[(t, m)] == 1 for t in more for m in MEMBERS)
     assert c.owners_of("h1") == []
+    assert published_runners(settings, "h1") == set()          # its master started no runner at all
+    restarted_log = c.hosts["h1"].log_text("master").split("master starting")[-1]
+    assert "started runner" not in restarted_log and "no runners assigned" in restarted_log
 
     # Unfenced and rebalanced: it gets slices again and runs them.
     c.first.mailq("cluster", "unfence", "h1", check=True)
     c.first.mailq("slices", "rebalance", check=True)
     assert c.owners_of("h1")
-    wait_for(lambda: "started runner in:" in c.hosts["h1"].log_text("master").split("master starting")[-1], 60,
-             message="h1 starts runners for its new slices")
+    from mailq.runners import REGISTRY
+
+    owned = {f"{q}:{s}/{n}" for q, s, n in c.owners_of("h1") if q in REGISTRY}
+    wait_for(lambda: published_runners(settings, "h1") == owned, 60, interval=0.2,
+             message=f"h1 runs exactly its new slices {owned}")
     last = c.post(20, start=posts + 20)
     wait_for(lambda: all_delivered(sink, last), 120, interval=0.2, message="posts after the rebalance delivered")
     got = deliveries(sink)
     assert all(got[(t, m)] == 1 for t in last for m in MEMBERS)
+
+
+CLAIM_LINE = re.compile(r" (\w+):(\d+)/(\d+)\[\d+\] \w+ claimed (\S+) \(epoch (\d+)\)")
+
+
+def claims_logged(text: str) -> list[tuple[str, int, int, str, int]]:
+    """(queue, slice, count, entry id, epoch) of every "claimed" line in runner log text."""
+    return [(m[1], int(m[2]), int(m[3]), m[4], int(m[5])) for m in CLAIM_LINE.finditer(text)]
+
+
+def lost_slice_claims(claims, node: str, maps: dict) -> list:
+    """Claims *node* made from a slice it did not own in the epoch the claim names (or an unknown epoch)."""
+    return [c for c in claims if c[4] not in maps or maps[c[4]].count(c[0]) != c[2]
+            or maps[c[4]].owner_of(c[0], c[1]) != node or maps[c[4]].nodes[node].fenced]
 
 
 def test_frozen_host_claims_nothing_from_slices_it_lost(make_cluster, sink):
@@ -169,15 +198,18 @@ def test_frozen_host_claims_nothing_from_slices_it_lost(make_cluster, sink):
     c.start()
     wait_for(lambda: len(deliveries(sink)) >= 20, 120, message="some posts delivered")
     h1 = c.hosts["h1"]
+    before = load_map(settings.slice_map_path)
     labels = [f"{q}:{s}/{n}" for q, s, n in c.owners_of("h1") if q in ("in", "out")]
     h1.freeze()
     try:
         wait_for(lambda: load_map(settings.slice_map_path).nodes["h1"].fenced, 60, message="h1 fenced")
-        fenced_epoch = load_map(settings.slice_map_path).epoch
+        fenced = load_map(settings.slice_map_path)
         offsets = {name: len(h1.log_text(name)) for name in ("in", "out", "master")}
+        h2_offsets = {name: len(c.hosts["h2"].log_text(name)) for name in ("in", "out")}
         more = c.post(30, start=60)
     finally:
         h1.thaw()
+    maps = {before.epoch: before, fenced.epoch: fenced}
     wait_for(lambda: all_delivered(sink, {**tags, **more}), 180, message="every post delivered")
     # Wait until every woken runner is gone: it noticed the fence itself and exited, or its master
     # saw the new map and stopped it first (whichever wins); until then it must not claim.
@@ -187,11 +219,17 @@ def test_frozen_host_claims_nothing_from_slices_it_lost(make_cluster, sink):
                                      for label in labels)
 
     wait_for(runners_gone, 60, interval=0.2, message=f"h1's runners {labels} gone after waking")
-    for name in ("in", "out"):
-        after = h1.log_text(name)[offsets[name]:]
-        assert " claimed " not in after, f"h1 claimed from {name} after waking:\n{after}"
-    for claim in claims_by(settings, "h1"):
-        assert claim.epoch < fenced_epoch
+    assert "was silent for longer than its lease" in h1.log_text("master")[offsets["master"]:]
+    # Every claim h1 logged after waking, with the epoch it was made under: none may come from a
+    # slice h1 does not own in that epoch (in the fencing epoch it owns nothing at all).
+    woke = [claim for name in ("in", "out") for claim in claims_logged(h1.log_text(name)[offsets[name]:])]
+    assert lost_slice_claims(woke, "h1", maps) == [], f"h1 claimed from slices it lost after waking: {woke}"
+    assert fenced.epoch > before.epoch and fenced.slices_for("h1") == []
+    # The check itself catches such claims: h2's claims from the slices it took, had h1 made them.
+    taken = [claim for name in ("in", "out") for claim in claims_logged(c.hosts["h2"].log_text(name)[h2_offsets[name]:])
+             if (claim[0], claim[1], claim[2]) in before.slices_for("h1")]
+    assert taken and lost_slice_claims(taken, "h1", maps) == taken
+    assert not [claim for claim in claims_by(settings, "h1") if claim.epoch >= fenced.epoch]
     got = deliveries(sink)
     assert all(got[(t, m)] == 1 for t in more for m in MEMBERS)
 

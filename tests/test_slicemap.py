@@ -13,7 +13,7 @@ import yaml
 
 from mailq.cluster import slicemap as sm
 from mailq.config import RUNNER_QUEUES
-from tests.support import ROOT, make_node
+from tests.support import ROOT, make_node, wait_for
 
 
 def map_text(epoch: int = 5, out: str = "{h1: [0, 1], h2: [2, 3]}", count: int = 4,
@@ -64,7 +64,7 @@ def test_invalid_maps_are_refused_with_a_reason(text, expected):
     assert "previous map stays in force" in str(err.value)
 
 
-def test_an_invalid_hand_edit_keeps_the_previous_map_and_check_exits_1(cluster, caplog):
+def test_an_invalid_hand_edit_keeps_the_previous_map_and_check_exits_1(cluster):
     node, settings = cluster
     watcher = sm.MapWatcher(settings)
     assert watcher.current().epoch == 5
@@ -83,6 +83,28 @@ def test_an_invalid_hand_edit_keeps_the_previous_map_and_check_exits_1(cluster, 
     settings.slice_map_path.write_text(map_text(epoch=6))     # fixed
     assert watcher.current().epoch == 6 and watcher.problem == ""
     assert node.mailq("slices", "check").returncode == 0
+
+
+def test_a_gapped_hand_edit_is_refused_by_a_running_master_which_logs_it_until_fixed(cluster):
+    node, settings = cluster
+    master = node.popen("mailqctl", "start", "--foreground", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = settings.log_dir / "master.log"
+    try:
+        wait_for(lambda: log.exists() and "master running" in log.read_text(), 60, message="master running")
+        settings.slice_map_path.write_text(map_text(epoch=6, out="{h1: [0, 1], h2: [3]}"))     # slice 2: nobody
+        wait_for(lambda: "gap: slice 2 of 4 has no owner" in log.read_text(), 30,
+                 message="the master logging the gap")
+        assert "previous map stays in force" in log.read_text()
+        status = node.mailq("cluster", "status", "--json", "--no-queues")
+        assert status.returncode == 1 and "gap: slice 2 of 4" in json.loads(status.stdout)["map_problem"]
+        assert json.loads(status.stdout)["epoch"] == 5
+        settings.slice_map_path.write_text(map_text(epoch=6, out="{h1: [0, 1, 2], h2: [3]}"))
+        wait_for(lambda: "slice map problem fixed: epoch 6 in force" in log.read_text(), 30,
+                 message="the master logging the fix")
+        assert "started runner out:2/4" in log.read_text()        # and running its new slice
+    finally:
+        master.terminate()
+        master.wait(timeout=60)
 
 
 def test_garbage_and_deleted_map_files_keep_the_last_good_map(cluster):
@@ -140,7 +162,8 @@ def test_cli_changes_bump_the_epoch_and_a_no_op_does_not(cluster):
 def test_slices_edit_validates_before_installing(cluster, tmp_path):
     node, settings = cluster
     editor = tmp_path / "editor.py"
-    for repl in ("'h2: [2, 3, 1]'", "'h2: [2, 3'"):
+    for repl, why in (("'h2: [2, 3, 1]'", "overlap: slice 1 of 4"), ("'h2: [2, 3'", "not valid YAML"),
+                      ("'h2: [3]'", "gap: slice 2 of 4 has no owner")):
         editor.write_text(textwrap.dedent(f"""\
             import sys
             path = sys.argv[1]
@@ -149,7 +172,7 @@ def test_slices_edit_validates_before_installing(cluster, tmp_path):
         """))
         result = node.mailq("slices", "edit", env={"EDITOR": f"{sys.executable} {editor}"})
         assert result.returncode == 1, result.stderr
-        assert "Nothing changed" in result.stderr
+        assert "Nothing changed" in result.stderr and why in result.stderr
         assert sm.load_map(settings.slice_map_path).epoch == 5
     editor.write_text(textwrap.dedent("""\
         import sys

@@ -201,7 +201,8 @@ class Runner(abc.ABC):
         return None
 
     def _handle(self, queue: Any, entry: Any) -> None:
-        self.log.info("claimed %s", entry.id)
+        # The epoch too: claims are judged against the map they were made under (docs/cluster.md §4).
+        self.log.info("claimed %s (epoch %d)", entry.id, self.claimant.epoch)
         started = time.monotonic()
         try:
             self.process(entry)
