@@ -304,7 +304,13 @@ def _run_master(settings: Settings, report_fd: int | None, *, foreground: bool) 
 
 
 def main() -> None:
-    ctl(prog_name="mailqctl")
+    from mailq.errors import MailqError
+
+    try:
+        ctl(prog_name="mailqctl")
+    except MailqError as exc:   # e.g. no usable host-local folder for paths.run (mailq.config.host_local_run)
+        click.echo(f"mailqctl: error: {exc}", err=True)
+        sys.exit(EXIT_FAIL)
 
 
 if __name__ == "__main__":
