@@ -5,10 +5,12 @@ tests/cluster_support.py), posts written into ``in`` as the MTA pipe writes them
 SMTP to an aiosmtpd sink on loopback in this process.
 
 Prints a table, then as its last line one JSON object:
-``lease_s``, ``heartbeat_s``, ``margin_s``, ``takeover_s`` (kill -> the backup's first finished entry
-from a taken slice; target <= lease + 2 x heartbeat... plus margin and runner start-up, see
-docs/cluster.md §6), ``detect_s`` (kill -> the takeover in the backup's log), ``lost`` (must be 0),
-``extra_copies``, ``posts_per_s_1``, ``posts_per_s_2``, ``posts_per_s_3``.
+``lease_s``, ``heartbeat_s``, ``margin_s``, ``takeover_s`` (kill -> the first delivery to the SMTP
+sink from an ``out`` slice the backup took over, as the backup's out runner logs it once the sink
+accepted the message), ``target_s`` (the issue's target, lease + 2 x heartbeat) and
+``meets_target``, ``detect_s`` (kill -> the takeover written, in the backup's log), ``lost`` (must be
+0), ``extra_copies``, ``posts_per_s_1``, ``posts_per_s_2``, ``posts_per_s_3``.  Why the target is met
+only when margin + the failover look + a runner's start fit in 2 x heartbeat: docs/cluster.md §6.
 
     python bench/failover.py                 # 300 posts per run
     python bench/failover.py --posts 3000 --lease 3 --heartbeat 0.5
@@ -27,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.cluster_support import (MEMBERS, Cluster, claims_by, deliveries,  # noqa: E402
+from tests.cluster_support import (DELIVERED, MEMBERS, Cluster, claims_by, deliveries,  # noqa: E402
                                    first_log_event)
 from tests.support import SMTPSink, wait_for  # noqa: E402
 
@@ -74,7 +76,7 @@ def kill_run(args: argparse.Namespace) -> dict:
         c = make(Path(tmp), sink, 3, args)
         try:
             settings = c.settings("h2")
-            taken = [s for s in c.owners_of("h1")]
+            taken_out = [s for s in c.owners_of("h1") if s[0] == "out"]
             tags = c.post(args.posts)
             c.start()
             wait_for(lambda: delivered(sink, tags) >= args.posts * len(MEMBERS) // 4, args.timeout,
@@ -91,7 +93,7 @@ def kill_run(args: argparse.Namespace) -> dict:
             lost = sum(1 for t in tags for m in MEMBERS if not got[(t, m)])
             extra = sum(n - 1 for (t, _), n in got.items() if t in tags)
             h2 = c.hosts["h2"]
-            first = first_log_event(h2, taken, killed)
+            first = first_log_event(h2, taken_out, killed, pattern=DELIVERED)
             detect = None
             for line in h2.log_text("master").splitlines():
                 m = re.match(r"(\S+ \S+),(\d+) .* takeover: fenced h1", line)
@@ -108,34 +110,39 @@ def kill_run(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # Timings default to mailq's shipped cluster settings (etc/mailq.yaml), so takeover_s is what an
-    # operator gets.  The target lease + 2 x heartbeat is only reachable when margin < 2 x heartbeat:
-    # no takeover may start before lease + margin (docs/cluster.md).
+    # operator gets.  No takeover may start before lease + margin, so the target lease + 2 x heartbeat
+    # leaves 2 x heartbeat - margin for the failover look (a quarter beat), the runner's start and
+    # one delivery (docs/cluster.md §6).
     parser.add_argument("--posts", type=int, default=1000, help="posts per run (default 1000)")
     parser.add_argument("--lease", type=float, default=10.0, help="cluster.lease (default 10, as shipped)")
     parser.add_argument("--heartbeat", type=float, default=2.0, help="cluster.heartbeat (default 2, as shipped)")
     parser.add_argument("--margin", type=float, default=2.0, help="cluster.margin (default 2, as shipped)")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--kill-only", action="store_true", help="skip the throughput runs (a quick look)")
     args = parser.parse_args()
     # SIGTERM runs the finally blocks, so no master of a run outlives the benchmark.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    rates = {n: throughput(n, args) for n in (1, 2, 3)}
+    rates: dict[int, float | None] = {n: None if args.kill_only else throughput(n, args) for n in (1, 2, 3)}
     kill = kill_run(args)
-    rows = [(f"throughput, {n} host(s)", f"{rates[n]:.1f} posts/s ({len(MEMBERS)} recipients each)") for n in rates]
+    target = args.lease + 2 * args.heartbeat
+    meets = kill["takeover_s"] is not None and kill["takeover_s"] <= target
+    rows = [(f"throughput, {n} host(s)", "skipped (--kill-only)" if rate is None else
+             f"{rate:.1f} posts/s ({len(MEMBERS)} recipients each)") for n, rate in rates.items()]
     rows += [("lease / heartbeat / margin", f"{args.lease:g}s / {args.heartbeat:g}s / {args.margin:g}s"),
              ("kill -> takeover written", f"{kill['detect_s']}s"),
-             ("kill -> first entry done from a taken slice", f"{kill['takeover_s']}s "
-              f"(lease + 2 x heartbeat = {args.lease + 2 * args.heartbeat:g}s)"),
+             ("kill -> first delivery from a taken out slice", f"{kill['takeover_s']}s "
+              f"(target lease + 2 x heartbeat = {target:g}s: {'met' if meets else 'NOT met'})"),
              ("claims of the dead host at the kill", kill["dead_claims"]),
              ("lost", kill["lost"]), ("extra copies", kill["extra_copies"])]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print(json.dumps({"lease_s": args.lease, "heartbeat_s": args.heartbeat, "margin_s": args.margin,
-                      "takeover_s": kill["takeover_s"], "detect_s": kill["detect_s"], "lost": kill["lost"],
+                      "takeover_s": kill["takeover_s"], "target_s": target, "meets_target": meets,
+                      "detect_s": kill["detect_s"], "lost": kill["lost"],
                       "extra_copies": kill["extra_copies"], "posts": args.posts,
-                      "posts_per_s_1": round(rates[1], 1), "posts_per_s_2": round(rates[2], 1),
-                      "posts_per_s_3": round(rates[3], 1)}))
+                      **{f"posts_per_s_{n}": None if rate is None else round(rate, 1) for n, rate in rates.items()}}))
 
 
 if __name__ == "__main__":

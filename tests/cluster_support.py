@@ -200,8 +200,8 @@ class Cluster:
             settings.paths.var = self.nfs.export
         return settings
 
-    def setup(self, backups: dict[str, str] | None = None) -> None:
-        """Create the list and the slice map (ring backups unless *backups* says otherwise)."""
+    def setup(self) -> None:
+        """Create the list and the slice map (ring backups: each node's backup is the next one)."""
         from mailq.lists import ListStore
 
         settings = self.settings()
@@ -211,14 +211,6 @@ class Cluster:
             for member in MEMBERS:
                 mlist.members.add(member)
         self.first.mailq("slices", "init", "--nodes", ",".join(self.names), check=True)
-        if backups:
-            from mailq.cluster.slicemap import update_map
-
-            def change(smap: Any) -> None:
-                for node, backup in backups.items():
-                    smap.nodes[node].backup = backup
-
-            update_map(settings, change)
 
     def start(self, *names: str) -> None:
         for name in names or self.names:
@@ -304,8 +296,14 @@ def still_in_slices(settings: Any, queue: str, slices: list[tuple[str, int, int]
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\S+) (\w+):(\d+)/(\d+)\[\d+\] \w+ (.*)$")
 
 
-def first_log_event(host: Host, slices: list[tuple[str, int, int]], after: float, word: str = "done ") -> float | None:
-    """Wall time of the first runner log line of *host* containing *word* in one of *slices* after *after*.
+#: An out runner's report of an entry that reached the SMTP server for at least one recipient.
+DELIVERED = r": [1-9]\d* delivered"
+
+
+def first_log_event(host: Host, slices: list[tuple[str, int, int]], after: float, word: str = "done ",
+                    pattern: str | None = None) -> float | None:
+    """Wall time of the first runner log line of *host* containing *word* (or matching the regex
+    *pattern*) in one of *slices* after *after*.
 
     Log times are this machine's wall clock, like *after*: every test host runs on the same machine,
     so comparing them is sound here (the cluster itself never compares two hosts' clocks).
@@ -315,7 +313,9 @@ def first_log_event(host: Host, slices: list[tuple[str, int, int]], after: float
     for queue in sorted({q for q, _, _ in wanted}):
         for line in host.log_text(queue).splitlines():
             m = LOG_LINE.match(line)
-            if not m or (m[4], int(m[5]), int(m[6])) not in wanted or word not in m[7]:
+            if not m or (m[4], int(m[5]), int(m[6])) not in wanted:
+                continue
+            if not (re.search(pattern, m[7]) if pattern else word in m[7]):
                 continue
             at = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
             if at >= after and (best is None or at < best):

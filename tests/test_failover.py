@@ -24,7 +24,7 @@ import pytest
 
 from mailq.cluster.slicemap import load_map
 from tests.cluster_netns import NetSink, Network, netns_unavailable
-from tests.cluster_support import (MEMBERS, Cluster, NfsServer, claims_by, deliveries, first_log_event,
+from tests.cluster_support import (DELIVERED, MEMBERS, Cluster, NfsServer, claims_by, deliveries, first_log_event,
                                    isolation_unavailable, nfs_unavailable)
 from tests.support import ROOT, SMTPSink, wait_for
 
@@ -125,7 +125,7 @@ def test_sigkilled_host_fails_over_and_rejoins_only_after_unfence(lane, make_clu
     for member in MEMBERS:
         extra[member] = sum(n - 1 for (t, m), n in got.items() if m == member and t in tags)
         assert extra[member] <= dead_claims, f"{member}: {extra[member]} extra copies, h1 held {dead_claims} claims"
-    first = first_log_event(c.hosts["h2"], [s for s in dead if s[0] == "out"], killed_at)
+    first = first_log_event(c.hosts["h2"], [s for s in dead if s[0] == "out"], killed_at, pattern=DELIVERED)
     takeover = None if first is None else round(first - killed_at, 2)
     record_property("posts", posts)
     record_property("dead_claims", dead_claims)
@@ -148,9 +148,14 @@ def test_sigkilled_host_fails_over_and_rejoins_only_after_unfence(lane, make_clu
         return      # the rejoin below does not depend on namespaces; run it once (time budget)
 
     # Restarted while fenced: it runs nothing, and new posts are delivered exactly once.
+    starts = c.hosts["h1"].log_text("master").count("master starting")
     c.hosts["h1"].start()
-    wait_for(lambda: "master running" in c.hosts["h1"].log_text("master").split("master starting")[-1], 60,
-             message="restarted h1 master running")
+
+    def restarted() -> bool:
+        segments = c.hosts["h1"].log_text("master").split("master starting")
+        return len(segments) > starts + 1 and "master running" in segments[-1]     # the new master's own
+
+    wait_for(restarted, 60, message="restarted h1 master running")
     before = deliveries(sink)
     more = c.post(20, start=posts)
     wait_for(lambda: all_delivered(sink, more), 120, interval=0.2, message="posts after the restart delivered")
