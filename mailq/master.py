@@ -216,7 +216,7 @@ class Master:
         self.log.info("master starting (pid %d, node %s)", os.getpid(), self.node)
         try:
             self.recover()
-            self._beat(first=True)
+            self._beat()
             self._start_due()
             if ready is not None:
                 ready()
@@ -373,7 +373,7 @@ class Master:
             if key not in self.children:
                 self.children[key] = Child(*key)
 
-    def _beat(self, first: bool = False) -> None:
+    def _beat(self) -> None:
         """Heartbeat and slice map: every cluster.heartbeat seconds (failover runs on its own thread)."""
         try:
             if self._heartbeat is None:

@@ -1,6 +1,7 @@
 """Automatic failover (``cluster.failover: auto``; DESIGN §5, docs/cluster.md "Automatic failover").
 
-Each master calls :func:`check` every beat; ``mailq cron run check-failover`` calls it too, as a
+Each master calls :func:`check` every quarter beat on a worker thread (mailq/master.py), so a slow
+takeover never holds up its own heartbeat; ``mailq cron run check-failover`` calls it too, as a
 safety net for a cluster whose masters are all busy or stuck.  A node is taken over when its
 heartbeat, judged by the shared filesystem's clock, is older than lease + margin.  Who performs
 it: the dead node's backup when that one is alive, else the first live node by name; a cron run
