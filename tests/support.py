@@ -5,6 +5,8 @@ aiosmtpd server on loopback that records what it receives.
 """
 from __future__ import annotations
 
+import asyncio
+
 import os
 import socket
 import subprocess
@@ -140,7 +142,8 @@ class SMTPSink:
     """An aiosmtpd SMTP (or LMTP) server on loopback that records every message.
 
     ``temp_fail`` (count of transactions to answer 451), ``refuse`` (addresses answered 550 at RCPT)
-    let a test make delivery fail the way real servers do.
+    let a test make delivery fail the way real servers do; ``delay`` (seconds per DATA) makes it a
+    slow smarthost, so a flow lasts long enough to interrupt however fast the runners are.
     """
 
     def __init__(self, port: int | None = None, *, lmtp: bool = False) -> None:
@@ -149,6 +152,7 @@ class SMTPSink:
         self.messages: list[Received] = []
         self.temp_fail = 0
         self.refuse: set[str] = set()
+        self.delay = 0.0
         self.lock = threading.Lock()
         self.controller: Any = None
 
@@ -160,6 +164,8 @@ class SMTPSink:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        if self.delay:
+            await asyncio.sleep(self.delay)
         with self.lock:
             if self.temp_fail > 0:
                 self.temp_fail -= 1

@@ -191,6 +191,7 @@ def test_stopping_the_master_during_a_busy_flow_loses_nothing_and_a_restart_fini
     make_list(node, enabled=members, disabled=[])
     posts = 200
     with SMTPSink(settings.smtp.port) as sink:
+        sink.delay = 0.02   # a slow smarthost: 200 posts take at least 4 s, the stop comes after 10
         master(node)
         pipe_posts(node, posts, "busy")
         wait_for(lambda: len(sink.messages) >= 10, 120, message="the flow under way")
