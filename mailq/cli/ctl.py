@@ -16,20 +16,12 @@ from typing import Any
 
 import click
 
-from mailq.cli.common import EXIT_FAIL, config_option, emit_json, fail, get_settings, json_option, print_table
+from mailq.cli.common import (EXIT_FAIL, accept_config_everywhere, config_option, emit_json, fail, get_settings,
+                              json_option, print_table)
 from mailq.config import Settings
 
 #: How long ``start`` waits for the daemon to report (recovery of many claims can take a while).
 START_TIMEOUT = 120.0
-
-
-def _with_config(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``-C`` accepted after the subcommand too (``mailqctl start -C FILE``)."""
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-        if value:
-            ctx.find_root().ensure_object(dict)["config_file"] = value
-    return click.option("-C", "--config", "config_file", metavar="FILE", expose_value=False, callback=callback,
-                        help="Config file (default: $MAILQ_CONFIG, else etc/mailq.yaml).")(func)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +46,6 @@ def ctl(ctx: click.Context, config_file: str | None) -> None:
 
 
 @ctl.command()
-@_with_config
 @click.option("--foreground", is_flag=True, help="Stay in the foreground; log lines also on stderr.")
 @click.pass_context
 def start(ctx: click.Context, foreground: bool) -> None:
@@ -83,7 +74,6 @@ def _timeout_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @ctl.command()
-@_with_config
 @_timeout_option
 @click.pass_context
 def stop(ctx: click.Context, timeout: float | None) -> None:
@@ -102,7 +92,6 @@ def stop(ctx: click.Context, timeout: float | None) -> None:
 
 
 @ctl.command()
-@_with_config
 @_timeout_option
 @click.pass_context
 def restart(ctx: click.Context, timeout: float | None) -> None:
@@ -122,7 +111,6 @@ def restart(ctx: click.Context, timeout: float | None) -> None:
 
 
 @ctl.command()
-@_with_config
 @click.pass_context
 def reopen(ctx: click.Context) -> None:
     """Reopen every log file of the master and its runners (SIGHUP), e.g. after logrotate.
@@ -142,7 +130,6 @@ def reopen(ctx: click.Context) -> None:
 
 
 @ctl.command()
-@_with_config
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
@@ -306,6 +293,7 @@ def _run_master(settings: Settings, report_fd: int | None, *, foreground: bool) 
 def main() -> None:
     from mailq.errors import MailqError
 
+    accept_config_everywhere(ctl)   # -C after the subcommand too (`mailqctl start -C FILE`)
     try:
         ctl(prog_name="mailqctl")
     except MailqError as exc:   # e.g. no usable host-local folder for paths.run (mailq.config.host_local_run)
