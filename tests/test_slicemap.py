@@ -292,3 +292,18 @@ def test_the_dumped_map_is_readable_yaml_with_a_comment(cluster):
 def test_the_sample_map_in_etc_is_valid():
     smap = sm.load_map(ROOT / "etc" / "slices.yaml")
     assert smap.count("out") == 6 and smap.nodes["h1"].backup == "h2"
+
+
+def test_a_watcher_never_puts_an_older_map_back_as_the_last_good_copy(cluster):
+    node, settings = cluster
+    watcher = sm.MapWatcher(settings)
+    assert watcher.current().epoch == 5
+    # A writer under the lock installed epoch 7 (file and copy) after this watcher read epoch 6 from
+    # the file: the copy must stay at 7, whatever the watcher accepted from its read.
+    good = Path(str(settings.slice_map_path) + ".good")
+    good.write_text(map_text(epoch=7))
+    settings.slice_map_path.write_text(map_text(epoch=6))
+    assert watcher.current().epoch == 6
+    assert sm.load_map(good).epoch == 7
+    settings.slice_map_path.write_text(map_text(epoch=8))     # a newer valid hand edit: kept as last good
+    assert watcher.current().epoch == 8 and sm.load_map(good).epoch == 8

@@ -426,15 +426,25 @@ class MapWatcher:
         if self.smap is None or new.to_dict() != self.smap.to_dict():
             if self.smap is not None:
                 self.log.info("slice map epoch %d now in force (was %d)", new.epoch, self.smap.epoch)
-            try:
-                if load_map(good_path(self.settings)) != new:
-                    atomic_write(good_path(self.settings), new.dump().encode(), fsync=False)
-            except (SliceMapError, OSError):
-                atomic_write(good_path(self.settings), new.dump().encode(), fsync=False)
+            self._keep_good(new)
         if self.problem:
             self.log.warning("slice map problem fixed: epoch %d in force", new.epoch)
         self.smap, self.problem = new, ""
         return new
+
+    def _keep_good(self, new: SliceMap) -> None:
+        """Make *new* the last-good copy (a valid hand edit), unless the copy is as new or newer already.
+
+        Writers replace the file and the copy under the slices lock, this does not: if one wrote a
+        higher epoch after we read the file, replacing its copy with ours would put an older map back
+        in force for every master that starts while the file is refused.
+        """
+        try:
+            good = load_map(good_path(self.settings))
+        except (SliceMapError, OSError):
+            good = None
+        if good is None or good.epoch < new.epoch:
+            atomic_write(good_path(self.settings), new.dump().encode(), fsync=False)
 
     def _load_good(self) -> None:
         try:
