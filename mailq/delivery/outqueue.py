@@ -181,18 +181,14 @@ def _one_click(settings: Settings, metadata: dict[str, Any], msg: bytes) -> Call
     None: no https ``pipeline.web_url``, no list, or a message the list pipeline did not mark
     (no ``List-Unsubscribe``: owner mail, notices)."""
     listname = metadata.get("listname") or ""
-    web = str(settings.pipeline.web_url or "")
-    if not listname or not web.startswith("https://") or b"list-unsubscribe:" not in _head(msg).lower():
+    if not listname or not str(settings.pipeline.web_url or "").startswith("https://"):
         return None
-    from mailq.delivery.unsubscribe import personalize, unsubscribe_url
+    from mailq.delivery.unsubscribe import personalizer, unsubscribe_url
 
-    return lambda rcpt: personalize(msg, unsubscribe_url(settings, listname, rcpt) or "")
-
-
-def _head(msg: bytes) -> bytes:
-    end = msg.find(b"\r\n\r\n")
-    end = msg.find(b"\n\n") if end < 0 else end
-    return msg if end < 0 else msg[:end]
+    copy = personalizer(msg)
+    if copy is None:
+        return None
+    return lambda rcpt: copy(unsubscribe_url(settings, listname, rcpt) or "")
 
 
 def _verp_or_plain(sender: str, rcpt: str) -> str:

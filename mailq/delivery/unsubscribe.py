@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import os
 import re
+from collections.abc import Callable
 from urllib.parse import quote
 
 from mailq.config import Settings
@@ -109,14 +110,18 @@ def unsubscribe_url(settings: Settings, listname: str, address: str) -> str | No
 _UNSUBSCRIBE = re.compile(rb"^list-unsubscribe(-post)?[ \t]*:", re.IGNORECASE)
 
 
-def personalize(msg: bytes, url: str) -> bytes:
-    """*msg* with its ``List-Unsubscribe`` (kept mailto: addresses) led by *url*, plus the
-    one-click ``List-Unsubscribe-Post``. A message without ``List-Unsubscribe`` is returned as is:
-    it did not come through the list pipeline (owner mail, notices)."""
+def personalizer(msg: bytes) -> Callable[[str], bytes] | None:
+    """A maker of copies of *msg* whose ``List-Unsubscribe`` (kept mailto: addresses) is led by the
+    given URL, plus the one-click ``List-Unsubscribe-Post``; None for a message without
+    ``List-Unsubscribe`` (it did not come through the list pipeline: owner mail, notices).
+
+    The header is parsed once here; each copy is then two concatenations (personalized delivery
+    makes one per recipient).
+    """
     nl = b"\r\n" if b"\r\n" in msg[:4000] else b"\n"
     end = msg.find(nl + nl)
     if end < 0:
-        return msg
+        return None
     head, rest = msg[:end], msg[end:]
     kept: list[bytes] = []
     old_value: list[bytes] = []
@@ -133,11 +138,12 @@ def personalize(msg: bytes, url: str) -> bytes:
         elif current == b"":
             old_value.append(line[match.end():].strip())
     if not old_value:
-        return msg
+        return None
     uris = [u.strip() for u in b" ".join(old_value).split(b",") if u.strip().lower().startswith(b"<mailto:")]
-    kept.append(b"List-Unsubscribe: " + (b"," + nl + b" ").join([f"<{url}>".encode("ascii")] + uris))
-    kept.append(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click")
-    return nl.join(kept) + rest
+    before = nl.join(kept) + nl + b"List-Unsubscribe: <"
+    after = b">" + b"".join(b"," + nl + b" " + u for u in uris) + nl + \
+        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" + rest
+    return lambda url: before + url.encode("ascii") + after
 
 
 def main(argv: list[str] | None = None) -> int:
