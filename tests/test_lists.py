@@ -290,6 +290,7 @@ def test_member_columns_round_trip_and_patches_match_full_rows(rows, patch):
         rowwise = Roster.from_stored(loaded.to_stored())
         rowwise.materialize()
         for r in (loaded, rowwise):
+            r.editable = True  # as ListStore.edit opens it
             m = r.get(victim)
             m.status, m.bounce_score, m.digest = "disabled_user", 2.0, not m.digest
             m.disabled_at = 1795313999.0 if m.status != "enabled" else None
@@ -305,6 +306,7 @@ def test_recipients_stay_right_after_members_are_fetched_from_a_loaded_roster():
     for i in range(50):
         roster.add(f"user{i}@example.org")
     loaded = Roster.from_stored(roster.to_stored())
+    loaded.editable = True  # as ListStore.edit opens it
     loaded.get("USER5@example.org").digest = True
     loaded.get("user7@example.org").status = "disabled_user"
     loaded.get("user9@example.org")  # fetched, unchanged
@@ -313,3 +315,17 @@ def test_recipients_stay_right_after_members_are_fetched_from_a_loaded_roster():
     assert "user5@example.org" not in regular and "user7@example.org" not in regular
     assert "user9@example.org" in regular
     assert loaded.digest() == ["user5@example.org"]
+
+
+def test_a_look_up_in_a_loaded_list_never_changes_the_list_the_store_shares(store):
+    """ListStore.load hands every post the same object: moderation's get() must leave it as it was."""
+    with store.edit("dev") as mlist:
+        for i in range(5):
+            mlist.members.add(f"user{i}@example.org")
+    shared = store.load("dev")
+    before = (shared.to_stored(), shared.regular_recipients())
+    member = shared.members.get("USER3@example.org")
+    member.moderated = True  # a stage that wrongly changed a member would change nothing shared
+    again = store.load("dev")
+    assert again is shared and (again.to_stored(), again.regular_recipients()) == before
+    assert not again.members.get("user3@example.org").moderated

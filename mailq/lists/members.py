@@ -105,10 +105,12 @@ class Roster:
     """The members of one list: ``get``/``add``/``remove`` by address (case-insensitive), ``len``, iteration.
 
     Two states.  Loaded from disk it holds *columns* (see ``to_stored``): counting, recipients and
-    look-ups work on them directly, and a member fetched with ``get`` is kept as a patch that is
-    written back on save, so changing one member of a big list stays cheap.  Adding or removing
-    members, or iterating a roster opened for editing, turns the columns into rows (about 0.1 s per
-    100,000 members); ``Member`` objects are live views on their row either way.
+    look-ups work on them directly.  In a roster opened for editing (``editable``, set by
+    ``ListStore.edit``) a member fetched with ``get`` is kept as a patch that is written back on
+    save, so changing one member of a big list stays cheap; elsewhere ``get`` returns a copy, as
+    iteration does, and the roster never changes.  Adding or removing members, or iterating a
+    roster opened for editing, turns the columns into rows (about 0.1 s per 100,000 members); from
+    then on ``Member`` objects are live views on their row.
     """
 
     def __init__(self, rows: list[list[Any]] | None = None) -> None:
@@ -241,6 +243,10 @@ class Roster:
             pos = self._positions().get(key)
             if pos is None:
                 return None
+            if not self.editable:
+                # A read-only roster (ListStore.load caches one list object for every post): a copy,
+                # so a look-up never changes what the next post sees.
+                return Member.from_row(self._col_row(pos))
             row = self._patched.setdefault(pos, self._col_row(pos))  # a live view: saved with the list
             return Member.from_row(row)
         row = self._idx().get(key)
