@@ -13,7 +13,7 @@ import re
 from email.utils import parseaddr
 
 from mailq.errors import InvalidInput
-from mailq.mta.addresses import SUFFIXES
+from mailq.mta.addresses import SUFFIXES, SYNONYMS
 
 #: RFC 5321's limit on a local part, and the longest role suffix a list's addresses add to its name.
 MAX_LOCAL_PART = 64
@@ -21,8 +21,7 @@ _LONGEST_SUFFIX = max(SUFFIXES.values(), key=len)
 MAX_NAME = MAX_LOCAL_PART - len(_LONGEST_SUFFIX)
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
 #: Suffixes that would make a list's addresses collide with another list's role addresses.
-_ROLE_SUFFIXES = ("-owner", "-request", "-bounces", "-join", "-leave", "-confirm", "-subscribe",
-                  "-unsubscribe", "-admin")
+_ROLE_SUFFIXES = (*(s for s in SUFFIXES.values() if s), *SYNONYMS)
 
 
 def validate_list_name(name: str) -> str:
