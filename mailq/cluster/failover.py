@@ -16,21 +16,11 @@ from __future__ import annotations
 
 import logging
 
-from mailq.cluster.heartbeat import lease_age, read_all, state_of, takeover_allowed
+from mailq.cluster.heartbeat import lease_age, read_all, takeover_allowed
 from mailq.cluster.slicemap import SliceMapError, current_for_update
-from mailq.cluster.takeover import TakeoverReport, pending_recovery, takeover
+from mailq.cluster.takeover import TakeoverReport, live_nodes, pending_recovery, takeover
 from mailq.config import Settings
 from mailq.errors import MailqError
-
-
-def dead_nodes(settings: Settings) -> list[str]:
-    """Unfenced nodes of the map whose heartbeat is past lease + margin (never-seen nodes excluded)."""
-    try:
-        smap = current_for_update(settings)
-    except (MailqError, SliceMapError):
-        return []
-    beats = read_all(settings)
-    return [n for n in smap.live_nodes() if n in beats and takeover_allowed(settings, beats[n])]
 
 
 def check(settings: Settings, log: logging.Logger, *, any_performer: bool = False) -> list[TakeoverReport]:
@@ -60,7 +50,7 @@ def check(settings: Settings, log: logging.Logger, *, any_performer: bool = Fals
         return []
     dead = [n for n in smap.live_nodes() if n in silent]
     pending = [n for n in pending if n in smap.nodes and smap.nodes[n].fenced]
-    alive = [n for n in smap.live_nodes() if state_of(settings, beats.get(n), False) in ("alive", "late")]
+    alive = live_nodes(settings, smap, beats=beats)
     reports = []
     for node in dead + pending:
         backup = smap.nodes[node].backup

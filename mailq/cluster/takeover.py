@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailq.cluster.heartbeat import nodes_dir, read_all, read_heartbeat, state_of, takeover_allowed
+from mailq.cluster.heartbeat import HeartbeatInfo, nodes_dir, read_all, read_heartbeat, state_of, takeover_allowed
 from mailq.cluster.slicemap import SliceMap, disk_epoch, current_for_update, slices_lock, write_checked
 from mailq.config import Settings
 from mailq.errors import InvalidInput, NotFound
@@ -55,9 +55,10 @@ class TakeoverReport:
                 f"broke {len(self.broken_locks)} lock claims in {self.seconds:.2f}s")
 
 
-def live_nodes(settings: Settings, smap: SliceMap, exclude: Iterable[str] = ()) -> list[str]:
-    """Unfenced nodes whose heartbeat is alive or late (not past lease + margin)."""
-    beats = read_all(settings)
+def live_nodes(settings: Settings, smap: SliceMap, exclude: Iterable[str] = (),
+               beats: dict[str, HeartbeatInfo] | None = None) -> list[str]:
+    """Unfenced nodes whose heartbeat is alive or late (not past lease + margin; *beats*: read_all's)."""
+    beats = read_all(settings) if beats is None else beats
     skip = set(exclude)
     return [n for n in smap.live_nodes() if n not in skip
             and state_of(settings, beats.get(n), False) in ("alive", "late")]
