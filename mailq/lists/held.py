@@ -334,9 +334,11 @@ class HeldStore:
             names = os.listdir(self.folder)
         except FileNotFoundError:
             return []
+        present = set(names)
         staged = {n.split(STAGED_PREFIX, 1)[0] for n in names if STAGED_PREFIX in n and not n.startswith(".")}
-        pending = {i for i in self.ids() if f"{i}.decision" in names} | staged
-        return sorted(pending)
+        decided = {n[:-4] for n in names if n.endswith(".pck") and not n.startswith(".")
+                   and f"{n[:-4]}.decision" in present}
+        return sorted(decided | staged)
 
     def prune_decisions(self, older_than: float) -> int:
         """Remove decision records of carried-out decisions taken before *older_than* (epoch), and
