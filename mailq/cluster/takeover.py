@@ -119,8 +119,7 @@ def take_slices_lock(settings: Settings, dead: str, log: logging.Logger, timeout
 
 
 def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log: logging.Logger | None = None,
-             require_dead: bool = True, skip_if_fenced: bool = False, force: bool = False,
-             own_lease: bool = False) -> TakeoverReport:
+             skip_if_fenced: bool = False, force: bool = False, own_lease: bool = False) -> TakeoverReport:
     """Fence *dead*, move its slices (to *to*, else its backup, else the live nodes), recover, break locks.
 
     *force* lets *to* name a node without a live heartbeat.  *own_lease* (automatic failover): write
@@ -138,7 +137,7 @@ def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log:
         already = smap.nodes[dead].fenced
         if already and skip_if_fenced:
             raise InvalidInput(f"node {dead} was fenced already (epoch {smap.epoch}) by another node")
-        if not already and require_dead and not takeover_allowed(settings, info):
+        if not already and not takeover_allowed(settings, info):
             limit = settings.cluster.lease + settings.cluster.margin
             raise InvalidInput(
                 f"node {dead} is not dead: its heartbeat is {info.age:.1f}s old (takeover needs more than "
@@ -165,7 +164,7 @@ def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log:
         # Those are its own to finish (it now sees itself fenced and stops); recovering them or
         # breaking its locks would let two hosts work on the same entry.
         after = read_heartbeat(settings, dead)
-        if require_dead and not takeover_allowed(settings, after):
+        if not takeover_allowed(settings, after):
             report.deferred = True
             _mark_pending(settings, dead)
             log.error("takeover of %s: it renewed its heartbeat during the takeover (now %.1fs old): it is "
