@@ -92,8 +92,15 @@ class LMTPHandler:
         local, at, domain = address.rpartition("@")
         if not at:
             local, domain = address, ""
-        listname, kind = parse_list_address(local, lambda name: list_exists(self.settings, name))
-        if not list_exists(self.settings, listname):
+        looked: dict[str, bool] = {}     # "dev@": parse_list_address has already asked about "dev"
+
+        def exists(name: str) -> bool:
+            if name not in looked:
+                looked[name] = list_exists(self.settings, name)
+            return looked[name]
+
+        listname, kind = parse_list_address(local, exists)
+        if not exists(listname):
             return listname, kind, f"no such list {listname!r}"
         list_domain = self._list_domain(listname)
         if domain.lower().rstrip(".") != list_domain.lower():
