@@ -117,8 +117,10 @@ def test_reassign_refuses_a_live_node_then_takes_over_the_dead_one(nodes):
     assert ClaimGuard(s2, "out", 0, 3, LOG).check().moved
     again = nodes["h1"].mailq("slices", "reassign", "--from", "h2")
     assert again.returncode == 0 and "already fenced" in again.stdout
+    takeover_mod._mark_pending(s1, "h2")          # as if a takeover of it had been deferred
     nodes["h1"].mailq("cluster", "unfence", "h2", check=True)
     assert load_map(s1.slice_map_path).slices_for("h2") == []
+    assert takeover_mod.pending_recovery(s1) == []   # unfenced: no recovery left pending for it
     nodes["h1"].mailq("slices", "rebalance", check=True)
     assert load_map(s1.slice_map_path).slices_for("h2")
 

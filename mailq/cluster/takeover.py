@@ -254,7 +254,11 @@ def unfence(settings: Settings, node: str) -> SliceMap:
             raise InvalidInput(f"node {node} is not fenced; nothing to do")
         smap.nodes[node].fenced = False
 
-    return update_map(settings, change)[1]
+    smap = update_map(settings, change)[1]
+    # A recovery deferred while it was fenced is moot now: an unfenced node that goes silent is
+    # taken over afresh, and a live one finishes its own claims.
+    pending_path(settings, node).unlink(missing_ok=True)
+    return smap
 
 
 def drain_moves(smap: SliceMap, node: str, to: list[str] | None) -> list[dict[str, Any]]:
