@@ -232,9 +232,11 @@ def set_count(queue: str, count: int, force: bool) -> None:
         owners = smap.queues[queue]
         nodes = sorted(set(owners), key=owners.index)
         new_owners = [nodes[i * len(nodes) // count] for i in range(count)]
-        # Counted under the slices lock: no other change of the map can come between this and the write.
-        shas = [split_id(eid)[1] for eid in Queue.for_settings(settings, queue).waiting(0, 1)]
-        if shas and not force and new_owners != owners:
+        # Counted under the slices lock: no other change of the map can come between this and the write
+        # (and only when it can refuse: a whole-queue listing is no small thing to hold the lock for).
+        shas = [] if force or new_owners == owners else \
+            [split_id(eid)[1] for eid in Queue.for_settings(settings, queue).waiting(0, 1)]
+        if shas:
             refused.extend(_recount_rows(queue, owners, new_owners, shas))
             raise _Refused(len(owners), len(shas))
         smap.queues[queue] = new_owners
