@@ -101,6 +101,18 @@ def test_unshunt_moves_entries_back_to_where_they_failed(node, settings):
     assert virgin.waiting() == [b] and Queue.for_settings(settings, "shunt").waiting() == []
 
 
+def test_unshunt_on_a_full_target_queue_exits_75_and_leaves_the_entry_in_shunt(node, settings):
+    out, shunt = Queue.for_settings(settings, "out"), Queue.for_settings(settings, "shunt")
+    me = Claimant("n1", os.getpid(), 0)
+    a = out.enqueue(b"Subject: a\n\nx", {"recipients": ["a@example.org"]})
+    out.shunt(out.claim(a, me), "SMTP exploded")
+    res = node.mailq("queue", "unshunt", a, env={"MAILQ_FAULT_ENOSPC": "out"})
+    assert res.returncode == 75 and "nothing was queued" in res.stderr, res.stderr
+    assert shunt.waiting() == [a] and out.waiting() == []  # not a claim of a gone process in out
+    assert [p.name for p in (node.var / "qfiles" / "out").rglob("*") if p.is_file()] == []
+    assert shunt.claim(a, me).metadata["error"] == "SMTP exploded"
+
+
 def test_recover_puts_back_a_killed_process_claim(node, settings):
     q = Queue.for_settings(settings, "out")
     eid = q.enqueue(b"Subject: r\n\nx", {})

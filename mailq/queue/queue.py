@@ -31,7 +31,7 @@ from mailq.queue.names import (
     CLAIM_SUFFIX, ENTRY_RE, ENTRY_SUFFIX, REASON_SUFFIX, ClaimInfo, Claimant, bucket_of,
     entry_id, parse_claim, slice_buckets, slice_of, split_id,
 )
-from mailq.queue.payload import BadEntry, decode, encode, write_entry
+from mailq.queue.payload import BadEntry, QueueFull, decode, encode, write_entry
 
 BUCKET_NAMES = [f"{b:02x}" for b in range(256)]
 #: Where ``to_bad`` puts files whose name is not an entry name (only ``bad`` has it).
@@ -287,14 +287,23 @@ class Queue:
 
         First the claim itself moves into the target's bucket (still a claim, so no runner takes it
         and a crash leaves it for recovery *there*), then it is rewritten and released as ``.pck``.
+        When the rewrite fails (QueueFull: the claim is as it was) the claim goes back where it came
+        from and is released there, unchanged, before the error is raised.
         """
+        origin = c._path
         folder = target.bucket_dir(bucket_of(split_id(c.id)[1]))
-        moved = os.path.join(folder, os.path.basename(c._path))
+        moved = os.path.join(folder, os.path.basename(origin))
         os.makedirs(folder, exist_ok=True)
-        os.rename(c._path, moved)
+        os.rename(origin, moved)
         c._path = moved
         _fault("moved")
-        target.settle(moved, encode(c.msg, metadata), folder, c.id + ENTRY_SUFFIX)
+        try:
+            target.settle(moved, encode(c.msg, metadata), folder, c.id + ENTRY_SUFFIX)
+        except QueueFull:
+            os.rename(moved, origin)
+            c._path = origin
+            os.rename(origin, os.path.join(os.path.dirname(origin), c.id + ENTRY_SUFFIX))
+            raise
         return c.id
 
     def settle(self, claim: str | os.PathLike[str], data: bytes, folder: str | os.PathLike[str], name: str) -> None:
