@@ -33,9 +33,19 @@ CONFIG_HELP = "Config file (default: $MAILQ_CONFIG, else etc/mailq.yaml in the c
 config_option = click.option("-C", "--config", "config_file", metavar="FILE", help=CONFIG_HELP)
 
 
+def remember_config(ctx: click.Context, config_file: str | None, param: str = "config_file") -> None:
+    """Store a -C typed on a group or command where get_settings() looks (the root context).
+
+    Only a -C typed there counts (not a default), so it never overrides a -C given before it.
+    """
+    from click.core import ParameterSource
+
+    if config_file and ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
+        ctx.find_root().ensure_object(dict)["config_file"] = config_file
+
+
 def _remember_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value:
-        ctx.find_root().ensure_object(dict)["config_file"] = value
+    remember_config(ctx, value, param.name or "leaf_config")
 
 
 def accept_config_everywhere(cmd: click.Command) -> click.Command:

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from mailq.cli.common import (EXIT_FAIL, config_option, emit_json, fail, get_settings, handle_errors,
-                              json_option, print_table, warn)
+                              json_option, print_table, remember_config, warn)
 
 
 def _store() -> Any:
@@ -35,18 +35,6 @@ def _settings_rows(values: dict[str, Any]) -> list[list[Any]]:
     return [[k, repr(v) if isinstance(v, str) else v, describe_type(k)] for k, v in sorted(values.items())]
 
 
-def _root_config(ctx: click.Context, config_file: str | None) -> None:
-    """-C may be given after the group name too (``mailq lists -C f list``).
-
-    Only a -C typed here counts: the option also reads $MAILQ_CONFIG, which must not override a
-    -C given to the root command.
-    """
-    from click.core import ParameterSource
-
-    if config_file and ctx.get_parameter_source("config_file") == ParameterSource.COMMANDLINE:
-        ctx.find_root().ensure_object(dict)["config_file"] = config_file
-
-
 # -- mailq lists ---------------------------------------------------------------------------------
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,7 +50,7 @@ def lists(ctx: click.Context, config_file: str | None) -> None:
       mailq lists show dev
       mailq lists remove dev --keep-archives
     """
-    _root_config(ctx, config_file)
+    remember_config(ctx, config_file)
 
 
 @lists.command("create")
@@ -184,7 +172,7 @@ def config(ctx: click.Context, config_file: str | None) -> None:
       mailq config set dev subject_prefix='[dev] ' max_message_kb=100
       mailq config load dev dev-settings.yaml
     """
-    _root_config(ctx, config_file)
+    remember_config(ctx, config_file)
 
 
 @config.command("show")
@@ -308,7 +296,7 @@ def check(ctx: click.Context, config_file: str | None, fix: bool, as_json: bool)
       mailq check --fix
       mailq check --json
     """
-    _root_config(ctx, config_file)
+    remember_config(ctx, config_file)
     from mailq.lists.check import run_checks
 
     problems = run_checks(get_settings(), fix=fix)

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from mailq.cli.common import (EXIT_FAIL, config_option, emit_json, fail, get_settings, handle_errors,
-                              json_option, print_table)
+                              json_option, print_table, remember_config)
 
 
 def fenced_nodes(settings: Any) -> set[str]:
@@ -43,8 +43,7 @@ def locks(ctx: click.Context, config_file: str | None) -> None:
       mailq locks list --json
       mailq locks break list.dev
     """
-    from mailq.cli.lists import _root_config
-    _root_config(ctx, config_file)
+    remember_config(ctx, config_file)
 
 
 @locks.command("list")

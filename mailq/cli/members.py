@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
-from mailq.cli.common import config_option, emit_json, fail, handle_errors, json_option, print_table, progress, warn
-from mailq.cli.lists import _root_config, _store
+from mailq.cli.common import (config_option, emit_json, fail, handle_errors, json_option, print_table, progress,
+                              remember_config, warn)
+from mailq.cli.lists import _store
 
 
 def _read_lines(source: str) -> list[str]:
@@ -64,7 +65,7 @@ def members(ctx: click.Context, config_file: str | None) -> None:
       mailq members list dev --json
       mailq members sync dev everyone.txt --dry-run
     """
-    _root_config(ctx, config_file)
+    remember_config(ctx, config_file)
 
 
 @members.command("add")
