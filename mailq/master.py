@@ -434,7 +434,7 @@ class Master:
                 atomic_write(status_path(self.settings), json.dumps(status, indent=1).encode(), fsync=False,
                              mode=0o644)
                 self._last_status = status
-            except OSError as exc:
+            except (OSError, MailqError) as exc:   # atomic_write says TemporaryFailure for a full disk
                 self.log.warning("cannot write %s: %s", status_path(self.settings), exc)
             self._publish_status(status)
 
@@ -446,7 +446,7 @@ class Master:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, json.dumps(status).encode(), fsync=False, mode=0o664)
-        except OSError as exc:
+        except (OSError, MailqError) as exc:    # full or stale shared tree: never a reason to stop
             if time.monotonic() - self._shared_at > 60:     # once a minute at most: the disk may be gone
                 self.log.warning("cannot write %s: %s", path, exc)
                 self._shared_at = time.monotonic()

@@ -347,3 +347,16 @@ def test_a_slow_takeover_does_not_stop_the_performers_heartbeat(nodes):
         holder.wait()
         master.terminate()
         master.wait(timeout=60)
+
+
+def test_a_lease_stamp_that_cannot_be_written_is_a_failed_renewal(tmp_path, monkeypatch):
+    from mailq.errors import TemporaryFailure
+
+    s = make_node(tmp_path, "h1").settings()
+
+    def full(path, *args, **kwargs):
+        raise TemporaryFailure(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(heartbeat, "atomic_write", full)
+    assert heartbeat.Heartbeat(s).renew() is False        # said, not raised: the master logs it
+    assert heartbeat.read_heartbeat(s, "h1") is not None and heartbeat.lease_age(s) is None

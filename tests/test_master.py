@@ -241,3 +241,23 @@ def test_two_nodes_on_one_machine_each_run_their_own_master(tmp_path, started):
     assert one["node"] == "n1" and two["node"] == "n2"
     refused = n2.run("mailqctl", "start")
     assert refused.returncode == 1 and f"pid {two['pid']}" in refused.stderr
+
+
+def test_a_full_disk_under_the_status_files_is_logged_and_never_stops_the_master(node, monkeypatch, caplog):
+    # atomic_write reports ENOSPC, EIO, ESTALE, EROFS as TemporaryFailure, not OSError: the beat
+    # loop must log those like any other write failure instead of letting them end serve().
+    import logging
+
+    import mailq.master as master_mod
+    from mailq.errors import TemporaryFailure
+
+    def full(path, *args, **kwargs):
+        raise TemporaryFailure(f"cannot write {path}: No space left on device (free space, then retry)")
+
+    monkeypatch.setattr(master_mod, "atomic_write", full)
+    master = master_mod.Master(node.settings(), logging.getLogger("test.master.full"))
+    with caplog.at_level(logging.WARNING, logger="test.master.full"):
+        master._write_status()
+        master._publish_status(stopped=True)
+    assert "status.json: No space left on device" in caplog.text
+    assert f"{master_mod.shared_status_path(node.settings())}: No space left on device" in caplog.text

@@ -307,3 +307,20 @@ def test_a_watcher_never_puts_an_older_map_back_as_the_last_good_copy(cluster):
     assert sm.load_map(good).epoch == 7
     settings.slice_map_path.write_text(map_text(epoch=8))     # a newer valid hand edit: kept as last good
     assert watcher.current().epoch == 8 and sm.load_map(good).epoch == 8
+
+
+def test_a_last_good_copy_that_cannot_be_written_is_logged_and_the_new_map_runs(cluster, monkeypatch, caplog):
+    import logging
+
+    from mailq.errors import TemporaryFailure
+
+    node, settings = cluster
+
+    def full(path, *args, **kwargs):
+        raise TemporaryFailure(f"cannot write {path}: No space left on device")
+
+    watcher = sm.MapWatcher(settings, logging.getLogger("test.watcher.full"))
+    monkeypatch.setattr(sm, "atomic_write", full)
+    with caplog.at_level(logging.ERROR, logger="test.watcher.full"):
+        assert watcher.current().epoch == 5
+    assert "cannot keep epoch 5 as the last-good copy" in caplog.text and watcher.problem == ""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailq.config import Settings
+from mailq.errors import TemporaryFailure
 from mailq.fsutil import atomic_write
 
 
@@ -108,7 +109,7 @@ class Heartbeat:
             return True
         try:
             stamp_lease(self.settings, started)
-        except OSError:
+        except (OSError, TemporaryFailure):     # a full run dir: no lease, so the runners stop claiming
             return False
         return True
 

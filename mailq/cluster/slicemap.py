@@ -29,7 +29,7 @@ from typing import Any
 
 from mailq.cluster.layout import rebalance_owners, spread  # noqa: F401 - part of this module's interface
 from mailq.config import RUNNER_QUEUES, Settings
-from mailq.errors import InvalidInput
+from mailq.errors import InvalidInput, MailqError
 from mailq.fsutil import atomic_write
 
 
@@ -444,7 +444,12 @@ class MapWatcher:
         except (SliceMapError, OSError):
             good = None
         if good is None or good.epoch < new.epoch:
-            atomic_write(good_path(self.settings), new.dump().encode(), fsync=False)
+            try:
+                atomic_write(good_path(self.settings), new.dump().encode(), fsync=False)
+            except (OSError, MailqError) as exc:
+                # The map in memory is what this process runs; the copy is for the next one to start.
+                self.log.error("cannot keep epoch %d as the last-good copy %s: %s", new.epoch,
+                               good_path(self.settings), exc)
 
     def _load_good(self) -> None:
         try:
