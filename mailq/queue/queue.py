@@ -459,13 +459,12 @@ class Queue:
             return []
 
     def read(self, path: str | os.PathLike[str]) -> tuple[bytes, dict[str, Any]]:
-        """``(msg, metadata)`` of any entry file, through the restricted unpickler; BadEntry if unusable."""
-        return decode(self.read_bytes(path))
+        """``(msg, metadata)`` of any entry file, through the restricted unpickler; BadEntry if unusable.
 
-    def read_bytes(self, path: str | os.PathLike[str]) -> bytes:
-        """The raw bytes of any entry file; NotFound (not FileNotFoundError) when it has gone."""
+        NotFound (not FileNotFoundError) when the file has gone.
+        """
         try:
-            return read_all(path)
+            return decode(read_all(path))
         except FileNotFoundError:
             raise NotFound(f"{path}: no such queue file (it was claimed or finished meanwhile; "
                            f"run `mailq queue count` to see what is there)")
