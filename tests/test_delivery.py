@@ -563,3 +563,21 @@ def test_the_verify_command_for_a_web_front_end(tmp_path):
     assert verify("dev", "bob@example.com", token).returncode == 1
     usage = verify("dev")
     assert usage.returncode == 2 and "Example" in usage.stderr
+
+
+def test_a_rotated_key_is_picked_up_and_a_damaged_one_makes_delivery_wait(tmp_path, monkeypatch):
+    import os
+
+    from mailq.delivery import unsubscribe
+    from mailq.errors import TemporaryFailure
+
+    settings = make_node(tmp_path, "n1", pipeline={"web_url": "https://lists.example.org"}).settings()
+    old = unsubscribe.make_token(settings, "dev", "alice@example.com")
+    os.unlink(unsubscribe.secret_path(settings))                 # the documented rotation
+    assert unsubscribe.make_token(settings, "dev", "alice@example.com") == old   # trusted a while
+    monkeypatch.setattr(unsubscribe, "RECHECK_SECONDS", 0.0)     # ... until the recheck time passes
+    assert unsubscribe.make_token(settings, "dev", "alice@example.com") != old
+    with open(unsubscribe.secret_path(settings), "wb") as fh:
+        fh.write(b"short")
+    with pytest.raises(TemporaryFailure, match="expected 32 or more; delete it"):
+        unsubscribe.make_token(settings, "dev", "alice@example.com")

@@ -25,13 +25,18 @@ import hashlib
 import hmac
 import os
 import re
+import time
 from collections.abc import Callable
 from urllib.parse import quote
 
 from mailq.config import Settings
+from mailq.errors import TemporaryFailure
 
 SECRET_NAME = "unsubscribe.key"
-_secrets: dict[str, bytes] = {}
+#: Seconds a process trusts the key it read: a rotated key (file deleted, made anew) reaches running
+#: out runners within this time, without a stat per recipient (NFS round trips) to notice it.
+RECHECK_SECONDS = 60.0
+_secrets: dict[str, tuple[bytes, float]] = {}
 
 
 def secret_path(settings: Settings) -> str:
@@ -39,20 +44,24 @@ def secret_path(settings: Settings) -> str:
 
 
 def site_secret(settings: Settings) -> bytes:
-    """The site's HMAC key, made once (32 random bytes) by whichever node needs it first."""
+    """The site's HMAC key, made once (32 random bytes) by whichever node needs it first.
+
+    A damaged key file is a TemporaryFailure: personalized mail waits (nothing is shunted or sent
+    with links that would not verify) until an operator deletes the file.
+    """
     path = secret_path(settings)
-    key = _secrets.get(path)
-    if key is not None:
-        return key
+    cached = _secrets.get(path)
+    if cached is not None and time.monotonic() - cached[1] < RECHECK_SECONDS:
+        return cached[0]
     try:
         with open(path, "rb") as fh:
             key = fh.read()
     except FileNotFoundError:
         key = _create_secret(path)
     if len(key) < 32:
-        raise ValueError(f"{path} holds {len(key)} bytes, expected 32 or more; delete it to make a new "
-                         "one (links already mailed stop working)")
-    _secrets[path] = key
+        raise TemporaryFailure(f"{path} holds {len(key)} bytes, expected 32 or more; delete it to make a new "
+                               "one (links already mailed stop working)")
+    _secrets[path] = (key, time.monotonic())
     return key
 
 
