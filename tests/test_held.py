@@ -203,6 +203,18 @@ def test_a_post_processed_twice_is_held_once_and_a_failed_notice_is_not_sent_twi
     assert "was held as" in (settings.log_dir / "in.log").read_text()
 
 
+def test_a_nonmember_post_rejected_by_the_list_tells_the_poster_from_the_list_owner(node):
+    settings = node.settings()
+    make_list(settings, nonmember_action="reject")
+    _deliver(node, NONMEMBER_POST)
+    _run_once(node, "in")
+    assert queue_entries(settings, "out") == [] and HeldStore(settings, "dev").ids() == []
+    ((raw, meta),) = queue_entries(settings, "virgin")
+    assert meta["recipients"] == ["stranger@example.com"] and meta["listname"] == "dev"
+    assert meta["envelope_sender"] == "dev-owner@example.org"
+    assert b"Your post to dev@example.org" in raw and b"accepts posts from members only" in raw
+
+
 def test_reject_from_the_cli_tells_the_poster_why(node):
     settings = node.settings()
     make_list(settings)

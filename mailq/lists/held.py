@@ -448,11 +448,15 @@ def notify_held(settings: Settings, mlist: Any, held_id: str, reason: str, sende
 
 
 def rejection_notice(settings: Settings, listname: str, sender: str, reason: str, msg: bytes, *,
-                     subject: str = "") -> tuple[bytes, dict]:
-    """The ``virgin`` entry telling *sender* that their post was rejected and why (post attached)."""
+                     subject: str = "", mlist: Any = None) -> tuple[bytes, dict]:
+    """The ``virgin`` entry telling *sender* that their post was rejected and why (post attached).
+
+    *mlist*: the list when the caller has it (the ``in`` runner does), else it is loaded here.
+    """
     from mailq.notices import notice_entry
 
-    mlist = _load_list(settings, listname)
+    if mlist is None:
+        mlist = _load_list(settings, listname)
     address = mlist.posting_address if mlist else listname
     body = (f"Your post to {address}\n\n  Subject: {subject or '(none)'}\n\nwas rejected.\n"
             f"Reason: {reason}\n\nYour message is attached.\n")
@@ -461,11 +465,11 @@ def rejection_notice(settings: Settings, listname: str, sender: str, reason: str
 
 
 def notify_rejected(settings: Settings, listname: str, sender: str, reason: str, msg: bytes, *,
-                    subject: str = "") -> str:
+                    subject: str = "", mlist: Any = None) -> str:
     """Tell *sender* that their post was rejected and why; the ``virgin`` entry id."""
     from mailq.queue import Queue
 
-    raw, metadata = rejection_notice(settings, listname, sender, reason, msg, subject=subject)
+    raw, metadata = rejection_notice(settings, listname, sender, reason, msg, subject=subject, mlist=mlist)
     return Queue.for_settings(settings, "virgin").enqueue(raw, metadata, listname=listname)
 
 

@@ -88,7 +88,7 @@ class IncomingRunner(Runner):
             self.log.info("list %s: rejected %s from %s: %s", listname, entry.id, sender or "?", stop.reason)
             if sender:
                 notify_rejected(self.settings, listname, sender, stop.reason, entry.msg,
-                                subject=header_text(msg.get("subject")))
+                                subject=header_text(msg.get("subject")), mlist=mlist)
         except Discard as stop:
             self.log.info("list %s: discarded %s from %s: %s", listname, entry.id,
                           metadata.get("sender") or "?", stop.reason)
