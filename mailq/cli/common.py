@@ -106,8 +106,9 @@ def print_table(rows: list[list[Any]], headers: list[str]) -> None:
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn mailq's own exceptions into one-line errors with the right exit code.
 
-    Lock timeouts and full disks are temporary (75); everything else that is a known mailq error is 1.
-    Unknown exceptions are left alone so that a real bug still shows its traceback.
+    Lock timeouts and full disks are temporary (75); everything else that is a known mailq error is 1,
+    and so is a permission error (one line naming the file).  Unknown exceptions are left alone so
+    that a real bug still shows its traceback.
     """
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -119,6 +120,10 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             fail(str(exc), EXIT_TEMPFAIL)
         except MailqError as exc:
             fail(str(exc), EXIT_FAIL)
+        except PermissionError as exc:
+            # Common on a shared tree: the command runs as another user than the one owning var/.
+            fail(f"permission denied: {exc.filename or exc}: run mailq as the user (or group) that owns "
+                 f"the var tree, or see `mailq check` for the modes it expects", EXIT_FAIL)
     return wrapper
 
 
