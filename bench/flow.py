@@ -5,10 +5,12 @@
 
 Three measurements, in a fresh temp tree with its own node config:
 
-1. ``deliver_vs_python``: wall time of ``bin/mailq-deliver post LIST < msg`` (a real enqueue, fsync
-   on) against ``python -c pass``, interleaved, median of --runs each. Measured with byte-code
-   caching on (``PYTHONPYCACHEPREFIX`` in the temp tree), as an installed mailq runs; the table also
-   shows the figure without cached byte-code (this sandbox sets PYTHONDONTWRITEBYTECODE).
+1. ``deliver_vs_python``: wall time of ``bin/mailq-deliver post LIST < msg`` run as the MTA runs it
+   (the program itself, its sh launcher starting .venv's Python with -S; a real enqueue, fsync on)
+   against ``python -c pass`` (.venv's Python, site enabled), interleaved, median of --runs each.
+   Measured with byte-code caching on (``PYTHONPYCACHEPREFIX`` in the temp tree), as an installed
+   mailq runs; the table also shows the figure without cached byte-code (this sandbox sets
+   PYTHONDONTWRITEBYTECODE).
 2. ``ratio_vs_bare``: personalized (VERP, one transaction per recipient) delivery of one message
    to --recipients recipients through ``qrunner -r out --once`` (time from the runner's own
    "done (Xs)" log line) against a bare ``smtplib`` loop (its own process, timing itself) sending
@@ -187,7 +189,7 @@ def bench_deliver(env: dict, base: Path, runs: int) -> dict:
         else:
             e["PYTHONDONTWRITEBYTECODE"] = "1"
         for _ in range(3):  # warm the byte-code cache and the settings cache
-            run(e, PY, DELIVER, "post", "dev", input=msg)
+            run(e, DELIVER, "post", "dev", input=msg)
             run(e, PY, "-c", "pass")
         bare, ours = [], []
         for _ in range(runs):
@@ -195,7 +197,7 @@ def bench_deliver(env: dict, base: Path, runs: int) -> dict:
             subprocess.run([PY, "-c", "pass"], env=e, cwd=ROOT, capture_output=True)
             bare.append(time.perf_counter() - t)
             t = time.perf_counter()
-            p = subprocess.run([PY, DELIVER, "post", "dev"], input=msg, env=e, cwd=ROOT, capture_output=True)
+            p = subprocess.run([DELIVER, "post", "dev"], input=msg, env=e, cwd=ROOT, capture_output=True)
             ours.append(time.perf_counter() - t)
             if p.returncode != 0:
                 raise SystemExit(f"mailq-deliver failed: {p.stderr.decode()}")
@@ -269,7 +271,7 @@ def bench_latency(env: dict, settings, sink: Sink, posts: int, big_posts: int, b
         # post -1 is a warm-up, not counted: it waits for the runners to finish starting up.
         for i in range(-1, posts):
             t0 = time.time()
-            run(env, PY, DELIVER, "post", "dev", input=message(f"post{i}"))
+            run(env, DELIVER, "post", "dev", input=message(f"post{i}"))
             if i >= 0:
                 piped.append(arrival(f"post{i}") - t0)
             else:
@@ -283,7 +285,7 @@ def bench_latency(env: dict, settings, sink: Sink, posts: int, big_posts: int, b
         big = []
         for i in range(-1, big_posts):
             t0 = time.time()
-            run(env, PY, DELIVER, "post", "big", input=message(f"big{i}"))
+            run(env, DELIVER, "post", "big", input=message(f"big{i}"))
             latency = arrival(f"big{i}", big_members) - t0
             if i >= 0:
                 big.append(latency)

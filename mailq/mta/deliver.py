@@ -249,6 +249,7 @@ def _settings(explicit: "str | None" = None) -> "tuple[str, bool, int]":
     path = _config_path(explicit)
     if path is None:
         if not os.path.isfile(os.path.join(_CHECKOUT, "setup.cfg")):   # installed, not a checkout
+            _full_imports()
             from mailq.config import ConfigError, load_settings
 
             try:
@@ -271,6 +272,7 @@ def _settings(explicit: "str | None" = None) -> "tuple[str, bool, int]":
     except (OSError, ValueError, UnicodeDecodeError):
         pass  # no cache, or a stale/broken one: parse the YAML
     try:
+        _full_imports()
         from mailq.config import ConfigError, load_settings
 
         settings = load_settings(path)
@@ -280,6 +282,18 @@ def _settings(explicit: "str | None" = None) -> "tuple[str, bool, int]":
     if "\n" not in var:
         _write_cache(cache, f"{key}\n{var}\n{int(fsync)}\n{limit}\n")
     return var, fsync, limit
+
+
+def _full_imports() -> None:
+    """Make site-packages importable (PyYAML, for the config) when Python was started with -S.
+
+    bin/mailq-deliver starts Python with -S: the fast path (a cached config) needs only the standard
+    library and mailq, and skipping site saves more than the rest of the start-up costs.
+    """
+    if sys.flags.no_site:
+        import site
+
+        site.main()
 
 
 def _cache_path(config: str) -> str:
