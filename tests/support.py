@@ -209,3 +209,44 @@ class SMTPSink:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class NobodyTree:
+    """A temp folder the user nobody (uid 65534) can read, holding ``mailq.yaml``; run commands in it.
+
+    For tests of what an operator sees when mailq runs as another user than the one owning the
+    files. *config* is the YAML text, ``{folder}`` standing for the folder (pytest's tmp_path is
+    under root-only parents, so it cannot be used).  Needs root and setpriv(1): see ``unavailable``.
+    """
+
+    def __init__(self, config: str) -> None:
+        import tempfile
+
+        self.folder = Path(tempfile.mkdtemp(prefix="mailq-nobody-"))
+        self.folder.chmod(0o755)
+        self.config = self.folder / "mailq.yaml"
+        self.config.write_text(config.format(folder=self.folder))
+        self.config.chmod(0o644)
+        self.env = {**os.environ, "MAILQ_CONFIG": str(self.config), "PYTHONPATH": str(ROOT)}
+
+    @staticmethod
+    def unavailable() -> str | None:
+        import shutil
+
+        if os.geteuid() != 0 or shutil.which("setpriv") is None:
+            return "needs root and setpriv(1) to run a command as nobody"
+        return None
+
+    def run(self, module: str, *args: str, as_nobody: bool = True) -> subprocess.CompletedProcess:
+        """``python -m MODULE ARGS`` with this tree's config, as nobody unless *as_nobody* is False."""
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
+        return subprocess.run([*prefix, sys.executable, "-m", module, *args], capture_output=True, text=True,
+                              env=self.env, cwd="/", timeout=60)
+
+    def __enter__(self) -> "NobodyTree":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)

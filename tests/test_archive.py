@@ -7,7 +7,7 @@ import time
 from mailq.archive import append_to_archive, archive_path, mbox_entry
 from mailq.queue import Queue
 from tests.support import make_node
-from tests.test_pipeline_support import make_list, queue_entries, run_pipeline, sample
+from tests.pipeline_support import make_list, queue_entries, run_pipeline, sample
 
 FROMMY = (b"From: alice@example.org\nSubject: post %d\nMessage-ID: <p%d@example.org>\n\n"
           b"From the start of a line\n>From an already quoted line\nmiddle From is fine\n%s")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -365,29 +364,13 @@ def test_a_lease_stamp_that_cannot_be_written_is_a_failed_renewal(tmp_path, monk
 
 def test_a_command_run_as_a_user_who_cannot_write_the_shared_tree_says_so_in_one_line():
     """`cluster status` writes a clock probe into var/cluster/nodes: as another user, one clear line."""
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
+    from tests.support import NobodyTree
 
-    from mailq.config import CHECKOUT
-
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv(1) to run a command as nobody")
-    folder = Path(tempfile.mkdtemp(prefix="mailq-perm-"))     # tmp_path's parents are root-only
-    try:
-        folder.chmod(0o755)
-        conf = folder / "mailq.yaml"
-        conf.write_text(f"node: {{name: h1}}\npaths: {{var: {folder / 'var'}, run: {folder / 'run'}}}\n")
-        conf.chmod(0o644)
-        env = {**os.environ, "MAILQ_CONFIG": str(conf), "PYTHONPATH": str(CHECKOUT)}
-        init = subprocess.run([sys.executable, "-m", "mailq.cli.main", "slices", "init", "--nodes", "h1,h2"],
-                              capture_output=True, text=True, env=env, cwd="/", timeout=60)
+    if NobodyTree.unavailable():
+        pytest.skip(NobodyTree.unavailable())
+    with NobodyTree("node: {{name: h1}}\npaths: {{var: {folder}/var, run: {folder}/run}}\n") as tree:
+        init = tree.run("mailq.cli.main", "slices", "init", "--nodes", "h1,h2", as_nobody=False)
         assert init.returncode == 0, init.stderr
-        res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                              "-m", "mailq.cli.main", "cluster", "status"], capture_output=True, text=True,
-                             env=env, cwd="/", timeout=60)
-    finally:
-        shutil.rmtree(folder)
+        res = tree.run("mailq.cli.main", "cluster", "status")
     assert res.returncode == 1, res.stderr
     assert "permission denied" in res.stderr and "cluster/nodes" in res.stderr and "Traceback" not in res.stderr

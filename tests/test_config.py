@@ -204,27 +204,13 @@ def test_an_installed_package_refuses_to_start_without_paths_var(tmp_path):
 
 def test_mailqctl_refuses_clearly_when_no_host_local_run_folder_can_be_used(tmp_path):
     """As a user who cannot make /run/mailq, with paths.var set and paths.run not."""
-    import shutil
-    import subprocess
-    import sys
+    from mailq.config import HOST_LOCAL_RUN
+    from tests.support import NobodyTree
 
-    from mailq.config import CHECKOUT, HOST_LOCAL_RUN
-
-    if os.geteuid() != 0 or shutil.which("setpriv") is None or any(p.is_dir() for p in HOST_LOCAL_RUN):
-        pytest.skip("needs root and setpriv(1) to run as nobody, and no /run/mailq yet")
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="mailq-nobody-"))     # tmp_path's parents are root-only
-    try:
-        folder.chmod(0o755)
-        conf = folder / "mailq.yaml"
-        conf.write_text(f"node: {{name: h1}}\npaths: {{var: {folder / 'var'}}}\n")
-        conf.chmod(0o644)
-        env = {**os.environ, "MAILQ_CONFIG": str(conf), "PYTHONPATH": str(CHECKOUT)}
-        res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                              "-m", "mailq.cli.ctl", "status"], capture_output=True, text=True, env=env, cwd="/",
-                             timeout=60)
-    finally:
-        shutil.rmtree(folder)
+    reason = NobodyTree.unavailable()
+    if reason or any(p.is_dir() for p in HOST_LOCAL_RUN):
+        pytest.skip(reason or "a /run/mailq exists already")
+    with NobodyTree("node: {{name: h1}}\npaths: {{var: {folder}/var}}\n") as tree:
+        res = tree.run("mailq.cli.ctl", "status")
     assert res.returncode == 1, res.stderr
     assert res.stderr.startswith("mailqctl: error: paths.run is not set") and "Traceback" not in res.stderr

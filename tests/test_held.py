@@ -15,7 +15,7 @@ from mailq.fsutil import atomic_write
 from mailq.lists.held import AlreadyDecided, HeldStore, expire_held
 from mailq.queue import Queue
 from tests.support import make_node
-from tests.test_pipeline_support import make_list, queue_entries, sample
+from tests.pipeline_support import make_list, queue_entries, sample
 
 NONMEMBER_POST = sample("plain.eml").replace(b"alice@example.org", b"stranger@example.com")
 
@@ -175,7 +175,7 @@ def test_a_decider_killed_at_any_step_is_finished_by_expire_held_and_delivers_on
 def test_a_post_processed_twice_is_held_once_and_a_failed_notice_is_not_sent_twice(node):
     import shutil
 
-    from tests.test_pipeline_support import make_due
+    from tests.pipeline_support import make_due
 
     settings = node.settings()
     make_list(settings)

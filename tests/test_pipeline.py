@@ -17,7 +17,7 @@ from mailq.pipeline import load_stage
 from mailq.pipeline.base import header_text, parse, to_bytes
 from mailq.pipeline.subject_prefix import prefixed
 from mailq.pipeline.textbody import decode_text
-from tests.test_pipeline_support import SAMPLES, make_list, queue_entries, run_pipeline, sample
+from tests.pipeline_support import SAMPLES, make_list, queue_entries, run_pipeline, sample
 
 
 @pytest.fixture
@@ -465,7 +465,7 @@ def test_a_full_disk_on_a_queue_write_never_sends_the_post_twice(tmp_path, sink,
     import mailbox
 
     from tests.support import make_node
-    from tests.test_pipeline_support import make_due
+    from tests.pipeline_support import make_due
 
     node = make_node(tmp_path, "n1", smtp={"port": sink.port})
     settings = node.settings()

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from mailq.queue import Queue
 from tests.support import ROOT, make_node, wait_for
-from tests.test_runner_helper import done
+from tests.runner_helper import done
 
 
 def probe(node, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tests.test_runner_helper", str(node.config), *args],
+    return subprocess.Popen([sys.executable, "-m", "tests.runner_helper", str(node.config), *args],
                             env=node.environ(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

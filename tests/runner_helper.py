@@ -1,4 +1,4 @@
-"""A tiny runner for the Runner base tests, run as a real process: ``python -m tests.test_runner_helper``.
+"""A tiny runner for the Runner base tests, run as a real process: ``python -m tests.runner_helper``.
 
 It serves the ``commands`` queue (which has no registered runner, so no master competes for it).
 Per entry it reads ``metadata``: ``fail`` makes ``process`` raise (``tempfail``: raise TemporaryFailure),
