@@ -18,13 +18,14 @@ import click
 
 from mailq.cli.common import (EXIT_FAIL, accept_config_everywhere, config_option, emit_json, fail, get_settings,
                               json_option, print_table)
+from mailq.cli.main import LazyGroup
 from mailq.config import Settings
 
 #: How long ``start`` waits for the daemon to report (recovery of many claims can take a while).
 START_TIMEOUT = 120.0
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
 @click.pass_context
 def ctl(ctx: click.Context, config_file: str | None) -> None:
