@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "members": "mailq.cli.members:members",
     "queue": "mailq.cli.queue:queue",
     "slices": "mailq.cli.slices:slices",
+    "templates": "mailq.cli.templates:templates",
 }
 
 

@@ -419,30 +419,20 @@ def notify_held(settings: Settings, mlist: Any, held_id: str, reason: str, sende
     *done* names the notices already sent (``staff``, ``ack``) and gets each one appended as it is
     queued: a caller that retries after a failed write (the ``in`` runner) sends none twice.
     """
-    from mailq.notices import notify
+    from mailq.notices import notify_template
 
     done = [] if done is None else done
     sent = []
     s = mlist.settings
     staff = list(dict.fromkeys(a for a in [*s.owners, *s.moderators] if a))
+    values = {"sender": sender or "(unknown)", "subject": subject or "(none)", "reason": reason,
+              "held_id": held_id}
     if staff and getattr(s, "notify_owners_on_hold", True) and "staff" not in done:
-        body = (f"A post to {mlist.posting_address} is waiting for a moderator.\n\n"
-                f"  From:    {sender or '(unknown)'}\n  Subject: {subject or '(none)'}\n"
-                f"  Reason:  {reason}\n  Id:      {held_id}\n\n"
-                f"Decide with one of:\n"
-                f"  mailq held approve {mlist.name} {held_id}\n"
-                f"  mailq held reject {mlist.name} {held_id} --reason TEXT\n"
-                f"  mailq held discard {mlist.name} {held_id}\n\n"
-                f"The post is attached.\n")
-        sent.append(notify(settings, staff, f"{mlist.name}: post from {sender or 'unknown'} held ({reason})",
-                           body, listname=mlist.name, sender=mlist.owner_address, attachment=msg))
+        sent.append(notify_template(settings, mlist, staff, "held-notice", from_address=mlist.owner_address,
+                                    attachment=msg, **values))
         done.append("staff")
     if sender and getattr(s, "send_hold_ack", False) and "ack" not in done:
-        body = (f"Your post to {mlist.posting_address}\n\n  Subject: {subject or '(none)'}\n\n"
-                f"is waiting for a moderator's approval. Reason: {reason}.\n"
-                f"You will hear from us if it is rejected.\n")
-        sent.append(notify(settings, [sender], f"Your post to {mlist.name} awaits moderator approval",
-                           body, listname=mlist.name, sender=mlist.owner_address))
+        sent.append(notify_template(settings, mlist, [sender], "held-ack", from_address=mlist.owner_address, **values))
         done.append("ack")
     return sent
 
@@ -453,15 +443,14 @@ def rejection_notice(settings: Settings, listname: str, sender: str, reason: str
 
     *mlist*: the list when the caller has it (the ``in`` runner does), else it is loaded here.
     """
-    from mailq.notices import notice_entry
+    from mailq.notices import template_entry
 
     if mlist is None:
         mlist = _load_list(settings, listname)
-    address = mlist.posting_address if mlist else listname
-    body = (f"Your post to {address}\n\n  Subject: {subject or '(none)'}\n\nwas rejected.\n"
-            f"Reason: {reason}\n\nYour message is attached.\n")
-    return notice_entry(settings, [sender], f"Your post to {listname} was rejected", body, listname=listname,
-                        sender=mlist.owner_address if mlist else None, attachment=msg)
+    return template_entry(settings, mlist, [sender], "post-rejected", listname=listname,
+                          from_address=mlist.owner_address if mlist else None, attachment=msg,
+                          list_name=listname, list_address=mlist.posting_address if mlist else listname,
+                          subject=subject or "(none)", reason=reason)
 
 
 def notify_rejected(settings: Settings, listname: str, sender: str, reason: str, msg: bytes, *,
@@ -483,7 +472,7 @@ def expire_held(settings: Settings, log: Any) -> str:
     decider died before carrying them out.
     """
     from mailq.lists.store import ListStore
-    from mailq.notices import notify
+    from mailq.notices import notify_template
 
     store = ListStore(settings)
     now = time.time()
@@ -529,9 +518,8 @@ def expire_held(settings: Settings, log: Any) -> str:
         lines = "\n".join(f"  {r['id']}  {r.get('sender') or '?'}  {r.get('subject') or '(none)'}"
                           for r in expired)
         owners = list(mlist.settings.owners) or [settings.site_owner]
-        notify(settings, owners, f"{name}: {len(expired)} held post(s) expired",
-               f"These posts to {mlist.posting_address} waited more than {days} days for a moderator "
-               f"and were discarded:\n\n{lines}\n", listname=name, sender=mlist.owner_address)
+        notify_template(settings, mlist, owners, "held-expired", from_address=mlist.owner_address,
+                        count=len(expired), days=days, posts=lines)
         log.info("expire-held: list %s: discarded %d held post(s) older than %d days", name,
                  len(expired), days)
     summary = f"expired {expired_total} held post(s) in {lists_touched} list(s)"
