@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "locks": "mailq.cli.locks:locks",
     "members": "mailq.cli.members:members",
     "queue": "mailq.cli.queue:queue",
+    "requests": "mailq.cli.requests:requests",
     "slices": "mailq.cli.slices:slices",
     "templates": "mailq.cli.templates:templates",
 }

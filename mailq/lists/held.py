@@ -35,7 +35,6 @@ second entry, and none loses the post (docs/pipeline.md has the crash analysis).
 from __future__ import annotations
 
 import contextlib
-import errno
 import getpass
 import json
 import os
@@ -49,8 +48,8 @@ from typing import Any
 
 from mailq import safepickle
 from mailq.config import Settings
-from mailq.errors import InvalidInput, MailqError, NotFound, TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write
+from mailq.errors import InvalidInput, MailqError, NotFound
+from mailq.fsutil import atomic_write
 
 ACTIONS = ("approve", "reject", "discard")
 DIR_MODE = 0o2775  # as list folders (mailq.lists.store): group-writable, setgid
@@ -219,32 +218,10 @@ class HeldStore:
         return decision
 
     def _link_decision(self, decision: Decision) -> bool:
-        target = self._decision(decision.id)
-        mine = self.folder / f".{decision.id}.{decision.node}.{decision.pid}.{secrets.token_hex(4)}.tmp"
-        try:
-            mine.write_text(json.dumps(asdict(decision)), encoding="utf-8")
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(mine)
-            if exc.errno in TEMPORARY_ERRNOS:
-                raise TemporaryFailure(f"cannot record the decision for held message {decision.id} in "
-                                       f"{self.folder}: {exc.strerror}; nothing was decided, try again "
-                                       f"later") from exc
-            raise
-        try:
-            os.link(mine, target)
-            return True
-        except OSError as exc:
-            # NFS: our link may have happened although its reply was lost, and the client's retry
-            # then fails, even with EEXIST (it meets our own link).  Our file has 2 links exactly
-            # when the decision file is ours.
-            if os.stat(mine).st_nlink == 2:
-                return True
-            if exc.errno == errno.EEXIST or target.exists():
-                return False
-            raise
-        finally:
-            os.unlink(mine)
+        from mailq.lists.once import link_once
+
+        return link_once(self._decision(decision.id), json.dumps(asdict(decision)).encode("utf-8"),
+                         what=f"the decision for held message {decision.id}")
 
     def complete(self, held_id: str) -> None:
         """Carry out the recorded decision for *held_id*, or finish carrying it out after a crash.
@@ -298,35 +275,10 @@ class HeldStore:
 
     def _send(self, decision: Decision, queue: str, path: Path) -> None:
         """Step 3: rename the staged entry into its queue, under a name fixed by the decision."""
-        import hashlib
+        from mailq.lists.once import send_staged
 
-        from mailq.queue.names import ENTRY_SUFFIX, entry_id
-
-        sha = hashlib.sha1(f"{self.listname}\0{decision.id}\0{queue}".encode("utf-8", "surrogateescape"),
-                           usedforsecurity=False).hexdigest()
-        folder = self.settings.queue_dir(queue) / sha[:2]
-        target = folder / f"{entry_id(decision.at, sha)}{ENTRY_SUFFIX}"
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(path, target)
-        except FileNotFoundError:
-            if path.exists():
-                raise
-            return  # NFS: a retransmitted rename whose first try went through; it is queued
-        except OSError as exc:
-            if exc.errno == errno.EXDEV:
-                raise MailqError(f"cannot move {path} into {folder}: var/lists and var/qfiles are on "
-                                 f"different filesystems, and var/ must be one (DESIGN §2). The "
-                                 f"{PAST.get(decision.action, decision.action)} post waits there; fix the "
-                                 f"mounts, then run 'mailq cron run expire-held'") from exc
-            if exc.errno in TEMPORARY_ERRNOS:
-                raise TemporaryFailure(f"cannot move {path} into {folder}: {exc.strerror}; the decision "
-                                       f"is kept and 'mailq cron run expire-held' finishes it") from exc
-            raise
-        if self.settings.queue.fsync:
-            from mailq.fsutil import fsync_dir
-
-            fsync_dir(folder)
+        send_staged(self.settings, path, queue, f"{self.listname}\0{decision.id}\0{queue}", decision.at,
+                    resume_hint="mailqctl cron run expire-held")
 
     def incomplete(self) -> list[str]:
         """Decisions never (fully) carried out: decided posts still held, or staged entries not yet sent."""
