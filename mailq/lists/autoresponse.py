@@ -41,6 +41,7 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
+from mailq import clock
 from mailq.errors import TemporaryFailure
 from mailq.fsutil import TEMPORARY_ERRNOS
 from mailq.locks import make_shared_dir
@@ -98,7 +99,7 @@ def _day(now: float) -> str:
 
 
 def day_folder(list_folder: Path, now: float | None = None) -> Path:
-    return Path(list_folder) / FOLDER / _day(time.time() if now is None else now)
+    return Path(list_folder) / FOLDER / _day(clock.now() if now is None else now)
 
 
 def take_slot(list_folder: Path, address: str, limit: int, *, now: float | None = None) -> bool:
@@ -110,7 +111,7 @@ def take_slot(list_folder: Path, address: str, limit: int, *, now: float | None 
     """
     if limit <= 0:
         return True
-    folder = day_folder(list_folder, now)
+    folder = day_folder(list_folder, clock.now() if now is None else now)
     key = _key(address)
     for n in range(1, limit + 1):
         path = folder / f"{key}.{n}"
@@ -151,7 +152,7 @@ def used(list_folder: Path, address: str, *, now: float | None = None) -> int:
 
 def prune(list_folder: Path, *, now: float | None = None) -> int:
     """Remove the day folders before yesterday (UTC); how many were removed."""
-    now = time.time() if now is None else now
+    now = clock.now() if now is None else now
     keep = {_day(now), _day(now - 86400)}
     root = Path(list_folder) / FOLDER
     try:

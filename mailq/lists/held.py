@@ -163,7 +163,7 @@ class HeldStore:
                 raise NotFound(f"held message {held_id} of list {self.listname} is gone: "
                                f"{decision.describe()}") from None
             raise NotFound(f"no held message {held_id} in list {self.listname}; "
-                           f"'mailq held list {self.listname}' shows the held posts") from None
+                           f"'mailqctl held list {self.listname}' shows the held posts") from None
         if not isinstance(data, dict) or not isinstance(data.get("msg"), bytes):
             raise MailqError(f"held message {held_id} of list {self.listname} is unreadable "
                              f"({self._pck(held_id)}); move it away by hand")
@@ -419,7 +419,7 @@ def notify_rejected(settings: Settings, listname: str, sender: str, reason: str,
 def expire_held(settings: Settings, log: Any) -> str:
     """Discard held posts older than each list's ``max_held_days`` (owners told); a summary line.
 
-    Registered as the cron task ``expire-held`` (``mailq cron run expire-held``).  Also removes
+    Registered as the cron task ``expire-held`` (``mailqctl cron run expire-held``).  Also removes
     decision records older than the same age (30 days at least), and finishes decisions whose
     decider died before carrying them out.
     """

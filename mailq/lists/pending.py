@@ -19,9 +19,9 @@ valid until ``expires`` (``pending_confirm_days`` after it was made).
 confirmations of one token, from any number of hosts, exactly one wins; the others get
 ``AlreadyDecided`` naming who won and when.  **Carrying it out once**: ``complete()``, under the
 lock ``var/locks/pending.<list>.lock``, (1) stages the entries the decision sends, while
-``<id>.pck`` exists; (2) applies the change to the list database (idempotent: adding a member twice adds one); (3) unlinks
-``<id>.pck``; (4) renames each staged entry into its queue under a name fixed by the decision
-(``send_staged``).  A process killed anywhere leaves a state ``complete()`` resumes from (the
+``<id>.pck`` exists; (2) applies the change to the list database (idempotent: adding a member
+twice adds one); (3) unlinks ``<id>.pck``; (4) renames each staged entry into its queue under a
+name fixed by the decision (``send_staged``).  A process killed anywhere leaves a state ``complete()`` resumes from (the
 runner retrying its entry, or ``expire-pending``), and none can send a second welcome.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailq import safepickle
+from mailq import clock, safepickle
 from mailq.config import Settings
 from mailq.errors import InvalidInput, MailqError, NotFound
 from mailq.fsutil import atomic_write
@@ -127,7 +127,7 @@ class PendingStore:
                pending_id: str | None = None, now: float | None = None) -> Pending:
         if kind not in ("token", "request") or action not in ACTIONS:
             raise InvalidInput(f"cannot make a pending {kind} {action}")
-        now = time.time() if now is None else now
+        now = clock.now() if now is None else now
         if pending_id is None:
             pending_id = (secrets.token_hex(_TOKEN_HEX // 2) if kind == "token"
                           else f"r{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}{secrets.token_hex(4)}")
@@ -193,7 +193,7 @@ class PendingStore:
 
         if outcome not in OUTCOMES:
             raise InvalidInput(f"unknown outcome {outcome!r}")
-        now = time.time() if now is None else now
+        now = clock.now() if now is None else now
         try:
             record = self.get(pending_id)
         except AlreadyDecided as exc:
@@ -407,7 +407,7 @@ def expire_pending(settings: Settings, log: Any) -> str:
     from mailq.lists.store import ListStore
 
     store = ListStore(settings)
-    now = settings_now(settings)
+    now = clock.now()
     expired = finished = 0
     for name in store.names():
         try:
@@ -444,11 +444,3 @@ def expire_pending(settings: Settings, log: Any) -> str:
         summary += f"; finished {finished} interrupted decision(s)"
     return summary
 
-
-def settings_now(settings: Settings) -> float:
-    """"Now" for cron tasks: ``MAILQ_NOW`` (epoch seconds) when set, for tests; else the clock."""
-    value = os.environ.get("MAILQ_NOW", "")
-    try:
-        return float(value) if value else time.time()
-    except ValueError:
-        return time.time()
