@@ -36,6 +36,11 @@ def _target(ctx: Context, command: Command, *, allow_mode: bool) -> tuple[str | 
         return None, None, f"{command.line}: refused: {exc}"
 
 
+def _budget_spent(mlist, action: str, address: str) -> str:
+    return f"{action} {address}: no confirmation sent: {address} has had all the automatic mail " \
+           f"{mlist.name} sends one address per day; try again tomorrow"
+
+
 def _mail_confirmation(ctx: Context, action: str, address: str, *, digest: bool = False, then: str = "") -> str:
     """Make a token and mail it to *address*; the reply line (the same whether or not it is a member)."""
     from mailq.notices import template_entry
@@ -44,8 +49,7 @@ def _mail_confirmation(ctx: Context, action: str, address: str, *, digest: bool 
     if not autoresponse.take(ctx.settings, mlist, address):
         ctx.log.warning("list %s: no %s confirmation for %s: today's autoresponse budget is spent",
                         mlist.name, action, address)
-        return f"{action} {address}: no confirmation sent: {address} has had all the automatic mail " \
-               f"{mlist.name} sends one address per day; try again tomorrow"
+        return _budget_spent(mlist, action, address)
     record = PendingStore(ctx.settings, mlist.name).create(
         "token", action, address, days=mlist.settings.pending_confirm_days, digest=digest, then=then,
         requested_by=ctx.sender)
@@ -115,7 +119,10 @@ def unsubscribe(ctx: Context, command: Command) -> str:
         ctx.reload()
         return f"unsubscribe {address}: done, {address} has left {mlist.name}"
     if not own and not mlist.is_member(address):
-        # Same answer as for a member (nothing is mailed to a non-member: there is nothing to confirm).
+        # The same answer as for a member, budget included, so that nobody learns who is one; but
+        # nothing is mailed: a non-member has nothing to confirm.
+        if not autoresponse.take(ctx.settings, mlist, address):
+            return _budget_spent(mlist, "unsubscribe", address)
         return f"unsubscribe {address}: a confirmation was mailed to {address}"
     return _mail_confirmation(ctx, "unsubscribe", address)
 

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,15 @@ ACTIONS = ("subscribe", "unsubscribe")
 OUTCOMES = ("confirm", "approve", "reject", "expire")
 STAGED = ".to-"
 _TOKEN_HEX = 40
+#: Fault injection for tests only: ``MAILQ_FAULT_PENDING_CRASH=<step>`` SIGKILLs the process right
+#: after that step of a decision (``decided``, ``staged``, ``applied``, ``unlinked``, ``sent``).
+FAULT_CRASH_ENV = "MAILQ_FAULT_PENDING_CRASH"
+_CRASH_AT = os.environ.get(FAULT_CRASH_ENV, "")
+
+
+def _crash_point(step: str) -> None:
+    if _CRASH_AT == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -213,6 +223,7 @@ class PendingStore:
             if entry and earlier.entry == entry:
                 return record, earlier
             raise AlreadyDecided(earlier)
+        _crash_point("decided")
         return record, decision
 
     def _record_or_none(self, pending_id: str) -> Any:
@@ -251,14 +262,18 @@ class PendingStore:
                     for n, (queue, msg, metadata) in enumerate(entries):
                         atomic_write(self.folder / f"{pending_id}{STAGED}{n}-{queue}", encode(msg, metadata),
                                      fsync=self.settings.queue.fsync)
+                    _crash_point("staged")
                     if apply is not None:
                         with store.edit(self.listname) as mlist:
                             apply(mlist)
+                    _crash_point("applied")
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self._pck(pending_id))
+                    _crash_point("unlinked")
             for name, queue, path in self._staged(pending_id):
                 send_staged(self.settings, path, queue, f"{self.listname}\0{pending_id}\0{name}", decision.at,
                             resume_hint="mailqctl cron run expire-pending")
+                _crash_point("sent")
         return staged
 
     def incomplete(self) -> list[str]:

@@ -60,7 +60,8 @@ class CommandsRunner(Runner):
         if sender is None:
             self.log.warning("%s: %s mail for %s has no usable sender address: dropped", entry.id, kind, listname)
             return
-        ctx = Context(self.settings, self.store, mlist, sender, msg, entry.id, self.log)
+        # The entry's SHA-1 names it for good (its time field changes when it is requeued).
+        ctx = Context(self.settings, self.store, mlist, sender, msg, entry.id.rpartition("+")[2], self.log)
         lines, answer = self._carry_out(ctx, kind, metadata)
         if answer:
             self._reply(ctx, lines)
