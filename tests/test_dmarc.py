@@ -298,3 +298,16 @@ def test_copies_at_the_sink_header_by_header(tmp_path, dns_server, sink):
     log = (settings.log_dir / "in.log").read_text()
     assert "_dmarc.servfail.test failed" in log and "_dmarc.silent.test failed" in log
     assert dns_server.count("_dmarc.reject.test") == 1
+
+
+def test_the_dns_section_is_validated_and_builds_the_one_resolver(tmp_path):
+    from mailq.config import ConfigError, parse_settings
+    from mailq.resolver import make_resolver
+
+    with pytest.raises(ConfigError, match=r"<config>:2: dns.nameservers: expected a list of IP addresses"):
+        parse_settings("dns:\n  nameservers: [resolver.example.org]\n")
+    with pytest.raises(ConfigError, match=r"dns.timeout: expected a number > 0"):
+        parse_settings("dns: {timeout: 0}\n")
+    settings = parse_settings("dns: {nameservers: ['::1', 127.0.0.53], port: 5353, timeout: 2.5}\n")
+    resolver = make_resolver(settings)
+    assert (resolver.nameservers, resolver.port, resolver.lifetime) == (["::1", "127.0.0.53"], 5353, 2.5)

@@ -34,13 +34,20 @@ import secrets
 from email.message import Message
 from typing import Any
 
-from mailq.dmarc import DmarcCache, Policy
+from mailq.dmarc import DmarcCache, Policy, organizational_domain
 from mailq.pipeline.base import Context, Discard, Reject, _raw, _unescape_8bit, header_text
 
 #: Headers the wrapper takes from the post (the rest stays inside the wrapped original).
 _WRAPPER_KEEPS = ("to", "cc", "reply-to", "subject", "date", "message-id", "in-reply-to", "references")
 #: Moderator passwords move to the wrapper, where ``moderation`` takes them out: never to members.
 _PASSWORD_HEADERS = ("approved", "approve")
+
+
+def warm_up() -> None:
+    """Load the Public Suffix List and dnspython before the first post (the ``in`` runner calls it)."""
+    import dns.resolver  # noqa: F401
+
+    organizational_domain("example.org")
 
 
 def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:

@@ -73,6 +73,11 @@ class Rules:
         return None
 
 
+def warm_up() -> None:
+    """Import html2text before the first post (the ``in`` runner calls it)."""
+    import html2text  # noqa: F401
+
+
 def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     s = mlist.settings
     if not getattr(s, "filter_content", False) or msgdata.get("kind", "post") != "post":
