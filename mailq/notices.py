@@ -92,3 +92,10 @@ def notify_template(settings: Settings, mlist: Any, to: list[str], name: str, *,
     raw, metadata = template_entry(settings, mlist, to, name, listname=listname, from_address=from_address,
                                    attachment=attachment, headers=headers, **values)
     return Queue.for_settings(settings, "virgin").enqueue(raw, metadata, listname=metadata["listname"])
+
+
+def render_template(mlist: Any, name: str, **values: Any) -> str:
+    """The body of template *name* for *mlist* (``mailq.templates.render``; the pipeline's notices call this)."""
+    from mailq.templates import render
+
+    return render(mlist, name, **values)

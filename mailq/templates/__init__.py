@@ -30,7 +30,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 #: Sub-folder of a list's folder that holds its overrides.
 OVERRIDE_DIR = "templates"
 SUFFIX = ".txt"
-_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 #: Placeholders every template may use, with what they hold (docs/commands.md lists them too).
 LIST_PLACEHOLDERS: dict[str, str] = {
@@ -56,7 +56,7 @@ class TemplateError(InvalidInput):
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise TemplateError(f"{name!r} is not a template name (lower-case letters, digits and '-'; "
+        raise TemplateError(f"{name!r} is not a template name (lower-case letters, digits, '-' and '_'; "
                             f"'mailqctl templates list LIST' shows them)")
     return name
 
