@@ -50,7 +50,7 @@ class SliceMapError(InvalidInput):
         self.where, self.problems = where, problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{where}: invalid slice map, refused (the previous map stays in force):\n{lines}\n"
-                         f"Fix it with `mailq slices edit` or `mailq slices check` to see the problems again.")
+                         f"Fix it with `mailqctl slices edit` or `mailqctl slices check` to see the problems again.")
 
 
 @dataclass
@@ -100,7 +100,7 @@ class SliceMap:
     def dump(self) -> str:
         import yaml
 
-        head = ("# mailq slice map (DESIGN §5).  Change it with `mailq slices ...`; a hand edit must keep\n"
+        head = ("# mailq slice map (DESIGN §5).  Change it with `mailqctl slices ...`; a hand edit must keep\n"
                 "# every slice owned by exactly one known, unfenced node and raise the epoch.\n")
         return head + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
@@ -233,7 +233,7 @@ def validate(smap: SliceMap, skip_queues: set[str] = frozenset()) -> list[str]: 
                                 f"(add it under nodes: or assign the slice to a known node)")
             elif entry.fenced:
                 problems.append(f"queues.{queue}: slice {s} is owned by fenced node {owner!r} "
-                                f"(run `mailq cluster unfence {owner}` first if it is healthy again)")
+                                f"(run `mailqctl cluster unfence {owner}` first if it is healthy again)")
     for name, entry in smap.nodes.items():
         if entry.backup is not None and entry.backup not in smap.nodes:
             problems.append(f"nodes.{name}.backup: unknown node {entry.backup!r}")
@@ -408,7 +408,7 @@ def current_for_update(settings: Settings) -> SliceMap:
         from mailq.errors import NotFound
 
         raise NotFound(f"{settings.slice_map_path}: no slice map yet; create one with "
-                       f"`mailq slices init --nodes NODE1,NODE2,...`")
+                       f"`mailqctl slices init --nodes NODE1,NODE2,...`")
     return smap
 
 
@@ -455,7 +455,7 @@ def create_map(settings: Settings, smap: SliceMap) -> SliceMap:
     """Install a first map (``slices init``); refuses when one exists."""
     with slices_lock(settings):
         if settings.slice_map_path.exists() or epochs_on_disk(settings):
-            raise InvalidInput(f"{settings.slice_map_path} exists already; change it with `mailq slices assign`, "
+            raise InvalidInput(f"{settings.slice_map_path} exists already; change it with `mailqctl slices assign`, "
                                f"`rebalance` or `edit` (or remove the file first if you really mean to start over)")
         smap.epoch = disk_epoch(settings) + 1
         write_map(settings, smap)
