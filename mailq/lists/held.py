@@ -35,6 +35,7 @@ second entry, and none loses the post (docs/pipeline.md has the crash analysis).
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import json
 import os
