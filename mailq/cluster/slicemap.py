@@ -30,7 +30,7 @@ from typing import Any
 from mailq.cluster.layout import rebalance_owners, spread  # noqa: F401 - part of this module's interface
 from mailq.config import RUNNER_QUEUES, Settings
 from mailq.errors import InvalidInput, MailqError
-from mailq.fsutil import atomic_write
+from mailq.fsutil import atomic_write, make_dirs
 
 
 class SliceMapError(InvalidInput):
@@ -254,7 +254,7 @@ def write_map(settings: Settings, smap: SliceMap) -> None:
     if problems:
         raise SliceMapError(str(settings.slice_map_path), problems)
     data = smap.dump().encode()
-    settings.cluster_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(settings.cluster_dir)
     # The file first: a watcher starting between the two writes then sees a newer file, never an older one.
     atomic_write(settings.slice_map_path, data, keep_last=True)
     atomic_write(good_path(settings), data)

@@ -50,10 +50,9 @@ from typing import Any
 from mailq import safepickle
 from mailq.config import Settings
 from mailq.errors import InvalidInput, MailqError, NotFound, TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write
+from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write, make_dirs, open_shared
 
 ACTIONS = ("approve", "reject", "discard")
-DIR_MODE = 0o2775  # as list folders (mailq.lists.store): group-writable, setgid
 PAST = {"approve": "approved", "reject": "rejected", "discard": "discarded"}
 STAGED_PREFIX = ".to-"   # <id>.to-<queue>: a decision's queue entry, staged (see the module docstring)
 #: Fault injection for tests only: ``MAILQ_FAULT_HELD_CRASH=<step>`` SIGKILLs the process right
@@ -117,9 +116,7 @@ class HeldStore:
             if self.known(held_id):
                 return held_id
         if not self.folder.is_dir():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):  # the umask cut the group bits; other hosts must write
-                os.chmod(self.folder, DIR_MODE)
+            make_dirs(self.folder)
         now = time.time()
         held_id = held_id or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{secrets.token_hex(4)}"
         record = {"id": held_id, "msg": bytes(msg), "metadata": dict(metadata), "reason": reason,
@@ -222,7 +219,11 @@ class HeldStore:
         target = self._decision(decision.id)
         mine = self.folder / f".{decision.id}.{decision.node}.{decision.pid}.{secrets.token_hex(4)}.tmp"
         try:
-            mine.write_text(json.dumps(asdict(decision)), encoding="utf-8")
+            fd = open_shared(mine, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                os.write(fd, json.dumps(asdict(decision)).encode("utf-8"))
+            finally:
+                os.close(fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(mine)
@@ -306,7 +307,7 @@ class HeldStore:
                            usedforsecurity=False).hexdigest()
         folder = self.settings.queue_dir(queue) / sha[:2]
         target = folder / f"{entry_id(decision.at, sha)}{ENTRY_SUFFIX}"
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
         try:
             os.rename(path, target)
         except FileNotFoundError:

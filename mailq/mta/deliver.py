@@ -42,6 +42,9 @@ USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave
          "  mailq-deliver post dev < message.eml\n"
          "  SENDER=alice@example.org mailq-deliver request dev < command.eml\n"
          "  mailq-deliver -C /etc/mailq/mailq.yaml owner dev < message.eml\n")
+#: The shared tree's modes, as mailq.fsutil.DIR_MODE / FILE_MODE (kept here: one import less; a
+#: test keeps them equal): group-writable setgid folders, group read/write files, whatever the umask.
+DIR_MODE, FILE_MODE = 0o2775, 0o660
 CACHE_VERSION = 2
 DEFAULT_MAX_SIZE = 100 * 1024 * 1024  # mailq.config.QueueSettings.max_message_size
 PAYLOAD_VERSION = 1  # mailq.queue.payload.VERSION
@@ -203,11 +206,13 @@ def write_entry(queue_dir: str, msg: bytes, metadata: dict, *, fsync: bool) -> s
     tmp = os.path.join(folder, f".{final}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+            _make_dirs(folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
+            # The MTA's umask (often 077) must not decide: the runners read it as another user.
+            os.fchmod(fd, FILE_MODE)
             view = memoryview(data)
             if os.environ.get("MAILQ_FAULT_ENOSPC") == "1":  # the queue's fault injection, for tests
                 os.write(fd, view[: len(view) // 2])
@@ -232,6 +237,18 @@ def write_entry(queue_dir: str, msg: bytes, metadata: dict, *, fsync: bool) -> s
             pass
         raise
     return final[:-4]
+
+
+def _make_dirs(path: str) -> None:
+    """``os.makedirs`` with DIR_MODE set explicitly on each folder it creates (mailq.fsutil.make_dirs)."""
+    if os.path.isdir(path):
+        return
+    _make_dirs(os.path.dirname(path))
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)
 
 
 # -- settings: the var path, the fsync flag and the size limit, cached -----------------------------

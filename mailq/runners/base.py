@@ -35,7 +35,7 @@ import traceback
 from typing import Any
 
 from mailq.config import Settings
-from mailq.errors import TemporaryFailure
+from mailq.errors import LeaseLost, TemporaryFailure
 from mailq.logs import get_logger, reopen_all
 
 #: Exit status of ``run(once=True)`` when the guard forbids claiming (sysexits EX_TEMPFAIL).
@@ -47,8 +47,9 @@ class Runner(abc.ABC):
 
     #: The queue this runner serves (a name in config.RUNNER_QUEUES).
     queue: str = ""
-    #: Seconds before an entry whose processing raised TemporaryFailure is tried again.
-    tempfail_delay: float = 30.0
+    #: Seconds before an entry whose processing raised TemporaryFailure is tried again; None: the
+    #: node's ``runners.retry_delay`` (30 s by default).
+    tempfail_delay: float | None = None
 
     def __init__(self, settings: Settings, slice: int = 0, count: int = 1) -> None:
         if count < 1 or not 0 <= slice < count:
@@ -57,6 +58,8 @@ class Runner(abc.ABC):
         self.slice = slice
         self.count = count
         self.node = settings.node.name
+        if self.tempfail_delay is None:
+            self.tempfail_delay = settings.runners.retry_delay
         name = self.queue or type(self).__name__.lower().removesuffix("runner")
         self.component = f"{name}:{slice}/{count}"
         self.log: logging.Logger = get_logger(settings, self.component)
@@ -206,17 +209,27 @@ class Runner(abc.ABC):
         started = time.monotonic()
         try:
             self.process(entry)
+        except LeaseLost as exc:
+            # Fenced or taken over while delivering: the entry is not ours to settle any more; the
+            # new owner recovers the claim (docs/cluster.md §4). Stop claiming and exit.
+            self.log.warning("stopped handling %s, claim left for the takeover: %s", entry.id, exc)
+            self._moved = True
+            return
         except TemporaryFailure as exc:
             self._requeue(queue, entry, exc)
         except Exception:
             error = traceback.format_exc().rstrip()
             try:
                 queue.shunt(entry, error)       # logs "shunted <queue>/<id>: <last line>"
-            except Exception:
+            except OSError:
                 # Shunt is unwritable (disk full, NFS trouble): put the entry back for later instead.
                 self.log.critical("cannot shunt %s: %s\nprocessing error was:\n%s",
                                   entry.id, traceback.format_exc().rstrip(), error)
                 self._requeue(queue, entry, RuntimeError("shunt failed"))
+            except Exception as exc:  # noqa: BLE001 - the entry cannot be written back at all
+                reason = (f"cannot be written back to shunt ({type(exc).__name__}: {exc}); processing "
+                          f"error was: {error.splitlines()[-1] if error else ''}")
+                self._settle(queue, entry, "move to bad", lambda: self._to_bad(queue, entry, reason))
             return
         else:
             try:
@@ -227,14 +240,58 @@ class Runner(abc.ABC):
             self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
 
     def _requeue(self, queue: Any, entry: Any, exc: Exception) -> None:
+        """Put *entry* back for a retry in ``tempfail_delay`` seconds; never keep its claim.
+
+        First as a requeue that keeps what the processing recorded in its metadata (that rewrite
+        needs space); when it cannot be written, by a rename that needs none (what the processing
+        recorded is lost, the entry is as it was read); an entry that cannot be encoded at all goes
+        to ``bad``.  A rename that fails too (NFS trouble) is retried until it works (``_settle``).
+        """
+        from mailq.queue.payload import QueueFull
+
         not_before = time.time() + self.tempfail_delay
         try:
             new_id = queue.requeue(entry, not_before=not_before)
             self.log.warning("requeued %s as %s for %.0fs: %s", entry.id, new_id, self.tempfail_delay, exc)
-        except Exception:
-            # The claim stays; it is recovered when this runner's process is gone (restart, master start).
-            self.log.critical("cannot requeue %s (claim left in place): %s", entry.id,
-                              traceback.format_exc().rstrip())
+            return
+        except (QueueFull, OSError) as failure:
+            self.log.error("cannot rewrite %s for a retry (%s): putting it back as it was read", entry.id, failure)
+        except Exception as failure:  # noqa: BLE001 - metadata that cannot be pickled back
+            reason = (f"cannot be written back for a retry ({type(failure).__name__}: {failure}); the "
+                      f"retry was for: {exc}")
+            self._settle(queue, entry, "move to bad", lambda: self._to_bad(queue, entry, reason))
+            return
+        new_id = self._settle(queue, entry, "put back", lambda: queue.put_back(entry, not_before=not_before))
+        if new_id:
+            self.log.warning("put back %s as %s for %.0fs: %s", entry.id, new_id, self.tempfail_delay, exc)
+
+    def _to_bad(self, queue: Any, entry: Any, reason: str) -> str:
+        where = queue.to_bad(entry, reason)
+        if os.path.exists(entry.path) and where == entry.path:
+            raise OSError(f"{entry.path} could not be moved to bad")
+        return str(where)
+
+    def _settle(self, queue: Any, entry: Any, what: str, action: Any) -> Any:
+        """Run *action* (a rename of the claim) until it works: a runner never sits on a claim.
+
+        Waits between tries like an idle runner (``poll_interval``, up to 30 s); a stop request ends
+        the wait, leaving the claim to recovery (the process is about to be gone).
+        """
+        delay = max(0.05, self.settings.runners.poll_interval)
+        tries = 0
+        while True:
+            try:
+                return action()
+            except OSError as exc:
+                tries += 1
+                level = logging.CRITICAL if tries == 1 else logging.ERROR
+                self.log.log(level, "cannot %s %s (try %d, again in %.1fs): %s", what, entry.id, tries, delay, exc)
+            if self.stopping:
+                self.log.critical("stopping with %s still claimed (%s failed): recovered when this process "
+                                  "is gone", entry.id, what)
+                return None
+            self._sleep(delay)
+            delay = min(30.0, delay * 2)
 
     # -- the cluster guard --------------------------------------------------------------------
     def _make_guard(self) -> Any:
@@ -287,8 +344,10 @@ class Runner(abc.ABC):
         try:
             # Buckets made up front: a file renamed into a bucket created after the watch was set
             # could be missed by inotify (the poll would still find it, later).
+            from mailq.fsutil import make_dirs
+
             for bucket in range(256):
-                os.makedirs(root / f"{bucket:02x}", exist_ok=True)
+                make_dirs(root / f"{bucket:02x}")
             from watchdog.events import FileCreatedEvent, FileMovedEvent, FileSystemEventHandler
             from watchdog.observers import Observer
 
