@@ -19,7 +19,7 @@ from mailq.queue.names import CLAIM_RE, ENTRY_RE, ENTRY_SUFFIX, TEMP_SUFFIX, Cla
 from mailq.queue.payload import BadEntry, QueueFull, decode, encode, write_entry
 from mailq.queue.queue import BUCKET_NAMES, Queue, read_all
 
-#: Queues that can hold claims: every runner queue, and shunt (``mailq queue unshunt`` claims there).
+#: Queues that can hold claims: every runner queue, and shunt (``mailqctl queue unshunt`` claims there).
 CLAIM_QUEUES = (*RUNNER_QUEUES, "shunt")
 #: ``.<sha1>.recovered`` in an entry's bucket: how often it was recovered (§3.8), kept outside the
 #: entry so that it is counted before the entry is read.
