@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import time
@@ -21,7 +22,7 @@ import pytest
 from mailq import safepickle
 from mailq.queue import Claimant, Queue
 from mailq.queue.names import entry_id
-from tests.support import make_node
+from tests.support import make_node, wait_for
 
 
 # -- hostile pickles --------------------------------------------------------------------------
@@ -171,3 +172,306 @@ def test_a_hostile_list_database_falls_back_to_last_with_a_warning(tmp_path, wha
     assert shown.returncode == 0, shown.stderr
     assert "list.pck.last" in shown.stderr
     assert json.loads(shown.stdout)["name"] == "dev"
+
+
+# -- 2. a full disk never strands a claim --------------------------------------------------------
+
+POST = (b"From: poster@example.net\r\nTo: dev@example.org\r\nSubject: full disk\r\n"
+        b"Message-ID: <full.disk@example.net>\r\n\r\nHello list.\r\n")
+
+
+def make_list(node, **overrides) -> None:
+    from mailq.lists import ListStore
+    from mailq.lists.members import Member
+
+    store = ListStore(node.settings())
+    store.create("dev", "owner@example.org", domain="example.org", nonmember_action="accept", **overrides)
+    with store.edit("dev") as mlist:
+        mlist.members.add_many([Member("m1@example.org")])
+
+
+@pytest.fixture
+def small_qfiles(tmp_path):
+    """``var/qfiles`` on its own 3 MB tmpfs (unmounted at teardown); skipped where mounting is impossible."""
+    qfiles = tmp_path / "var" / "qfiles"
+    qfiles.mkdir(parents=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 3 MB tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=2775", f"mailq-full-{os.getpid()}",
+                              str(qfiles)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield qfiles
+    finally:
+        subprocess.run(["umount", "-l", str(qfiles)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write one file into *folder* until the filesystem is full; the file (remove it to free the space)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 512, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_puts_the_entry_back_without_space_and_space_freed_is_used(tmp_path, small_qfiles):
+    node = make_node(tmp_path, "n1", runners={"poll_interval": 0.2, "retry_delay": 0.3})
+    settings = node.settings()
+    make_list(node, archive=True)
+    assert node.run("mailq-deliver", "post", "dev", input=POST).returncode == 0
+    filler = fill(small_qfiles)
+    runner = node.popen("qrunner", "-r", "in", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        log = settings.log_dir / "in.log"
+        # The onward write fails, the rewrite for a retry fails too: the claim is renamed back.
+        wait_for(lambda: log.exists() and log.read_text().count("put back") >= 2, 60,
+                 message="the entry put back twice on the full disk")
+        assert "claim left in place" not in log.read_text()
+        filler.unlink()
+        wait_for(lambda: list(settings.queue_dir("out").glob("*/*.pck")), 60, message="the post in out")
+        wait_for(lambda: not list(settings.queue_dir("in").glob("*/*.pck*")), 30, message="in empty")
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(60)
+    assert len(list(settings.queue_dir("out").glob("*/*.pck"))) == 1
+    assert len(list(settings.queue_dir("archive").glob("*/*.pck"))) == 1
+
+
+def test_a_retry_that_reruns_the_pipeline_archives_the_post_once(tmp_path):
+    import mailbox
+
+    node = make_node(tmp_path, "n1", runners={"retry_delay": 0.01})
+    settings = node.settings()
+    make_list(node, archive=True)
+    assert node.run("mailq-deliver", "post", "dev", input=POST).returncode == 0
+    # The archive copy is written, then out and the rewrite of the in entry fail: the entry goes back
+    # as it was read, and its retry runs the pipeline again (a second archive copy).
+    node.run("qrunner", "-r", "in", "--once", env={"MAILQ_FAULT_ENOSPC": "out,in"}, check=True)
+    wait_for(lambda: list(settings.queue_dir("in").glob("*/*.pck")), 10, message="the entry back in in")
+    wait_for(lambda: node.run("qrunner", "-r", "in", "--once", check=True)
+             and not list(settings.queue_dir("in").glob("*/*.pck")), 30, message="the retry done")
+    assert len(list(settings.queue_dir("archive").glob("*/*.pck"))) == 2
+    node.run("qrunner", "-r", "archive", "--once", check=True)
+    boxes = list((settings.archives_dir / "dev").glob("*.mbox"))
+    assert len(boxes) == 1 and len(mailbox.mbox(boxes[0], create=False)) == 1
+
+
+def test_queue_count_shows_how_long_each_claim_is_held_and_warns_past_the_threshold(tmp_path):
+    node = make_node(tmp_path, "n1", queue={"claim_warn_after": 0.5})
+    settings = node.settings()
+    queue = Queue.for_settings(settings, "out")
+    eid = queue.enqueue(POST, {"listname": "dev"})
+    held = queue.claim(eid, Claimant("n1", os.getpid(), 0))
+    assert held is not None
+    wait_for(lambda: time.time() - os.stat(held.path).st_ctime > 1, 10, message="the claim a second old")
+    counted = node.run("mailqctl", "queue", "count", "--json", check=True)
+    out = json.loads(counted.stdout)["queues"]["out"]
+    assert out["claimed"] == 1 and out["oldest_claim_s"] >= 1
+    assert [c["id"] for c in out["claims"]] == [eid] and out["claims"][0]["held_s"] >= 1
+    plain = node.run("mailqctl", "queue", "count", check=True)
+    assert "held longer than" in plain.stderr and eid in plain.stderr
+    status = node.run("mailqctl", "cluster", "status", "--json", check=True)
+    assert "oldest_claim_s" in status.stdout
+
+
+# -- 3. a claimant never gets an entry twice; appends are idempotent ----------------------------
+
+def test_a_claimant_never_gets_an_entry_it_already_holds(tmp_path):
+    settings = make_node(tmp_path, "n1").settings()
+    queue = Queue.for_settings(settings, "archive")
+    ids = sorted(queue.enqueue(POST, {"listname": "dev", "n": i}) for i in range(2))
+    me = Claimant("n1", os.getpid(), 0)
+    first = queue.claim_next(0, 1, me)                  # its listing (the batch) still names the second
+    assert first is not None and first.id == ids[0]
+    second = queue.claim(ids[1], me)                    # claimed by id meanwhile (an inotify hint)
+    assert second is not None
+    assert queue.claim_next(0, 1, me) is None           # was: the second entry again, a second append
+
+
+def test_append_once_skips_known_keys_and_undoes_an_append_that_never_completed(tmp_path):
+    from mailq.archive import append_once, journal_path
+
+    mbox = tmp_path / "box.mbox"
+    assert append_once(mbox, [("k1", b"From a\nfirst\n\n"), ("k1", b"From a\nagain\n\n")]) == 1
+    assert append_once(mbox, [("k1", b"From a\nfirst\n\n")]) == 0
+    size = mbox.stat().st_size
+    # A writer recorded its intent, wrote part of its bytes and was killed.
+    with open(journal_path(mbox), "ab") as fh:
+        fh.write(f"A {mbox.stat().st_ino} {size} {size + 40} k2\n".encode())
+    with open(mbox, "ab") as fh:
+        fh.write(b"From b\ntorn")
+    assert append_once(mbox, [("k2", b"From b\nsecond\n\n")]) == 1
+    assert mbox.read_bytes() == b"From a\nfirst\n\nFrom b\nsecond\n\n"
+    assert append_once(mbox, [("k2", b"From b\nsecond\n\n")]) == 0
+
+
+def test_an_archive_entry_recovered_after_its_append_is_not_appended_again(tmp_path):
+    import mailbox
+
+    node = make_node(tmp_path, "n1")
+    settings = node.settings()
+    queue = Queue.for_settings(settings, "archive")
+    now = time.time()
+    eid = queue.enqueue(POST, {"listname": "dev", "stores": ["archive"], "received": now}, listname="dev")
+    path = next(settings.queue_dir("archive").glob("*/*.pck"))
+    data = path.read_bytes()
+    node.run("qrunner", "-r", "archive", "--once", check=True)
+    # The runner died between the append and the finish: recovery puts the same entry back.
+    path.write_bytes(data)
+    node.run("qrunner", "-r", "archive", "--once", check=True)
+    assert not list(settings.queue_dir("archive").glob("*/*.pck*")), eid
+    (box,) = (settings.archives_dir / "dev").glob("*.mbox")
+    assert len(mailbox.mbox(box, create=False)) == 1
+
+
+# -- 6. modes of the shared tree, whatever the umask -------------------------------------------
+
+def _as(umask: int, user: tuple[int, int] | None):
+    import pwd
+
+    def before() -> None:
+        if user is not None:
+            os.setgroups(os.getgrouplist(pwd.getpwuid(user[0]).pw_name, user[1]))
+            os.setgid(user[1])
+            os.setuid(user[0])
+        os.umask(umask)
+    return before
+
+
+def run_as(node, program: str, *args: str, umask: int, user: tuple[int, int] | None = None,
+           input: bytes | None = None) -> subprocess.CompletedProcess:
+    """A mailq program as a real process with *umask* (and as uid/gid *user*, groups from its entry)."""
+    import sys
+
+    from tests.support import MODULES, ROOT
+
+    return subprocess.run([sys.executable, "-m", MODULES[program], *args], input=input, capture_output=True,
+                          env=node.environ(), cwd=ROOT, preexec_fn=_as(umask, user), timeout=120)
+
+
+def write_as(node, queue: str, *, umask: int, user: tuple[int, int]) -> subprocess.CompletedProcess:
+    """An entry written into *queue* by mailq-deliver's own writer, as *user* with *umask*."""
+    import sys
+
+    from tests.support import ROOT
+
+    code = ("import sys, time; from mailq.mta.deliver import write_entry; "
+            "write_entry(sys.argv[1], b'Subject: x\\r\\n\\r\\nbody\\r\\n', "
+            "{'listname': 'dev', 'stores': ['archive'], 'received': time.time()}, fsync=False)")
+    return subprocess.run([sys.executable, "-c", code, str(node.settings().queue_dir(queue))], capture_output=True,
+                          env=node.environ(), cwd=ROOT, preexec_fn=_as(umask, user), timeout=120)
+
+
+def popen_as(node, program: str, *args: str, umask: int, user: tuple[int, int]) -> subprocess.Popen:
+    import sys
+
+    from tests.support import MODULES, ROOT
+
+    return subprocess.Popen([sys.executable, "-m", MODULES[program], *args], env=node.environ(), cwd=ROOT,
+                            preexec_fn=_as(umask, user), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def shared_tree_problems(settings) -> list[str]:
+    from mailq.fsutil import shared_mode_problem
+
+    out = []
+    for path in [settings.qfiles, *settings.qfiles.rglob("*")]:
+        if path.name.startswith(".") or path.name.endswith(".reason"):
+            continue
+        problem = shared_mode_problem(path)
+        if problem:
+            out.append(f"{path}: {problem}")
+    return out
+
+
+def test_the_queue_tree_gets_group_modes_whatever_the_umask(tmp_path):
+    node = make_node(tmp_path, "n1")
+    settings = node.settings()
+    make_list(node)
+    deliver = run_as(node, "mailq-deliver", "post", "dev", umask=0o077, input=POST)
+    assert deliver.returncode == 0, deliver.stderr
+    runner = run_as(node, "qrunner", "-r", "in", "--once", umask=0o077)
+    assert runner.returncode == 0, runner.stderr
+    assert list(settings.queue_dir("out").glob("*/*.pck"))
+    assert shared_tree_problems(settings) == []
+    checked = node.run("mailqctl", "check", "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.fixture
+def two_users():
+    """A group with two throwaway users in it (the MTA's and the runners'), removed afterwards."""
+    import grp
+    import pwd
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd(8) to create two users")
+    token = f"{os.getpid() % 100000}{os.urandom(2).hex()}"
+    group, mta, runner = f"mqg{token}", f"mqm{token}", f"mqr{token}"
+    made: list[tuple[str, str]] = []
+    try:
+        for cmd, name in ((["groupadd", group], group), (["useradd", "-M", "-N", "-g", group, mta], mta),
+                          (["useradd", "-M", "-N", "-g", group, runner], runner)):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot create users here ({' '.join(cmd)}: {done.stderr.strip()})")
+            made.append(("groupdel" if cmd[0] == "groupadd" else "userdel", name))
+        gid = grp.getgrnam(group).gr_gid
+        yield {"gid": gid, "mta": (pwd.getpwnam(mta).pw_uid, gid), "runner": (pwd.getpwnam(runner).pw_uid, gid)}
+    finally:
+        for cmd, name in reversed(made):
+            subprocess.run([cmd, name], capture_output=True)
+
+
+def test_the_mta_user_and_the_runner_user_share_the_queue_whatever_their_umasks(two_users):
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="mailq-umask-"))
+    try:
+        base.chmod(0o755)
+        node = make_node(base, "n1")
+        settings = node.settings()
+        runner_uid, gid = two_users["runner"]
+        # The operator's set-up: var owned by the runners' user and the shared group, setgid.
+        os.chown(settings.var, runner_uid, gid)
+        settings.var.chmod(0o2775)
+        (base / "run").mkdir()
+        os.chown(base / "run", runner_uid, gid)
+        made = run_as(node, "mailqctl", "lists", "create", "dev", "--owner", "owner@example.org", "--domain",
+                      "example.org", umask=0o022, user=two_users["runner"])
+        assert made.returncode == 0, made.stderr
+        # The MTA's pipe at umask 077 creates qfiles/, the queue, a bucket and the entry...
+        piped = run_as(node, "mailq-deliver", "post", "dev", umask=0o077, user=two_users["mta"], input=POST)
+        assert piped.returncode == 0, piped.stderr
+        # ... and the runners, another user of the group, process it.
+        ran = run_as(node, "qrunner", "-r", "in", "--once", umask=0o077, user=two_users["runner"])
+        assert ran.returncode == 0, ran.stderr
+        assert not list(settings.queue_dir("in").glob("*/*.pck*")), "the runner could not take the post"
+        assert not list(settings.qfiles.glob("bad/*/*.pck")) and not list(settings.qfiles.glob("shunt/*/*.pck"))
+        assert "held" in (settings.log_dir / "in.log").read_text()     # a non-member post: held for moderation
+        # A runner at umask 022 makes every bucket of its queue (to watch them); the MTA must still write there.
+        watching = popen_as(node, "qrunner", "-r", "archive", umask=0o022, user=two_users["runner"])
+        try:
+            wait_for(lambda: len(list(settings.queue_dir("archive").glob("*"))) == 256, 60,
+                     message="the archive runner's 256 buckets")
+        finally:
+            watching.send_signal(signal.SIGTERM)
+            watching.wait(60)
+        for _ in range(3):      # an MTA user writing into buckets the runner made
+            again = write_as(node, "archive", umask=0o077, user=two_users["mta"])
+            assert again.returncode == 0, again.stderr
+        assert shared_tree_problems(settings) == []
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)

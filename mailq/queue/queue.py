@@ -405,15 +405,22 @@ class Queue:
                 continue
         return out
 
-    def counts(self, count: int | None = None, now: float | None = None) -> dict[str, Any]:
+    def counts(self, count: int | None = None, now: float | None = None,
+               claim_clock: float | None = None) -> dict[str, Any]:
         """Waiting (and due) and claimed entries, in total and per slice of *count* slices, from names only.
 
         Files in ``bad/unnamed/`` (moved there because their name is not an entry name) count as
-        waiting in total and as ``unnamed``, in no slice.
+        waiting in total and as ``unnamed``, in no slice.  Claims are few: each is stat-ed for how
+        long it has been held (its ctime is the claim rename), against *claim_clock* (the shared
+        filesystem's "now" if the caller has it, else this host's clock): ``claims`` lists them,
+        longest held first, and ``oldest_claim_s`` (in total and per slice) is the longest.
         """
         count = count or 1
         now = time.time() if now is None else now
-        per = [{"slice": i, "waiting": 0, "due": 0, "claimed": 0} for i in range(count)]
+        clock = time.time() if claim_clock is None else claim_clock
+        per: list[dict[str, Any]] = [{"slice": i, "waiting": 0, "due": 0, "claimed": 0, "oldest_claim_s": None}
+                                     for i in range(count)]
+        held: list[dict[str, Any]] = []
         unnamed = 0
         for folder, name in self._all_names():
             if name.startswith(".") or name.endswith(REASON_SUFFIX):
@@ -429,10 +436,20 @@ class Queue:
             elif name.endswith(CLAIM_SUFFIX):
                 info = parse_claim(name, Path(name))
                 if info:
-                    per[slice_of(info.slice_hex, count)]["claimed"] += 1
-        total = {k: sum(r[k] for r in per) for k in ("waiting", "due", "claimed")}
+                    row = per[slice_of(info.slice_hex, count)]
+                    row["claimed"] += 1
+                    try:
+                        age = round(max(0.0, clock - os.stat(os.path.join(folder, name)).st_ctime), 1)
+                    except OSError:
+                        continue        # settled meanwhile
+                    held.append({"id": info.entry_id, "claimant": f"{info.node}:{info.pid}", "epoch": info.epoch,
+                                 "slice": row["slice"], "held_s": age})
+                    row["oldest_claim_s"] = max(row["oldest_claim_s"] or 0.0, age)
+        total: dict[str, Any] = {k: sum(r[k] for r in per) for k in ("waiting", "due", "claimed")}
         total["waiting"] += unnamed
-        return {"queue": self.name, "count": count, **total, "unnamed": unnamed, "slices": per}
+        held.sort(key=lambda c: -c["held_s"])
+        total["oldest_claim_s"] = held[0]["held_s"] if held else None
+        return {"queue": self.name, "count": count, **total, "unnamed": unnamed, "slices": per, "claims": held}
 
     def held(self) -> list[tuple[str, str | None]]:
         """``(origin queue, sha1hex or None)`` of every entry waiting in this holding queue.
@@ -502,7 +519,7 @@ class Queue:
 
 
 def count_queues(qfiles: str | os.PathLike[str], slice_counts: dict[str, int], now: float | None = None,
-                 ) -> dict[str, Any]:
+                 claim_clock: float | None = None) -> dict[str, Any]:
     """``mailqctl queue count``: every queue of *slice_counts* per slice, shunt and bad by origin queue.
 
     Each queue's totals and slice rows get ``shunt`` and ``bad``: entries that failed in it, by the
@@ -510,7 +527,7 @@ def count_queues(qfiles: str | os.PathLike[str], slice_counts: dict[str, int], n
     top-level ``shunt`` and ``bad`` are the totals; ``unattributed`` counts those whose origin is
     unknown or not one of these queues.  Costs: see :meth:`Queue.counts` and :meth:`Queue.held`.
     """
-    per_queue = {q: Queue(qfiles, q).counts(n, now) for q, n in slice_counts.items()}
+    per_queue = {q: Queue(qfiles, q).counts(n, now, claim_clock) for q, n in slice_counts.items()}
     for c in per_queue.values():
         c.pop("unnamed")
         c.update(shunt=0, bad=0, bad_unnamed=0)
