@@ -475,3 +475,201 @@ def test_the_mta_user_and_the_runner_user_share_the_queue_whatever_their_umasks(
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- 4. LMTP limits ------------------------------------------------------------------------------
+
+class RawLMTP:
+    """A bare LMTP client on a socket: pipelined RCPTs and one reply per recipient after DATA."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self) -> tuple[int, str]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                return 0, "connection closed"
+            lines.append(line.decode().rstrip("\r\n"))
+            if line[3:4] != b"-":
+                return int(line[:3]), "\n".join(lines)
+
+    def command(self, text: str) -> tuple[int, str]:
+        self.sock.sendall(text.encode() + b"\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def lmtp_node(tmp_path, request):
+    overrides = getattr(request, "param", None) or {}
+    node = make_node(tmp_path, "n1", lmtp={"enabled": True, **overrides})
+    settings = node.settings()
+    from mailq.lists import ListStore
+
+    ListStore(settings).create("dev", "owner@example.org", domain="lists.example.org")
+    proc = node.popen("qrunner", "-r", "lmtp", stderr=subprocess.DEVNULL)
+
+    def up():
+        try:
+            RawLMTP(settings.lmtp.port).close()
+            return True
+        except OSError:
+            return proc.poll() is not None and pytest.fail("the LMTP runner exited")
+    wait_for(up, 30, message="the LMTP runner to listen")
+    yield node, settings
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def test_lmtp_three_thousand_bounce_recipients_make_one_entry_and_452_past_the_limit(lmtp_node):
+    node, settings = lmtp_node
+    client = RawLMTP(settings.lmtp.port)
+    assert client.command("LHLO test")[0] == 250
+    assert client.command("MAIL FROM:<>")[0] == 250
+    # Pipelined, as an MTA would: every RCPT first, then the replies.
+    client.sock.sendall(b"".join(f"RCPT TO:<dev-bounces+{i}@lists.example.org>\r\n".encode() for i in range(3000)))
+    codes = [client.reply()[0] for _ in range(3000)]
+    limit = settings.lmtp.max_recipients
+    assert codes == [250] * limit + [452] * (3000 - limit)
+    assert client.command("DATA")[0] == 354
+    body = b"From: mailer-daemon@example.net\r\nSubject: bounce\r\n\r\n" + b"x" * 900 + b"\r\n"
+    client.sock.sendall(body * 1100 + b".\r\n")         # one message of about 1 MB
+    replies = [client.reply() for _ in range(limit)]
+    assert all(code == 250 for code, _ in replies), replies[:3]
+    client.command("QUIT")
+    client.close()
+    entries = list(settings.queue_dir("bounces").glob("*/*.pck"))
+    assert len(entries) == 1, "one DATA makes one entry per (list, kind)"
+    _, meta = Queue.for_settings(settings, "bounces").read(entries[0])
+    assert meta["details"] == [str(i) for i in range(limit)]
+    assert len(meta["original_recipients"]) == limit
+
+
+@pytest.mark.parametrize("lmtp_node", [{"max_connections": 2, "data_timeout": 1.0}], indirect=True)
+def test_lmtp_refuses_connections_past_the_limit_and_closes_a_slow_data(lmtp_node):
+    node, settings = lmtp_node
+    first, second = RawLMTP(settings.lmtp.port), RawLMTP(settings.lmtp.port)
+    assert first.greeting[0] == 220 and second.greeting[0] == 220
+    third = RawLMTP(settings.lmtp.port)
+    assert third.greeting[0] == 421 and "max_connections" in third.greeting[1]
+    third.close()
+    assert first.command("LHLO test")[0] == 250 and first.command("MAIL FROM:<a@example.org>")[0] == 250
+    assert first.command("RCPT TO:<dev@lists.example.org>")[0] == 250
+    assert first.command("DATA")[0] == 354
+    first.sock.sendall(b"Subject: slow\r\n\r\nand then nothing")
+    code, text = first.reply()                          # the server gives up on its own
+    assert code == 421 and "data_timeout" in text
+    first.close()
+    second.close()
+    assert not list(settings.queue_dir("in").glob("*/*.pck"))
+    # The slots are free again once the connections are gone.
+    wait_for(lambda: RawLMTP(settings.lmtp.port).greeting[0] == 220, 30, message="a free connection slot")
+
+
+@pytest.mark.parametrize("lmtp_node", [{"allow": ["192.0.2.0/24"]}], indirect=True)
+def test_lmtp_accepts_connections_only_from_lmtp_allow(lmtp_node):
+    node, settings = lmtp_node
+    client = RawLMTP(settings.lmtp.port)
+    assert client.greeting[0] == 554 and "lmtp.allow" in client.greeting[1]
+    client.close()
+
+
+# -- 5. slow paths a single message can trigger ---------------------------------------------------
+
+def nested_mime(levels: int) -> bytes:
+    msg = b"Content-Type: text/plain\r\n\r\ninner\r\n"
+    for i in range(levels):
+        b = f"b{i}".encode()
+        msg = (b"Content-Type: multipart/mixed; boundary=" + b + b"\r\n\r\n--" + b + b"\r\n" + msg
+               + b"\r\n--" + b + b"--\r\n")
+    return b"From: a@example.org\r\nTo: dev@example.org\r\nSubject: nested\r\n" + msg
+
+
+def test_mailq_deliver_refuses_long_header_lines_and_deep_mime_with_65(tmp_path):
+    node = make_node(tmp_path, "n1")
+    make_list(node)
+    long_subject = b"From: a@example.org\r\nSubject: " + b"x" * 2_000_000 + b"\r\n\r\nbody\r\n"
+    for msg, why in ((long_subject, "over the limit of 998"), (nested_mime(300), "nested more than 50")):
+        result = node.run("mailq-deliver", "post", "dev", input=msg)
+        assert result.returncode == 65 and why in result.stderr, result.stderr
+    assert not list(node.settings().queue_dir("in").glob("*/*.pck"))
+    at_limit = b"Subject: " + b"y" * 989 + b"\r\n\r\nbody\r\n"      # a 998-character line: allowed
+    ok = node.run("mailq-deliver", "post", "dev", input=at_limit)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_lmtp_refuses_deep_mime_with_554_per_recipient(lmtp_node):
+    node, settings = lmtp_node
+    client = RawLMTP(settings.lmtp.port)
+    for line in ("LHLO test", "MAIL FROM:<a@example.org>", "RCPT TO:<dev@lists.example.org>",
+                 "RCPT TO:<dev-owner@lists.example.org>"):
+        assert client.command(line)[0] == 250
+    assert client.command("DATA")[0] == 354
+    client.sock.sendall(nested_mime(300) + b".\r\n")
+    replies = [client.reply() for _ in range(2)]
+    assert [c for c, _ in replies] == [554, 554] and "nested" in replies[0][1]
+    client.close()
+    assert not list(settings.queue_dir("in").glob("*/*.pck"))
+
+
+def test_a_notice_attaches_the_original_bytes_as_they_are(tmp_path):
+    import email
+    from email import policy
+
+    from mailq.notices import build_notice
+
+    settings = make_node(tmp_path, "n1").settings()
+    original = b"From: a@example.org\r\nSubject: " + b"s" * 5_000_000 + b"\r\n\r\n" + nested_mime(300)
+    raw = build_notice(settings, ["owner@example.org"], "Held post", "A post is held.", attachment=original)
+    assert original in raw
+    parsed = email.message_from_bytes(raw, policy=policy.compat32)
+    assert [p.get_content_type() for p in parsed.get_payload()] == ["text/plain", "message/rfc822"]
+
+
+# -- 7. a frozen node sends nothing more once it was fenced -------------------------------------
+
+def test_an_out_runner_checks_the_lease_before_each_transaction_and_stops_once_fenced(tmp_path):
+    from mailq.fsutil import pid_alive
+    from mailq.master import read_pid
+    from tests.support import SMTPSink
+
+    members = [f"m{i}@example.org" for i in range(10)]
+    node = make_node(tmp_path, "n1", smtp={"chunk_size": 1}, runners={"poll_interval": 0.2})
+    make_node(tmp_path, "n2", var=node.var)
+    settings = node.settings()
+    node.run("mailqctl", "slices", "init", "--nodes", "n1,n2", check=True)
+    node.run("mailqctl", "slices", "assign", "out", "0", "n1", check=True)
+    Queue.for_settings(settings, "out").enqueue(POST, {"listname": "dev", "recipients": members,
+                                                       "envelope_sender": "dev-bounces@example.org"})
+    with SMTPSink(settings.smtp.port) as sink:
+        sink.delay = 1.0            # ten transactions of one recipient: longer than the 3 s lease
+        node.run("mailqctl", "start", check=True)
+        master = read_pid(settings)
+        try:
+            wait_for(lambda: sink.recipients(), 60, message="the first chunk delivered")
+            os.kill(master, signal.SIGSTOP)         # the lease is no longer renewed
+            out_log = settings.log_dir / "out.log"
+            wait_for(lambda: "waiting for the lease or a takeover" in out_log.read_text(), 60,
+                     message="the out runner holding back before its next transaction")
+            sent_by_n1 = len(sink.recipients())
+            wait_for(lambda: node.run("mailqctl", "slices", "reassign", "--from", "n1", "--to", "n2",
+                                      "--force").returncode == 0, 60, interval=0.5, message="the takeover")
+            wait_for(lambda: "claim left for the takeover" in out_log.read_text(), 60,
+                     message="the out runner giving the entry up")
+        finally:
+            os.kill(master, signal.SIGCONT)
+        assert len(sink.recipients()) == sent_by_n1 < len(members)
+        # The takeover put the entry back for n2, whole: its members get it from there.
+        (entry,) = settings.queue_dir("out").glob("*/*.pck")
+        assert Queue.for_settings(settings, "out").read(entry)[1]["recipients"] == members
+        node.run("mailqctl", "stop", "--timeout", "30")
+        wait_for(lambda: not pid_alive(master), 60, message="the master gone")

@@ -74,6 +74,7 @@ class Runner(abc.ABC):
         self._idle_since_scan: float | None = None   # monotonic time of the last listing that found nothing
         self._queues: dict[str, Any] = {}
         self._observer: Any = None
+        self._guard: Any = None             # the ClaimGuard of the loop (check_lease asks it)
         # Started by a master: exit when it is gone (a SIGKILLed master must not leave runners behind).
         self._master_pid = int(os.environ.get("MAILQ_MASTER_PID", "0") or 0)
 
@@ -140,7 +141,7 @@ class Runner(abc.ABC):
 
     def _loop(self, once: bool) -> int:
         queue = self.queue_for(self.queue)
-        guard = self._make_guard()
+        guard = self._guard = self._make_guard()
         seen: set[str] = set()
         poll = self.settings.runners.poll_interval
         while not self.stopping:
@@ -294,6 +295,45 @@ class Runner(abc.ABC):
             delay = min(30.0, delay * 2)
 
     # -- the cluster guard --------------------------------------------------------------------
+    def check_lease(self) -> None:
+        """THE lease check before each action on the outside world (docs/cluster.md §4, "Before
+        each transaction"): return when this node still holds its lease and its slice; raise
+        LeaseLost when it was fenced or the slice moved (the entry in hand is the new owner's now).
+
+        The out runner calls it right before every SMTP transaction and every chunk of a bulk
+        delivery.  While the lease is stale but nobody has taken over yet it waits (a master that
+        renews again lets delivery go on; a takeover ends the wait with LeaseLost).  A process
+        frozen past its lease therefore sends nothing more after it wakes, except a transaction it
+        was already in.  Without a slice map (a single host) it returns at once.
+        """
+        guard = self._guard
+        if guard is None:
+            return
+        waited = False
+        delay = 0.05
+        while True:
+            try:
+                state = guard.check()
+            except Exception as exc:  # noqa: BLE001 - unknowable (NFS trouble): not a reason to send
+                state = None
+                reason = f"the claim guard failed: {exc}"
+            else:
+                if state.may_claim:
+                    if waited:
+                        self.log.info("lease fresh again: delivering")
+                    return
+                reason = state.reason
+                if state.moved:
+                    self._moved = True
+                    raise LeaseLost(reason)
+            if self.stopping or (self._master_pid and os.getppid() != self._master_pid):
+                raise LeaseLost(f"stopping while the lease is not fresh ({reason})")
+            if not waited:
+                self.log.warning("not delivering: %s; waiting for the lease or a takeover", reason)
+                waited = True
+            self._sleep(delay)
+            delay = min(delay * 2, max(0.05, self.settings.runners.poll_interval))
+
     def _make_guard(self) -> Any:
         try:
             from mailq.cluster.guard import ClaimGuard

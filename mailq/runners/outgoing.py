@@ -33,7 +33,7 @@ class OutgoingRunner(Runner):
             return
         # stopping: `mailqctl stop` waits for one transaction, not for a whole personalized entry.
         report = deliver(self.settings, self.transport, entry.msg, entry.metadata, self.enqueue, log=self.log,
-                         stopping=lambda: self.stopping)
+                         stopping=lambda: self.stopping, lease_check=self.check_lease)
         self.last_used = time.monotonic()
         self.log.info("%s: %s", entry.id, report.summary())
 
