@@ -673,3 +673,81 @@ def test_an_out_runner_checks_the_lease_before_each_transaction_and_stops_once_f
         assert Queue.for_settings(settings, "out").read(entry)[1]["recipients"] == members
         node.run("mailqctl", "stop", "--timeout", "30")
         wait_for(lambda: not pid_alive(master), 60, message="the master gone")
+
+
+# -- 3 again, as the review found it: the archive runner under SIGKILL chaos ---------------------
+
+def chaos(tmp_path, start_master, posts: int, kills: int) -> dict[str, int]:
+    """*posts* posts through a real master while the out and archive runners are SIGKILLed *kills*
+    times in turn; returns lost and extra member copies and the posts in the archive."""
+    import mailbox
+
+    from mailq.fsutil import pid_alive
+    from tests.support import SMTPSink
+    from tests.test_flow import ENABLED, flow_node, per_recipient, pipe_posts, queue_files, runner_pid
+    from tests.test_flow import make_list as flow_list
+
+    members = ENABLED[:2]
+    node = flow_node(tmp_path, queue={"fsync": False})
+    settings = node.settings()
+    flow_list(node, enabled=members, disabled=[])
+    from mailq.lists import ListStore
+
+    with ListStore(settings).edit("dev") as mlist:
+        mlist.settings.archive = True
+    with SMTPSink(settings.smtp.port) as sink:
+        start_master(node)
+        pipe_posts(node, posts, "chaos")
+        killed: list[int] = []
+        while len(killed) < kills:
+            name = ("out", "archive")[len(killed) % 2]
+            pid = wait_for(lambda name=name: (p := runner_pid(node, name)) not in killed and pid_alive(p or 0) and p,
+                           60, message=f"a new {name} runner running")
+            before = len(sink.messages)
+            wait_for(lambda before=before: len(sink.messages) > before or len(sink.recipients()) >= posts * 2,
+                     60, message="some delivery")
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        sink.wait_for_recipients(posts * len(members), timeout=300)
+        wait_for(lambda: not any(queue_files(node, q) for q in ("in", "out", "retry", "archive")), 120,
+                 message="queues drained")
+        counts = per_recipient(sink)
+    boxes = list((settings.archives_dir / "dev").glob("*.mbox"))
+    archived = [m["subject"] for box in boxes for m in mailbox.mbox(box, create=False)]
+    sent = {f"chaos {i}" for i in range(posts)}
+    return {
+        "posts": posts, "kills": len(killed),
+        "lost": sum(1 for rcpt in members for tag in sent if counts[(rcpt, tag)] == 0),
+        "extra_copies": sum(n - 1 for (rcpt, tag), n in counts.items() if n > 1),
+        "archived": len(archived), "archived_distinct": len({s.split("]", 1)[-1].strip() for s in archived}),
+        "shunt_or_bad": len(queue_files(node, "shunt")) + len(queue_files(node, "bad")),
+    }
+
+
+@pytest.fixture
+def masters():
+    """Start a node's master with `mailqctl start`; every one started is stopped at teardown."""
+    from mailq.fsutil import pid_alive
+    from mailq.master import read_pid
+
+    nodes = []
+
+    def start(node):
+        assert node.run("mailqctl", "start").returncode == 0
+        nodes.append(node)
+
+    yield start
+    for node in nodes:
+        pid = read_pid(node.settings())
+        node.run("mailqctl", "stop", "--timeout", "30")
+        assert pid is None or not pid_alive(pid)
+
+
+def test_sigkilling_out_and_archive_runners_loses_nothing_and_archives_each_post_once(tmp_path, masters):
+    posts = int(os.environ.get("MAILQ_CHAOS_POSTS", "200"))
+    kills = int(os.environ.get("MAILQ_CHAOS_KILLS", "10"))
+    result = chaos(tmp_path, masters, posts, kills)
+    print("chaos:", json.dumps(result))
+    assert result["lost"] == 0 and result["shunt_or_bad"] == 0
+    assert result["archived"] == result["archived_distinct"] == posts, result
+    assert result["extra_copies"] <= kills, result
