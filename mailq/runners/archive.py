@@ -87,14 +87,20 @@ class ArchiveRunner(Runner):
             raise MailqError(f"archive entry for list {listname} with unknown store {store!r}")
 
     def _give_back(self, queue: Any, item: Any, exc: BaseException) -> None:
-        """An extra claim whose append failed: temporary trouble -> requeue, anything else -> shunt."""
+        """An extra claim whose append failed: temporary trouble -> requeue, anything else -> shunt.
+
+        When that rewrite cannot be done (a full disk) the entry goes back as it was read, by a rename
+        (``Runner._requeue``): its ``stores`` are then all of them again, and the store already
+        appended to skips it by its key (``append_once``).
+        """
         from mailq.errors import TemporaryFailure
 
+        if isinstance(exc, TemporaryFailure):
+            self._requeue(queue, item, exc)
+            return
         try:
-            if isinstance(exc, TemporaryFailure):
-                queue.requeue(item, not_before=time.time() + self.tempfail_delay)
-            else:
-                queue.shunt(item, "".join(traceback.format_exception(exc)).rstrip())
+            queue.shunt(item, "".join(traceback.format_exception(exc)).rstrip())
         except Exception:
-            self.log.critical("cannot give back %s (claim left for recovery):\n%s", item.id,
+            self.log.critical("cannot shunt %s: putting it back for a retry:\n%s", item.id,
                               traceback.format_exc().rstrip())
+            self._requeue(queue, item, RuntimeError("shunt failed"))
