@@ -405,6 +405,14 @@ def test_the_queue_tree_gets_group_modes_whatever_the_umask(tmp_path):
     assert shared_tree_problems(settings) == []
     checked = node.run("mailqctl", "check", "--json")
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    # A bucket and an entry an older mailq made at umask 077: check names them, --fix repairs them.
+    entry = next(settings.queue_dir("out").glob("*/*.pck"))
+    entry.chmod(0o600)
+    entry.parent.chmod(0o700)
+    checked = node.run("mailqctl", "check")
+    assert checked.returncode != 0 and str(entry) in checked.stdout + checked.stderr
+    assert node.run("mailqctl", "check", "--fix").returncode == 0
+    assert shared_tree_problems(settings) == []
 
 
 @pytest.fixture
