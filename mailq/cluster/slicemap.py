@@ -40,7 +40,7 @@ from typing import Any
 from mailq.cluster.layout import rebalance_owners, spread  # noqa: F401 - part of this module's interface
 from mailq.config import RUNNER_QUEUES, Settings
 from mailq.errors import InvalidInput, MailqError, TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write, fsync_dir
+from mailq.fsutil import TEMPORARY_ERRNOS, UMASK, atomic_write, fsync_dir, make_dirs
 
 
 class SliceMapError(InvalidInput):
@@ -328,13 +328,15 @@ def publish(settings: Settings, smap: SliceMap) -> bool:
     with EEXIST although it happened: the name then points at our own inode, which is checked.
     """
     folder = maps_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     target = epoch_path(settings, smap.epoch)
     tmp = folder / f".{smap.epoch}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     data = smap.dump().encode()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
         try:
+            if UMASK & 0o664:
+                os.fchmod(fd, 0o664)    # every node's user reads it, whatever this one's umask
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
