@@ -237,6 +237,9 @@ class Settings:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     log: LogSettings = field(default_factory=LogSettings)
     lists: ListsSettings = field(default_factory=ListsSettings)
+    #: The run-as user: commands started as root switch to it before touching the shared tree
+    #: (mailq/runas.py).  Empty: ``mailq`` for an installed package, the invoking user in a checkout.
+    user: str = ""
     #: The file these settings came from, or None for built-in defaults.
     source: Path | None = None
 
@@ -279,7 +282,7 @@ class Settings:
 
     @property
     def run_dir(self) -> Path:
-        """Host-local state for this node (master lock, pid file, lease stamp).
+        """Host-local state for this node (master lock, pid file, lease stamp): ``<paths.run>/<run_key>``.
 
         ``paths.run`` if set; else ``<var>/run`` while var is the checkout's own (a checkout is one
         host); else host-local ``/run/mailq`` (ConfigError, a MailqError, when it cannot be used).
@@ -290,7 +293,27 @@ class Settings:
             base = self.var / "run"
         else:
             base = host_local_run()
-        return base / self.node.name
+        return base / self.run_key
+
+    @property
+    def run_key(self) -> str:
+        """``<node>@<8 hex digits of the var path's SHA-1>``: this node's folder name under ``paths.run``.
+
+        Keyed by the shared tree as well as the node name, so that two sites on one host that use
+        the same node name (different ``paths.var``, same ``paths.run``) never share a master lock,
+        pid file or lease, and ``mailqctl stop`` of one never signals the other's master.
+        """
+        import hashlib
+
+        digest = hashlib.sha1(os.fsencode(os.path.abspath(self.var))).hexdigest()[:8]
+        return f"{self.node.name}@{digest}"
+
+    @property
+    def run_as(self) -> str:
+        """The user root switches to (``user:``, else the installed default); "" means no switch."""
+        from mailq.runas import INSTALLED_DEFAULT
+
+        return self.user or ("" if IS_CHECKOUT else INSTALLED_DEFAULT)
 
     @property
     def site_owner(self) -> str:

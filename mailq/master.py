@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +44,8 @@ from mailq.fsutil import atomic_write, pid_alive
 STABLE_SECONDS = 300.0
 #: How often the master looks at its children and its signal flags.
 TICK = 0.1
+#: How long start-up waits for the LMTP listener to accept connections before giving up.
+LMTP_READY_TIMEOUT = 60.0
 #: Environment variable that tells a runner its master's pid (it exits when the master is gone).
 MASTER_PID_ENV = "MAILQ_MASTER_PID"
 
@@ -218,6 +221,7 @@ class Master:
             self.recover()
             self._beat()
             self._start_due()
+            self._wait_lmtp_listening()
             if ready is not None:
                 ready()
             self.log.info("master running: %s", ", ".join(c.label for c in self.children.values()) or
@@ -245,6 +249,40 @@ class Master:
         finally:
             self._shutdown()
         return 0
+
+    def _wait_lmtp_listening(self) -> None:
+        """Return once the LMTP runner accepts connections, so that ``mailqctl start`` means "mail
+        is taken": an MTA delivering right after a (re)start must not be deferred.
+
+        MailqError when the listener exits first or is not up within ``LMTP_READY_TIMEOUT``.
+        """
+        child = self.children.get(("lmtp", 0, 1))
+        if child is None:
+            return
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.settings.lmtp.host,
+                                                                        self.settings.lmtp.host)
+        port = self.settings.lmtp.port
+        deadline = time.monotonic() + LMTP_READY_TIMEOUT
+        log = self.settings.log_dir / "lmtp.log"
+        while True:
+            proc = child.proc
+            if proc is None or proc.poll() is not None:
+                code = proc.returncode if proc is not None else None
+                raise MailqError(f"the LMTP listener exited (status {code}) before it accepted connections on "
+                                 f"{host}:{port}; see {log} (is the port in use?)")
+            try:
+                # Our listener greets; a port someone else holds may accept and stay silent while
+                # our listener, failing to bind, exits (seen on the next round).
+                with socket.create_connection((host, port), timeout=1.0) as conn:
+                    if conn.recv(4).startswith(b"220") and proc.poll() is None:
+                        conn.sendall(b"QUIT\r\n")
+                        return
+                    raise OSError("no 220 greeting")
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise MailqError(f"the LMTP listener did not accept connections on {host}:{port} within "
+                                     f"{LMTP_READY_TIMEOUT:.0f} s ({exc}); see {log}") from None
+            time.sleep(TICK)
 
     # -- children -------------------------------------------------------------------------------
     def _command(self, child: Child) -> list[str]:

@@ -87,7 +87,7 @@ def test_relative_paths_are_made_absolute_against_the_config_file(tmp_path):
     path.write_text("paths: {var: shared/var, run: local/run}\nnode: {name: n7}\n")
     s = load_settings(path)
     assert s.var == folder / "shared" / "var"
-    assert s.run_dir == folder / "local" / "run" / "n7"
+    assert s.run_dir == folder / "local" / "run" / s.run_key and s.run_key.startswith("n7@")
 
 
 def test_logging_survives_its_folder_vanishing(tmp_path):
@@ -128,14 +128,19 @@ def test_the_sample_config_shows_the_defaults_except_where_it_says_default():
     sample, defaults = parse_settings(uncommented, "etc/mailq.yaml"), Settings()
     differ = set()
     for section in dataclasses.fields(Settings):
-        if section.name != "source":
-            for f in dataclasses.fields(getattr(defaults, section.name)):
-                if getattr(getattr(sample, section.name), f.name) != getattr(getattr(defaults, section.name), f.name):
-                    differ.add(f"{section.name}.{f.name}")
-    assert differ == {"node.name", "paths.var", "paths.run"}
+        if section.name == "source":
+            continue
+        if not dataclasses.is_dataclass(getattr(defaults, section.name)):     # a top-level key (user)
+            if getattr(sample, section.name) != getattr(defaults, section.name):
+                differ.add(section.name)
+            continue
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            if getattr(getattr(sample, section.name), f.name) != getattr(getattr(defaults, section.name), f.name):
+                differ.add(f"{section.name}.{f.name}")
+    assert differ == {"user", "node.name", "paths.var", "paths.run"}
     lines = body.splitlines()
     for key in differ:     # the key's line, or the comment lines continuing it, says "default:"
-        at = next(i for i, line in enumerate(lines) if line.lstrip("# ").startswith(key.split(".")[1] + ":"))
+        at = next(i for i, line in enumerate(lines) if line.lstrip("# ").startswith(key.split(".")[-1] + ":"))
         end = next(i for i in range(at + 1, len(lines) + 1)
                    if i == len(lines) or not lines[i].startswith("#" + " " * 20))
         assert "default:" in " ".join(lines[at:end]), lines[at]
@@ -148,14 +153,15 @@ def test_a_checkout_keeps_var_and_run_in_the_checkout(monkeypatch):
     monkeypatch.delenv("MAILQ_CONFIG", raising=False)
     assert IS_CHECKOUT
     s = Settings()
-    assert s.var == CHECKOUT / "var" and s.run_dir == CHECKOUT / "var" / "run" / s.node.name
+    assert s.var == CHECKOUT / "var" and s.run_dir == CHECKOUT / "var" / "run" / s.run_key
 
 
 def test_run_dir_is_host_local_once_var_is_set_elsewhere(tmp_path):
     from mailq.config import HOST_LOCAL_RUN, host_local_run
 
     s = parse_settings(f"paths: {{var: {tmp_path / 'shared'}}}\nnode: {{name: h1}}\n")
-    assert s.run_dir == host_local_run() / "h1" and host_local_run() in HOST_LOCAL_RUN
+    assert s.run_dir == host_local_run() / s.run_key and s.run_key.startswith("h1@")
+    assert host_local_run() in HOST_LOCAL_RUN
     assert not str(s.run_dir).startswith(str(tmp_path))
     made = tmp_path / "local" / "mailq"
     made.parent.mkdir()

@@ -261,3 +261,64 @@ def test_a_full_disk_under_the_status_files_is_logged_and_never_stops_the_master
         master._publish_status(stopped=True)
     assert "status.json: No space left on device" in caplog.text
     assert f"{master_mod.shared_status_path(node.settings())}: No space left on device" in caplog.text
+
+
+def test_two_sites_with_one_node_name_and_one_run_folder_never_touch_each_other(tmp_path, started):
+    # Two sites on one host (issue 12): both call their node "n1" and share paths.run, but their
+    # var trees differ.  Each has its own master; stop/status of one never reach the other's.
+    run = tmp_path / "run"
+    a = make_node(tmp_path / "a", "n1", paths={"run": str(run)})
+    b = make_node(tmp_path / "b", "n1", paths={"run": str(run)})
+    assert a.settings().run_dir != b.settings().run_dir and a.settings().run_dir.parent == run
+    pid_a = int(started(a).stdout.split("pid ")[1].rstrip(")\n"))
+    pid_b = int(started(b).stdout.split("pid ")[1].rstrip(")\n"))
+    assert pid_a != pid_b and status(a)["pid"] == pid_a and status(b)["pid"] == pid_b
+    stopped = a.run("mailqctl", "stop")
+    assert stopped.returncode == 0 and f"pid {pid_a}" in stopped.stdout
+    assert not pid_alive(pid_a) and pid_alive(pid_b)
+    assert status(b)["running"] is True and status(a)["running"] is False
+
+
+def test_start_returns_once_the_lmtp_port_accepts_connections(tmp_path, started):
+    import socket
+
+    node = make_node(tmp_path, "n1", lmtp={"enabled": True})
+    started(node)
+    settings = node.settings()
+    # No waiting here: `start` returning means the MTA can deliver now.
+    with socket.create_connection((settings.lmtp.host, settings.lmtp.port), timeout=10) as conn:
+        assert conn.recv(512).startswith(b"220 ")
+
+
+def test_start_fails_clearly_when_the_lmtp_port_is_taken(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        node = make_node(tmp_path, "n1", lmtp={"enabled": True, "port": taken.getsockname()[1]},
+                         runners={"restart_cap": 0})
+        # The port accepts connections (ours), but not the listener's: start must not call that up.
+        res = node.run("mailqctl", "start")
+    assert res.returncode == 1 and "LMTP listener exited" in res.stderr and "lmtp.log" in res.stderr, res.stderr
+    assert status(node)["running"] is False
+
+
+@pytest.mark.parametrize("failover, other_node, rejoins", [("manual", True, False), ("auto", False, False),
+                                                           ("auto", True, True)])
+def test_a_restart_after_silence_waits_out_the_lease_only_when_a_takeover_can_happen(
+        tmp_path, started, failover, other_node, rejoins):
+    from mailq.cluster.heartbeat import lease_path, nodes_dir
+
+    node = make_node(tmp_path, "n1", cluster={"failover": failover, "lease": 30, "margin": 30})
+    if other_node:
+        node.mailq("slices", "init", "--nodes", "n1,n2", check=True)
+    settings = node.settings()
+    beat = nodes_dir(settings) / "n1"
+    beat.parent.mkdir(parents=True, exist_ok=True)
+    beat.write_text("{}\n")
+    os.utime(beat, (time.time() - 600, time.time() - 600))        # silent for ten minutes
+    started(node)
+    # The first renewal happens before `start` returns: it stamps the lease unless rejoining.
+    assert lease_path(settings).exists() is not rejoins
+    assert ("silent for longer than its lease" in (settings.log_dir / "master.log").read_text()) is rejoins

@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from mailq.cli.common import (EXIT_FAIL, accept_config_everywhere, config_option, emit_json, fail, get_settings,
-                              json_option, print_table)
+from mailq.cli.common import (EXIT_FAIL, accept_config_everywhere, become_run_as, config_option, emit_json, fail,
+                              get_settings, json_option, print_table)
 from mailq.cli.main import LazyGroup
 from mailq.config import Settings
 
@@ -57,7 +57,9 @@ def start(ctx: click.Context, foreground: bool) -> None:
       mailqctl start
       mailqctl start --foreground    # for systemd Type=simple, or to watch it work
     """
-    settings = get_settings(ctx)
+    settings = get_settings(ctx, stay_root=True)
+    prepare_run_dir(settings)
+    become_run_as(settings)
     from mailq.master import running_pid
 
     pid = running_pid(settings)
@@ -106,7 +108,9 @@ def restart(ctx: click.Context, timeout: float | None) -> None:
       mailqctl restart
       mailqctl restart --timeout 120
     """
-    settings = get_settings(ctx)
+    settings = get_settings(ctx, stay_root=True)
+    prepare_run_dir(settings)
+    become_run_as(settings)
     _stop(settings, timeout)
     _daemonize(settings)
 
@@ -148,7 +152,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     state = read_status(settings) if pid is not None else None
     if state is not None and state.get("pid") != pid:
         state = None
-    report = {"node": settings.node.name, "running": pid is not None, "pid": pid,
+    report = {"node": settings.node.name, "running": pid is not None, "pid": pid, "run_dir": str(settings.run_dir),
               "stale_pid": read_pid(settings) if pid is None else None,
               "epoch": (state or {}).get("epoch"), "map_problem": (state or {}).get("map_problem", ""),
               "started": (state or {}).get("started"), "runners": (state or {}).get("runners", [])}
@@ -171,6 +175,32 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 # -- the work behind the commands ---------------------------------------------------------------
+
+def prepare_run_dir(settings: Settings) -> None:
+    """Make this node's host-local folder (``paths.run``); as root, owned by the run-as user.
+
+    ``/run`` is a tmpfs emptied at boot, so ``start`` (and the init script) make it every time.
+    Exits 1 naming ``paths.run`` when it cannot be made.
+    """
+    from mailq.errors import MailqError
+    from mailq.runas import ids, who
+
+    try:
+        run_dir = settings.run_dir
+        base = run_dir.parent
+        for folder in (base, run_dir):
+            if not folder.is_dir():
+                folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+                owner = ids(settings.run_as) if os.geteuid() == 0 else None
+                if owner is not None:
+                    os.chown(folder, *owner)
+    except MailqError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot create paths.run folder {exc.filename or settings.paths.run}: {exc.strerror}; "
+             f"create it (host-local, writable by {settings.run_as or who()}) or set "
+             f"paths.run in {settings.source or 'the config file'}")
+
 
 def _stop(settings: Settings, timeout: float | None) -> bool:
     """SIGTERM the master and wait until it is gone; False if it was not running."""

@@ -228,13 +228,43 @@ class Queue:
             # whose reply was lost gets ENOENT although the rename happened: then the claim is ours.
             if not os.path.exists(dst):
                 return None
+        except PermissionError as exc:      # a bucket folder of another owner: wait, as below
+            self._warn_unusable(src, exc)
+            return None
         try:
             msg, metadata = decode(read_all(dst))
+        except PermissionError as exc:
+            # Not the entry's fault: a file written by another user (root, say) that this runner's
+            # user may not read.  Put it back and say so once; it waits until an operator fixes the
+            # owner (`mailqctl check --fix`), and is never sent to bad for it.
+            self._unclaim_unreadable(dst, src, exc)
+            return None
         except (BadEntry, OSError) as exc:
             reason = str(exc) if isinstance(exc, BadEntry) else f"cannot read: {exc}"
             self.to_bad(dst, reason)
             return None
         return Claimed(name[:-4], self.name, dst, msg, metadata, claimant)
+
+    def _unclaim_unreadable(self, claim: str, entry: str, exc: OSError) -> None:
+        try:
+            os.rename(claim, entry)
+        except OSError as again:
+            self.log.error("cannot read %s (%s) nor put it back (%s); recovery returns it once this "
+                           "process is gone", claim, exc.strerror, again.strerror)
+            return
+        self._warn_unusable(entry, exc)
+
+    def _warn_unusable(self, entry: str, exc: OSError) -> None:
+        key = f"unusable:{entry}"
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        st = _stat_or_none(exc.filename if exc.filename2 is None else os.path.dirname(entry))
+        where = exc.filename if exc.filename2 is None else os.path.dirname(entry)
+        owner = f" ({where}: owner uid {st.st_uid} gid {st.st_gid}, mode {st.st_mode & 0o7777:04o})" if st else ""
+        self.log.error("cannot read %s as uid %d gid %d: %s%s; it stays queued and is retried: fix the "
+                       "owner or mode (`mailqctl check --fix` as root)", entry, os.geteuid(), os.getegid(),
+                       exc.strerror, owner)
 
     def claims(self) -> list[ClaimInfo]:
         """Every claim file in this queue (any node, any slice)."""
@@ -502,3 +532,10 @@ def count_queues(qfiles: str | os.PathLike[str], slice_counts: dict[str, int], n
                 c["slices"][slice_of(sha, c["count"])][hold] += 1
         out["unattributed"][hold] = stray
     return out
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
