@@ -61,6 +61,16 @@ def nfs_lane_extras() -> None:
         print(f"dev.py: could not install the NFS lane's bridge ({exc}); that lane will be skipped", flush=True)
 
 
+def system_packages() -> None:
+    """``tests/setup-system.sh``: the Debian packages some tests need (Postfix), when root with apt.
+
+    Elsewhere it installs nothing and says so; the tests that need a package skip with the reason.
+    """
+    script = ROOT / "tests" / "setup-system.sh"
+    if script.exists():
+        subprocess.call(["sh", str(script)], cwd=ROOT)
+
+
 def compile_bytecode() -> None:
     """Byte-compile mailq once: every runner, master and mailq-deliver start reads the .pyc files.
 
@@ -86,6 +96,7 @@ def main(argv: list[str]) -> int:
     if command == "lint":
         return subprocess.call([str(PY), "-m", "ruff", "check", "mailq", "tests", "bench", "dev.py"], cwd=ROOT, env=env)
     if command == "test":
+        system_packages()
         nfs_lane_extras()
         lint = subprocess.call([str(PY), "-m", "ruff", "check", "mailq", "tests", "bench", "dev.py"], cwd=ROOT, env=env)
         if lint != 0:
