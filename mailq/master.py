@@ -169,7 +169,6 @@ class Master:
         self._failover_thread: threading.Thread | None = None
         self._takeover_done = threading.Event()
         self._shared_at = 0.0
-        self.on_hup: Callable[[], None] | None = None   # extra work on SIGHUP (the daemon's stdio)
 
     # -- start-up -------------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -504,8 +503,6 @@ class Master:
         from mailq.logs import reopen_all
 
         self._hup = False
-        if self.on_hup is not None:
-            self.on_hup()
         reopen_all()
         self.log.info("log files reopened; passing SIGHUP to the runners")
         now = time.monotonic()

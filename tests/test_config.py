@@ -202,7 +202,8 @@ def test_an_installed_package_refuses_to_start_without_paths_var(tmp_path):
     conf.write_text("node: {name: h1}\n")
     res = mailq("queue", "count", config=conf)
     assert res.returncode == 1 and f"{conf}: paths.var is not set" in res.stderr, res.stderr
-    conf.write_text(f"node: {{name: h1}}\npaths: {{var: {tmp_path / 'shared'}, run: {tmp_path / 'run'}}}\n")
+    # An installed package runs as `mailq` by default; this test runs as whoever runs the suite.
+    conf.write_text(f"user: root\nnode: {{name: h1}}\npaths: {{var: {tmp_path / 'shared'}, run: {tmp_path / 'run'}}}\n")
     res = mailq("queue", "count", "--json", config=conf)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["queues"]["in"]["waiting"] == 0

@@ -43,8 +43,10 @@ def started():
         return result
 
     yield start
-    for node in nodes:
-        pid = status(node)["pid"]
+    from mailq.master import running_pid
+
+    for node in nodes:      # every one, even when the test (or a stop) failed for an earlier one
+        pid = running_pid(node.settings())
         node.run("mailqctl", "stop", "--timeout", "30")
         if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
@@ -69,7 +71,7 @@ def test_start_status_stop_and_a_second_start_is_refused(node, started):
     assert not pid_alive(pid) and not any(pid_alive(p) for p in runner_pids)
     assert not (node.settings().run_dir / "master.pid").exists()
     after = node.run("mailqctl", "status")
-    assert after.returncode == 1 and "not running" in after.stdout
+    assert after.returncode == 3 and "not running" in after.stdout
     assert node.run("mailqctl", "stop").returncode == 0      # stopping a stopped master is fine
 
 
@@ -322,3 +324,41 @@ def test_a_restart_after_silence_waits_out_the_lease_only_when_a_takeover_can_ha
     # The first renewal happens before `start` returns: it stamps the lease unless rejoining.
     assert lease_path(settings).exists() is not rejoins
     assert ("silent for longer than its lease" in (settings.log_dir / "master.log").read_text()) is rejoins
+
+
+def test_the_init_script_follows_lsb_exit_codes(tmp_path):
+    from tests.support import ROOT
+
+    node = make_node(tmp_path, "n1")
+    env = node.environ({"MAILQCTL": str(ROOT / "bin" / "mailqctl")})
+
+    def init(action: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", str(ROOT / "etc" / "init.d" / "mailq"), action], env=env, capture_output=True,
+                              text=True, timeout=180)
+    try:
+        assert init("status").returncode == 3          # stopped
+        assert init("stop").returncode == 0            # stopping a stopped master
+        assert init("start").returncode == 0
+        assert init("start").returncode == 0 and "already running" in init("start").stdout
+        assert init("status").returncode == 0
+        assert node.settings().run_dir.is_dir()
+        assert init("stop").returncode == 0
+        assert init("status").returncode == 3
+    finally:
+        node.run("mailqctl", "stop", "--timeout", "30")
+
+
+def test_after_reopen_no_process_writes_to_the_rotated_master_log(tmp_path, started):
+    node = make_node(tmp_path, "n1")
+    started(node)
+    wait_for(lambda: runner_pid(node, "virgin"), 60, message="virgin runner running")
+    log = node.settings().log_dir / "master.log"
+    pids = [status(node)["pid"]] + [r["pid"] for r in status(node)["runners"] if r["pid"]]
+    assert all(os.readlink(f"/proc/{pid}/fd/2") == str(log) for pid in pids)
+    log.rename(log.with_name("master.log.1"))        # what logrotate does
+    assert node.run("mailqctl", "reopen").returncode == 0
+
+    def stderr_is_the_new_log() -> bool:
+        return all(os.readlink(f"/proc/{pid}/fd/2") == str(log) for pid in pids if pid_alive(pid))
+    wait_for(stderr_is_the_new_log, 60, message="every process's stderr points at the new master.log")
+    assert log.exists()

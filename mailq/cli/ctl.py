@@ -21,6 +21,8 @@ from mailq.cli.common import (EXIT_FAIL, accept_config_everywhere, become_run_as
 from mailq.cli.main import LazyGroup
 from mailq.config import Settings
 
+#: ``status`` of a master that is not running (LSB "program is not running", as systemctl status).
+EXIT_NOT_RUNNING = 3
 #: How long ``start`` waits for the daemon to report (recovery of many claims can take a while).
 START_TIMEOUT = 120.0
 
@@ -138,7 +140,10 @@ def reopen(ctx: click.Context) -> None:
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show the master and each runner: name, slice, pid, restarts, state.  Exit 1 when not running.
+    """Show the master and each runner: name, slice, pid, restarts, state.
+
+    Exit status as LSB init scripts and systemctl use it: 0 running, 3 not running, 1 not running
+    but a stale pid file is left (the master died), or an error.
 
     \b
     Examples:
@@ -170,8 +175,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         rows = [[r["name"], "-" if r["name"] == "lmtp" else f"{r['slice']}/{r['count']}", r["pid"] or "-",
                  r["restarts"], r["state"]] for r in report["runners"]]
         print_table(rows, ["RUNNER", "SLICE", "PID", "RESTARTS", "STATE"])
-    if pid is None:
-        sys.exit(EXIT_FAIL)
+    if pid is None:     # LSB: 1 "dead and the pid file exists", 3 "not running"
+        sys.exit(EXIT_FAIL if report["stale_pid"] else EXIT_NOT_RUNNING)
 
 
 # -- the work behind the commands ---------------------------------------------------------------
@@ -271,13 +276,12 @@ def _daemonize(settings: Settings) -> None:
 
 
 def _redirect_stdio(log_file: Any) -> None:
+    from mailq.logs import redirect_stdio
+
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    out = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
+    redirect_stdio(str(log_file))     # the runners inherit it, and reopen it on SIGHUP as the master does
 
 
 def _run_master(settings: Settings, report_fd: int | None, *, foreground: bool) -> int:
@@ -294,8 +298,6 @@ def _run_master(settings: Settings, report_fd: int | None, *, foreground: bool) 
 
     log = get_logger(settings, "master", stderr=foreground)
     master = Master(settings, log)
-    if not foreground:
-        master.on_hup = lambda: _redirect_stdio(settings.log_dir / "master.log")
     try:
         master.acquire()
     except Exception as exc:
