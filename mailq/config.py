@@ -7,8 +7,10 @@ valid keys listed), so is a key given twice, a value of the wrong type or out of
 number is taken as written (``name: 01`` is ``"01"``); where a number is expected ``1e3`` is
 accepted although YAML 1.1 reads it as text.
 
-Where the file is found, first match wins: the ``-C/--config`` option, ``$MAILQ_CONFIG``,
-``etc/mailq.yaml`` in the checkout (only when it exists), else built-in defaults.
+Where the file is found, first match wins: the ``-C/--config`` option, ``$MAILQ_CONFIG``, then
+for an installed package ``/etc/mailq/mailq.yaml`` (an error names it when it is missing:
+``mailqctl init`` writes it), for a checkout ``etc/mailq.yaml`` when it exists, else built-in
+defaults.
 
 Defaults for the two trees: in a checkout ``paths.var`` is ``var/`` in the checkout and ``paths.run``
 is ``<var>/run``.  An installed package (no checkout beside it) has no sensible shared tree of its
@@ -38,6 +40,8 @@ DEFAULT_CONFIG = CHECKOUT / "etc" / "mailq.yaml"
 IS_CHECKOUT = (CHECKOUT / "setup.cfg").is_file()
 #: The default shared tree; compared by identity in load_settings to tell "not set" from "set".
 CHECKOUT_VAR = CHECKOUT / "var"
+#: The config file of an installed package when neither -C nor MAILQ_CONFIG names one.
+INSTALLED_CONFIG = Path("/etc/mailq/mailq.yaml")
 #: Host-local folders for paths.run when paths.var is set and paths.run is not, first usable wins.
 HOST_LOCAL_RUN = (Path("/run/mailq"), Path("/var/run/mailq"))
 
@@ -381,9 +385,24 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     env = os.environ.get("MAILQ_CONFIG")
     if env:
         return Path(env)
+    if not IS_CHECKOUT:
+        return INSTALLED_CONFIG
     if DEFAULT_CONFIG.exists():
         return DEFAULT_CONFIG
     return None
+
+
+def share_dir() -> Path:
+    """Where the sample config (``etc/``) and the docs (``docs/``) are: the checkout, or what the
+    wheel installed under ``<prefix>/share/mailq`` (setup.cfg ``data_files``)."""
+    if IS_CHECKOUT:
+        return CHECKOUT
+    import sys
+    import sysconfig
+
+    candidates = [Path(sysconfig.get_path("data")) / "share" / "mailq", Path(sys.prefix) / "share" / "mailq",
+                  Path("/usr/local/share/mailq"), Path("/usr/share/mailq")]
+    return next((c for c in candidates if (c / "etc" / "mailq.yaml").exists()), candidates[0])
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
@@ -394,7 +413,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     try:
         text = chosen.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{chosen}: no such config file (set -C/--config or MAILQ_CONFIG to an existing file)")
+        made_by = " or create it with `mailqctl init`" if chosen == INSTALLED_CONFIG else ""
+        raise ConfigError(f"{chosen}: no such config file (set -C/--config or MAILQ_CONFIG to an existing "
+                          f"file{made_by}; sample: {share_dir() / 'etc' / 'mailq.yaml'})")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{chosen}: cannot read config file: {exc}")
     settings = parse_settings(text, str(chosen))
@@ -417,8 +438,8 @@ def _require_var(settings: Settings, source: Path | None) -> Settings:
     raise ConfigError(
         f"{where}; mailq is installed as a package ({CHECKOUT}), not run from a checkout, so there is no "
         f"var/ beside it. Set paths.var to the shared tree (the NFS mount in a cluster, e.g. /srv/mailq/var) "
-        f"in the config file{'' if source else ' and point -C/--config or MAILQ_CONFIG at it'}; the "
-        f"commented sample is etc/mailq.yaml in the mailq source.")
+        f"in the config file{'' if source else ' and point -C/--config or MAILQ_CONFIG at it'} "
+        f"(`mailqctl init --var PATH` writes one); the commented sample is {share_dir() / 'etc' / 'mailq.yaml'}.")
 
 
 def parse_settings(text: str, filename: str = "<config>") -> Settings:

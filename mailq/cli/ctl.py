@@ -27,11 +27,20 @@ EXIT_NOT_RUNNING = 3
 START_TIMEOUT = 120.0
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class _CtlGroup(LazyGroup):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from mailq.config import share_dir
+
+        formatter.write_paragraph()
+        formatter.write_text(f"Documentation: {share_dir() / 'docs'} (operations.md first); sample config and "
+                             f"MTA recipes: {share_dir() / 'etc'}")
+
+
+@click.group(cls=_CtlGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
 @click.pass_context
 def ctl(ctx: click.Context, config_file: str | None) -> None:
-    """Start, stop and inspect the mailq master of this node.
+    """Administer mailq: this node's master (start, stop, status) and every admin command group.
 
     The master runs one runner process per queue slice the slice map gives this node (plus the LMTP
     listener), restarts crashed runners, and renews the node's heartbeat.
@@ -40,6 +49,8 @@ def ctl(ctx: click.Context, config_file: str | None) -> None:
 
     \b
     Examples:
+      mailqctl init --var /srv/mailq/var   # a new node: config, var tree, folders
+      mailqctl lists create dev --owner alice@example.org
       mailqctl start                 # daemonize; returns once the master is up
       mailqctl status                # the master and each runner
       mailqctl reopen                # after logrotate moved the logs

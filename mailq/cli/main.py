@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "config": "mailq.cli.lists:config",
     "cron": "mailq.cli.cron:cron",
     "held": "mailq.cli.held:held",
+    "init": "mailq.cli.init:init",
     "lists": "mailq.cli.lists:lists",
     "locks": "mailq.cli.locks:locks",
     "members": "mailq.cli.members:members",
