@@ -468,8 +468,11 @@ class Queue:
         if text.endswith(ENTRY_SUFFIX):
             text = text[: -len(ENTRY_SUFFIX)]
         sha = text.partition("+")[2]
-        if "+" not in text:     # not an entry id: only bad/unnamed/ can hold such a name
+        if "+" not in text:
+            # A name in bad/unnamed/, or the start of an id's time part ("1763777147"): any bucket.
             names = [(os.path.join(self._dir, UNNAMED), n) for n in self._listdir(UNNAMED)]
+            if text and set(text) <= _DIGITS_DOT:
+                names += [(f, n) for f, n in self._all_names() if os.path.basename(f) != UNNAMED]
         elif len(sha) >= 2 and set(sha[:2]) <= _HEX:
             names = [(os.path.join(self._dir, sha[:2]), n) for n in self._listdir(sha[:2])]
         else:
@@ -532,6 +535,9 @@ def count_queues(qfiles: str | os.PathLike[str], slice_counts: dict[str, int], n
                 c["slices"][slice_of(sha, c["count"])][hold] += 1
         out["unattributed"][hold] = stray
     return out
+
+
+_DIGITS_DOT = frozenset("0123456789.")
 
 
 def _stat_or_none(path: str) -> os.stat_result | None:
