@@ -503,15 +503,7 @@ def delete(entries: tuple[str, ...], yes: bool, reason: str, as_json: bool) -> N
             continue
         q.to_bad(c, note)
         moved.append({"id": eid, "from": qname})
-    if as_json:
-        emit_json({"moved": moved, "problems": problems})
-    else:
-        for m in moved:
-            click.echo(f"{m['from']}/{m['id']} -> bad")
-        for pr in problems:
-            warn(f"{pr['id']}: {pr['problem']}")
-    if problems:
-        sys.exit(1)
+    _report_moves(moved, problems, as_json, lambda m: f"{m['from']}/{m['id']} -> bad", "")
 
 
 @queue.command()
@@ -564,12 +556,18 @@ def requeue(entries: tuple[str, ...], as_json: bool) -> None:
         except FileNotFoundError:
             pass
         moved.append({"id": eid, "queue": origin})
+    _report_moves(moved, problems, as_json, lambda m: f"{m['queue']}/{m['id']}", "bad/")
+
+
+def _report_moves(moved: list[dict[str, Any]], problems: list[dict[str, Any]], as_json: bool,
+                  line: Any, prefix: str) -> None:
+    """Print what moved (one *line* each) and warn about each problem; exit 1 if there was one."""
     if as_json:
         emit_json({"moved": moved, "problems": problems})
     else:
         for m in moved:
-            click.echo(f"{m['queue']}/{m['id']}")
+            click.echo(line(m))
         for pr in problems:
-            warn(f"bad/{pr['id']}: {pr['problem']}")
+            warn(f"{prefix}{pr['id']}: {pr['problem']}")
     if problems:
         sys.exit(1)
