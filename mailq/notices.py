@@ -31,7 +31,11 @@ def build_notice(settings: Settings, to: list[str], subject: str, body: str, *,
         from email import message_from_bytes, policy
 
         msg.add_attachment(message_from_bytes(attachment, policy=policy.compat32))
-    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    # An ASCII subject is never folded (up to RFC 5322's 998): folding at 78 puts a long first word
+    # (a list name, an entry id) on a line of its own after an empty "Subject:".  Non-ASCII text is
+    # folded as encoded words, which stay short and split cleanly.
+    limit = 998 if subject.isascii() else 78
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n", max_line_length=limit))
 
 
 def notice_entry(settings: Settings, to: list[str], subject: str, body: str, *, listname: str = "",

@@ -48,7 +48,7 @@ def lists(ctx: click.Context, config_file: str | None) -> None:
       mailqctl lists create dev --owner alice@example.org --domain example.org
       mailqctl lists list --json
       mailqctl lists show dev
-      mailqctl lists remove dev --keep-archives
+      mailqctl lists remove dev --delete-archives
     """
     remember_config(ctx, config_file)
 
@@ -81,18 +81,18 @@ def create(name: str, owners: tuple[str, ...], domain: str | None, as_json: bool
 
 @lists.command("remove")
 @click.argument("name")
-@click.option("--keep-archives", is_flag=True, help="Keep var/archives/NAME.")
+@click.option("--delete-archives", is_flag=True, help="Delete var/archives/NAME too (kept by default).")
 @handle_errors
-def remove(name: str, keep_archives: bool) -> None:
-    """Remove list NAME: its database, held messages and (unless kept) archives.
+def remove(name: str, delete_archives: bool) -> None:
+    """Remove list NAME: its database and held messages; its archives stay unless --delete-archives.
 
     \b
     Examples:
       mailqctl lists remove dev
-      mailqctl lists remove dev --keep-archives
+      mailqctl lists remove dev --delete-archives
     """
-    _store().remove(name, keep_archives=keep_archives)
-    click.echo(f"removed list {name}" + (" (archives kept)" if keep_archives else ""))
+    _store().remove(name, keep_archives=not delete_archives)
+    click.echo(f"removed list {name}" + ("" if delete_archives else " (archives kept in var/archives)"))
 
 
 @lists.command("list")

@@ -161,7 +161,8 @@ def _check_list(var: str, listname: str) -> None:
                                 "site: create a list first with 'mailqctl lists create'); the MTA will retry")
     except OSError as exc:
         raise Exit(EX_TEMPFAIL, f"cannot check {var}/lists: {exc.strerror}; the MTA will retry")
-    raise Exit(EX_NOUSER, f"no such list {listname!r} (no {var}/lists/{listname}/list.pck)")
+    # The MTA bounces this text to the sender: no paths of this server in it.
+    raise Exit(EX_NOUSER, f"no such list {listname!r} at this site")
 
 
 def _strip_from_line(msg: bytes) -> "tuple[bytes, str]":

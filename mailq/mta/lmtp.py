@@ -163,8 +163,10 @@ class LMTPHandler:
         """The status for *address*'s entry, with ``<>`` where each recipient's address goes."""
         from mailq.errors import TemporaryFailure
 
+        # aiosmtpd hands the null sender (MAIL FROM:<>, every bounce) over as the text "<>".
+        sender = "" if sender in (None, "<>") else sender
         metadata = {"listname": listname, "kind": kind, "received": received, "via": "lmtp",
-                    "envelope_sender": sender or "", "original_recipient": address}
+                    "envelope_sender": sender, "original_recipient": address}
         queue = QUEUE_FOR_KIND[kind]
         if not msg.strip():
             return "554 5.6.0 <>: empty message"
