@@ -101,6 +101,21 @@ def test_init_start_post_and_stop_as_the_run_as_user():
         assert stopped.returncode == 0, stopped.stderr
         assert user.run("mailqctl", "status", config=config, as_user=True).returncode == 3
         checked = user.run("mailqctl", "check", "--json", config=config)
-        assert not [p for p in json.loads(checked.stdout) if "owned by" in p["what"]], checked.stdout
+        assert checked.returncode == 0 and json.loads(checked.stdout) == [], checked.stdout   # a fresh install
         for path in [user.folder / "var", *(user.folder / "var").rglob("*")]:
             assert path.lstat().st_uid == user.uid, path
+
+
+def test_start_names_paths_run_when_it_cannot_make_it():
+    if SystemUser.unavailable():
+        pytest.skip(SystemUser.unavailable())
+    with SystemUser() as user:
+        if user.problem:
+            pytest.skip(user.problem)
+        forbidden = user.folder / "root-only"
+        forbidden.mkdir(mode=0o700)
+        config = user.folder / "mailq.yaml"
+        config.write_text(f"node: {{name: n1}}\npaths: {{var: {user.folder / 'var'}, run: {forbidden / 'run'}}}\n")
+        res = user.run("mailqctl", "start", config=config, as_user=True)
+        assert res.returncode == 1 and "paths.run" in res.stderr and str(forbidden / "run") in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
