@@ -272,6 +272,14 @@ class ListsSettings:
 
 
 @dataclass
+class MetricsSettings:
+    #: The master serves Prometheus ``/metrics`` on this port; 0: not served (``mailqctl metrics`` works anyway).
+    port: int = _limited(0, at_least=0, at_most=65535)
+    #: Address it binds: loopback by default (a node_exporter or Prometheus on this host scrapes it).
+    host: str = "127.0.0.1"
+
+
+@dataclass
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -290,6 +298,7 @@ class Settings:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     log: LogSettings = field(default_factory=LogSettings)
     lists: ListsSettings = field(default_factory=ListsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: The run-as user: commands started as root switch to it before touching the shared tree
     #: (mailq/runas.py).  Empty: ``mailq`` for an installed package, the invoking user in a checkout.
     user: str = ""
