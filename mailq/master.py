@@ -131,6 +131,7 @@ class Child:
     started: float = 0.0           # time.monotonic() of the last start
     next_start: float = 0.0
     last_exit: int | None = None
+    hup_at: float | None = None    # time.monotonic() when a SIGHUP put off at start-up is to be sent
     since: float = field(default_factory=time.time)
 
     @property
@@ -248,6 +249,7 @@ class Master:
                     self._start_failover_check()
                     next_check = now + failover_interval(self.settings)
                 self._start_due()
+                self._send_due_hups()
                 self._write_status()
                 stats.flush()
                 time.sleep(TICK)
@@ -328,6 +330,7 @@ class Master:
             self._crashed(child, None)
             return
         child.state, child.started, child.since = "running", time.monotonic(), time.time()
+        child.hup_at = None     # a new runner opens (and inherits) the current log files
         self.log.info("started runner %s (pid %d)", child.label, child.proc.pid)
 
     def _start_due(self) -> None:
@@ -526,11 +529,19 @@ class Master:
         self._hup = False
         reopen_all()
         self.log.info("log files reopened; passing SIGHUP to the runners")
+        for child in self.children.values():
+            # A runner that started a moment ago may not have its SIGHUP handler yet: it gets the
+            # signal once it is a second old (its stderr still points at the file logrotate moved).
+            child.hup_at = child.started + 1.0
+        self._send_due_hups()
+
+    def _send_due_hups(self) -> None:
         now = time.monotonic()
         for child in self.children.values():
-            # A runner that started a moment ago opened its logs after the rotation, and may not
-            # have its SIGHUP handler yet (WatchedFileHandler also notices a moved file by itself).
-            if child.proc is not None and child.proc.poll() is None and now - child.started > 1.0:
+            if child.hup_at is None or now < child.hup_at:
+                continue
+            child.hup_at = None
+            if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGHUP)
 
     def _shutdown(self) -> None:
