@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "cluster": "mailq.cli.cluster:cluster",
     "config": "mailq.cli.lists:config",
     "cron": "mailq.cli.cron:cron",
+    "dmarc": "mailq.cli.dmarc:dmarc",
     "held": "mailq.cli.held:held",
     "init": "mailq.cli.init:init",
     "lists": "mailq.cli.lists:lists",

@@ -12,6 +12,8 @@ what is safe):
   messages, ``digest.mbox``, holder records); lock sentinels and claims without group read
   (filelock publishes them without group write on purpose and only ever reads them): chmod adding
   the missing bits;
+* ``var/qfiles``: queue and bucket folders without group rwx and setgid, entries, claims and notes
+  without group read and write (the MTA's user writes what the runners' user claims): chmod;
 * a file or folder the user running mailq cannot read: reported only (needs root's chown);
 * ownership (:func:`check_owners`, when there is a run-as user, ``user:``): every file and folder
   under ``paths.var`` and this node's ``paths.run`` folder must belong to the run-as user or its
@@ -59,6 +61,7 @@ def run_checks(settings: Settings, fix: bool = False) -> list[Problem]:
         problems += _check_list(store, name, fix)
     problems += _check_lock_files(settings.locks_dir, fix)
     problems += _check_locks(settings, fix)
+    problems += _check_qfiles(settings.qfiles, fix)
     return problems
 
 
@@ -112,6 +115,36 @@ def _walk(top: Path) -> list[Path]:
     out = [top]
     for folder, dirs, files in os.walk(top, onerror=lambda exc: None):
         out += [Path(folder, n) for n in sorted(dirs) + sorted(files)]
+    return out
+
+
+def _check_qfiles(qfiles: Path, fix: bool) -> list[Problem]:
+    """``var/qfiles``, every queue and bucket folder (setgid, group rwx) and every entry, claim and
+    note in them (group read/write): the MTA's user writes entries that the runners' user claims."""
+    if not qfiles.exists():
+        return []
+    out = _check_mode(qfiles, SHARED_DIR, fix)
+    for queue in sorted(os.scandir(qfiles), key=lambda e: e.name):
+        if not queue.is_dir(follow_symlinks=False):
+            continue
+        out += _check_mode(Path(queue.path), SHARED_DIR, fix, missing_ok=True)
+        try:
+            buckets = sorted(os.scandir(queue.path), key=lambda e: e.name)
+        except OSError as exc:
+            out.append(Problem(queue.path, f"cannot list: {exc.strerror}"))
+            continue
+        for bucket in buckets:
+            if not bucket.is_dir(follow_symlinks=False):
+                continue
+            out += _check_mode(Path(bucket.path), SHARED_DIR, fix, missing_ok=True)
+            try:
+                names = os.listdir(bucket.path)
+            except OSError as exc:
+                out.append(Problem(bucket.path, f"cannot list: {exc.strerror}"))
+                continue
+            for name in names:
+                if not name.endswith(".tmp"):      # temp files are their writer's until renamed
+                    out += _check_mode(Path(bucket.path, name), GROUP_RW, fix, missing_ok=True)
     return out
 
 
