@@ -1,7 +1,7 @@
 """Queue runners: one module per queue, all built on ``mailq.runners.base.Runner`` (DESIGN §1).
 
 ``REGISTRY`` names every runner the master may start, as ``"module:Class"`` so that a runner
-process imports only its own module.  Queues without an entry here (``bounces``, ``commands``)
+process imports only its own module.  Queues without an entry here (``commands``)
 have no runner yet: entries written there wait until one exists.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "retry": "mailq.runners.retry:RetryRunner",
     "archive": "mailq.runners.archive:ArchiveRunner",
     "lmtp": "mailq.runners.lmtp:LMTPRunner",
+    "bounces": "mailq.runners.bounces:BouncesRunner",
 }
 
 #: Runners that serve no queue and run once per node, never sliced.
