@@ -205,7 +205,8 @@ def test_verp_a_refused_personalized_copy_and_a_later_dsn_both_raise_the_score(t
                  message="bob and carol scored")
     assert member(settings, "alice@example.org").bounce_score == 0.0
     log = (settings.log_dir / "bounces.log").read_text()
-    assert "verp bounce" in log and "smtp bounce" in log
+    assert "carol@example.org: permanent: counted" in log and " by verp)" in log
+    assert "bob@example.org: permanent: counted" in log and " by smtp)" in log
 
 
 def _qrunner(node, now: str, spec: str = "bounces") -> None:

@@ -50,11 +50,14 @@ class Decision:
     #: notices to send once the list is saved: names of mailq.bounce.notices builders
     notices: list[str] = field(default_factory=list)
     warnings: int = 0
+    #: where the bounce came from: "<entry id> by <method>" (the runner fills it in)
+    source: str = ""
 
     def line(self) -> str:
         key = f" [{self.key}]" if self.key else ""
+        source = f" ({self.source})" if self.source else ""
         return (f"list {self.listname}: {self.address}: {self.kind}: {self.action}, "
-                f"score {self.before:g} -> {self.after:g}{key}")
+                f"score {self.before:g} -> {self.after:g}{key}{source}")
 
 
 def count_bounce(mlist: Any, address: str, kind: str, key: str, now: float | None = None) -> Decision:

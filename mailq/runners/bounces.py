@@ -47,8 +47,41 @@ class BouncesRunner(Runner):
         return BATCH
 
     def process(self, entry: Any) -> None:
-        """One entry (the base loop without batching): the batch path with a batch of one."""
-        failed = self.process_batch([entry])
+        """A base loop that hands out one claim at a time: claim the rest of the batch here.
+
+        The extra claims are finished here, or given back like the base loop would (requeued on a
+        TemporaryFailure, shunted otherwise); the first entry's failure is raised for the base loop.
+        """
+        import time
+        import traceback
+
+        from mailq.errors import TemporaryFailure
+
+        queue = self.queue_for(self.queue)
+        batch = [entry]
+        while len(batch) < self.batch_limit() and not self.stopping and self.claimant is not None:
+            more = queue.claim_next(self.slice, self.count, self.claimant)
+            if more is None:
+                break
+            batch.append(more)
+        failed = self.process_batch(batch)
+        try:
+            queue.finish_many([item for item in batch[1:] if item.id not in failed])
+        except Exception:
+            self.log.critical("cannot finish the batch (claims left for recovery):\n%s",
+                              traceback.format_exc().rstrip())
+        for item in batch[1:]:
+            exc = failed.get(item.id)
+            if exc is None:
+                continue
+            try:
+                if isinstance(exc, TemporaryFailure):
+                    queue.requeue(item, not_before=time.time() + self.tempfail_delay)
+                else:
+                    queue.shunt(item, "".join(traceback.format_exception(exc)).rstrip())
+            except Exception:
+                self.log.critical("cannot finish %s (claim left for recovery):\n%s", item.id,
+                                  traceback.format_exc().rstrip())
         if entry.id in failed:
             raise failed[entry.id]
 
@@ -88,16 +121,15 @@ class BouncesRunner(Runner):
         decisions: list[scoring.Decision] = []
         if counting:
             with self.store.edit(listname) as mlist:
-                for _entry, found in counting:
+                for entry, found in counting:
                     for address, kind in found.events():
-                        decisions.append(scoring.count_bounce(mlist, address, kind, found.key))
+                        decision = scoring.count_bounce(mlist, address, kind, found.key)
+                        decision.source = f"{entry.id} by {found.method}"
+                        decisions.append(decision)
                 # Queued before the save: a crash in between may send a notice twice, never loses one.
                 for decision in decisions:
                     if decision.notices:
                         send_decision_notices(self.settings, mlist, decision, self.log)
-            for entry, found in counting:
-                self.log.info("%s: %s bounce (%s) for %s", entry.id, found.method,
-                              found.key, ", ".join(f"{a} {k}" for a, k in found.events()))
             scoring.log_decisions(self.log, decisions)
         else:
             mlist = self.store.load(listname)       # NotFound: the list is gone
