@@ -359,3 +359,19 @@ def test_the_bounces_runner_is_registered_and_sliced():
     from mailq.runners import REGISTRY, load_runner
 
     assert load_runner("bounces").queue == "bounces" and "bounces" in REGISTRY
+
+
+def test_mail_that_is_no_bounce_goes_to_the_owners_within_the_daily_budget(node, settings):
+    bounce_list(settings, ["bob@example.org"], max_autoresponses_per_day=2)
+    for n, sender in enumerate(["pat@example.net"] * 3 + ["sam@example.net"]):
+        human = (f"From: {sender}\r\nTo: dev-bounces@example.org\r\nSubject: why do I get this? {n}\r\n"
+                 f"Message-ID: <human{n}@example.net>\r\n\r\nPlease explain.\r\n").encode()
+        node.run("mailq-deliver", "bounces", "dev", input=human, env={"SENDER": sender}, check=True)
+    node.run("qrunner", "-r", "bounces", "--once", check=True)
+    forwards = virgin_notices(settings)
+    assert sorted(s.rsplit(" ", 1)[-1] for to, s, _ in forwards if to == ["owner@example.org"]) == [
+        "pat@example.net", "pat@example.net", "sam@example.net"]
+    assert all(b"Please explain." in raw for _, _, raw in forwards)
+    log = (settings.log_dir / "bounces.log").read_text()
+    assert "pat@example.net used up today's 2 forwards" in log
+    assert member(settings, "bob@example.org").bounce_score == 0.0
