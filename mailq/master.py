@@ -166,6 +166,7 @@ class Master:
         self._failover_thread: threading.Thread | None = None
         self._takeover_done = threading.Event()
         self._shared_at = 0.0
+        self._metrics_server: Any = None
         self.on_hup: Callable[[], None] | None = None   # extra work on SIGHUP (the daemon's stdio)
 
     # -- start-up -------------------------------------------------------------------------------
@@ -212,11 +213,15 @@ class Master:
 
     def serve(self, ready: Callable[[], None] | None = None) -> int:
         """Recover, start the runners, call *ready*, supervise until SIGTERM; the exit status."""
+        from mailq import stats
+
         self._install_signals()
         self.log.info("master starting (pid %d, node %s)", os.getpid(), self.node)
+        stats.start(self.settings, "master")
         try:
             self.recover()
             self._beat()
+            self._serve_metrics()
             self._start_due()
             if ready is not None:
                 ready()
@@ -241,10 +246,26 @@ class Master:
                     next_check = now + failover_interval(self.settings)
                 self._start_due()
                 self._write_status()
+                stats.flush()
                 time.sleep(TICK)
         finally:
             self._shutdown()
         return 0
+
+    def _serve_metrics(self) -> None:
+        """``/metrics`` on metrics.host:metrics.port when configured (a failure to bind is logged, not fatal)."""
+        port = self.settings.metrics.port
+        if not port:
+            return
+        try:
+            from mailq.metrics import serve
+
+            self._metrics_server = serve(self.settings, self.settings.metrics.host, port)
+        except OSError as exc:
+            self.log.error("cannot serve /metrics on %s:%d: %s (mailqctl metrics still works)",
+                           self.settings.metrics.host, port, exc)
+            return
+        self.log.info("serving Prometheus metrics on http://%s:%d/metrics", self.settings.metrics.host, port)
 
     # -- children -------------------------------------------------------------------------------
     def _command(self, child: Child) -> list[str]:
@@ -498,6 +519,8 @@ class Master:
                 child.proc.kill()
                 child.proc.wait()
         self.children.clear()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         self._publish_status(stopped=True)
         self.log.info("master stopped")
         self.release()

@@ -115,7 +115,10 @@ class Runner(abc.ABC):
     # -- the loop -----------------------------------------------------------------------------
     def run(self, once: bool = False) -> int:
         """Serve the slice until stopped (or, with *once*, until nothing is due); the exit status."""
+        from mailq import stats
+
         self._install_signals()
+        stats.start(self.settings, f"{self.queue}:{self.slice}/{self.count}")
         self.log.info("started (pid %d, poll %.1fs%s)", os.getpid(), self.settings.runners.poll_interval,
                       ", once" if once else "")
         try:
@@ -132,6 +135,7 @@ class Runner(abc.ABC):
                 self.teardown()
             except Exception:
                 self.log.error("teardown failed:\n%s", traceback.format_exc().rstrip())
+            stats.flush(force=True)
         self.log.info("stopped%s", " (slice moved to another node)" if self._moved else "")
         return status
 
@@ -140,7 +144,10 @@ class Runner(abc.ABC):
         guard = self._make_guard()
         seen: set[str] = set()
         poll = self.settings.runners.poll_interval
+        from mailq import stats
+
         while not self.stopping:
+            stats.flush()       # at most once a second, and only after a change
             self._maybe_reopen()
             if self._master_pid and os.getppid() != self._master_pid:
                 self.log.warning("master pid %d is gone: stopping", self._master_pid)
@@ -201,14 +208,18 @@ class Runner(abc.ABC):
         return None
 
     def _handle(self, queue: Any, entry: Any) -> None:
+        from mailq import stats
+
         # The epoch too: claims are judged against the map they were made under (docs/cluster.md §4).
         self.log.info("claimed %s (epoch %d)", entry.id, self.claimant.epoch)
         started = time.monotonic()
         try:
             self.process(entry)
         except TemporaryFailure as exc:
+            stats.count("mailq_entries_failed_total", label="requeued")
             self._requeue(queue, entry, exc)
         except Exception:
+            stats.count("mailq_entries_failed_total", label="shunted")
             error = traceback.format_exc().rstrip()
             try:
                 queue.shunt(entry, error)       # logs "shunted <queue>/<id>: <last line>"
@@ -224,6 +235,7 @@ class Runner(abc.ABC):
             except FileNotFoundError:
                 self.log.warning("finished %s but its claim file was already gone", entry.id)
                 return
+            stats.count("mailq_entries_processed_total")
             self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
 
     def _requeue(self, queue: Any, entry: Any, exc: Exception) -> None:
