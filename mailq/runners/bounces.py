@@ -28,6 +28,7 @@ from typing import Any
 from mailq.bounce import score as scoring
 from mailq.bounce.detect import Detection, detect
 from mailq.bounce.notices import forward_unrecognized, send_decision_notices
+from mailq import stats
 from mailq.errors import NotFound
 from mailq.runners.base import Runner
 
@@ -131,6 +132,9 @@ class BouncesRunner(Runner):
                     if decision.notices:
                         send_decision_notices(self.settings, mlist, decision, self.log)
             scoring.log_decisions(self.log, decisions)
+            scored = sum(d.after != d.before for d in decisions if d.kind in scoring.WEIGHTS)
+            if scored:
+                stats.count("mailq_bounces_scored_total", scored)
         else:
             mlist = self.store.load(listname)       # NotFound: the list is gone
         for entry, found in items:
