@@ -162,7 +162,7 @@ class MailqCollector(Collector):
         running = GaugeMetricFamily("mailq_runner_running", "1 while the runner process runs",
                                     labels=["node", "runner"])
         for r in (status or {}).get("runners", []):
-            label = r["name"] if r["name"] == "lmtp" else f"{r['name']}:{r['slice']}/{r['count']}"
+            label = r["name"] if r.get("unsliced") else f"{r['name']}:{r['slice']}/{r['count']}"
             restarts.add_metric([node, label], r.get("restarts") or 0)
             running.add_metric([node, label], 1 if r.get("state") == "running" else 0)
         yield restarts
