@@ -2,8 +2,8 @@
 
 Entries come from ``mailq-deliver bounces LIST`` and LMTP (a bounce mailed to ``LIST-bounces`` or
 its VERP form) and from the out runner (a 5xx during our own delivery, ``via`` "smtp").  A batch of
-claims (``batch_limit``, up to ``BATCH`` entries, each confirmed by the cluster guard) is handled in
-three steps:
+claims (``batch_limit``, up to ``BATCH`` entries, each confirmed by the cluster guard by the base
+loop) is handled in three steps (``process_batch``):
 
 1. detection, outside any lock (``mailq.bounce.detect``: VERP, then flufl.bounce);
 2. one ``store.edit`` per list for the whole batch: every bounce is counted under the list lock
@@ -46,45 +46,6 @@ class BouncesRunner(Runner):
 
     def batch_limit(self) -> int:
         return BATCH
-
-    def process(self, entry: Any) -> None:
-        """A base loop that hands out one claim at a time: claim the rest of the batch here.
-
-        The extra claims are finished here, or given back like the base loop would (requeued on a
-        TemporaryFailure, shunted otherwise); the first entry's failure is raised for the base loop.
-        """
-        import time
-        import traceback
-
-        from mailq.errors import TemporaryFailure
-
-        queue = self.queue_for(self.queue)
-        batch = [entry]
-        while len(batch) < self.batch_limit() and not self.stopping and self.claimant is not None:
-            more = queue.claim_next(self.slice, self.count, self.claimant)
-            if more is None:
-                break
-            batch.append(more)
-        failed = self.process_batch(batch)
-        try:
-            queue.finish_many([item for item in batch[1:] if item.id not in failed])
-        except Exception:
-            self.log.critical("cannot finish the batch (claims left for recovery):\n%s",
-                              traceback.format_exc().rstrip())
-        for item in batch[1:]:
-            exc = failed.get(item.id)
-            if exc is None:
-                continue
-            try:
-                if isinstance(exc, TemporaryFailure):
-                    queue.requeue(item, not_before=time.time() + self.tempfail_delay)
-                else:
-                    queue.shunt(item, "".join(traceback.format_exception(exc)).rstrip())
-            except Exception:
-                self.log.critical("cannot finish %s (claim left for recovery):\n%s", item.id,
-                                  traceback.format_exc().rstrip())
-        if entry.id in failed:
-            raise failed[entry.id]
 
     def process_batch(self, entries: list[Any]) -> dict[str, BaseException]:
         if not hasattr(self, "store"):
