@@ -7,6 +7,7 @@ commands, LMTP and an SMTP sink on loopback.
 from __future__ import annotations
 
 import json
+import re
 import smtplib
 
 import pytest
@@ -204,9 +205,13 @@ def test_verp_a_refused_personalized_copy_and_a_later_dsn_both_raise_the_score(t
                           member(settings, "carol@example.org").bounce_score) == (1.0, 1.0), 60,
                  message="bob and carol scored")
     assert member(settings, "alice@example.org").bounce_score == 0.0
-    log = (settings.log_dir / "bounces.log").read_text()
-    assert "carol@example.org: permanent: counted" in log and " by verp)" in log
-    assert "bob@example.org: permanent: counted" in log and " by smtp)" in log
+    # The decision lines are written right after the save that the scores above come from.
+    log = wait_for(lambda: (text := (settings.log_dir / "bounces.log").read_text()).count(": permanent: counted") == 2
+                   and text, 30, message="both decisions in bounces.log")
+    assert re.search(r"carol@example\.org: permanent: counted, score 0 -> 1 \[mid:<relay-dsn-1@mx\.example\.net>\] "
+                     r"\(\S+ by verp\)", log)
+    assert re.search(r"bob@example\.org: permanent: counted, score 0 -> 1 \[smtp:\S+:bob@example\.org\] "
+                     r"\(\S+ by smtp\)", log)
 
 
 def _qrunner(node, now: str, spec: str = "bounces") -> None:
