@@ -16,12 +16,11 @@ parser or a detector chokes on is reported as unrecognized with the reason.
   (flufl.bounce's ``_scan.py`` runs the same loop), so one ``all_failures`` call does both jobs at
   half the parsing cost.  An address it reports both ways counts as permanent.
 
-flufl.bounce 6.0.0's heuristic detectors (SimpleMatch and those built on it) drop every address
-whose domain has a hyphen (their validity pattern allows only ``[a-z0-9._]`` after the ``@``), so
-``bounce@auto-walther.de`` in a plain "the following addresses failed" report is found and then
-thrown away.  When flufl.bounce finds nothing, ``_simple_match`` runs SimpleMatch's own pattern
-table again and checks the candidates with a correct address test instead; the patterns, which are
-the knowledge, stay flufl.bounce's.
+flufl.bounce 6.0.0's heuristic detectors (SimpleMatch, GroupWise, Microsoft) check what they find
+against one address pattern whose domain part allows only ``[a-z0-9._]``: every address at a
+domain with a hyphen (``bounce@auto-walther.de``) is found and then thrown away.  ``_fix_flufl``
+gives those three modules the same pattern with ``-`` added, once, at import, and only while the
+installed flufl.bounce still rejects such an address (a fixed release turns it off by itself).
 """
 from __future__ import annotations
 
@@ -52,7 +51,7 @@ class Detection:
 
     permanent: set[str] = field(default_factory=set)
     temporary: set[str] = field(default_factory=set)
-    #: how it was found: "smtp", "verp", "flufl", "simplematch" or "" (unrecognized)
+    #: how it was found: "smtp", "verp", "flufl" or "" (unrecognized)
     method: str = ""
     #: for an unrecognized message, why (for the log)
     reason: str = ""
@@ -123,9 +122,6 @@ def detect(raw: bytes, metadata: dict[str, Any]) -> Detection:
                                                     f"report (a reply or an autoresponder){problem}")
     if temporary or permanent:
         return Detection(permanent=permanent, temporary=temporary - permanent, method="flufl", key=key)
-    found = _simple_match(msg)
-    if found:
-        return Detection(permanent=found, method="simplematch", key=key)
     what = "a delivery report none of the detectors can read" if _is_delivery_report(msg, metadata) \
         else "not a bounce (no failed address found)"
     return Detection(method="", key=key, reason=what + problem)
@@ -161,31 +157,20 @@ def _plausible(address: str) -> bool:
     return len(address) <= 254 and bool(_ADDRESS.match(address))
 
 
-def _simple_match(msg: Message) -> set[str]:
-    """flufl.bounce SimpleMatch's pattern table, with a correct address test (module docstring)."""
-    from email.iterators import body_line_iterator
+def _fix_flufl() -> None:
+    """Let flufl.bounce's heuristic detectors keep addresses at hyphenated domains (module docstring)."""
+    from flufl.bounce._detectors import groupwise, microsoft, simplematch
 
-    from flufl.bounce._detectors.simplematch import PATTERNS
+    broken = simplematch.VALID
+    if broken.match(b"a@mail-host.example"):
+        return
+    fixed = re.compile(broken.pattern.replace(b"[a-z0-9._]", b"[a-z0-9._-]"), broken.flags)
+    for module in (simplematch, groupwise, microsoft):
+        if getattr(module, "VALID", None) is broken:
+            module.VALID = fixed
 
-    try:
-        lines = list(body_line_iterator(msg))
-    except Exception:
-        return set()
-    for start, end, address in PATTERNS:
-        found: set[str] = set()
-        seen_start = False
-        for line in lines:
-            if not seen_start and start.search(line):
-                seen_start = True
-            if seen_start:
-                mo = address.search(line)
-                if mo and mo.group("addr"):
-                    found.add(mo.group("addr"))
-                elif end.search(line):
-                    break
-        if found:
-            return {a for a in _texts(found)}
-    return set()
+
+_fix_flufl()
 
 
 def _is_delivery_report(msg: Message, metadata: dict[str, Any]) -> bool:
