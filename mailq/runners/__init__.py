@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "archive": "mailq.runners.archive:ArchiveRunner",
     "lmtp": "mailq.runners.lmtp:LMTPRunner",
     "bounces": "mailq.runners.bounces:BouncesRunner",
+    "commands": "mailq.runners.commands:CommandsRunner",
 }
 
 
