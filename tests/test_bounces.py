@@ -7,6 +7,7 @@ commands, LMTP and an SMTP sink on loopback.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import smtplib
 
@@ -14,6 +15,7 @@ import pytest
 
 from mailq.bounce import score as scoring
 from mailq.bounce.detect import MAX_SCAN_BYTES, detect
+from mailq.bounce.notices import send_decision_notices
 from mailq.lists import ListStore
 from mailq.queue import Queue
 from tests.bounce_support import (bounce_list, corpus_dir, dsn, manifest, member, queue_files,
@@ -267,6 +269,7 @@ def test_threshold_warnings_and_removal_on_a_moved_clock(node, settings):
         (["bob@example.org"], "dev"), (["owner@example.org"], "dev")]
     warning = next(raw for to, _, raw in notices if to == ["bob@example.org"]).decode()
     assert "set delivery on" in warning and "dev-request@example.org" in warning and "1 of 2" in warning
+    assert re.search(r"Reply-To: dev-confirm\+[0-9a-f]{40}@example\.org", warning)
 
     disabled = json.loads(node.run("mailqctl", "members", "list", "dev", "--disabled", "--json", check=True).stdout)
     assert [(m["address"], m["disabled_reason"]) for m in disabled] == [("bob@example.org", "bounce")]
@@ -406,3 +409,27 @@ def test_mail_that_is_no_bounce_goes_to_the_owners_within_the_daily_budget(node,
     log = (settings.log_dir / "bounces.log").read_text()
     assert "pat@example.net used up today's 2 forwards" in log
     assert member(settings, "bob@example.org").bounce_score == 0.0
+
+
+def _disabled_by_bounces(settings, address: str) -> None:
+    with ListStore(settings).edit("dev") as mlist:
+        d = scoring.count_bounce(mlist, address, "permanent", f"k-{address}")
+        assert "delivery disabled" in d.action
+        send_decision_notices(settings, mlist, d, logging.getLogger("test"))
+
+
+def test_a_disabled_member_turns_delivery_on_by_request_or_by_replying_to_the_warning(node, settings):
+    bounce_list(settings, ["bob@example.org", "carol@example.org"], bounce_score_threshold=1.0)
+    for address in ("bob@example.org", "carol@example.org"):
+        _disabled_by_bounces(settings, address)
+    warning = next(raw for to, _, raw in virgin_notices(settings) if to == ["carol@example.org"]).decode()
+    token_address = re.search(r"Reply-To: (dev-confirm\+[0-9a-f]{40}@example\.org)", warning).group(1)
+    request = b"From: bob@example.org\r\nTo: dev-request@example.org\r\nSubject: x\r\n\r\nset delivery on\r\n"
+    node.run("mailq-deliver", "request", "dev", input=request, env={"SENDER": "bob@example.org"}, check=True)
+    reply = (f"From: carol@example.org\r\nTo: {token_address}\r\nSubject: Re: warning\r\n\r\nplease\r\n").encode()
+    node.run("mailq-deliver", "confirm", "dev", input=reply,
+             env={"SENDER": "carol@example.org", "ORIGINAL_RECIPIENT": token_address}, check=True)
+    node.run("qrunner", "-r", "commands", "--once", check=True)
+    for address in ("bob@example.org", "carol@example.org"):
+        m = member(settings, address)
+        assert (m.status, m.bounce_score, m.bounce) == ("enabled", 0.0, None), address

@@ -1,8 +1,8 @@
 """The mail bounce processing sends: member warnings, owner notices, forwarded non-bounces.
 
-Texts are templates (``mailq/templates/bounce-*.txt``, a ``Subject:`` first line) rendered by
-``_render`` only, so they follow the template folder's API and per-list overrides
-(docs/commands.md).  Every notice is queued in ``virgin`` with ``mailq.notices.notify``.
+Texts are templates (``mailq/templates/bounce-*.txt``, a ``Subject:`` first line; per-list copies
+with ``mailqctl templates``, docs/commands.md §5), queued in ``virgin`` with
+``mailq.notices.notify_template``.
 
 A member's warning goes out with the list's bounces address as sender, so a warning that bounces
 comes back to the bounce runner (and counts for a member already disabled) instead of landing in the
@@ -10,57 +10,50 @@ owners' mailbox; owner notices come from the owner address, like every other own
 """
 from __future__ import annotations
 
-import string
-from pathlib import Path
 from typing import Any
 
 from mailq import clock
 from mailq.config import Settings
-from mailq.notices import notify
-
-_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-
-
-def _render(mlist: Any, name: str, **values: Any) -> tuple[str, str]:
-    """(subject, body) of template *name*: the one place texts are rendered."""
-    text = (_TEMPLATES / f"{name}.txt").read_text(encoding="utf-8")
-    merged = {"list_name": mlist.name, "list_address": mlist.posting_address,
-              "request_address": mlist.request_address, "owner_address": mlist.owner_address,
-              "bounces_address": mlist.bounces_address, "confirm_address": mlist.confirm_address, **values}
-    filled = string.Template(text).safe_substitute({k: "" if v is None else str(v) for k, v in merged.items()})
-    first, _, rest = filled.partition("\n")
-    if first.lower().startswith("subject:"):
-        return " ".join(first[len("subject:"):].split()), rest.lstrip("\n")
-    return f"{mlist.name}: bounce processing", filled
-
+from mailq.notices import notify_template
 
 def _owners(settings: Settings, mlist: Any) -> list[str]:
     return list(mlist.settings.owners) or [settings.site_owner]
 
 
 def send_decision_notices(settings: Settings, mlist: Any, decision: Any, log: Any) -> list[str]:
-    """Queue the notices *decision* asks for (after its list was saved); their entry ids."""
+    """Queue the notices *decision* asks for; their entry ids.
+
+    A warning carries a confirmation token (``mailq.lists.pending``, action ``enable``): replying to
+    it, or writing to ``LIST-confirm+TOKEN@``, turns delivery on again, as ``set delivery on`` to
+    ``-request`` does.  The token lasts until the member would be removed.
+    """
+    from mailq.lists.pending import PendingStore
+
     s = mlist.settings
     sent = []
     for name in decision.notices:
         if name == "warning":
             interval = s.bounce_disabled_warnings_interval_days
             left = max(0, s.bounce_disabled_warnings - decision.warnings + 1) * interval
-            subject, body = _render(mlist, "bounce-warning", address=decision.address, warning=decision.warnings,
-                                    warnings_total=s.bounce_disabled_warnings, days_left=left)
-            sent.append(notify(settings, [decision.address], subject, body, listname=mlist.name,
-                               sender=mlist.bounces_address))
+            token = PendingStore(settings, mlist.name).create("token", "enable", decision.address,
+                                                              days=max(left, interval, 1)).id
+            local, _, domain = mlist.confirm_address.rpartition("@")
+            token_address = f"{local}+{token}@{domain}"
+            sent.append(notify_template(settings, mlist, [decision.address], "bounce-warning",
+                                        from_address=mlist.bounces_address, headers={"Reply-To": token_address},
+                                        address=decision.address, warning=decision.warnings,
+                                        warnings_total=s.bounce_disabled_warnings, days_left=left, token=token,
+                                        confirm_token_address=token_address))
         elif name == "disabled_owner":
-            subject, body = _render(mlist, "bounce-disabled", address=decision.address, score=f"{decision.after:g}",
-                                    threshold=f"{s.bounce_score_threshold:g}", kind=decision.kind,
-                                    last_bounce=clock.day(clock.now()), warnings_total=s.bounce_disabled_warnings)
-            sent.append(notify(settings, _owners(settings, mlist), subject, body, listname=mlist.name,
-                               sender=mlist.owner_address))
+            sent.append(notify_template(settings, mlist, _owners(settings, mlist), "bounce-disabled",
+                                        from_address=mlist.owner_address, address=decision.address,
+                                        score=f"{decision.after:g}", threshold=f"{s.bounce_score_threshold:g}",
+                                        kind=decision.kind, last_bounce=clock.day(clock.now()),
+                                        warnings_total=s.bounce_disabled_warnings))
         elif name == "removed_owner":
-            subject, body = _render(mlist, "bounce-removed", address=decision.address, score=f"{decision.after:g}",
-                                    warnings_sent=decision.warnings)
-            sent.append(notify(settings, _owners(settings, mlist), subject, body, listname=mlist.name,
-                               sender=mlist.owner_address))
+            sent.append(notify_template(settings, mlist, _owners(settings, mlist), "bounce-removed",
+                                        from_address=mlist.owner_address, address=decision.address,
+                                        score=f"{decision.after:g}", warnings_sent=decision.warnings))
         else:
             raise ValueError(f"unknown bounce notice {name!r}")
         log.info("list %s: %s: sent the %s notice", mlist.name, decision.address, name.replace("_", " "))
@@ -69,18 +62,17 @@ def send_decision_notices(settings: Settings, mlist: Any, decision: Any, log: An
 
 def forward_unrecognized(settings: Settings, mlist: Any, raw: bytes, sender: str, reason: str, log: Any) -> str:
     """Forward a non-bounce to the owners; what happened, for the log."""
+    from mailq.lists.autoresponse import take
+
     s = mlist.settings
     if not s.forward_unrecognized_bounces:
         return "dropped (forward_unrecognized_bounces is false)"
-    per_day = int(getattr(s, "max_autoresponses_per_day", 0) or 0)
-    from mailq.lists.autoresponse import take
-
+    per_day = int(s.max_autoresponses_per_day)
     if not take(settings, mlist, sender or "<>"):
         return f"dropped: {sender or 'the null sender'} used up today's {per_day} forwards"
-    subject, body = _render(mlist, "bounce-unrecognized", sender=sender or "<>", reason=reason,
-                            per_day=per_day or "unlimited")
-    entry = notify(settings, _owners(settings, mlist), subject, body, listname=mlist.name,
-                   sender=mlist.owner_address, attachment=raw)
+    entry = notify_template(settings, mlist, _owners(settings, mlist), "bounce-unrecognized",
+                            from_address=mlist.owner_address, attachment=raw, sender=sender or "<>",
+                            reason=reason, per_day=per_day or "unlimited")
     return f"forwarded to the owners ({entry})"
 
 
