@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "cluster": "mailq.cli.cluster:cluster",
     "config": "mailq.cli.lists:config",
     "cron": "mailq.cli.cron:cron",
+    "dmarc": "mailq.cli.dmarc:dmarc",
     "held": "mailq.cli.held:held",
     "lists": "mailq.cli.lists:lists",
     "locks": "mailq.cli.locks:locks",
