@@ -17,6 +17,7 @@ from mailq.cli.common import accept_config_everywhere
 #: command name -> "module:attribute"
 SUBCOMMANDS = {
     "aliases": "mailq.cli.aliases:aliases",
+    "bounces": "mailq.cli.bounces:bounces",
     "check": "mailq.cli.lists:check",
     "cluster": "mailq.cli.cluster:cluster",
     "config": "mailq.cli.lists:config",

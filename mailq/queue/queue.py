@@ -292,6 +292,23 @@ class Queue:
             self.log.warning("finish %s/%s: claim %s is gone (was it recovered while its claimant lived?)",
                              self.name, c.id, c.path)
 
+    def finish_many(self, claims: list[Claimed], workers: int = 16) -> None:
+        """``finish`` each of *claims*, several at once.
+
+        Unlinking an entry that was fsynced when it was written waits for the filesystem journal
+        (ext4: ~2 ms while other processes fsync, against 0.02 ms idle); unlinks issued together
+        share one journal commit, so a batch of 1,000 finishes 10-20 times sooner this way (measured
+        on the project's machine, bench/bounces.py).  Order does not matter: each claim is its own file.
+        """
+        if len(claims) < 4:
+            for c in claims:
+                self.finish(c)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(workers, len(claims)), thread_name_prefix="finish") as pool:
+            list(pool.map(self.finish, claims))
+
     def shunt(self, c: Claimed, error: str) -> str:
         """Move a claimed entry to ``shunt`` with *error* in its metadata; ``mailqctl queue unshunt`` undoes it.
 
