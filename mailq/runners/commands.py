@@ -25,6 +25,11 @@ from mailq.errors import InvalidInput, NotFound
 from mailq.runners.base import Runner
 
 
+#: Most entries claimed for one batch: the confirmations among them are carried out with one lock
+#: cycle, one load and one save of each list (``pending.carry_out_many``).
+BATCH = 200
+
+
 class CommandsRunner(Runner):
     queue = "commands"
 
@@ -33,7 +38,68 @@ class CommandsRunner(Runner):
 
         self.store = ListStore(self.settings)
 
+    def batch_limit(self) -> int:
+        return BATCH
+
     def process(self, entry: Any) -> None:
+        failed = self.process_batch([entry])
+        if failed:
+            raise failed[entry.id]
+
+    def process_batch(self, entries: list[Any]) -> dict[str, BaseException]:
+        """Each entry on its own, except the confirmations' carrying out: every token is decided by
+        its own entry (``decide``: the once-only step), then the decided ones are carried out together,
+        one ``carry_out_many`` per list, and answered."""
+        from mailq.commands import membership
+
+        if not hasattr(self, "store"):
+            self.setup()
+        failed: dict[str, BaseException] = {}
+        decided: dict[str, list[tuple[Any, Any, str, str]]] = {}
+        for entry in entries:
+            try:
+                ctx = self._context(entry)
+                if ctx is None:
+                    continue
+                kind = str(entry.metadata.get("kind") or "request")
+                token = self._confirm_token(ctx, kind, entry.metadata)
+                if token is None:
+                    lines, answer = self._carry_out(ctx, kind, entry.metadata)
+                    self._finish(entry, ctx, kind, lines, answer)
+                    continue
+                pending_id, refused = membership.decide_token(ctx, token)
+                if not pending_id:
+                    self._finish(entry, ctx, kind, [refused], True)
+                    continue
+                decided.setdefault(ctx.mlist.name, []).append((entry, ctx, token, pending_id))
+            except Exception as exc:        # noqa: BLE001 - the base requeues (TemporaryFailure) or shunts it
+                failed[entry.id] = exc
+        for listname, items in decided.items():
+            self._confirm_many(listname, items, failed)
+        return failed
+
+    def _confirm_many(self, listname: str, items: list, failed: dict[str, BaseException]) -> None:
+        from mailq.commands import membership
+        from mailq.lists.pending import carry_out_many
+
+        try:
+            results = carry_out_many(self.settings, listname, [pending_id for _, _, _, pending_id in items])
+        except Exception as exc:        # noqa: BLE001 - each entry finds its own decision when it comes back
+            self.log.error("list %s: %d confirmation(s) recorded but not carried out yet: %s",
+                           listname, len(items), exc)
+            for entry, *_ in items:
+                failed[entry.id] = exc
+            return
+        for entry, ctx, token, pending_id in items:
+            try:
+                line = membership.confirmed(ctx, token, *results[pending_id])
+                # like -join/-leave: the welcome (goodbye, ...) is the answer; a reply only when none went
+                self._finish(entry, ctx, "confirm", [line], not ctx.sent)
+            except Exception as exc:    # noqa: BLE001
+                failed[entry.id] = exc
+
+    def _context(self, entry: Any) -> Any:
+        """The Context for answering *entry*, or None when it is finished unanswered (logged)."""
         from mailq.commands import Context
 
         metadata = entry.metadata
@@ -43,35 +109,46 @@ class CommandsRunner(Runner):
             mlist = self.store.load(listname)
         except (NotFound, InvalidInput):
             self.log.warning("%s: no list %r (removed since the mail came?): dropped", entry.id, listname)
-            return
+            return None
         try:
             msg = email.message_from_bytes(entry.msg, policy=policy.compat32)
         except Exception as exc:  # noqa: BLE001 - the email package's parser rarely raises; never shunt for it
             self.log.warning("%s: unparsable message (%s): dropped", entry.id, exc)
-            return
+            return None
         from mailq.lists.autoresponse import reason_not_to_answer
 
         envelope = metadata.get("envelope_sender")
         reason = reason_not_to_answer(msg, envelope if isinstance(envelope, str) else None, mlist)
         if reason:
             self.log.info("%s: %s mail for %s not answered: %s", entry.id, kind, listname, reason)
-            return
+            return None
         sender = self._sender(msg, envelope)
         if sender is None:
             self.log.warning("%s: %s mail for %s has no usable sender address: dropped", entry.id, kind, listname)
-            return
+            return None
         # The entry's SHA-1 names it for good (its time field changes when it is requeued).
-        ctx = Context(self.settings, self.store, mlist, sender, msg, entry.id.rpartition("+")[2], self.log)
-        lines, answer = self._carry_out(ctx, kind, metadata)
+        return Context(self.settings, self.store, mlist, sender, msg, entry.id.rpartition("+")[2], self.log)
+
+    def _finish(self, entry: Any, ctx: Any, kind: str, lines: list[str], answer: bool) -> None:
         if answer:
             self._reply(ctx, lines)
-        self.log.info("%s: %s mail from %s for %s: %s", entry.id, kind, sender, listname, "; ".join(lines) or "-")
+        self.log.info("%s: %s mail from %s for %s: %s", entry.id, kind, ctx.sender, ctx.mlist.name,
+                      "; ".join(lines) or "-")
+
+    @staticmethod
+    def _confirm_token(ctx: Any, kind: str, metadata: dict) -> str | None:
+        """The token a mail to ``-confirm`` carries (address, Subject or first body line), or None."""
+        from mailq.commands.parse import find_token
+
+        if kind != "confirm":
+            return None
+        return _token_of(str(metadata.get("original_recipient") or "")) or find_token(ctx.msg)
 
     # -- what the mail asks -----------------------------------------------------------------------
     def _carry_out(self, ctx: Any, kind: str, metadata: dict) -> tuple[list[str], bool]:
         """(reply lines, whether to send a reply).  -join/-leave answer only through the mail they cause."""
         from mailq.commands import membership, run
-        from mailq.commands.parse import Command, find_token, parse
+        from mailq.commands.parse import Command, parse
 
         if kind == "join":
             line = membership.subscribe(ctx, Command("subscribe", (), "subscribe"))
@@ -79,11 +156,6 @@ class CommandsRunner(Runner):
         if kind == "leave":
             line = membership.unsubscribe(ctx, Command("unsubscribe", (), "unsubscribe"))
             return [line], not ctx.sent
-        if kind == "confirm":
-            token = _token_of(str(metadata.get("original_recipient") or "")) or find_token(ctx.msg)
-            if token:
-                # like -join/-leave: the welcome (goodbye, ...) is the answer; a reply only when none went
-                return [membership.confirm_token(ctx, token)], not ctx.sent
         parsed = parse(ctx.msg)
         if not parsed.commands:
             return [], True     # no usable command: the help text is the reply
