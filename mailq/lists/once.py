@@ -55,12 +55,13 @@ def link_once(target: Path, data: bytes, *, what: str = "the decision") -> bool:
 
 
 def send_staged(settings: Any, path: Path, queue: str, key: str, at: float, *, resume_hint: str,
-                fsync: bool = True) -> Path:
+                fsync: bool = True) -> Path | None:
     """Step "send": rename the staged entry *path* into *queue* under a name fixed by *key* and *at*.
 
     A vanished *path* means it was sent already (or a retransmitted NFS rename went through).
     *resume_hint* names the command that finishes the work when the rename fails for a while.
-    Returns the queue folder; with *fsync* False the caller fsyncs it (once for many renames).
+    Returns the queue folder it was moved into (None: it had been sent already); with *fsync*
+    False the caller fsyncs that folder (once for many renames).
     """
     from mailq.queue.names import ENTRY_SUFFIX, entry_id
 
@@ -73,7 +74,7 @@ def send_staged(settings: Any, path: Path, queue: str, key: str, at: float, *, r
     except FileNotFoundError:
         if path.exists():
             raise
-        return folder
+        return None
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             raise MailqError(f"cannot move {path} into {folder}: var/lists and var/qfiles are on different "

@@ -241,7 +241,8 @@ class PendingStore:
         *plan(record, decision) -> (apply, entries)*: ``apply(mlist)`` changes the list inside its
         edit (or None), ``entries`` the ``(queue, msg, metadata)`` to send.  Called only while the
         record still exists; later calls only send what was staged.  Returns how many messages
-        this call staged (0 when an earlier call did).
+        this call moved into their queues (0 when an earlier call sent them all): a call that
+        finishes a crashed one's work counts the welcome that crashed one staged.
         """
         return self.complete_many([pending_id], plan)[pending_id]
 
@@ -264,7 +265,7 @@ class PendingStore:
             if decision is None:
                 raise InvalidInput(f"request {pending_id} of list {self.listname} has no decision yet")
             decisions[pending_id] = decision
-        staged = {pending_id: 0 for pending_id in pending_ids}
+        sent = {pending_id: 0 for pending_id in pending_ids}
         fsync = self.settings.queue.fsync
         # Its own lock (not the list's, which store.edit takes inside): two completers never interleave.
         with named_lock(self.settings, f"pending.{self.listname}"):
@@ -276,7 +277,6 @@ class PendingStore:
                 if record is None:
                     continue
                 apply, entries = plan(record, decisions[pending_id])
-                staged[pending_id] = len(entries)
                 for n, (queue, msg, metadata) in enumerate(entries):
                     atomic_write(self.folder / f"{pending_id}{STAGED}{n}-{queue}", encode(msg, metadata), fsync=fsync)
                 if apply is not None:
@@ -296,16 +296,18 @@ class PendingStore:
             waiting = self._staged_all()
             for pending_id, decision in decisions.items():
                 for name, queue, path in waiting.get(pending_id, ()):
-                    folders.add(send_staged(self.settings, path, queue, f"{self.listname}\0{pending_id}\0{name}",
-                                            decision.at, resume_hint="mailqctl cron run expire-pending",
-                                            fsync=False))
+                    folder = send_staged(self.settings, path, queue, f"{self.listname}\0{pending_id}\0{name}",
+                                         decision.at, resume_hint="mailqctl cron run expire-pending", fsync=False)
+                    if folder is not None:
+                        folders.add(folder)
+                        sent[pending_id] += 1
                     _crash_point("sent")
             if fsync:
                 from mailq.fsutil import fsync_dir
 
                 for folder in folders:
                     fsync_dir(folder)
-        return staged
+        return sent
 
     def incomplete(self) -> list[str]:
         """Decided but not (fully) carried out: a record still there, or staged entries not sent."""

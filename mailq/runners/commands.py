@@ -56,6 +56,7 @@ class CommandsRunner(Runner):
             self.setup()
         failed: dict[str, BaseException] = {}
         decided: dict[str, list[tuple[Any, Any, str, str]]] = {}
+        refusals: list[tuple[Any, Any, str]] = []
         for entry in entries:
             try:
                 ctx = self._context(entry)
@@ -69,13 +70,19 @@ class CommandsRunner(Runner):
                     continue
                 pending_id, refused = membership.decide_token(ctx, token)
                 if not pending_id:
-                    self._finish(entry, ctx, kind, [refused], True)
+                    refusals.append((entry, ctx, refused))
                     continue
                 decided.setdefault(ctx.mlist.name, []).append((entry, ctx, token, pending_id))
             except Exception as exc:        # noqa: BLE001 - the base requeues (TemporaryFailure) or shunts it
                 failed[entry.id] = exc
         for listname, items in decided.items():
             self._confirm_many(listname, items, failed)
+        # Answered after the carrying out: a crash inside it sends none of these answers twice.
+        for entry, ctx, refused in refusals:
+            try:
+                self._finish(entry, ctx, "confirm", [refused], True)
+            except Exception as exc:    # noqa: BLE001
+                failed[entry.id] = exc
         return failed
 
     def _confirm_many(self, listname: str, items: list, failed: dict[str, BaseException]) -> None:
