@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mailq.config import Settings
 from mailq.errors import TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS
+from mailq.fsutil import TEMPORARY_ERRNOS, write_all
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 
@@ -53,11 +53,7 @@ def append_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
             if tail != b"\n\n" and tail != b"\n":    # torn by a killed writer: start on a line of its own
                 data = (b"\n" if tail.endswith(b"\n") else b"\n\n") + data
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if fsync:
-                os.fsync(fd)
+            write_all(fd, data, fsync=fsync)
         except OSError as exc:
             try:
                 os.ftruncate(fd, start)

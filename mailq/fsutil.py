@@ -1,10 +1,10 @@
-"""Small filesystem helpers shared by every layer (no knowledge of mail or queues)."""
-from __future__ import annotations
+"""Small filesystem helpers shared by every layer (no knowledge of mail or queues).
 
+Imported by mailq-deliver for every message (through ``mailq.queue.entry``): only ``os`` and
+``errno`` here, no ``pathlib`` or ``secrets``; paths may be ``str`` or ``Path``.
+"""
 import errno
 import os
-import secrets
-from pathlib import Path
 
 from mailq.errors import TemporaryFailure
 
@@ -13,7 +13,16 @@ TEMPORARY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ESTALE, errno.E
                     errno.EAGAIN, errno.ETIMEDOUT}
 
 
-def fsync_dir(path: Path) -> None:
+def write_all(fd: int, data: bytes, *, fsync: bool) -> None:
+    """Write every byte of *data* to *fd* (``os.write`` may write less), then fsync it if asked."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    if fsync:
+        os.fsync(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a rename or create inside *path* durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -22,7 +31,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, fsync: bool = True, keep_last: bool = False,
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True, keep_last: bool = False,
                  mode: int = 0o660) -> None:
     """Write *data* to *path* so that readers see the old or the new content, never a mix.
 
@@ -30,21 +39,17 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True, keep_last: bool
     (a hard link, so there is never a moment without a current file), then rename over *path*.
     A full disk raises TemporaryFailure and leaves *path* as it was.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    folder, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if fsync:
-                os.fsync(fd)
+            write_all(fd, data, fsync=fsync)
         finally:
             os.close(fd)
-        if keep_last and path.exists():
-            last = path.with_name(path.name + ".last")
-            last_tmp = path.with_name(f".{path.name}.last.{os.getpid()}.tmp")
+        if keep_last and os.path.exists(path):
+            last = os.path.join(folder, name + ".last")
+            last_tmp = os.path.join(folder, f".{name}.last.{os.getpid()}.tmp")
             try:
                 os.unlink(last_tmp)
             except FileNotFoundError:
@@ -53,7 +58,7 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True, keep_last: bool
             os.replace(last_tmp, last)
         os.replace(tmp, path)
         if fsync:
-            fsync_dir(path.parent)
+            fsync_dir(folder or ".")
     except OSError as exc:
         try:
             os.unlink(tmp)

@@ -298,12 +298,9 @@ class HeldStore:
 
     def _send(self, decision: Decision, queue: str, path: Path) -> None:
         """Step 3: rename the staged entry into its queue, under a name fixed by the decision."""
-        import hashlib
+        from mailq.queue.entry import ENTRY_SUFFIX, entry_id, fixed_sha
 
-        from mailq.queue.names import ENTRY_SUFFIX, entry_id
-
-        sha = hashlib.sha1(f"{self.listname}\0{decision.id}\0{queue}".encode("utf-8", "surrogateescape"),
-                           usedforsecurity=False).hexdigest()
+        sha = fixed_sha(self.listname, decision.id, queue)     # docs/design.md §3.1 "Fixed ids"
         folder = self.settings.queue_dir(queue) / sha[:2]
         target = folder / f"{entry_id(decision.at, sha)}{ENTRY_SUFFIX}"
         folder.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ exits 0 only after the entry's rename. Every other outcome is a sysexits code th
 ====  =====================================================================================
 
 It runs for every message, so it starts fast: no click, no email package, no lists package, no
-YAML when the config has not changed, no ``mailq.queue`` (see ``write_entry``). The few settings it
+YAML when the config has not changed; of ``mailq.queue`` only ``mailq.queue.entry``, which imports
+nothing but C modules (see its docstring; ``bench/flow.py --deliver-only`` measures it). The few settings it
 needs (the var path, the fsync flag, the size limit) are cached next to the config file
 (``.<config name>.deliver-cache``, four text lines), keyed by the
 config's path, size, mtime and inode; any mismatch, or a cache it cannot read or write, means the
@@ -27,6 +28,8 @@ when it does not, a second stat of ``var/lists`` tells "no such list" (67) from 
 import os
 import sys
 import time
+
+from mailq.queue import entry
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL = 0, 64, 65, 67, 75
 QUEUE_FOR_KIND = {  # same as mailq.mta.addresses.QUEUE_FOR_KIND (kept here: one import less)
@@ -44,7 +47,6 @@ USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave
          "  mailq-deliver -C /etc/mailq/mailq.yaml owner dev < message.eml\n")
 CACHE_VERSION = 2
 DEFAULT_MAX_SIZE = 100 * 1024 * 1024  # mailq.config.QueueSettings.max_message_size
-PAYLOAD_VERSION = 1  # mailq.queue.payload.VERSION
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -170,68 +172,16 @@ def _strip_from_line(msg: bytes) -> "tuple[bytes, str]":
 
 def _enqueue(var: str, fsync: bool, queue_name: str, msg: bytes, metadata: dict) -> int:
     try:
-        write_entry(os.path.join(var, "qfiles", queue_name), msg, metadata, fsync=fsync)
-    except OSError as exc:
+        entry.enqueue(os.path.join(var, "qfiles", queue_name), entry.encode(msg, metadata),
+                      metadata.get("listname", ""), fsync=fsync)
+    except (OSError, entry.QueueFull) as exc:
         # Disk full, read-only or missing folders: all fixable by an operator, so the MTA keeps the
         # mail and retries (75) rather than bouncing it.
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        reason = getattr(cause, "strerror", None) or exc
         raise Exit(EX_TEMPFAIL, f"cannot queue the message in {var}/qfiles/{queue_name}: "
-                                f"{exc.strerror or exc}; nothing was queued, the MTA will retry")
+                                f"{reason}; nothing was queued, the MTA will retry")
     return EX_OK
-
-
-def write_entry(queue_dir: str, msg: bytes, metadata: dict, *, fsync: bool) -> str:
-    """Write one queue entry exactly as ``mailq.queue.Queue.enqueue`` does, with builtins only.
-
-    ``import mailq.queue`` costs ~80 ms (dataclasses, pathlib, logging, re), four times Python's
-    own start-up, and the MTA pays it per message. So this mirrors the on-disk protocol of
-    docs/design.md §3 (payload: pickle of {version, msg, metadata}; name ``<time>+<sha1>.pck`` in
-    bucket ``<sha1[:2]>``; temp file, fsync, rename, fsync folder) using only C modules.
-    tests/test_mta_deliver.py reads every entry back through ``Queue`` so the two cannot drift.
-    Raises OSError; the temp file never survives a failure.
-    """
-    import _pickle
-    import _sha1
-
-    listname = metadata.get("listname", "")
-    data = _pickle.dumps({"version": PAYLOAD_VERSION, "msg": msg, "metadata": metadata}, protocol=5)
-    digest = _sha1.sha1(data)
-    digest.update(listname.encode("utf-8", "surrogateescape"))
-    digest.update(os.urandom(16))  # nonce: the same message twice gets two names
-    sha = digest.hexdigest()
-    final = f"{time.time():.6f}+{sha}.pck"
-    folder = os.path.join(queue_dir, sha[:2])
-    tmp = os.path.join(folder, f".{final}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
-        except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
-        try:
-            view = memoryview(data)
-            if os.environ.get("MAILQ_FAULT_ENOSPC") == "1":  # the queue's fault injection, for tests
-                os.write(fd, view[: len(view) // 2])
-                raise OSError(28, os.strerror(28) + " (injected by MAILQ_FAULT_ENOSPC)")
-            while view:
-                view = view[os.write(fd, view):]
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, os.path.join(folder, final))
-        if fsync:
-            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return final[:-4]
 
 
 # -- settings: the var path, the fsync flag and the size limit, cached -----------------------------

@@ -15,7 +15,8 @@ from typing import Any
 
 from mailq.config import RUNNER_QUEUES, Settings
 from mailq.fsutil import pid_alive
-from mailq.queue.names import CLAIM_RE, ENTRY_RE, ENTRY_SUFFIX, TEMP_SUFFIX, ClaimInfo, Claimant, bucket_of
+from mailq.queue.entry import ENTRY_SUFFIX
+from mailq.queue.names import CLAIM_RE, ENTRY_RE, TEMP_SUFFIX, ClaimInfo, Claimant, bucket_of
 from mailq.queue.payload import BadEntry, decode, encode
 from mailq.queue.queue import BUCKET_NAMES, Queue, read_all
 
