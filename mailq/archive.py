@@ -10,7 +10,7 @@ not the list database lock) with one ``write`` per batch; a batch that cannot be
 middle of a ``write`` can still leave half a message behind: the next append sees that the file
 does not end in an empty line and starts with one, so that torn message never swallows the
 ``From `` line of the next (every later message still parses).  Callers batch many posts per lock
-acquisition: a strict lock cycle costs about 1 ms (DESIGN §4).
+acquisition: a strict lock cycle costs about 1 ms (docs/design.md §4).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scheduled tasks that cron starts on every host, each run once per period (DESIGN §5 last paragraph).
+"""Scheduled tasks that cron starts on every host, each run once per period (docs/cluster.md §7).
 
 Every host's crontab runs ``mailq cron run TASK`` for every task (see ``etc/crontab``).  A task is
 run under its own lock (``var/locks/cron.<task>.lock``), and only when its last-run stamp

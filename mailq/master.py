@@ -1,4 +1,4 @@
-"""The master: one per node, supervising that node's runner processes (DESIGN §1, §3 recovery, §5).
+"""The master: one per node, supervising that node's runner processes (docs/design.md §1, §3.8; docs/cluster.md §1).
 
 Start-up, in this order: take the host-local master lock (``<run_dir>/master.lock``, a
 ``filelock.FileLock``: the kernel drops it when the master dies, so a SIGKILLed master never blocks
@@ -11,11 +11,11 @@ renew the heartbeat, then start one ``qrunner`` process per (queue, slice) that
 Then, every tick: reap runners that exited and restart crashed ones with exponential backoff up to
 ``runners.restart_cap`` restarts (then leave it down, loudly); every ``cluster.heartbeat`` seconds
 renew the heartbeat, re-read the slice map and start or stop runners to match it.  When
-``cluster.failover`` is ``auto``, a worker thread looks for dead nodes every quarter beat and
-performs the takeovers this node is due to do (on a thread, so that a slow takeover never holds up
-our own heartbeat); the slices it took are started as soon as it is done.  The state is written to
-``<run_dir>/status.json`` for ``mailqctl status`` and to ``var/cluster/status/<node>.json`` for
-``mailq cluster status`` on any host.
+``cluster.failover`` is ``auto``, a worker thread looks for dead nodes every quarter beat; the slices
+a takeover moved here are started as soon as it is done.  The state is written to
+``<run_dir>/status.json`` for ``mailqctl status``.  What the master does for the cluster (heartbeat,
+failover checks, the runner list in ``var/cluster/status/<node>.json`` for ``mailqctl cluster
+status`` on any host) is ``mailq.cluster.presence.Presence``: the master only calls it.
 
 Signals: SIGTERM/SIGINT stop every runner (SIGTERM, ``runners.stop_timeout``, then SIGKILL) and
 exit 0; SIGHUP reopens the log files and is passed on to every runner.
@@ -28,7 +28,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailq.cluster.presence import Presence, failover_interval
 from mailq.cluster.slicemap import MapWatcher, assignments_for
 from mailq.config import Settings
 from mailq.errors import MailqError
@@ -86,20 +86,6 @@ def _is_mailq(pid: int) -> bool:
             return b"mailq" in fh.read()
     except OSError:
         return True     # no /proc: trust the pid
-
-
-def shared_status_path(settings: Settings, node: str | None = None) -> Path:
-    """This node's runner list on the shared tree, for ``mailq cluster status`` on any host."""
-    return settings.cluster_dir / "status" / f"{node or settings.node.name}.json"
-
-
-def failover_interval(settings: Settings) -> float:
-    """How often a master looks for dead nodes: a quarter beat (at least 0.25 s, at most 1 s).
-
-    Judging costs one listing and a probe write; looking more often than we beat shortens the
-    time from lease + margin to the takeover (docs/cluster.md §6).
-    """
-    return min(1.0, max(0.25, settings.cluster.heartbeat / 4))
 
 
 def read_status(settings: Settings) -> dict[str, Any] | None:
@@ -161,15 +147,11 @@ class Master:
         self._hup = False
         self._watcher: MapWatcher | None = None
         self._classes: dict[str, type] | None = None
-        self._heartbeat: Any = None
+        self.presence = Presence(settings, log)      # heartbeat, failover checks, published runner list
         self._epoch: int | None = None
         self._map_problem = ""
         self._last_status: Any = None
         self._started = time.time()
-        self._rejoining = False
-        self._failover_thread: threading.Thread | None = None
-        self._takeover_done = threading.Event()
-        self._shared_at = 0.0
         self.on_hup: Callable[[], None] | None = None   # extra work on SIGHUP (the daemon's stdio)
 
     # -- start-up -------------------------------------------------------------------------------
@@ -236,12 +218,12 @@ class Master:
                 if now >= next_beat:
                     self._beat()
                     next_beat = now + self.settings.cluster.heartbeat
-                elif resync or self._takeover_done.is_set():
+                elif resync or self.presence.takeover_done.is_set():
                     # A runner left its slice, or our takeover just moved slices here: start them now.
-                    self._takeover_done.clear()
+                    self.presence.takeover_done.clear()
                     self._sync()
                 if now >= next_check:
-                    self._start_failover_check()
+                    self.presence.start_failover_check()
                     next_check = now + failover_interval(self.settings)
                 self._start_due()
                 self._write_status()
@@ -377,57 +359,15 @@ class Master:
                 self.children[key] = Child(*key, unsliced=self._runner_classes()[key[0]].unsliced)
 
     def _beat(self) -> None:
-        """Heartbeat and slice map: every cluster.heartbeat seconds (failover runs on its own thread)."""
-        try:
-            if self._heartbeat is None:
-                from mailq.cluster.heartbeat import Heartbeat
-
-                self._heartbeat = Heartbeat(self.settings)     # one object: its sequence number grows
-            if not self._heartbeat.renew():
-                self.log.error("cannot renew the heartbeat of node %s: runners stop claiming when the "
-                               "lease runs out", self.node)
-            self._log_rejoin(self._heartbeat.rejoin_left)
-        except Exception:
-            self.log.error("heartbeat failed:\n%s", traceback.format_exc().rstrip())
+        """Every cluster.heartbeat seconds: heartbeat, slice map, published runner list."""
+        self.presence.beat(self._epoch)
         self._sync()
-        self._publish_status()
-
-    def _log_rejoin(self, left: float) -> None:
-        if left > 0 and not self._rejoining:
-            self.log.warning("node %s was silent for longer than its lease (a takeover may be under way): "
-                             "heartbeat renewed, but its runners claim nothing for %.1fs more (lease + margin "
-                             "of continuous renewals), then follow the slice map they read", self.node, left)
-        elif left <= 0 and self._rejoining:
-            self.log.warning("node %s rejoined: lease stamped again (slice map epoch %s)", self.node, self._epoch)
-        self._rejoining = left > 0
-
-    def _start_failover_check(self) -> None:
-        """Automatic failover on a worker thread, so a slow takeover never delays our own heartbeat.
-
-        A takeover may wait up to 30 s for the slices lock and then scan every queue for the dead
-        node's claims; done inline, this master would stop renewing, fence itself and look dead.
-        """
-        if self.settings.cluster.failover != "auto" or self._heartbeat is None:
-            return
-        if self._failover_thread is not None and self._failover_thread.is_alive():
-            return
-
-        def work() -> None:
-            try:
-                from mailq.cluster.failover import check
-
-                if check(self.settings, self.log):
-                    self._takeover_done.set()
-            except Exception:
-                self.log.error("automatic failover check failed:\n%s", traceback.format_exc().rstrip())
-
-        self._failover_thread = threading.Thread(target=work, name="failover", daemon=True)
-        self._failover_thread.start()
+        self.presence.publish(self.status())
 
     # -- status, signals, shutdown --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {"node": self.node, "pid": os.getpid(), "started": self._started, "epoch": self._epoch,
-                "map_problem": self._map_problem, "rejoining": self._rejoining,
+                "map_problem": self._map_problem, "rejoining": self.presence.rejoining,
                 "runners": [c.as_dict() for c in sorted(self.children.values(), key=lambda c: c.key)]}
 
     def _write_status(self) -> None:
@@ -439,20 +379,7 @@ class Master:
                 self._last_status = status
             except (OSError, MailqError) as exc:   # atomic_write says TemporaryFailure for a full disk
                 self.log.warning("cannot write %s: %s", status_path(self.settings), exc)
-            self._publish_status(status)
-
-    def _publish_status(self, status: dict[str, Any] | None = None, *, stopped: bool = False) -> None:
-        """The runner list on the shared tree (every beat, and on each change): ``cluster status`` reads it
-        on any host; its mtime, against the reader's probe, says how fresh it is."""
-        status = dict(status or self.status(), stopped=stopped)
-        path = shared_status_path(self.settings)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, json.dumps(status).encode(), fsync=False, mode=0o664)
-        except (OSError, MailqError) as exc:    # full or stale shared tree: never a reason to stop
-            if time.monotonic() - self._shared_at > 60:     # once a minute at most: the disk may be gone
-                self.log.warning("cannot write %s: %s", path, exc)
-                self._shared_at = time.monotonic()
+            self.presence.publish(status)
 
     def _install_signals(self) -> None:
         def on_stop(signum: int, frame: Any) -> None:
@@ -481,10 +408,8 @@ class Master:
                 child.proc.send_signal(signal.SIGHUP)
 
     def _shutdown(self) -> None:
-        if self._failover_thread is not None and self._failover_thread.is_alive():
-            # A takeover half done is safe to redo, but let it finish: it holds the slices lock.
-            self.log.info("master stopping: waiting for the failover check in progress")
-            self._failover_thread.join(self.settings.runners.stop_timeout)
+        # A takeover half done is safe to redo, but let it finish: it holds the slices lock.
+        self.presence.finish_failover_check(self.settings.runners.stop_timeout)
         running = [c for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
         self.log.info("master stopping: SIGTERM to %d runners", len(running))
         for child in running:
@@ -501,6 +426,6 @@ class Master:
                 child.proc.kill()
                 child.proc.wait()
         self.children.clear()
-        self._publish_status(stopped=True)
+        self.presence.publish(self.status(), stopped=True)
         self.log.info("master stopped")
         self.release()

@@ -248,6 +248,7 @@ def test_a_full_disk_under_the_status_files_is_logged_and_never_stops_the_master
     # loop must log those like any other write failure instead of letting them end serve().
     import logging
 
+    import mailq.cluster.presence as presence_mod
     import mailq.master as master_mod
     from mailq.errors import TemporaryFailure
 
@@ -255,9 +256,10 @@ def test_a_full_disk_under_the_status_files_is_logged_and_never_stops_the_master
         raise TemporaryFailure(f"cannot write {path}: No space left on device (free space, then retry)")
 
     monkeypatch.setattr(master_mod, "atomic_write", full)
+    monkeypatch.setattr(presence_mod, "atomic_write", full)
     master = master_mod.Master(node.settings(), logging.getLogger("test.master.full"))
     with caplog.at_level(logging.WARNING, logger="test.master.full"):
         master._write_status()
-        master._publish_status(stopped=True)
+        master.presence.publish(master.status(), stopped=True)
     assert "status.json: No space left on device" in caplog.text
-    assert f"{master_mod.shared_status_path(node.settings())}: No space left on device" in caplog.text
+    assert f"{presence_mod.shared_status_path(node.settings())}: No space left on device" in caplog.text

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mailq.mta.addresses import QUEUE_FOR_KIND, parse_list_address
+from mailq.addresses import QUEUE_FOR_KIND, parse_list_address
 from mailq.queue import Queue
 from tests.support import ROOT
 

@@ -308,7 +308,7 @@ def recover(as_json: bool) -> None:
     """Put back the claims of this node's dead processes; poison entries (past the limit) go to bad.
 
     Only claims whose node is this node and whose pid is not running are touched; claims of other
-    nodes are recovered by a takeover (`mailq slices takeover`).  Stale temp files are removed.
+    nodes are recovered by their takeover (`mailqctl slices reassign DEAD`).  Stale temp files are removed.
 
     \b
     Examples:

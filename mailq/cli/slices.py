@@ -1,4 +1,4 @@
-"""``mailq slices``: show, check and change the slice map (DESIGN §5, docs/cluster.md).
+"""``mailq slices``: show, check and change the slice map (docs/cluster.md §1).
 
 Every change goes through :func:`mailq.cluster.slicemap.update_map`: lock, reload, change,
 validate, epoch + 1, atomic write.  Runners notice within one poll interval.

@@ -1,4 +1,4 @@
-"""Heartbeats and the host-local lease (DESIGN §5, docs/cluster.md "Liveness").
+"""Heartbeats and the host-local lease (docs/cluster.md §2, §3).
 
 Each master renews ``var/cluster/nodes/<node>`` every ``cluster.heartbeat`` seconds by *writing*
 it in place: the file server sets its mtime, so every heartbeat is
@@ -22,6 +22,7 @@ from pathlib import Path
 from mailq.config import Settings
 from mailq.errors import TemporaryFailure
 from mailq.fsutil import atomic_write
+from mailq.locks import host_id
 
 
 def _boot_id() -> str:
@@ -35,14 +36,6 @@ def _boot_id() -> str:
 BOOT_ID = _boot_id()
 #: Heartbeat records are padded to this size so an in-place rewrite never changes the length.
 RECORD_SIZE = 256
-
-
-def _host_id() -> str:
-    try:
-        from mailq.locks import host_id
-    except ImportError:  # locks.py not landed yet: the same function it wraps
-        from filelock._identity import host_name as host_id
-    return host_id()
 
 
 def nodes_dir(settings: Settings) -> Path:
@@ -88,7 +81,7 @@ class Heartbeat:
         elif started - self._last_ok > cl.lease:
             self._fresh_since = started
         self.seq += 1
-        record = {"node": self.settings.node.name, "host": _host_id(), "pid": os.getpid(), "seq": self.seq}
+        record = {"node": self.settings.node.name, "host": host_id(), "pid": os.getpid(), "seq": self.seq}
         data = json.dumps(record).encode().ljust(RECORD_SIZE - 1) + b"\n"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

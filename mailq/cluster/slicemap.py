@@ -1,4 +1,4 @@
-"""The slice map: which node runs which slice of which queue (DESIGN §5, docs/cluster.md).
+"""The slice map: which node runs which slice of which queue (docs/cluster.md §1).
 
 ``var/cluster/slices.yaml`` looks like this::
 
@@ -90,7 +90,7 @@ class SliceMap:
     def dump(self) -> str:
         import yaml
 
-        head = ("# mailq slice map (DESIGN §5).  Change it with `mailq slices ...`; a hand edit must keep\n"
+        head = ("# mailq slice map (docs/cluster.md §1).  Change it with `mailqctl slices ...`; a hand edit must keep\n"
                 "# every slice owned by exactly one known, unfenced node and raise the epoch.\n")
         return head + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 

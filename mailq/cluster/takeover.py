@@ -1,4 +1,4 @@
-"""Takeover of a dead node, planned drains, unfencing (DESIGN §5, docs/cluster.md "Takeover").
+"""Takeover of a dead node, planned drains, unfencing (docs/cluster.md §5).
 
 Takeover, all under the slices lock so that one node performs it and a second caller finds the
 work done: re-check that the node's heartbeat is past lease + margin (its runners have fenced

@@ -313,7 +313,7 @@ class HeldStore:
         except OSError as exc:
             if exc.errno == errno.EXDEV:
                 raise MailqError(f"cannot move {path} into {folder}: var/lists and var/qfiles are on "
-                                 f"different filesystems, and var/ must be one (DESIGN §2). The "
+                                 f"different filesystems, and var/ must be one (docs/design.md §2). The "
                                  f"{PAST.get(decision.action, decision.action)} post waits there; fix the "
                                  f"mounts, then run 'mailq cron run expire-held'") from exc
             if exc.errno in TEMPORARY_ERRNOS:

@@ -1,4 +1,4 @@
-"""The list database on the shared filesystem (DESIGN §4): one folder and one pickle per list.
+"""The list database on the shared filesystem (docs/design.md §4, docs/lists.md §2): one folder and one pickle per list.
 
 Layout: ``var/lists/<name>/list.pck`` (current), ``list.pck.last`` (the one before).  Other code
 decides whether a list exists by looking for ``list.pck``, without importing this package.

@@ -1,4 +1,4 @@
-"""``mailq-deliver KIND LIST``: the MTA pipe entry point (DESIGN §6 "MTA pipe").
+"""``mailq-deliver KIND LIST``: the MTA pipe entry point (docs/mail-flow.md "The pipe").
 
 The MTA runs this once per message (``|/path/bin/mailq-deliver post dev`` in its aliases). It
 reads the message from stdin and writes it as one entry into the queue for KIND (``in`` for
@@ -29,14 +29,10 @@ import os
 import sys
 import time
 
+from mailq.addresses import QUEUE_FOR_KIND
 from mailq.queue import entry
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL = 0, 64, 65, 67, 75
-QUEUE_FOR_KIND = {  # same as mailq.mta.addresses.QUEUE_FOR_KIND (kept here: one import less)
-    "post": "in", "owner": "in",
-    "request": "commands", "join": "commands", "leave": "commands", "confirm": "commands",
-    "bounces": "bounces",
-}
 USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave|confirm LIST\n"
          "  Reads one message on stdin and queues it for LIST; run by the MTA from the aliases that\n"
          "  'mailq aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty or too big, 67 unknown list,\n"

@@ -1,6 +1,6 @@
 """The LMTP server: the MTA hands list mail over LMTP, mailq answers one status per recipient.
 
-DESIGN §6 "LMTP". An aiosmtpd ``LMTP`` server on ``lmtp.host``:``lmtp.port``. A recipient is
+docs/mail-flow.md "LMTP". An aiosmtpd ``LMTP`` server on ``lmtp.host``:``lmtp.port``. A recipient is
 accepted at RCPT when its local part is a list address (``dev``, ``dev-owner``, ``dev-request``,
 ``dev-bounces[+verp]``, ``dev-join``, ``dev-leave``, ``dev-confirm[+cookie]``) of a list that exists;
 an unknown list gets ``550 5.1.1`` for that recipient only. After DATA the server answers once per
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mailq.config import Settings
-from mailq.mta.addresses import DETAIL_KINDS, QUEUE_FOR_KIND, parse_list_address
+from mailq.addresses import DETAIL_KINDS, QUEUE_FOR_KIND, parse_list_address
 
 
 #: Fault injection, used ONLY by tests/test_lmtp.py: ``SECONDS:LIST`` makes every enqueue for

@@ -1,4 +1,4 @@
-"""The queue loop every queue runner uses: guard, claim, process, finish (DESIGN §1, §3, §5).
+"""The queue loop every queue runner uses: guard, claim, process, finish (docs/design.md §1, §3; docs/cluster.md §4).
 
 ``Runner`` is a ``RunnerProcess`` (``mailq/runners/process.py``: log, signals, master watch) that
 serves one queue and one slice of it.  The loop:

@@ -1,6 +1,6 @@
 """The ``in`` runner: run each incoming message through its list's pipeline and act on the outcome.
 
-For each entry (DESIGN §1, docs/pipeline.md):
+For each entry (docs/design.md §1, docs/pipeline.md "The in runner"):
 
 1. load the list without a lock (``ListStore.load``; a save is an atomic rename).  An unknown list
    (removed after the MTA queued the mail) raises, and the base loop shunts the entry with that

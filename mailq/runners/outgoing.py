@@ -1,4 +1,4 @@
-"""The ``out`` runner: hand each entry to SMTP and sort its recipients (DESIGN §1, §6 "Outgoing").
+"""The ``out`` runner: hand each entry to SMTP and sort its recipients (docs/design.md §1, docs/mail-flow.md "Out").
 
 All the delivery rules (bulk chunks, personalized VERP, retry with backoff, bounces, give-up) live
 in ``mailq.delivery.outqueue.deliver``; this runner owns the SMTP connection: opened on the first

@@ -1,4 +1,4 @@
-"""The ``retry`` runner: move entries whose backoff has passed back to ``out`` (DESIGN §1).
+"""The ``retry`` runner: move entries whose backoff has passed back to ``out`` (docs/design.md §1).
 
 The outgoing runner writes each temporary failure into ``retry`` with a not-before time (entry
 name time = due time); ``Queue.claim_next`` only hands out due entries, so every entry this runner
