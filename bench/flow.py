@@ -151,7 +151,7 @@ def message(bench_id: str, sender: str = "member0@example.com") -> bytes:
             + "A line of text for the benchmark body.\r\n" * 40).encode()
 
 
-def make_config(base: Path, smtp_port: int, lmtp_port: int) -> Path:
+def make_config(base: Path, smtp_port: int, lmtp_port: int, dns_port: int) -> Path:
     import yaml
 
     config = {
@@ -159,6 +159,7 @@ def make_config(base: Path, smtp_port: int, lmtp_port: int) -> Path:
         "paths": {"var": str(base / "var"), "run": str(base / "run")},
         "smtp": {"host": "127.0.0.1", "port": smtp_port},
         "lmtp": {"host": "127.0.0.1", "port": lmtp_port, "enabled": True},
+        "dns": {"nameservers": ["127.0.0.1"], "port": dns_port},   # DMARC lookups stay on loopback
     }
     path = base / "etc" / "mailq.yaml"
     path.parent.mkdir(parents=True)
@@ -332,24 +333,26 @@ def main() -> None:
     args = ap.parse_args()
 
     from mailq.config import load_settings
+    from mailq.loopdns import LoopDNS
     from tests.support import free_port
 
     base = Path(tempfile.mkdtemp(prefix="mailq-flow-"))
     sink = None
+    dns = LoopDNS(negative_ttl=3600).__enter__()   # no DMARC records: every lookup says NXDOMAIN
     try:
         smtp_port = free_port()
-        config = make_config(base, smtp_port, free_port())
+        config = make_config(base, smtp_port, free_port(), dns.port)
         env = dict(os.environ, MAILQ_CONFIG=str(config), PYTHONPATH=str(ROOT), BENCH_VAR=str(base / "var"))
         env["PATH"] = os.path.dirname(PY) + os.pathsep + env.get("PATH", "")
         settings = load_settings(config)
-        run(env, PY, "-m", "mailq.cli.main", "lists", "create", "dev", "--owner", "owner@example.org",
+        run(env, PY, "-m", "mailq.cli.ctl", "lists", "create", "dev", "--owner", "owner@example.org",
             "--domain", "lists.example.org")
         members = "".join(f"member{i}@example.com\n" for i in range(3)).encode()
-        run(env, PY, "-m", "mailq.cli.main", "members", "add", "dev", "-", input=members)
-        run(env, PY, "-m", "mailq.cli.main", "lists", "create", "big", "--owner", "owner@example.org",
+        run(env, PY, "-m", "mailq.cli.ctl", "members", "add", "dev", "-", input=members)
+        run(env, PY, "-m", "mailq.cli.ctl", "lists", "create", "big", "--owner", "owner@example.org",
             "--domain", "lists.example.org")
         members = "".join(f"member{i}@example.com\n" for i in range(BIG_MEMBERS)).encode()
-        run(env, PY, "-m", "mailq.cli.main", "members", "add", "big", "-", input=members)
+        run(env, PY, "-m", "mailq.cli.ctl", "members", "add", "big", "-", input=members)
         sink = Sink(base, smtp_port)
 
         startup = bench_deliver(env, base, args.runs)
@@ -370,6 +373,7 @@ def main() -> None:
     finally:
         if sink is not None:
             sink.stop()
+        dns.__exit__(None, None, None)
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 

@@ -78,6 +78,11 @@ class Demo:
         self.var = base / "var"
         self.posts = posts
         self.sink = Sink()
+        # The demo's DNS, on loopback: the poster's domain publishes DMARC p=reject, so the list
+        # sends the copies From: "Poster via dev" (stage dmarc); no query ever leaves the machine.
+        from mailq.loopdns import LoopDNS
+
+        self.dns = LoopDNS({("_dmarc.example.com", "TXT"): ["v=DMARC1; p=reject"]}, negative_ttl=3600)
         self.lmtp_port = _free_port()
         self.configs: dict[str, Path] = {}
 
@@ -87,7 +92,7 @@ class Demo:
 
     def run(self, node: str, program: str, *args: str, input: bytes | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
-        module = {"mailq": "mailq.cli.main", "mailqctl": "mailq.cli.ctl",
+        module = {"mailqctl": "mailq.cli.ctl",
                   "mailq-deliver": "mailq.mta.deliver"}[program]
         env = dict(os.environ, MAILQ_CONFIG=str(self.configs[node]))
         env["PYTHONPATH"] = str(CHECKOUT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -109,6 +114,7 @@ class Demo:
                 "node": {"name": node},
                 "paths": {"var": str(self.var), "run": str(self.base / "run")},
                 "smtp": {"host": "127.0.0.1", "port": self.sink.port},
+                "dns": {"nameservers": ["127.0.0.1"], "port": self.dns.port},
                 "lmtp": {"host": "127.0.0.1", "port": self.lmtp_port, "enabled": node == NODES[0]},
                 "cluster": {"failover": "auto", "heartbeat": 1, "lease": 5, "margin": 1},
                 "runners": {"poll_interval": 0.5, "slices": {q: (2 if q in ("in", "out") else 1)
@@ -119,21 +125,23 @@ class Demo:
             self.configs[node] = path
         self.say(f"1. fresh var/ in {self.var}; node configs {', '.join(str(p) for p in self.configs.values())}")
         self.sink.start()
-        self.say(f"2. SMTP sink (the smarthost) listening on 127.0.0.1:{self.sink.port}")
+        self.dns.__enter__()
+        self.say(f"2. SMTP sink (the smarthost) listening on 127.0.0.1:{self.sink.port}; DNS on "
+                 f"127.0.0.1:{self.dns.port} (example.com publishes DMARC p=reject)")
 
         a = NODES[0]
-        self.run(a, "mailq", "lists", "create", LIST, "--owner", "owner@example.org", "--domain", DOMAIN)
+        self.run(a, "mailqctl", "lists", "create", LIST, "--owner", "owner@example.org", "--domain", DOMAIN)
         addresses = "".join(f"{name} <{addr}>\n" for name, addr, _ in MEMBERS).encode()
-        self.run(a, "mailq", "members", "add", LIST, "-", input=addresses)
+        self.run(a, "mailqctl", "members", "add", LIST, "-", input=addresses)
         for _, addr, flags in MEMBERS:
             if flags:
-                self.run(a, "mailq", "members", "set", LIST, addr, *flags)
-        self.run(a, "mailq", "config", "set", LIST, "nonmember_action=accept")
+                self.run(a, "mailqctl", "members", "set", LIST, addr, *flags)
+        self.run(a, "mailqctl", "config", "set", LIST, "nonmember_action=accept")
         enabled = len([m for m in MEMBERS if not m[2]])
         self.say(f"3. list {LIST}@{DOMAIN} with {len(MEMBERS)} members ({enabled} enabled, 1 disabled)")
 
-        self.run(a, "mailq", "slices", "init", "--nodes", ",".join(NODES))
-        shown = json.loads(self.run(a, "mailq", "slices", "show", "--json").stdout)
+        self.run(a, "mailqctl", "slices", "init", "--nodes", ",".join(NODES))
+        shown = json.loads(self.run(a, "mailqctl", "slices", "show", "--json").stdout)
         spread = "; ".join(f"{q}: " + ", ".join(f"{n} runs slice {'+'.join(map(str, s))}"
                                                  for n, s in shown["queues"][q]["nodes"].items())
                            for q in ("in", "out"))
@@ -142,7 +150,7 @@ class Demo:
     def start(self) -> None:
         for node in NODES:
             self.run(node, "mailqctl", "start")
-        status = json.loads(self.run(NODES[0], "mailq", "cluster", "status", "--json").stdout)
+        status = json.loads(self.run(NODES[0], "mailqctl", "cluster", "status", "--json").stdout)
         states = {n["node"]: n["state"] for n in status.get("nodes", [])}
         alive = [n for n in NODES if states.get(n) == "alive"]
         self.say(f"5. masters started on {', '.join(NODES)} (cluster status: {len(alive)} alive)")
@@ -227,7 +235,8 @@ class Demo:
                 self.say(f"   FAILED: `mailqctl stop` on {node} exited {proc.returncode}: "
                          f"{(proc.stderr or proc.stdout).decode(errors='replace').strip()}")
         self.sink.stop()
-        waiting = self.run(NODES[0], "mailq", "queue", "count", "--json", check=False).stdout.decode()
+        self.dns.__exit__(None, None, None)
+        waiting = self.run(NODES[0], "mailqctl", "queue", "count", "--json", check=False).stdout.decode()
         self.say(f"8. masters stopped, sink closed; queue counts now: {_compact_counts(waiting)}")
         logs = sorted(str(p.relative_to(self.base)) for p in self.var.glob("log/*/*.log"))
         self.say(f"   logs: {', '.join(logs[:6])}{' ...' if len(logs) > 6 else ''}")
