@@ -1,4 +1,4 @@
-"""The one lock class for shared state (docs/design.md §4, docs/lists.md §1): ``filelock.StrictSoftFileLock`` plus holder records.
+"""The one lock class for shared state (docs/design.md §4, docs/lists.md §1): ``StrictSoftFileLock`` + holder records.
 
 Protocol, in the order a process follows it:
 
