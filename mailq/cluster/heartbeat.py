@@ -67,9 +67,13 @@ class Heartbeat:
         #: seconds of rejoining left after the last renewal (0: the lease is stamped normally)
         self.rejoin_left = 0.0
 
-    def renew(self) -> bool:
-        """Write the heartbeat; on success stamp the local lease (unless rejoining).  False when the write failed."""
-        started = time.monotonic()
+    def renew(self, now: float | None = None) -> bool:
+        """Write the heartbeat; on success stamp the local lease (unless rejoining).  False when the write failed.
+
+        *now* is this host's ``time.monotonic()`` when the renewal starts (default: read it); tests
+        pass a timeline of their own to play a frozen process without sleeping through it.
+        """
+        started = time.monotonic() if now is None else now
         cl = self.settings.cluster
         if self._last_ok is None:
             # First renewal of this master: was this node silent for longer than its lease?

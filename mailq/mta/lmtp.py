@@ -25,11 +25,24 @@ from mailq.config import Settings
 from mailq.addresses import DETAIL_KINDS, QUEUE_FOR_KIND, parse_list_address
 
 
-#: Fault injection, used ONLY by tests/test_lmtp.py: ``SECONDS:LIST`` makes every enqueue for
-#: LIST sleep SECONDS first (a stuck NFS write), to show the other sessions are not held up.
-#: Read once at import; unset in production.
-SLOW_ENQUEUE_ENV = "MAILQ_TEST_LMTP_SLOW_ENQUEUE"
-_SLOW = os.environ.get(SLOW_ENQUEUE_ENV, "")
+#: Fault injection, used ONLY by tests/test_lmtp.py: ``LIST:FOLDER`` makes every enqueue for LIST
+#: hang (a stuck NFS write) until the test lets it go: it creates ``FOLDER/entered``, then waits
+#: for ``FOLDER/release`` (at most HOLD_LIMIT seconds), so a test can show that the other sessions
+#: are answered meanwhile without betting on a time.  Read once at import; unset in production.
+HOLD_ENQUEUE_ENV = "MAILQ_TEST_LMTP_HOLD_ENQUEUE"
+_HOLD = os.environ.get(HOLD_ENQUEUE_ENV, "")
+HOLD_LIMIT = 120.0
+
+
+def _hold_for_test(listname: object) -> None:
+    held, _, folder = _HOLD.partition(":")
+    if listname != held:
+        return
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, "entered"), "w").close()
+    deadline = time.monotonic() + HOLD_LIMIT
+    while not os.path.exists(os.path.join(folder, "release")) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def list_exists(settings: Settings, listname: str) -> bool:
@@ -68,10 +81,8 @@ class LMTPHandler:
     def _enqueue(self, queue: str, msg: bytes, metadata: dict) -> str:
         from mailq.queue import Queue
 
-        if _SLOW:
-            seconds, _, listname = _SLOW.partition(":")
-            if metadata.get("listname") == listname:
-                time.sleep(float(seconds))
+        if _HOLD:
+            _hold_for_test(metadata.get("listname"))
         q = self._queues.get(queue)
         if q is None:
             q = self._queues[queue] = Queue.for_settings(self.settings, queue)
