@@ -325,3 +325,21 @@ def test_a_last_good_copy_that_cannot_be_written_is_logged_and_the_new_map_runs(
     with caplog.at_level(logging.ERROR, logger="test.watcher.full"):
         assert watcher.current().epoch == 5
     assert "cannot keep epoch 5 as the last-good copy" in caplog.text and watcher.problem == ""
+
+
+def test_the_set_count_policy_refuses_while_entries_wait_and_says_what_would_move(cluster):
+    from mailq.cluster import policy
+    from mailq.queue import Queue
+
+    node, settings = cluster
+    Queue.for_settings(settings, "out").enqueue(b"Subject: x\r\n\r\nx\r\n", {})
+    with pytest.raises(policy.RecountRefused) as info:
+        policy.set_count(settings, "out", 2)
+    refused = info.value
+    assert refused.waiting == 1 and (refused.old_count, refused.new_count) == (4, 2)
+    assert [(r.slice, r.to) for r in refused.rows] == [("out:0/2", "h1"), ("out:1/2", "h2")]
+    assert sum(r.moving for r in refused.rows) == 0          # h1 keeps slices 0-1's half, h2 keeps 2-3's
+    assert sm.load_map(settings.slice_map_path).epoch == 5   # nothing changed
+    old, new = policy.set_count(settings, "out", 2, force=True)
+    assert (old.epoch, new.epoch) == (5, 6) and new.queues["out"] == ["h1", "h2"]
+    assert policy.recount_owners(["a", "b", "a"], 4) == ["a", "a", "b", "b"]
