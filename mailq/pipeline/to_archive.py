@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from email.message import Message
-from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
-    if not getattr(mlist.settings, "archive", False):
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
+    if not mlist.settings.archive:
         return
     if str(msg.get("x-no-archive", "")).strip().lower() == "yes" \
             or str(msg.get("x-archive", "")).strip().lower() == "no":
