@@ -24,6 +24,7 @@ from pathlib import Path
 from mailq.config import Settings
 from mailq.errors import TemporaryFailure
 from mailq.fsutil import TEMPORARY_ERRNOS, write_all
+from mailq.locks import Lock, named_lock
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 
@@ -71,9 +72,7 @@ def archive_path(settings: Settings, listname: str, when: float) -> Path:
     return settings.archives_dir / listname / f"{time.strftime('%Y-%m', time.gmtime(when))}.mbox"
 
 
-def archive_lock(settings: Settings, listname: str, timeout: float = 30.0):  # -> mailq.locks.Lock
-    from mailq.locks import named_lock
-
+def archive_lock(settings: Settings, listname: str, timeout: float = 30.0) -> Lock:
     return named_lock(settings, f"archive.{listname}", timeout=timeout)
 
 

@@ -36,6 +36,7 @@ from filelock._identity import host_name, owner_is_stale
 
 from mailq.errors import MailqError, TemporaryFailure
 from mailq.fsutil import pid_alive
+from mailq.logs import get_logger
 
 if TYPE_CHECKING:
     from mailq.config import Settings
@@ -148,7 +149,6 @@ class Lock:
     def log(self) -> logging.Logger:
         if self._log is None:
             if self.settings is not None:
-                from mailq.logs import get_logger
                 self._log = get_logger(self.settings, "locks")
             else:
                 self._log = logging.getLogger("mailq.locks")

@@ -35,11 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mailq
 from mailq.cluster.presence import Presence, failover_interval
 from mailq.cluster.slicemap import MapWatcher, assignments_for
 from mailq.config import Settings
 from mailq.errors import MailqError
 from mailq.fsutil import atomic_write, pid_alive
+from mailq.logs import reopen_all
+from mailq.queue.recovery import recover, recover_local_dead
 from mailq.runners import REGISTRY, load_runner
 from mailq.runners.process import MASTER_PID_ENV
 
@@ -186,8 +189,6 @@ class Master:
 
     def recover(self) -> None:
         """Bring this node's orphaned claims back to their queues before any runner starts."""
-        from mailq.queue.recovery import recover_local_dead
-
         report = recover_local_dead(self.settings)
         self.log.info("recovery of dead local claims: %d back in their queues, %d to bad, %d dropped as "
                       "already done, %d left (claimant alive), %d stale temp files removed",
@@ -241,8 +242,6 @@ class Master:
         return cmd + ["-r", spec]
 
     def _spawn(self, child: Child) -> None:
-        import mailq
-
         env = dict(os.environ)
         # Runners import the same mailq as the master, even when it runs from a checkout.
         package_root = str(Path(mailq.__file__).resolve().parent.parent)
@@ -291,8 +290,6 @@ class Master:
         if child.unsliced:
             return
         try:
-            from mailq.queue.recovery import recover
-
             report = recover(self.settings, lambda c: c.node == self.node and c.pid == pid, queues=[child.name])
         except Exception:
             self.log.error("recovering the claims of dead runner %s (pid %d) failed; they are recovered at "
@@ -393,8 +390,6 @@ class Master:
         signal.signal(signal.SIGHUP, on_hup)
 
     def _reopen(self) -> None:
-        from mailq.logs import reopen_all
-
         self._hup = False
         if self.on_hup is not None:
             self.on_hup()

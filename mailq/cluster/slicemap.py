@@ -29,8 +29,9 @@ from typing import Any
 
 from mailq.cluster.layout import rebalance_owners, spread  # noqa: F401 - part of this module's interface
 from mailq.config import RUNNER_QUEUES, Settings
-from mailq.errors import InvalidInput, MailqError
+from mailq.errors import InvalidInput, MailqError, NotFound
 from mailq.fsutil import atomic_write
+from mailq.locks import named_lock
 
 
 class SliceMapError(InvalidInput):
@@ -262,8 +263,6 @@ def write_map(settings: Settings, smap: SliceMap) -> None:
 
 def slices_lock(settings: Settings, timeout: float = 30.0) -> Any:
     """The one lock every writer of the slice map takes (var/locks/slices.lock)."""
-    from mailq.locks import named_lock
-
     return named_lock(settings, "slices", timeout=timeout)
 
 
@@ -301,8 +300,6 @@ def current_for_update(settings: Settings) -> SliceMap:
     """The map a change starts from: the map in force (a refused hand edit is not; it is replaced)."""
     smap = map_in_force(settings).smap
     if smap is None:
-        from mailq.errors import NotFound
-
         raise NotFound(f"{settings.slice_map_path}: no slice map yet; create one with "
                        f"`mailqctl slices init --nodes NODE1,NODE2,...`")
     return smap

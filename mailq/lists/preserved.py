@@ -19,6 +19,7 @@ from typing import Any
 
 from mailq.config import Settings
 from mailq.fsutil import atomic_write
+from mailq.notices import notify, render_template
 
 #: Most posts kept per list; the oldest go first.
 KEEP = 1000
@@ -63,8 +64,6 @@ def notify_owners(settings: Settings, mlist: Any, how: str, reason: str, sender:
 
     *how*: ``forward`` (the post attached) or ``preserve`` (where it is kept).
     """
-    from mailq.notices import notify, render_template
-
     owners = list(mlist.settings.owners) or [settings.site_owner]
     values = {"sender": sender or "(unknown)", "subject": subject or "(none)", "reason": reason,
               "preserved": str(preserved or ""), "keep_limit": KEEP}

@@ -35,6 +35,7 @@ from mailq.lists.mlist import MailingList
 from mailq.lists.settings import ListSettings
 from mailq.lists.validate import validate_address, validate_domain, validate_list_name
 from mailq.locks import Lock, list_lock, make_shared_dir
+from mailq.logs import get_logger
 
 DB_NAME = "list.pck"
 DIR_MODE = 0o2775   # group-writable, setgid: files inherit the mailq group
@@ -68,7 +69,6 @@ class ListStore:
     @property
     def log(self) -> Any:
         if self._log is None:
-            from mailq.logs import get_logger
             self._log = get_logger(self.settings, "lists")
         return self._log
 

@@ -21,8 +21,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mailq.config import Settings
 from mailq.addresses import DETAIL_KINDS, QUEUE_FOR_KIND, parse_list_address
+from mailq.config import Settings
+from mailq.errors import TemporaryFailure
+from mailq.lists import ListStore
+from mailq.queue import Queue
 
 
 #: Fault injection, used ONLY by tests/test_lmtp.py: ``LIST:FOLDER`` makes every enqueue for LIST
@@ -79,8 +82,6 @@ class LMTPHandler:
         self._domains: dict[str, tuple[Any, str]] = {}
 
     def _enqueue(self, queue: str, msg: bytes, metadata: dict) -> str:
-        from mailq.queue import Queue
-
         if _HOLD:
             _hold_for_test(metadata.get("listname"))
         q = self._queues.get(queue)
@@ -119,8 +120,6 @@ class LMTPHandler:
         return listname, kind, None
 
     def _list_domain(self, listname: str) -> str:
-        from mailq.lists import ListStore
-
         store = ListStore(self.settings, log=self.log)
         stamp = store.stamp(listname)
         cached = self._domains.get(listname)
@@ -172,8 +171,6 @@ class LMTPHandler:
     async def _deliver_one(self, address: str, listname: str, kind: str, sender: str, msg: bytes,
                            received: float) -> str:
         """The status for *address*'s entry, with ``<>`` where each recipient's address goes."""
-        from mailq.errors import TemporaryFailure
-
         metadata = {"listname": listname, "kind": kind, "received": received, "via": "lmtp",
                     "envelope_sender": sender or "", "original_recipient": address}
         queue = QUEUE_FOR_KIND[kind]

@@ -36,7 +36,7 @@ from email.message import Message
 from mailq.dmarc import DmarcCache, Policy, organizational_domain
 from mailq.lists.mlist import MailingList
 from mailq.lists.settings import ListSettings
-from mailq.pipeline.base import Context, Discard, Reject, _raw, _unescape_8bit, header_text
+from mailq.pipeline.base import Context, Discard, Reject, _raw, _unescape_8bit, addresses as named, header_text
 
 #: Headers the wrapper takes from the post (the rest stays inside the wrapped original).
 _WRAPPER_KEEPS = ("to", "cc", "reply-to", "subject", "date", "message-id", "in-reply-to", "references")
@@ -141,8 +141,6 @@ def _keep_poster(msg: Message, s: ListSettings, original_from: str, addresses: l
         if msg.get("reply-to") is None:
             msg["Reply-To"] = original_from
         return
-    from mailq.pipeline.base import addresses as named
-
     present = set(named(msg, "to", "cc"))
     if all(a.lower() in present for a in addresses):
         return

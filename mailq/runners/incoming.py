@@ -27,8 +27,10 @@ from __future__ import annotations
 from typing import Any
 
 from mailq.errors import MailqError
+from mailq.lists import ListStore
 from mailq.lists.held import HeldStore, notify_held, notify_rejected
-from mailq.pipeline import Context, Discard, Hold, Reject, run
+from mailq.lists.preserved import PreservedStore, notify_owners
+from mailq.pipeline import Context, Discard, Hold, Reject, load_stage, run
 from mailq.pipeline.base import header_text, parse
 from mailq.runners.base import Runner
 
@@ -37,8 +39,6 @@ class IncomingRunner(Runner):
     queue = "in"
 
     def setup(self) -> None:
-        from mailq.lists import ListStore
-
         self.store = ListStore(self.settings, log=self.log)
         self._warm_up()
 
@@ -49,8 +49,6 @@ class IncomingRunner(Runner):
         ``dmarc``, html2text for ``mime_filter``) (email-validator compiles large regular expressions at
         import), which would otherwise be added to the first post after every runner start.
         """
-        from mailq.pipeline import load_stage
-
         for name in dict.fromkeys([*self.settings.pipeline.posts, *self.settings.pipeline.owner]):
             try:
                 stage = load_stage(name)
@@ -138,8 +136,6 @@ class IncomingRunner(Runner):
         done = entry.metadata.setdefault("notified", [])
         if not how or "owner" in done:
             return
-        from mailq.lists.preserved import PreservedStore, notify_owners
-
         preserved = None
         if how == "preserve":
             post_id = HeldStore.id_for(entry.id, entry.metadata.get("received"))
