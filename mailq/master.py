@@ -36,15 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import mailq
+from mailq import stats
 from mailq.cluster.presence import Presence, failover_interval
 from mailq.cluster.slicemap import MapWatcher, assignments_for
 from mailq.config import Settings
 from mailq.errors import MailqError
-from mailq.fsutil import atomic_write, pid_alive
+from mailq.fsutil import atomic_write
 from mailq.logs import reopen_all
 from mailq.queue.recovery import recover, recover_local_dead
 from mailq.runners import REGISTRY, load_runner
 from mailq.runners.process import MASTER_PID_ENV
+from mailq.runstate import lock_path, pid_path, read_pid, running_pid, status_path
 
 #: A runner that ran this long before crashing starts again with a clean restart count.
 STABLE_SECONDS = 300.0
@@ -52,50 +54,6 @@ STABLE_SECONDS = 300.0
 TICK = 0.1
 
 Key = tuple[str, int, int]   # (runner name, slice, count)
-
-
-def lock_path(settings: Settings) -> Path:
-    return settings.run_dir / "master.lock"
-
-
-def pid_path(settings: Settings) -> Path:
-    return settings.run_dir / "master.pid"
-
-
-def status_path(settings: Settings) -> Path:
-    return settings.run_dir / "status.json"
-
-
-def read_pid(settings: Settings) -> int | None:
-    """The pid in the pid file (alive or not), or None when there is no readable pid file."""
-    try:
-        return int(pid_path(settings).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def running_pid(settings: Settings) -> int | None:
-    """The pid of this node's live master, or None (a stale pid file, or its pid reused by another program)."""
-    pid = read_pid(settings)
-    return pid if pid is not None and _is_mailq(pid) else None
-
-
-def _is_mailq(pid: int) -> bool:
-    # After a reboot the pid of a dead master may belong to anything: `stop` must not signal it.
-    if not pid_alive(pid):
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b"mailq" in fh.read()
-    except OSError:
-        return True     # no /proc: trust the pid
-
-
-def read_status(settings: Settings) -> dict[str, Any] | None:
-    try:
-        return json.loads(status_path(settings).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class AlreadyRunning(MailqError):
@@ -155,6 +113,7 @@ class Master:
         self._map_problem = ""
         self._last_status: Any = None
         self._started = time.time()
+        self._metrics_server: Any = None
         self.on_hup: Callable[[], None] | None = None   # extra work on SIGHUP (the daemon's stdio)
 
     # -- start-up -------------------------------------------------------------------------------
@@ -201,9 +160,11 @@ class Master:
         """Recover, start the runners, call *ready*, supervise until SIGTERM; the exit status."""
         self._install_signals()
         self.log.info("master starting (pid %d, node %s)", os.getpid(), self.node)
+        stats.start(self.settings, "master")
         try:
             self.recover()
             self._beat()
+            self._serve_metrics()
             self._start_due()
             if ready is not None:
                 ready()
@@ -228,10 +189,26 @@ class Master:
                     next_check = now + failover_interval(self.settings)
                 self._start_due()
                 self._write_status()
+                stats.flush()
                 time.sleep(TICK)
         finally:
             self._shutdown()
         return 0
+
+    def _serve_metrics(self) -> None:
+        """``/metrics`` on metrics.host:metrics.port when configured (a failure to bind is logged, not fatal)."""
+        port = self.settings.metrics.port
+        if not port:
+            return
+        try:
+            from mailq.metrics import serve
+
+            self._metrics_server = serve(self.settings, self.settings.metrics.host, port)
+        except OSError as exc:
+            self.log.error("cannot serve /metrics on %s:%d: %s (mailqctl metrics still works)",
+                           self.settings.metrics.host, port, exc)
+            return
+        self.log.info("serving Prometheus metrics on http://%s:%d/metrics", self.settings.metrics.host, port)
 
     # -- children -------------------------------------------------------------------------------
     def _command(self, child: Child) -> list[str]:
@@ -421,6 +398,8 @@ class Master:
                 child.proc.kill()
                 child.proc.wait()
         self.children.clear()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         self.presence.publish(self.status(), stopped=True)
         self.log.info("master stopped")
         self.release()

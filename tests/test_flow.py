@@ -144,7 +144,7 @@ def pipe_posts(node, count: int, prefix: str) -> None:
 
 def runner_pid(node, name: str) -> int | None:
     """The pid of the running *name* runner, from the master's status file (what `mailqctl status` reads)."""
-    from mailq.master import read_status
+    from mailq.runstate import read_status
 
     status = read_status(node.settings()) or {"runners": []}
     return next((r["pid"] for r in status["runners"] if r["name"] == name and r["state"] == "running"), None)
@@ -234,7 +234,7 @@ BAD = {
 
 def test_bad_input_never_crashes_a_runner_and_each_message_ends_somewhere_with_a_reason(tmp_path, master):
     from mailq.lists.held import HeldStore
-    from mailq.master import read_status
+    from mailq.runstate import read_status
     from mailq.queue import Queue
 
     hard_limit = 200_000       # queue.max_message_size: refused at the door; the list's limit holds

@@ -21,7 +21,7 @@ def status(node) -> dict:
 
 def runner(node, name: str) -> dict:
     """One runner's row from the master's status file (polled often: no process per look)."""
-    from mailq.master import read_status
+    from mailq.runstate import read_status
 
     state = read_status(node.settings()) or {"runners": []}
     return next((r for r in state["runners"] if r["name"] == name), {"pid": None, "state": "", "restarts": -1})
@@ -196,7 +196,7 @@ def test_the_master_follows_the_slice_map_stopping_and_starting_runners(node, se
     started(node)
 
     def outs() -> dict[int, int | None]:
-        from mailq.master import read_status
+        from mailq.runstate import read_status
 
         state = read_status(settings) or {"runners": []}
         return {r["slice"]: r["pid"] for r in state["runners"] if r["name"] == "out"}

@@ -23,7 +23,7 @@ from typing import Any
 from mailq.cluster.heartbeat import (
     HeartbeatInfo, lease_age, nodes_dir, read_all, read_heartbeat, state_of, takeover_allowed,
 )
-from mailq.cluster.slicemap import SliceMap, current_for_update, disk_epoch, slices_lock, update_map, write_checked
+from mailq.cluster.slicemap import SliceMap, current_for_update, disk_epoch, slices_lock, update_map, write_map
 from mailq.config import RUNNER_QUEUES, Settings
 from mailq.errors import InvalidInput, NotFound
 from mailq.fsutil import atomic_write
@@ -105,8 +105,8 @@ def take_slices_lock(settings: Settings, dead: str, log: logging.Logger, timeout
     A node that died holding the lock (in the middle of its own ``slices`` change or takeover)
     would otherwise block its own takeover for ever: its claim is on another host, so no waiter
     can prove its pid dead.  The criterion that allows the takeover also allows this: its runners
-    stopped claiming a margin ago, and if it wakes up and writes anyway, :func:`write_checked` sees
-    the epoch moved and writes nothing.
+    stopped claiming a margin ago, and if it wakes up and writes anyway, its exclusive create of the
+    epoch we write (:func:`mailq.cluster.slicemap.publish`) fails and it writes nothing.
     """
     lock = slices_lock(settings, timeout=timeout)
     deadline = time.monotonic() + timeout
@@ -159,7 +159,7 @@ def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log:
             smap.epoch = max(smap.epoch, seen) + 1
             if own_lease:
                 _require_own_lease(settings)
-            write_checked(settings, smap, seen)
+            write_map(settings, smap)      # fails if epoch smap.epoch was written meanwhile
             report.epoch = smap.epoch
             log.warning("takeover: fenced %s in epoch %d, moved %d slices to %s", dead, smap.epoch,
                         len(owned), ", ".join(sorted({m["to"] for m in report.moved})) or "-")

@@ -35,6 +35,7 @@ import time
 import traceback
 from typing import Any
 
+from mailq import stats
 from mailq.cluster.guard import ClaimGuard
 from mailq.config import Settings
 from mailq.errors import TemporaryFailure
@@ -124,12 +125,14 @@ class Runner(RunnerProcess):
 
     def serve(self, once: bool) -> int:
         """Serve the slice until stopped (or, with *once*, until nothing is due); the exit status."""
+        stats.start(self.settings, self.component)      # counters for `mailqctl metrics`
         if not once:
             self._start_watching()
         try:
             return self._loop(once)
         finally:
             self._stop_watching()
+            stats.flush(force=True)
 
     def _loop(self, once: bool) -> int:
         queue = self.queue_for(self.queue)
@@ -138,6 +141,7 @@ class Runner(RunnerProcess):
         poll = self.settings.runners.poll_interval
         limit = max(1, int(self.batch_limit()))
         while not self.stopping:
+            stats.flush()       # at most once a second, and only after a change
             if self.master_gone():
                 self.log.warning("master pid %d is gone: stopping", self._master_pid)
                 break
@@ -212,8 +216,10 @@ class Runner(RunnerProcess):
             if exc is None:
                 self._finish(queue, entry, started)
             elif isinstance(exc, TemporaryFailure):
+                stats.count("mailq_entries_failed_total", label="requeued")
                 self._requeue(queue, entry, exc)
             else:
+                stats.count("mailq_entries_failed_total", label="shunted")
                 self._shunt(queue, entry, "".join(traceback.format_exception(exc)).rstrip())
 
     def _finish(self, queue: Queue, entry: Claimed, started: float) -> None:
@@ -222,6 +228,7 @@ class Runner(RunnerProcess):
         except FileNotFoundError:
             self.log.warning("finished %s but its claim file was already gone", entry.id)
             return
+        stats.count("mailq_entries_processed_total")
         self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
 
     def _shunt(self, queue: Queue, entry: Claimed, error: str) -> None:
