@@ -132,14 +132,15 @@ def _lmtp_up(settings) -> bool:
 
 
 def pipe_posts(node, count: int, prefix: str) -> None:
-    """Queue *count* posts exactly as mailq-deliver does (its own writer, without a process each)."""
-    from mailq.mta.deliver import write_entry
+    """Queue *count* posts exactly as mailq-deliver does (the entry writer, without a process each)."""
+    from mailq.queue import entry
 
     settings = node.settings()
     for i in range(count):
         metadata = {"listname": "dev", "kind": "post", "received": time.time(), "via": "pipe",
                     "envelope_sender": POSTER}
-        write_entry(str(settings.queue_dir("in")), post(f"{prefix} {i}"), metadata, fsync=settings.queue.fsync)
+        entry.enqueue(settings.queue_dir("in"), entry.encode(post(f"{prefix} {i}"), metadata), "dev",
+                      fsync=settings.queue.fsync)
 
 
 def runner_pid(node, name: str) -> int | None:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
 
 from mailq.config import Settings
 from mailq.fsutil import atomic_write
 from mailq.notices import notify, render_template
+from mailq.lists.mlist import MailingList
 
 #: Most posts kept per list; the oldest go first.
 KEEP = 1000
@@ -58,7 +58,7 @@ class PreservedStore:
                 os.unlink(self.folder / f"{old}{SUFFIX}")
 
 
-def notify_owners(settings: Settings, mlist: Any, how: str, reason: str, sender: str, subject: str,
+def notify_owners(settings: Settings, mlist: MailingList, how: str, reason: str, sender: str, subject: str,
                   msg: bytes, preserved: Path | None = None) -> str:
     """Tell the owners (else the site owner) about a post filtered to nothing; the ``virgin`` entry id.
 

@@ -25,6 +25,7 @@ entry's metadata keeps a retried notice write from sending a notice twice.
 from __future__ import annotations
 
 from typing import Any
+from email.message import Message
 
 from mailq.errors import MailqError
 from mailq.lists import ListStore
@@ -33,6 +34,8 @@ from mailq.lists.preserved import PreservedStore, notify_owners
 from mailq.pipeline import Context, Discard, Hold, Reject, load_stage, run
 from mailq.pipeline.base import header_text, parse
 from mailq.runners.base import Runner
+from mailq.queue.queue import Claimed
+from mailq.lists.mlist import MailingList
 
 
 class IncomingRunner(Runner):
@@ -66,7 +69,7 @@ class IncomingRunner(Runner):
         except ImportError as exc:
             self.log.error("email-validator cannot be imported (%s): lists with unusual domains will fail to load", exc)
 
-    def process(self, entry: Any) -> None:
+    def process(self, entry: Claimed) -> None:
         if not hasattr(self, "store"):
             self.setup()
         metadata = dict(entry.metadata)
@@ -107,7 +110,7 @@ class IncomingRunner(Runner):
             self.log.info("list %s: %s %s from %s went through (%d recipients)", listname, kind, entry.id,
                           metadata.get("sender") or "?", len(metadata.get("recipients") or []))
 
-    def _resume(self, entry: Any, metadata: dict) -> None:
+    def _resume(self, entry: Claimed, metadata: dict) -> None:
         """Write the entries an earlier attempt of *entry* could not (its stages had all passed)."""
         pending = metadata["pending_writes"]
         if not isinstance(pending, list) or not all(
@@ -126,7 +129,7 @@ class IncomingRunner(Runner):
                       metadata.get("listname"), entry.id, ", ".join(w["queue"] for w in pending),
                       ", ".join(sorted(queued or {})) or "nothing")
 
-    def _to_owner(self, mlist: Any, entry: Any, metadata: dict, msg: Any, stop: Any) -> None:
+    def _to_owner(self, mlist: MailingList, entry: Claimed, metadata: dict, msg: Message, stop: Any) -> None:
         """A stage asked for the post to reach the owners (``StageStop.to_owner``): once per entry.
 
         ``preserve`` keeps the post under the entry's held id (the same file on every attempt);
@@ -145,7 +148,7 @@ class IncomingRunner(Runner):
                       header_text(msg.get("subject")), entry.msg, preserved)
         done.append("owner")
 
-    def _hold(self, mlist: Any, entry: Any, metadata: dict, msg: Any, reason: str) -> None:
+    def _hold(self, mlist: MailingList, entry: Claimed, metadata: dict, msg: Message, reason: str) -> None:
         sender = str(metadata.get("sender") or "")
         subject = header_text(msg.get("subject"))
         store = HeldStore(self.settings, mlist.name)
@@ -162,7 +165,7 @@ class IncomingRunner(Runner):
                     done=entry.metadata.setdefault("notified", []))
 
 
-def _keep_progress(entry: Any, ctx: Context) -> None:
+def _keep_progress(entry: Claimed, ctx: Context) -> None:
     """Before a requeue or shunt of *entry*: record in it what its pipeline run already queued.
 
     ``entry.metadata`` is what the base loop writes back (requeue, shunt), so the next attempt (or

@@ -9,11 +9,11 @@ holds no slot on the smarthost).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from mailq import stats
 from mailq.delivery.outqueue import deliver, make_transport
 from mailq.runners.base import Runner
+from mailq.queue.queue import Claimed
 
 
 #: Seconds without work after which the SMTP connection(s) are closed.
@@ -27,7 +27,7 @@ class OutgoingRunner(Runner):
         self.transport = make_transport(self.settings, log=self.log)
         self.last_used = time.monotonic()
 
-    def process(self, entry: Any) -> None:
+    def process(self, entry: Claimed) -> None:
         if not entry.metadata.get("recipients"):
             self.log.warning("%s has no recipients (metadata keys: %s); nothing to send", entry.id,
                              ", ".join(sorted(entry.metadata)))

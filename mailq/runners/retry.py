@@ -7,15 +7,15 @@ carry the retry history, and the outgoing runner decides on the next backoff or 
 """
 from __future__ import annotations
 
-from typing import Any
 
 from mailq.runners.base import Runner
+from mailq.queue.queue import Claimed
 
 
 class RetryRunner(Runner):
     queue = "retry"
 
-    def process(self, entry: Any) -> None:
+    def process(self, entry: Claimed) -> None:
         new_id = self.enqueue("out", entry.msg, entry.metadata)
         self.log.info("%s due (attempt %s): back to out as %s", entry.id,
                       int(entry.metadata.get("attempts", 0)) + 1, new_id)
