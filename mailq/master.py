@@ -17,8 +17,9 @@ a takeover moved here are started as soon as it is done.  The state is written t
 failover checks, the runner list in ``var/cluster/status/<node>.json`` for ``mailqctl cluster
 status`` on any host) is ``mailq.cluster.presence.Presence``: the master only calls it.
 
-Signals: SIGTERM/SIGINT stop every runner (SIGTERM, ``runners.stop_timeout``, then SIGKILL) and
-exit 0; SIGHUP reopens the log files and is passed on to every runner.
+Signals: SIGTERM/SIGINT end a takeover in progress at its next safe point (releasing the slices
+lock), stop every runner (SIGTERM, ``runners.stop_timeout``, then SIGKILL) and exit 0; SIGHUP
+reopens the log files and is passed on to every runner.
 """
 from __future__ import annotations
 
@@ -380,8 +381,7 @@ class Master:
                 child.proc.send_signal(signal.SIGHUP)
 
     def _shutdown(self) -> None:
-        # A takeover half done is safe to redo, but let it finish: it holds the slices lock.
-        self.presence.finish_failover_check(self.settings.runners.stop_timeout)
+        self.presence.stop_failover_check(self.settings.runners.stop_timeout)
         running = [c for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
         self.log.info("master stopping: SIGTERM to %d runners", len(running))
         for child in running:

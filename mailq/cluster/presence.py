@@ -26,9 +26,11 @@ from typing import Any
 
 from mailq.cluster import failover
 from mailq.cluster.heartbeat import Heartbeat
+from mailq.cluster.slicemap import slices_lock
 from mailq.config import Settings
 from mailq.errors import MailqError
 from mailq.fsutil import atomic_write
+from mailq.locks import host_id
 
 #: Keys of a published runner row that readers on other hosts use.
 RUNNER_KEYS = ("name", "slice", "count", "unsliced", "pid", "state", "restarts")
@@ -70,6 +72,8 @@ class Presence:
         self.rejoining = False
         #: Set by the failover thread when a takeover moved slices to this node.
         self.takeover_done = threading.Event()
+        #: Set at shutdown: a takeover in progress gives up at its next safe point and releases the lock.
+        self.cancel = threading.Event()
         self._heartbeat: Heartbeat | None = None
         self._failover_thread: threading.Thread | None = None
         self._shared_at = 0.0
@@ -110,7 +114,7 @@ class Presence:
 
         def work() -> None:
             try:
-                if failover.check(self.settings, self.log):
+                if failover.check(self.settings, self.log, cancel=self.cancel):
                     self.takeover_done.set()
             except Exception:
                 self.log.error("automatic failover check failed:\n%s", traceback.format_exc().rstrip())
@@ -118,11 +122,30 @@ class Presence:
         self._failover_thread = threading.Thread(target=work, name="failover", daemon=True)
         self._failover_thread.start()
 
-    def finish_failover_check(self, timeout: float) -> None:
-        """Wait (up to *timeout*) for a failover check in progress: a takeover holds the slices lock."""
-        if self._failover_thread is not None and self._failover_thread.is_alive():
-            self.log.info("master stopping: waiting for the failover check in progress")
-            self._failover_thread.join(timeout)
+    def stop_failover_check(self, timeout: float) -> None:
+        """End a takeover in progress cleanly before the master exits: never leave with a claim on the slices lock.
+
+        The takeover gives up at its next safe point (waiting for the lock, before writing the map,
+        between the queues of its recovery; docs/cluster.md §5) and releases the lock on its way
+        out.  If it does not within *timeout* (a hung filesystem), this process removes its own
+        claims on the slices lock before exiting; what the takeover wrote is whole (the map is one
+        exclusive create) and what it did not finish a later failover look does.
+        """
+        thread = self._failover_thread
+        if thread is None or not thread.is_alive():
+            return
+        self.cancel.set()
+        self.log.info("master stopping: asking the failover check in progress to stop")
+        thread.join(timeout)
+        if not thread.is_alive():
+            return
+        lock = slices_lock(self.settings)
+        mine = [h for h in lock.holders() if (h.host, h.pid) == (host_id(), os.getpid())]
+        if mine:
+            lock.force_break(mine[0])
+        self.log.error("master stopping: the failover check did not stop within %.0fs (shared filesystem hung?); "
+                       "removed this master's %d claim(s) on the slices lock; the next failover look redoes what "
+                       "it left", timeout, len(mine))
 
     # -- the published runner list ------------------------------------------------------------------
     def publish(self, status: dict[str, Any], *, stopped: bool = False) -> None:

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mailq.errors import InvalidInput, MailqError, NotFound, TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write, fsync_dir
+from mailq.errors import InvalidInput, MailqError, NotFound
+from mailq.fsutil import atomic_write
 from mailq.lists.held.notices import rejection_notice
-from mailq.lists.held.records import ACTIONS, PAST, STAGED_PREFIX, Decision, _crash_point
+from mailq.lists.held.records import ACTIONS, STAGED_PREFIX, Decision, _crash_point
+from mailq.lists.once import send_staged
 from mailq.locks import named_lock
-from mailq.queue.entry import ENTRY_SUFFIX, entry_id, fixed_sha
 from mailq.queue.payload import encode
 
 if TYPE_CHECKING:
@@ -70,28 +69,8 @@ class Completion:
 
     def _send(self: HeldStore, decision: Decision, queue: str, path: Path) -> None:
         """Step 3: rename the staged entry into its queue, under a name fixed by the decision."""
-        sha = fixed_sha(self.listname, decision.id, queue)     # docs/design.md §3.1 "Fixed ids"
-        folder = self.settings.queue_dir(queue) / sha[:2]
-        target = folder / f"{entry_id(decision.at, sha)}{ENTRY_SUFFIX}"
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(path, target)
-        except FileNotFoundError:
-            if path.exists():
-                raise
-            return  # NFS: a retransmitted rename whose first try went through; it is queued
-        except OSError as exc:
-            if exc.errno == errno.EXDEV:
-                raise MailqError(f"cannot move {path} into {folder}: var/lists and var/qfiles are on "
-                                 f"different filesystems, and var/ must be one (docs/design.md §2). The "
-                                 f"{PAST.get(decision.action, decision.action)} post waits there; fix the "
-                                 f"mounts, then run 'mailqctl cron run expire-held'") from exc
-            if exc.errno in TEMPORARY_ERRNOS:
-                raise TemporaryFailure(f"cannot move {path} into {folder}: {exc.strerror}; the decision "
-                                       f"is kept and 'mailqctl cron run expire-held' finishes it") from exc
-            raise
-        if self.settings.queue.fsync:
-            fsync_dir(folder)
+        send_staged(self.settings, path, queue, f"{self.listname}\0{decision.id}\0{queue}", decision.at,
+                    resume_hint="mailqctl cron run expire-held")
 
     def incomplete(self: HeldStore) -> list[str]:
         """Decisions never (fully) carried out: decided posts still held, or staged entries not yet sent."""

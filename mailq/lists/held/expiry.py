@@ -11,7 +11,7 @@ from mailq.errors import MailqError
 from mailq.lists.held.records import STAGED_PREFIX
 from mailq.lists.held.store import HeldStore
 from mailq.lists.store import ListStore
-from mailq.notices import notify
+from mailq.notices import notify_template
 
 
 def expire_held(settings: Settings, log: logging.Logger) -> str:
@@ -66,9 +66,8 @@ def expire_held(settings: Settings, log: logging.Logger) -> str:
         lines = "\n".join(f"  {r['id']}  {r.get('sender') or '?'}  {r.get('subject') or '(none)'}"
                           for r in expired)
         owners = list(mlist.settings.owners) or [settings.site_owner]
-        notify(settings, owners, f"{name}: {len(expired)} held post(s) expired",
-               f"These posts to {mlist.posting_address} waited more than {days} days for a moderator "
-               f"and were discarded:\n\n{lines}\n", listname=name, sender=mlist.owner_address)
+        notify_template(settings, mlist, owners, "held-expired", from_address=mlist.owner_address,
+                        count=len(expired), days=days, posts=lines)
         log.info("expire-held: list %s: discarded %d held post(s) older than %d days", name,
                  len(expired), days)
     summary = f"expired {expired_total} held post(s) in {lists_touched} list(s)"

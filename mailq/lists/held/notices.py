@@ -5,7 +5,7 @@ from mailq.config import Settings
 from mailq.errors import MailqError
 from mailq.lists.mlist import MailingList
 from mailq.lists.store import ListStore
-from mailq.notices import notice_entry, notify
+from mailq.notices import notify_template, template_entry
 from mailq.queue.queue import Queue
 
 
@@ -27,24 +27,14 @@ def notify_held(settings: Settings, mlist: MailingList, held_id: str, reason: st
     sent = []
     s = mlist.settings
     staff = list(dict.fromkeys(a for a in [*s.owners, *s.moderators] if a))
+    values = {"sender": sender or "(unknown)", "subject": subject or "(none)", "reason": reason,
+              "held_id": held_id}
     if staff and s.notify_owners_on_hold and "staff" not in done:
-        body = (f"A post to {mlist.posting_address} is waiting for a moderator.\n\n"
-                f"  From:    {sender or '(unknown)'}\n  Subject: {subject or '(none)'}\n"
-                f"  Reason:  {reason}\n  Id:      {held_id}\n\n"
-                f"Decide with one of:\n"
-                f"  mailqctl held approve {mlist.name} {held_id}\n"
-                f"  mailqctl held reject {mlist.name} {held_id} --reason TEXT\n"
-                f"  mailqctl held discard {mlist.name} {held_id}\n\n"
-                f"The post is attached.\n")
-        sent.append(notify(settings, staff, f"{mlist.name}: post from {sender or 'unknown'} held ({reason})",
-                           body, listname=mlist.name, sender=mlist.owner_address, attachment=msg))
+        sent.append(notify_template(settings, mlist, staff, "held-notice", from_address=mlist.owner_address,
+                                    attachment=msg, **values))
         done.append("staff")
     if sender and s.send_hold_ack and "ack" not in done:
-        body = (f"Your post to {mlist.posting_address}\n\n  Subject: {subject or '(none)'}\n\n"
-                f"is waiting for a moderator's approval. Reason: {reason}.\n"
-                f"You will hear from us if it is rejected.\n")
-        sent.append(notify(settings, [sender], f"Your post to {mlist.name} awaits moderator approval",
-                           body, listname=mlist.name, sender=mlist.owner_address))
+        sent.append(notify_template(settings, mlist, [sender], "held-ack", from_address=mlist.owner_address, **values))
         done.append("ack")
     return sent
 
@@ -57,11 +47,10 @@ def rejection_notice(settings: Settings, listname: str, sender: str, reason: str
     """
     if mlist is None:
         mlist = _load_list(settings, listname)
-    address = mlist.posting_address if mlist else listname
-    body = (f"Your post to {address}\n\n  Subject: {subject or '(none)'}\n\nwas rejected.\n"
-            f"Reason: {reason}\n\nYour message is attached.\n")
-    return notice_entry(settings, [sender], f"Your post to {listname} was rejected", body, listname=listname,
-                        sender=mlist.owner_address if mlist else None, attachment=msg)
+    return template_entry(settings, mlist, [sender], "post-rejected", listname=listname,
+                          from_address=mlist.owner_address if mlist else None, attachment=msg,
+                          list_name=listname, list_address=mlist.posting_address if mlist else listname,
+                          subject=subject or "(none)", reason=reason)
 
 
 def notify_rejected(settings: Settings, listname: str, sender: str, reason: str, msg: bytes, *,
