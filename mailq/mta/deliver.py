@@ -168,8 +168,7 @@ def _strip_from_line(msg: bytes) -> "tuple[bytes, str]":
 
 def _enqueue(var: str, fsync: bool, queue_name: str, msg: bytes, metadata: dict) -> int:
     try:
-        entry.enqueue(os.path.join(var, "qfiles", queue_name), entry.encode(msg, metadata),
-                      metadata.get("listname", ""), fsync=fsync)
+        entry.enqueue_message(os.path.join(var, "qfiles", queue_name), msg, metadata, fsync=fsync)
     except (OSError, entry.QueueFull) as exc:
         # Disk full, read-only or missing folders: all fixable by an operator, so the MTA keeps the
         # mail and retries (75) rather than bouncing it.

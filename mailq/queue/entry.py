@@ -13,7 +13,8 @@ pure-Python front end of ``_pickle``), no ``hashlib``, no ``re``, ``pathlib`` or
   so that the entry a decision sends has the same name however often it is sent;
 * ``encode(msg, metadata)``: the payload bytes (§3.3), unchecked (``payload.encode`` checks);
 * ``write(folder, name, data, fsync=)``: temp, write, fsync, rename, fsync folder (§3.4);
-* ``enqueue(queue_dir, data, listname, fsync=, due=None)``: all of it, the new entry's id.
+* ``enqueue(queue_dir, data, listname, fsync=, due=None)``: all of it, the new entry's id;
+  ``enqueue_message(queue_dir, msg, metadata, fsync=)`` the same from a message and its metadata.
 """
 import errno
 import os
@@ -122,3 +123,10 @@ def enqueue(queue_dir: str | os.PathLike, data: bytes, listname: str, *, fsync: 
     eid = entry_id(time.time() if due is None else due, sha)
     write(bucket_dir(queue_dir, sha), eid + ENTRY_SUFFIX, data, fsync=fsync)
     return eid
+
+
+def enqueue_message(queue_dir: str | os.PathLike, msg: bytes, metadata: dict, *, fsync: bool,
+                    due: float | None = None) -> str:
+    """``enqueue`` of ``encode(msg, metadata)`` for the list ``metadata["listname"]``: what ``mailq-deliver``
+    does with a message (its metadata are builtins by construction, so no read-back check)."""
+    return enqueue(queue_dir, encode(msg, metadata), metadata.get("listname", ""), fsync=fsync, due=due)
