@@ -31,7 +31,7 @@ from mailq.cluster import failover
 from mailq.cluster.heartbeat import fs_now
 from mailq.config import Settings
 from mailq.errors import NotFound
-from mailq.fsutil import atomic_write
+from mailq.fsutil import atomic_write, make_dirs
 from mailq.locks import named_lock
 from mailq.logs import get_logger
 from mailq.queue.recovery import recover_local_dead
@@ -138,7 +138,7 @@ def run_task(settings: Settings, name: str, *, force: bool = False, log: logging
                                                 f"(period {task.period:g}s; --force to run anyway)")
         path = stamp_path(settings, task)
         previous = path.with_name(path.name + ".prev")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         had_stamp = True
         try:
             os.replace(path, previous)      # kept, with its mtime, in case this run fails

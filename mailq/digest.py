@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from mailq.archive import append_bytes, mbox_entry
+from mailq.archive import append_once, mbox_entry
 from mailq.config import Settings
 from mailq.locks import Lock, named_lock
 
@@ -23,11 +23,14 @@ def digest_lock(settings: Settings, listname: str, timeout: float = 30.0) -> Loc
     return named_lock(settings, f"digest.{listname}", timeout=timeout)
 
 
-def append_pending(settings: Settings, listname: str, items: Iterable[tuple[bytes, str, float]]) -> int:
-    """Append (msg, sender, received) posts to the pending digest under ONE lock cycle; count added."""
-    entries = [mbox_entry(msg, sender, when) for msg, sender, when in items]
+def append_pending(settings: Settings, listname: str,
+                   items: Iterable[tuple[bytes, str, float] | tuple[bytes, str, float, str]]) -> int:
+    """Append (msg, sender, received[, key]) posts to the pending digest under ONE lock cycle; count added.
+
+    A post whose *key* was appended already is skipped (``mailq.archive.append_once``).
+    """
+    entries = [(item[3] if len(item) > 3 else "", mbox_entry(*item[:3])) for item in items]
     if not entries:
         return 0
     with digest_lock(settings, listname):
-        append_bytes(pending_path(settings, listname), b"".join(entries), fsync=settings.queue.fsync)
-    return len(entries)
+        return append_once(pending_path(settings, listname), entries, fsync=settings.queue.fsync)

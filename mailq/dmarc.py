@@ -52,7 +52,7 @@ from typing import Any
 
 from mailq.config import Settings
 from mailq.errors import MailqError
-from mailq.fsutil import atomic_write
+from mailq.fsutil import atomic_write, make_dirs
 from mailq.resolver import make_resolver
 
 FORMAT = 1
@@ -198,7 +198,7 @@ class DmarcCache:
     def _store(self, path: Path, entry: dict) -> None:
         try:
             fresh = not path.parent.is_dir()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             atomic_write(path, json.dumps(entry, sort_keys=True).encode(), fsync=False, mode=0o664)
             if not fresh:
                 self._prune(path.parent, keep=path.name)

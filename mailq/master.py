@@ -149,7 +149,14 @@ class Master:
 
     def recover(self) -> None:
         """Bring this node's orphaned claims back to their queues before any runner starts."""
-        report = recover_local_dead(self.settings)
+        try:
+            report = recover_local_dead(self.settings)
+        except Exception:
+            # Never a master that cannot start: the runners still serve every other entry, and the
+            # claims left are tried again at the next start.
+            self.log.critical("recovery of dead local claims failed; starting the runners anyway:\n%s",
+                              traceback.format_exc().rstrip())
+            return
         self.log.info("recovery of dead local claims: %d back in their queues, %d to bad, %d dropped as "
                       "already done, %d left (claimant alive), %d stale temp files removed",
                       len(report.recovered), len(report.to_bad), len(report.dropped), report.left,

@@ -6,6 +6,7 @@ list pipeline, so a notice never gets a footer, a subject prefix or moderation.
 from __future__ import annotations
 
 import email.utils
+import secrets
 import time
 from email.message import EmailMessage
 from typing import Any
@@ -19,7 +20,10 @@ def build_notice(settings: Settings, to: list[str], subject: str, body: str, *,
                  headers: dict[str, str] | None = None) -> bytes:
     """A complete RFC 5322 message; *attachment* (a whole message) is attached as message/rfc822.
 
-    *headers* are added as given (``Reply-To``, ``In-Reply-To``, ...).
+    *headers* are added as given (``Reply-To``, ``In-Reply-To``, ...).  The attachment goes in byte
+    for byte, never parsed and serialized again: a stranger's message can make that arbitrarily
+    slow (a 20 MB one-line Subject took minutes) or fail (deep MIME nesting), and the owner should
+    see exactly what arrived anyway.
     """
     msg = EmailMessage()
     msg["From"] = sender or settings.site_owner
@@ -33,11 +37,22 @@ def build_notice(settings: Settings, to: list[str], subject: str, body: str, *,
     for key, value in (headers or {}).items():
         msg[key] = value
     msg.set_content(body)
-    if attachment is not None:
-        from email import message_from_bytes, policy
-
-        msg.add_attachment(message_from_bytes(attachment, policy=policy.compat32))
-    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    crlf = msg.policy.clone(linesep="\r\n")
+    if attachment is None:
+        return msg.as_bytes(policy=crlf)
+    text = EmailMessage()
+    text.set_content(body)
+    boundary = f"mailq-{secrets.token_hex(12)}"
+    while boundary.encode() in attachment:
+        boundary = f"mailq-{secrets.token_hex(12)}"
+    del msg["Content-Type"], msg["Content-Transfer-Encoding"]
+    msg["Content-Type"] = f'multipart/mixed; boundary="{boundary}"'
+    outer = msg.as_bytes(policy=crlf).split(b"\r\n\r\n", 1)[0]
+    original = attachment if attachment.endswith(b"\n") else attachment + b"\r\n"
+    delimiter = f"--{boundary}\r\n".encode()
+    return b"".join([outer, b"\r\n\r\n", delimiter, text.as_bytes(policy=crlf), b"\r\n", delimiter,
+                     b"Content-Type: message/rfc822\r\nContent-Disposition: inline\r\n\r\n", original,
+                     f"--{boundary}--\r\n".encode()])
 
 
 def notice_entry(settings: Settings, to: list[str], subject: str, body: str, *, listname: str = "",

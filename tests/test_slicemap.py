@@ -345,6 +345,18 @@ def test_a_runners_guard_looks_at_one_folder_only(cluster, monkeypatch):
     assert seen == [str(sm.maps_dir(settings))] * 10
 
 
+def test_a_damaged_epoch_file_is_skipped_and_reported_not_taken_for_no_map(cluster):
+    node, settings = cluster
+    assert sm.MapWatcher(settings).current().epoch == 5          # published from the hand-written file
+    sm.epoch_path(settings, 6).write_text("epoch: 6\nqueues: [\n")  # damage, with a higher number
+    fresh = sm.MapWatcher(settings)                               # a master that just started
+    assert fresh.current().epoch == 5 and "0000000006.yaml is damaged" in fresh.problem
+    check = node.mailq("slices", "check")
+    assert check.returncode == 1 and "is damaged" in check.stdout
+    node.mailq("slices", "assign", "out", "0", "h2", check=True)   # the next change goes past it
+    assert sm.latest_map(settings).epoch == 7
+
+
 def test_the_set_count_policy_refuses_while_entries_wait_and_says_what_would_move(cluster):
     from mailq.cluster import policy
     from mailq.queue import Queue

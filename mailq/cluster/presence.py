@@ -29,7 +29,7 @@ from mailq.cluster.heartbeat import Heartbeat
 from mailq.cluster.slicemap import slices_lock
 from mailq.config import Settings
 from mailq.errors import MailqError
-from mailq.fsutil import atomic_write
+from mailq.fsutil import atomic_write, make_dirs
 from mailq.locks import host_id
 
 #: Keys of a published runner row that readers on other hosts use.
@@ -153,7 +153,7 @@ class Presence:
         status = dict(status, stopped=stopped)
         path = shared_status_path(self.settings)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             atomic_write(path, json.dumps(status).encode(), fsync=False, mode=0o664)
         except (OSError, MailqError) as exc:    # full or stale shared tree: never a reason to stop
             if time.monotonic() - self._shared_at > 60:     # once a minute at most: the disk may be gone

@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 
 from mailq.config import Settings
-from mailq.fsutil import atomic_write
-from mailq.notices import notify, render_template
+from mailq.fsutil import atomic_write, make_dirs
 from mailq.lists.mlist import MailingList
+from mailq.notices import notify, render_template
 
 #: Most posts kept per list; the oldest go first.
 KEEP = 1000
@@ -37,7 +37,7 @@ class PreservedStore:
         """Store *msg* as ``<post_id>.eml`` (replacing a copy of the same post); its path."""
         if "/" in post_id or post_id.startswith("."):
             raise ValueError(f"not a post id: {post_id!r}")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.folder)
         path = self.folder / f"{post_id}{SUFFIX}"
         atomic_write(path, bytes(msg), fsync=self.settings.queue.fsync)
         self._trim()

@@ -8,8 +8,9 @@ exits 0 only after the entry's rename. Every other outcome is a sysexits code th
 ====  =====================================================================================
  0    queued
  64   usage: wrong arguments (EX_USAGE)
- 65   data error: empty message, or over ``queue.max_message_size`` (EX_DATAERR; the MTA
-      bounces it with our one-line reason)
+ 65   data error: empty message, over ``queue.max_message_size``, a header line over 998
+      characters or MIME parts nested over 50 levels (``mailq.mta.mime``) (EX_DATAERR; the
+      MTA bounces it with our one-line reason)
  67   no such list (EX_NOUSER; the MTA bounces it: "unknown user")
  75   temporary failure: disk full, filesystem unavailable, lock timeout, config unreadable
       (EX_TEMPFAIL; the MTA keeps the message and tries again, nothing is lost)
@@ -35,7 +36,8 @@ from mailq.queue import entry
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL = 0, 64, 65, 67, 75
 USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave|confirm LIST\n"
          "  Reads one message on stdin and queues it for LIST; run by the MTA from the aliases that\n"
-         "  'mailqctl aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty or too big, 67 unknown list,\n"
+         "  'mailqctl aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty, too big, a header line\n"
+         "  over 998 characters or MIME nested over 50 levels, 67 unknown list,\n"
          "  75 temporary failure (the MTA retries).\n"
          "Examples:\n"
          "  mailq-deliver post dev < message.eml\n"
@@ -98,6 +100,11 @@ def deliver(args: "list[str]") -> int:
     msg, from_line_sender = _strip_from_line(msg)
     if not msg.strip():
         raise Exit(EX_DATAERR, f"empty message on stdin for {kind} {listname}; nothing queued")
+    from mailq.mta.mime import mime_problem
+
+    problem = mime_problem(msg)
+    if problem:
+        raise Exit(EX_DATAERR, f"message for {kind} {listname} refused: {problem}; nothing queued")
     env = os.environ
     metadata = {
         "listname": listname,

@@ -23,7 +23,7 @@ from _pickle import dumps as _dumps
 from _sha1 import sha1 as _sha1
 
 from mailq.errors import TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS, fsync_dir, write_all
+from mailq.fsutil import FILE_MODE, TEMPORARY_ERRNOS, UMASK, fsync_dir, make_dirs, write_all
 
 VERSION = 1
 #: Pickle protocol of every payload (what ``mailq.safepickle.dumps`` uses too).
@@ -89,11 +89,13 @@ def write(folder: str, final_name: str, data: bytes, *, fsync: bool) -> None:
     final = os.path.join(folder, final_name)
     try:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+            make_dirs(folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
+            if UMASK & FILE_MODE:
+                os.fchmod(fd, FILE_MODE)    # explicit: runners of another user of the group read it
             if FAULT_ENOSPC or (FAULT_ENOSPC_QUEUES
                                 and os.path.basename(os.path.dirname(folder)) in FAULT_ENOSPC_QUEUES):
                 os.write(fd, data[: len(data) // 2])

@@ -87,7 +87,7 @@ class IncomingRunner(Runner):
         mlist = self.store.load(listname)  # NotFound says which list and what to run
         msg = parse(entry.msg)
         metadata.setdefault("size", len(entry.msg))
-        ctx = Context(self.settings, self.log, self.enqueue)
+        ctx = Context(self.settings, self.log, self.enqueue, origin=entry.id.rpartition("+")[2])
         try:
             run(stages, mlist, msg, metadata, ctx)
         except Hold as stop:

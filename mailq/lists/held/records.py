@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from mailq.errors import InvalidInput, MailqError
 
 ACTIONS = ("approve", "reject", "discard")
-DIR_MODE = 0o2775  # as list folders (mailq.lists.store): group-writable, setgid
 PAST = {"approve": "approved", "reject": "rejected", "discard": "discarded"}
 STAGED_PREFIX = ".to-"   # <id>.to-<queue>: a decision's queue entry, staged (see the module docstring)
 #: Fault injection for tests only: ``MAILQ_FAULT_HELD_CRASH=<step>`` SIGKILLs the process right

@@ -1,7 +1,6 @@
 """Held posts on disk: ``var/lists/<name>/held/<id>.pck`` (the post) and its decision record."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -14,10 +13,10 @@ from typing import Any
 from mailq import safepickle
 from mailq.config import Settings
 from mailq.errors import MailqError, NotFound
-from mailq.fsutil import atomic_write
+from mailq.fsutil import atomic_write, make_dirs
 from mailq.lists.held.complete import Completion
 from mailq.lists.held.decide import DecideOnce
-from mailq.lists.held.records import DIR_MODE, STAGED_PREFIX, Decision, _check_id
+from mailq.lists.held.records import STAGED_PREFIX, Decision, _check_id
 from mailq.queue.names import split_id
 
 
@@ -44,9 +43,7 @@ class HeldStore(DecideOnce, Completion):
             if self.known(held_id):
                 return held_id
         if not self.folder.is_dir():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):  # the umask cut the group bits; other hosts must write
-                os.chmod(self.folder, DIR_MODE)
+            make_dirs(self.folder)
         now = time.time()
         held_id = held_id or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{secrets.token_hex(4)}"
         record = {"id": held_id, "msg": bytes(msg), "metadata": dict(metadata), "reason": reason,
