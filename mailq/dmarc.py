@@ -132,16 +132,17 @@ class DmarcCache:
         self._resolver = resolver
 
     # -- the policy ----------------------------------------------------------------------------
-    def policy(self, domain: str) -> Policy:
+    def policy(self, domain: str, *, refresh: bool = False) -> Policy:
+        """The policy for mail From: *domain*; *refresh* asks DNS again instead of the cache."""
         name = normalize_domain(domain)
         if name is None:
             return Policy(domain, "", why=f"{domain!r} is not a domain name that can be looked up")
-        own = self._decide(name, self.txt(f"_dmarc.{name}"), org=False)
+        own = self._decide(name, self.txt(f"_dmarc.{name}", refresh=refresh), org=False)
         if own is not None:
             return own
         org = organizational_domain(name)
         if org and org != name:
-            found = self._decide(name, self.txt(f"_dmarc.{org}"), org=True)
+            found = self._decide(name, self.txt(f"_dmarc.{org}", refresh=refresh), org=True)
             if found is not None:
                 return found
         return Policy(name, "", why=f"no DMARC record for {name}"
@@ -171,10 +172,10 @@ class DmarcCache:
         bucket = hashlib.sha1(name.encode()).hexdigest()[:2]
         return self.folder / bucket / f"{name}.json"
 
-    def txt(self, name: str) -> dict:
+    def txt(self, name: str, *, refresh: bool = False) -> dict:
         """The answer for TXT *name*: from the cache while it is fresh, else from DNS (and cached)."""
         path = self.path(name)
-        cached = self.read(path, name)
+        cached = None if refresh else self.read(path, name)
         if cached is not None and float(cached["expires"]) > time.time():
             return cached
         entry = self._lookup(name)

@@ -233,3 +233,12 @@ def test_a_stuck_enqueue_does_not_hold_up_another_session(lmtp):
         shutil.rmtree(HOLD, ignore_errors=True)
     assert finished == ["dev@lists.example.org", "slow@lists.example.org"]
     assert [meta["listname"] for _, meta in drain(Queue.for_settings(settings, "in"))] == ["slow"]
+
+
+def test_a_bounce_with_the_null_sender_is_queued_and_logged_as_the_null_sender(lmtp):
+    node, settings, proc, client = lmtp
+    assert client.sendmail("<>", ["dev-bounces+bob=example.net@lists.example.org"], MSG) == {}
+    [(_, meta)] = drain(Queue.for_settings(settings, "bounces"))
+    assert meta["envelope_sender"] == ""          # not the text "<>"
+    log = (settings.log_dir / "lmtp.log").read_text()
+    assert "from <>: queued" in log and "<<>>" not in log

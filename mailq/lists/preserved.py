@@ -68,10 +68,10 @@ def notify_owners(settings: Settings, mlist: MailingList, how: str, reason: str,
     values = {"sender": sender or "(unknown)", "subject": subject or "(none)", "reason": reason,
               "preserved": str(preserved or ""), "keep_limit": KEEP}
     if how == "forward":
-        body = render_template(mlist, "filter_forward", **values)
+        body = render_template(mlist, "filter-forward", **values)
         title = f"{mlist.name}: post from {sender or 'unknown'} filtered out, forwarded to you"
         return notify(settings, owners, title, body, listname=mlist.name, sender=mlist.owner_address,
                       attachment=msg)
-    body = render_template(mlist, "filter_preserved", **values)
+    body = render_template(mlist, "filter-preserved", **values)
     title = f"{mlist.name}: post from {sender or 'unknown'} filtered out, kept for you"
     return notify(settings, owners, title, body, listname=mlist.name, sender=mlist.owner_address)
