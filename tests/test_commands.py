@@ -426,3 +426,34 @@ def test_a_batch_of_confirmations_killed_mid_way_makes_each_member_once(tmp_path
     assert len(replies) == (2 if step == "sent" else 1), replies
     assert not any("already a member" in text for text in replies), replies
     assert not list((node.var / "lists" / "dev" / "pending").glob("*.to-*"))
+
+
+def test_bad_input_is_logged_and_finished_and_an_upper_cased_token_confirms(tmp_path):
+    """Unknown list, no sender address, bytes that are no mail, a broken base64 body: each is
+    finished (never shunted, never looping); a token typed in capitals still confirms."""
+    from mailq.queue.entry import enqueue_message
+
+    node = command_node(tmp_path)
+    store = make_list(node)
+    deliver(node, "request", mail(NEW, "dev-request@example.org", "subscribe"), NEW)
+    assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
+    token = _token_from_out(node)
+    commands = node.settings().queue_dir("commands")
+
+    def put(msg: bytes, listname: str = "dev", kind: str = "request", sender: str = "x@example.net") -> None:
+        enqueue_message(commands, msg, {"listname": listname, "kind": kind, "received": time.time(),
+                                        "via": "pipe", "envelope_sender": sender}, fsync=False)
+
+    put(mail(NEW, "gone-request@example.org", "help"), listname="gone")
+    put(b"From: not an address\r\nSubject: help\r\n\r\nhelp\r\n", sender="neither")
+    put(bytes(range(256)) * 40)
+    put(b"From: b64@example.net\r\nSubject: x\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!%%%\r\n",
+        sender="b64@example.net")
+    put(mail(NEW, "dev-request@example.org", f"Re: CONFIRM {token.upper()}"), sender=NEW)
+    assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
+    assert not list((node.var / "qfiles" / "commands").glob("*/*.pck*"))
+    assert not list((node.var / "qfiles" / "shunt").glob("*/*.pck*"))
+    log = (node.var / "log" / "n1" / "commands.log").read_text()
+    assert "no list 'gone'" in log and "no usable sender address" in log
+    assert [m.address for m in store.load("dev").members] == [NEW]
+    assert sum(s.startswith("Welcome to") for s in _out_subjects(node)) == 1
