@@ -3,7 +3,8 @@
 ``SMTPConnection.send(sender, recipients, msg)`` runs one transaction and says, for every
 recipient, whether it was delivered, failed temporarily (4xx, connection refused, timeout, the
 server hanging up) or failed permanently (5xx). The connection stays open between transactions
-(reconnecting once if the server dropped it while idle) and is closed by ``close()``, which the
+(reconnecting once if the server dropped it while idle, found at MAIL FROM; never after MAIL was
+answered, so a transaction is not sent twice) and is closed by ``close()``, which the
 outgoing runner calls when it has been idle for a poll interval.
 
 The transaction is driven command by command (MAIL, RCPT per recipient, DATA) rather than through
@@ -108,6 +109,7 @@ class SMTPConnection:
         self.log = log
         self.client: smtplib.SMTP | None = None
         self.transactions = 0
+        self._said_mail = False
 
     # -- connection ---------------------------------------------------------------------------
     def connect(self) -> smtplib.SMTP:
@@ -164,11 +166,14 @@ class SMTPConnection:
         if not recipients:
             return SendResult()
         reused = self.client is not None
+        self._said_mail = False
         try:
             return self._transaction(sender, recipients, msg)
         except (OSError, smtplib.SMTPException) as exc:
             self._drop()
-            if not (reused and isinstance(exc, smtplib.SMTPServerDisconnected)):
+            # Only a connection found dead at MAIL FROM (closed while idle) is tried again: once
+            # MAIL was answered, the server may have the message, and a second try could send twice.
+            if not (reused and isinstance(exc, smtplib.SMTPServerDisconnected) and not self._said_mail):
                 return self._failed(recipients, exc)
         except BaseException:
             self._drop()  # a bug mid-transaction: never leave the next entry on a half-used connection
@@ -232,6 +237,7 @@ class SMTPConnection:
             options.append("SMTPUTF8")   # smtplib then encodes the commands as UTF-8
         self.transactions += 1
         code, resp = client.mail(mail_from, options)
+        self._said_mail = True
         if code != 250:
             # A refused sender is our problem, not the recipients': temporary even when 5xx.
             self._abort(code)
