@@ -93,8 +93,10 @@ def test_four_sessions_deliver_one_entry_at_once_each_recipient_once(env, person
     assert take(queues["retry"]) is None and take(queues["bounces"]) is None
 
 
-def test_refused_recipients_cost_only_themselves_across_sessions(env):
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_refused_recipients_cost_only_themselves_across_sessions(env, pipelining):
     with SMTPSink() as sink:
+        sink.pipelining = pipelining
         sink.refuse = {"user3@example.com"}
         settings, queues, enqueue = env(sink)
         transports = make_transports(settings)
@@ -112,8 +114,10 @@ def test_refused_recipients_cost_only_themselves_across_sessions(env):
     assert bounce.metadata["recipient"] == "user3@example.com" and bounce.metadata["code"] == 550
 
 
-def test_a_session_dropped_mid_transaction_retires_and_nothing_is_sent_twice(env):
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_session_dropped_mid_transaction_retires_and_nothing_is_sent_twice(env, pipelining):
     with GatheringSink(0) as sink:
+        sink.pipelining = pipelining
         sink.drop = {"user5@example.com"}
         settings, queues, enqueue = env(sink)
         transports = make_transports(settings)
@@ -228,3 +232,29 @@ def test_direct_mx_keeps_to_the_per_destination_session_limit_and_lets_other_dom
     assert sorted(report.delivered) == sorted(big + small)
     assert sorted(sink.recipients()) == sorted(big + small)
     assert sink.most["big.test"] == 2 and sink.most["small.test"] <= 2
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_pipelined_and_stepwise_transactions_carry_the_same_bytes(env, pipelining):
+    """Dot-stuffing, bare LF line ends and 8-bit text arrive as sent, with or without PIPELINING;
+    a message whose server refuses MAIL FROM keeps every recipient for retry."""
+    msg = (b"From: dev@lists.example.org\r\nSubject: dots\r\n\r\n.leading dot\r\n..two\r\n"
+           b"caf\xc3\xa9\nlast line without CRLF")
+    class RefusingSender(SMTPSink):
+        async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
+            if address == "refused@lists.example.org":
+                return "553 5.7.1 sender refused"
+            envelope.mail_from = address
+            return "250 OK"
+
+    with RefusingSender() as sink:
+        sink.pipelining = pipelining
+        settings, queues, enqueue = env(sink, connections=1)
+        (transport,) = make_transports(settings)
+        report = deliver(settings, transport, msg, out_meta(rcpts(3)), enqueue)
+        refused = deliver(settings, transport, msg,
+                          out_meta(["x@example.com"], envelope_sender="refused@lists.example.org"), enqueue)
+        transport.close()
+    assert sorted(report.delivered) == rcpts(3)
+    assert sink.messages[0].data.replace(b"\r\n", b"\n") == msg.replace(b"\r\n", b"\n") + b"\n"
+    assert refused.delivered == [] and list(refused.retried) == ["x@example.com"]
