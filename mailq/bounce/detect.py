@@ -6,7 +6,8 @@ parser or a detector chokes on is reported as unrecognized with the reason.
 * ``via`` "smtp" entries come from our own out runner (a 5xx during delivery): ``recipient`` is the
   address and the failure is permanent; nothing is parsed.
 * A bounce that reached a VERP address (``original_recipient`` ``LIST-bounces+alice=example.com@...``;
-  every one of ``original_recipients`` when one LMTP DATA went to several) names each member by its address alone (``mailq.delivery.verp``).  The message then only decides
+  every one of ``original_recipients`` when one LMTP DATA went to several) names each member by its
+  address alone (``mailq.delivery.verp``).  The message then only decides
   the kind: temporary when the detectors find only delay warnings, permanent when they find a
   permanent failure or when it is a delivery report they cannot read (a ``multipart/report``, or mail
   from the null sender, ``MAILER-DAEMON`` or ``postmaster``).  Anything else at a VERP address is a
