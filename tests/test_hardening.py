@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import pickle
 import signal
 import struct
@@ -413,6 +414,23 @@ def test_the_queue_tree_gets_group_modes_whatever_the_umask(tmp_path):
     assert checked.returncode != 0 and str(entry) in checked.stdout + checked.stderr
     assert node.run("mailqctl", "check", "--fix").returncode == 0
     assert shared_tree_problems(settings) == []
+
+
+def test_log_folders_and_files_get_group_modes_whatever_the_umask(tmp_path):
+    from mailq.fsutil import shared_mode_problem
+
+    node = make_node(tmp_path, "n1")
+    settings = node.settings()
+    make_list(node)
+    shutil.rmtree(settings.log_dir.parent, ignore_errors=True)     # made by this process: start afresh
+    deliver = run_as(node, "mailq-deliver", "post", "dev", umask=0o077, input=POST)
+    assert deliver.returncode == 0, deliver.stderr
+    runner = run_as(node, "qrunner", "-r", "in", "--once", umask=0o077)
+    assert runner.returncode == 0, runner.stderr
+    logs = sorted(settings.log_dir.glob("*.log"))
+    assert logs, "the runner wrote no log file"
+    problems = {str(p): shared_mode_problem(p) for p in [settings.log_dir.parent, settings.log_dir, *logs]}
+    assert {p: why for p, why in problems.items() if why} == {}
 
 
 @pytest.fixture
