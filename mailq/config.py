@@ -200,7 +200,7 @@ class DeliverySettings:
 @dataclass
 class PipelineSettings:
     posts: list[str] = field(default_factory=lambda: [
-        "sanity", "moderation", "subject_prefix", "list_headers", "footer",
+        "sanity", "moderation", "post_number", "subject_prefix", "list_headers", "footer",
         "recipients", "avoid_duplicates", "to_archive", "to_digest", "to_outgoing",
     ])
     owner: list[str] = field(default_factory=lambda: ["sanity", "owner_recipients", "to_outgoing"])

@@ -48,7 +48,26 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "claims of this node's dead processes back to their queues"),
     Task("check-failover", "mailq.cron:check_failover", 30.0, "cluster",
          "take over nodes silent past lease + margin (cluster.failover: auto), a safety net for the masters"),
+    Task("send-digests", "mailq.digest:send_digests", 900.0, "cluster",
+         "each list's digest once its digest_frequency period is over (and any digest a crash interrupted)"),
 )}
+
+#: For tests: ``MAILQ_NOW=<seconds since the epoch>`` in a process's environment is the "now" that the
+#: cron tasks reading ``task_now()`` (send-digests) judge calendar periods by.  Never set in production.
+NOW_ENV = "MAILQ_NOW"
+
+
+def task_now() -> float:
+    """The time a task's calendar decisions use: the clock, or ``MAILQ_NOW`` in tests."""
+    import time
+
+    value = os.environ.get(NOW_ENV, "")
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{NOW_ENV}={value!r} is not a number of seconds since the epoch") from None
+    return time.time()
 
 
 @dataclass

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "cluster": "mailq.cli.cluster:cluster",
     "config": "mailq.cli.lists:config",
     "cron": "mailq.cli.cron:cron",
+    "digests": "mailq.cli.digests:digests",
     "held": "mailq.cli.held:held",
     "lists": "mailq.cli.lists:lists",
     "locks": "mailq.cli.locks:locks",

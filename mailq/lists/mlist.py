@@ -117,8 +117,9 @@ class MailingList:
         """Enabled members who get each post (not digest), addresses as stored."""
         return self.members.regular()
 
-    def digest_recipients(self) -> list[str]:
-        return self.members.digest()
+    def digest_recipients(self, fmt: str | None = None) -> list[str]:
+        """Enabled digest members (of format *fmt*, ``mime`` or ``plain``, when given)."""
+        return self.members.digest(fmt)
 
     def summary(self) -> dict[str, Any]:
         enabled = sum(1 for m in self.members if m.enabled)

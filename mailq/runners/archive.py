@@ -9,6 +9,8 @@ file, appends each group under one lock acquisition, and only then finishes the 
 before the finish leaves the claims for recovery, which may append a post twice but never loses one.
 An entry for two stores of which one append failed goes back (requeued, or shunted) with
 ``stores`` cut down to the failed one, so the retry does not append it to the other store again.
+A pending digest that an append makes larger than the list's ``digest_size_kb`` is sent right
+after it (the size trigger, ``mailq.digest.send``; docs/digests.md).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import traceback
 from typing import Any
 
 from mailq.archive import append_to_archive
-from mailq.digest import append_pending
+from mailq.digest import append_pending, size_due
 from mailq.errors import MailqError
 from mailq.runners.base import Runner
 
@@ -69,11 +71,36 @@ class ArchiveRunner(Runner):
         posts = [(i.msg, str(i.metadata.get("sender") or ""), float(i.metadata.get("received") or time.time()))
                  for i in items]
         if store == "digest":
-            append_pending(self.settings, listname, posts)
+            size = append_pending(self.settings, listname, posts)
+            self._maybe_send_digest(listname, size)
         elif store == "archive":
             append_to_archive(self.settings, listname, posts)
         else:
             raise MailqError(f"archive entry for list {listname} with unknown store {store!r}")
+
+    def _maybe_send_digest(self, listname: str, size: int) -> None:
+        """The size trigger: a pending digest now past ``digest_size_kb`` is sent from here.
+
+        The posts are appended already, so a failure here must not give the entries back (that
+        would append them twice): it is logged, and the cron task ``send-digests`` sends it later.
+        """
+        from mailq.digest import send
+        from mailq.lists import ListStore
+
+        if not size:
+            return
+        store = getattr(self, "_lists", None) or ListStore(self.settings, log=self.log)
+        self._lists = store
+        try:
+            if not size_due(store.load(listname), size):
+                return
+            report = send(self.settings, listname, store=store, log=self.log)
+        except Exception as exc:
+            self.log.error("list %s: the pending digest is past digest_size_kb but could not be sent (%s); "
+                           "'mailqctl cron run send-digests' or 'mailqctl digests send %s' retries",
+                           listname, exc, listname)
+            return
+        self.log.info("size trigger: %s", report.summary())
 
     def _give_back(self, queue: Any, item: Any, exc: BaseException) -> None:
         """An extra claim whose append failed: temporary trouble -> requeue, anything else -> shunt."""

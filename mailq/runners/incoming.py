@@ -78,6 +78,9 @@ class IncomingRunner(Runner):
         mlist = self.store.load(listname)  # NotFound says which list and what to run
         msg = parse(entry.msg)
         metadata.setdefault("size", len(entry.msg))
+        # The entry's SHA-1 stays the same across requeue and recovery: the post counter remembers
+        # which number it gave to which entry, so a replayed post keeps its number (post_number).
+        metadata["entry_sha"] = entry.id.rpartition("+")[2]
         ctx = Context(self.settings, self.log, self.enqueue)
         try:
             run(stages, mlist, msg, metadata, ctx)
@@ -94,6 +97,8 @@ class IncomingRunner(Runner):
                           metadata.get("sender") or "?", stop.reason)
         except BaseException:
             _keep_progress(entry, ctx)
+            if isinstance(metadata.get("post_number"), int):    # a retry keeps the number it was given
+                entry.metadata["post_number"] = metadata["post_number"]
             raise
         else:
             self.log.info("list %s: %s %s from %s went through (%d recipients)", listname, kind, entry.id,
