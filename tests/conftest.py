@@ -1,6 +1,8 @@
 """Fixtures every test module shares (see tests/support.py for the helpers behind them)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.support import SMTPSink, make_node
@@ -22,3 +24,22 @@ def sink():
     """An SMTP sink on a free loopback port (``sink.port``), stopped after the test."""
     with SMTPSink() as s:
         yield s
+
+
+@pytest.fixture
+def master():
+    """``master(node)`` runs ``mailqctl start`` for *node*; every master started is stopped afterwards."""
+    from mailq.fsutil import pid_alive
+
+    nodes = []
+
+    def start(node):
+        result = node.run("mailqctl", "start")
+        assert result.returncode == 0, result.stderr
+        nodes.append(node)
+
+    yield start
+    for node in nodes:
+        pid = json.loads(node.run("mailqctl", "status", "--json").stdout)["pid"]
+        node.run("mailqctl", "stop", "--timeout", "30")
+        assert pid is None or not pid_alive(pid)

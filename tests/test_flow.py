@@ -7,7 +7,6 @@ sink refuses for a while or the master is stopped in the middle.
 from __future__ import annotations
 
 import collections
-import json
 import re
 import smtplib
 import time
@@ -64,22 +63,6 @@ def flow_node(tmp_path, **extra):
     for key, value in extra.items():
         overrides.setdefault(key, {}).update(value)
     return make_node(tmp_path, "n1", **overrides)
-
-
-@pytest.fixture
-def master():
-    nodes = []
-
-    def start(node):
-        result = node.run("mailqctl", "start")
-        assert result.returncode == 0, result.stderr
-        nodes.append(node)
-
-    yield start
-    for node in nodes:
-        pid = json.loads(node.run("mailqctl", "status", "--json").stdout)["pid"]
-        node.run("mailqctl", "stop", "--timeout", "30")
-        assert pid is None or not pid_alive(pid)
 
 
 def queue_files(node, queue: str) -> list:

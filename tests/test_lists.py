@@ -269,7 +269,8 @@ def test_changes_to_one_member_or_to_all_members_inside_edit_are_saved(store):
 
 member_rows = st.lists(st.tuples(
     st.from_regex(r"[a-z0-9._+-]{1,12}", fullmatch=True), st.text(max_size=8), st.sampled_from(STATUSES),
-    st.sampled_from(["off", "mime", "plain", True, False]), st.booleans(), st.booleans(), st.sampled_from([0.0, 1.5, 4.0]),
+    st.sampled_from(["off", "mime", "plain", True, False]), st.booleans(), st.booleans(),
+    st.sampled_from([0.0, 1.5, 4.0]),
     st.sampled_from([None, 1795313677.5])), max_size=30)
 
 

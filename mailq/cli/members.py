@@ -313,6 +313,6 @@ def set_(listname: str, address: str, digest: str | None, no_digest: bool, moder
         emit_json({**info, "changed": mlist.saved})
     else:
         same = "" if mlist.saved else " (already so: nothing changed)"
-        click.echo(f"{listname}: {info['address']}: status {info['status']}, "
-                   f"{'digest ' + info['digest'] if info['digest'] != 'off' else 'regular'}, moderated {'yes' if info['moderated'] else 'no'}"
-                   f"{same}")
+        mode = "regular" if info["digest"] == "off" else f"digest {info['digest']}"
+        click.echo(f"{listname}: {info['address']}: status {info['status']}, {mode}, "
+                   f"moderated {'yes' if info['moderated'] else 'no'}{same}")

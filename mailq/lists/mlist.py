@@ -127,7 +127,8 @@ class MailingList:
                 "display_name": self.display_name, "description": self.settings.description,
                 "owners": list(self.settings.owners), "moderators": list(self.settings.moderators),
                 "members": len(self.members), "enabled_members": enabled,
-                "digest_members": len(self.digest_recipients()), "generation": self.generation,
+                "digest_members": len(self.digest_recipients()), "advertised": self.settings.advertised,
+                "generation": self.generation,
                 "loaded_from_last": self.loaded_from_last, "load_problem": self.load_problem}
 
     def __repr__(self) -> str:
