@@ -41,7 +41,8 @@ PARAGRAPH = ("The quarterly numbers are in, and the build farm is finally keepin
 def make_post(i: int) -> bytes:
     """Post *i*: plain, HTML (alternative or HTML-only) or with an attachment, by i % 3."""
     head = (f"From: Member {i} <member{i}@example.net>\nTo: dev@example.org\nSubject: topic {i}: build notes\n"
-            f"Date: Fri, 15 Jan 2027 12:{i % 60:02d}:00 +0000\nMessage-ID: <bench-{i}@example.net>\nMIME-Version: 1.0\n")
+            f"Date: Fri, 15 Jan 2027 12:{i % 60:02d}:00 +0000\nMessage-ID: <bench-{i}@example.net>\n"
+            "MIME-Version: 1.0\n")
     text = PARAGRAPH * (8 + i % 7)
     kind = i % 3
     if kind == 0:

@@ -339,14 +339,14 @@ def main() -> None:
         env = dict(os.environ, MAILQ_CONFIG=str(config), PYTHONPATH=str(ROOT), BENCH_VAR=str(base / "var"))
         env["PATH"] = os.path.dirname(PY) + os.pathsep + env.get("PATH", "")
         settings = load_settings(config)
-        run(env, PY, "-m", "mailq.cli.main", "lists", "create", "dev", "--owner", "owner@example.org",
+        run(env, PY, "-m", "mailq.cli.ctl", "lists", "create", "dev", "--owner", "owner@example.org",
             "--domain", "lists.example.org")
         members = "".join(f"member{i}@example.com\n" for i in range(3)).encode()
-        run(env, PY, "-m", "mailq.cli.main", "members", "add", "dev", "-", input=members)
-        run(env, PY, "-m", "mailq.cli.main", "lists", "create", "big", "--owner", "owner@example.org",
+        run(env, PY, "-m", "mailq.cli.ctl", "members", "add", "dev", "-", input=members)
+        run(env, PY, "-m", "mailq.cli.ctl", "lists", "create", "big", "--owner", "owner@example.org",
             "--domain", "lists.example.org")
         members = "".join(f"member{i}@example.com\n" for i in range(BIG_MEMBERS)).encode()
-        run(env, PY, "-m", "mailq.cli.main", "members", "add", "big", "-", input=members)
+        run(env, PY, "-m", "mailq.cli.ctl", "members", "add", "big", "-", input=members)
         sink = Sink(base, smtp_port)
 
         startup = bench_deliver(env, base, args.runs)

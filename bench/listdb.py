@@ -9,7 +9,7 @@ Prints a table, then as its last line one JSON object:
 * ``load_unchanged_100k_ms``: the same load again by a store that loaded it before and finds the file
   unchanged (what a runner pays per post: one open and fstat)
 * ``regular_recipients_100k_ms``: ``mlist.regular_recipients()`` on it (runs for every post)
-* ``add_10k_s``: ONE ``mailq members add`` of 10,000 addresses as a real process (target <= 3)
+* ``add_10k_s``: ONE ``mailqctl members add`` of 10,000 addresses as a real process (target <= 3)
 * ``lock_cycles_per_s``: uncontended acquire+release of one ``mailq.locks.Lock``
 * ``lock_cycles_per_s_4procs``: four processes contending for one lock (total cycles per second)
 * ``lock_cycles_per_cpu_s`` / ``bare_filelock_cycles_per_cpu_s``: per CPU-second, ours and bare filelock

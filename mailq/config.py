@@ -213,7 +213,7 @@ class PipelineSettings:
 
 @dataclass
 class ListsSettings:
-    #: Mail domain of new lists when `mailq lists create` gets no --domain; empty means the node name.
+    #: Mail domain of new lists when `mailqctl lists create` gets no --domain; empty means the node name.
     default_domain: str = ""
     #: Seconds a list database writer waits for the list's lock before giving up (exit 75).
     lock_timeout: float = _limited(30.0, at_least=0)

@@ -1,6 +1,6 @@
 """Scheduled tasks that cron starts on every host, each run once per period (DESIGN §5 last paragraph).
 
-Every host's crontab runs ``mailq cron run TASK`` for every task (see ``etc/crontab``).  A task is
+Every host's crontab runs ``mailqctl cron run TASK`` for every task (see ``etc/crontab``).  A task is
 run under its own lock (``var/locks/cron.<task>.lock``), and only when its last-run stamp
 (``var/cluster/cron/<task>.last``) is older than its period, so a cluster-wide task runs once per
 period however many hosts start it.  The stamp's age is judged by the shared filesystem's clock
@@ -13,7 +13,7 @@ period): cron starts every host's run a little late, by a varying amount, and a 
 against the previous run's *end*, or with no slack for a start a few seconds early relative to
 the last one, would skip every other period.  A run that fails puts the previous stamp back (the
 file, renamed, keeps its mtime), so the next cron tick tries again.  What the run did goes into
-``<task>.result`` next to the stamp (``mailq cron list`` shows it).
+``<task>.result`` next to the stamp (``mailqctl cron list`` shows it).
 
 A task is ``"module:function"``; the function takes ``(settings, log)`` and returns a one-line summary.
 """
@@ -52,22 +52,6 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "each list's digest once its digest_frequency period is over (and any digest a crash interrupted)"),
 )}
 
-#: For tests: ``MAILQ_NOW=<seconds since the epoch>`` in a process's environment is the "now" that the
-#: cron tasks reading ``task_now()`` (send-digests) judge calendar periods by.  Never set in production.
-NOW_ENV = "MAILQ_NOW"
-
-
-def task_now() -> float:
-    """The time a task's calendar decisions use: the clock, or ``MAILQ_NOW`` in tests."""
-    import time
-
-    value = os.environ.get(NOW_ENV, "")
-    if value:
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{NOW_ENV}={value!r} is not a number of seconds since the epoch") from None
-    return time.time()
 
 
 @dataclass
@@ -86,7 +70,7 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise NotFound(f"no cron task {name!r}; known tasks: {', '.join(sorted(TASKS))} "
-                       f"(`mailq cron list`)") from None
+                       f"(`mailqctl cron list`)") from None
 
 
 def _key(settings: Settings, task: Task) -> str:
@@ -198,6 +182,6 @@ def check_failover(settings: Settings, log: logging.Logger) -> str:
     from mailq.cluster import failover
 
     if settings.cluster.failover != "auto":
-        return "cluster.failover is manual: nothing to do (use `mailq slices reassign`)"
+        return "cluster.failover is manual: nothing to do (use `mailqctl slices reassign`)"
     reports = failover.check(settings, log, any_performer=True)
     return "; ".join(r.summary() for r in reports) or "every node alive or fenced"

@@ -87,7 +87,7 @@ class Demo:
 
     def run(self, node: str, program: str, *args: str, input: bytes | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
-        module = {"mailq": "mailq.cli.main", "mailqctl": "mailq.cli.ctl",
+        module = {"mailqctl": "mailq.cli.ctl",
                   "mailq-deliver": "mailq.mta.deliver"}[program]
         env = dict(os.environ, MAILQ_CONFIG=str(self.configs[node]))
         env["PYTHONPATH"] = str(CHECKOUT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -122,18 +122,18 @@ class Demo:
         self.say(f"2. SMTP sink (the smarthost) listening on 127.0.0.1:{self.sink.port}")
 
         a = NODES[0]
-        self.run(a, "mailq", "lists", "create", LIST, "--owner", "owner@example.org", "--domain", DOMAIN)
+        self.run(a, "mailqctl", "lists", "create", LIST, "--owner", "owner@example.org", "--domain", DOMAIN)
         addresses = "".join(f"{name} <{addr}>\n" for name, addr, _ in MEMBERS).encode()
-        self.run(a, "mailq", "members", "add", LIST, "-", input=addresses)
+        self.run(a, "mailqctl", "members", "add", LIST, "-", input=addresses)
         for _, addr, flags in MEMBERS:
             if flags:
-                self.run(a, "mailq", "members", "set", LIST, addr, *flags)
-        self.run(a, "mailq", "config", "set", LIST, "nonmember_action=accept")
+                self.run(a, "mailqctl", "members", "set", LIST, addr, *flags)
+        self.run(a, "mailqctl", "config", "set", LIST, "nonmember_action=accept")
         enabled = len([m for m in MEMBERS if not m[2]])
         self.say(f"3. list {LIST}@{DOMAIN} with {len(MEMBERS)} members ({enabled} enabled, 1 disabled)")
 
-        self.run(a, "mailq", "slices", "init", "--nodes", ",".join(NODES))
-        shown = json.loads(self.run(a, "mailq", "slices", "show", "--json").stdout)
+        self.run(a, "mailqctl", "slices", "init", "--nodes", ",".join(NODES))
+        shown = json.loads(self.run(a, "mailqctl", "slices", "show", "--json").stdout)
         spread = "; ".join(f"{q}: " + ", ".join(f"{n} runs slice {'+'.join(map(str, s))}"
                                                  for n, s in shown["queues"][q]["nodes"].items())
                            for q in ("in", "out"))
@@ -142,7 +142,7 @@ class Demo:
     def start(self) -> None:
         for node in NODES:
             self.run(node, "mailqctl", "start")
-        status = json.loads(self.run(NODES[0], "mailq", "cluster", "status", "--json").stdout)
+        status = json.loads(self.run(NODES[0], "mailqctl", "cluster", "status", "--json").stdout)
         states = {n["node"]: n["state"] for n in status.get("nodes", [])}
         alive = [n for n in NODES if states.get(n) == "alive"]
         self.say(f"5. masters started on {', '.join(NODES)} (cluster status: {len(alive)} alive)")
@@ -227,7 +227,7 @@ class Demo:
                 self.say(f"   FAILED: `mailqctl stop` on {node} exited {proc.returncode}: "
                          f"{(proc.stderr or proc.stdout).decode(errors='replace').strip()}")
         self.sink.stop()
-        waiting = self.run(NODES[0], "mailq", "queue", "count", "--json", check=False).stdout.decode()
+        waiting = self.run(NODES[0], "mailqctl", "queue", "count", "--json", check=False).stdout.decode()
         self.say(f"8. masters stopped, sink closed; queue counts now: {_compact_counts(waiting)}")
         logs = sorted(str(p.relative_to(self.base)) for p in self.var.glob("log/*/*.log"))
         self.say(f"   logs: {', '.join(logs[:6])}{' ...' if len(logs) > 6 else ''}")

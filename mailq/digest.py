@@ -246,7 +246,9 @@ def send(settings: Settings, listname: str, *, force: bool = False, now: float |
 
     store = store or ListStore(settings, log=log)
     mlist = store.load(listname)
-    now = time.time() if now is None else now
+    if now is None:
+        from mailq.clock import now as clock_now
+        now = clock_now()       # calendar decisions: MAILQ_NOW moves it in tests (docs/cluster.md §7)
     report = SendReport(listname)
     with digest_lock(settings, listname, timeout=lock_timeout):
         state = DigestState.load(settings, listname)
@@ -373,7 +375,9 @@ def _staged_meta(path: Path) -> dict[str, Any]:
 
 def status(settings: Settings, mlist: Any, now: float | None = None) -> dict[str, Any]:
     """What ``mailqctl digests status`` shows for one list (read without the lock)."""
-    now = time.time() if now is None else now
+    if now is None:
+        from mailq.clock import now as clock_now
+        now = clock_now()
     path = pending_path(settings, mlist.name)
     try:
         data = path.read_bytes()
@@ -395,11 +399,11 @@ def status(settings: Settings, mlist: Any, now: float | None = None) -> dict[str
 
 def send_digests(settings: Settings, log: Any) -> str:
     """Cron task ``send-digests``: every list's interrupted issues, then its digest if due."""
-    from mailq.cron import task_now
+    from mailq.clock import now as clock_now
     from mailq.lists import ListStore
 
     store = ListStore(settings, log=log)
-    now = task_now()
+    now = clock_now()
     sent, problems = [], []
     for name in store.names():
         try:

@@ -134,7 +134,7 @@ class Lock:
     # -- naming --------------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        """What ``mailq locks break`` takes: the file name without ``.lock``."""
+        """What ``mailqctl locks break`` takes: the file name without ``.lock``."""
         return self.path.name.removesuffix(LOCK_SUFFIX)
 
     @property
@@ -195,7 +195,7 @@ class Lock:
                     pass
                 except filelock.SoftFileLockProtocolError as exc:
                     raise LockError(f"lock {self.what} ({self.path}) is damaged: {exc}; inspect it with "
-                                    f"'mailq locks list' and remove the named file by hand if no process "
+                                    f"'mailqctl locks list' and remove the named file by hand if no process "
                                     f"uses it") from exc
                 if break_dead(self, log=self.log):
                     continue
@@ -234,11 +234,11 @@ class Lock:
             who = h.describe()
             if h.host == host_id():
                 hint = (f"that process is alive on this host; wait for it, or stop it, or run "
-                        f"'mailq locks break {self.name}' once it is gone")
+                        f"'mailqctl locks break {self.name}' once it is gone")
             else:
                 hint = (f"it runs on another host; if that node is dead, take it over "
-                        f"('mailq slices reassign --from {h.node or 'NODE'}', which fences it and breaks its "
-                        f"locks) or fence it and run 'mailq locks break {self.name}'")
+                        f"('mailqctl slices reassign --from {h.node or 'NODE'}', which fences it and breaks its "
+                        f"locks) or fence it and run 'mailqctl locks break {self.name}'")
         elif everyone:
             who = f"this very process (pid {os.getpid()}) through another Lock object"
             hint = "a bug: the code takes the same lock twice (for example store.edit inside store.edit)"
@@ -442,7 +442,7 @@ def all_locks(settings: Settings) -> list[Lock]:
 
 
 def find_lock(settings: Settings, name: str) -> Lock | None:
-    """The lock called *name* (as ``mailq locks list`` shows it), or None."""
+    """The lock called *name* (as ``mailqctl locks list`` shows it), or None."""
     for lock in all_locks(settings):
         if lock.name == name:
             return lock

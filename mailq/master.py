@@ -14,7 +14,7 @@ renew the heartbeat, re-read the slice map and start or stop runners to match it
 performs the takeovers this node is due to do (on a thread, so that a slow takeover never holds up
 our own heartbeat); the slices it took are started as soon as it is done.  The state is written to
 ``<run_dir>/status.json`` for ``mailqctl status`` and to ``var/cluster/status/<node>.json`` for
-``mailq cluster status`` on any host.
+``mailqctl cluster status`` on any host.
 
 Signals: SIGTERM/SIGINT stop every runner (SIGTERM, ``runners.stop_timeout``, then SIGKILL) and
 exit 0; SIGHUP reopens the log files and is passed on to every runner.
@@ -87,7 +87,7 @@ def _is_mailq(pid: int) -> bool:
 
 
 def shared_status_path(settings: Settings, node: str | None = None) -> Path:
-    """This node's runner list on the shared tree, for ``mailq cluster status`` on any host."""
+    """This node's runner list on the shared tree, for ``mailqctl cluster status`` on any host."""
     return settings.cluster_dir / "status" / f"{node or settings.node.name}.json"
 
 

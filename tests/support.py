@@ -23,7 +23,6 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 MODULES = {
-    "mailq": "mailq.cli.main",
     "mailqctl": "mailq.cli.ctl",
     "qrunner": "mailq.cli.qrunner",
     "mailq-deliver": "mailq.mta.deliver",
@@ -77,7 +76,8 @@ class Node:
         return result
 
     def mailq(self, *args: str, **kw: Any) -> subprocess.CompletedProcess:
-        return self.run("mailq", *args, **kw)
+        """``mailqctl ARGS``: an admin command of this node (the package installs no ``mailq`` program)."""
+        return self.run("mailqctl", *args, **kw)
 
     def popen(self, program: str, *args: str, **kw: Any) -> subprocess.Popen:
         cmd = [sys.executable, "-m", MODULES[program], *args]

@@ -1,4 +1,4 @@
-"""``mailq aliases``: seven pipe aliases per list, in Postfix, sendmail and Exim syntax."""
+"""``mailqctl aliases``: seven pipe aliases per list, in Postfix, sendmail and Exim syntax."""
 from __future__ import annotations
 
 import json
@@ -62,7 +62,7 @@ def test_json_and_one_list(node, settings):
 
 def test_no_lists_says_how_to_make_one(node):
     r = node.mailq("aliases")
-    assert r.returncode == 0 and "mailq lists create" in r.stdout
+    assert r.returncode == 0 and "mailqctl lists create" in r.stdout
 
 
 def test_every_alias_command_delivers(node, settings):
@@ -91,4 +91,4 @@ def test_every_alias_command_delivers(node, settings):
 
 def test_help_has_examples(node):
     r = node.mailq("aliases", "--help")
-    assert r.returncode == 0 and "Examples:" in r.stdout and "mailq aliases --format exim" in r.stdout
+    assert r.returncode == 0 and "Examples:" in r.stdout and "mailqctl aliases --format exim" in r.stdout

@@ -1,4 +1,4 @@
-"""Heartbeats, the claim guard, takeover, unfence, drain and `mailq cluster status` (docs/cluster.md §2-§6)."""
+"""Heartbeats, the claim guard, takeover, unfence, drain and `mailqctl cluster status` (docs/cluster.md §2-§6)."""
 from __future__ import annotations
 
 import json
@@ -183,7 +183,7 @@ def test_drain_moves_slices_and_waits_for_the_nodes_claims(nodes):
     s1 = nodes["h1"].settings()
     slice_ = next(s for q, s, c in load_map(s1.slice_map_path).slices_for("h2") if q == "out")
     claimed = claim_one(s1, "out", "h2", slice_)
-    proc = subprocess.Popen([sys.executable, "-m", "mailq.cli.main", "slices", "drain", "h2", "--timeout", "60"],
+    proc = subprocess.Popen([sys.executable, "-m", "mailq.cli.ctl", "slices", "drain", "h2", "--timeout", "60"],
                             cwd=ROOT, env=nodes["h1"].environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert b"waiting for 1 claim(s) of h2" in proc.stderr.readline()     # slices moved, claim seen
     assert load_map(s1.slice_map_path).slices_for("h2") == []
@@ -369,8 +369,8 @@ def test_a_command_run_as_a_user_who_cannot_write_the_shared_tree_says_so_in_one
     if NobodyTree.unavailable():
         pytest.skip(NobodyTree.unavailable())
     with NobodyTree("node: {{name: h1}}\npaths: {{var: {folder}/var, run: {folder}/run}}\n") as tree:
-        init = tree.run("mailq.cli.main", "slices", "init", "--nodes", "h1,h2", as_nobody=False)
+        init = tree.run("mailq.cli.ctl", "slices", "init", "--nodes", "h1,h2", as_nobody=False)
         assert init.returncode == 0, init.stderr
-        res = tree.run("mailq.cli.main", "cluster", "status")
+        res = tree.run("mailq.cli.ctl", "cluster", "status")
     assert res.returncode == 1, res.stderr
     assert "permission denied" in res.stderr and "cluster/nodes" in res.stderr and "Traceback" not in res.stderr

@@ -181,7 +181,7 @@ def test_an_installed_package_refuses_to_start_without_paths_var(tmp_path):
 
     def mailq(*args: str, config: Path | None = None) -> subprocess.CompletedProcess:
         extra = {"MAILQ_CONFIG": str(config)} if config else {}
-        return subprocess.run([sys.executable, "-m", "mailq.cli.main", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "mailq.cli.ctl", *args], capture_output=True, text=True,
                               env={**env, **extra}, cwd=tmp_path, timeout=60)
 
     res = mailq("queue", "count")

@@ -1,4 +1,4 @@
-"""`mailq cron`: each task once per period across the cluster, node tasks once per node (docs/cluster.md §7)."""
+"""`mailqctl cron`: each task once per period across the cluster, node tasks once per node (docs/cluster.md §7)."""
 from __future__ import annotations
 
 import json
@@ -99,7 +99,7 @@ def test_a_node_task_runs_on_every_node(nodes):
 
 
 def test_simultaneous_runs_on_two_nodes_run_the_task_once(nodes):
-    procs = [subprocess.Popen([sys.executable, "-m", "mailq.cli.main", "cron", "run", "expire-held", "--json"],
+    procs = [subprocess.Popen([sys.executable, "-m", "mailq.cli.ctl", "cron", "run", "expire-held", "--json"],
                               cwd=ROOT, env=nodes[n].environ(), stdout=subprocess.PIPE) for n in ("h1", "h2", "h3")]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     ran = [json.loads(o)["ran"] for p, o in zip(procs, outs, strict=True) if p.returncode == 0]

@@ -87,7 +87,7 @@ def test_a_digest_member_gets_one_digest_of_the_posts_and_a_regular_member_every
         text = plain[0].get_content().replace("\r\n", "\n")
         assert text.count("\n" + "-" * 30 + "\n") == 5 + 1      # one after each post, one before the end
         assert all(f"Subject: first {i}" in text for i in range(5))
-        # the next round: three posts, the next day (MAILQ_NOW moves the tasks' clock, docs/digests.md)
+        # the next round: three posts, the next day (MAILQ_NOW moves the clock of decisions, docs/cluster.md §7)
         for i in range(3):
             post(settings, f"second {i}")
         wait_for(lambda: pending_posts(settings) == 3, 60, message="3 new pending posts")

@@ -83,7 +83,7 @@ def make_cluster(tmp_path):
 
 
 def published_runners(settings, node: str) -> set[str]:
-    """The running runners *node*'s master last published on the shared tree (``mailq cluster status``)."""
+    """The running runners *node*'s master last published on the shared tree (``mailqctl cluster status``)."""
     from mailq.cluster.heartbeat import fs_now
     from mailq.cluster.status import published_status
 

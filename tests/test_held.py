@@ -89,7 +89,7 @@ def test_twenty_concurrent_approvals_from_different_nodes_deliver_once(tmp_path,
     mlist = make_list(settings)
     held_id = HeldStore(settings, "dev").hold(NONMEMBER_POST, {"listname": "dev", "kind": "post"},
                                               "post from non-member", sender="stranger@example.com")
-    procs = [n.popen("mailq", "held", "approve", "dev", held_id, "--json", stdout=-1, stderr=-1)
+    procs = [n.popen("mailqctl", "held", "approve", "dev", held_id, "--json", stdout=-1, stderr=-1)
              for n in nodes]
     results = []
     for n, p in zip(nodes, procs, strict=True):

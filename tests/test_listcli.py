@@ -33,7 +33,7 @@ def test_four_processes_as_two_nodes_add_250_members_each_without_lost_update(tm
     for w, node in enumerate([n1, n1, n2, n2]):
         f = tmp_path / f"w{w}.txt"
         f.write_text("".join(f"w{w}-m{i}@example.org\n" for i in range(250)))
-        procs.append(node.popen("mailq", "members", "add", "dev", str(f), stdout=subprocess.PIPE,
+        procs.append(node.popen("mailqctl", "members", "add", "dev", str(f), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True))
     for p in procs:
         out, err = p.communicate(timeout=180)
@@ -83,10 +83,10 @@ def test_invalid_only_or_no_op_member_and_config_commands_leave_the_database_unt
     inodes = [(lists / f).stat().st_ino for f in ("list.pck", "list.pck.last")]
     refused = dev.mailq("members", "add", "dev", input="not an address\ncarol@\n")
     assert refused.returncode == 1 and "line 1: invalid" in refused.stderr and "line 2: invalid" in refused.stderr
-    assert "mailq: error: every address line (2) is invalid (see above): nothing added" in refused.stderr
+    assert "mailqctl: error: every address line (2) is invalid (see above): nothing added" in refused.stderr
     refused = dev.mailq("members", "remove", "dev", "bob@", "not-an-address")
     assert refused.returncode == 1
-    assert "mailq: error: 2 invalid address(es) refused (see above); nothing removed" in refused.stderr
+    assert "mailqctl: error: 2 invalid address(es) refused (see above); nothing removed" in refused.stderr
     no_ops = [(["members", "add", "dev"], "A@example.org\n"),           # already a member
               (["members", "remove", "dev", "zed@example.org"], None),  # not a member
               (["members", "set", "dev", "a@example.org", "--no-digest"], None),
@@ -107,8 +107,8 @@ def test_commands_on_a_list_with_a_corrupt_current_file_warn_naming_the_fallback
     db.write_bytes(b"\x80\x05garbage")
     for args in (["members", "list", "dev"], ["config", "show", "dev"], ["lists", "show", "dev"], ["lists", "list"]):
         result = dev.mailq(*args, check=True)
-        assert f"mailq: warning: list dev: {db} is unreadable" in result.stderr, args
-        assert "using list.pck.last (generation 1" in result.stderr and "run 'mailq check'" in result.stderr
+        assert f"mailqctl: warning: list dev: {db} is unreadable" in result.stderr, args
+        assert "using list.pck.last (generation 1" in result.stderr and "run 'mailqctl check'" in result.stderr
     edited = dev.mailq("members", "add", "dev", input="b@example.org\n", check=True)
     assert edited.stderr.count("is unreadable") == 1  # loaded twice (check, then edit): said once
     assert "saving this change on top of list.pck.last (generation 1)" in edited.stderr
@@ -118,14 +118,14 @@ def test_commands_on_a_list_with_a_corrupt_current_file_warn_naming_the_fallback
     db.with_name("list.pck.last").write_bytes(b"junk")
     listed = dev.mailq("lists", "list")
     assert listed.returncode == 1 and "UNREADABLE" in listed.stdout
-    assert "mailq: error: 1 list(s) cannot be loaded: dev" in listed.stderr
+    assert "mailqctl: error: 1 list(s) cannot be loaded: dev" in listed.stderr
 
 
 def test_members_add_from_a_terminal_says_it_reads_stdin_until_ctrl_d(dev):
     import pty
 
     master, slave = pty.openpty()
-    proc = dev.popen("mailq", "members", "add", "dev", stdin=slave, stdout=subprocess.PIPE,
+    proc = dev.popen("mailqctl", "members", "add", "dev", stdin=slave, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True)
     os.close(slave)
     try:
@@ -179,7 +179,7 @@ def test_bad_input_is_refused_with_a_clear_message_and_changes_nothing(dev):
     for args in BAD_INPUT:
         result = dev.mailq(*args, input="x@example.org\n")
         assert result.returncode == 1, (args, result.stdout)
-        assert result.stderr.startswith("mailq: error: ") and "Traceback" not in result.stderr, args
+        assert result.stderr.startswith("mailqctl: error: ") and "Traceback" not in result.stderr, args
         assert tree_bytes(dev.var) == before, args
         if "bounce_score_threshold=nan" in args:
             assert "bounce_score_threshold must be a finite number" in result.stderr
@@ -273,10 +273,10 @@ HELP = ["lists create", "lists remove", "lists list", "lists show", "members add
 HELP_SCRIPT = """
 import sys
 from click.testing import CliRunner
-from mailq.cli.main import cli
+from mailq.cli.ctl import ctl
 for cmd in sys.argv[1:]:
-    out = CliRunner().invoke(cli, cmd.split() + ["--help"], prog_name="mailq").output
-    print(cmd, "Examples:" in out and ("mailq " + cmd) in out, flush=True)
+    out = CliRunner().invoke(ctl, cmd.split() + ["--help"], prog_name="mailqctl").output
+    print(cmd, "Examples:" in out and ("mailqctl " + cmd) in out, flush=True)
 """
 
 
@@ -285,3 +285,20 @@ def test_every_command_has_help_with_examples(node):
     out = subprocess.run([sys.executable, "-c", HELP_SCRIPT, *HELP], env=node.environ(), cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.splitlines() == [f"{cmd} True" for cmd in HELP], out.stderr
+
+
+def test_mailqctl_serves_every_group_and_no_mailq_program_is_installed(node):
+    # Every MTA ships /usr/bin/mailq (the sendmail queue listing): ours must not shadow it (issue 12).
+    from importlib.metadata import distribution
+
+    from mailq.cli.main import SUBCOMMANDS
+
+    scripts = {ep.name for ep in distribution("mailq").entry_points if ep.group == "console_scripts"}
+    assert "mailq" not in scripts and {"mailqctl", "mailq-deliver", "qrunner"} <= scripts
+    assert not (ROOT / "bin" / "mailq").exists() and (ROOT / "bin" / "mailqctl").exists()
+    res = node.run("mailqctl", "--help", check=True)
+    listed = {line.split()[0] for line in res.stdout.split("Commands:")[1].splitlines() if line.strip()}
+    assert set(SUBCOMMANDS) | {"start", "stop", "restart", "reopen", "status"} <= listed
+    # A group's own errors name the program an operator typed.
+    refused = node.run("mailqctl", "lists", "show", "nosuchlist")
+    assert refused.returncode == 1 and refused.stderr.startswith("mailqctl: error: "), refused.stderr

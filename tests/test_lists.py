@@ -130,7 +130,7 @@ def test_an_edit_that_changes_nothing_writes_nothing(store):
         mlist.members.get("m2@example.org").bounce_score = 1.0
     assert mlist.saved and store.load("dev").generation == 3
     assert last.read_bytes() == before[0]
-    with store.edit("dev", always_save=True) as mlist:  # what 'mailq check --fix' uses
+    with store.edit("dev", always_save=True) as mlist:  # what 'mailqctl check --fix' uses
         pass
     assert mlist.saved and store.load("dev").generation == 4
 

@@ -129,7 +129,7 @@ def test_live_holder_on_other_node_makes_wait_time_out_naming_it(two_nodes):
         result = n1.mailq("members", "add", "dev", input="c@example.org\n")
         assert result.returncode == 75, result.stderr
         assert "node n2" in result.stderr and f"pid {holder.pid}" in result.stderr
-        assert "since" in result.stderr and "mailq locks break list.dev" in result.stderr
+        assert "since" in result.stderr and "mailqctl locks break list.dev" in result.stderr
         refused = n1.mailq("locks", "break", "list.dev")
         assert refused.returncode == 1 and "alive on this host" in refused.stderr
         listed = json.loads(n1.mailq("locks", "list", "--json", check=True).stdout)

@@ -1,4 +1,4 @@
-"""``mailq queue`` through real processes: count, show, inject, unshunt, recover."""
+"""``mailqctl queue`` through real processes: count, show, inject, unshunt, recover."""
 from __future__ import annotations
 
 import json
@@ -136,7 +136,7 @@ def test_recover_puts_back_a_killed_process_claim(node, settings):
 def test_every_queue_command_has_help_with_examples(node):
     for cmd in ("count", "show", "inject", "unshunt", "recover"):
         res = node.mailq("queue", cmd, "--help", check=True)
-        assert "Examples:\n" in res.stdout and "mailq queue " + cmd in res.stdout
+        assert "Examples:\n" in res.stdout and "mailqctl queue " + cmd in res.stdout
 
 
 def test_count_shows_shunt_and_bad_per_queue_and_slice(node, settings):

@@ -1,4 +1,4 @@
-"""``mailq aliases``: print the MTA aliases that pipe every list address into mailq-deliver."""
+"""``mailqctl aliases``: print the MTA aliases that pipe every list address into mailq-deliver."""
 from __future__ import annotations
 
 import click
@@ -27,9 +27,9 @@ def aliases(ctx: click.Context, fmt: str, only: tuple[str, ...], deliver_path: s
 
     \b
     Examples:
-      mailq aliases > /etc/postfix/mailq_aliases && postalias /etc/postfix/mailq_aliases
-      mailq aliases --format exim > /etc/exim4/mailq_aliases
-      mailq aliases --list dev --json
+      mailqctl aliases > /etc/postfix/mailq_aliases && postalias /etc/postfix/mailq_aliases
+      mailqctl aliases --format exim > /etc/exim4/mailq_aliases
+      mailqctl aliases --list dev --json
     """
     from mailq.mta.aliases import aliases_for, deliver_command, list_names, render
     from mailq.mta.aliases import deliver_path as default_path
@@ -41,7 +41,7 @@ def aliases(ctx: click.Context, fmt: str, only: tuple[str, ...], deliver_path: s
     if only:
         missing = [n for n in only if n.lower() not in names]
         if missing:
-            fail(f"no such list: {', '.join(missing)} (see 'mailq lists list')")
+            fail(f"no such list: {', '.join(missing)} (see 'mailqctl lists list')")
         names = [n for n in names if n in {o.lower() for o in only}]
     path = deliver_path or default_path()
     entries = aliases_for(names, deliver_command(settings, path))
@@ -50,11 +50,3 @@ def aliases(ctx: click.Context, fmt: str, only: tuple[str, ...], deliver_path: s
                    for a in entries])
         return
     click.echo(render(entries, fmt, path), nl=False)
-
-
-def main() -> None:
-    aliases(prog_name="mailq aliases")
-
-
-if __name__ == "__main__":
-    main()

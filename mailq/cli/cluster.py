@@ -1,4 +1,4 @@
-"""``mailq cluster``: the state of every node (heartbeats, fencing, slices, queue depth) and unfencing.
+"""``mailqctl cluster``: the state of every node (heartbeats, fencing, slices, queue depth) and unfencing.
 
 See docs/cluster.md for what alive / late / dead / fenced mean and how ages are measured.
 """
@@ -17,9 +17,9 @@ def cluster() -> None:
 
     \b
     Examples:
-      mailq cluster status
-      mailq cluster status --json
-      mailq cluster unfence h1
+      mailqctl cluster status
+      mailqctl cluster status --json
+      mailqctl cluster unfence h1
     """
 
 
@@ -37,8 +37,8 @@ def status(as_json: bool, no_queues: bool) -> None:
 
     \b
     Examples:
-      mailq cluster status
-      mailq cluster status --json | jq '.nodes[] | select(.state == "dead")'
+      mailqctl cluster status
+      mailqctl cluster status --json | jq '.nodes[] | select(.state == "dead")'
     """
     from mailq.cluster.status import gather
 
@@ -90,17 +90,9 @@ def unfence(node: str) -> None:
 
     \b
     Examples:
-      mailq cluster unfence h1 && mailq slices rebalance
+      mailqctl cluster unfence h1 && mailqctl slices rebalance
     """
     from mailq.cluster.takeover import unfence as do_unfence
 
     smap = do_unfence(get_settings(), node)
-    click.echo(f"{node} unfenced in epoch {smap.epoch}; it owns no slices yet: run `mailq slices rebalance`")
-
-
-def main() -> None:
-    cluster(prog_name="mailq cluster")
-
-
-if __name__ == "__main__":
-    main()
+    click.echo(f"{node} unfenced in epoch {smap.epoch}; it owns no slices yet: run `mailqctl slices rebalance`")

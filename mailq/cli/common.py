@@ -28,8 +28,8 @@ EXIT_TEMPFAIL = 75
 CONFIG_HELP = "Config file (default: $MAILQ_CONFIG, else etc/mailq.yaml in the checkout, else built-in defaults)."
 # No envvar here: load_settings() falls back to $MAILQ_CONFIG itself, so a -C typed on the command
 # line always wins over the environment.  Groups take it as ``config_file``; every other command
-# gets its own -C from accept_config_everywhere(), so `mailq -C F queue count`, `mailq queue -C F
-# count` and `mailq queue count -C F` all work (the last one typed wins).
+# gets its own -C from accept_config_everywhere(), so `mailqctl -C F queue count`, `mailqctl queue -C F
+# count` and `mailqctl queue count -C F` all work (the last one typed wins).
 config_option = click.option("-C", "--config", "config_file", metavar="FILE", help=CONFIG_HELP)
 
 
@@ -52,7 +52,7 @@ def accept_config_everywhere(cmd: click.Command) -> click.Command:
     """Give *cmd* and every command under it a -C/--config of its own, unless it has one already.
 
     The option stores the file where get_settings() looks (the root context), so a command body
-    never sees it.  Idempotent: the lazy ``mailq`` group calls it on every lookup.
+    never sees it.  Idempotent: the lazy ``mailqctl`` groups call it on every lookup.
     """
     if not any("-C" in p.opts for p in cmd.params):
         cmd.params.append(click.Option(["-C", "--config", "leaf_config"], metavar="FILE", expose_value=False,
@@ -64,7 +64,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 
 
 def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
-    """Print *message* to stderr as ``mailq: error: ...`` and exit with *code*."""
+    """Print *message* to stderr as ``mailqctl: error: ...`` and exit with *code*."""
     click.echo(f"{_prog()}: error: {message}", err=True)
     sys.exit(code)
 
@@ -75,7 +75,7 @@ def warn(message: str) -> None:
 
 def _prog() -> str:
     ctx = click.get_current_context(silent=True)
-    return ctx.find_root().info_name if ctx and ctx.find_root().info_name else "mailq"
+    return ctx.find_root().info_name if ctx and ctx.find_root().info_name else "mailqctl"
 
 
 def get_settings(ctx: click.Context | None = None) -> Settings:
@@ -123,7 +123,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except PermissionError as exc:
             # Common on a shared tree: the command runs as another user than the one owning var/.
             fail(f"permission denied: {exc.filename or exc}: run mailq as the user (or group) that owns "
-                 f"the var tree, or see `mailq check` for the modes it expects", EXIT_FAIL)
+                 f"the var tree, or see `mailqctl check` for the modes it expects", EXIT_FAIL)
     return wrapper
 
 

@@ -1,4 +1,4 @@
-"""``mailq cron``: run scheduled tasks (once per period across the cluster) and list them."""
+"""``mailqctl cron``: run scheduled tasks (once per period across the cluster) and list them."""
 from __future__ import annotations
 
 import sys
@@ -14,9 +14,9 @@ def cron() -> None:
 
     \b
     Examples:
-      mailq cron list
-      mailq cron run expire-held
-      mailq cron run check-failover --force
+      mailqctl cron list
+      mailqctl cron run expire-held
+      mailqctl cron run check-failover --force
     """
 
 
@@ -33,8 +33,8 @@ def run_cmd(task: str, force: bool, as_json: bool) -> None:
 
     \b
     Examples:
-      mailq cron run recover
-      mailq cron run expire-held --force --json
+      mailqctl cron run recover
+      mailqctl cron run expire-held --force --json
     """
     from mailq.cron import run_task
 
@@ -55,7 +55,7 @@ def list_cmd(as_json: bool) -> None:
 
     \b
     Examples:
-      mailq cron list
+      mailqctl cron list
     """
     from mailq.cluster.heartbeat import fs_now
     from mailq.cron import TASKS, last_run
@@ -75,11 +75,3 @@ def list_cmd(as_json: bool) -> None:
     print_table([[r["task"], f"{r['period']:g}s", r["scope"],
                   "never" if r["last_age"] is None else f"{r['last_age']:.0f}s ago on {r['last_node']}",
                   r["help"]] for r in rows], ["task", "period", "scope", "last started", "what"])
-
-
-def main() -> None:
-    cron(prog_name="mailq cron")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""``mailq held``: list, show and decide held posts (approve, reject, discard).
+"""``mailqctl held``: list, show and decide held posts (approve, reject, discard).
 
 Thin commands over ``mailq.lists.held.HeldStore``.  A decision is taken exactly once across every
 process and node (a hard link, see that module); a command that comes second prints who decided
@@ -21,7 +21,7 @@ def _held(listname: str) -> Any:
 
     settings = get_settings()
     if not ListStore(settings).exists(listname):
-        fail(f"no list named {listname!r}; 'mailq lists list' shows the lists")
+        fail(f"no list named {listname!r}; 'mailqctl lists list' shows the lists")
     return HeldStore(settings, listname)
 
 
@@ -40,10 +40,10 @@ def held(ctx: click.Context, config_file: str | None) -> None:
 
     \b
     Examples:
-      mailq held list dev
-      mailq held show dev 20261122-021300-1a2b3c4d
-      mailq held approve dev 20261122-021300-1a2b3c4d
-      mailq held reject dev 20261122-021300-1a2b3c4d --reason "off topic"
+      mailqctl held list dev
+      mailqctl held show dev 20261122-021300-1a2b3c4d
+      mailqctl held approve dev 20261122-021300-1a2b3c4d
+      mailqctl held reject dev 20261122-021300-1a2b3c4d --reason "off topic"
     """
     if config_file:
         ctx.find_root().ensure_object(dict)["config_file"] = config_file
@@ -58,8 +58,8 @@ def list_(listname: str, as_json: bool) -> None:
 
     \b
     Examples:
-      mailq held list dev
-      mailq held list dev --json | jq -r '.[].id'
+      mailqctl held list dev
+      mailqctl held list dev --json | jq -r '.[].id'
     """
     records = _held(listname).list()
     if as_json:
@@ -87,8 +87,8 @@ def show(listname: str, held_id: str, raw: bool, as_json: bool) -> None:
 
     \b
     Examples:
-      mailq held show dev 20261122-021300-1a2b3c4d
-      mailq held show dev 20261122-021300-1a2b3c4d --raw | less
+      mailqctl held show dev 20261122-021300-1a2b3c4d
+      mailqctl held show dev 20261122-021300-1a2b3c4d --raw | less
     """
     record = _held(listname).get(held_id)
     msg: bytes = record.pop("msg")
@@ -162,26 +162,18 @@ when and exits 1.
 
 \b
 Examples:
-  mailq held approve dev 20261122-021300-1a2b3c4d
-  mailq held approve dev $(mailq held list dev --json | jq -r '.[].id')
+  mailqctl held approve dev 20261122-021300-1a2b3c4d
+  mailqctl held approve dev $(mailqctl held list dev --json | jq -r '.[].id')
 """)
 _decision_command("reject", """Reject held posts: the poster gets a notice with the reason and the post.
 
 \b
 Examples:
-  mailq held reject dev 20261122-021300-1a2b3c4d --reason "please post in plain text"
+  mailqctl held reject dev 20261122-021300-1a2b3c4d --reason "please post in plain text"
 """)
 _decision_command("discard", """Discard held posts silently (spam).
 
 \b
 Examples:
-  mailq held discard dev 20261122-021300-1a2b3c4d 20261122-021301-5e6f7a8b
+  mailqctl held discard dev 20261122-021300-1a2b3c4d 20261122-021301-5e6f7a8b
 """)
-
-
-def main() -> None:
-    held(prog_name="mailq held")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""``mailq lists``, ``mailq config`` and ``mailq check``: create, inspect and configure lists.
+"""``mailqctl lists``, ``mailqctl config`` and ``mailqctl check``: create, inspect and configure lists.
 
 Thin commands: parse, call ``mailq.lists``, print.  Every change goes through ``ListStore.edit``
 (lock, reload, change, save), and every value is validated before the lock is taken, so bad input
@@ -35,7 +35,7 @@ def _settings_rows(values: dict[str, Any]) -> list[list[Any]]:
     return [[k, repr(v) if isinstance(v, str) else v, describe_type(k)] for k, v in sorted(values.items())]
 
 
-# -- mailq lists ---------------------------------------------------------------------------------
+# -- mailqctl lists ---------------------------------------------------------------------------------
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
@@ -45,10 +45,10 @@ def lists(ctx: click.Context, config_file: str | None) -> None:
 
     \b
     Examples:
-      mailq lists create dev --owner alice@example.org --domain example.org
-      mailq lists list --json
-      mailq lists show dev
-      mailq lists remove dev --keep-archives
+      mailqctl lists create dev --owner alice@example.org --domain example.org
+      mailqctl lists list --json
+      mailqctl lists show dev
+      mailqctl lists remove dev --keep-archives
     """
     remember_config(ctx, config_file)
 
@@ -65,8 +65,8 @@ def create(name: str, owners: tuple[str, ...], domain: str | None, as_json: bool
 
     \b
     Examples:
-      mailq lists create dev --owner alice@example.org --domain example.org
-      mailq lists create ops --owner a@example.org --owner b@example.org
+      mailqctl lists create dev --owner alice@example.org --domain example.org
+      mailqctl lists create ops --owner a@example.org --owner b@example.org
     """
     from mailq.lists import validate_address
 
@@ -88,8 +88,8 @@ def remove(name: str, keep_archives: bool) -> None:
 
     \b
     Examples:
-      mailq lists remove dev
-      mailq lists remove dev --keep-archives
+      mailqctl lists remove dev
+      mailqctl lists remove dev --keep-archives
     """
     _store().remove(name, keep_archives=keep_archives)
     click.echo(f"removed list {name}" + (" (archives kept)" if keep_archives else ""))
@@ -132,7 +132,7 @@ def list_(advertised: bool, as_json: bool) -> None:
         warn(s["error"])
     if unreadable:
         fail(f"{len(unreadable)} list(s) cannot be loaded: {', '.join(s['name'] for s in unreadable)} "
-             f"(see above); 'mailq check' reports every problem")
+             f"(see above); 'mailqctl check' reports every problem")
 
 
 @lists.command("show")
@@ -144,8 +144,8 @@ def show(name: str, as_json: bool) -> None:
 
     \b
     Examples:
-      mailq lists show dev
-      mailq lists show dev --json
+      mailqctl lists show dev
+      mailqctl lists show dev --json
     """
     from mailq.lists.numbers import next_number
 
@@ -162,11 +162,11 @@ def show(name: str, as_json: bool) -> None:
         click.echo(f"{key:17} {info[key]}")
     click.echo(f"{'owners':17} {', '.join(mlist.settings.owners)}")
     click.echo(f"{'moderators':17} {', '.join(mlist.settings.moderators) or '-'}")
-    click.echo(f"\nsettings ('mailq config set {name} KEY=VALUE' changes one):")
+    click.echo(f"\nsettings ('mailqctl config set {name} KEY=VALUE' changes one):")
     print_table(_settings_rows(info["settings"]), ["KEY", "VALUE", "TYPE"])
 
 
-# -- mailq config --------------------------------------------------------------------------------
+# -- mailqctl config --------------------------------------------------------------------------------
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
@@ -176,9 +176,9 @@ def config(ctx: click.Context, config_file: str | None) -> None:
 
     \b
     Examples:
-      mailq config show dev
-      mailq config set dev subject_prefix='[dev] ' max_message_kb=100
-      mailq config load dev dev-settings.yaml
+      mailqctl config show dev
+      mailqctl config set dev subject_prefix='[dev] ' max_message_kb=100
+      mailqctl config load dev dev-settings.yaml
     """
     remember_config(ctx, config_file)
 
@@ -193,8 +193,8 @@ def config_show(listname: str, as_yaml: bool, as_json: bool) -> None:
 
     \b
     Examples:
-      mailq config show dev
-      mailq config show dev --yaml > dev.yaml
+      mailqctl config show dev
+      mailqctl config show dev --yaml > dev.yaml
     """
     values = _store().load(listname).settings.as_dict()
     if as_json:
@@ -217,8 +217,8 @@ def config_set(listname: str, assignments: tuple[str, ...]) -> None:
 
     \b
     Examples:
-      mailq config set dev nonmember_action=reject
-      mailq config set dev moderators=bob@example.org,carol@example.org send_hold_ack=false
+      mailqctl config set dev nonmember_action=reject
+      mailqctl config set dev moderators=bob@example.org,carol@example.org send_hold_ack=false
     """
     from mailq.errors import InvalidInput
     from mailq.lists import ListSettings
@@ -257,7 +257,7 @@ def config_load(listname: str, file: str) -> None:
 
     \b
     Examples:
-      mailq config show dev --yaml > dev.yaml; $EDITOR dev.yaml; mailq config load dev dev.yaml
+      mailqctl config show dev --yaml > dev.yaml; $EDITOR dev.yaml; mailqctl config load dev dev.yaml
     """
     import yaml
 
@@ -284,7 +284,7 @@ def config_load(listname: str, file: str) -> None:
     _report_saved(mlist, f"loaded {len(data)} setting(s) from {file}")
 
 
-# -- mailq check ---------------------------------------------------------------------------------
+# -- mailqctl check ---------------------------------------------------------------------------------
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
@@ -300,9 +300,9 @@ def check(ctx: click.Context, config_file: str | None, fix: bool, as_json: bool)
 
     \b
     Examples:
-      mailq check
-      mailq check --fix
-      mailq check --json
+      mailqctl check
+      mailqctl check --fix
+      mailqctl check --json
     """
     remember_config(ctx, config_file)
     from mailq.lists.check import run_checks
@@ -318,5 +318,5 @@ def check(ctx: click.Context, config_file: str | None, fix: bool, as_json: bool)
     if any(not p.fixed for p in problems):
         if not as_json:
             fail(f"{sum(not p.fixed for p in problems)} problem(s) remain"
-                 + ("" if fix else "; 'mailq check --fix' repairs what is safe"), EXIT_FAIL)
+                 + ("" if fix else "; 'mailqctl check --fix' repairs what is safe"), EXIT_FAIL)
         sys.exit(EXIT_FAIL)

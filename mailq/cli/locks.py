@@ -1,4 +1,4 @@
-"""``mailq locks``: who holds or waits for each lock, and breaking the locks of dead holders.
+"""``mailqctl locks``: who holds or waits for each lock, and breaking the locks of dead holders.
 
 ``locks break`` only removes claims whose holder is provably dead: its host is this host and the
 process is gone, or its node is fenced in the slice map (``var/cluster/slices.yaml``, read directly
@@ -39,9 +39,9 @@ def locks(ctx: click.Context, config_file: str | None) -> None:
 
     \b
     Examples:
-      mailq locks list
-      mailq locks list --json
-      mailq locks break list.dev
+      mailqctl locks list
+      mailqctl locks list --json
+      mailqctl locks break list.dev
     """
     remember_config(ctx, config_file)
 
@@ -55,8 +55,8 @@ def list_(show_all: bool, as_json: bool) -> None:
 
     \b
     Examples:
-      mailq locks list
-      mailq locks list --all --json
+      mailqctl locks list
+      mailqctl locks list --all --json
     """
     from mailq.locks import all_locks, holder_is_dead_here, host_id
 
@@ -93,15 +93,15 @@ def list_(show_all: bool, as_json: bool) -> None:
 @json_option
 @handle_errors
 def break_(name: str, force: bool, as_json: bool) -> None:
-    """Break lock NAME (as 'mailq locks list' shows it) if its holder is dead.
+    """Break lock NAME (as 'mailqctl locks list' shows it) if its holder is dead.
 
     Refused while the holder is alive on this host, or on another host whose node is not fenced
     in the slice map; --force breaks it anyway.
 
     \b
     Examples:
-      mailq locks break list.dev
-      mailq locks break slices --force
+      mailqctl locks break list.dev
+      mailqctl locks break slices --force
     """
     from mailq.errors import NotFound
     from mailq.locks import break_dead, find_lock, holder_is_dead_here, host_id, prune_records
@@ -143,6 +143,6 @@ def break_(name: str, force: bool, as_json: bool) -> None:
     if refused:
         if not as_json:
             fail(f"refused to break lock {lock.name}: " + "; ".join(refused)
-                 + ". Stop that process, or take its node over ('mailq slices reassign --from NODE' fences it "
+                 + ". Stop that process, or take its node over ('mailqctl slices reassign --from NODE' fences it "
                    "and breaks its locks), or use --force", EXIT_FAIL)
         sys.exit(EXIT_FAIL)

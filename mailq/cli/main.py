@@ -1,7 +1,10 @@
-"""``mailq``: list and member administration, moderation, queues, slices and the cluster.
+"""The registry of ``mailqctl``'s command groups: lists, members, moderation, queues, slices, cluster...
 
-Subcommand groups live in their own modules and are imported only when used, so that
-``mailq --help`` and each command start fast and one module's import error cannot break the others.
+``mailqctl`` (mailq/cli/ctl.py) is the one admin command: the package installs no ``mailq``
+executable, because every MTA ships a ``/usr/bin/mailq`` of its own (the sendmail queue listing).
+Each group lives in its own module and is imported only when used, so that ``mailqctl --help`` and
+each command start fast and one module's import error cannot break the others.  A new group is one
+line in SUBCOMMANDS.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import importlib
 
 import click
 
-from mailq.cli.common import accept_config_everywhere, config_option
+from mailq.cli.common import accept_config_everywhere
 
 #: command name -> "module:attribute"
 SUBCOMMANDS = {
@@ -41,28 +44,3 @@ class LazyGroup(click.Group):
         module_name, attr = target.split(":")
         module = importlib.import_module(module_name)
         return accept_config_everywhere(getattr(module, attr))     # -C after any (sub)command too
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@config_option
-@click.version_option(package_name="mailq")
-@click.pass_context
-def cli(ctx: click.Context, config_file: str | None) -> None:
-    """Administer a mailq list server.
-
-    \b
-    Examples:
-      mailq lists create dev --owner alice@example.org
-      mailq members add dev members.txt
-      mailq queue count --json
-      mailq cluster status
-    """
-    ctx.ensure_object(dict)["config_file"] = config_file
-
-
-def main() -> None:
-    cli(prog_name="mailq")
-
-
-if __name__ == "__main__":
-    main()

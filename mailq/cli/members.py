@@ -1,4 +1,4 @@
-"""``mailq members``: add, remove, list, sync and change a list's members.
+"""``mailqctl members``: add, remove, list, sync and change a list's members.
 
 Input files hold one member per line (``alice@example.org`` or ``Alice <alice@example.org>``;
 blank lines and ``#`` comments are skipped).  Lines are validated first, outside the lock; then
@@ -60,10 +60,10 @@ def members(ctx: click.Context, config_file: str | None) -> None:
 
     \b
     Examples:
-      mailq members add dev members.txt
-      echo 'Bob <bob@example.org>' | mailq members add dev --digest
-      mailq members list dev --json
-      mailq members sync dev everyone.txt --dry-run
+      mailqctl members add dev members.txt
+      echo 'Bob <bob@example.org>' | mailqctl members add dev --digest
+      mailqctl members list dev --json
+      mailqctl members sync dev everyone.txt --dry-run
     """
     remember_config(ctx, config_file)
 
@@ -87,9 +87,9 @@ def add(listname: str, source: str, digest: str, moderate: bool | None, as_json:
 
     \b
     Examples:
-      mailq members add dev new.txt
-      mailq members add dev - --digest < digest-readers.txt
-      mailq members add dev plain-readers.txt --digest plain
+      mailqctl members add dev new.txt
+      mailqctl members add dev - --digest < digest-readers.txt
+      mailqctl members add dev plain-readers.txt --digest plain
     """
     from mailq.lists import Member
 
@@ -140,8 +140,8 @@ def remove(listname: str, items: tuple[str, ...], as_json: bool) -> None:
 
     \b
     Examples:
-      mailq members remove dev bob@example.org carol@example.org
-      mailq members remove dev leaving.txt
+      mailqctl members remove dev bob@example.org carol@example.org
+      mailqctl members remove dev leaving.txt
     """
     from mailq.errors import InvalidInput
 
@@ -193,9 +193,9 @@ def list_(listname: str, regular: bool, digest: bool, disabled: bool, as_json: b
 
     \b
     Examples:
-      mailq members list dev
-      mailq members list dev --digest --json
-      mailq members list dev --disabled
+      mailqctl members list dev
+      mailqctl members list dev --digest --json
+      mailqctl members list dev --disabled
     """
     if regular and digest:
         raise click.UsageError("--regular and --digest exclude each other: give one, or neither for every member")
@@ -227,8 +227,8 @@ def sync(listname: str, source: str, dry_run: bool, as_json: bool) -> None:
 
     \b
     Examples:
-      mailq members sync dev everyone.txt --dry-run
-      mailq members sync dev everyone.txt
+      mailqctl members sync dev everyone.txt --dry-run
+      mailqctl members sync dev everyone.txt
     """
     from mailq.errors import InvalidInput
     from mailq.lists import Member
@@ -286,8 +286,8 @@ def set_(listname: str, address: str, digest: str | None, no_digest: bool, moder
 
     \b
     Examples:
-      mailq members set dev bob@example.org --digest plain
-      mailq members set dev bob@example.org --digest off --no-moderate --enable
+      mailqctl members set dev bob@example.org --digest plain
+      mailqctl members set dev bob@example.org --digest off --no-moderate --enable
     """
     from mailq.errors import InvalidInput
 

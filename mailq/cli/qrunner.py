@@ -44,7 +44,7 @@ def parse_spec(spec: str) -> tuple[str, int, int]:
 @click.option("-v", "--verbose", is_flag=True, help="Also print the log lines on stderr.")
 @click.pass_context
 def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, verbose: bool) -> None:
-    """Run one mailq queue runner in the foreground until SIGTERM (or, with --once, until idle).
+    """Run one mailqctl queue runner in the foreground until SIGTERM (or, with --once, until idle).
 
     Runner names: in, out, virgin, retry, archive (queues) and lmtp (the LMTP listener).
     SIGTERM/SIGINT finish the entry in hand and exit 0; SIGHUP reopens the log files.

@@ -1,4 +1,4 @@
-"""``mailq queue``: count, show, inject, unshunt and recover queue entries (docs/design.md §3).
+"""``mailqctl queue``: count, show, inject, unshunt and recover queue entries (docs/design.md §3).
 
 Thin: every command parses its arguments, calls :mod:`mailq.queue` and prints.  Entries are read
 only through the restricted unpickler, so ``show`` on a planted file cannot run code.
@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from mailq.cli.common import (accept_config_everywhere, emit_json, get_settings, handle_errors, json_option,
+from mailq.cli.common import (emit_json, get_settings, handle_errors, json_option,
                               print_table, warn)
 from mailq.config import ALL_QUEUES, RUNNER_QUEUES, Settings
 from mailq.errors import InvalidInput, MailqError, NotFound
@@ -32,12 +32,12 @@ def queue() -> None:
 
     \b
     Examples:
-      mailq queue count
-      mailq queue count --json --slices 4
-      mailq queue show out/1763777147.120000+ab12
-      mailq queue inject --queue in --list dev message.eml
-      mailq queue unshunt
-      mailq queue recover --json
+      mailqctl queue count
+      mailqctl queue count --json --slices 4
+      mailqctl queue show out/1763777147.120000+ab12
+      mailqctl queue inject --queue in --list dev message.eml
+      mailqctl queue unshunt
+      mailqctl queue recover --json
     """
 
 
@@ -52,7 +52,7 @@ def _slice_counts(settings: Settings, override: int | None) -> dict[str, int]:
         for q in RUNNER_QUEUES:
             if smap is not None and smap.count(q):
                 counts[q] = smap.count(q)
-    except MailqError as exc:   # a broken map is `mailq slices check`'s business; counting still works
+    except MailqError as exc:   # a broken map is `mailqctl slices check`'s business; counting still works
         warn(f"cannot use the slice map {settings.slice_map_path} ({exc}); slice counts from config instead")
     return counts
 
@@ -71,8 +71,8 @@ def count(slices: int | None, as_json: bool) -> None:
 
     \b
     Examples:
-      mailq queue count
-      mailq queue count --slices 4 --json
+      mailqctl queue count
+      mailqctl queue count --slices 4 --json
     """
     settings = get_settings()
     counts = count_queues(settings.qfiles, _slice_counts(settings, slices))
@@ -104,13 +104,13 @@ def find_entry(settings: Settings, text: str) -> tuple[str, str, Path]:
         found = [("bad", s, p) for s, p in Queue.for_settings(settings, "bad").locate(text)] if text else []
         if len(found) == 1 and "bad" in queues:
             return found[0]
-        raise InvalidInput(f"{text!r} is not an entry id: expected <time>+<sha1hex> (as `mailq queue count` "
+        raise InvalidInput(f"{text!r} is not an entry id: expected <time>+<sha1hex> (as `mailqctl queue count` "
                            f"and the logs print it), optionally prefixed by the queue, e.g. out/1763...+ab12"
                            + (f" (nor one file in bad/{UNNAMED}/)" if "bad" in queues else ""))
     found = [(q, state, path) for q in queues for state, path in Queue.for_settings(settings, q).locate(text)]
     if not found:
         raise NotFound(f"no queue entry {text!r} in {', '.join(queues)} (finished already? "
-                       f"see `mailq queue count`)")
+                       f"see `mailqctl queue count`)")
     if len(found) > 1:
         listing = "; ".join(f"{q}/{p.name}" for q, _, p in found[:5])
         raise InvalidInput(f"{text!r} matches {len(found)} entries ({listing}); give more of the id")
@@ -130,7 +130,7 @@ def describe_entry(settings: Settings, text: str, attempts: int = 3) -> dict[str
         return _describe(settings, *find_entry(settings, text))
     except FileNotFoundError:
         raise NotFound(f"{text!r} kept changing while being read (claimed, finished or moved); "
-                       f"try again, or see `mailq queue count`") from None
+                       f"try again, or see `mailqctl queue count`") from None
 
 
 def _describe(settings: Settings, qname: str, state: str, path: Path) -> dict[str, Any]:
@@ -180,8 +180,8 @@ def show(entry: str, as_json: bool) -> None:
 
     \b
     Examples:
-      mailq queue show 1763777147.120000+ab12
-      mailq queue show shunt/1763777147.120000+ab12cd --json
+      mailqctl queue show 1763777147.120000+ab12
+      mailqctl queue show shunt/1763777147.120000+ab12cd --json
     """
     settings = get_settings()
     info = describe_entry(settings, entry)
@@ -229,8 +229,8 @@ def inject(qname: str, listname: str, recipients: tuple[str, ...], file: Any, as
 
     \b
     Examples:
-      mailq queue inject --queue in --list dev message.eml
-      mailq queue inject -q out -r bob@example.org notice.eml --json
+      mailqctl queue inject --queue in --list dev message.eml
+      mailqctl queue inject -q out -r bob@example.org notice.eml --json
     """
     settings = get_settings()
     raw = file.read()
@@ -259,8 +259,8 @@ def unshunt(entries: tuple[str, ...], as_json: bool) -> None:
 
     \b
     Examples:
-      mailq queue unshunt
-      mailq queue unshunt 1763777147.120000+ab12 --json
+      mailqctl queue unshunt
+      mailqctl queue unshunt 1763777147.120000+ab12 --json
     """
     settings = get_settings()
     shunt = Queue.for_settings(settings, "shunt")
@@ -276,7 +276,7 @@ def unshunt(entries: tuple[str, ...], as_json: bool) -> None:
     for eid in ids:
         c = shunt.claim(eid, me)
         if c is None:
-            problems.append({"id": eid, "problem": "gone or unreadable (see `mailq queue count`, queue bad)"})
+            problems.append({"id": eid, "problem": "gone or unreadable (see `mailqctl queue count`, queue bad)"})
             continue
         target = c.metadata.get("shunted_from")
         if target not in RUNNER_QUEUES:
@@ -308,12 +308,12 @@ def recover(as_json: bool) -> None:
     """Put back the claims of this node's dead processes; poison entries (past the limit) go to bad.
 
     Only claims whose node is this node and whose pid is not running are touched; claims of other
-    nodes are recovered by a takeover (`mailq slices takeover`).  Stale temp files are removed.
+    nodes are recovered by a takeover (`mailqctl slices takeover`).  Stale temp files are removed.
 
     \b
     Examples:
-      mailq queue recover
-      mailq queue recover --json
+      mailqctl queue recover
+      mailqctl queue recover --json
     """
     from mailq.queue.recovery import recover_local_dead
 
@@ -331,16 +331,3 @@ def recover(as_json: bool) -> None:
     click.echo(f"{len(report.recovered)} recovered, {len(report.to_bad)} to bad, {len(report.dropped)} dropped, "
                f"{report.left} claims of live or other-node processes left alone, "
                f"{len(report.stale_temps)} stale temp files removed")
-
-
-def main() -> None:
-    accept_config_everywhere(queue)
-    try:
-        queue(prog_name="mailq queue")
-    except MailqError as exc:   # pragma: no cover - handle_errors covers the commands
-        click.echo(f"mailq queue: error: {exc}", err=True)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

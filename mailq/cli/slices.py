@@ -1,4 +1,4 @@
-"""``mailq slices``: show, check and change the slice map (DESIGN §5, docs/cluster.md).
+"""``mailqctl slices``: show, check and change the slice map (DESIGN §5, docs/cluster.md).
 
 Every change goes through :func:`mailq.cluster.slicemap.update_map`: lock, reload, change,
 validate, epoch + 1, atomic write.  Runners notice within one poll interval.
@@ -72,13 +72,13 @@ def slices() -> None:
 
     \b
     Examples:
-      mailq slices init --nodes h1,h2,h3
-      mailq slices show
-      mailq slices check
-      mailq slices assign out 0 1 h2
-      mailq slices rebalance
-      mailq slices reassign --from h1 --to h2
-      mailq slices drain h3
+      mailqctl slices init --nodes h1,h2,h3
+      mailqctl slices show
+      mailqctl slices check
+      mailqctl slices assign out 0 1 h2
+      mailqctl slices rebalance
+      mailqctl slices reassign --from h1 --to h2
+      mailqctl slices drain h3
     """
 
 
@@ -90,15 +90,15 @@ def show(as_json: bool) -> None:
 
     \b
     Examples:
-      mailq slices show
-      mailq slices show --json | jq .epoch
+      mailqctl slices show
+      mailqctl slices show --json | jq .epoch
     """
     settings = get_settings()
     state = sm.map_in_force(settings)
     smap, problem = state.smap, state.problem
     if smap is None:
         fail(f"{settings.slice_map_path}: no slice map{f' ({problem})' if problem else ''}; every node runs every "
-             f"slice. Create one with `mailq slices init --nodes NODE1,NODE2,...`")
+             f"slice. Create one with `mailqctl slices init --nodes NODE1,NODE2,...`")
     if as_json:
         emit_json({**smap.to_dict(), "in_force_from": state.source, "problem": problem})
     else:
@@ -111,7 +111,7 @@ def show(as_json: bool) -> None:
                      for n, e in sorted(smap.nodes.items())], ["node", "backup", "fenced", "slices"])
     if problem:
         warn(f"THE FILE ON DISK IS REFUSED and not in force; every node runs the map above (epoch "
-             f"{smap.epoch}) until it is fixed:\n{problem}\nThe next `mailq slices` change starts from the map "
+             f"{smap.epoch}) until it is fixed:\n{problem}\nThe next `mailqctl slices` change starts from the map "
              f"above and replaces the refused file (kept as slices.yaml.last).")
         sys.exit(1)
 
@@ -124,13 +124,13 @@ def check(as_json: bool) -> None:
 
     \b
     Examples:
-      mailq slices check && echo fine
+      mailqctl slices check && echo fine
     """
     settings = get_settings()
     path = settings.slice_map_path
     try:
         smap = sm.load_map(path)
-        problems = [] if smap is not None else [f"{path}: no slice map (run `mailq slices init --nodes ...`)"]
+        problems = [] if smap is not None else [f"{path}: no slice map (run `mailqctl slices init --nodes ...`)"]
     except sm.SliceMapError as exc:
         problems = exc.problems
     if not problems:
@@ -143,7 +143,7 @@ def check(as_json: bool) -> None:
         click.echo(f"{path}: {len(problems)} problem(s); the last good map stays in force until fixed:")
         for p in problems:
             click.echo(f"  - {p}")
-        click.echo("Fix with `mailq slices edit` (validates before installing).")
+        click.echo("Fix with `mailqctl slices edit` (validates before installing).")
     else:
         click.echo(f"{path}: ok (epoch {smap.epoch if smap else '?'})")
     if problems:
@@ -160,7 +160,7 @@ def init(nodes: list[str], no_backups: bool) -> None:
 
     \b
     Examples:
-      mailq slices init --nodes h1,h2,h3
+      mailqctl slices init --nodes h1,h2,h3
     """
     settings = get_settings()
     counts = {q: settings.slice_count(q) for q in RUNNER_QUEUES}
@@ -179,10 +179,10 @@ def assign(queue: str, args: tuple[str, ...]) -> None:
 
     \b
     Examples:
-      mailq slices assign out 0 1 h2
+      mailqctl slices assign out 0 1 h2
     """
     if len(args) < 2:
-        fail("give at least one slice number and then the node, e.g. `mailq slices assign out 0 h2`", 2)
+        fail("give at least one slice number and then the node, e.g. `mailqctl slices assign out 0 h2`", 2)
     *nums, node = args
     try:
         wanted = [int(n) for n in nums]
@@ -193,7 +193,7 @@ def assign(queue: str, args: tuple[str, ...]) -> None:
         if node not in smap.nodes:
             # A typo must not create a node that nobody runs: new nodes come in through rebalance.
             raise InvalidInput(f"node {node!r} is not in the slice map (known: {', '.join(sorted(smap.nodes))}); "
-                               f"to add a node run `mailq slices rebalance --nodes "
+                               f"to add a node run `mailqctl slices rebalance --nodes "
                                f"{','.join(smap.live_nodes() + [node])}`")
         count = smap.count(queue)
         for s in wanted:
@@ -220,7 +220,7 @@ def set_count(queue: str, count: int, force: bool) -> None:
 
     \b
     Examples:
-      mailq slices set-count out 4
+      mailqctl slices set-count out 4
     """
     from mailq.queue import Queue
     from mailq.queue.names import split_id
@@ -268,8 +268,8 @@ def rebalance(nodes: list[str] | None) -> None:
 
     \b
     Examples:
-      mailq slices rebalance
-      mailq slices rebalance --nodes h1,h2
+      mailqctl slices rebalance
+      mailqctl slices rebalance --nodes h1,h2
     """
     from mailq.cluster.heartbeat import read_all, state_of
 
@@ -280,7 +280,7 @@ def rebalance(nodes: list[str] | None) -> None:
         for n in chosen:
             entry = smap.nodes.setdefault(n, sm.NodeEntry())
             if entry.fenced:
-                raise InvalidInput(f"{n} is fenced; unfence it first with `mailq cluster unfence {n}`")
+                raise InvalidInput(f"{n} is fenced; unfence it first with `mailqctl cluster unfence {n}`")
         for q, owners in smap.queues.items():
             smap.queues[q] = sm.rebalance_owners(owners, chosen)
 
@@ -294,7 +294,7 @@ def rebalance(nodes: list[str] | None) -> None:
             state = state_of(settings, beats.get(n), False)
             if state != "alive":
                 warn(f"node {n} has no live heartbeat ({state}): its slices wait until its master runs "
-                     f"(`mailqctl start` on that host). A typo? Fix it with `mailq slices rebalance --nodes ...`.")
+                     f"(`mailqctl start` on that host). A typo? Fix it with `mailqctl slices rebalance --nodes ...`.")
 
 
 @slices.command()
@@ -304,7 +304,7 @@ def edit() -> None:
 
     \b
     Examples:
-      EDITOR=nano mailq slices edit
+      EDITOR=nano mailqctl slices edit
     """
     settings = get_settings()
     smap = sm.current_for_update(settings)
@@ -326,7 +326,7 @@ def edit() -> None:
     def change(current: sm.SliceMap) -> sm.SliceMap:
         if current.epoch != smap.epoch:
             raise InvalidInput(f"the map changed while you edited it (epoch {smap.epoch} -> {current.epoch}); "
-                               f"nothing installed, run `mailq slices edit` again")
+                               f"nothing installed, run `mailqctl slices edit` again")
         return edited
 
     old, new = sm.update_map(settings, change)
@@ -350,9 +350,9 @@ def reassign(dead: str, to: list[str] | None, force: bool, as_json: bool) -> Non
 
     \b
     Examples:
-      mailq slices reassign --from h1
-      mailq slices reassign --from h1 --to h2
-      mailq slices reassign --from h1 --to h3 --force     # h3's master is about to start
+      mailqctl slices reassign --from h1
+      mailqctl slices reassign --from h1 --to h2
+      mailqctl slices reassign --from h1 --to h3 --force     # h3's master is about to start
     """
     from mailq.cluster.takeover import takeover
     from mailq.logs import get_logger
@@ -377,8 +377,8 @@ def drain(node: str, to: list[str] | None, timeout: float, no_wait: bool) -> Non
 
     \b
     Examples:
-      mailq slices drain h3
-      mailq slices drain h3 --to h1 --timeout 60
+      mailqctl slices drain h3
+      mailqctl slices drain h3 --to h1 --timeout 60
     """
     from mailq.cluster.takeover import claims_of, drain_moves
 
@@ -405,13 +405,5 @@ def drain(node: str, to: list[str] | None, timeout: float, no_wait: bool) -> Non
             last = len(left)
         if time.monotonic() > deadline:
             fail(f"{node} still holds {len(left)} claim(s) after {timeout:g}s (is it running? stuck?); "
-                 f"see `mailq cluster status`", 1)
+                 f"see `mailqctl cluster status`", 1)
         time.sleep(0.5)
-
-
-def main() -> None:
-    slices(prog_name="mailq slices")
-
-
-if __name__ == "__main__":
-    main()

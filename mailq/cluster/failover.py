@@ -1,7 +1,7 @@
 """Automatic failover (``cluster.failover: auto``; DESIGN §5, docs/cluster.md "Automatic failover").
 
 Each master calls :func:`check` every quarter beat on a worker thread (mailq/master.py), so a slow
-takeover never holds up its own heartbeat; ``mailq cron run check-failover`` calls it too, as a
+takeover never holds up its own heartbeat; ``mailqctl cron run check-failover`` calls it too, as a
 safety net for a cluster whose masters are all busy or stuck.  A node is taken over when its
 heartbeat, judged by the shared filesystem's clock, is older than lease + margin.  Who performs
 it: the dead node's backup when that one is alive, else the first live node by name; a cron run
@@ -9,7 +9,7 @@ performs it whoever it is.  Everybody else does nothing, and :func:`mailq.cluste
 re-checks under the slices lock, so at most one takeover of a node ever happens.
 
 A node that never wrote a heartbeat is never taken over automatically (a cluster whose second
-node is not installed yet must not lose its slices at the first beat); `mailq slices reassign`
+node is not installed yet must not lose its slices at the first beat); `mailqctl slices reassign`
 does that by hand.
 """
 from __future__ import annotations

@@ -40,7 +40,7 @@ class SliceMapError(InvalidInput):
         self.where, self.problems = where, problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{where}: invalid slice map, refused (the previous map stays in force):\n{lines}\n"
-                         f"Fix it with `mailq slices edit` or `mailq slices check` to see the problems again.")
+                         f"Fix it with `mailqctl slices edit` or `mailqctl slices check` to see the problems again.")
 
 
 @dataclass
@@ -90,7 +90,7 @@ class SliceMap:
     def dump(self) -> str:
         import yaml
 
-        head = ("# mailq slice map (DESIGN §5).  Change it with `mailq slices ...`; a hand edit must keep\n"
+        head = ("# mailq slice map (DESIGN §5).  Change it with `mailqctl slices ...`; a hand edit must keep\n"
                 "# every slice owned by exactly one known, unfenced node and raise the epoch.\n")
         return head + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
@@ -223,7 +223,7 @@ def validate(smap: SliceMap, skip_queues: set[str] = frozenset()) -> list[str]: 
                                 f"(add it under nodes: or assign the slice to a known node)")
             elif entry.fenced:
                 problems.append(f"queues.{queue}: slice {s} is owned by fenced node {owner!r} "
-                                f"(run `mailq cluster unfence {owner}` first if it is healthy again)")
+                                f"(run `mailqctl cluster unfence {owner}` first if it is healthy again)")
     for name, entry in smap.nodes.items():
         if entry.backup is not None and entry.backup not in smap.nodes:
             problems.append(f"nodes.{name}.backup: unknown node {entry.backup!r}")
@@ -304,7 +304,7 @@ def current_for_update(settings: Settings) -> SliceMap:
         from mailq.errors import NotFound
 
         raise NotFound(f"{settings.slice_map_path}: no slice map yet; create one with "
-                       f"`mailq slices init --nodes NODE1,NODE2,...`")
+                       f"`mailqctl slices init --nodes NODE1,NODE2,...`")
     return smap
 
 
@@ -318,7 +318,7 @@ def write_checked(settings: Settings, smap: SliceMap, seen_epoch: int) -> None:
     if now != seen_epoch:
         raise SliceMapError(str(settings.slice_map_path), [
             f"the map on disk changed while this change was being made (highest epoch {seen_epoch} -> {now}); "
-            f"nothing written: look at `mailq slices show` and run the command again"])
+            f"nothing written: look at `mailqctl slices show` and run the command again"])
     write_map(settings, smap)
 
 
@@ -362,7 +362,7 @@ def create_map(settings: Settings, smap: SliceMap) -> SliceMap:
     """Install a first map (``slices init``); refuses when one exists."""
     with slices_lock(settings):
         if settings.slice_map_path.exists():
-            raise InvalidInput(f"{settings.slice_map_path} exists already; change it with `mailq slices assign`, "
+            raise InvalidInput(f"{settings.slice_map_path} exists already; change it with `mailqctl slices assign`, "
                                f"`rebalance` or `edit` (or remove the file first if you really mean to start over)")
         smap.epoch = disk_epoch(settings) + 1
         write_map(settings, smap)
@@ -409,7 +409,7 @@ class MapWatcher:
         if sig is None:
             if self.smap is not None:
                 self._refuse(f"{self.path} is missing; the last good map (epoch {self.smap.epoch}) stays in "
-                             f"force; restore it from {good_path(self.settings)} or run `mailq slices edit`")
+                             f"force; restore it from {good_path(self.settings)} or run `mailqctl slices edit`")
             return self.smap
         try:
             new = load_map(self.path)
@@ -421,7 +421,7 @@ class MapWatcher:
         if self.smap is not None and new.to_dict() != self.smap.to_dict() and new.epoch <= self.smap.epoch:
             self._refuse(f"{self.path}: refused: the map changed but its epoch {new.epoch} is not above the "
                          f"map in force ({self.smap.epoch}); set `epoch: {self.smap.epoch + 1}` or use "
-                         f"`mailq slices edit`")
+                         f"`mailqctl slices edit`")
             return self.smap
         if self.smap is None or new.to_dict() != self.smap.to_dict():
             if self.smap is not None:

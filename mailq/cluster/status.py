@@ -1,4 +1,4 @@
-"""What ``mailq cluster status`` reports: nodes, heartbeat ages and states, slices, runners, queue depth.
+"""What ``mailqctl cluster status`` reports: nodes, heartbeat ages and states, slices, runners, queue depth.
 
 Every age is measured against the shared filesystem's clock (a probe file's mtime), like every
 other age in the cluster: heartbeats, each master's published runner list

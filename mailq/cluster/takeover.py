@@ -142,7 +142,7 @@ def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log:
             raise InvalidInput(
                 f"node {dead} is not dead: its heartbeat is {info.age:.1f}s old (takeover needs more than "
                 f"lease + margin = {limit:g}s, so its runners may still be claiming). For planned "
-                f"maintenance use `mailq slices drain {dead}`; otherwise stop its master and retry.")
+                f"maintenance use `mailqctl slices drain {dead}`; otherwise stop its master and retry.")
         report = TakeoverReport(dead=dead, epoch=smap.epoch, already_fenced=already)
         if not already:
             owned = [(q, s) for q, owners in smap.queues.items() for s, o in enumerate(owners) if o == dead]
@@ -169,8 +169,8 @@ def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log:
             _mark_pending(settings, dead)
             log.error("takeover of %s: it renewed its heartbeat during the takeover (now %.1fs old): it is "
                       "fenced in epoch %d, but its claims and locks are left to it; they are recovered "
-                      "once it is silent past lease + margin again (automatic failover, `mailq cron run "
-                      "check-failover`, or `mailq slices reassign --from %s`)", dead, after.age if after else
+                      "once it is silent past lease + margin again (automatic failover, `mailqctl cron run "
+                      "check-failover`, or `mailqctl slices reassign --from %s`)", dead, after.age if after else
                       -1.0, report.epoch, dead)
         else:
             _recover_and_break(settings, dead, report, log)
@@ -207,11 +207,11 @@ def _targets(settings: Settings, smap: SliceMap, dead: str, to: list[str] | None
             if n not in smap.nodes:
                 # A typo must not create a node nobody runs (the slices would wait for ever).
                 raise NotFound(f"node {n!r} is not in the slice map (known: {', '.join(sorted(smap.nodes))}); "
-                               f"to add a node run `mailq slices rebalance --nodes "
+                               f"to add a node run `mailqctl slices rebalance --nodes "
                                f"{','.join(smap.live_nodes() + [n])}` first")
             if smap.nodes[n].fenced:
                 raise InvalidInput(f"cannot move slices to {n}: it is fenced (unfence it with "
-                                   f"`mailq cluster unfence {n}` first)")
+                                   f"`mailqctl cluster unfence {n}` first)")
             state = state_of(settings, beats.get(n), False)
             if state != "alive" and not force:
                 age = beats[n].age if n in beats else None

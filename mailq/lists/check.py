@@ -1,4 +1,4 @@
-"""``mailq check``: is every list loadable, are permissions right, do dead processes block locks?
+"""``mailqctl check``: is every list loadable, are permissions right, do dead processes block locks?
 
 Hosts share ``var/`` and their mailq may run as different users of one group, so everything one
 host's mailq creates another must be able to use.  Checks, and what ``--fix`` does about each (only

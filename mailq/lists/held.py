@@ -164,7 +164,7 @@ class HeldStore:
                 raise NotFound(f"held message {held_id} of list {self.listname} is gone: "
                                f"{decision.describe()}") from None
             raise NotFound(f"no held message {held_id} in list {self.listname}; "
-                           f"'mailq held list {self.listname}' shows the held posts") from None
+                           f"'mailqctl held list {self.listname}' shows the held posts") from None
         if not isinstance(data, dict) or not isinstance(data.get("msg"), bytes):
             raise MailqError(f"held message {held_id} of list {self.listname} is unreadable "
                              f"({self._pck(held_id)}); move it away by hand")
@@ -318,10 +318,10 @@ class HeldStore:
                 raise MailqError(f"cannot move {path} into {folder}: var/lists and var/qfiles are on "
                                  f"different filesystems, and var/ must be one (DESIGN §2). The "
                                  f"{PAST.get(decision.action, decision.action)} post waits there; fix the "
-                                 f"mounts, then run 'mailq cron run expire-held'") from exc
+                                 f"mounts, then run 'mailqctl cron run expire-held'") from exc
             if exc.errno in TEMPORARY_ERRNOS:
                 raise TemporaryFailure(f"cannot move {path} into {folder}: {exc.strerror}; the decision "
-                                       f"is kept and 'mailq cron run expire-held' finishes it") from exc
+                                       f"is kept and 'mailqctl cron run expire-held' finishes it") from exc
             raise
         if self.settings.queue.fsync:
             from mailq.fsutil import fsync_dir
@@ -430,9 +430,9 @@ def notify_held(settings: Settings, mlist: Any, held_id: str, reason: str, sende
                 f"  From:    {sender or '(unknown)'}\n  Subject: {subject or '(none)'}\n"
                 f"  Reason:  {reason}\n  Id:      {held_id}\n\n"
                 f"Decide with one of:\n"
-                f"  mailq held approve {mlist.name} {held_id}\n"
-                f"  mailq held reject {mlist.name} {held_id} --reason TEXT\n"
-                f"  mailq held discard {mlist.name} {held_id}\n\n"
+                f"  mailqctl held approve {mlist.name} {held_id}\n"
+                f"  mailqctl held reject {mlist.name} {held_id} --reason TEXT\n"
+                f"  mailqctl held discard {mlist.name} {held_id}\n\n"
                 f"The post is attached.\n")
         sent.append(notify(settings, staff, f"{mlist.name}: post from {sender or 'unknown'} held ({reason})",
                            body, listname=mlist.name, sender=mlist.owner_address, attachment=msg))
@@ -478,7 +478,7 @@ def notify_rejected(settings: Settings, listname: str, sender: str, reason: str,
 def expire_held(settings: Settings, log: Any) -> str:
     """Discard held posts older than each list's ``max_held_days`` (owners told); a summary line.
 
-    Registered as the cron task ``expire-held`` (``mailq cron run expire-held``).  Also removes
+    Registered as the cron task ``expire-held`` (``mailqctl cron run expire-held``).  Also removes
     decision records older than the same age (30 days at least), and finishes decisions whose
     decider died before carrying them out.
     """

@@ -1,8 +1,8 @@
 """Per-list settings: one typed dataclass, validated on every change (issue 3).
 
 Settings are stored in the list database as a plain dict (field -> builtin value).  Three ways in,
-all through the same validation: ``from_dict`` (the pickle, or ``mailq config load`` YAML, strict
-types), ``set_text`` (``mailq config set KEY=VALUE``, values parsed from text), and attribute
+all through the same validation: ``from_dict`` (the pickle, or ``mailqctl config load`` YAML, strict
+types), ``set_text`` (``mailqctl config set KEY=VALUE``, values parsed from text), and attribute
 assignment followed by ``validate()``.  An unknown key names the closest valid one.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ class ListSettings:
                 raise InvalidInput(f"reply_to_address: {exc}") from None
         if self.reply_to == "explicit" and not self.reply_to_address:
             raise InvalidInput("reply_to is 'explicit' but reply_to_address is empty; set both, e.g. "
-                               "'mailq config set LIST reply_to=explicit reply_to_address=ADDR'")
+                               "'mailqctl config set LIST reply_to=explicit reply_to_address=ADDR'")
         for key, hint in _HINTS.items():
             if hint is float and not math.isfinite(getattr(self, key)):
                 # nan compares false with everything: a nan threshold would silently never trigger

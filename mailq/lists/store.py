@@ -6,7 +6,7 @@ decides whether a list exists by looking for ``list.pck``, without importing thi
 Reading takes no lock: a save is an atomic rename, so a reader sees the old or the new file.  If the
 current file is unreadable (truncated, corrupt, hostile) the reader falls back to ``.last``, logs it,
 flags the list (``loaded_from_last``) and tells ``on_fallback`` (the CLI prints a warning);
-``mailq check`` reports it.  A store remembers the last list it loaded under each name with the
+``mailqctl check`` reports it.  A store remembers the last list it loaded under each name with the
 file's stamp: when ``list.pck`` has not changed since, ``load`` costs one open and fstat and returns
 the same object (so a runner does not unpickle a 100,000-member list for every post).
 
@@ -139,7 +139,7 @@ class ListStore:
             if not last.exists():
                 self._cache.pop(name, None)
                 raise NotFound(f"no list named {name!r} (in {self.settings.lists_dir}); "
-                               f"'mailq lists list' shows the lists") from None
+                               f"'mailqctl lists list' shows the lists") from None
             problem = f"{path} is missing; using {last.name}"
         except (safepickle.UnsafePickle, ValueError, InvalidInput) as exc:
             problem = f"{path} is unreadable ({exc}); using {last.name}"
@@ -157,7 +157,7 @@ class ListStore:
         mlist.load_problem = problem
         if self.on_fallback is not None:
             self.on_fallback(f"list {name}: {problem} (generation {mlist.generation}, the state before the "
-                             f"last save); run 'mailq check', whose --fix re-saves it and keeps the bad file")
+                             f"last save); run 'mailqctl check', whose --fix re-saves it and keeps the bad file")
         return mlist, stored
 
     def _read(self, path: Path, name: str, *, cached: bool) -> tuple[MailingList, dict[str, Any]]:
@@ -212,7 +212,7 @@ class ListStore:
         "Changed" compares the list's stored form with what was loaded, so any change counts (a
         setting, a member edited in place) and a block that changes nothing writes nothing:
         ``list.pck``, ``.last`` and the generation stay as they were.  ``mlist.saved`` says which.
-        *always_save* saves anyway (``mailq check --fix`` re-saves a list that came from ``.last``).
+        *always_save* saves anyway (``mailqctl check --fix`` re-saves a list that came from ``.last``).
         """
         with self.lock(name, timeout):
             mlist, loaded = self._load(name, cached=False)
@@ -262,7 +262,7 @@ class ListStore:
         settings = ListSettings.from_dict({"domain": domain, "owners": [owner], **overrides})
         with self.lock(name):
             if self.exists(name):
-                raise InvalidInput(f"list {name!r} already exists ('mailq lists show {name}')")
+                raise InvalidInput(f"list {name!r} already exists ('mailqctl lists show {name}')")
             # Group-writable setgid folders (mkdir's mode is cut by the umask): every host's mailq writes here.
             # A folder without list.pck may exist already (held messages of a removed list, an aborted create).
             make_shared_dir(self.list_dir(name))
@@ -275,7 +275,7 @@ class ListStore:
         """Remove the list's folder (database, held messages, pending); archives too unless kept."""
         with self.lock(name):
             if not self.exists(name):
-                raise NotFound(f"no list named {name!r}; 'mailq lists list' shows the lists")
+                raise NotFound(f"no list named {name!r}; 'mailqctl lists list' shows the lists")
             folder = self.list_dir(name)
             # Rename first: readers see the list vanish at once, never half-deleted.
             trash = self.settings.lists_dir / f".removed.{name}.{time.time_ns()}"

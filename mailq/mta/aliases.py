@@ -96,5 +96,5 @@ def render(aliases: list[Alias], fmt: str, program: str) -> str:
                       f"#   sendmail's smrsh must allow the program: ln -s {program} /etc/smrsh/"]
         lines = [f'{(a.local_part + ":").ljust(width)}"|{a.command}"' for a in aliases]
     if not aliases:
-        lines = ["# (no lists yet: create one with 'mailq lists create NAME --owner ADDRESS')"]
+        lines = ["# (no lists yet: create one with 'mailqctl lists create NAME --owner ADDRESS')"]
     return "\n".join(header + lines) + "\n"

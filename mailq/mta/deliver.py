@@ -36,7 +36,7 @@ QUEUE_FOR_KIND = {  # same as mailq.mta.addresses.QUEUE_FOR_KIND (kept here: one
 }
 USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave|confirm LIST\n"
          "  Reads one message on stdin and queues it for LIST; run by the MTA from the aliases that\n"
-         "  'mailq aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty or too big, 67 unknown list,\n"
+         "  'mailqctl aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty or too big, 67 unknown list,\n"
          "  75 temporary failure (the MTA retries).\n"
          "Examples:\n"
          "  mailq-deliver post dev < message.eml\n"
@@ -153,7 +153,7 @@ def _check_list(var: str, listname: str) -> None:
         os.stat(os.path.join(var, "lists"))
     except FileNotFoundError:
         raise Exit(EX_TEMPFAIL, f"{var}/lists is not there: is the mailq var filesystem mounted? (a new "
-                                "site: create a list first with 'mailq lists create'); the MTA will retry")
+                                "site: create a list first with 'mailqctl lists create'); the MTA will retry")
     except OSError as exc:
         raise Exit(EX_TEMPFAIL, f"cannot check {var}/lists: {exc.strerror}; the MTA will retry")
     raise Exit(EX_NOUSER, f"no such list {listname!r} (no {var}/lists/{listname}/list.pck)")

@@ -286,7 +286,7 @@ class Queue:
                              self.name, c.id, c.path)
 
     def shunt(self, c: Claimed, error: str) -> str:
-        """Move a claimed entry to ``shunt`` with *error* in its metadata; ``mailq queue unshunt`` undoes it.
+        """Move a claimed entry to ``shunt`` with *error* in its metadata; ``mailqctl queue unshunt`` undoes it.
 
         The claim is rewritten with the new metadata, then renamed into ``shunt`` (§3.6): a crash
         between the two leaves the claim, which recovery puts back into this queue to be tried again.
@@ -497,12 +497,12 @@ class Queue:
             return decode(read_all(path))
         except FileNotFoundError:
             raise NotFound(f"{path}: no such queue file (it was claimed or finished meanwhile; "
-                           f"run `mailq queue count` to see what is there)")
+                           f"run `mailqctl queue count` to see what is there)")
 
 
 def count_queues(qfiles: str | os.PathLike[str], slice_counts: dict[str, int], now: float | None = None,
                  ) -> dict[str, Any]:
-    """``mailq queue count``: every queue of *slice_counts* per slice, shunt and bad by origin queue.
+    """``mailqctl queue count``: every queue of *slice_counts* per slice, shunt and bad by origin queue.
 
     Each queue's totals and slice rows get ``shunt`` and ``bad``: entries that failed in it, by the
     slice their SHA-1 falls in (``bad_unnamed``: bad files with no entry name, so no slice).  The

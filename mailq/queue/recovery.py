@@ -19,7 +19,7 @@ from mailq.queue.names import CLAIM_RE, ENTRY_RE, ENTRY_SUFFIX, TEMP_SUFFIX, Cla
 from mailq.queue.payload import BadEntry, decode, encode
 from mailq.queue.queue import BUCKET_NAMES, Queue, read_all
 
-#: Queues that can hold claims: every runner queue, and shunt (``mailq queue unshunt`` claims there).
+#: Queues that can hold claims: every runner queue, and shunt (``mailqctl queue unshunt`` claims there).
 CLAIM_QUEUES = (*RUNNER_QUEUES, "shunt")
 
 
@@ -101,7 +101,7 @@ def _recover_one(queue: Queue, info: ClaimInfo, me: Claimant, limit: int, report
     row["recovered"] = count
     if count > limit:
         reason = (f"claimant died {count} times while processing it (queue.recovery_limit = {limit}); "
-                  f"probably a poison message. Last claimant {who}. Inspect with `mailq queue show "
+                  f"probably a poison message. Last claimant {who}. Inspect with `mailqctl queue show "
                   f"{info.entry_id}`.")
         queue.to_bad(mine, reason)
         report.to_bad.append({**row, "reason": reason})

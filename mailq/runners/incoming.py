@@ -110,7 +110,7 @@ class IncomingRunner(Runner):
         if not isinstance(pending, list) or not all(
                 isinstance(w, dict) and {"key", "queue", "data", "metadata"} <= w.keys() for w in pending):
             raise MailqError(f"entry {entry.id} has unusable pending_writes metadata (expected a list of "
-                             f"{{key, queue, data, metadata}}); look at it with 'mailq queue show'")
+                             f"{{key, queue, data, metadata}}); look at it with 'mailqctl queue show'")
         queued = metadata.get("queued")
         ctx = Context(self.settings, self.log, self.enqueue, writes=list(pending),
                       queued=dict(queued) if isinstance(queued, dict) else {})
@@ -144,7 +144,7 @@ def _keep_progress(entry: Any, ctx: Context) -> None:
     """Before a requeue or shunt of *entry*: record in it what its pipeline run already queued.
 
     ``entry.metadata`` is what the base loop writes back (requeue, shunt), so the next attempt (or
-    ``mailq queue unshunt``) starts from here.  Nothing to record when the stages did not finish.
+    ``mailqctl queue unshunt``) starts from here.  Nothing to record when the stages did not finish.
     """
     if ctx.writes is None:
         return
