@@ -308,3 +308,21 @@ def test_read_mbox_gives_back_what_append_pending_wrote(tree):
     posts = [plain_post(i) for i in range(3)]
     append_pending(settings, "dev", [(p, "ann@example.org", time.time()) for p in posts])
     assert read_mbox(Path(pending_path(settings, "dev")).read_bytes()) == posts
+
+
+def test_the_pipeline_numbers_each_post_in_subject_and_header_and_the_archive_copy_keeps_it(tmp_path):
+    from tests.pipeline_support import make_list, queue_entries, run_pipeline
+
+    settings = make_node(tmp_path, "n1").settings()
+    mlist = make_list(settings, subject_prefix="[dev %d] ")
+    forged = b"From: alice@example.org\nTo: dev@example.org\nSubject: Re: [dev 99] hi\nX-Mailq-Post-Number: 99\n\nhi\n"
+    first, data, stop = run_pipeline(settings, mlist, forged, entry_sha="a" * 40)
+    assert stop is None and first["Subject"] == "[dev 1] Re: hi" and first.get_all("X-Mailq-Post-Number") == ["1"]
+    assert data["post_number"] == 1
+    again, _, _ = run_pipeline(settings, mlist, forged, entry_sha="a" * 40)   # the same entry replayed
+    assert again["Subject"] == "[dev 1] Re: hi"
+    other, _, _ = run_pipeline(settings, mlist, forged, entry_sha="b" * 40)
+    assert other["Subject"] == "[dev 2] Re: hi"
+    archived = [msg for msg, meta in queue_entries(settings, "archive")]
+    assert archived and all(b"X-Mailq-Post-Number: " in m for m in archived)
+    assert b"X-Mailq-Post-Number: 2" in archived[-1]
