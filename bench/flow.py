@@ -149,7 +149,7 @@ def message(bench_id: str, sender: str = "member0@example.com") -> bytes:
             + "A line of text for the benchmark body.\r\n" * 40).encode()
 
 
-def make_config(base: Path, smtp_port: int, lmtp_port: int) -> Path:
+def make_config(base: Path, smtp_port: int, lmtp_port: int, dns_port: int) -> Path:
     import yaml
 
     config = {
@@ -157,6 +157,7 @@ def make_config(base: Path, smtp_port: int, lmtp_port: int) -> Path:
         "paths": {"var": str(base / "var"), "run": str(base / "run")},
         "smtp": {"host": "127.0.0.1", "port": smtp_port},
         "lmtp": {"host": "127.0.0.1", "port": lmtp_port, "enabled": True},
+        "dns": {"nameservers": ["127.0.0.1"], "port": dns_port},   # DMARC lookups stay on loopback
     }
     path = base / "etc" / "mailq.yaml"
     path.parent.mkdir(parents=True)
@@ -329,13 +330,15 @@ def main() -> None:
     args = ap.parse_args()
 
     from mailq.config import load_settings
+    from mailq.loopdns import LoopDNS
     from tests.support import free_port
 
     base = Path(tempfile.mkdtemp(prefix="mailq-flow-"))
     sink = None
+    dns = LoopDNS(negative_ttl=3600).__enter__()   # no DMARC records: every lookup says NXDOMAIN
     try:
         smtp_port = free_port()
-        config = make_config(base, smtp_port, free_port())
+        config = make_config(base, smtp_port, free_port(), dns.port)
         env = dict(os.environ, MAILQ_CONFIG=str(config), PYTHONPATH=str(ROOT), BENCH_VAR=str(base / "var"))
         env["PATH"] = os.path.dirname(PY) + os.pathsep + env.get("PATH", "")
         settings = load_settings(config)
@@ -358,6 +361,7 @@ def main() -> None:
     finally:
         if sink is not None:
             sink.stop()
+        dns.__exit__(None, None, None)
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 

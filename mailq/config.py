@@ -144,6 +144,38 @@ class SmtpSettings:
     allow_plaintext_auth: bool = False
 
 
+def _nameserver_problem(value: list[str]) -> str | None:
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_address(item)
+        except ValueError:
+            return f"a list of IP addresses (an IPv4 or IPv6 address, not a host name: {item!r})"
+    return None
+
+
+@dataclass
+class DnsSettings:
+    """Every DNS lookup mailq makes (DMARC policies, direct MX delivery) asks these servers."""
+
+    #: Resolvers to ask (IP addresses); empty: the host's /etc/resolv.conf.
+    nameservers: list[str] = field(default_factory=list, metadata={"check": _nameserver_problem})
+    port: int = _limited(53, at_least=1, at_most=65535)
+    #: Seconds one lookup may take in all (every server and retry); then it has failed.
+    timeout: float = _limited(5.0, above=0)
+    #: Longest time (seconds) a DMARC answer is kept in the shared cache, whatever its TTL.
+    cache_max_ttl: float = _limited(86400.0, above=0)
+    #: Shortest time (seconds) an answer is kept: a TTL of 0 must not mean one lookup per post.
+    cache_min_ttl: float = _limited(60.0, at_least=0)
+    #: How long "no record" is kept when the server sent no SOA to take the negative TTL from.
+    negative_ttl: float = _limited(3600.0, above=0)
+    #: How long a failed lookup (timeout, SERVFAIL) counts as "no policy" before it is tried again.
+    failure_ttl: float = _limited(300.0, above=0)
+    #: Most answers the shared DMARC cache keeps (oldest dropped first): strangers cannot fill the disk.
+    cache_max_entries: int = _limited(20000, at_least=256)
+
+
 @dataclass
 class LmtpSettings:
     host: str = "127.0.0.1"
@@ -197,11 +229,25 @@ class DeliverySettings:
     site_owner: str = ""
 
 
+def _ban_problem(value: list[str]) -> str | None:
+    """Each entry of a ban list is an address, or a regular expression starting with ``^``."""
+    for item in value:
+        if item.startswith("^"):
+            try:
+                re.compile(item, re.IGNORECASE)
+            except re.error as exc:
+                return f"valid regular expressions after '^' ({item!r}: {exc})"
+        elif "@" not in item:
+            return f"e-mail addresses or '^regex' entries (not {item!r})"
+    return None
+
+
 @dataclass
 class PipelineSettings:
     posts: list[str] = field(default_factory=lambda: [
-        "sanity", "moderation", "post_number", "subject_prefix", "list_headers", "footer",
-        "recipients", "avoid_duplicates", "to_archive", "to_digest", "to_outgoing",
+        "sanity", "sender_rules", "dmarc", "moderation", "mime_filter", "post_number", "subject_prefix",
+        "list_headers", "footer", "recipients", "avoid_duplicates", "to_archive", "to_digest",
+        "to_outgoing",
     ])
     owner: list[str] = field(default_factory=lambda: ["sanity", "owner_recipients", "to_outgoing"])
     #: Base HTTPS address of the list web pages, if any: ``List-Archive`` and, in personalized
@@ -209,6 +255,8 @@ class PipelineSettings:
     web_url: str = ""
     #: Posts appended to an archive or pending-digest mbox per lock acquisition (archive runner).
     archive_batch: int = _limited(200, at_least=1)
+    #: Site-wide ban list for posts to every list (``sender_rules``): addresses, or ``^regex``.
+    ban_list: list[str] = field(default_factory=list, metadata={"check": _ban_problem})
 
 
 @dataclass
@@ -229,6 +277,7 @@ class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
     lmtp: LmtpSettings = field(default_factory=LmtpSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)

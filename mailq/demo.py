@@ -78,6 +78,11 @@ class Demo:
         self.var = base / "var"
         self.posts = posts
         self.sink = Sink()
+        # The demo's DNS, on loopback: the poster's domain publishes DMARC p=reject, so the list
+        # sends the copies From: "Poster via dev" (stage dmarc); no query ever leaves the machine.
+        from mailq.loopdns import LoopDNS
+
+        self.dns = LoopDNS({("_dmarc.example.com", "TXT"): ["v=DMARC1; p=reject"]}, negative_ttl=3600)
         self.lmtp_port = _free_port()
         self.configs: dict[str, Path] = {}
 
@@ -109,6 +114,7 @@ class Demo:
                 "node": {"name": node},
                 "paths": {"var": str(self.var), "run": str(self.base / "run")},
                 "smtp": {"host": "127.0.0.1", "port": self.sink.port},
+                "dns": {"nameservers": ["127.0.0.1"], "port": self.dns.port},
                 "lmtp": {"host": "127.0.0.1", "port": self.lmtp_port, "enabled": node == NODES[0]},
                 "cluster": {"failover": "auto", "heartbeat": 1, "lease": 5, "margin": 1},
                 "runners": {"poll_interval": 0.5, "slices": {q: (2 if q in ("in", "out") else 1)
@@ -119,7 +125,9 @@ class Demo:
             self.configs[node] = path
         self.say(f"1. fresh var/ in {self.var}; node configs {', '.join(str(p) for p in self.configs.values())}")
         self.sink.start()
-        self.say(f"2. SMTP sink (the smarthost) listening on 127.0.0.1:{self.sink.port}")
+        self.dns.__enter__()
+        self.say(f"2. SMTP sink (the smarthost) listening on 127.0.0.1:{self.sink.port}; DNS on "
+                 f"127.0.0.1:{self.dns.port} (example.com publishes DMARC p=reject)")
 
         a = NODES[0]
         self.run(a, "mailqctl", "lists", "create", LIST, "--owner", "owner@example.org", "--domain", DOMAIN)
@@ -227,6 +235,7 @@ class Demo:
                 self.say(f"   FAILED: `mailqctl stop` on {node} exited {proc.returncode}: "
                          f"{(proc.stderr or proc.stdout).decode(errors='replace').strip()}")
         self.sink.stop()
+        self.dns.__exit__(None, None, None)
         waiting = self.run(NODES[0], "mailqctl", "queue", "count", "--json", check=False).stdout.decode()
         self.say(f"8. masters stopped, sink closed; queue counts now: {_compact_counts(waiting)}")
         logs = sorted(str(p.relative_to(self.base)) for p in self.var.glob("log/*/*.log"))

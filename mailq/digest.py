@@ -592,7 +592,7 @@ def _plain_body(mlist: Any, header: str, toc: str, footer: str, items: list[_Pos
 def text_of(msg: Message) -> tuple[str, list[str]]:
     """The readable text of a post and one description per attachment; never raises.
 
-    text/plain parts as they are (decoded), text/html as text when a part has no plain
+    text/plain parts as they are (decoded), text/html as text (``mime_filter.html_to_text``) when it has no plain
     alternative, ``multipart/alternative`` by its plain part; every other part (and every part
     sent as an attachment) is listed as ``name (type, size)``.
     """
@@ -631,8 +631,15 @@ def _collect(part: Message, texts: list[str], attachments: list[str], depth: int
     filename = part.get_filename()
     attached = part.get_content_disposition() == "attachment" or bool(filename)
     if ctype in ("text/plain", "text/html") and not attached:
+        from mailq.pipeline.mime_filter import HTML_LIMIT, html_to_text
+
         text = _decoded(part)
-        texts.append(html_to_text(text) if ctype == "text/html" else text)
+        if ctype == "text/plain":
+            texts.append(text)
+        elif len(text) <= HTML_LIMIT:
+            texts.append(html_to_text(text))
+        else:                                   # html2text is pure Python: not for megabytes
+            attachments.append(f"(HTML too large to show as text) (text/html, {_size(len(text))})")
         return
     payload = part.get_payload(decode=True) or b""
     attachments.append(f"{_one_line(str(filename)) if filename else '(no name)'} ({ctype}, {_size(len(payload))})")
@@ -645,16 +652,6 @@ def _decoded(part: Message) -> str:
     if not isinstance(data, bytes):
         data = str(part.get_payload()).encode("utf-8", "surrogateescape")
     return _decode_bytes(data, charset_name(part.get_content_charset()))
-
-
-def html_to_text(html: str) -> str:
-    """HTML as readable text (html2text: links kept, images dropped, no re-wrapping)."""
-    import html2text
-
-    converter = html2text.HTML2Text()
-    converter.body_width = 0
-    converter.ignore_images = True
-    return converter.handle(html)
 
 
 def _size(n: int) -> str:

@@ -9,6 +9,8 @@ import email.utils
 import time
 from email.message import EmailMessage
 
+from typing import Any
+
 from mailq.config import Settings
 
 
@@ -55,3 +57,20 @@ def notify(settings: Settings, to: list[str], subject: str, body: str, *, listna
     raw, metadata = notice_entry(settings, to, subject, body, listname=listname, sender=sender,
                                  attachment=attachment)
     return Queue.for_settings(settings, "virgin").enqueue(raw, metadata, listname=listname)
+
+
+def render_template(mlist: Any, name: str, **values: Any) -> str:
+    """The text ``mailq/templates/<name>.txt`` (``string.Template``) filled in for *mlist*.
+
+    Standard values: ``$list_name``, ``$list_address``, ``$request_address``, ``$owner_address``;
+    *values* add to them.  Unknown ``$names`` stay as written (a template edit must not make a
+    notice fail).  The one place the pipeline's notices are rendered, so that the template API
+    (``mailq.templates.render``) can take over here alone.
+    """
+    import string
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent / "templates" / f"{name}.txt").read_text(encoding="utf-8")
+    standard = {"list_name": mlist.name, "list_address": mlist.posting_address,
+                "request_address": mlist.request_address, "owner_address": mlist.owner_address}
+    return string.Template(text).safe_substitute({**standard, **values})

@@ -92,11 +92,27 @@ class Node:
         return env
 
 
+_QUIET_DNS: Any = None
+
+
+def quiet_dns() -> Any:
+    """The session's loopback DNS responder (mailq.loopdns) that knows no names: every lookup of
+    a test node that does not set up its own gets NXDOMAIN from loopback, never an answer (or a
+    query) from the machine's real resolver.  Started on first use, served until pytest exits."""
+    global _QUIET_DNS
+    if _QUIET_DNS is None:
+        from mailq.loopdns import LoopDNS
+
+        _QUIET_DNS = LoopDNS(negative_ttl=3600).__enter__()
+    return _QUIET_DNS
+
+
 def make_node(base: Path, name: str = "n1", var: Path | None = None, **overrides: Any) -> Node:
     """Write ``<base>/<name>/mailq.yaml`` for node *name* with ``var`` (shared if given) and overrides.
 
     Defaults suit tests: fast polling, short leases, LMTP off unless asked for, a free SMTP port
-    that nothing listens on unless the test starts a sink there.
+    that nothing listens on unless the test starts a sink there, DNS from ``quiet_dns()`` (pass
+    ``dns={...}`` to point a node at a responder of the test's own).
     """
     var = var or base / "var"
     var.mkdir(parents=True, exist_ok=True)
@@ -104,6 +120,8 @@ def make_node(base: Path, name: str = "n1", var: Path | None = None, **overrides
         "node": {"name": name},
         "paths": {"var": str(var), "run": str(base / "run")},
         "smtp": {"host": "127.0.0.1", "port": free_port(), "timeout": 10},
+        # DMARC and MX lookups ask a responder on loopback (tests never query the real DNS)
+        "dns": {"nameservers": ["127.0.0.1"], "port": quiet_dns().port, "timeout": 2},
         "lmtp": {"host": "127.0.0.1", "port": free_port(), "enabled": False},
         "cluster": {"heartbeat": 0.5, "lease": 3, "margin": 1},
         "runners": {"poll_interval": 0.2},

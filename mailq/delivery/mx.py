@@ -7,6 +7,7 @@ passes the recipients on to the next host; a host that answers gives the final w
 
 Failure classes: a domain that does not exist (NXDOMAIN) or has a null MX (``MX 0 .``) is a
 permanent failure (5.1.2 / 5.1.10); a DNS timeout or SERVFAIL is temporary.
+Lookups use the resolver of the ``dns:`` config section (``mailq.resolver``).
 Connections are kept per host and reused, like the smarthost connection. No AUTH (the smarthost
 credentials are not the MX hosts'); STARTTLS whenever a host offers it, without certificate checks
 (MX certificates rarely match; this is opportunistic encryption, Postfix's "may" level).
@@ -61,16 +62,9 @@ class MXTransport:
 
     def __init__(self, settings: Settings, resolver=None, *, port: int | None = None, log=None) -> None:
         if resolver is None:
-            import dns.resolver
+            from mailq.resolver import make_resolver
 
-            try:
-                resolver = dns.resolver.Resolver()
-            except dns.resolver.NoResolverConfiguration as exc:
-                from mailq.errors import MailqError
-
-                raise MailqError(f"smtp.direct_mx is true but this host has no DNS resolver configuration "
-                                 f"({exc}); fix /etc/resolv.conf or use a smarthost (smtp.direct_mx: false)")
-            resolver.lifetime = settings.smtp.timeout
+            resolver = make_resolver(settings)   # the dns: section (nameservers, port, timeout)
         self.settings = settings
         self.resolver = resolver
         # MX delivery is to port 25 in production; tests point smtp.port at a sink.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,6 +23,10 @@ NonmemberAction = Literal["hold", "reject", "discard", "accept"]
 SubscribePolicy = Literal["open", "confirm", "approve", "confirm_and_approve"]
 DigestFrequency = Literal["daily", "weekly", "monthly"]
 VolumeFrequency = Literal["never", "yearly", "monthly"]
+DmarcAction = Literal["no_mitigation", "munge_from", "wrap_message", "reject", "discard"]
+FilterAction = Literal["discard", "reject", "forward_to_owner", "preserve"]
+#: What a ``header_matches`` rule does with a post whose header matches.
+HEADER_ACTIONS = ("hold", "reject", "discard", "accept")
 
 
 @dataclass
@@ -87,6 +92,43 @@ class ListSettings:
     max_recipients: int = 10
     #: Listed by ``mailqctl lists list --advertised`` and in the -request ``lists`` answer.
     advertised: bool = True
+    # -- stage dmarc (docs/pipeline.md) --
+    #: What to do with a post whose From: domain publishes DMARC p=reject or p=quarantine.
+    dmarc_mitigate_action: DmarcAction = "munge_from"
+    #: Apply munge_from / wrap_message to every post, whatever its domain's policy (even none).
+    dmarc_mitigate_unconditionally: bool = False
+    #: The reason given to the poster when dmarc_mitigate_action is reject; empty: a standard text.
+    dmarc_moderation_notice: str = ""
+    # -- stage mime_filter --
+    #: Remove the parts the filter settings below name; off: posts pass unchanged.
+    filter_content: bool = False
+    #: MIME types (``image/gif``) or main types (``image``) removed from posts.
+    filter_types: list[str] = field(default_factory=list)
+    #: When not empty, only these types (and multipart containers) are kept.
+    pass_types: list[str] = field(default_factory=list)
+    #: File name extensions removed from posts (without the dot).
+    filter_extensions: list[str] = field(default_factory=lambda: [
+        "exe", "bat", "cmd", "com", "pif", "scr", "vbs", "cpl"])
+    #: When not empty, only attachments with these extensions are kept.
+    pass_extensions: list[str] = field(default_factory=list)
+    #: A multipart/alternative becomes its first (plainest) remaining part.
+    collapse_alternatives: bool = True
+    #: text/html parts become text/plain (html2text).
+    convert_html_to_plaintext: bool = True
+    #: What happens to a post that the filter leaves empty.
+    filter_action: FilterAction = "discard"
+    # -- stage sender_rules --
+    #: Senders whose posts are discarded: addresses, or regular expressions starting with ``^``.
+    ban_list: list[str] = field(default_factory=list)
+    #: Rules ``{header, pattern, action}``: a post whose header matches the regular expression is
+    #: held, rejected, discarded or accepted (the first matching rule decides).
+    header_matches: list[dict[str, str]] = field(default_factory=list)
+    #: Hold posts that look like a command (``unsubscribe``) meant for the -request address.
+    administrivia: bool = True
+    #: Hold posts that do not name the list (or an acceptable alias) in To or Cc.
+    require_explicit_destination: bool = True
+    #: Other addresses (or ``^regex``) that count as the list's for require_explicit_destination.
+    acceptable_aliases: list[str] = field(default_factory=list)
 
     # -- conversion ----------------------------------------------------------------------------
     @classmethod
@@ -139,6 +181,14 @@ class ListSettings:
         if self.reply_to == "explicit" and not self.reply_to_address:
             raise InvalidInput("reply_to is 'explicit' but reply_to_address is empty; set both, e.g. "
                                "'mailqctl config set LIST reply_to=explicit reply_to_address=ADDR'")
+        for key in ("filter_types", "pass_types"):
+            setattr(self, key, [_mime_type(key, v) for v in getattr(self, key)])
+        for key in ("filter_extensions", "pass_extensions"):
+            setattr(self, key, [_extension(key, v) for v in getattr(self, key)])
+        for key in ("ban_list", "acceptable_aliases"):
+            for item in getattr(self, key):
+                address_or_regex(key, item)
+        self.header_matches = [_header_rule(i, rule) for i, rule in enumerate(self.header_matches)]
         for key, hint in _HINTS.items():
             if hint is float and not math.isfinite(getattr(self, key)):
                 # nan compares false with everything: a nan threshold would silently never trigger
@@ -148,7 +198,88 @@ class ListSettings:
                 raise InvalidInput(f"{key} must not be negative (got {getattr(self, key)})")
 
 
+_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*(/[a-z0-9][a-z0-9!#$&^_.+-]*)?\Z")
+_EXT_RE = re.compile(r"[a-z0-9][a-z0-9_+~-]{0,31}\Z")
+_HEADER_NAME_RE = re.compile(r"[!-9;-~]{1,76}\Z")
+
+
+def _mime_type(key: str, value: str) -> str:
+    low = value.strip().lower()
+    if not _TYPE_RE.match(low):
+        raise InvalidInput(f"{key}: {value!r} is not a MIME type (image/gif) or main type (image)")
+    return low
+
+
+def _extension(key: str, value: str) -> str:
+    low = value.strip().lower().lstrip(".")
+    if not _EXT_RE.match(low):
+        raise InvalidInput(f"{key}: {value!r} is not a file name extension (exe, pdf, tar.gz is gz)")
+    return low
+
+
+def address_or_regex(key: str, item: str) -> None:
+    """An entry of a ban list or alias list: ``^regex`` (compiled here) or an e-mail address."""
+    if item.startswith("^"):
+        try:
+            re.compile(item, re.IGNORECASE)
+        except re.error as exc:
+            raise InvalidInput(f"{key}: {item!r} is not a valid regular expression: {exc}") from None
+        return
+    try:
+        validate_address(item)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{key}: {exc} (or give a regular expression starting with '^')") from None
+
+
+def address_rule_match(entries: list[str], address: str) -> str | None:
+    """The first entry of *entries* (addresses, or ``^regex``) that matches *address*, else None.
+
+    Addresses compare case-insensitively; a regular expression is searched in the address with
+    IGNORECASE (anchor it with ``$`` to match the whole address).  An entry that does not compile
+    (from an older database) matches nothing.
+    """
+    low = address.strip().lower()
+    if not low:
+        return None
+    for entry in entries:
+        if entry.startswith("^"):
+            try:
+                if re.search(entry, low, re.IGNORECASE):
+                    return entry
+            except re.error:
+                continue
+        elif entry.strip().lower() == low:
+            return entry
+    return None
+
+
+def _header_rule(index: int, rule: Any) -> dict[str, str]:
+    where = f"header_matches[{index}]"
+    if not isinstance(rule, dict) or not {"header", "pattern"} <= rule.keys() \
+            or not rule.keys() <= {"header", "pattern", "action"}:
+        raise InvalidInput(f"{where}: expected {{header: NAME, pattern: REGEX, action: "
+                           f"{'|'.join(HEADER_ACTIONS)}}}, got {rule!r}")
+    header, pattern = str(rule["header"]).strip(), str(rule["pattern"])
+    action = str(rule.get("action", "hold")).strip().lower()
+    if not _HEADER_NAME_RE.match(header):
+        raise InvalidInput(f"{where}: {header!r} is not a header name")
+    try:
+        re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        raise InvalidInput(f"{where}: pattern {pattern!r} is not a valid regular expression: {exc}") from None
+    if action not in HEADER_ACTIONS:
+        raise InvalidInput(f"{where}: action {action!r} is not one of {', '.join(HEADER_ACTIONS)}")
+    return {"header": header, "pattern": pattern, "action": action}
+
+
 _HINTS: dict[str, Any] = typing.get_type_hints(ListSettings)
+#: What each list setting holds, for messages and ``config show`` (lists of text unless named here).
+_LIST_KINDS = {"owners": "list of addresses", "moderators": "list of addresses",
+               "accept_nonmembers": "list of addresses",
+               "ban_list": "list of addresses or ^regex", "acceptable_aliases": "list of addresses or ^regex",
+               "filter_types": "list of MIME types", "pass_types": "list of MIME types",
+               "filter_extensions": "list of extensions", "pass_extensions": "list of extensions",
+               "header_matches": "YAML list of {header, pattern, action}"}
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -164,7 +295,7 @@ def describe_type(key: str) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + "|".join(typing.get_args(hint))
     return {bool: "true|false", int: "whole number", float: "number", str: "text"}.get(
-        hint, "list of addresses")
+        hint, _LIST_KINDS.get(key, "list of text"))
 
 
 def _check_type(key: str, value: Any) -> Any:
@@ -175,6 +306,12 @@ def _check_type(key: str, value: Any) -> Any:
         if value not in typing.get_args(hint):
             raise bad
         return value
+    if origin is list and typing.get_args(hint) == (dict[str, str],):
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+                for v in value):
+            raise bad
+        return [dict(v) for v in value]
     if origin is list:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise bad
@@ -203,10 +340,12 @@ def parse_text(key: str, text: str) -> Any:
     stripped = text.strip()
     bad = InvalidInput(f"{key}: expected {describe_type(key)}, got {text!r}")
     if origin is list:
-        if stripped.startswith("["):
+        if stripped.startswith("[") or typing.get_args(hint) == (dict[str, str],):
             import yaml
             try:
-                value = yaml.safe_load(stripped)
+                # Rules are text through and through: a pattern YES or 1 must not become true or 1.
+                value = (yaml.load(stripped, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader builds only str/list/dict
+                         if typing.get_args(hint) == (dict[str, str],) else yaml.safe_load(stripped))
             except yaml.YAMLError:
                 raise bad from None
             return _check_type(key, value)

@@ -36,13 +36,21 @@ _BARE_EOL = re.compile(r"(\r\n|\r|\n)(?![ \t])")
 
 
 class StageStop(Exception):
-    """Base of the three ways a stage ends the pipeline; ``reason`` is for people."""
+    """Base of the three ways a stage ends the pipeline; ``reason`` is for people.
+
+    ``to_owner`` asks the ``in`` runner to give the list's owners the post as it arrived:
+    ``forward`` (a notice with the post attached) or ``preserve`` (kept in
+    ``var/lists/<list>/preserved/``, the owners told where; ``mailq.lists.preserved``).
+    """
 
     action = "stop"
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, to_owner: str = "") -> None:
         super().__init__(reason)
+        if to_owner not in ("", "forward", "preserve"):
+            raise ValueError(f"to_owner must be '', 'forward' or 'preserve', not {to_owner!r}")
         self.reason = reason
+        self.to_owner = to_owner
 
 
 class Hold(StageStop):

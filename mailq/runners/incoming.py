@@ -43,18 +43,26 @@ class IncomingRunner(Runner):
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Import the stages and the address validator now, not on the first post.
+        """Import the stages (and run their ``warm_up()``) and the address validator now, not on the first post.
 
-        Together they cost about 0.1 s here (email-validator compiles large regular expressions at
+        Together they cost a few tenths of a second here (the Public Suffix List and dnspython for
+        ``dmarc``, html2text for ``mime_filter``) (email-validator compiles large regular expressions at
         import), which would otherwise be added to the first post after every runner start.
         """
         from mailq.pipeline import load_stage
 
         for name in dict.fromkeys([*self.settings.pipeline.posts, *self.settings.pipeline.owner]):
             try:
-                load_stage(name)
+                stage = load_stage(name)
             except MailqError as exc:   # reported per post, where the entry is shunted with the reason
                 self.log.error("%s", exc)
+                continue
+            warm_up = getattr(stage, "warm_up", None)   # optional: a stage's slow imports and tables
+            if callable(warm_up):
+                try:
+                    warm_up()
+                except Exception as exc:  # noqa: BLE001 - the first post will meet (and report) it
+                    self.log.error("pipeline stage %s cannot warm up: %s", name, exc)
         try:
             import email_validator  # noqa: F401
         except ImportError as exc:
@@ -92,9 +100,11 @@ class IncomingRunner(Runner):
             if sender:
                 notify_rejected(self.settings, listname, sender, stop.reason, entry.msg,
                                 subject=header_text(msg.get("subject")), mlist=mlist)
+            self._to_owner(mlist, entry, metadata, msg, stop)
         except Discard as stop:
             self.log.info("list %s: discarded %s from %s: %s", listname, entry.id,
                           metadata.get("sender") or "?", stop.reason)
+            self._to_owner(mlist, entry, metadata, msg, stop)
         except BaseException:
             _keep_progress(entry, ctx)
             if isinstance(metadata.get("post_number"), int):    # a retry keeps the number it was given
@@ -122,6 +132,27 @@ class IncomingRunner(Runner):
         self.log.info("list %s: %s went through on a retry: wrote %s (already queued before: %s)",
                       metadata.get("listname"), entry.id, ", ".join(w["queue"] for w in pending),
                       ", ".join(sorted(queued or {})) or "nothing")
+
+    def _to_owner(self, mlist: Any, entry: Any, metadata: dict, msg: Any, stop: Any) -> None:
+        """A stage asked for the post to reach the owners (``StageStop.to_owner``): once per entry.
+
+        ``preserve`` keeps the post under the entry's held id (the same file on every attempt);
+        the notice records itself in the entry's ``notified`` list like the hold notices.
+        """
+        how = getattr(stop, "to_owner", "")
+        done = entry.metadata.setdefault("notified", [])
+        if not how or "owner" in done:
+            return
+        from mailq.lists.preserved import PreservedStore, notify_owners
+
+        preserved = None
+        if how == "preserve":
+            post_id = HeldStore.id_for(entry.id, entry.metadata.get("received"))
+            preserved = PreservedStore(self.settings, mlist.name).keep(post_id, entry.msg)
+            self.log.info("list %s: kept %s as %s for the owners", mlist.name, entry.id, preserved)
+        notify_owners(self.settings, mlist, how, stop.reason, str(metadata.get("sender") or ""),
+                      header_text(msg.get("subject")), entry.msg, preserved)
+        done.append("owner")
 
     def _hold(self, mlist: Any, entry: Any, metadata: dict, msg: Any, reason: str) -> None:
         sender = str(metadata.get("sender") or "")

@@ -1,0 +1,207 @@
+"""Stage ``mime_filter``: take unwanted parts out of posts (lists with ``filter_content`` on).
+
+Walks the whole MIME tree, nested multiparts and ``message/rfc822`` parts (forwarded posts)
+included, and removes every leaf part that
+
+* has a type in ``filter_types`` (``image/gif``, or a main type such as ``image``), or a type not
+  in ``pass_types`` when that list is not empty (containers, multipart/* and message/rfc822,
+  always pass: their contents are judged part by part);
+* has a file name whose extension is in ``filter_extensions`` (``exe``, ...), or, when
+  ``pass_extensions`` is not empty, a file name whose extension is not in it.
+
+A part's type is judged twice: as declared, and as its file name's extension says (Python's
+built-in table, never the host's /etc/mime.types, so every host decides alike).  A part that
+declares ``text/plain`` but is called ``invoice.exe`` is both, and either type can remove it.
+
+Then ``collapse_alternatives`` turns a multipart/alternative into its first remaining part (the
+plainest, RFC 2046), and ``convert_html_to_plaintext`` turns every text/html part into text/plain
+with html2text (links kept as text; HTML larger than ``HTML_LIMIT`` is replaced by a line saying
+so instead of converted).  Containers left empty are removed too.  A post with nothing left
+follows ``filter_action``: ``discard``, ``reject`` (the poster is told which parts the list does
+not take), ``forward_to_owner`` (discarded; the owners get it attached) or ``preserve``
+(discarded; kept in ``var/lists/<list>/preserved/`` and the owners told where).
+
+``msgdata["filtered"]`` lists what was removed or converted, for the log.  Parts that nothing
+removes are not re-encoded: their bytes go out as they came.
+"""
+from __future__ import annotations
+
+import mimetypes
+from email.message import Message
+from typing import Any
+
+from mailq.pipeline.base import Context, Discard, Reject, _raw
+from mailq.pipeline.textbody import decode_text, encode_text
+
+#: HTML parts larger than this (bytes of text) are not converted: html2text is pure Python.
+HTML_LIMIT = 2 * 1024 * 1024
+#: Deeper nesting than this is not a real post's: the part is removed.
+MAX_DEPTH = 20
+_TYPES = mimetypes.MimeTypes()   # the built-in table only: the same answer on every host
+_CONTENT_HEADERS = ("content-type", "content-transfer-encoding", "content-disposition",
+                    "content-description", "content-id", "content-language", "content-md5")
+
+
+class Rules:
+    """The filter settings of one list, ready to judge parts."""
+
+    def __init__(self, s: Any) -> None:
+        self.filter_types = set(getattr(s, "filter_types", []))
+        self.pass_types = set(getattr(s, "pass_types", []))
+        self.filter_extensions = set(getattr(s, "filter_extensions", []))
+        self.pass_extensions = set(getattr(s, "pass_extensions", []))
+        self.collapse = bool(getattr(s, "collapse_alternatives", False))
+        self.convert = bool(getattr(s, "convert_html_to_plaintext", False))
+
+    def why_removed(self, part: Message) -> str | None:
+        """Why the leaf *part* goes, or None when it stays."""
+        declared = part.get_content_type()
+        filename = filename_of(part)
+        ext = filename.rpartition(".")[2].lower() if "." in filename else ""
+        named = f" ({filename!r})" if filename else ""
+        guessed = _TYPES.guess_type(f"x.{ext}", strict=False)[0] if ext else None
+        for ctype in dict.fromkeys(t for t in (declared, guessed) if t):
+            how = "declared" if ctype == declared else f"by its name{named}"
+            if _type_in(ctype, self.filter_types):
+                return f"{ctype} part{named}: type {how} is in filter_types"
+            if self.pass_types and not _type_in(ctype, self.pass_types):
+                return f"{ctype} part{named}: type {how} is not in pass_types"
+        if ext and ext in self.filter_extensions:
+            return f"{declared} part{named}: extension .{ext} is in filter_extensions"
+        if filename and self.pass_extensions and ext not in self.pass_extensions:
+            return f"{declared} part{named}: extension {('.' + ext) if ext else '(none)'} is not in pass_extensions"
+        return None
+
+
+def warm_up() -> None:
+    """Import html2text before the first post (the ``in`` runner calls it)."""
+    import html2text  # noqa: F401
+
+
+def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+    s = mlist.settings
+    if not getattr(s, "filter_content", False) or msgdata.get("kind", "post") != "post":
+        return
+    rules = Rules(s)
+    done: list[str] = []
+    kept = _clean(msg, rules, done, 0)
+    if kept and rules.convert:
+        _convert_html(msg, done)
+    if done:
+        msgdata["filtered"] = done
+        ctx.log.info("list %s: mime_filter: post from %s: %s", mlist.name, msgdata.get("sender") or "?",
+                     "; ".join(done))
+    if kept:
+        return
+    action = getattr(s, "filter_action", "discard")
+    reason = "nothing is left of the post after content filtering: " + "; ".join(done)
+    if action == "reject":
+        raise Reject(f"{mlist.posting_address} does not take this kind of content. {reason}")
+    if action == "forward_to_owner":
+        raise Discard(reason, to_owner="forward")
+    if action == "preserve":
+        raise Discard(reason, to_owner="preserve")
+    raise Discard(reason)
+
+
+def filename_of(part: Message) -> str:
+    """The part's file name (Content-Disposition, else Content-Type name=), decoded; "" if none."""
+    try:
+        name = part.get_filename() or ""
+    except Exception:   # malformed RFC 2231 parameters: read the raw value instead
+        name = ""
+    if not name:
+        for header, param in (("content-disposition", "filename"), ("content-type", "name")):
+            value = _raw(part.get(header, ""))
+            marker = f"{param}="
+            low = value.lower()
+            if marker in low:
+                name = value[low.index(marker) + len(marker):].split(";")[0].strip().strip('"')
+                break
+    return str(name).strip().rstrip(". ")   # Windows drops trailing dots and spaces: "x.exe." is x.exe
+
+
+def _type_in(ctype: str, wanted: set[str]) -> bool:
+    return ctype in wanted or ctype.partition("/")[0] in wanted
+
+
+def _clean(part: Message, rules: Rules, done: list[str], depth: int) -> bool:
+    """Filter *part* in place; False when nothing of it is left (the caller drops it)."""
+    if depth > MAX_DEPTH:
+        done.append(f"{part.get_content_type()} part nested more than {MAX_DEPTH} deep")
+        return False
+    payload = part._payload   # noqa: SLF001 - get_payload() would transcode 8-bit bodies
+    if not isinstance(payload, list):
+        if part.get_content_type().startswith("multipart/"):
+            return True    # no usable boundary: one opaque blob, as the parser left it (docs/pipeline.md)
+        why = rules.why_removed(part)
+        if why:
+            done.append(why)
+            return False
+        return True
+    kept = [p for p in payload if isinstance(p, Message) and _clean(p, rules, done, depth + 1)]
+    if part.get_content_type() == "message/rfc822":
+        if kept:
+            return True
+        done.append("a forwarded message with nothing left in it")
+        return False
+    if len(kept) != len(payload):
+        part.set_payload(kept)
+    if not kept:
+        return False
+    if part.get_content_type() == "multipart/alternative" and rules.collapse:
+        done.append(f"multipart/alternative collapsed to its first part ({kept[0].get_content_type()})")
+        _become(part, kept[0])
+    return True
+
+
+def _become(part: Message, child: Message) -> None:
+    """Give *part* the content of *child* (its Content-* headers and body); other headers stay."""
+    for name in _CONTENT_HEADERS:
+        del part[name]
+    for name, value in child.raw_items():
+        if name.lower() in _CONTENT_HEADERS:
+            part[name] = value
+    part.set_payload(child._payload)   # noqa: SLF001
+    part.preamble, part.epilogue = child.preamble, child.epilogue
+
+
+def _convert_html(part: Message, done: list[str]) -> None:
+    payload = part._payload   # noqa: SLF001
+    if isinstance(payload, list):
+        for child in payload:
+            if isinstance(child, Message):
+                _convert_html(child, done)
+        return
+    if part.get_content_type() != "text/html":
+        return
+    decoded = decode_text(part)
+    if decoded is None:
+        text, charset, cte = "[An HTML part that could not be decoded was removed.]\n", "us-ascii", "7bit"
+        done.append("text/html part that cannot be decoded replaced by a note")
+    elif len(decoded[0]) > HTML_LIMIT:
+        text, charset, cte = (f"[An HTML part of {len(decoded[0])} characters was removed: too large "
+                              f"to convert to text.]\n", "us-ascii", "7bit")
+        done.append("text/html part too large to convert replaced by a note")
+    else:
+        text, charset, cte = html_to_text(decoded[0]), decoded[1], decoded[2]
+        done.append("text/html converted to text/plain")
+    had_version = "mime-version" in part
+    part.set_type("text/plain")
+    if not had_version:
+        del part["mime-version"]   # set_type adds one; only the top level carries it
+    encode_text(part, text, charset, cte)
+
+
+def html_to_text(html: str) -> str:
+    """Readable plain text for *html* (html2text: paragraphs, lists, links as text, no markup)."""
+    import html2text
+
+    converter = html2text.HTML2Text()
+    converter.body_width = 0          # mail programs wrap; a hard wrap would break long links
+    converter.unicode_snob = True     # keep non-ASCII letters instead of ASCII look-alikes
+    converter.ignore_images = True    # an image's URL is noise in a text post; its alt text stays
+    converter.images_to_alt = True
+    converter.protect_links = True
+    text = converter.handle(html).strip("\n")
+    return text + "\n" if text else ""
