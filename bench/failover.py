@@ -9,11 +9,14 @@ Prints a table, then as its last line one JSON object:
 sink from an ``out`` slice the backup took over, as the backup's out runner logs it once the sink
 accepted the message), ``target_s`` (the issue's target, lease + 2 x heartbeat) and
 ``meets_target``, ``detect_s`` (kill -> the takeover written, in the backup's log), ``lost`` (must be
-0), ``extra_copies``, ``posts_per_s_1``, ``posts_per_s_2``, ``posts_per_s_3``.  Why the target is met
+0), ``extra_copies``, ``posts_per_s_1``, ``posts_per_s_2``, ``posts_per_s_3``, and the slice map's
+costs: ``guard_look_us`` (a runner's look before each claim), ``show_ms`` (`slices show`'s read),
+``update_ms`` (one change).  Why the target is met
 only when margin + the failover look + a runner's start fit in 2 x heartbeat: docs/cluster.md §6.
 
     python bench/failover.py                 # 300 posts per run
     python bench/failover.py --posts 3000 --lease 3 --heartbeat 0.5
+    python bench/failover.py --map-only      # the slice map's costs alone (seconds)
 """
 from __future__ import annotations
 
@@ -107,6 +110,47 @@ def kill_run(args: argparse.Namespace) -> dict:
             c.stop()
 
 
+def map_costs(looks: int = 3000) -> dict:
+    """What the slice map costs its readers and writers, on local disk (docs/cluster.md §1).
+
+    ``guard_look_us``: a runner's ClaimGuard.check() before each claim, map unchanged (the hot path);
+    ``show_ms``: map_in_force(), what `slices show` and `cluster status` read; ``update_ms``: one
+    update_map() change (lock, read, write).
+    """
+    from mailq.cluster.guard import ClaimGuard
+    from mailq.cluster.heartbeat import stamp_lease
+    from mailq.cluster.slicemap import NodeEntry, SliceMap, create_map, map_in_force, spread, update_map
+    from mailq.config import RUNNER_QUEUES
+    from tests.support import make_node
+
+    with tempfile.TemporaryDirectory(prefix="mailq-bench-map-") as tmp:
+        settings = make_node(Path(tmp), "m1").settings()
+        nodes = ["m1", "m2", "m3"]
+        create_map(settings, SliceMap(queues=spread({q: 3 for q in RUNNER_QUEUES}, nodes),
+                                      nodes={n: NodeEntry(backup=nodes[(i + 1) % 3]) for i, n in enumerate(nodes)}))
+        stamp_lease(settings, time.monotonic())
+        q, s, n = next(x for x in map_in_force(settings).smap.slices_for("m1") if x[0] == "in")
+        guard = ClaimGuard(settings, q, s, n)
+        guard.check()
+        started = time.perf_counter()
+        for _ in range(looks):
+            assert guard.check().may_claim
+        look = (time.perf_counter() - started) / looks
+        started = time.perf_counter()
+        for _ in range(200):
+            map_in_force(settings)
+        show = (time.perf_counter() - started) / 200
+
+        def flip(smap: SliceMap) -> None:
+            smap.nodes["m1"].backup = "m3" if smap.nodes["m1"].backup == "m2" else "m2"
+
+        started = time.perf_counter()
+        for _ in range(50):
+            update_map(settings, flip)
+        update = (time.perf_counter() - started) / 50
+    return {"guard_look_us": round(look * 1e6, 1), "show_ms": round(show * 1e3, 2), "update_ms": round(update * 1e3, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # Timings default to mailq's shipped cluster settings (etc/mailq.yaml), so takeover_s is what an
@@ -119,9 +163,16 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=2.0, help="cluster.margin (default 2, as shipped)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--kill-only", action="store_true", help="skip the throughput runs (a quick look)")
+    parser.add_argument("--map-only", action="store_true", help="only the slice map's read and write costs")
     args = parser.parse_args()
     # SIGTERM runs the finally blocks, so no master of a run outlives the benchmark.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    costs = map_costs()
+    if args.map_only:
+        print(f"slice map: guard look {costs['guard_look_us']} us, slices show {costs['show_ms']} ms, "
+              f"one change {costs['update_ms']} ms")
+        print(json.dumps(costs))
+        return
 
     rates: dict[int, float | None] = {n: None if args.kill_only else throughput(n, args) for n in (1, 2, 3)}
     kill = kill_run(args)
@@ -134,14 +185,17 @@ def main() -> None:
              ("kill -> first delivery from a taken out slice", f"{kill['takeover_s']}s "
               f"(target lease + 2 x heartbeat = {target:g}s: {'met' if meets else 'NOT met'})"),
              ("claims of the dead host at the kill", kill["dead_claims"]),
-             ("lost", kill["lost"]), ("extra copies", kill["extra_copies"])]
+             ("lost", kill["lost"]), ("extra copies", kill["extra_copies"]),
+             ("slice map: runner's look before a claim", f"{costs['guard_look_us']} us"),
+             ("slice map: slices show / cluster status read", f"{costs['show_ms']} ms"),
+             ("slice map: one change (update_map)", f"{costs['update_ms']} ms")]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print(json.dumps({"lease_s": args.lease, "heartbeat_s": args.heartbeat, "margin_s": args.margin,
                       "takeover_s": kill["takeover_s"], "target_s": target, "meets_target": meets,
                       "detect_s": kill["detect_s"], "lost": kill["lost"],
-                      "extra_copies": kill["extra_copies"], "posts": args.posts,
+                      "extra_copies": kill["extra_copies"], "posts": args.posts, **costs,
                       **{f"posts_per_s_{n}": None if rate is None else round(rate, 1) for n, rate in rates.items()}}))
 
 

@@ -268,6 +268,14 @@ class ListsSettings:
 
 
 @dataclass
+class MetricsSettings:
+    #: The master serves Prometheus ``/metrics`` on this port; 0: not served (``mailqctl metrics`` works anyway).
+    port: int = _limited(0, at_least=0, at_most=65535)
+    #: Address it binds: loopback by default (a node_exporter or Prometheus on this host scrapes it).
+    host: str = "127.0.0.1"
+
+
+@dataclass
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -286,6 +294,7 @@ class Settings:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     log: LogSettings = field(default_factory=LogSettings)
     lists: ListsSettings = field(default_factory=ListsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: The file these settings came from, or None for built-in defaults.
     source: Path | None = None
 

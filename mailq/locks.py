@@ -186,6 +186,9 @@ class Lock:
                 remaining = deadline - time.monotonic()
                 try:
                     self._flock.acquire(timeout=max(0.0, min(remaining, chunk)))
+                    from mailq import stats
+
+                    stats.observe("mailq_lock_wait_seconds", time.monotonic() - started)
                     if time.monotonic() - started > 0.5:
                         # "since" then says when it got the lock, not when it asked; the old record will do
                         with contextlib.suppress(TemporaryFailure):

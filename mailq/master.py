@@ -5,7 +5,8 @@ Start-up, in this order: take the host-local master lock (``<run_dir>/master.loc
 the next one), write the pid file, recover this node's claims whose process is gone
 (``recover_local_dead``: a claim whose pid is gone can only be an orphan),
 renew the heartbeat, then start one ``qrunner`` process per (queue, slice) that
-``assignments_for(settings, map, node)`` gives this node, plus ``lmtp`` when LMTP is enabled.
+``assignments_for(settings, map, node)`` gives this node, plus one process of each unsliced runner
+(``unsliced = True`` on its class, the LMTP listener) whose ``enabled(settings)`` is true.
 
 Then, every tick: reap runners that exited and restart crashed ones with exponential backoff up to
 ``runners.restart_cap`` restarts (then leave it down, loudly); every ``cluster.heartbeat`` seconds
@@ -35,16 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailq.cluster.slicemap import MapWatcher, assignments_for
 from mailq.config import Settings
 from mailq.errors import MailqError
 from mailq.fsutil import atomic_write, pid_alive
+from mailq.runners import REGISTRY, load_runner
+from mailq.runners.process import MASTER_PID_ENV
 
 #: A runner that ran this long before crashing starts again with a clean restart count.
 STABLE_SECONDS = 300.0
 #: How often the master looks at its children and its signal flags.
 TICK = 0.1
-#: Environment variable that tells a runner its master's pid (it exits when the master is gone).
-MASTER_PID_ENV = "MAILQ_MASTER_PID"
 
 Key = tuple[str, int, int]   # (runner name, slice, count)
 
@@ -122,6 +124,7 @@ class Child:
     name: str
     slice: int
     count: int
+    unsliced: bool = False         # one per node, no slice (the runner class says so)
     proc: subprocess.Popen | None = None
     restarts: int = 0
     state: str = "starting"        # running | backoff | failed | stopping
@@ -136,11 +139,11 @@ class Child:
 
     @property
     def label(self) -> str:
-        return self.name if self.name == "lmtp" else f"{self.name}:{self.slice}/{self.count}"
+        return self.name if self.unsliced else f"{self.name}:{self.slice}/{self.count}"
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "slice": self.slice, "count": self.count,
-                "pid": self.proc.pid if self.proc and self.proc.returncode is None else None,
+                "unsliced": self.unsliced, "pid": self.proc.pid if self.proc and self.proc.returncode is None else None,
                 "restarts": self.restarts, "state": self.state, "last_exit": self.last_exit,
                 "since": self.since}
 
@@ -156,7 +159,8 @@ class Master:
         self._lock: Any = None
         self._stop = False
         self._hup = False
-        self._watcher: Any = None
+        self._watcher: MapWatcher | None = None
+        self._classes: dict[str, type] | None = None
         self._heartbeat: Any = None
         self._epoch: int | None = None
         self._map_problem = ""
@@ -166,6 +170,7 @@ class Master:
         self._failover_thread: threading.Thread | None = None
         self._takeover_done = threading.Event()
         self._shared_at = 0.0
+        self._metrics_server: Any = None
         self.on_hup: Callable[[], None] | None = None   # extra work on SIGHUP (the daemon's stdio)
 
     # -- start-up -------------------------------------------------------------------------------
@@ -212,11 +217,15 @@ class Master:
 
     def serve(self, ready: Callable[[], None] | None = None) -> int:
         """Recover, start the runners, call *ready*, supervise until SIGTERM; the exit status."""
+        from mailq import stats
+
         self._install_signals()
         self.log.info("master starting (pid %d, node %s)", os.getpid(), self.node)
+        stats.start(self.settings, "master")
         try:
             self.recover()
             self._beat()
+            self._serve_metrics()
             self._start_due()
             if ready is not None:
                 ready()
@@ -241,17 +250,33 @@ class Master:
                     next_check = now + failover_interval(self.settings)
                 self._start_due()
                 self._write_status()
+                stats.flush()
                 time.sleep(TICK)
         finally:
             self._shutdown()
         return 0
+
+    def _serve_metrics(self) -> None:
+        """``/metrics`` on metrics.host:metrics.port when configured (a failure to bind is logged, not fatal)."""
+        port = self.settings.metrics.port
+        if not port:
+            return
+        try:
+            from mailq.metrics import serve
+
+            self._metrics_server = serve(self.settings, self.settings.metrics.host, port)
+        except OSError as exc:
+            self.log.error("cannot serve /metrics on %s:%d: %s (mailqctl metrics still works)",
+                           self.settings.metrics.host, port, exc)
+            return
+        self.log.info("serving Prometheus metrics on http://%s:%d/metrics", self.settings.metrics.host, port)
 
     # -- children -------------------------------------------------------------------------------
     def _command(self, child: Child) -> list[str]:
         cmd = [sys.executable, "-m", "mailq.cli.qrunner"]
         if self.settings.source is not None:
             cmd += ["-C", str(self.settings.source)]
-        spec = child.name if child.name == "lmtp" else f"{child.name}:{child.slice}:{child.count}"
+        spec = child.name if child.unsliced else f"{child.name}:{child.slice}:{child.count}"
         return cmd + ["-r", spec]
 
     def _spawn(self, child: Child) -> None:
@@ -302,9 +327,7 @@ class Master:
 
     def _recover_child(self, child: Child, pid: int) -> None:
         """Put back the entry a dead runner held, at once: a restart must not wait for the next master."""
-        from mailq.runners import UNSLICED
-
-        if child.name in UNSLICED:
+        if child.unsliced:
             return
         try:
             from mailq.queue.recovery import recover
@@ -334,27 +357,28 @@ class Master:
         self.log.error("runner %s died (%s); restart %d of %d in %.1fs", child.label, how, child.restarts,
                        self.settings.runners.restart_cap, delay)
 
+    def _runner_classes(self) -> dict[str, type]:
+        """Every registered runner class (loaded once; one that cannot be imported is logged and left out)."""
+        if self._classes is None:
+            self._classes = {}
+            for name in REGISTRY:
+                try:
+                    self._classes[name] = load_runner(name)
+                except Exception:
+                    self.log.critical("runner %s cannot be loaded (broken install?); it is NOT started:\n%s",
+                                      name, traceback.format_exc().rstrip())
+        return self._classes
+
     def _desired(self) -> list[Key]:
-        from mailq.runners import REGISTRY, UNSLICED
-
-        smap = None
-        try:
-            from mailq.cluster.slicemap import MapWatcher, assignments_for
-
-            if self._watcher is None:
-                self._watcher = MapWatcher(self.settings, self.log)
-            smap = self._watcher.current()
-            self._map_problem = self._watcher.problem
-            assigned = assignments_for(self.settings, smap, self.node)
-        except ImportError:
-            self.log.error("mailq.cluster.slicemap is missing (broken install?): running every slice "
-                           "from the config:\n%s", traceback.format_exc().rstrip())
-            assigned = [(q, s, self.settings.slice_count(q)) for q in REGISTRY if q not in UNSLICED
-                        for s in range(self.settings.slice_count(q))]
+        classes = self._runner_classes()
+        if self._watcher is None:
+            self._watcher = MapWatcher(self.settings, self.log)
+        smap = self._watcher.current()
+        self._map_problem = self._watcher.problem
         self._epoch = smap.epoch if smap is not None else None
-        keys = [(q, s, n) for q, s, n in assigned if q in REGISTRY and q not in UNSLICED]
-        if self.settings.lmtp.enabled:
-            keys.append(("lmtp", 0, 1))
+        keys = [(q, s, n) for q, s, n in assignments_for(self.settings, smap, self.node)
+                if q in classes and not classes[q].unsliced]
+        keys += [(name, 0, 1) for name, cls in classes.items() if cls.unsliced and cls.enabled(self.settings)]
         return keys
 
     def _sync(self) -> None:
@@ -371,7 +395,7 @@ class Master:
                 del self.children[key]
         for key in desired:
             if key not in self.children:
-                self.children[key] = Child(*key)
+                self.children[key] = Child(*key, unsliced=self._runner_classes()[key[0]].unsliced)
 
     def _beat(self) -> None:
         """Heartbeat and slice map: every cluster.heartbeat seconds (failover runs on its own thread)."""
@@ -498,6 +522,8 @@ class Master:
                 child.proc.kill()
                 child.proc.wait()
         self.children.clear()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         self._publish_status(stopped=True)
         self.log.info("master stopped")
         self.release()

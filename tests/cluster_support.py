@@ -30,7 +30,8 @@ from typing import Any
 
 from mailq.config import RUNNER_QUEUES
 from tests.cluster_netns import Network
-from tests.support import MODULES, ROOT, Node, SMTPSink, make_node, wait_for
+from tests.nfs_support import NfsServer, nfsfuse_command
+from tests.support import MODULES, ROOT, Node, SMTPSink, die_with_parent, make_node, wait_for
 
 MEMBERS = ("ann@example.org", "ben@example.org")
 
@@ -48,19 +49,6 @@ def isolation_unavailable() -> str:
     return ""
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the test process dies, so no host outlives a run.
-
-    Its runners notice their master is gone and stop by themselves.
-    """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 @dataclass
 class Host:
     node: Node
@@ -68,8 +56,8 @@ class Host:
     proc: subprocess.Popen | None = None
     log: Path | None = None
     kills: int = 0
-    #: NFS lane: mount this export at the node's var (in a mount namespace of the host's own) first
-    nfs_url: str = ""
+    #: NFS lane: mount this server's export at the node's var (in a mount namespace of the host's own) first
+    nfs: NfsServer | None = None
     actimeo: float = 1.0
     #: where the test process itself sees the shared tree (the export's directory in the NFS lane)
     view_var: Path | None = None
@@ -82,11 +70,11 @@ class Host:
 
     def start(self) -> Host:
         cmd = [sys.executable, "-m", MODULES["mailqctl"], "start", "--foreground"]
-        if self.nfs_url:
+        if self.nfs:
             # sh stays the parent of both the bridge and the master, all in one process group.
             mnt = self.node.var
-            script = (f"{sys.executable} {NFSFUSE} '{self.nfs_url}' {mnt} {self.actimeo} & "
-                      f"n=0; until mountpoint -q {mnt}; do n=$((n+1)); [ $n -gt 300 ] && exit 70; sleep 0.1; done; "
+            script = (f"{nfsfuse_command(self.nfs, mnt, self.actimeo)} & "
+                      f"n=0; until mountpoint -q {mnt}; do n=$((n+1)); [ $n -gt 600 ] && exit 70; sleep 0.05; done; "
                       + " ".join(cmd))
             cmd = ["unshare", "--mount", "--propagation", "private"]
             if self.isolated:
@@ -102,7 +90,7 @@ class Host:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, env=self.node.environ(), cwd=ROOT, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)
         return self
 
     @property
@@ -133,7 +121,7 @@ class Host:
         assert self.proc is not None
         try:
             os.killpg(self.proc.pid, signal.SIGCONT)
-            if self.nfs_url or self.isolated:
+            if self.nfs or self.isolated:
                 # unshare does not pass SIGTERM on: tell the master and runners directly.
                 os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.send_signal(signal.SIGTERM)
@@ -186,7 +174,7 @@ class Cluster:
             if self.network:
                 self.hosts[name].netns = self.network.exec_prefix(name)
             if self.nfs:
-                self.hosts[name].nfs_url, self.hosts[name].view_var = self.nfs.url, self.nfs.export
+                self.hosts[name].nfs, self.hosts[name].view_var = self.nfs, self.nfs.export
         if self.nfs:
             self.admin = make_node(self.base, "admin", var=self.nfs.export, **extra)
 
@@ -322,103 +310,3 @@ def first_log_event(host: Host, slices: list[tuple[str, int, int]], after: float
                 best = at
                 break
     return best
-
-
-# -- the NFS lane: a real NFS server (nfs-ganesha) and one nfsfuse.py mount per host ----------------
-
-#: shared/ sits beside the checkout (CI clones main next to it); /work/shared on developer machines
-NFSFUSE = next((p for p in (ROOT.parent / "shared" / "nfs" / "nfsfuse.py", Path("/work/shared/nfs/nfsfuse.py"))
-                if p.exists()), ROOT.parent / "shared" / "nfs" / "nfsfuse.py")
-
-
-def nfs_unavailable() -> str:
-    """Why the NFS lane cannot run here ("" when it can); `sh tests/nfs/setup.sh` installs the parts."""
-    if os.geteuid() != 0:
-        return "needs root (network namespace for the NFS server, FUSE mounts)"
-    missing = [p for p in ("ganesha.nfsd", "rpcbind", "ip", "unshare", "mountpoint") if not shutil.which(p)]
-    if missing:
-        return f"not installed: {', '.join(missing)} (run `sh tests/nfs/setup.sh`)"
-    if not NFSFUSE.exists():
-        return f"{NFSFUSE} is missing"
-    probe = subprocess.run([sys.executable, "-c", "import libnfs, mfusepy"], capture_output=True)
-    if probe.returncode != 0:
-        return "Python packages libnfs and mfusepy are not installed (run `sh tests/nfs/setup.sh`)"
-    if not Path("/dev/fuse").exists():
-        return "/dev/fuse is missing"
-    return ""
-
-
-GANESHA_CONF = """\
-NFS_CORE_PARAM {{
-    NFS_Port = {nfs_port}; MNT_Port = {mnt_port}; NLM_Port = {nlm_port};
-    Enable_NLM = false; Enable_RQUOTA = false; Protocols = 3, 4; Bind_addr = {addr};
-}}
-NFSv4 {{ Grace_Period = 2; Lease_Lifetime = 2; Graceless = true; }}
-EXPORT_DEFAULTS {{ Squash = No_Root_Squash; }}
-EXPORT {{
-    Export_Id = 1; Path = {export}; Pseudo = /mailq; Access_Type = RW; Squash = No_Root_Squash;
-    Protocols = 3, 4; Transports = TCP; SecType = sys;
-    FSAL {{ Name = VFS; }}
-}}
-LOG {{ Default_Log_Level = EVENT; }}
-"""
-
-
-@dataclass
-class NfsServer:
-    """nfs-ganesha exporting *export* from a network namespace of its own (README recipe)."""
-
-    base: Path
-    export: Path
-    ns: str = field(default_factory=lambda: f"mqnfs{os.getpid() % 10000}")
-    # a /24 of its own per test process, so parallel runs do not collide
-    addr: str = field(default_factory=lambda: f"10.213.{os.getpid() % 250}.1")
-    peer: str = field(default_factory=lambda: f"10.213.{os.getpid() % 250}.2")
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nfs://{self.addr}{self.export}?nfsport=20490&mountport=20048"
-
-    def _ip(self, *args: str, check: bool = True) -> None:
-        subprocess.run(["ip", *args], check=check, capture_output=True, timeout=30)
-
-    def start(self) -> NfsServer:
-        veth = f"v{self.ns}"
-        self._ip("netns", "add", self.ns)
-        etc = Path("/etc/netns") / self.ns
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.addr} nfsserver\n")
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-        self._ip("link", "add", veth, "type", "veth", "peer", "name", veth + "p")
-        self._ip("link", "set", veth + "p", "netns", self.ns)
-        self._ip("-n", self.ns, "addr", "add", f"{self.addr}/24", "dev", veth + "p")
-        self._ip("-n", self.ns, "link", "set", veth + "p", "up")
-        self._ip("-n", self.ns, "link", "set", "lo", "up")
-        self._ip("addr", "add", f"{self.peer}/24", "dev", veth)
-        self._ip("link", "set", veth, "up")
-        run = self.base / "ganesha-run"
-        run.mkdir(parents=True, exist_ok=True)
-        conf = self.base / "ganesha.conf"
-        conf.write_text(GANESHA_CONF.format(nfs_port=20490, mnt_port=20048, nlm_port=20049, addr=self.addr,
-                                            export=self.export))
-        self.log = self.base / "ganesha.log"
-        script = (f"mount --bind {run} /run && mkdir -p /run/rpcbind && (rpcbind -f -w &) && sleep 0.5 && "
-                  f"exec ganesha.nfsd -F -f {conf} -L {self.log} -p {run}/ganesha.pid")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation",
-                                      "private", "--pid", "--fork", "--kill-child", "sh", "-c", script],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
-        wait_for(lambda: self.log.exists() and "NFS SERVER INITIALIZED" in self.log.read_text(errors="replace")
-                 or self.proc.poll() is not None, 60, interval=0.2, message="ganesha ready")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"ganesha exited: {self.log.read_text(errors='replace')[-2000:]}")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self._ip("link", "del", f"v{self.ns}", check=False)
-        self._ip("netns", "del", self.ns, check=False)
-        shutil.rmtree(Path("/etc/netns") / self.ns, ignore_errors=True)

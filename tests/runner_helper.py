@@ -4,6 +4,8 @@ It serves the ``commands`` queue (which has no registered runner, so no master c
 Per entry it reads ``metadata``: ``fail`` makes ``process`` raise (``tempfail``: raise TemporaryFailure),
 ``slow`` (seconds) makes it sleep after writing ``probe/started-<n>``; every processed entry appends
 ``<n>`` to ``probe/done`` and its id to ``probe/done-slice-<slice>`` (``--slice S:N`` picks the slice).
+``--batch B`` runs ``BatchProbeRunner`` instead: up to B claims per ``process_batch`` call, each
+batch's ``n`` values written as one line of ``probe/batches``.
 """
 from __future__ import annotations
 
@@ -44,6 +46,18 @@ class ProbeRunner(Runner):
         (self.probe / f"idle-slice-{self.slice}").touch()
 
 
+class BatchProbeRunner(ProbeRunner):
+    limit = 1
+
+    def batch_limit(self) -> int:
+        return self.limit
+
+    def process_batch(self, entries: list[Any]) -> dict[str, BaseException]:
+        with open(self.probe / "batches", "a") as fh:
+            fh.write(" ".join(str(e.metadata["n"]) for e in entries) + "\n")
+        return super().process_batch(entries)
+
+
 def done(var: Path) -> list[int]:
     try:
         return [int(line) for line in (var / "probe" / "done").read_text().split()]
@@ -58,7 +72,11 @@ def main(argv: list[str]) -> int:
     slice_, count = 0, 1
     if "--slice" in argv:  # --slice S:N
         slice_, count = map(int, argv[argv.index("--slice") + 1].split(":"))
-    return ProbeRunner(settings, slice_, count).run(once="--once" in argv)
+    cls = ProbeRunner
+    if "--batch" in argv:
+        cls = BatchProbeRunner
+        cls.limit = int(argv[argv.index("--batch") + 1])
+    return cls(settings, slice_, count).run(once="--once" in argv)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,35 @@ def make_node(base: Path, name: str = "n1", var: Path | None = None, **overrides
     return Node(name=name, config=path, var=var)
 
 
+def die_with_parent() -> None:
+    """In a child before exec: SIGKILL it when the test process dies, so no host or server outlives a run."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def skip_unless_ready(reason: str, packages: tuple[str, ...]) -> None:
+    """Skip the test with *reason* (nothing when *reason* is empty) - or fail it, where it must run.
+
+    It must run where ``python3 dev.py test`` ran as root and tests/setup-system.sh reported every
+    one of *packages* installed (``MAILQ_SYSTEM_PACKAGES``): that is CI, and a lane that skips there
+    would hide a failure.
+    """
+    if not reason:
+        return
+    import pytest
+
+    ready = set(os.environ.get("MAILQ_SYSTEM_PACKAGES", "").split())
+    if packages and set(packages) <= ready:
+        pytest.fail(f"{reason} - yet tests/setup-system.sh installed {', '.join(packages)}, so this test "
+                    f"must run here (MAILQ_SYSTEM_PACKAGES)", pytrace=False)
+    pytest.skip(reason)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
              message: str = "condition") -> Any:
     """Poll *predicate* until it returns something truthy; fail the test with *message* on timeout."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from mailq.cluster import failover, heartbeat
+from mailq.cluster import failover, heartbeat, slicemap
 from mailq.cluster import takeover as takeover_mod
 from mailq.cluster.guard import ClaimGuard
 from mailq.cluster.slicemap import load_map
@@ -264,13 +265,13 @@ def test_a_node_that_beats_again_during_its_takeover_keeps_its_claims_until_sile
     s3 = renew(nodes["h3"])
     claimed = claim_one(s1, "out", "h2")
     age_heartbeat(s1, "h2", 60)
-    real_write = takeover_mod.write_checked
+    real_write = takeover_mod.write_map
 
     def write_then_wake(*args, **kw):
         real_write(*args, **kw)
         assert heartbeat.Heartbeat(s2).renew()      # h2 wakes right after the map fencing it is written
 
-    monkeypatch.setattr(takeover_mod, "write_checked", write_then_wake)
+    monkeypatch.setattr(takeover_mod, "write_map", write_then_wake)
     report = takeover_mod.takeover(s1, "h2", log=LOG)
     monkeypatch.undo()
     assert report.deferred and report.recovered == 0 and report.broken_locks == []
@@ -374,3 +375,52 @@ def test_a_command_run_as_a_user_who_cannot_write_the_shared_tree_says_so_in_one
         res = tree.run("mailq.cli.ctl", "cluster", "status")
     assert res.returncode == 1, res.stderr
     assert "permission denied" in res.stderr and "cluster/nodes" in res.stderr and "Traceback" not in res.stderr
+
+
+FROZEN_WRITER = """\
+import os, signal, sys
+from mailq.cluster.slicemap import SliceMapError, update_map
+from mailq.config import load_settings
+
+def change(smap):
+    print("read", smap.epoch, flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)        # frozen between reading epoch N and writing N + 1
+    smap.queues["out"] = ["h1"] * len(smap.queues["out"])
+
+try:
+    update_map(load_settings(sys.argv[1]), change)
+except SliceMapError as exc:
+    print("refused", exc, flush=True)
+    sys.exit(3)
+print("written", flush=True)
+"""
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return fh.read().rsplit(b")", 1)[1].split()[0] == b"T"
+
+
+def test_a_frozen_map_writer_cannot_overwrite_the_takeover_that_fenced_it(nodes):
+    """docs/cluster.md §1: the takeover's epoch N + 1 stands; the woken writer's N + 1 fails."""
+    s2 = renew(nodes["h2"])
+    renew(nodes["h3"])
+    writer = subprocess.Popen([sys.executable, "-c", FROZEN_WRITER, str(nodes["h1"].config)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        epoch = int(writer.stdout.readline().split()[1])          # it holds the slices lock, read epoch N
+        wait_for(lambda: _stopped(writer.pid), 30, message="the writer frozen")
+        age_heartbeat(s2, "h1", 60)                               # its node silent past lease + margin
+        report = takeover_mod.takeover(s2, "h1", log=LOG)         # breaks h1's lock claim, writes N + 1
+        assert report.epoch == epoch + 1 and not report.deferred
+        os.kill(writer.pid, signal.SIGCONT)
+        out, _ = writer.communicate(timeout=60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert writer.returncode == 3 and f"epoch {epoch + 1} was written by another writer" in out
+    smap = load_map(s2.slice_map_path)
+    assert smap.epoch == epoch + 1 and smap.nodes["h1"].fenced and "h1" not in smap.queues["out"]
+    assert slicemap.latest_map(s2).to_dict() == smap.to_dict()                # the takeover's map stands
+    assert slicemap.epochs_on_disk(s2)[-1] == epoch + 1

@@ -24,8 +24,8 @@ import pytest
 
 from mailq.cluster.slicemap import load_map
 from tests.cluster_netns import NetSink, Network, netns_unavailable
-from tests.cluster_support import (DELIVERED, MEMBERS, Cluster, NfsServer, claims_by, deliveries, first_log_event,
-                                   isolation_unavailable, nfs_unavailable)
+from tests.cluster_support import (DELIVERED, MEMBERS, Cluster, claims_by, deliveries, first_log_event,
+                                   isolation_unavailable)
 from tests.support import ROOT, SMTPSink, wait_for
 
 #: the shared-namespace lane: 3,000 posts (~50 s at the ~60 posts/s of an idle 2-core machine)
@@ -285,50 +285,3 @@ def test_list_lock_held_by_a_dead_host_is_broken_by_the_takeover_not_before(make
         if holder.poll() is None:
             os.killpg(holder.pid, 9)
             holder.wait()
-
-
-@pytest.fixture
-def nfs_server(tmp_path):
-    """nfs-ganesha exporting tmp_path/export; skipped with the reason where it cannot run."""
-    reason = nfs_unavailable()
-    if reason:
-        pytest.skip(reason)
-    export = tmp_path / "export"
-    export.mkdir()
-    (tmp_path / "nfs").mkdir()
-    server = NfsServer(tmp_path / "nfs", export)
-    try:
-        server.start()
-    except Exception as exc:  # a server that cannot start here is an environment limit, not a mailq bug
-        server.stop()
-        pytest.skip(f"nfs-ganesha did not start: {exc}")
-    yield server
-    server.stop()
-
-
-NFS_POSTS = 20
-
-
-def test_nfs_lane_sigkilled_host_fails_over_without_loss(nfs_server, make_cluster, sink):
-    # margin >= the bridge's 1 s attribute cache (docs/cluster.md §3)
-    c = make_cluster(sink, nfs=nfs_server, names=("h1", "h2"),
-                     overrides={"cluster": {"failover": "auto", "heartbeat": 0.5, "lease": 4, "margin": 2}})
-    c.setup()
-    settings = c.settings("h2")
-    dead_in = [s for s in c.owners_of("h1") if s[0] in ("in", "out")]
-    tags = c.post(NFS_POSTS)
-    c.start()
-    wait_for(lambda: len(deliveries(sink)) >= NFS_POSTS // 3, 240, message="some posts delivered over NFS")
-    killed_at = time.time()
-    c.hosts["h1"].kill()
-    dead_claims = len(claims_by(settings, "h1"))
-    wait_for(lambda: all_delivered(sink, tags), 300, message="every post delivered over NFS")
-    smap = load_map(settings.slice_map_path)
-    assert smap.nodes["h1"].fenced
-    got = deliveries(sink)
-    for member in MEMBERS:
-        extra = sum(n - 1 for (t, m), n in got.items() if m == member and t in tags)
-        assert extra <= dead_claims
-    first = first_log_event(c.hosts["h2"], dead_in, killed_at)
-    print(f"\n[failover nfs] posts {NFS_POSTS}, h1 claims at kill {dead_claims}, kill -> first entry done "
-          f"from a taken slice: {'n/a' if first is None else f'{first - killed_at:.2f}s'}")

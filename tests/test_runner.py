@@ -56,6 +56,23 @@ def test_a_temporary_failure_puts_the_entry_back_for_later_instead_of_shunting_i
     assert "probe temporary failure for entry 3" in (settings.log_dir / "commands.log").read_text()
 
 
+def test_a_batching_runner_settles_each_claim_of_a_batch_on_its_own(node, settings):
+    ids = [put(settings, n, fail=(n == 1), tempfail=(n == 3)) for n in range(7)]
+    proc = probe(node, "--once", "--batch", "3")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    batches = [line.split() for line in (node.var / "probe" / "batches").read_text().splitlines()]
+    assert [len(b) for b in batches][:3] == [3, 3, 1], "oldest first, at most batch_limit() claims per call"
+    assert sorted(done(node.var)) == [0, 2, 4, 5, 6]
+    (shunted,) = entries(node.var, "shunt")
+    assert Queue.for_settings(settings, "shunt").read(shunted)[1]["n"] == 1
+    (back,) = entries(node.var, "commands")             # the temporary failure waits for its retry
+    assert back.name.split("+")[1] == ids[3].split("+")[1] + ".pck"
+    assert entries(node.var, "commands", ".bak") == []
+    log = (settings.log_dir / "commands.log").read_text()
+    assert all(f"claimed {eid}" in log for eid in ids) and f"done {ids[6]}" in log
+
+
 def test_sigterm_while_processing_finishes_the_entry_in_hand(node, settings):
     put(settings, 7, slow=1.5)
     proc = probe(node)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
@@ -71,7 +71,7 @@ def test_an_invalid_hand_edit_keeps_the_previous_map_and_check_exits_1(cluster):
     settings.slice_map_path.write_text(map_text(epoch=6, out="{h1: [0, 1, 2], h2: [2, 3]}"))
     assert watcher.current().epoch == 5            # still the old map
     assert "overlap" in watcher.problem
-    fresh = sm.MapWatcher(settings)                # a master that just started: the last-good copy
+    fresh = sm.MapWatcher(settings)                # a master that just started: the newest epoch file
     assert fresh.current().epoch == 5 and fresh.problem
     check = node.mailq("slices", "check")
     assert check.returncode == 1
@@ -79,7 +79,7 @@ def test_an_invalid_hand_edit_keeps_the_previous_map_and_check_exits_1(cluster):
     status = node.mailq("cluster", "status", "--json")
     assert status.returncode == 1
     data = json.loads(status.stdout)
-    assert "overlap" in data["map_problem"] and data["epoch"] == 5 and data["map_in_force"] == "last-good copy"
+    assert "overlap" in data["map_problem"] and data["epoch"] == 5 and data["map_in_force"] == "epoch file"
     settings.slice_map_path.write_text(map_text(epoch=6))     # fixed
     assert watcher.current().epoch == 6 and watcher.problem == ""
     assert node.mailq("slices", "check").returncode == 0
@@ -101,7 +101,8 @@ def test_a_gapped_hand_edit_is_refused_by_a_running_master_which_logs_it_until_f
         settings.slice_map_path.write_text(map_text(epoch=6, out="{h1: [0, 1, 2], h2: [3]}"))
         wait_for(lambda: "slice map problem fixed: epoch 6 in force" in log.read_text(), 30,
                  message="the master logging the fix")
-        assert "started runner out:2/4" in log.read_text()        # and running its new slice
+        wait_for(lambda: "started runner out:2/4" in log.read_text(), 30,       # and running its new slice
+                 message="the master starting the runner of its new slice")
     finally:
         master.terminate()
         master.wait(timeout=60)
@@ -130,9 +131,9 @@ def test_a_hand_edit_must_raise_the_epoch(cluster):
     assert show.returncode == 1 and "REFUSED" in show.stderr and "epoch 5 is not above" in show.stderr
     shown = json.loads(show.stdout)
     assert shown["queues"]["out"]["nodes"] == {"h1": [0, 1], "h2": [2, 3]}
-    assert shown["in_force_from"] == "last-good copy"
+    assert shown["in_force_from"] == "epoch file"
     status = json.loads(node.mailq("cluster", "status", "--json", "--no-queues").stdout)
-    assert status["map_in_force"] == "last-good copy" and "epoch 5 is not above" in status["map_problem"]
+    assert status["map_in_force"] == "epoch file" and "epoch 5 is not above" in status["map_problem"]
     # A CLI change starts from the map in force (and replaces the refused file), not from the edit.
     node.mailq("slices", "assign", "out", "3", "h1", check=True)
     smap = sm.load_map(settings.slice_map_path)
@@ -286,7 +287,7 @@ def test_the_dumped_map_is_readable_yaml_with_a_comment(cluster):
     text = settings.slice_map_path.read_text()
     assert text.startswith("# mailq slice map")
     assert yaml.safe_load(text)["queues"]["out"]["nodes"] == {"h2": [0, 2, 3], "h1": [1]}
-    assert Path(str(settings.slice_map_path) + ".good").read_text() == text
+    assert sm.epoch_path(settings, 6).read_text() == text     # slices.yaml is the copy of the epoch file
 
 
 def test_the_sample_map_in_etc_is_valid():
@@ -294,33 +295,51 @@ def test_the_sample_map_in_etc_is_valid():
     assert smap.count("out") == 6 and smap.nodes["h1"].backup == "h2"
 
 
-def test_a_watcher_never_puts_an_older_map_back_as_the_last_good_copy(cluster):
+def test_a_late_copy_of_an_older_epoch_is_not_a_hand_edit(cluster):
     node, settings = cluster
     watcher = sm.MapWatcher(settings)
-    assert watcher.current().epoch == 5
-    # A writer under the lock installed epoch 7 (file and copy) after this watcher read epoch 6 from
-    # the file: the copy must stay at 7, whatever the watcher accepted from its read.
-    good = Path(str(settings.slice_map_path) + ".good")
-    good.write_text(map_text(epoch=7))
-    settings.slice_map_path.write_text(map_text(epoch=6))
+    assert watcher.current().epoch == 5                      # the hand-written first map, published
+    node.mailq("slices", "assign", "out", "0", "h2", check=True)
     assert watcher.current().epoch == 6
-    assert sm.load_map(good).epoch == 7
-    settings.slice_map_path.write_text(map_text(epoch=8))     # a newer valid hand edit: kept as last good
-    assert watcher.current().epoch == 8 and sm.load_map(good).epoch == 8
+    # The writer of epoch 5 writes its copy of slices.yaml late (after epoch 6 was published):
+    settings.slice_map_path.write_text(sm.epoch_path(settings, 5).read_text())
+    assert watcher.current().epoch == 6 and watcher.problem == ""
+    assert sm.load_map(settings.slice_map_path).epoch == 6    # the copy of the map in force is put back
 
 
-def test_a_last_good_copy_that_cannot_be_written_is_logged_and_the_new_map_runs(cluster, monkeypatch, caplog):
-    import logging
-
-    from mailq.errors import TemporaryFailure
-
+def test_an_epoch_is_created_once_and_old_epochs_are_pruned(cluster):
     node, settings = cluster
+    smap = sm.map_in_force(settings).smap
+    taken = smap.copy()
+    taken.epoch += 1
+    assert sm.publish(settings, taken)
+    rival = smap.copy()
+    rival.epoch += 1
+    rival.queues["out"][0] = "h2"
+    assert not sm.publish(settings, rival)                   # epoch 6 exists: the second writer loses
+    with pytest.raises(sm.SliceMapError, match="epoch 6 was written by another writer"):
+        sm.write_map(settings, rival)
+    assert sm.latest_map(settings).to_dict() == taken.to_dict()
+    old = taken.copy()
+    old.epoch = 3                                            # a writer frozen since epoch 2, say
+    assert not sm.publish(settings, old) and 3 not in sm.epochs_on_disk(settings)
+    for _ in range(sm.KEEP_EPOCHS + 5):
+        node_map = sm.latest_map(settings)
+        owner = node_map.queues["out"][0]
+        sm.update_map(settings, lambda m, o=owner: m.queues["out"].__setitem__(0, "h2" if o == "h1" else "h1"))
+    kept = sm.epochs_on_disk(settings)
+    assert len(kept) == sm.KEEP_EPOCHS and kept[-1] == 6 + sm.KEEP_EPOCHS + 5
+    assert sm.load_map(settings.slice_map_path).epoch == kept[-1]
 
-    def full(path, *args, **kwargs):
-        raise TemporaryFailure(f"cannot write {path}: No space left on device")
 
-    watcher = sm.MapWatcher(settings, logging.getLogger("test.watcher.full"))
-    monkeypatch.setattr(sm, "atomic_write", full)
-    with caplog.at_level(logging.ERROR, logger="test.watcher.full"):
-        assert watcher.current().epoch == 5
-    assert "cannot keep epoch 5 as the last-good copy" in caplog.text and watcher.problem == ""
+def test_a_runners_guard_looks_at_one_folder_only(cluster, monkeypatch):
+    node, settings = cluster
+    watcher = sm.MapWatcher(settings, hand_edits=False)
+    sm.MapWatcher(settings).current()                        # a master published the map
+    assert watcher.current().epoch == 5
+    seen = []
+    real = os.stat
+    monkeypatch.setattr(sm.os, "stat", lambda p, *a, **k: seen.append(str(p)) or real(p, *a, **k))
+    for _ in range(10):
+        watcher.current()
+    assert seen == [str(sm.maps_dir(settings))] * 10

@@ -74,7 +74,7 @@ def _runners_text(node: dict) -> str:
         return "- (its master never published a status)"
     if node["master_stopped"]:
         return f"none: its master stopped ({node['runners_age']:.0f}s ago)"
-    names = [r["name"] if r["name"] == "lmtp" else f"{r['name']}:{r['slice']}/{r['count']}"
+    names = [r["name"] if r.get("unsliced") else f"{r['name']}:{r['slice']}/{r['count']}"
              + ("" if r["state"] == "running" else f" ({r['state']})") for r in node["runners"]]
     return f"{' '.join(names) or 'none'} ({node['runners_age']:.0f}s ago)"
 

@@ -163,7 +163,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"mailq master for node {settings.node.name}: running, pid {pid}, since {since}{epoch}")
         if report["map_problem"]:
             click.echo(f"slice map problem: {report['map_problem']}")
-        rows = [[r["name"], "-" if r["name"] == "lmtp" else f"{r['slice']}/{r['count']}", r["pid"] or "-",
+        rows = [[r["name"], "-" if r.get("unsliced") else f"{r['slice']}/{r['count']}", r["pid"] or "-",
                  r["restarts"], r["state"]] for r in report["runners"]]
         print_table(rows, ["RUNNER", "SLICE", "PID", "RESTARTS", "STATE"])
     if pid is None:

@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "lists": "mailq.cli.lists:lists",
     "locks": "mailq.cli.locks:locks",
     "members": "mailq.cli.members:members",
+    "metrics": "mailq.cli.metrics:metrics",
     "queue": "mailq.cli.queue:queue",
     "slices": "mailq.cli.slices:slices",
 }

@@ -1,7 +1,9 @@
 """``qrunner``: run one queue runner in the foreground (debugging, cron, and how the master starts them).
 
 ``qrunner -r out:1:4`` serves slice 1 of 4 of the ``out`` queue until SIGTERM; ``--once`` processes
-what is due now and exits (refused for ``lmtp``, which serves a socket: usage error, exit 2).
+what is due now and exits (refused for an unsliced runner such as ``lmtp``, which serves a socket:
+usage error, exit 2).  Each runner process stops by itself when its master is gone
+(``mailq.runners.process``).
 The runner names are ``mailq.runners.REGISTRY``.
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ def parse_spec(spec: str) -> tuple[str, int, int]:
 def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, verbose: bool) -> None:
     """Run one mailqctl queue runner in the foreground until SIGTERM (or, with --once, until idle).
 
-    Runner names: in, out, virgin, retry, archive (queues) and lmtp (the LMTP listener).
+    Runner names: each queue that has a runner (in, out, virgin, retry, archive, ...) and lmtp
+    (the LMTP listener, one per node, not sliced).
     SIGTERM/SIGINT finish the entry in hand and exit 0; SIGHUP reopens the log files.
     The log is var/log/<node>/<name>.log.
 
@@ -62,18 +65,17 @@ def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, 
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="-r/--runner")
     settings = get_settings(ctx)
-    from mailq.runners import UNSLICED, load_runner
+    from mailq.runners import load_runner
 
-    if name in UNSLICED and count != 1:
+    cls = load_runner(name)
+    if cls.unsliced and count != 1:
         raise click.BadParameter(f"the {name} runner is not sliced; use -r {name}", param_hint="-r/--runner")
-    if name in UNSLICED and once:
+    if cls.unsliced and once:
         # A listener has no "everything due now" to finish; serving until SIGTERM would silently
         # ignore --once and hang a cron job.
         raise click.UsageError(f"--once does not apply to the {name} runner (it serves a socket, not a "
                                f"queue); run `qrunner -r {name}` and stop it with SIGTERM")
-    cls = load_runner(name)
     runner = cls(settings, slice_, count)
-    _watch_master()
     if verbose:
         import logging
 
@@ -86,28 +88,6 @@ def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, 
         runner.log.addHandler(err)
     status = runner.run(once=True) if once else runner.run()
     sys.exit(status or 0)
-
-
-def _watch_master() -> None:
-    """Under a master: SIGTERM ourselves when it is gone, so a SIGKILLed master leaves no runner behind.
-
-    The Runner loop checks this too between entries; this thread also covers runners with their own
-    ``run()`` (lmtp), which would otherwise keep the LMTP port from the next master's listener.
-    """
-    import os
-    import threading
-    import time
-
-    master = int(os.environ.get("MAILQ_MASTER_PID", "0") or 0)
-    if not master:
-        return
-
-    def watch() -> None:
-        while os.getppid() == master:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="master-watch", daemon=True).start()
 
 
 def _reopen_logs(signum: int, frame: object) -> None:

@@ -43,12 +43,12 @@ def queue() -> None:
 
 def _slice_counts(settings: Settings, override: int | None) -> dict[str, int]:
     counts = {q: override or settings.slice_count(q) for q in RUNNER_QUEUES}
-    if override or not settings.slice_map_path.exists():
+    if override or not settings.cluster_dir.exists():
         return counts
-    try:   # the slice map decides once it exists (issue 6); fall back to config if it cannot be read
-        from mailq.cluster.slicemap import load_map
+    try:   # the slice map in force decides once it exists (issue 6); fall back to config if it cannot be read
+        from mailq.cluster.slicemap import map_in_force
 
-        smap = load_map(settings.slice_map_path)
+        smap = map_in_force(settings).smap
         for q in RUNNER_QUEUES:
             if smap is not None and smap.count(q):
                 counts[q] = smap.count(q)

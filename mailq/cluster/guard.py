@@ -47,7 +47,7 @@ class ClaimGuard:
         self.settings, self.queue, self.slice, self.count = settings, queue, slice, count
         self.node = settings.node.name
         self.log = log or logging.getLogger("mailq.cluster.guard")
-        self.watcher = MapWatcher(settings, self.log)
+        self.watcher = MapWatcher(settings, self.log, hand_edits=False)   # one stat per look; masters publish edits
         self._last_reason = ""
 
     def check(self) -> GuardState:

@@ -12,16 +12,26 @@
       h2: {backup: h1, fenced: false}
 
 Per queue, every slice ``0..count-1`` belongs to exactly one node; owners are known nodes; a fenced
-node owns nothing; the epoch only grows.  Every change goes through :func:`update_map` (lock,
-reload, change, validate, epoch + 1, atomic write, last-good copy).  A hand edit is read by
-:class:`MapWatcher`; an invalid one is refused and the last good map (in memory, and on disk as
-``slices.yaml.good`` for a restarted master) stays in force, loudly.
+node owns nothing; the epoch only grows.
+
+**Epoch files.**  The map of epoch N is the file ``var/cluster/slices.d/<N, 10 digits>.yaml``, made
+complete under a temp name and then *created* with ``link()``, which fails with EEXIST when that
+name exists: of two writers of epoch N exactly one wins, whatever their locks say (a writer frozen
+between reading epoch N-1 and writing N, whose lock claim a takeover broke meanwhile, finds N taken
+and writes nothing).  The highest epoch file is the map in force; files are immutable; old ones are
+pruned.  ``slices.yaml`` beside it is the copy for people and scripts, rewritten after each change;
+a hand edit of it that is valid and raises the epoch is published as the next epoch file by the
+next process that looks (:class:`MapWatcher`), and an invalid one is refused, loudly.  Every change
+goes through :func:`update_map` (lock, reload, change, validate, publish epoch + 1).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +39,8 @@ from typing import Any
 
 from mailq.cluster.layout import rebalance_owners, spread  # noqa: F401 - part of this module's interface
 from mailq.config import RUNNER_QUEUES, Settings
-from mailq.errors import InvalidInput, MailqError
-from mailq.fsutil import atomic_write
+from mailq.errors import InvalidInput, MailqError, TemporaryFailure
+from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write, fsync_dir
 
 
 class SliceMapError(InvalidInput):
@@ -243,21 +253,115 @@ def load_map(path: Path) -> SliceMap | None:
     return parse_map(text, str(path))
 
 
-def good_path(settings: Settings) -> Path:
-    """The last-good copy every master falls back to when the map file is invalid."""
-    return settings.slice_map_path.with_name(settings.slice_map_path.name + ".good")
-
-
 def write_map(settings: Settings, smap: SliceMap) -> None:
-    """Validate and write *smap* as is (epoch unchanged) plus the last-good copy. Caller holds the lock."""
+    """Validate and publish *smap* as its epoch; SliceMapError when another writer has that epoch (or a later one)."""
     problems = validate(smap)
     if problems:
         raise SliceMapError(str(settings.slice_map_path), problems)
+    if not publish(settings, smap):
+        raise SliceMapError(str(epoch_path(settings, smap.epoch)), [
+            f"epoch {smap.epoch} was written by another writer meanwhile (its file exists); nothing written: "
+            f"look at `mailqctl slices show` and run the command again"])
+
+
+def maps_dir(settings: Settings) -> Path:
+    """The epoch files: ``var/cluster/slices.d/<epoch>.yaml``, the highest is the map in force."""
+    return settings.cluster_dir / "slices.d"
+
+
+#: Epoch files kept after a change (older ones are pruned): enough for a reader that listed the folder a
+#: moment ago to still find the file it chose, and for an operator to look back a little.
+KEEP_EPOCHS = 20
+_EPOCH_NAME = re.compile(r"^(\d{10})\.yaml$")
+
+
+def epoch_path(settings: Settings, epoch: int) -> Path:
+    return maps_dir(settings) / f"{epoch:010d}.yaml"
+
+
+def epochs_on_disk(settings: Settings) -> list[int]:
+    """Every epoch that has a file, lowest first."""
+    try:
+        names = os.listdir(maps_dir(settings))
+    except FileNotFoundError:
+        return []
+    return sorted(int(m[1]) for m in map(_EPOCH_NAME.match, names) if m)
+
+
+def latest_map(settings: Settings) -> SliceMap | None:
+    """The map in force: the highest epoch file (None when there is none yet)."""
+    for _ in range(3):
+        found = epochs_on_disk(settings)
+        if not found:
+            return None
+        try:
+            smap = load_map(epoch_path(settings, found[-1]))
+        except OSError:          # ESTALE on NFS: pruned by another host meanwhile
+            smap = None
+        if smap is not None:
+            return smap
+    raise SliceMapError(str(maps_dir(settings)), ["the newest epoch file keeps vanishing; is something pruning it?"])
+
+
+def publish(settings: Settings, smap: SliceMap) -> bool:
+    """Create the epoch file of *smap* (exclusive); False when that epoch, or a higher one, exists.
+
+    The file is complete before it has its name (temp, fsync, ``link``), so a reader never sees a
+    partial map.  On NFS a ``link`` whose reply was lost is retried by the client and then fails
+    with EEXIST although it happened: the name then points at our own inode, which is checked.
+    """
+    folder = maps_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = epoch_path(settings, smap.epoch)
+    tmp = folder / f".{smap.epoch}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     data = smap.dump().encode()
-    settings.cluster_dir.mkdir(parents=True, exist_ok=True)
-    # The file first: a watcher starting between the two writes then sees a newer file, never an older one.
-    atomic_write(settings.slice_map_path, data, keep_last=True)
-    atomic_write(good_path(settings), data)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            mine = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            try:
+                if os.stat(target).st_ino != mine:
+                    return False
+            except FileNotFoundError:
+                return False
+    except OSError as exc:
+        if exc.errno in TEMPORARY_ERRNOS:
+            raise TemporaryFailure(f"cannot write {target}: {exc.strerror} (free space or fix the filesystem, "
+                                   f"then retry)") from exc
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    fsync_dir(folder)
+    if any(e > smap.epoch for e in epochs_on_disk(settings)):
+        # An old epoch created again after it was pruned (a writer frozen for KEEP_EPOCHS changes):
+        # never in force; take it back and report the loss.
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        return False
+    _after_publish(settings, smap, data)
+    return True
+
+
+def _after_publish(settings: Settings, smap: SliceMap, data: bytes) -> None:
+    """The copy for people (slices.yaml, the previous one kept as .last) and pruning; both best effort."""
+    try:
+        atomic_write(settings.slice_map_path, data, keep_last=True, mode=0o664)
+    except (OSError, MailqError) as exc:
+        logging.getLogger("mailq.cluster").warning("epoch %d is in force, but its copy %s could not be written: %s",
+                                                   smap.epoch, settings.slice_map_path, exc)
+    for old in epochs_on_disk(settings)[:-KEEP_EPOCHS]:
+        with contextlib.suppress(OSError):
+            os.unlink(epoch_path(settings, old))
 
 
 def slices_lock(settings: Settings, timeout: float = 30.0) -> Any:
@@ -272,20 +376,20 @@ class InForce:
     """The map the cluster follows now, where it came from, and what is wrong with the file."""
 
     smap: SliceMap | None
-    #: "file", "last-good copy" or "none"
+    #: "file" (slices.yaml is its copy), "epoch file" (slices.yaml is not: refused or missing) or "none"
     source: str
     #: why the file on disk is not the map in force ("" when it is, or there is no map at all)
     problem: str
 
 
 def map_in_force(settings: Settings) -> InForce:
-    """The map a master starting now would run: the last-good copy, replaced by the file only when the
-    file is valid and either equal to it or of a higher epoch (the rule of :class:`MapWatcher`).
+    """The map a master starting now would run: the highest epoch file, once a valid hand edit of
+    ``slices.yaml`` that raises the epoch is published (the rule of :class:`MapWatcher`).
 
     ``slices show``, ``cluster status`` and every change (:func:`current_for_update`) start from
     this, so a refused hand edit is never shown as in force nor used as the base of a change.
     """
-    watcher = MapWatcher(settings, _QUIET)
+    watcher = MapWatcher(settings, _QUIET, hand_edits=True)
     smap = watcher.current()
     source = "none"
     if smap is not None:
@@ -293,7 +397,7 @@ def map_in_force(settings: Settings) -> InForce:
             on_disk = load_map(settings.slice_map_path)
         except (SliceMapError, OSError):
             on_disk = None
-        source = "file" if on_disk is not None and on_disk.to_dict() == smap.to_dict() else "last-good copy"
+        source = "file" if on_disk is not None and on_disk.to_dict() == smap.to_dict() else "epoch file"
     return InForce(smap, source, watcher.problem)
 
 
@@ -308,27 +412,14 @@ def current_for_update(settings: Settings) -> SliceMap:
     return smap
 
 
-def write_checked(settings: Settings, smap: SliceMap, seen_epoch: int) -> None:
-    """write_map, unless the highest epoch on disk moved since the caller read *seen_epoch* under the lock.
-
-    It moves only when someone wrote without the lock: a hand edit, or a writer whose lock claim was
-    broken because its node was taken over (docs/cluster.md §5).  Either way this change is stale.
-    """
-    now = disk_epoch(settings)
-    if now != seen_epoch:
-        raise SliceMapError(str(settings.slice_map_path), [
-            f"the map on disk changed while this change was being made (highest epoch {seen_epoch} -> {now}); "
-            f"nothing written: look at `mailqctl slices show` and run the command again"])
-    write_map(settings, smap)
-
-
 def update_map(settings: Settings, change: Callable[[SliceMap], SliceMap | None]) -> tuple[SliceMap, SliceMap]:
     """Lock, reload, apply *change* to a copy, validate, bump the epoch, write; return (old, new).
 
     *change* may edit the copy in place or return a new map; it may raise InvalidInput to refuse.
-    The new epoch is one past the highest epoch seen (file and last-good copy), so it only grows.
+    The new epoch is one past the highest epoch seen (epoch files and slices.yaml), so it only grows.
     The change starts from the map in force, so a refused hand edit in the file is replaced (it is
-    kept as ``slices.yaml.last``).
+    kept as ``slices.yaml.last``).  SliceMapError when the new epoch was written by someone else
+    meanwhile (nothing is written then).
     """
     with slices_lock(settings):
         seen = disk_epoch(settings)
@@ -339,16 +430,18 @@ def update_map(settings: Settings, change: Callable[[SliceMap], SliceMap | None]
         if new.to_dict() | {"epoch": 0} == old.to_dict() | {"epoch": 0}:
             return old, old     # nothing changed: keep the epoch, so runners need not react
         new.epoch = max(old.epoch, seen) + 1
-        write_checked(settings, new, seen)
+        # Epoch new.epoch is taken only when someone wrote without the lock: a hand edit published
+        # meanwhile, or a takeover that broke our claim because our node looked dead.  Then this
+        # change is stale: give up (never retry: the lock we think we hold may be gone).
+        write_map(settings, new)
         return old, new
 
 
 def disk_epoch(settings: Settings) -> int:
-    """Highest epoch in the file or the last-good copy, even an invalid file's (epochs never go back)."""
-    import re
-
-    best = 0
-    for path in (settings.slice_map_path, good_path(settings)):
+    """Highest epoch of an epoch file or of slices.yaml, even an invalid hand edit's (epochs never go back)."""
+    found = epochs_on_disk(settings)
+    best = found[-1] if found else 0
+    for path in (settings.slice_map_path,):
         try:
             match = re.search(r"^epoch:\s*(\d+)", path.read_text(encoding="utf-8", errors="replace"), re.M)
         except OSError:
@@ -361,7 +454,7 @@ def disk_epoch(settings: Settings) -> int:
 def create_map(settings: Settings, smap: SliceMap) -> SliceMap:
     """Install a first map (``slices init``); refuses when one exists."""
     with slices_lock(settings):
-        if settings.slice_map_path.exists():
+        if settings.slice_map_path.exists() or epochs_on_disk(settings):
             raise InvalidInput(f"{settings.slice_map_path} exists already; change it with `mailqctl slices assign`, "
                                f"`rebalance` or `edit` (or remove the file first if you really mean to start over)")
         smap.epoch = disk_epoch(settings) + 1
@@ -377,89 +470,112 @@ _QUIET.disabled = True
 # -- watching the file ------------------------------------------------------------------------------
 
 class MapWatcher:
-    """The map in force for a long-running process; re-read only when the file changed (one stat).
+    """The map in force for a long-running process: the highest epoch file, re-read only on a change.
 
-    An invalid or missing file leaves the last good map in force (from memory, or from the
-    last-good copy for a process that just started), sets ``problem`` and logs it once per change.
-    A changed map must raise the epoch: epochs are written into claim names, so two different maps
-    must never share one.
+    A look costs one ``stat`` of ``slices.d`` (a new epoch file changes the folder's mtime).  With
+    *hand_edits* (masters and the CLI; a runner's guard passes False, but looks too while there is
+    no epoch file at all) it also stats ``slices.yaml``: a hand edit there that is valid and raises
+    the epoch is published as the next epoch file; an invalid one, one that does not raise the
+    epoch, or a missing file is refused: the map in force stays, ``problem`` says why and is logged
+    once per change.  Epochs are written into claim names, so two different maps never share one.
     """
 
-    def __init__(self, settings: Settings, log: logging.Logger | None = None) -> None:
+    def __init__(self, settings: Settings, log: logging.Logger | None = None, *, hand_edits: bool = True) -> None:
         self.settings, self.log = settings, log or logging.getLogger("mailq.cluster")
         self.path = settings.slice_map_path
+        self.dir = maps_dir(settings)
+        self.hand_edits = hand_edits
         self.smap: SliceMap | None = None
         self.problem: str = ""
-        self._sig: tuple | None = ()  # () = never looked
+        self._dir_sig: tuple | None = ()  # () = never looked
+        self._file_sig: tuple | None = ()
 
-    def _signature(self) -> tuple | None:
+    @staticmethod
+    def _signature(path: Path) -> tuple | None:
         try:
-            st = os.stat(self.path)
+            st = os.stat(path)
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def current(self) -> SliceMap | None:
-        sig = self._signature()
-        if sig == self._sig:
-            return self.smap
-        self._sig = sig
-        if self.smap is None:
-            self._load_good()
-        if sig is None:
-            if self.smap is not None:
-                self._refuse(f"{self.path} is missing; the last good map (epoch {self.smap.epoch}) stays in "
-                             f"force; restore it from {good_path(self.settings)} or run `mailqctl slices edit`")
-            return self.smap
+        sig = self._signature(self.dir)
+        if sig != self._dir_sig:
+            self._dir_sig = sig
+            self._reload()
+        if self.hand_edits or self.smap is None:
+            sig = self._signature(self.path)
+            if sig != self._file_sig:
+                self._file_sig = sig
+                self._look_at_file(sig is None)
+        return self.smap
+
+    def _reload(self) -> None:
         try:
-            new = load_map(self.path)
+            new = latest_map(self.settings)
+        except (SliceMapError, OSError) as exc:
+            self._refuse(f"cannot read the newest epoch file in {self.dir}: {exc}")
+            return
+        if new is None or (self.smap is not None and new.epoch <= self.smap.epoch):
+            return
+        if self.smap is not None:
+            self.log.info("slice map epoch %d now in force (was %d)", new.epoch, self.smap.epoch)
+        self.smap = new
+        self._file_sig = ()          # is slices.yaml still a hand edit, or the copy of this map?
+
+    def _look_at_file(self, missing: bool) -> None:
+        if missing:
+            if self.smap is not None and self.hand_edits:
+                self._refuse(f"{self.path} is missing; epoch {self.smap.epoch} stays in force (from "
+                             f"{epoch_path(self.settings, self.smap.epoch)}); run `mailqctl slices edit` "
+                             f"to write the file again")
+            return
+        try:
+            edit = load_map(self.path)
         except (SliceMapError, OSError) as exc:
             self._refuse(str(exc))
-            return self.smap
-        if new is None:
-            return self.smap
-        if self.smap is not None and new.to_dict() != self.smap.to_dict() and new.epoch <= self.smap.epoch:
-            self._refuse(f"{self.path}: refused: the map changed but its epoch {new.epoch} is not above the "
-                         f"map in force ({self.smap.epoch}); set `epoch: {self.smap.epoch + 1}` or use "
-                         f"`mailqctl slices edit`")
-            return self.smap
-        if self.smap is None or new.to_dict() != self.smap.to_dict():
-            if self.smap is not None:
-                self.log.info("slice map epoch %d now in force (was %d)", new.epoch, self.smap.epoch)
-            self._keep_good(new)
+            return
+        if edit is None:
+            return
+        if self.smap is not None and edit.to_dict() == self.smap.to_dict():
+            self._fixed()
+            return
+        if self.smap is None or edit.epoch > self.smap.epoch:
+            if publish(self.settings, edit):
+                self.log.warning("hand edit of %s published as slice map epoch %d", self.path, edit.epoch)
+                self.smap = edit
+                self._dir_sig = self._signature(self.dir)
+                self._file_sig = self._signature(self.path)
+                self._fixed()
+            else:
+                self._reload()
+                self._refuse(f"{self.path}: refused: epoch {edit.epoch} was written by another writer meanwhile; "
+                             f"redo the edit from `mailqctl slices show` (epoch {self.smap and self.smap.epoch}) "
+                             f"with a higher epoch, or use `mailqctl slices edit`")
+            return
+        try:
+            stale = load_map(epoch_path(self.settings, edit.epoch))
+        except (SliceMapError, OSError):
+            stale = None
+        if stale is not None and stale.to_dict() == edit.to_dict():
+            # An older epoch's copy, written late by its writer: not an edit; put the current one back.
+            with contextlib.suppress(OSError, MailqError):
+                atomic_write(self.path, self.smap.dump().encode(), mode=0o664)
+            return
+        self._refuse(f"{self.path}: refused: the map changed but its epoch {edit.epoch} is not above the "
+                     f"map in force ({self.smap.epoch}); set `epoch: {self.smap.epoch + 1}` or use "
+                     f"`mailqctl slices edit`")
+
+    def _fixed(self) -> None:
         if self.problem:
-            self.log.warning("slice map problem fixed: epoch %d in force", new.epoch)
-        self.smap, self.problem = new, ""
-        return new
-
-    def _keep_good(self, new: SliceMap) -> None:
-        """Make *new* the last-good copy (a valid hand edit), unless the copy is as new or newer already.
-
-        Writers replace the file and the copy under the slices lock, this does not: if one wrote a
-        higher epoch after we read the file, replacing its copy with ours would put an older map back
-        in force for every master that starts while the file is refused.
-        """
-        try:
-            good = load_map(good_path(self.settings))
-        except (SliceMapError, OSError):
-            good = None
-        if good is None or good.epoch < new.epoch:
-            try:
-                atomic_write(good_path(self.settings), new.dump().encode(), fsync=False)
-            except (OSError, MailqError) as exc:
-                # The map in memory is what this process runs; the copy is for the next one to start.
-                self.log.error("cannot keep epoch %d as the last-good copy %s: %s", new.epoch,
-                               good_path(self.settings), exc)
-
-    def _load_good(self) -> None:
-        try:
-            self.smap = load_map(good_path(self.settings))
-        except (SliceMapError, OSError):
-            self.smap = None
+            assert self.smap is not None
+            self.log.warning("slice map problem fixed: epoch %d in force", self.smap.epoch)
+        self.problem = ""
 
     def _refuse(self, message: str) -> None:
+        if message != self.problem:
+            self.log.error("%s", message)
         self.problem = message
-        self.log.error("%s", message)
 
 
 def problem_now(settings: Settings) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mailq.cluster.heartbeat import HeartbeatInfo, nodes_dir, read_all, read_heartbeat, state_of, takeover_allowed
-from mailq.cluster.slicemap import SliceMap, disk_epoch, current_for_update, slices_lock, write_checked
+from mailq.cluster.slicemap import SliceMap, current_for_update, disk_epoch, slices_lock, write_map
 from mailq.config import Settings
 from mailq.errors import InvalidInput, NotFound
 
@@ -99,8 +99,8 @@ def take_slices_lock(settings: Settings, dead: str, log: logging.Logger, timeout
     A node that died holding the lock (in the middle of its own ``slices`` change or takeover)
     would otherwise block its own takeover for ever: its claim is on another host, so no waiter
     can prove its pid dead.  The criterion that allows the takeover also allows this: its runners
-    stopped claiming a margin ago, and if it wakes up and writes anyway, :func:`write_checked` sees
-    the epoch moved and writes nothing.
+    stopped claiming a margin ago, and if it wakes up and writes anyway, its exclusive create of the
+    epoch we write (:func:`mailq.cluster.slicemap.publish`) fails and it writes nothing.
     """
     from mailq.locks import LockTimeout, break_dead
 
@@ -155,7 +155,7 @@ def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log:
             smap.epoch = max(smap.epoch, seen) + 1
             if own_lease:
                 _require_own_lease(settings)
-            write_checked(settings, smap, seen)
+            write_map(settings, smap)      # fails if epoch smap.epoch was written meanwhile
             report.epoch = smap.epoch
             log.warning("takeover: fenced %s in epoch %d, moved %d slices to %s", dead, smap.epoch,
                         len(owned), ", ".join(sorted({m["to"] for m in report.moved})) or "-")

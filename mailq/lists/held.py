@@ -158,7 +158,10 @@ class HeldStore:
         _check_id(held_id)
         try:
             data = safepickle.loads(self._pck(held_id).read_bytes())
-        except FileNotFoundError:
+        except OSError as exc:
+            # ESTALE: on NFS the file was removed by another host (decided there) while we opened it.
+            if exc.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
             decision = self.decision(held_id)
             if decision is not None:
                 raise NotFound(f"held message {held_id} of list {self.listname} is gone: "

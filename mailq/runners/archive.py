@@ -3,9 +3,10 @@
 Entries come from the ``to_archive`` and ``to_digest`` stages; ``metadata["stores"]`` says where
 each goes: ``archive`` -> ``var/archives/<list>/<YYYY-MM>.mbox``, ``digest`` ->
 ``var/lists/<list>/digest.mbox`` (one entry may name both).  A strict lock
-cycle costs about 1 ms (DESIGN §4), so the runner does not take one per post: with one entry
-claimed it claims up to ``pipeline.archive_batch`` more from its slice, groups them by list and
-file, appends each group under one lock acquisition, and only then finishes the claims.  A crash
+cycle costs about 1 ms (DESIGN §4), so the runner does not take one per post: its
+``batch_limit`` lets the base loop claim up to ``pipeline.archive_batch`` entries from its slice
+(each confirmed by the claim guard); ``process_batch`` groups them by list and file and appends each
+group under one lock acquisition, and only then does the loop finish the claims.  A crash
 before the finish leaves the claims for recovery, which may append a post twice but never loses one.
 An entry for two stores of which one append failed goes back (requeued, or shunted) with
 ``stores`` cut down to the failed one, so the retry does not append it to the other store again.
@@ -15,29 +16,23 @@ after it (the size trigger, ``mailq.digest.send``; docs/digests.md).
 from __future__ import annotations
 
 import time
-import traceback
-from typing import Any
 
 from mailq.archive import append_to_archive
 from mailq.digest import append_pending, size_due
 from mailq.errors import MailqError
+from mailq.queue.queue import Claimed
 from mailq.runners.base import Runner
 
 
 class ArchiveRunner(Runner):
     queue = "archive"
 
-    def process(self, entry: Any) -> None:
-        batch = [entry]
-        queue = self.queue_for(self.queue)
-        limit = max(1, int(self.settings.pipeline.archive_batch))
-        while len(batch) < limit and not self.stopping and self.claimant is not None:
-            more = queue.claim_next(self.slice, self.count, self.claimant)
-            if more is None:
-                break
-            batch.append(more)
-        groups: dict[tuple[str, str], list[Any]] = {}
-        for item in batch:
+    def batch_limit(self) -> int:
+        return max(1, int(self.settings.pipeline.archive_batch))
+
+    def process_batch(self, entries: list[Claimed]) -> dict[str, BaseException]:
+        groups: dict[tuple[str, str], list[Claimed]] = {}
+        for item in entries:
             meta = item.metadata
             stores = meta.get("stores") or [meta.get("store") or "archive"]
             for store in stores:
@@ -53,19 +48,13 @@ class ArchiveRunner(Runner):
                 for item in items:
                     failed.setdefault(item.id, exc)
                     failed_stores.setdefault(item.id, []).append(store)
-        for item in batch:
+        for item in entries:
             if item.id in failed:   # what goes back (requeue, shunt) keeps only what is still to do
                 item.metadata["stores"] = failed_stores[item.id]
-        for item in batch[1:]:
-            if item.id in failed:
-                self._give_back(queue, item, failed[item.id])
-            else:
-                queue.finish(item)
-        if entry.id in failed:
-            raise failed[entry.id]  # the base loop requeues (temporary) or shunts the first entry
-        self.log.info("appended %d post(s) in %d group(s)", len(batch), len(groups))
+        self.log.info("appended %d post(s) in %d group(s)", len(entries) - len(failed), len(groups))
+        return failed
 
-    def _append(self, listname: str, store: str, items: list[Any]) -> None:
+    def _append(self, listname: str, store: str, items: list[Claimed]) -> None:
         if not listname or "/" in listname or listname.startswith("."):
             raise MailqError(f"archive entry without a valid list name ({listname!r})")
         posts = [(i.msg, str(i.metadata.get("sender") or ""), float(i.metadata.get("received") or time.time()))
@@ -101,16 +90,3 @@ class ArchiveRunner(Runner):
                            listname, exc, listname)
             return
         self.log.info("size trigger: %s", report.summary())
-
-    def _give_back(self, queue: Any, item: Any, exc: BaseException) -> None:
-        """An extra claim whose append failed: temporary trouble -> requeue, anything else -> shunt."""
-        from mailq.errors import TemporaryFailure
-
-        try:
-            if isinstance(exc, TemporaryFailure):
-                queue.requeue(item, not_before=time.time() + self.tempfail_delay)
-            else:
-                queue.shunt(item, "".join(traceback.format_exception(exc)).rstrip())
-        except Exception:
-            self.log.critical("cannot give back %s (claim left for recovery):\n%s", item.id,
-                              traceback.format_exc().rstrip())

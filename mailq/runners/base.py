@@ -1,13 +1,19 @@
-"""The queue runner loop, once for every runner: claim, process, finish (DESIGN §1, §3, §5).
+"""The queue loop every queue runner uses: guard, claim, process, finish (DESIGN §1, §3, §5).
 
-One runner process serves one queue and one slice of it.  The loop:
+``Runner`` is a ``RunnerProcess`` (``mailq/runners/process.py``: log, signals, master watch) that
+serves one queue and one slice of it.  The loop:
 
 1. ask the cluster's ClaimGuard whether this node may claim in this slice now (a fresh lease, the
    slice still ours) and learn the slice-map epoch that goes into the claim name;
-2. ``Queue.claim_next(slice, count, Claimant(node, pid, epoch))`` takes the oldest due entry;
-3. ``process(entry)`` (the subclass's one hook): returning means done, the claim is removed;
-   raising shunts the entry with the traceback (a TemporaryFailure requeues it for later instead);
-   either way the loop goes on with the next entry.
+2. ``Queue.claim_next(slice, count, Claimant(node, pid, epoch))`` takes the oldest due entry, and
+   ``ClaimGuard.confirm`` checks right after the rename that the claim still holds
+   (docs/cluster.md §4); a claim that does not is given back, never processed;
+3. a runner whose ``batch_limit()`` is above 1 claims up to that many entries the same way (each
+   one confirmed by the guard), so that one lock cycle or one connection serves them all;
+4. ``process_batch(entries)`` (by default ``process(entry)`` for each, the one hook most runners
+   implement) says which entries failed; the loop then finishes every other claim, requeues the
+   entries that raised TemporaryFailure for ``tempfail_delay`` seconds and shunts the rest with
+   their traceback, and goes on with the next entries.
 
 With nothing to do it sleeps on a threading.Event that a watchdog (inotify) handler sets when a
 ``.pck`` file appears in the queue folder on this host, and wakes every ``runners.poll_interval``
@@ -17,86 +23,88 @@ of listing every bucket of its slice again, which is most of a hop's latency.  A
 runs when there are no such hints and at least once per poll interval, so entries written by other
 hosts, and older ones, are never passed over for long.
 
-Signals: SIGTERM/SIGINT finish the entry in hand, then the runner exits 0.  SIGHUP reopens the log
-files.  When the guard says the slice moved to another node the runner stops claiming at once and
-exits 0 after the entry in hand; the master does not restart it because the map no longer gives
-the slice to this node.
+When the guard says the slice moved to another node the runner stops claiming at once and exits 0
+after the entries in hand; the master does not restart it because the map no longer gives the slice
+to this node.
 """
 from __future__ import annotations
 
-import abc
 import collections
-import logging
 import os
-import signal
-import threading
 import time
 import traceback
 from typing import Any
 
+from mailq import stats
+from mailq.cluster.guard import ClaimGuard
 from mailq.config import Settings
 from mailq.errors import TemporaryFailure
-from mailq.logs import get_logger, reopen_all
+from mailq.queue.names import Claimant, slice_of, split_id
+from mailq.queue.queue import Claimed, Queue
+from mailq.runners.process import EXIT_TEMPFAIL, RunnerProcess
 
-#: Exit status of ``run(once=True)`` when the guard forbids claiming (sysexits EX_TEMPFAIL).
-EXIT_TEMPFAIL = 75
+__all__ = ["EXIT_TEMPFAIL", "Runner"]
 
 
-class Runner(abc.ABC):
-    """Base class of every queue runner; subclasses set ``queue`` and implement ``process``."""
+class Runner(RunnerProcess):
+    """Base class of every queue runner; subclasses set ``queue`` and implement ``process``
+    (or, to handle several claims at once, ``batch_limit`` and ``process_batch``)."""
 
-    #: The queue this runner serves (a name in config.RUNNER_QUEUES).
+    #: The queue this runner serves (a name in config.RUNNER_QUEUES); also the runner's name.
     queue: str = ""
     #: Seconds before an entry whose processing raised TemporaryFailure is tried again.
     tempfail_delay: float = 30.0
 
     def __init__(self, settings: Settings, slice: int = 0, count: int = 1) -> None:
-        if count < 1 or not 0 <= slice < count:
-            raise ValueError(f"slice {slice} of {count}: need 0 <= slice < count")
-        self.settings = settings
-        self.slice = slice
-        self.count = count
-        self.node = settings.node.name
-        name = self.queue or type(self).__name__.lower().removesuffix("runner")
-        self.component = f"{name}:{slice}/{count}"
-        self.log: logging.Logger = get_logger(settings, self.component)
-        self.claimant: Any = None          # a mailq.queue.Claimant, set before each claim
+        super().__init__(settings, slice, count)
+        self.claimant: Claimant | None = None    # set before each claim
         self.epoch = 0
-        self._stopping = False
         self._moved = False
-        self._reopen = False
-        self._wake = threading.Event()
         #: Entry ids inotify saw arrive on this host (appended by the watchdog thread).
         self._hints: collections.deque[str] = collections.deque(maxlen=100_000)
         self._idle_since_scan: float | None = None   # monotonic time of the last listing that found nothing
-        self._queues: dict[str, Any] = {}
+        self._queues: dict[str, Queue] = {}
         self._observer: Any = None
-        # Started by a master: exit when it is gone (a SIGKILLed master must not leave runners behind).
-        self._master_pid = int(os.environ.get("MAILQ_MASTER_PID", "0") or 0)
+
+    @classmethod
+    def runner_name(cls) -> str:
+        return cls.queue or super().runner_name()
 
     # -- hooks for subclasses -----------------------------------------------------------------
-    def setup(self) -> None:  # noqa: B027 (optional hook, empty on purpose)
-        """Once, after the process starts and before the first claim."""
+    def process(self, entry: Claimed) -> None:
+        """Handle one claimed entry.  Return: finished.  Raise: shunted with the traceback
+        (TemporaryFailure: requeued for ``tempfail_delay`` seconds)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither process nor process_batch")
 
-    @abc.abstractmethod
-    def process(self, entry: Any) -> None:
-        """Handle one claimed entry.  Return: finished.  Raise: shunted with the traceback."""
+    def batch_limit(self) -> int:
+        """How many claims one ``process_batch`` call may get (1: one entry at a time)."""
+        return 1
+
+    def process_batch(self, entries: list[Claimed]) -> dict[str, BaseException]:
+        """Handle claimed entries; return the exception of each entry that failed, by entry id.
+
+        Every entry not in the result is finished; the others go back (requeued when the exception
+        is a TemporaryFailure, else shunted with its traceback), with the metadata they carry now.
+        Raising fails the whole batch.  The default calls ``process`` for each entry.
+        """
+        failed: dict[str, BaseException] = {}
+        for entry in entries:
+            try:
+                self.process(entry)
+            except Exception as exc:
+                failed[entry.id] = exc
+        return failed
 
     def idle(self) -> None:  # noqa: B027 (optional hook)
         """Called when a poll finds nothing due (cheap housekeeping only)."""
 
-    def teardown(self) -> None:  # noqa: B027 (optional hook)
-        """Once, before the process exits."""
-
     # -- services for subclasses --------------------------------------------------------------
     @property
     def stopping(self) -> bool:
-        """True once SIGTERM/SIGINT arrived or the slice moved: finish the entry in hand, return."""
+        """True once SIGTERM/SIGINT arrived, the master is gone or the slice moved: finish, return."""
         return self._stopping or self._moved
 
-    def queue_for(self, name: str) -> Any:
-        from mailq.queue import Queue
-
+    def queue_for(self, name: str) -> Queue:
         if name not in self._queues:
             self._queues[name] = Queue.for_settings(self.settings, name, log=self.log)
         return self._queues[name]
@@ -108,41 +116,33 @@ class Runner(abc.ABC):
         self.log.info("enqueued %s to %s", entry_id, queue)
         return entry_id
 
-    def request_stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-
     # -- the loop -----------------------------------------------------------------------------
-    def run(self, once: bool = False) -> int:
+    def started_note(self, once: bool) -> str:
+        return f", poll {self.settings.runners.poll_interval:.1f}s" + super().started_note(once)
+
+    def stopped_note(self) -> str:
+        return " (slice moved to another node)" if self._moved else ""
+
+    def serve(self, once: bool) -> int:
         """Serve the slice until stopped (or, with *once*, until nothing is due); the exit status."""
-        self._install_signals()
-        self.log.info("started (pid %d, poll %.1fs%s)", os.getpid(), self.settings.runners.poll_interval,
-                      ", once" if once else "")
+        stats.start(self.settings, self.component)      # counters for `mailqctl metrics`
+        if not once:
+            self._start_watching()
         try:
-            self.setup()
-            if not once:
-                self._start_watching()
-            status = self._loop(once)
-        except Exception:
-            self.log.critical("runner failed:\n%s", traceback.format_exc().rstrip())
-            raise
+            return self._loop(once)
         finally:
             self._stop_watching()
-            try:
-                self.teardown()
-            except Exception:
-                self.log.error("teardown failed:\n%s", traceback.format_exc().rstrip())
-        self.log.info("stopped%s", " (slice moved to another node)" if self._moved else "")
-        return status
+            stats.flush(force=True)
 
     def _loop(self, once: bool) -> int:
         queue = self.queue_for(self.queue)
-        guard = self._make_guard()
+        guard = ClaimGuard(self.settings, self.queue, self.slice, self.count, self.log)
         seen: set[str] = set()
         poll = self.settings.runners.poll_interval
+        limit = max(1, int(self.batch_limit()))
         while not self.stopping:
-            self._maybe_reopen()
-            if self._master_pid and os.getppid() != self._master_pid:
+            stats.flush()       # at most once a second, and only after a change
+            if self.master_gone():
                 self.log.warning("master pid %d is gone: stopping", self._master_pid)
                 break
             if not self._guard_allows(guard):
@@ -151,14 +151,12 @@ class Runner(abc.ABC):
                 if not self.stopping:
                     self._sleep(poll)
                 continue
-            from mailq.queue import Claimant
-
             self.claimant = Claimant(self.node, os.getpid(), self.epoch)
             entry = self._claim_hinted(queue, poll)
             if entry is None:
                 entry = queue.claim_next(self.slice, self.count, self.claimant)
                 self._idle_since_scan = time.monotonic() if entry is None else None
-            if entry is not None and guard is not None and not self._confirmed(guard, entry):
+            if entry is not None and not self._confirmed(guard, entry):
                 continue
             if entry is None:
                 if once:
@@ -166,16 +164,22 @@ class Runner(abc.ABC):
                 self.idle()
                 self._sleep(poll)
                 continue
-            self._handle(queue, entry)
+            batch = [entry]
+            while len(batch) < limit and not self.stopping:
+                more = queue.claim_next(self.slice, self.count, self.claimant)
+                if more is None or not self._confirmed(guard, more):
+                    break
+                batch.append(more)
+            self._handle(queue, batch)
             # --once ends when an entry comes round again (a runner that requeues into its own
             # queue with no delay would otherwise loop forever).
             if once:
-                if entry.id in seen:
+                if any(item.id in seen for item in batch):
                     break
-                seen.add(entry.id)
+                seen.update(item.id for item in batch)
         return 0
 
-    def _claim_hinted(self, queue: Any, poll: float) -> Any:
+    def _claim_hinted(self, queue: Queue, poll: float) -> Claimed | None:
         """Claim an entry inotify named, while the slice was idle at its last listing; else None.
 
         Only when idle: with a backlog the listing order (oldest first) must win.  Only within one
@@ -184,8 +188,6 @@ class Runner(abc.ABC):
         if self._idle_since_scan is None or time.monotonic() - self._idle_since_scan > poll:
             self._hints.clear()
             return None
-        from mailq.queue.names import slice_of, split_id
-
         now = time.time()
         while self._hints:
             eid = self._hints.popleft()
@@ -200,33 +202,45 @@ class Runner(abc.ABC):
                 return entry
         return None
 
-    def _handle(self, queue: Any, entry: Any) -> None:
-        # The epoch too: claims are judged against the map they were made under (docs/cluster.md §4).
-        self.log.info("claimed %s (epoch %d)", entry.id, self.claimant.epoch)
+    def _handle(self, queue: Queue, batch: list[Claimed]) -> None:
+        for entry in batch:
+            # The epoch too: claims are judged against the map they were made under (docs/cluster.md §4).
+            self.log.info("claimed %s (epoch %d)", entry.id, entry.claimant.epoch)
         started = time.monotonic()
         try:
-            self.process(entry)
-        except TemporaryFailure as exc:
-            self._requeue(queue, entry, exc)
-        except Exception:
-            error = traceback.format_exc().rstrip()
-            try:
-                queue.shunt(entry, error)       # logs "shunted <queue>/<id>: <last line>"
-            except Exception:
-                # Shunt is unwritable (disk full, NFS trouble): put the entry back for later instead.
-                self.log.critical("cannot shunt %s: %s\nprocessing error was:\n%s",
-                                  entry.id, traceback.format_exc().rstrip(), error)
-                self._requeue(queue, entry, RuntimeError("shunt failed"))
-            return
-        else:
-            try:
-                queue.finish(entry)
-            except FileNotFoundError:
-                self.log.warning("finished %s but its claim file was already gone", entry.id)
-                return
-            self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
+            failed = self.process_batch(batch)
+        except Exception as exc:
+            failed = {entry.id: exc for entry in batch}
+        for entry in batch:
+            exc = failed.get(entry.id)
+            if exc is None:
+                self._finish(queue, entry, started)
+            elif isinstance(exc, TemporaryFailure):
+                stats.count("mailq_entries_failed_total", label="requeued")
+                self._requeue(queue, entry, exc)
+            else:
+                stats.count("mailq_entries_failed_total", label="shunted")
+                self._shunt(queue, entry, "".join(traceback.format_exception(exc)).rstrip())
 
-    def _requeue(self, queue: Any, entry: Any, exc: Exception) -> None:
+    def _finish(self, queue: Queue, entry: Claimed, started: float) -> None:
+        try:
+            queue.finish(entry)
+        except FileNotFoundError:
+            self.log.warning("finished %s but its claim file was already gone", entry.id)
+            return
+        stats.count("mailq_entries_processed_total")
+        self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
+
+    def _shunt(self, queue: Queue, entry: Claimed, error: str) -> None:
+        try:
+            queue.shunt(entry, error)       # logs "shunted <queue>/<id>: <last line>"
+        except Exception:
+            # Shunt is unwritable (disk full, NFS trouble): put the entry back for later instead.
+            self.log.critical("cannot shunt %s: %s\nprocessing error was:\n%s",
+                              entry.id, traceback.format_exc().rstrip(), error)
+            self._requeue(queue, entry, RuntimeError("shunt failed"))
+
+    def _requeue(self, queue: Queue, entry: Claimed, exc: BaseException) -> None:
         not_before = time.time() + self.tempfail_delay
         try:
             new_id = queue.requeue(entry, not_before=not_before)
@@ -237,16 +251,7 @@ class Runner(abc.ABC):
                               traceback.format_exc().rstrip())
 
     # -- the cluster guard --------------------------------------------------------------------
-    def _make_guard(self) -> Any:
-        try:
-            from mailq.cluster.guard import ClaimGuard
-        except ImportError:
-            self.log.error("mailq.cluster.guard is missing (broken install?): claiming WITHOUT the "
-                           "cluster guard, epoch 0, no self-fencing:\n%s", traceback.format_exc().rstrip())
-            return None
-        return ClaimGuard(self.settings, self.queue, self.slice, self.count, self.log)
-
-    def _confirmed(self, guard: Any, entry: Any) -> bool:
+    def _confirmed(self, guard: ClaimGuard, entry: Claimed) -> bool:
         # The guard may have changed between check and rename (a frozen process, a takeover):
         # only a claim that still holds afterwards counts; otherwise confirm() gave it back.
         # If the re-check itself fails, neither processing nor giving back is known to be safe: the
@@ -257,9 +262,7 @@ class Runner(abc.ABC):
         self._moved = self._moved or state.moved
         return False
 
-    def _guard_allows(self, guard: Any) -> bool:
-        if guard is None:
-            return True
+    def _guard_allows(self, guard: ClaimGuard) -> bool:
         try:
             state = guard.check()
         except Exception:       # an NFS hiccup reading the map or the lease: no claim, try again later
@@ -272,9 +275,7 @@ class Runner(abc.ABC):
             self._moved = True
             return False
         # ClaimGuard logs its own transitions (fenced, claiming again).
-        if not state.may_claim:
-            return False
-        return True
+        return state.may_claim
 
     # -- waking up ----------------------------------------------------------------------------
     def _sleep(self, seconds: float) -> None:
@@ -332,26 +333,3 @@ class Runner(abc.ABC):
             except Exception:
                 pass
             self._observer = None
-
-    # -- signals ------------------------------------------------------------------------------
-    def _install_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def on_stop(signum: int, frame: Any) -> None:
-            self.request_stop()
-
-        def on_hup(signum: int, frame: Any) -> None:
-            # Reopening inside the handler could close a stream mid-write; the loop does it.
-            self._reopen = True
-            self._wake.set()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
-
-    def _maybe_reopen(self) -> None:
-        if self._reopen:
-            self._reopen = False
-            reopen_all()
-            self.log.info("log files reopened")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mailq import stats
 from mailq.delivery.outqueue import deliver, make_transport
 from mailq.runners.base import Runner
 
@@ -35,6 +36,10 @@ class OutgoingRunner(Runner):
         report = deliver(self.settings, self.transport, entry.msg, entry.metadata, self.enqueue, log=self.log,
                          stopping=lambda: self.stopping)
         self.last_used = time.monotonic()
+        for result, recipients in (("delivered", report.delivered), ("deferred", report.retried),
+                                   ("failed", report.bounced), ("given_up", report.given_up)):
+            if recipients:
+                stats.count("mailq_smtp_recipients_total", len(recipients), result)
         self.log.info("%s: %s", entry.id, report.summary())
 
     def idle(self) -> None:
