@@ -221,7 +221,9 @@ class Demo:
         self.say(f"   sink accepted {len(self.sink.received)} SMTP transactions, {copies} recipient copies")
         if self.sink.received:
             sample = email.message_from_bytes(self.sink.received[0][3])
-            self.say(f"   a delivered copy: Subject: {sample['Subject']!s} | List-Id: {sample['List-Id']!s}"
+            self.say(f"   a delivered copy: From: {sample['From']!s} (DMARC p=reject: munged) | Reply-To: "
+                     f"{sample['Reply-To']!s}")
+            self.say(f"   Subject: {sample['Subject']!s} | List-Id: {sample['List-Id']!s}"
                      f" | envelope sender {parseaddr(self.sink.received[0][1])[1]}")
         return ok
 

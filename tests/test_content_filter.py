@@ -275,3 +275,14 @@ def test_banned_and_matched_posts_end_where_the_rule_says_through_the_runner(nod
     log = (settings.log_dir / "in.log").read_text()
     assert "sender_rules: discard post from mallory@example.org" in log and "list ban_list" in log
     assert not any(n["To"] == "mallory@example.org" for n in notices)
+
+
+def test_html_that_would_explode_in_conversion_is_replaced_by_a_note(settings):
+    mlist = make_list(settings, filter_content=True)
+    bomb = "<ul><li>x" * 5000           # html2text would indent each level: 45 KB -> 25 MB of text
+    many = "<p>paragraph" * 3000        # unclosed <p>s do not nest: converted as usual
+    for html, expect in ((bomb, "too large or too deeply nested"), (many, "paragraph")):
+        raw = to_bytes(_headers(MIMEText(html, "html", "utf-8"), "html"))
+        msg, data, stop = run_pipeline(settings, mlist, raw, ["mime_filter"])
+        text = _seen(msg).get_content()
+        assert stop is None and expect in text and len(text) < 100_000, data.get("filtered")

@@ -15,11 +15,12 @@ declares ``text/plain`` but is called ``invoice.exe`` is both, and either type c
 
 Then ``collapse_alternatives`` turns a multipart/alternative into its first remaining part (the
 plainest, RFC 2046), and ``convert_html_to_plaintext`` turns every text/html part into text/plain
-with html2text (links kept as text; HTML larger than ``HTML_LIMIT`` is replaced by a line saying
-so instead of converted).  Containers left empty are removed too.  A post with nothing left
-follows ``filter_action``: ``discard``, ``reject`` (the poster is told which parts the list does
-not take), ``forward_to_owner`` (discarded; the owners get it attached) or ``preserve``
-(discarded; kept in ``var/lists/<list>/preserved/`` and the owners told where).
+with html2text (links kept as text; HTML larger than ``HTML_LIMIT`` or nested deeper than
+``HTML_DEPTH`` is replaced by a line saying so instead of converted).  Containers left empty are
+removed too.  A post with nothing left follows ``filter_action``: ``discard``, ``reject`` (the
+poster is told which parts the list does not take), ``forward_to_owner`` (discarded; the owners
+get it attached) or ``preserve`` (discarded; kept in ``var/lists/<list>/preserved/`` and the
+owners told where).
 
 ``msgdata["filtered"]`` lists what was removed or converted, for the log.  Parts that nothing
 removes are not re-encoded: their bytes go out as they came.
@@ -37,6 +38,13 @@ from mailq.pipeline.textbody import decode_text, encode_text
 HTML_LIMIT = 2 * 1024 * 1024
 #: Deeper nesting than this is not a real post's: the part is removed.
 MAX_DEPTH = 20
+#: HTML whose elements nest deeper than this is not converted (html2text's output grows with depth).
+HTML_DEPTH = 100
+#: Elements without an end tag (they do not nest).
+_VOID = frozenset(("area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+                   "source", "track", "wbr"))
+#: Elements that HTML lets a sibling of the same kind close (``<p>a<p>b``).
+_SIBLINGS = frozenset(("p", "li", "dt", "dd", "tr", "td", "th", "option"))
 _TYPES = mimetypes.MimeTypes()   # the built-in table only: the same answer on every host
 _CONTENT_HEADERS = ("content-type", "content-transfer-encoding", "content-disposition",
                     "content-description", "content-id", "content-language", "content-md5")
@@ -179,10 +187,10 @@ def _convert_html(part: Message, done: list[str]) -> None:
     if decoded is None:
         text, charset, cte = "[An HTML part that could not be decoded was removed.]\n", "us-ascii", "7bit"
         done.append("text/html part that cannot be decoded replaced by a note")
-    elif len(decoded[0]) > HTML_LIMIT:
+    elif len(decoded[0]) > HTML_LIMIT or too_deep(decoded[0]):
         text, charset, cte = (f"[An HTML part of {len(decoded[0])} characters was removed: too large "
-                              f"to convert to text.]\n", "us-ascii", "7bit")
-        done.append("text/html part too large to convert replaced by a note")
+                              f"or too deeply nested to convert to text.]\n", "us-ascii", "7bit")
+        done.append("text/html part too large or too deeply nested to convert replaced by a note")
     else:
         text, charset, cte = html_to_text(decoded[0]), decoded[1], decoded[2]
         done.append("text/html converted to text/plain")
@@ -191,6 +199,45 @@ def _convert_html(part: Message, done: list[str]) -> None:
     if not had_version:
         del part["mime-version"]   # set_type adds one; only the top level carries it
     encode_text(part, text, charset, cte)
+
+
+class _Deep(Exception):
+    pass
+
+
+def too_deep(html: str, limit: int = HTML_DEPTH) -> bool:
+    """True when elements in *html* nest more than *limit* deep (one linear pass, html.parser).
+
+    html2text indents every line by its nesting (lists, quotes), so 45 KB of nested ``<ul><li>``
+    would come out as 25 MB of text after seconds of work: such HTML is not converted.
+    """
+    from html.parser import HTMLParser
+
+    class Depth(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=False)
+            self.open: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: Any) -> None:
+            if tag in _VOID:
+                return
+            if tag in _SIBLINGS and self.open and self.open[-1] == tag:
+                self.open.pop()     # <p>a<p>b, <li>a<li>b: the new one closes the open one
+            self.open.append(tag)
+            if len(self.open) > limit:
+                raise _Deep
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag in self.open:    # close it and whatever was left open inside it
+                del self.open[len(self.open) - 1 - self.open[::-1].index(tag):]
+
+    parser = Depth()
+    try:
+        parser.feed(html)
+        parser.close()
+    except _Deep:
+        return True
+    return False
 
 
 def html_to_text(html: str) -> str:

@@ -36,7 +36,8 @@ COMMANDS = {"subscribe": (0, 3), "unsubscribe": (0, 2), "join": (0, 3), "leave":
             "help": (0, 0), "remove": (0, 0), "confirm": (1, 1)}
 #: Body lines looked at for administrivia (non-blank, before a signature or quoted text).
 BODY_LINES = 5
-#: Longest header text a header_matches pattern is run on (a hostile header may be megabytes).
+#: Longest header text a header_matches pattern is run on, and text read for administrivia
+#: (a hostile post may carry megabytes).
 MATCH_LIMIT = 16 * 1024
 _REPLY = re.compile(r"^\s*((re|aw|sv|fwd?)\s*:\s*)+", re.IGNORECASE)
 
@@ -112,7 +113,7 @@ def _first_lines(msg: Message) -> list[str]:
     if decoded is None:
         return []
     found = []
-    for line in decoded[0].splitlines()[:200]:
+    for line in decoded[0][:MATCH_LIMIT].splitlines()[:200]:
         if line.rstrip() == "--" or line.startswith(">"):
             break   # a signature, or quoted text: what follows is not the poster's request
         if line.strip():
