@@ -631,15 +631,16 @@ def _collect(part: Message, texts: list[str], attachments: list[str], depth: int
     filename = part.get_filename()
     attached = part.get_content_disposition() == "attachment" or bool(filename)
     if ctype in ("text/plain", "text/html") and not attached:
-        from mailq.pipeline.mime_filter import HTML_LIMIT, html_to_text
+        from mailq.pipeline.mime_filter import HTML_LIMIT, html_to_text, too_deep
 
         text = _decoded(part)
         if ctype == "text/plain":
             texts.append(text)
-        elif len(text) <= HTML_LIMIT:
+        elif len(text) <= HTML_LIMIT and not too_deep(text):
             texts.append(html_to_text(text))
-        else:                                   # html2text is pure Python: not for megabytes
-            attachments.append(f"(HTML too large to show as text) (text/html, {_size(len(text))})")
+        else:     # html2text is pure Python: not for megabytes, nor for hostile nesting (mime_filter)
+            attachments.append(f"(HTML too large or too deeply nested to show as text) (text/html, "
+                               f"{_size(len(text))})")
         return
     payload = part.get_payload(decode=True) or b""
     attachments.append(f"{_one_line(str(filename)) if filename else '(no name)'} ({ctype}, {_size(len(payload))})")

@@ -119,6 +119,13 @@ def test_list_header_and_footer_settings_replace_the_templates_with_placeholders
     assert text.startswith("Welcome to dev issue 7\n") and "Bye from dev@example.org" in text
 
 
+def test_text_of_lists_hostile_html_instead_of_converting_it():
+    deep = "<ul><li>" * 2000 + "x" + "</li></ul>" * 2000
+    msg = email.message_from_bytes(f"Content-Type: text/html\n\n{deep}\n".encode(), policy=policy.compat32)
+    text, attachments = text_of(msg)
+    assert text == "" and attachments and "too deeply nested" in attachments[0]
+
+
 def test_text_of_never_raises_on_a_multipart_without_boundary_or_bad_charset():
     msg = email.message_from_bytes(b"Content-Type: multipart/mixed\n\nno boundary here\n", policy=policy.compat32)
     text, attachments = text_of(msg)
