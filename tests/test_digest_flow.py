@@ -73,13 +73,13 @@ def test_a_digest_member_gets_one_digest_of_the_posts_and_a_regular_member_every
         master(node)
         for i in range(5):
             post(settings, f"first {i}")
-        wait_for(lambda: len(received_by(sink, "regular@example.org")) == 5, 60,
+        wait_for(lambda: len(received_by(sink, "regular@example.org")) == 5, 120,
                  message="5 posts to the regular member")
-        wait_for(lambda: pending_posts(settings) == 5, 60, message="5 posts in the pending digest")
+        wait_for(lambda: pending_posts(settings) == 5, 120, message="5 posts in the pending digest")
         assert received_by(sink, "mime@example.org") == [] and received_by(sink, "plain@example.org") == []
         node.run("mailqctl", "cron", "run", "send-digests", check=True)
-        mime = wait_for(lambda: received_by(sink, "mime@example.org"), 60, message="the MIME digest")
-        plain = wait_for(lambda: received_by(sink, "plain@example.org"), 60, message="the plain digest")
+        mime = wait_for(lambda: received_by(sink, "mime@example.org"), 120, message="the MIME digest")
+        plain = wait_for(lambda: received_by(sink, "plain@example.org"), 120, message="the plain digest")
         assert len(mime) == 1 and len(plain) == 1
         assert mime[0]["Subject"] == "dev Digest, Vol 1, Issue 1" == plain[0]["Subject"]
         parts = digest_parts(mime[0])
@@ -90,13 +90,14 @@ def test_a_digest_member_gets_one_digest_of_the_posts_and_a_regular_member_every
         # the next round: three posts, the next day (MAILQ_NOW moves the clock of decisions, docs/cluster.md §7)
         for i in range(3):
             post(settings, f"second {i}")
-        wait_for(lambda: pending_posts(settings) == 3, 60, message="3 new pending posts")
+        wait_for(lambda: pending_posts(settings) == 3, 120, message="3 new pending posts")
         tomorrow = str(time.time() + 86400)
         node.run("mailqctl", "cron", "run", "send-digests", "--force", check=True, env={"MAILQ_NOW": tomorrow})
-        wait_for(lambda: len(received_by(sink, "mime@example.org")) == 2, 60, message="the second MIME digest")
+        wait_for(lambda: len(received_by(sink, "mime@example.org")) == 2, 120, message="the second MIME digest")
         second = received_by(sink, "mime@example.org")[1]
         assert second["Subject"] == "dev Digest, Vol 1, Issue 2" and len(digest_parts(second)) == 3
-        assert len(received_by(sink, "regular@example.org")) == 8
+        wait_for(lambda: len(received_by(sink, "regular@example.org")) == 8, 120,
+                 message="the regular member's copies of the second round")
         status = json.loads(node.run("mailqctl", "digests", "status", "dev", "--json", check=True).stdout)
         assert (status["volume"], status["issue"], status["pending_posts"]) == (1, 2, 0)
 
@@ -107,11 +108,12 @@ def test_posts_past_digest_size_kb_send_a_digest_without_cron(tmp_path, master):
     make_list(node, digest_size_kb=2)
     with SMTPSink(settings.smtp.port) as sink:
         master(node)
-        body = "a line of text that makes the post longer\n" * 20      # ~860 bytes: the third post passes 2 KB
-        for i in range(3):
-            post(settings, f"big {i}", body)
-        digests = wait_for(lambda: received_by(sink, "mime@example.org"), 60, message="a digest by size")
-        assert len(digest_parts(digests[0])) == 3
+        body = "a line of text that makes the post longer\n" * 20      # ~1.4 KB pending per post
+        post(settings, "big 0", body)
+        wait_for(lambda: pending_posts(settings) == 1, 120, message="the first post pending (1.4 KB < 2 KB)")
+        post(settings, "big 1", body)                                  # 2.8 KB > digest_size_kb 2
+        digests = wait_for(lambda: received_by(sink, "mime@example.org"), 120, message="a digest by size")
+        assert [p.get_payload()[0]["Subject"] for p in digest_parts(digests[0])] == ["big 0", "big 1"]
         assert pending_posts(settings) == 0
         cron = json.loads(node.run("mailqctl", "cron", "list", "--json", check=True).stdout)
         assert next(t for t in cron if t["task"] == "send-digests")["last_age"] is None   # cron never ran
@@ -140,7 +142,7 @@ def test_post_numbers_are_consecutive_over_a_hundred_posts_through_two_nodes_wit
             status = read_status(node.settings()) or {"runners": []}
             return next((r["pid"] for r in status["runners"] if r["name"] == "in" and r["state"] == "running"), None)
 
-        victim = wait_for(lambda: next((p for p in (in_runner(n) for n in nodes) if p), None), 60,
+        victim = wait_for(lambda: next((p for p in (in_runner(n) for n in nodes) if p), None), 120,
                           message="an in runner running")
         for i in range(100):
             post(settings, f"num {i}")
