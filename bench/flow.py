@@ -345,11 +345,11 @@ def main() -> None:
         run(env, PY, "-m", "mailq.cli.ctl", "lists", "create", "dev", "--owner", "owner@example.org",
             "--domain", "lists.example.org")
         members = "".join(f"member{i}@example.com\n" for i in range(3)).encode()
-        run(env, PY, "-m", "mailq.cli.ctl", "members", "add", "dev", "-", input=members)
+        run(env, PY, "-m", "mailq.cli.ctl", "members", "add", "dev", "-", "--no-welcome", input=members)
         run(env, PY, "-m", "mailq.cli.ctl", "lists", "create", "big", "--owner", "owner@example.org",
             "--domain", "lists.example.org")
         members = "".join(f"member{i}@example.com\n" for i in range(BIG_MEMBERS)).encode()
-        run(env, PY, "-m", "mailq.cli.ctl", "members", "add", "big", "-", input=members)
+        run(env, PY, "-m", "mailq.cli.ctl", "members", "add", "big", "-", "--no-welcome", input=members)
         sink = Sink(base, smtp_port)
 
         startup = bench_deliver(env, base, args.runs)

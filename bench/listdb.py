@@ -92,7 +92,7 @@ def main() -> None:
         infile = Path(tmp) / "add.txt"
         infile.write_text("".join(f"New Member {i} <new{i}@example.org>\n" for i in range(args.add)))
         t0 = time.perf_counter()
-        proc = node.mailq("members", "add", "add", str(infile))
+        proc = node.mailq("members", "add", "add", str(infile), "--no-welcome")
         results["add_10k_s"] = round(time.perf_counter() - t0, 2)
         if proc.returncode != 0 or len(store.load("add").members) != args.add:
             sys.exit(f"members add failed: {proc.stderr}")

@@ -44,6 +44,8 @@ class Task:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("expire-held", "mailq.lists.held:expire_held", 3600.0, "cluster",
          "discard held posts older than each list's max_held_days, owners told"),
+    Task("expire-pending", "mailq.lists.pending:expire_pending", 3600.0, "cluster",
+         "drop expired confirmation tokens and owner requests, finish interrupted confirmations"),
     Task("recover", "mailq.cron:recover_local", 300.0, "node",
          "claims of this node's dead processes back to their queues"),
     Task("check-failover", "mailq.cron:check_failover", 30.0, "cluster",

@@ -433,22 +433,22 @@ class _Post:
     msg: Message | None = None
 
 
-def _placeholders(mlist: Any, volume: int, issue: int, when: float) -> dict[str, str]:
-    return {"list_name": mlist.name, "display_name": mlist.display_name, "list_address": mlist.posting_address,
-            "request_address": mlist.request_address, "owner_address": mlist.owner_address,
-            "volume": str(volume), "issue": str(issue),
-            "date": time.strftime("%Y-%m-%d", time.gmtime(when))}
+def _placeholders(volume: int, issue: int, when: float) -> dict[str, str]:
+    """The digest's own placeholders; the list's (``$list_name``, ...) come from ``mailq.templates``."""
+    return {"volume": str(volume), "issue": str(issue), "date": time.strftime("%Y-%m-%d", time.gmtime(when))}
 
 
 def render(mlist: Any, name: str, **values: str) -> str:
-    """A system text: the list's own ``digest_header``/``digest_footer`` setting if set, else the
-    template ``mailq/templates/<name>.txt``; ``$placeholders`` filled in, unknown ones left as they are.
+    """A digest text: the list's own ``digest_header``/``digest_footer`` setting when set, else the
+    template of that name (``mailq.templates``: the list's copy, else the shipped
+    ``mailq/templates/<name>.txt``); ``$placeholders`` filled in, unknown ones left as written.
     """
+    from mailq import templates
+
     own = str(getattr(mlist.settings, name, "") or "")
     if own.strip():
-        return string.Template(own).safe_substitute(values)
-    text = (Path(__file__).parent / "templates" / f"{name}.txt").read_text(encoding="utf-8")
-    return string.Template(text).safe_substitute(values)
+        return string.Template(own).safe_substitute({**templates.list_values(mlist), **values})
+    return templates.render(mlist, name, **values)
 
 
 def digest_subject(mlist: Any, volume: int, issue: int) -> str:
@@ -463,7 +463,7 @@ def build(mlist: Any, posts: list[bytes], volume: int, issue: int, when: float, 
         return {}
     full = "plain" in formats
     items = [_parse_post(raw, full) for raw in posts]
-    values = _placeholders(mlist, volume, issue, when)
+    values = _placeholders(volume, issue, when)
     header = render(mlist, "digest_header", **values).rstrip("\n")
     footer = render(mlist, "digest_footer", **values).rstrip("\n")
     toc = _toc(items)

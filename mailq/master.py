@@ -17,8 +17,9 @@ our own heartbeat); the slices it took are started as soon as it is done.  The s
 ``<run_dir>/status.json`` for ``mailqctl status`` and to ``var/cluster/status/<node>.json`` for
 ``mailqctl cluster status`` on any host.
 
-Signals: SIGTERM/SIGINT stop every runner (SIGTERM, ``runners.stop_timeout``, then SIGKILL) and
-exit 0; SIGHUP reopens the log files and is passed on to every runner.
+Signals: SIGTERM/SIGINT end a takeover in progress at its next safe point (releasing the slices
+lock), stop every runner (SIGTERM, ``runners.stop_timeout``, then SIGKILL) and exit 0; SIGHUP
+reopens the log files and is passed on to every runner.
 """
 from __future__ import annotations
 
@@ -169,6 +170,8 @@ class Master:
         self._rejoining = False
         self._failover_thread: threading.Thread | None = None
         self._takeover_done = threading.Event()
+        #: set at shutdown: a takeover in progress gives up at its next safe point and releases the lock
+        self._cancel = threading.Event()
         self._shared_at = 0.0
         self._metrics_server: Any = None
         self.on_hup: Callable[[], None] | None = None   # extra work on SIGHUP (the daemon's stdio)
@@ -437,7 +440,7 @@ class Master:
             try:
                 from mailq.cluster.failover import check
 
-                if check(self.settings, self.log):
+                if check(self.settings, self.log, cancel=self._cancel):
                     self._takeover_done.set()
             except Exception:
                 self.log.error("automatic failover check failed:\n%s", traceback.format_exc().rstrip())
@@ -486,6 +489,34 @@ class Master:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
 
+    def _stop_failover(self) -> None:
+        """End a takeover in progress cleanly before exiting: never leave with a claim on the slices lock.
+
+        The takeover gives up at its next safe point (waiting for the lock, before writing the map,
+        between the queues of its recovery; docs/cluster.md §5) and releases the lock on its way
+        out.  If it does not within ``runners.stop_timeout`` (a hung filesystem), this master
+        removes its own claims on the slices lock before exiting; what the takeover wrote is whole
+        (the map is one exclusive create) and what it did not finish a later failover look does.
+        """
+        thread = self._failover_thread
+        if thread is None or not thread.is_alive():
+            return
+        self._cancel.set()
+        self.log.info("master stopping: asking the failover check in progress to stop")
+        thread.join(self.settings.runners.stop_timeout)
+        if not thread.is_alive():
+            return
+        from mailq.cluster.slicemap import slices_lock
+        from mailq.locks import host_id
+
+        lock = slices_lock(self.settings)
+        mine = [h for h in lock.holders() if (h.host, h.pid) == (host_id(), os.getpid())]
+        if mine:
+            lock.force_break(mine[0])
+        self.log.error("master stopping: the failover check did not stop within %.0fs (shared filesystem hung?); "
+                       "removed this master's %d claim(s) on the slices lock; the next failover look redoes what "
+                       "it left", self.settings.runners.stop_timeout, len(mine))
+
     def _reopen(self) -> None:
         from mailq.logs import reopen_all
 
@@ -502,10 +533,7 @@ class Master:
                 child.proc.send_signal(signal.SIGHUP)
 
     def _shutdown(self) -> None:
-        if self._failover_thread is not None and self._failover_thread.is_alive():
-            # A takeover half done is safe to redo, but let it finish: it holds the slices lock.
-            self.log.info("master stopping: waiting for the failover check in progress")
-            self._failover_thread.join(self.settings.runners.stop_timeout)
+        self._stop_failover()
         running = [c for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
         self.log.info("master stopping: SIGTERM to %d runners", len(running))
         for child in running:

@@ -8,15 +8,18 @@ from __future__ import annotations
 import email.utils
 import time
 from email.message import EmailMessage
-
 from typing import Any
 
 from mailq.config import Settings
 
 
 def build_notice(settings: Settings, to: list[str], subject: str, body: str, *,
-                 sender: str | None = None, attachment: bytes | None = None) -> bytes:
-    """A complete RFC 5322 message; *attachment* (a whole message) is attached as message/rfc822."""
+                 sender: str | None = None, attachment: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> bytes:
+    """A complete RFC 5322 message; *attachment* (a whole message) is attached as message/rfc822.
+
+    *headers* are added as given (``Reply-To``, ``In-Reply-To``, ...).
+    """
     msg = EmailMessage()
     msg["From"] = sender or settings.site_owner
     msg["To"] = ", ".join(to)
@@ -26,6 +29,8 @@ def build_notice(settings: Settings, to: list[str], subject: str, body: str, *,
     msg["Message-ID"] = email.utils.make_msgid(domain=domain)
     msg["Auto-Submitted"] = "auto-generated"
     msg["Precedence"] = "bulk"
+    for key, value in (headers or {}).items():
+        msg[key] = value
     msg.set_content(body)
     if attachment is not None:
         from email import message_from_bytes, policy
@@ -35,9 +40,10 @@ def build_notice(settings: Settings, to: list[str], subject: str, body: str, *,
 
 
 def notice_entry(settings: Settings, to: list[str], subject: str, body: str, *, listname: str = "",
-                 sender: str | None = None, attachment: bytes | None = None) -> tuple[bytes, dict]:
+                 sender: str | None = None, attachment: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[bytes, dict]:
     """The ``virgin`` queue entry of a notice, as (message bytes, metadata), not yet queued."""
-    raw = build_notice(settings, to, subject, body, sender=sender, attachment=attachment)
+    raw = build_notice(settings, to, subject, body, sender=sender, attachment=attachment, headers=headers)
     metadata = {
         "listname": listname,
         "kind": "notice",
@@ -59,18 +65,37 @@ def notify(settings: Settings, to: list[str], subject: str, body: str, *, listna
     return Queue.for_settings(settings, "virgin").enqueue(raw, metadata, listname=listname)
 
 
-def render_template(mlist: Any, name: str, **values: Any) -> str:
-    """The text ``mailq/templates/<name>.txt`` (``string.Template``) filled in for *mlist*.
+def template_entry(settings: Settings, mlist: Any, to: list[str], name: str, *, listname: str | None = None,
+                   from_address: str | None = None, attachment: bytes | None = None,
+                   headers: dict[str, str] | None = None, **values: Any) -> tuple[bytes, dict]:
+    """The ``virgin`` entry of a notice whose subject and body are template *name* (``mailq.templates``).
 
-    Standard values: ``$list_name``, ``$list_address``, ``$request_address``, ``$owner_address``;
-    *values* add to them.  Unknown ``$names`` stay as written (a template edit must not make a
-    notice fail).  The one place the pipeline's notices are rendered, so that the template API
-    (``mailq.templates.render``) can take over here alone.
+    *mlist* (None for site mail) gives the list placeholders and the list's own copy of the
+    template; *values* the placeholders of the occasion; *from_address* the From (default: the
+    site owner).
     """
-    import string
-    from pathlib import Path
+    from mailq.templates import render_message
 
-    text = (Path(__file__).resolve().parent / "templates" / f"{name}.txt").read_text(encoding="utf-8")
-    standard = {"list_name": mlist.name, "list_address": mlist.posting_address,
-                "request_address": mlist.request_address, "owner_address": mlist.owner_address}
-    return string.Template(text).safe_substitute({**standard, **values})
+    subject, body = render_message(mlist, name, **values)
+    if listname is None:
+        listname = mlist.name if mlist is not None else ""
+    return notice_entry(settings, to, subject, body, listname=listname, sender=from_address,
+                        attachment=attachment, headers=headers)
+
+
+def notify_template(settings: Settings, mlist: Any, to: list[str], name: str, *, listname: str | None = None,
+                    from_address: str | None = None, attachment: bytes | None = None,
+                    headers: dict[str, str] | None = None, **values: Any) -> str:
+    """Queue the notice made from template *name* (``template_entry``) in ``virgin``; the entry id."""
+    from mailq.queue import Queue
+
+    raw, metadata = template_entry(settings, mlist, to, name, listname=listname, from_address=from_address,
+                                   attachment=attachment, headers=headers, **values)
+    return Queue.for_settings(settings, "virgin").enqueue(raw, metadata, listname=metadata["listname"])
+
+
+def render_template(mlist: Any, name: str, **values: Any) -> str:
+    """The body of template *name* for *mlist* (``mailq.templates.render``; the pipeline's notices call this)."""
+    from mailq.templates import render
+
+    return render(mlist, name, **values)

@@ -29,6 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 
 from tests.support import ROOT, die_with_parent, skip_unless_ready
 
@@ -43,10 +45,23 @@ NFS_PORT, MNT_PORT = 20490, 20048
 _NAME = re.compile(r"^mqnfs(\d+)x[0-9a-f]+$")
 
 
-def nfs_unavailable() -> str:
-    """Why the NFS lane cannot run here ("" when it can); tests/setup-system.sh installs its parts."""
+def nfs_impossible() -> str:
+    """Why this machine cannot run the lane whatever is installed ("" when it can): root, FUSE, namespaces."""
     if os.geteuid() != 0:
         return "needs root (network namespace for the NFS server, FUSE mounts)"
+    if not Path("/dev/fuse").exists():
+        return "/dev/fuse is missing (a container started without the FUSE device)"
+    if shutil.which("ip"):
+        probe = f"mqnfs{os.getpid()}xprobe"
+        made = _ip("netns", "add", probe, check=False)
+        _ip("netns", "del", probe, check=False)
+        if made.returncode != 0:
+            return f"ip netns add refused: {made.stderr.decode(errors='replace').strip()}"
+    return ""
+
+
+def nfs_unavailable() -> str:
+    """Why the NFS lane cannot run here ("" when it can); tests/setup-system.sh installs its parts."""
     missing = [p for p in ("ganesha.nfsd", "rpcbind", "ip", "unshare", "nsenter", "mountpoint") if not shutil.which(p)]
     if missing:
         return f"not installed: {', '.join(missing)} (run `sh tests/setup-system.sh` as root)"
@@ -55,8 +70,6 @@ def nfs_unavailable() -> str:
     probe = subprocess.run([sys.executable, "-c", "import libnfs, mfusepy"], capture_output=True)
     if probe.returncode != 0:
         return "Python packages libnfs and mfusepy are not installed (`python3 dev.py test` installs them)"
-    if not Path("/dev/fuse").exists():
-        return "/dev/fuse is missing"
     return ""
 
 
@@ -220,7 +233,14 @@ class NfsMount:
 
 
 def start_server(base: Path) -> NfsServer:
-    """A running server exporting ``base/export``; skip (or fail where the lane must run) otherwise."""
+    """A running server exporting ``base/export``; skip (or fail where the lane must run) otherwise.
+
+    A machine that cannot run it at all (not root, no FUSE device, namespaces refused) skips with
+    the reason; where its packages were installed (CI), anything else that stops it fails the lane.
+    """
+    impossible = nfs_impossible()
+    if impossible:
+        pytest.skip(impossible)
     skip_unless_ready(nfs_unavailable(), PACKAGES)
     export = base / "export"
     export.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,6 @@ if [ -n "$installable" ]; then
             { tail -n 15 "$log"; finish 3 "apt-get install failed (above)"; }
     fi
 fi
-say "installed$installable in $(( $(date +%s) - started ))s"
+[ -n "$installable" ] && say "installed$installable in $(( $(date +%s) - started ))s"
 [ -n "$unavailable" ] && finish 3 "this Debian has no package:$unavailable"
 finish 0

@@ -424,3 +424,70 @@ def test_a_frozen_map_writer_cannot_overwrite_the_takeover_that_fenced_it(nodes)
     assert smap.epoch == epoch + 1 and smap.nodes["h1"].fenced and "h1" not in smap.queues["out"]
     assert slicemap.latest_map(s2).to_dict() == smap.to_dict()                # the takeover's map stands
     assert slicemap.epochs_on_disk(s2)[-1] == epoch + 1
+
+
+def test_a_master_stopping_during_a_takeover_abandons_it_and_leaves_no_lock_claim(tmp_path):
+    """docs/cluster.md §6: shutdown ends a takeover waiting for the slices lock and releases its claim."""
+    var = tmp_path / "var"
+    # stop_timeout far beyond the test's patience: shutdown must not merely wait the takeover out.
+    nodes = {n: make_node(tmp_path, n, var=var, runners={"slices": {"out": 3}, "stop_timeout": 3600},
+                          cluster={"failover": "auto"}) for n in ("h1", "h2", "h3")}
+    nodes["h1"].mailq("slices", "init", "--nodes", "h1,h2,h3", check=True)
+    s1 = renew(nodes["h1"])
+    age_heartbeat(s1, "h3", 60)                     # h3 dead; h1 is its backup
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SLICES_LOCK, str(nodes["h2"].config)], cwd=ROOT,
+                              env=nodes["h2"].environ(), stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"held"
+    master = nodes["h1"].popen("mailqctl", "start", "--foreground", stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    log = s1.log_dir / "master.log"
+    lock = slicemap.slices_lock(s1)
+    try:
+        wait_for(lambda: log.exists() and "node h3 is silent" in log.read_text(), 60,
+                 message="h1's master starting the takeover of h3")
+        wait_for(lambda: any(pid == master.pid for _, pid in lock.records()), 30,
+                 message="the takeover waiting on the slices lock (its holder record)")
+        master.terminate()
+        assert master.wait(timeout=120) == 0
+        text = log.read_text()
+        assert "abandoned while waiting for the slices lock" in text and "master stopped" in text
+        assert [h for h in lock.holders() if h.pid == master.pid] == []    # no claim left behind
+        assert [pid for _, pid in lock.records() if pid == master.pid] == []
+        assert not load_map(s1.slice_map_path).nodes["h3"].fenced          # nothing half done
+    finally:
+        holder.kill()
+        holder.wait()
+        if master.poll() is None:
+            master.kill()
+            master.wait()
+    # The next look (cron's safety net here) does the takeover, unhindered by the stopped master.
+    reports = failover.check(nodes["h2"].settings(), LOG, any_performer=True)
+    assert [r.dead for r in reports] == ["h3"] and load_map(s1.slice_map_path).nodes["h3"].fenced
+
+
+def test_a_takeover_cut_short_after_the_map_leaves_its_recovery_to_the_next_look(nodes):
+    import threading
+
+    s1 = renew(nodes["h1"])
+    renew(nodes["h2"])
+    claimed = claim_one(s1, "out", "h3")
+    age_heartbeat(s1, "h3", 60)
+    cancel = threading.Event()
+    real_write = takeover_mod.write_map
+
+    def write_then_stop(*args, **kw):
+        real_write(*args, **kw)
+        cancel.set()                                 # the master is told to stop right after the map
+
+    takeover_mod.write_map = write_then_stop
+    try:
+        with pytest.raises(takeover_mod.TakeoverAbandoned, match="recovery was cut short"):
+            takeover_mod.takeover(s1, "h3", log=LOG, cancel=cancel)
+    finally:
+        takeover_mod.write_map = real_write
+    assert load_map(s1.slice_map_path).nodes["h3"].fenced and claimed.path.exists()
+    assert takeover_mod.pending_recovery(s1) == ["h3"]
+    assert slicemap.slices_lock(s1).holders() == []                       # released on the way out
+    reports = failover.check(nodes["h2"].settings(), LOG, any_performer=True)
+    assert [(r.dead, r.already_fenced, r.recovered) for r in reports] == [("h3", True, 1)]
+    assert not claimed.path.exists() and takeover_mod.pending_recovery(s1) == []

@@ -311,3 +311,21 @@ def test_the_dns_section_is_validated_and_builds_the_one_resolver(tmp_path):
     settings = parse_settings("dns: {nameservers: ['::1', 127.0.0.53], port: 5353, timeout: 2.5}\n")
     resolver = make_resolver(settings)
     assert (resolver.nameservers, resolver.port, resolver.lifetime) == (["::1", "127.0.0.53"], 5353, 2.5)
+
+
+def test_in_runners_of_two_hosts_share_one_lookup(tmp_path, dns_server):
+    """Posts from one domain handled by the in runners of two nodes (real processes, one var): one query."""
+    n1, n2 = dns_node(tmp_path, dns_server, "n1"), dns_node(tmp_path, dns_server, "n2")
+    settings = n1.settings()
+    make_list(settings, nonmember_action="accept")
+    for node, batch in ((n1, "a"), (n2, "b")):
+        for i in range(10):
+            node.run("mailq-deliver", "post", "dev", input=post(f"p{i}@reject.test", subject=f"{batch}{i}"),
+                     check=True)
+        node.run("qrunner", "-r", "in", "--once", check=True)
+    outs = [email.message_from_bytes(m, policy=policy.default) for m, _ in queue_entries(settings, "out")]
+    assert len(outs) == 20
+    assert {(m["From"].addresses[0].display_name.endswith("@reject.test via dev"), m["From"].addresses[0].addr_spec)
+            for m in outs} == {(True, "dev@example.org")}
+    assert dns_server.count("_dmarc.reject.test") == 1
+    assert "dmarc: munge_from" in (settings.var / "log" / "n2" / "in.log").read_text()

@@ -18,9 +18,6 @@ NOT_USES = {"mailq/lists/settings.py", "mailq/cli/lists.py"}
 #: Fields whose effect another open issue is building right now (field -> who).  An entry must go
 #: as soon as the field is read: the test fails then too, naming it.
 PENDING = {
-    "subscribe_policy": "issue 13 (email commands: subscriptions follow the policy)",
-    "send_welcome": "issue 13 (welcome messages)",
-    "welcome_text": "issue 13 (welcome messages)",
     "bounce_score_threshold": "issue 14 (bounce processing)",
     "bounce_info_stale_after_days": "issue 14 (bounce processing)",
     "bounce_disabled_warnings": "issue 14 (bounce processing)",

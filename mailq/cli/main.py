@@ -28,7 +28,9 @@ SUBCOMMANDS = {
     "members": "mailq.cli.members:members",
     "metrics": "mailq.cli.metrics:metrics",
     "queue": "mailq.cli.queue:queue",
+    "requests": "mailq.cli.requests:requests",
     "slices": "mailq.cli.slices:slices",
+    "templates": "mailq.cli.templates:templates",
 }
 
 

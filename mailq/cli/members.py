@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from mailq.cli.common import (config_option, emit_json, fail, handle_errors, json_option, print_table, progress,
-                              remember_config, warn)
+from mailq.cli.common import (config_option, emit_json, fail, get_settings, handle_errors, json_option, print_table,
+                              progress, remember_config, warn)
 from mailq.cli.lists import _store
 
 
@@ -76,9 +76,12 @@ def members(ctx: click.Context, config_file: str | None) -> None:
               help="New members get digests in this format (--digest alone: mime).")
 @click.option("--moderate/--no-moderate", default=None,
               help="Moderate the new members (default: the list's default_member_moderation).")
+@click.option("--welcome/--no-welcome", default=None,
+              help="Mail each new member the welcome message (default: the list's send_welcome).")
 @json_option
 @handle_errors
-def add(listname: str, source: str, digest: str, moderate: bool | None, as_json: bool) -> None:
+def add(listname: str, source: str, digest: str, moderate: bool | None, welcome: bool | None,
+        as_json: bool) -> None:
     """Add the members listed in FILE (or stdin) to LISTNAME.
 
     Bad lines are reported with their line numbers and skipped; the good ones are added (exit 1 if
@@ -90,6 +93,7 @@ def add(listname: str, source: str, digest: str, moderate: bool | None, as_json:
       mailqctl members add dev new.txt
       mailqctl members add dev - --digest < digest-readers.txt
       mailqctl members add dev plain-readers.txt --digest plain
+      mailqctl members add dev imported.txt --no-welcome
     """
     from mailq.lists import Member
 
@@ -110,13 +114,17 @@ def add(listname: str, source: str, digest: str, moderate: bool | None, as_json:
             added, existing = mlist.members.add_many(batch)
     elif not bad:
         warn(f"{source if source != '-' else 'stdin'} holds no addresses; nothing changed")
+    from mailq.lists.membership import send_all, welcome_entry
+
+    welcomed = send_all(get_settings(), [welcome_entry(get_settings(), mlist, m.address, welcome) for m in added])
     result = {"list": listname, "added": len(added), "already_members": [m.address for m in existing],
               "invalid": bad, "members": len(mlist.members), "generation": mlist.generation,
-              "changed": mlist.saved}
+              "changed": mlist.saved, "welcomed": welcomed}
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"{listname}: added {len(added)} member(s); now {len(mlist.members)}")
+        click.echo(f"{listname}: added {len(added)} member(s); now {len(mlist.members)}"
+                   + (f"; {welcomed} welcome message(s) queued" if welcomed else ""))
         if existing:
             click.echo(f"already members ({len(existing)}): " + ", ".join(m.address for m in existing[:20])
                        + (" ..." if len(existing) > 20 else ""))
@@ -130,9 +138,11 @@ def add(listname: str, source: str, digest: str, moderate: bool | None, as_json:
 @members.command("remove")
 @click.argument("listname")
 @click.argument("items", nargs=-1, metavar="[FILE|-|ADDR...]")
+@click.option("--goodbye/--no-goodbye", default=None,
+              help="Mail each removed member the goodbye message (default: the list's send_goodbye).")
 @json_option
 @handle_errors
-def remove(listname: str, items: tuple[str, ...], as_json: bool) -> None:
+def remove(listname: str, items: tuple[str, ...], goodbye: bool | None, as_json: bool) -> None:
     """Remove members from LISTNAME: addresses given, or listed in FILE (or stdin).
 
     Addresses that are not members are reported.  Invalid ones are refused (exit 1); the valid
@@ -168,6 +178,9 @@ def remove(listname: str, items: tuple[str, ...], as_json: bool) -> None:
         mlist, removed = store.load(listname), []
     gone = {m.key for m in removed}
     missing = sorted({a for a in addresses if a.lower() not in gone}, key=str.lower)
+    from mailq.lists.membership import goodbye_entry, send_all
+
+    send_all(get_settings(), [goodbye_entry(get_settings(), mlist, m.address, goodbye) for m in removed])
     if as_json:
         emit_json({"list": listname, "removed": [m.address for m in removed], "not_members": missing,
                    "invalid": bad, "members": len(mlist.members), "changed": mlist.saved})

@@ -15,6 +15,7 @@ does that by hand.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from mailq.cluster.heartbeat import lease_age, read_all, takeover_allowed
 from mailq.cluster.slicemap import SliceMapError, current_for_update
@@ -23,13 +24,15 @@ from mailq.config import Settings
 from mailq.errors import MailqError
 
 
-def check(settings: Settings, log: logging.Logger, *, any_performer: bool = False) -> list[TakeoverReport]:
+def check(settings: Settings, log: logging.Logger, *, any_performer: bool = False,
+          cancel: Any = None) -> list[TakeoverReport]:
     """Take over every dead node this node is the one to take over; return what was done.
 
     Also finishes deferred recoveries (a node that beat again during its takeover, see
     :func:`mailq.cluster.takeover.takeover`) once that node is silent past lease + margin again.
     Cheap when nothing is dead: one listing of the heartbeat folder and a probe; the map is read
-    only when some node looks dead.
+    only when some node looks dead.  *cancel* (a ``threading.Event``, the master's stop): passed to
+    :func:`mailq.cluster.takeover.takeover`, which then gives up at its next safe point.
     """
     if settings.cluster.failover != "auto":
         return []
@@ -53,6 +56,8 @@ def check(settings: Settings, log: logging.Logger, *, any_performer: bool = Fals
     alive = live_nodes(settings, smap, beats=beats)
     reports = []
     for node in dead + pending:
+        if cancel is not None and cancel.is_set():
+            break
         backup = smap.nodes[node].backup
         performer = backup if backup in alive else (alive[0] if alive else None)
         if not any_performer and performer != me:
@@ -65,7 +70,7 @@ def check(settings: Settings, log: logging.Logger, *, any_performer: bool = Fals
                         "deferred", node)
         try:
             report = takeover(settings, node, log=log, skip_if_fenced=node in dead,
-                              own_lease=not any_performer)
+                              own_lease=not any_performer, cancel=cancel)
         except MailqError as exc:
             # Someone else did it, or the node came back between our look and the lock: both fine.
             log.info("failover of %s not done: %s", node, exc)

@@ -23,7 +23,15 @@ from typing import Any
 from mailq.cluster.heartbeat import HeartbeatInfo, nodes_dir, read_all, read_heartbeat, state_of, takeover_allowed
 from mailq.cluster.slicemap import SliceMap, current_for_update, disk_epoch, slices_lock, write_map
 from mailq.config import Settings
-from mailq.errors import InvalidInput, NotFound
+from mailq.errors import InvalidInput, MailqError, NotFound
+
+
+class TakeoverAbandoned(MailqError):
+    """The caller asked the takeover to stop (its master is shutting down); the slices lock is released.
+
+    Before the map is written nothing was changed; after it, the recovery is left to the next
+    failover look (a ``.recover-pending`` marker says so, docs/cluster.md §5).
+    """
 
 
 @dataclass
@@ -93,22 +101,29 @@ def pending_recovery(settings: Settings) -> list[str]:
         return []
 
 
-def take_slices_lock(settings: Settings, dead: str, log: logging.Logger, timeout: float = LOCK_WAIT) -> Any:
+def take_slices_lock(settings: Settings, dead: str, log: logging.Logger, timeout: float = LOCK_WAIT,
+                     cancel: Any = None) -> Any:
     """The slices lock, breaking a claim of *dead* on it once *dead* is past lease + margin.
 
     A node that died holding the lock (in the middle of its own ``slices`` change or takeover)
     would otherwise block its own takeover for ever: its claim is on another host, so no waiter
     can prove its pid dead.  The criterion that allows the takeover also allows this: its runners
     stopped claiming a margin ago, and if it wakes up and writes anyway, its exclusive create of the
-    epoch we write (:func:`mailq.cluster.slicemap.publish`) fails and it writes nothing.
+    epoch we write (:func:`mailq.cluster.slicemap.publish`) fails and it writes nothing.  *cancel*
+    (a ``threading.Event``): stop waiting once it is set (TakeoverAbandoned), so that a master can
+    shut down while its takeover waits for the lock.
     """
     from mailq.locks import LockTimeout, break_dead
 
     lock = slices_lock(settings, timeout=timeout)
     deadline = time.monotonic() + timeout
     while True:
+        if cancel is not None and cancel.is_set():
+            raise TakeoverAbandoned(f"takeover of {dead} abandoned while waiting for the slices lock: this "
+                                    f"master is stopping; nothing was changed")
         try:
-            return lock.acquire(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+            return lock.acquire(timeout=max(0.0, min(0.5 if cancel is not None else 2.0,
+                                                      deadline - time.monotonic())))
         except LockTimeout:
             if any(h.node == dead for h in lock.holders()) and \
                     takeover_allowed(settings, read_heartbeat(settings, dead)):
@@ -119,15 +134,20 @@ def take_slices_lock(settings: Settings, dead: str, log: logging.Logger, timeout
 
 
 def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log: logging.Logger | None = None,
-             skip_if_fenced: bool = False, force: bool = False, own_lease: bool = False) -> TakeoverReport:
+             skip_if_fenced: bool = False, force: bool = False, own_lease: bool = False,
+             cancel: Any = None) -> TakeoverReport:
     """Fence *dead*, move its slices (to *to*, else its backup, else the live nodes), recover, break locks.
 
     *force* lets *to* name a node without a live heartbeat.  *own_lease* (automatic failover): write
     nothing unless this node's own lease is fresh, so a performer that was frozen itself stops.
+    *cancel* (a ``threading.Event``, set when its master stops): give up at the next safe point,
+    release the slices lock, raise TakeoverAbandoned: while waiting for the lock or before the map is
+    written (nothing changed), or between the queues of the recovery (a pending-recovery marker
+    makes the next failover look finish it).
     """
     log = log or logging.getLogger("mailq.cluster.takeover")
     started = time.monotonic()
-    lock = take_slices_lock(settings, dead, log)
+    lock = take_slices_lock(settings, dead, log, cancel=cancel)
     try:
         seen = disk_epoch(settings)
         smap = current_for_update(settings)
@@ -155,6 +175,9 @@ def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log:
             smap.epoch = max(smap.epoch, seen) + 1
             if own_lease:
                 _require_own_lease(settings)
+            if cancel is not None and cancel.is_set():
+                raise TakeoverAbandoned(f"takeover of {dead} abandoned before writing the map: this master is "
+                                        f"stopping; nothing was changed")
             write_map(settings, smap)      # fails if epoch smap.epoch was written meanwhile
             report.epoch = smap.epoch
             log.warning("takeover: fenced %s in epoch %d, moved %d slices to %s", dead, smap.epoch,
@@ -173,7 +196,10 @@ def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log:
                       "check-failover`, or `mailqctl slices reassign --from %s`)", dead, after.age if after else
                       -1.0, report.epoch, dead)
         else:
-            _recover_and_break(settings, dead, report, log)
+            # The marker first: if this recovery is cut short (its master stopping, a crash), the
+            # next failover look finds the fenced node pending and finishes it.
+            _mark_pending(settings, dead)
+            _recover_and_break(settings, dead, report, log, cancel)
             pending_path(settings, dead).unlink(missing_ok=True)
     finally:
         lock.release()
@@ -232,12 +258,20 @@ def _targets(settings: Settings, smap: SliceMap, dead: str, to: list[str] | None
     return live
 
 
-def _recover_and_break(settings: Settings, dead: str, report: TakeoverReport, log: logging.Logger) -> None:
+def _recover_and_break(settings: Settings, dead: str, report: TakeoverReport, log: logging.Logger,
+                       cancel: Any = None) -> None:
     from mailq.locks import all_locks, break_dead
-    from mailq.queue.recovery import recover
+    from mailq.queue.recovery import CLAIM_QUEUES, recover
 
-    rec = recover(settings, is_dead=lambda c: c.node == dead)
-    report.recovered, report.to_bad, report.dropped = len(rec.recovered), len(rec.to_bad), len(rec.dropped)
+    for queue in CLAIM_QUEUES:
+        if cancel is not None and cancel.is_set():
+            raise TakeoverAbandoned(f"takeover of {dead}: fenced in epoch {report.epoch}, but its recovery was "
+                                    f"cut short because this master is stopping ({report.recovered} claims "
+                                    f"recovered so far); the next failover look finishes it")
+        rec = recover(settings, is_dead=lambda c: c.node == dead, queues=[queue])
+        report.recovered += len(rec.recovered)
+        report.to_bad += len(rec.to_bad)
+        report.dropped += len(rec.dropped)
     for lock in all_locks(settings):
         for holder in break_dead(lock, fenced_nodes={dead}, log=log):
             report.broken_locks.append(f"{lock.what}: {holder.describe()} ({holder.state})")

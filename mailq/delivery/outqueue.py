@@ -236,17 +236,24 @@ def owner_address(settings: Settings, listname: str, sender: str) -> str:
 
 def _notify_give_up(settings: Settings, listname: str, sender: str, msg: bytes,
                     failed: dict[str, tuple[int, str]], first: float, attempts: int, log) -> None:
-    from mailq.notices import notify
+    from mailq.notices import notify_template
 
     owner = owner_address(settings, listname, sender)
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(first))
     lines = [f"  {r}: {c} {t}" for r, (c, t) in sorted(failed.items())]
-    body = (f"mailq gave up delivering a message{' of list ' + listname if listname else ''} to "
-            f"{len(failed)} recipient(s) after {attempts} attempt(s) since {since}\n"
-            f"(delivery.give_up_after is {settings.delivery.give_up_after:.0f} seconds).\n\n"
-            "Last error per recipient:\n" + "\n".join(lines) + "\n\n"
-            "The message is attached. Check these addresses or the receiving servers.\n")
-    notify(settings, [owner], f"Undeliverable mail{' for ' + listname if listname else ''}: "
-           f"{len(failed)} recipient(s) given up", body, listname=listname, attachment=msg)
+    mlist = None
+    if listname:
+        from mailq.errors import MailqError
+        from mailq.lists.store import ListStore
+
+        try:
+            mlist = ListStore(settings).load(listname)   # for the list's own copy of the template
+        except MailqError:
+            mlist = None
+    notify_template(settings, mlist, [owner], "give-up", listname=listname, attachment=msg,
+                    for_list=f" for {listname}" if listname else "",
+                    what=f"a message of list {listname}" if listname else "a message",
+                    count=len(failed), attempts=attempts, since=since,
+                    give_up_after=f"{settings.delivery.give_up_after:.0f}", failures="\n".join(lines))
     if log is not None:
         log.warning("gave up on %d recipient(s) of a %s message; told %s", len(failed), listname or "site", owner)

@@ -49,8 +49,8 @@ from typing import Any
 
 from mailq import safepickle
 from mailq.config import Settings
-from mailq.errors import InvalidInput, MailqError, NotFound, TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write
+from mailq.errors import InvalidInput, MailqError, NotFound
+from mailq.fsutil import atomic_write
 
 ACTIONS = ("approve", "reject", "discard")
 DIR_MODE = 0o2775  # as list folders (mailq.lists.store): group-writable, setgid
@@ -222,32 +222,10 @@ class HeldStore:
         return decision
 
     def _link_decision(self, decision: Decision) -> bool:
-        target = self._decision(decision.id)
-        mine = self.folder / f".{decision.id}.{decision.node}.{decision.pid}.{secrets.token_hex(4)}.tmp"
-        try:
-            mine.write_text(json.dumps(asdict(decision)), encoding="utf-8")
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(mine)
-            if exc.errno in TEMPORARY_ERRNOS:
-                raise TemporaryFailure(f"cannot record the decision for held message {decision.id} in "
-                                       f"{self.folder}: {exc.strerror}; nothing was decided, try again "
-                                       f"later") from exc
-            raise
-        try:
-            os.link(mine, target)
-            return True
-        except OSError as exc:
-            # NFS: our link may have happened although its reply was lost, and the client's retry
-            # then fails, even with EEXIST (it meets our own link).  Our file has 2 links exactly
-            # when the decision file is ours.
-            if os.stat(mine).st_nlink == 2:
-                return True
-            if exc.errno == errno.EEXIST or target.exists():
-                return False
-            raise
-        finally:
-            os.unlink(mine)
+        from mailq.lists.once import link_once
+
+        return link_once(self._decision(decision.id), json.dumps(asdict(decision)).encode("utf-8"),
+                         what=f"the decision for held message {decision.id}")
 
     def complete(self, held_id: str) -> None:
         """Carry out the recorded decision for *held_id*, or finish carrying it out after a crash.
@@ -301,35 +279,10 @@ class HeldStore:
 
     def _send(self, decision: Decision, queue: str, path: Path) -> None:
         """Step 3: rename the staged entry into its queue, under a name fixed by the decision."""
-        import hashlib
+        from mailq.lists.once import send_staged
 
-        from mailq.queue.names import ENTRY_SUFFIX, entry_id
-
-        sha = hashlib.sha1(f"{self.listname}\0{decision.id}\0{queue}".encode("utf-8", "surrogateescape"),
-                           usedforsecurity=False).hexdigest()
-        folder = self.settings.queue_dir(queue) / sha[:2]
-        target = folder / f"{entry_id(decision.at, sha)}{ENTRY_SUFFIX}"
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(path, target)
-        except FileNotFoundError:
-            if path.exists():
-                raise
-            return  # NFS: a retransmitted rename whose first try went through; it is queued
-        except OSError as exc:
-            if exc.errno == errno.EXDEV:
-                raise MailqError(f"cannot move {path} into {folder}: var/lists and var/qfiles are on "
-                                 f"different filesystems, and var/ must be one (DESIGN §2). The "
-                                 f"{PAST.get(decision.action, decision.action)} post waits there; fix the "
-                                 f"mounts, then run 'mailqctl cron run expire-held'") from exc
-            if exc.errno in TEMPORARY_ERRNOS:
-                raise TemporaryFailure(f"cannot move {path} into {folder}: {exc.strerror}; the decision "
-                                       f"is kept and 'mailqctl cron run expire-held' finishes it") from exc
-            raise
-        if self.settings.queue.fsync:
-            from mailq.fsutil import fsync_dir
-
-            fsync_dir(folder)
+        send_staged(self.settings, path, queue, f"{self.listname}\0{decision.id}\0{queue}", decision.at,
+                    resume_hint="mailqctl cron run expire-held")
 
     def incomplete(self) -> list[str]:
         """Decisions never (fully) carried out: decided posts still held, or staged entries not yet sent."""
@@ -422,30 +375,20 @@ def notify_held(settings: Settings, mlist: Any, held_id: str, reason: str, sende
     *done* names the notices already sent (``staff``, ``ack``) and gets each one appended as it is
     queued: a caller that retries after a failed write (the ``in`` runner) sends none twice.
     """
-    from mailq.notices import notify
+    from mailq.notices import notify_template
 
     done = [] if done is None else done
     sent = []
     s = mlist.settings
     staff = list(dict.fromkeys(a for a in [*s.owners, *s.moderators] if a))
+    values = {"sender": sender or "(unknown)", "subject": subject or "(none)", "reason": reason,
+              "held_id": held_id}
     if staff and getattr(s, "notify_owners_on_hold", True) and "staff" not in done:
-        body = (f"A post to {mlist.posting_address} is waiting for a moderator.\n\n"
-                f"  From:    {sender or '(unknown)'}\n  Subject: {subject or '(none)'}\n"
-                f"  Reason:  {reason}\n  Id:      {held_id}\n\n"
-                f"Decide with one of:\n"
-                f"  mailqctl held approve {mlist.name} {held_id}\n"
-                f"  mailqctl held reject {mlist.name} {held_id} --reason TEXT\n"
-                f"  mailqctl held discard {mlist.name} {held_id}\n\n"
-                f"The post is attached.\n")
-        sent.append(notify(settings, staff, f"{mlist.name}: post from {sender or 'unknown'} held ({reason})",
-                           body, listname=mlist.name, sender=mlist.owner_address, attachment=msg))
+        sent.append(notify_template(settings, mlist, staff, "held-notice", from_address=mlist.owner_address,
+                                    attachment=msg, **values))
         done.append("staff")
     if sender and getattr(s, "send_hold_ack", False) and "ack" not in done:
-        body = (f"Your post to {mlist.posting_address}\n\n  Subject: {subject or '(none)'}\n\n"
-                f"is waiting for a moderator's approval. Reason: {reason}.\n"
-                f"You will hear from us if it is rejected.\n")
-        sent.append(notify(settings, [sender], f"Your post to {mlist.name} awaits moderator approval",
-                           body, listname=mlist.name, sender=mlist.owner_address))
+        sent.append(notify_template(settings, mlist, [sender], "held-ack", from_address=mlist.owner_address, **values))
         done.append("ack")
     return sent
 
@@ -456,15 +399,14 @@ def rejection_notice(settings: Settings, listname: str, sender: str, reason: str
 
     *mlist*: the list when the caller has it (the ``in`` runner does), else it is loaded here.
     """
-    from mailq.notices import notice_entry
+    from mailq.notices import template_entry
 
     if mlist is None:
         mlist = _load_list(settings, listname)
-    address = mlist.posting_address if mlist else listname
-    body = (f"Your post to {address}\n\n  Subject: {subject or '(none)'}\n\nwas rejected.\n"
-            f"Reason: {reason}\n\nYour message is attached.\n")
-    return notice_entry(settings, [sender], f"Your post to {listname} was rejected", body, listname=listname,
-                        sender=mlist.owner_address if mlist else None, attachment=msg)
+    return template_entry(settings, mlist, [sender], "post-rejected", listname=listname,
+                          from_address=mlist.owner_address if mlist else None, attachment=msg,
+                          list_name=listname, list_address=mlist.posting_address if mlist else listname,
+                          subject=subject or "(none)", reason=reason)
 
 
 def notify_rejected(settings: Settings, listname: str, sender: str, reason: str, msg: bytes, *,
@@ -486,7 +428,7 @@ def expire_held(settings: Settings, log: Any) -> str:
     decider died before carrying them out.
     """
     from mailq.lists.store import ListStore
-    from mailq.notices import notify
+    from mailq.notices import notify_template
 
     store = ListStore(settings)
     now = time.time()
@@ -532,9 +474,8 @@ def expire_held(settings: Settings, log: Any) -> str:
         lines = "\n".join(f"  {r['id']}  {r.get('sender') or '?'}  {r.get('subject') or '(none)'}"
                           for r in expired)
         owners = list(mlist.settings.owners) or [settings.site_owner]
-        notify(settings, owners, f"{name}: {len(expired)} held post(s) expired",
-               f"These posts to {mlist.posting_address} waited more than {days} days for a moderator "
-               f"and were discarded:\n\n{lines}\n", listname=name, sender=mlist.owner_address)
+        notify_template(settings, mlist, owners, "held-expired", from_address=mlist.owner_address,
+                        count=len(expired), days=days, posts=lines)
         log.info("expire-held: list %s: discarded %d held post(s) older than %d days", name,
                  len(expired), days)
     summary = f"expired {expired_total} held post(s) in {lists_touched} list(s)"

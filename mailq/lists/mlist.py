@@ -11,6 +11,7 @@ Role addresses follow the MTA aliases: ``dev@example.org`` (posts), ``dev-owner@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from mailq.lists.members import Roster
@@ -34,6 +35,9 @@ class MailingList:
         self.load_problem = ""
         #: Set by ``ListStore.edit``/``_save``: False after an edit whose block changed nothing.
         self.saved = False
+        #: The list's folder on the shared tree, set by the ListStore that loaded it (its own
+        #: templates, pending confirmations ...); None for a list built in memory.
+        self.folder: Path | None = None
 
     # -- storage -------------------------------------------------------------------------------
     def to_stored(self) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from mailq.lists.validate import validate_address, validate_domain
 ReplyTo = Literal["poster", "list", "explicit"]
 NonmemberAction = Literal["hold", "reject", "discard", "accept"]
 SubscribePolicy = Literal["open", "confirm", "approve", "confirm_and_approve"]
+UnsubscribePolicy = Literal["confirm", "open"]
+RosterVisibility = Literal["owners", "members", "public"]
 DigestFrequency = Literal["daily", "weekly", "monthly"]
 VolumeFrequency = Literal["never", "yearly", "monthly"]
 DmarcAction = Literal["no_mitigation", "munge_from", "wrap_message", "reject", "discard"]
@@ -92,6 +94,19 @@ class ListSettings:
     max_recipients: int = 10
     #: Listed by ``mailqctl lists list --advertised`` and in the -request ``lists`` answer.
     advertised: bool = True
+    #: Unsubscribing by mail needs the member's confirmation (``confirm``) or not (``open``).
+    unsubscribe_policy: UnsubscribePolicy = "confirm"
+    #: Tell a member goodbye when they leave (``goodbye_text`` added to the ``goodbye`` template).
+    send_goodbye: bool = True
+    goodbye_text: str = ""
+    #: Days a confirmation token or an owner-approval request stays valid.
+    pending_confirm_days: int = 3
+    #: Who may get the member list with the ``who`` command: owners, members, or anyone.
+    roster_visibility: RosterVisibility = "owners"
+    #: Automatic replies (command replies, help, confirmations) to one address per day; 0: no limit.
+    max_autoresponses_per_day: int = 10
+    #: The list's web page, for the ``$web_url`` placeholder of templates; empty: none.
+    web_url: str = ""
     # -- stage dmarc (docs/pipeline.md) --
     #: What to do with a post whose From: domain publishes DMARC p=reject or p=quarantine.
     dmarc_mitigate_action: DmarcAction = "munge_from"

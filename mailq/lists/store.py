@@ -184,6 +184,7 @@ class ListStore:
         mlist = MailingList.from_stored(stored)
         if mlist.name != name:
             raise ValueError(f"it holds list {mlist.name!r}, not {name!r}")
+        mlist.folder = path.parent
         if cached:
             self._cache[name] = (key, mlist)
         return mlist, stored
@@ -267,6 +268,7 @@ class ListStore:
             # A folder without list.pck may exist already (held messages of a removed list, an aborted create).
             make_shared_dir(self.list_dir(name))
             mlist = MailingList(name, settings)
+            mlist.folder = self.list_dir(name)
             self._save(mlist)
         self.log.info("created list %s (%s), owner %s", name, mlist.posting_address, owner)
         return mlist

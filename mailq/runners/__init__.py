@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "retry": "mailq.runners.retry:RetryRunner",
     "archive": "mailq.runners.archive:ArchiveRunner",
     "lmtp": "mailq.runners.lmtp:LMTPRunner",
+    "commands": "mailq.runners.commands:CommandsRunner",
 }
 
 def load_runner(name: str) -> type:

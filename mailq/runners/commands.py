@@ -1,0 +1,146 @@
+"""The commands runner: mail to ``LIST-request``, ``-join``, ``-leave`` and ``-confirm`` (docs/commands.md).
+
+For each entry of the ``commands`` queue: load the list, read the message, refuse to answer mail
+that must never be answered (``autoresponse.reason_not_to_answer``), carry out the commands
+(``mailq.commands``), and mail one reply within the daily budget.  Nothing a stranger sends can
+make it shunt in a loop: an unknown list, an unparsable message or a sender without an address is
+logged and finished.  A list lock that cannot be had (TemporaryFailure) puts the entry back for
+later, like every runner.
+
+Exactly once: a confirmation's decision is a hard link (``lists.pending``) that names this entry,
+so the same entry processed again after a crash finishes its own decision instead of answering
+"already used"; the welcome is staged and renamed into ``virgin`` once.  Mail to ``-join``,
+``-leave`` and ``-confirm`` is answered by the mail it causes (confirmation, welcome, goodbye);
+a reply goes out only when it caused none (already a member, an expired token, ...).  The reply itself is sent
+at least once: a runner killed after queueing it and before finishing the entry sends it again.
+"""
+from __future__ import annotations
+
+import email
+from email import policy
+from email.utils import getaddresses, parseaddr
+from typing import Any
+
+from mailq.errors import InvalidInput, NotFound
+from mailq.runners.base import Runner
+
+
+class CommandsRunner(Runner):
+    queue = "commands"
+
+    def setup(self) -> None:
+        from mailq.lists import ListStore
+
+        self.store = ListStore(self.settings)
+
+    def process(self, entry: Any) -> None:
+        from mailq.commands import Context
+
+        metadata = entry.metadata
+        listname = str(metadata.get("listname") or "")
+        kind = str(metadata.get("kind") or "request")
+        try:
+            mlist = self.store.load(listname)
+        except (NotFound, InvalidInput):
+            self.log.warning("%s: no list %r (removed since the mail came?): dropped", entry.id, listname)
+            return
+        try:
+            msg = email.message_from_bytes(entry.msg, policy=policy.compat32)
+        except Exception as exc:  # noqa: BLE001 - the email package's parser rarely raises; never shunt for it
+            self.log.warning("%s: unparsable message (%s): dropped", entry.id, exc)
+            return
+        from mailq.lists.autoresponse import reason_not_to_answer
+
+        envelope = metadata.get("envelope_sender")
+        reason = reason_not_to_answer(msg, envelope if isinstance(envelope, str) else None, mlist)
+        if reason:
+            self.log.info("%s: %s mail for %s not answered: %s", entry.id, kind, listname, reason)
+            return
+        sender = self._sender(msg, envelope)
+        if sender is None:
+            self.log.warning("%s: %s mail for %s has no usable sender address: dropped", entry.id, kind, listname)
+            return
+        # The entry's SHA-1 names it for good (its time field changes when it is requeued).
+        ctx = Context(self.settings, self.store, mlist, sender, msg, entry.id.rpartition("+")[2], self.log)
+        lines, answer = self._carry_out(ctx, kind, metadata)
+        if answer:
+            self._reply(ctx, lines)
+        self.log.info("%s: %s mail from %s for %s: %s", entry.id, kind, sender, listname, "; ".join(lines) or "-")
+
+    # -- what the mail asks -----------------------------------------------------------------------
+    def _carry_out(self, ctx: Any, kind: str, metadata: dict) -> tuple[list[str], bool]:
+        """(reply lines, whether to send a reply).  -join/-leave answer only through the mail they cause."""
+        from mailq.commands import membership, run
+        from mailq.commands.parse import Command, find_token, parse
+
+        if kind == "join":
+            line = membership.subscribe(ctx, Command("subscribe", (), "subscribe"))
+            return [line], not ctx.sent
+        if kind == "leave":
+            line = membership.unsubscribe(ctx, Command("unsubscribe", (), "unsubscribe"))
+            return [line], not ctx.sent
+        if kind == "confirm":
+            token = _token_of(str(metadata.get("original_recipient") or "")) or find_token(ctx.msg)
+            if token:
+                # like -join/-leave: the welcome (goodbye, ...) is the answer; a reply only when none went
+                return [membership.confirm_token(ctx, token)], not ctx.sent
+        parsed = parse(ctx.msg)
+        if not parsed.commands:
+            return [], True     # no usable command: the help text is the reply
+        lines = [f"> {c.line}\n{run(ctx, c)}" for c in parsed.commands]
+        lines.extend(f"> {text}\nnot a command{'; reading stopped here' if stopped else ''}"
+                     for text, stopped in parsed.unknown)
+        if parsed.ignored:
+            lines.append(f"{parsed.ignored} more command(s) ignored: at most "
+                         f"{len(parsed.commands)} are carried out per message")
+        return lines, True
+
+    @staticmethod
+    def _sender(msg: Any, envelope: Any) -> str | None:
+        from mailq.lists.validate import validate_address
+
+        candidates = [a for _, a in getaddresses([str(v) for v in msg.get_all("From", [])])]
+        if isinstance(envelope, str):
+            candidates.append(parseaddr(envelope)[1])
+        for candidate in candidates:
+            try:
+                return validate_address(candidate)
+            except InvalidInput:
+                continue
+        return None
+
+    # -- the answer -------------------------------------------------------------------------------
+    def _reply(self, ctx: Any, lines: list[str]) -> None:
+        from mailq.commands.parse import clean_subject
+        from mailq.lists.autoresponse import take
+        from mailq.notices import template_entry
+
+        mlist = ctx.mlist
+        if not take(self.settings, mlist, ctx.sender):
+            self.log.warning("list %s: no reply to %s: today's autoresponse budget (%d) is spent",
+                             mlist.name, ctx.sender, mlist.settings.max_autoresponses_per_day)
+            return
+        headers = {}
+        message_id = ctx.msg.get("Message-ID")
+        if message_id:
+            headers["In-Reply-To"] = " ".join(str(message_id).split())
+        if not lines:
+            raw, metadata = template_entry(self.settings, mlist, [ctx.sender], "help",
+                                           from_address=mlist.request_address, headers=headers)
+            ctx.queue_notice(raw, metadata, "help reply")
+            return
+        results = "\n\n".join(lines)
+        if ctx.blocks:
+            results += "\n\n" + "\n\n".join(block.rstrip("\n") for block in ctx.blocks)
+        subject = clean_subject(str(ctx.msg.get("Subject", "") or "")) or "your commands"
+        raw, metadata = template_entry(self.settings, mlist, [ctx.sender], "request-reply",
+                                       from_address=mlist.request_address, headers=headers,
+                                       subject=subject[:200], results=results)
+        ctx.queue_notice(raw, metadata, "reply")
+
+
+def _token_of(recipient: str) -> str | None:
+    """TOKEN from ``LIST-confirm+TOKEN@DOMAIN``."""
+    local = recipient.rpartition("@")[0] if "@" in recipient else recipient
+    _, plus, detail = local.partition("+")
+    return detail.strip() or None if plus else None
