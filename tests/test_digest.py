@@ -333,3 +333,16 @@ def test_the_pipeline_numbers_each_post_in_subject_and_header_and_the_archive_co
     archived = [msg for msg, meta in queue_entries(settings, "archive")]
     assert archived and all(b"X-Mailq-Post-Number: " in m for m in archived)
     assert b"X-Mailq-Post-Number: 2" in archived[-1]
+
+
+def test_archive_private_keeps_the_archive_address_out_of_list_archive(tmp_path):
+    from tests.pipeline_support import make_list, run_pipeline
+
+    settings = make_node(tmp_path, "n1", pipeline={"web_url": "https://lists.example.org"}).settings()
+    public = make_list(settings, "pub")
+    private = make_list(settings, "priv", archive_private=True)
+    raw = b"From: alice@example.org\nTo: pub@example.org\nSubject: hi\n\nhi\n"
+    assert run_pipeline(settings, public, raw)[0]["List-Archive"] == "<https://lists.example.org/archives/pub/>"
+    assert run_pipeline(settings, private, raw)[0]["List-Archive"] is None
+    digest = build(private, [raw], 1, 1, JAN_2027, ["mime"], web_url="https://lists.example.org")["mime"]
+    assert b"List-Archive" not in digest.split(b"\r\n\r\n")[0]
