@@ -121,15 +121,17 @@ def main() -> None:
     args = ap.parse_args()
 
     from mailq.config import load_settings
+    from mailq.loopdns import LoopDNS
     from mailq.mta.deliver import write_entry
     from tests.support import free_port
 
     base = Path(tempfile.mkdtemp(prefix="mailq-commands-"))
     sink = None
     env = None
+    dns = LoopDNS(negative_ttl=3600).__enter__()   # as bench/flow.py: posts' DMARC lookups stay on loopback
     try:
         smtp_port = free_port()
-        config = make_config(base, smtp_port, free_port())
+        config = make_config(base, smtp_port, free_port(), dns.port)
         env = dict(os.environ, MAILQ_CONFIG=str(config), PYTHONPATH=str(ROOT))
         settings = load_settings(config)
         ctl = [PY, "-m", "mailq.cli.ctl"]
@@ -192,6 +194,7 @@ def main() -> None:
                            capture_output=True, timeout=120)
         if sink is not None:
             sink.stop()
+        dns.__exit__(None, None, None)
         if args.keep:
             print(f"temp tree kept: {base}", file=sys.stderr)
         else:

@@ -11,11 +11,14 @@ accepted the message), ``target_s`` (the issue's target, lease + 2 x heartbeat) 
 ``meets_target``, ``detect_s`` (kill -> the takeover written, in the backup's log), ``lost`` (must be
 0), ``extra_copies``, ``posts_per_s_1``, ``posts_per_s_2``, ``posts_per_s_3``, and the slice map's
 costs: ``guard_look_us`` (a runner's look before each claim), ``show_ms`` (`slices show`'s read),
-``update_ms`` (one change).  Why the target is met
+``update_ms`` (one change); with ``--freeze`` also ``freeze_lost``, ``freeze_extra_copies`` and
+``freeze_claims`` (a host SIGSTOPped mid-delivery past lease + margin, its slices taken over, then
+woken: the copies it still sent; see ``freeze_run``).  Why the target is met
 only when margin + the failover look + a runner's start fit in 2 x heartbeat: docs/cluster.md §6.
 
     python bench/failover.py                 # 300 posts per run
     python bench/failover.py --posts 3000 --lease 3 --heartbeat 0.5
+    python bench/failover.py --kill-only --freeze --lease 3 --heartbeat 0.5 --margin 1
     python bench/failover.py --map-only      # the slice map's costs alone (seconds)
 """
 from __future__ import annotations
@@ -110,6 +113,47 @@ def kill_run(args: argparse.Namespace) -> dict:
             c.stop()
 
 
+def freeze_run(args: argparse.Namespace) -> dict:
+    """Freeze (SIGSTOP) a whole host mid-delivery past lease + margin, let the backup take over, wake it.
+
+    Each post goes out in one transaction per member (``smtp.chunk_size`` 1) to a sink that takes
+    ``--freeze-delay`` seconds per message, so the frozen host's out runners are between
+    transactions of an entry when they stop.  Extra copies counted after the host woke and its
+    runners gave up (they check the lease before every transaction, docs/cluster.md §4).
+    """
+    with tempfile.TemporaryDirectory(prefix="mailq-bench-freeze-") as tmp, SMTPSink() as sink:
+        sink.delay = args.freeze_delay
+        names = ("f1", "f2")
+        overrides = {"cluster": {"failover": "auto", "heartbeat": args.heartbeat, "lease": args.lease,
+                                 "margin": args.margin},
+                     "smtp": {"host": "127.0.0.1", "port": sink.port, "chunk_size": 1}}
+        c = Cluster(Path(tmp), sink, names=names, slices={"in": 2, "out": 2}, overrides=overrides)
+        c.setup()
+        try:
+            settings = c.settings("f2")
+            tags = c.post(args.freeze_posts)
+            c.start()
+            wait_for(lambda: delivered(sink, tags) >= len(tags) * len(MEMBERS) // 4, args.timeout,
+                     interval=0.05, message="a quarter delivered")
+            f1 = c.hosts["f1"]
+            f1.freeze()
+            frozen_claims = len(claims_by(settings, "f1"))
+            try:
+                wait_for(lambda: delivered(sink, tags) >= len(tags) * len(MEMBERS), args.timeout,
+                         interval=0.2, message="every post delivered by the backup")
+            finally:
+                f1.thaw()
+            # Woken, f1's runners find the fence and give their entries up; its master stops them.
+            wait_for(lambda: "stopped" in f1.log_text("out") or not f1.running, 120, interval=0.2,
+                     message="f1's out runners gone")
+            got = deliveries(sink)
+            return {"lost": sum(1 for t in tags for m in MEMBERS if not got[(t, m)]),
+                    "extra_copies": sum(n - 1 for (t, _), n in got.items() if t in tags),
+                    "frozen_claims": frozen_claims, "posts": len(tags)}
+        finally:
+            c.stop()
+
+
 def map_costs(looks: int = 3000) -> dict:
     """What the slice map costs its readers and writers, on local disk (docs/cluster.md §1).
 
@@ -163,6 +207,10 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=2.0, help="cluster.margin (default 2, as shipped)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--kill-only", action="store_true", help="skip the throughput runs (a quick look)")
+    parser.add_argument("--freeze", action="store_true", help="also freeze a host mid-delivery (issue 10)")
+    parser.add_argument("--freeze-posts", type=int, default=200, help="posts in the freeze run (default 200)")
+    parser.add_argument("--freeze-delay", type=float, default=0.02,
+                        help="seconds the sink takes per message in the freeze run (default 0.02)")
     parser.add_argument("--map-only", action="store_true", help="only the slice map's read and write costs")
     args = parser.parse_args()
     # SIGTERM runs the finally blocks, so no master of a run outlives the benchmark.
@@ -176,6 +224,7 @@ def main() -> None:
 
     rates: dict[int, float | None] = {n: None if args.kill_only else throughput(n, args) for n in (1, 2, 3)}
     kill = kill_run(args)
+    freeze = freeze_run(args) if args.freeze else None
     target = args.lease + 2 * args.heartbeat
     meets = kill["takeover_s"] is not None and kill["takeover_s"] <= target
     rows = [(f"throughput, {n} host(s)", "skipped (--kill-only)" if rate is None else
@@ -189,6 +238,10 @@ def main() -> None:
              ("slice map: runner's look before a claim", f"{costs['guard_look_us']} us"),
              ("slice map: slices show / cluster status read", f"{costs['show_ms']} ms"),
              ("slice map: one change (update_map)", f"{costs['update_ms']} ms")]
+    if freeze is not None:
+        rows += [("freeze past the lease: claims of the frozen host", freeze["frozen_claims"]),
+                 ("freeze: lost / extra copies", f"{freeze['lost']} / {freeze['extra_copies']} "
+                  f"(over {freeze['posts']} posts x {len(MEMBERS)} members)")]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -196,6 +249,9 @@ def main() -> None:
                       "takeover_s": kill["takeover_s"], "target_s": target, "meets_target": meets,
                       "detect_s": kill["detect_s"], "lost": kill["lost"],
                       "extra_copies": kill["extra_copies"], "posts": args.posts, **costs,
+                      "freeze_lost": freeze and freeze["lost"],
+                      "freeze_extra_copies": freeze and freeze["extra_copies"],
+                      "freeze_claims": freeze and freeze["frozen_claims"],
                       **{f"posts_per_s_{n}": None if rate is None else round(rate, 1) for n, rate in rates.items()}}))
 
 

@@ -144,6 +144,18 @@ class SmtpSettings:
     allow_plaintext_auth: bool = False
 
 
+def _networks_problem(values: list[str]) -> str | None:
+    """``lmtp.allow``: addresses or networks in CIDR notation."""
+    import ipaddress
+
+    for value in values:
+        try:
+            ipaddress.ip_network(str(value), strict=False)
+        except ValueError:
+            return f"IP addresses or networks such as 127.0.0.1 or 192.0.2.0/24 (not {value!r})"
+    return None
+
+
 def _nameserver_problem(value: list[str]) -> str | None:
     import ipaddress
 
@@ -181,6 +193,17 @@ class LmtpSettings:
     host: str = "127.0.0.1"
     port: int = _limited(8024, at_least=1, at_most=65535)
     enabled: bool = True
+    #: RCPT TO accepted per transaction; more are answered 452 (the client sends them in another one).
+    max_recipients: int = _limited(100, at_least=1)
+    #: Open connections at once; one more is answered 421 and closed.
+    max_connections: int = _limited(20, at_least=1)
+    #: Seconds a connection may sit waiting for the client's next command before it is closed (421).
+    timeout: float = _limited(300.0, above=0)
+    #: Seconds the client may take to send one message after DATA (421 and closed past that).
+    data_timeout: float = _limited(600.0, above=0)
+    #: Client addresses or networks (CIDR) that may connect; others get 554 at the greeting.
+    allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+                             metadata={"check": _networks_problem})
 
 
 @dataclass
@@ -201,6 +224,8 @@ class QueueSettings:
     stale_tmp_seconds: float = _limited(3600.0, above=0)
     #: Largest message (bytes) mail-in takes: mailq-deliver exits 65, LMTP answers 552; 0: no limit.
     max_message_size: int = _limited(100 * 1024 * 1024, at_least=0)
+    #: A claim held longer than this (seconds) is flagged by `queue count` and `cluster status`.
+    claim_warn_after: float = _limited(900.0, above=0)
 
 
 @dataclass
@@ -216,6 +241,8 @@ class RunnerSettings:
     restart_backoff_max: float = _limited(60.0, above=0)
     #: Seconds a runner waits for the entry in hand when asked to stop.
     stop_timeout: float = _limited(30.0, at_least=0)
+    #: Seconds before an entry whose processing failed temporarily (disk full, a lock) is tried again.
+    retry_delay: float = _limited(30.0, above=0)
 
 
 @dataclass

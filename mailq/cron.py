@@ -29,7 +29,7 @@ from typing import Any
 
 from mailq.config import Settings
 from mailq.errors import NotFound
-from mailq.fsutil import atomic_write
+from mailq.fsutil import atomic_write, make_dirs
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def run_task(settings: Settings, name: str, *, force: bool = False, log: logging
                                                 f"(period {task.period:g}s; --force to run anyway)")
         path = stamp_path(settings, task)
         previous = path.with_name(path.name + ".prev")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         had_stamp = True
         try:
             os.replace(path, previous)      # kept, with its mtime, in case this run fails

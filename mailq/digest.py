@@ -54,7 +54,7 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-from mailq.archive import append_bytes, mbox_entry, read_mbox
+from mailq.archive import append_once, mbox_entry, read_mbox
 from mailq.config import Settings
 from mailq.errors import MailqError
 
@@ -85,18 +85,21 @@ def digest_lock(settings: Settings, listname: str, timeout: float = 30.0):  # ->
     return named_lock(settings, f"digest.{listname}", timeout=timeout)
 
 
-def append_pending(settings: Settings, listname: str, items: Iterable[tuple[bytes, str, float]]) -> int:
-    """Append (msg, sender, received) posts to the pending digest under ONE lock cycle.
+def append_pending(settings: Settings, listname: str,
+                   items: Iterable[tuple[bytes, str, float] | tuple[bytes, str, float, str]]) -> int:
+    """Append (msg, sender, received[, key]) posts to the pending digest under ONE lock cycle.
 
-    Returns the size of the pending digest after the append (0 when nothing was added); the
-    caller compares it with the list's ``digest_size_kb`` (``size_due``) and sends when it is past.
+    A post whose *key* was appended already is skipped (``mailq.archive.append_once``).  Returns the
+    size of the pending digest after the append (0 when nothing was added); the caller compares it
+    with the list's ``digest_size_kb`` (``size_due``) and sends when it is past.
     """
-    entries = [mbox_entry(msg, sender, when) for msg, sender, when in items]
+    entries = [(item[3] if len(item) > 3 else "", mbox_entry(*item[:3])) for item in items]
     if not entries:
         return 0
     path = pending_path(settings, listname)
     with digest_lock(settings, listname):
-        append_bytes(path, b"".join(entries), fsync=settings.queue.fsync)
+        if not append_once(path, entries, fsync=settings.queue.fsync):
+            return 0            # every post was appended before (a retried entry): nothing new
         return os.stat(path).st_size
 
 
@@ -440,15 +443,15 @@ def _placeholders(volume: int, issue: int, when: float) -> dict[str, str]:
 
 def render(mlist: Any, name: str, **values: str) -> str:
     """A digest text: the list's own ``digest_header``/``digest_footer`` setting when set, else the
-    template of that name (``mailq.templates``: the list's copy, else the shipped
-    ``mailq/templates/<name>.txt``); ``$placeholders`` filled in, unknown ones left as written.
+    template ``digest-header``/``digest-footer`` (``mailq.templates``: the list's copy, else the
+    shipped ``mailq/templates/<name>.txt``); ``$placeholders`` filled in, unknown ones left as written.
     """
     from mailq import templates
 
     own = str(getattr(mlist.settings, name, "") or "")
     if own.strip():
         return string.Template(own).safe_substitute({**templates.list_values(mlist), **values})
-    return templates.render(mlist, name, **values)
+    return templates.render(mlist, name.replace("_", "-"), **values)
 
 
 def digest_subject(mlist: Any, volume: int, issue: int) -> str:

@@ -52,7 +52,7 @@ from typing import Any
 
 from mailq.config import Settings
 from mailq.errors import MailqError
-from mailq.fsutil import atomic_write
+from mailq.fsutil import atomic_write, make_dirs
 
 FORMAT = 1
 POLICIES = ("none", "quarantine", "reject")
@@ -131,16 +131,17 @@ class DmarcCache:
         self._resolver = resolver
 
     # -- the policy ----------------------------------------------------------------------------
-    def policy(self, domain: str) -> Policy:
+    def policy(self, domain: str, *, refresh: bool = False) -> Policy:
+        """The policy for mail From: *domain*; *refresh* asks DNS again instead of the cache."""
         name = normalize_domain(domain)
         if name is None:
             return Policy(domain, "", why=f"{domain!r} is not a domain name that can be looked up")
-        own = self._decide(name, self.txt(f"_dmarc.{name}"), org=False)
+        own = self._decide(name, self.txt(f"_dmarc.{name}", refresh=refresh), org=False)
         if own is not None:
             return own
         org = organizational_domain(name)
         if org and org != name:
-            found = self._decide(name, self.txt(f"_dmarc.{org}"), org=True)
+            found = self._decide(name, self.txt(f"_dmarc.{org}", refresh=refresh), org=True)
             if found is not None:
                 return found
         return Policy(name, "", why=f"no DMARC record for {name}"
@@ -170,10 +171,10 @@ class DmarcCache:
         bucket = hashlib.sha1(name.encode()).hexdigest()[:2]
         return self.folder / bucket / f"{name}.json"
 
-    def txt(self, name: str) -> dict:
+    def txt(self, name: str, *, refresh: bool = False) -> dict:
         """The answer for TXT *name*: from the cache while it is fresh, else from DNS (and cached)."""
         path = self.path(name)
-        cached = self.read(path, name)
+        cached = None if refresh else self.read(path, name)
         if cached is not None and float(cached["expires"]) > time.time():
             return cached
         entry = self._lookup(name)
@@ -197,7 +198,7 @@ class DmarcCache:
     def _store(self, path: Path, entry: dict) -> None:
         try:
             fresh = not path.parent.is_dir()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             atomic_write(path, json.dumps(entry, sort_keys=True).encode(), fsync=False, mode=0o664)
             if not fresh:
                 self._prune(path.parent, keep=path.name)

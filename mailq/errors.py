@@ -15,3 +15,7 @@ class NotFound(MailqError):
 
 class InvalidInput(MailqError):
     """Input refused by validation; nothing was changed."""
+
+
+class LeaseLost(MailqError):
+    """This node may no longer act on its claims (fenced, or its slice taken over): stop, settle nothing."""

@@ -1,4 +1,13 @@
-"""Small filesystem helpers shared by every layer (no knowledge of mail or queues)."""
+"""Small filesystem helpers shared by every layer (no knowledge of mail or queues).
+
+**Modes of the shared tree** (one policy, here): every folder mailq creates under ``var/`` is
+:data:`DIR_MODE` (group-writable, setgid so files inherit the group) and every file
+:data:`FILE_MODE` (group read/write), whatever the umask of the process that creates it: the
+MTA's pipe user, the runners' user and an operator's shell share the tree through the group
+(docs/operations.md, "Users, groups and modes").  Create folders with :func:`make_dirs` and files
+with :func:`open_shared` (or :func:`atomic_write`); :func:`shared_mode_problem` tells what is
+wrong with an existing one (``mailqctl check``).
+"""
 from __future__ import annotations
 
 import errno
@@ -7,6 +16,80 @@ import secrets
 from pathlib import Path
 
 from mailq.errors import TemporaryFailure
+
+#: Folders of the shared tree: rwxrwsr-x (group-writable, setgid).
+DIR_MODE = 0o2775
+#: Files of the shared tree: rw-rw----.
+FILE_MODE = 0o660
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The process umask, read once at import (reading it means setting it).  Only when it would cut
+#: bits of FILE_MODE/DIR_MODE does creating a file or folder cost an extra chmod.
+UMASK = _read_umask()
+
+
+def make_dirs(path: os.PathLike[str] | str) -> None:
+    """Create *path* and its missing parents as :data:`DIR_MODE` folders, whatever the umask.
+
+    Folders that exist already are left as they are (``mailqctl check`` reports wrong modes).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path.rstrip("/"))
+    if parent and parent != path:
+        make_dirs(parent)
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    # mkdir(2) ignores the setgid bit of its mode and applies the umask: set the mode explicitly.
+    os.chmod(path, DIR_MODE)
+
+
+def open_shared(path: os.PathLike[str] | str, flags: int) -> int:
+    """``os.open`` for a file of the shared tree: a file it creates gets :data:`FILE_MODE`.
+
+    With O_EXCL the file is new, so the mode is set when the umask cut it; otherwise a file of this
+    user whose mode lacks FILE_MODE's bits is fixed (it was just created, or by an older mailq).
+    """
+    fd = os.open(path, flags, FILE_MODE)
+    try:
+        if flags & os.O_CREAT:
+            if flags & os.O_EXCL:
+                if UMASK & FILE_MODE:
+                    os.fchmod(fd, FILE_MODE)
+            else:
+                st = os.fstat(fd)
+                if st.st_mode & FILE_MODE != FILE_MODE and st.st_uid == os.geteuid():
+                    os.fchmod(fd, (st.st_mode | FILE_MODE) & 0o7777)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def shared_mode_problem(path: os.PathLike[str] | str, st: os.stat_result | None = None) -> str | None:
+    """What is wrong with the mode of an existing folder or file of the shared tree, or None."""
+    import stat
+
+    st = st or os.lstat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISDIR(st.st_mode):
+        missing = DIR_MODE & ~mode & 0o2770
+        if missing:
+            return f"folder mode {mode:04o} lacks {missing:04o} (want {DIR_MODE:04o}: group rwx, setgid)"
+    elif stat.S_ISREG(st.st_mode):
+        missing = FILE_MODE & ~mode
+        if missing:
+            return f"file mode {mode:04o} lacks {missing:04o} (want {FILE_MODE:04o}: group read/write)"
+    return None
 
 #: errno values that mean "try again later" rather than "this input is wrong".
 TEMPORARY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ESTALE, errno.EROFS, errno.ENOMEM,
@@ -23,7 +106,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes, *, fsync: bool = True, keep_last: bool = False,
-                 mode: int = 0o660) -> None:
+                 mode: int = FILE_MODE) -> None:
     """Write *data* to *path* so that readers see the old or the new content, never a mix.
 
     Temp file in the same folder, fsync, optionally keep the previous file as ``<path>.last``
@@ -35,6 +118,8 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True, keep_last: bool
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
+            if UMASK & mode:
+                os.fchmod(fd, mode)     # explicit: the umask must not decide who else can read it
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

@@ -35,7 +35,7 @@ from filelock import StrictSoftFileLock
 from filelock._identity import host_name, owner_is_stale
 
 from mailq.errors import MailqError, TemporaryFailure
-from mailq.fsutil import pid_alive
+from mailq.fsutil import make_dirs, pid_alive
 
 if TYPE_CHECKING:
     from mailq.config import Settings
@@ -56,19 +56,8 @@ CLAIMS_DIR = "claims"
 
 
 def make_shared_dir(path: Path) -> None:
-    """Create *path* and missing parents as group-writable setgid folders (every host's mailq writes them).
-
-    Only folders created here are chmod-ed (the umask cuts mkdir's mode); existing ones are left alone.
-    """
-    if path.is_dir():
-        return
-    make_shared_dir(path.parent)
-    try:
-        path.mkdir(mode=0o2775)
-    except FileExistsError:
-        return
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o2775)
+    """Create *path* and missing parents as group-writable setgid folders (``mailq.fsutil.make_dirs``)."""
+    make_dirs(path)
 
 
 _RECORDS_LOCK = threading.Lock()

@@ -40,7 +40,7 @@ from typing import Any
 from mailq.cluster.slicemap import MapWatcher, assignments_for
 from mailq.config import Settings
 from mailq.errors import MailqError
-from mailq.fsutil import atomic_write, pid_alive
+from mailq.fsutil import atomic_write, make_dirs, pid_alive
 from mailq.runners import REGISTRY, load_runner
 from mailq.runners.process import MASTER_PID_ENV
 
@@ -210,7 +210,14 @@ class Master:
         """Bring this node's orphaned claims back to their queues before any runner starts."""
         from mailq.queue.recovery import recover_local_dead
 
-        report = recover_local_dead(self.settings)
+        try:
+            report = recover_local_dead(self.settings)
+        except Exception:
+            # Never a master that cannot start: the runners still serve every other entry, and the
+            # claims left are tried again at the next start.
+            self.log.critical("recovery of dead local claims failed; starting the runners anyway:\n%s",
+                              traceback.format_exc().rstrip())
+            return
         self.log.info("recovery of dead local claims: %d back in their queues, %d to bad, %d dropped as "
                       "already done, %d left (claimant alive), %d stale temp files removed",
                       len(report.recovered), len(report.to_bad), len(report.dropped), report.left,
@@ -471,7 +478,7 @@ class Master:
         status = dict(status or self.status(), stopped=stopped)
         path = shared_status_path(self.settings)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             atomic_write(path, json.dumps(status).encode(), fsync=False, mode=0o664)
         except (OSError, MailqError) as exc:    # full or stale shared tree: never a reason to stop
             if time.monotonic() - self._shared_at > 60:     # once a minute at most: the disk may be gone

@@ -180,23 +180,23 @@ def test_invalid_and_third_party_subscriptions_reveal_nothing(tmp_path, master):
             assert not any("w2@example.org" in m.rcpt_tos and b"Welcome" in m.data for m in sink.messages)
 
 
-def _token_from_virgin(node) -> str:
+def _token_from_out(node) -> str:
     from mailq.queue import Queue
 
-    q = Queue.for_settings(node.settings(), "virgin")
+    q = Queue.for_settings(node.settings(), "out")
     for eid in q.waiting(count=1):
         (_, path), = q.locate(eid)
         msg, _ = q.read(path)
         subject = email.message_from_bytes(msg)["Subject"]
         if subject.startswith("confirm "):
             return subject.split()[1]
-    raise AssertionError("no confirmation in virgin")
+    raise AssertionError("no confirmation in out")
 
 
-def _virgin_subjects(node) -> list[str]:
+def _out_subjects(node) -> list[str]:
     from mailq.queue import Queue
 
-    q = Queue.for_settings(node.settings(), "virgin")
+    q = Queue.for_settings(node.settings(), "out")
     out = []
     for eid in q.waiting(count=1):
         (_, path), = q.locate(eid)
@@ -213,7 +213,7 @@ def test_twenty_concurrent_confirmations_from_two_nodes_make_one_member_one_welc
     store = make_list(n1)
     deliver(n1, "request", mail(NEW, "dev-request@example.org", "subscribe"), NEW)
     assert n1.run("qrunner", "-r", "commands", "--once").returncode == 0
-    token = _token_from_virgin(n1)
+    token = _token_from_out(n1)
     settings = n1.settings()
     for i in range(20):
         write_entry(settings.queue_dir("commands"),
@@ -229,7 +229,7 @@ def test_twenty_concurrent_confirmations_from_two_nodes_make_one_member_one_welc
     assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
     mlist = store.load("dev")
     assert [m.address for m in mlist.members] == [NEW]
-    subjects = _virgin_subjects(n1)
+    subjects = _out_subjects(n1)
     assert sum(s.startswith("Welcome to") for s in subjects) == 1
     replies = [s for s in subjects if s.startswith("Re: confirm")]
     assert len(replies) == 19       # the winner's answer is its welcome
@@ -245,7 +245,7 @@ def test_replayed_expired_and_foreign_tokens(tmp_path):
     store.create("other", OWNER, domain="example.org")
     deliver(node, "request", mail(NEW, "dev-request@example.org", "subscribe"), NEW)
     assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
-    token = _token_from_virgin(node)
+    token = _token_from_out(node)
     old = PendingStore(node.settings(), "dev").create("token", "subscribe", "late@example.net", days=3,
                                                       now=time.time() - 4 * 86400)
     for listname, tok, sender in (("dev", token, NEW), ("dev", token, NEW), ("dev", old.id, "late@example.net"),
@@ -256,7 +256,7 @@ def test_replayed_expired_and_foreign_tokens(tmp_path):
     replies = []
     from mailq.queue import Queue
 
-    q = Queue.for_settings(node.settings(), "virgin")
+    q = Queue.for_settings(node.settings(), "out")
     for eid in q.waiting(count=1):
         (_, path), = q.locate(eid)
         msg = email.message_from_bytes(q.read(path)[0], policy=policy.default)
@@ -353,7 +353,7 @@ def test_a_confirmation_killed_mid_way_subscribes_once_and_welcomes_once(tmp_pat
     store = make_list(node)
     deliver(node, "request", mail(NEW, "dev-request@example.org", "subscribe"), NEW)
     assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
-    token = _token_from_virgin(node)
+    token = _token_from_out(node)
     write_entry(node.settings().queue_dir("commands"),
                 mail(NEW, f"dev-confirm+{token}@example.org", f"Re: confirm {token}"),
                 {"listname": "dev", "kind": "confirm", "received": time.time(), "via": "pipe",
@@ -363,11 +363,11 @@ def test_a_confirmation_killed_mid_way_subscribes_once_and_welcomes_once(tmp_pat
     node.run("mailqctl", "queue", "recover", check=True)
     assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
     assert [m.address for m in store.load("dev").members] == [NEW]
-    assert sum(s.startswith("Welcome to") for s in _virgin_subjects(node)) == 1
+    assert sum(s.startswith("Welcome to") for s in _out_subjects(node)) == 1
     # the same token again: already used
     deliver(node, "request", mail(NEW, "dev-request@example.org", f"confirm {token}"), NEW)
     assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
-    assert sum(s.startswith("Welcome to") for s in _virgin_subjects(node)) == 1
+    assert sum(s.startswith("Welcome to") for s in _out_subjects(node)) == 1
     assert not list((node.var / "lists" / "dev" / "pending").glob("*.to-*"))
 
 

@@ -323,12 +323,12 @@ def test_the_pipeline_numbers_each_post_in_subject_and_header_and_the_archive_co
     settings = make_node(tmp_path, "n1").settings()
     mlist = make_list(settings, subject_prefix="[dev %d] ")
     forged = b"From: alice@example.org\nTo: dev@example.org\nSubject: Re: [dev 99] hi\nX-Mailq-Post-Number: 99\n\nhi\n"
-    first, data, stop = run_pipeline(settings, mlist, forged, entry_sha="a" * 40)
+    first, data, stop = run_pipeline(settings, mlist, forged, origin="a" * 40)
     assert stop is None and first["Subject"] == "[dev 1] Re: hi" and first.get_all("X-Mailq-Post-Number") == ["1"]
     assert data["post_number"] == 1
-    again, _, _ = run_pipeline(settings, mlist, forged, entry_sha="a" * 40)   # the same entry replayed
+    again, _, _ = run_pipeline(settings, mlist, forged, origin="a" * 40)   # the same entry replayed
     assert again["Subject"] == "[dev 1] Re: hi"
-    other, _, _ = run_pipeline(settings, mlist, forged, entry_sha="b" * 40)
+    other, _, _ = run_pipeline(settings, mlist, forged, origin="b" * 40)
     assert other["Subject"] == "[dev 2] Re: hi"
     archived = [msg for msg, meta in queue_entries(settings, "archive")]
     assert archived and all(b"X-Mailq-Post-Number: " in m for m in archived)

@@ -329,3 +329,24 @@ def test_in_runners_of_two_hosts_share_one_lookup(tmp_path, dns_server):
             for m in outs} == {(True, "dev@example.org")}
     assert dns_server.count("_dmarc.reject.test") == 1
     assert "dmarc: munge_from" in (settings.var / "log" / "n2" / "in.log").read_text()
+
+
+def test_mailqctl_dmarc_shows_policies_from_the_cache_or_dns(tmp_path, dns_server):
+    node = dns_node(tmp_path, dns_server)
+    shown = node.run("mailqctl", "dmarc", "reject.test", "mail.example.co.uk", "norecord.test", "--json")
+    assert shown.returncode == 0, shown.stderr
+    by = {r["domain"]: r for r in json.loads(shown.stdout)}
+    assert (by["reject.test"]["policy"], by["reject.test"]["record"]) == \
+        ("reject", ZONE[("_dmarc.reject.test", "TXT")][0])
+    sub = by["mail.example.co.uk"]
+    assert (sub["policy"], sub["source"]) == ("reject", "_dmarc.example.co.uk")
+    assert [a["state"] for a in sub["answers"]] == ["none", "record"]
+    assert by["norecord.test"]["policy"] == "none published" and not by["norecord.test"]["strict"]
+    again = node.run("mailqctl", "dmarc", "reject.test")          # from the cache: no new query
+    assert again.returncode == 0 and "reject" in again.stdout and "CACHED UNTIL" in again.stdout
+    assert dns_server.count("_dmarc.reject.test") == 1
+    assert node.run("mailqctl", "dmarc", "--refresh", "reject.test").returncode == 0
+    assert dns_server.count("_dmarc.reject.test") == 2
+    failed = node.run("mailqctl", "dmarc", "silent.test", "--json")
+    assert failed.returncode == 1 and json.loads(failed.stdout)[0]["dns_failed"] is True
+    assert "mailqctl dmarc gmail.com" in node.run("mailqctl", "dmarc", "--help").stdout

@@ -101,7 +101,7 @@ def test_requeue_keeps_sha_and_slice_and_waits_for_not_before(qroot):
     assert new_id.split("+")[1] == eid.split("+")[1] and float(new_id.split("+")[0]) == pytest.approx(later)
     assert q.claim_next(0, 1, ME) is None                      # not due yet
     assert q.counts() | {"slices": None} == {"queue": "retry", "count": 1, "waiting": 1, "due": 0, "claimed": 0,
-                                             "unnamed": 0, "slices": None}
+                                             "unnamed": 0, "slices": None, "claims": [], "oldest_claim_s": None}
     c = q.claim_next(0, 1, ME, now=later + 1)
     assert c.id == new_id and c.metadata["attempts"] == 1
     q.finish(c)

@@ -343,3 +343,15 @@ def test_a_runners_guard_looks_at_one_folder_only(cluster, monkeypatch):
     for _ in range(10):
         watcher.current()
     assert seen == [str(sm.maps_dir(settings))] * 10
+
+
+def test_a_damaged_epoch_file_is_skipped_and_reported_not_taken_for_no_map(cluster):
+    node, settings = cluster
+    assert sm.MapWatcher(settings).current().epoch == 5          # published from the hand-written file
+    sm.epoch_path(settings, 6).write_text("epoch: 6\nqueues: [\n")  # damage, with a higher number
+    fresh = sm.MapWatcher(settings)                               # a master that just started
+    assert fresh.current().epoch == 5 and "0000000006.yaml is damaged" in fresh.problem
+    check = node.mailq("slices", "check")
+    assert check.returncode == 1 and "is damaged" in check.stdout
+    node.mailq("slices", "assign", "out", "0", "h2", check=True)   # the next change goes past it
+    assert sm.latest_map(settings).epoch == 7

@@ -61,8 +61,15 @@ def status(as_json: bool, no_queues: bool) -> None:
             click.echo()
             print_table([[f"{r['queue']}:{r['slice']}/{r['count']}", r["owner"] or "-", r["waiting"],
                           r["deferred"], r["claimed"],
-                          "-" if r["oldest_waiting_s"] is None else f"{r['oldest_waiting_s']}s"]
-                         for r in data["slices"]], ["slice", "owner", "waiting", "deferred", "claimed", "oldest"])
+                          "-" if r["oldest_waiting_s"] is None else f"{r['oldest_waiting_s']}s",
+                          "-" if r["oldest_claim_s"] is None else f"{r['oldest_claim_s']:g}s"]
+                         for r in data["slices"]],
+                        ["slice", "owner", "waiting", "deferred", "claimed", "oldest", "longest claim"])
+            limit = settings.queue.claim_warn_after
+            for r in data["slices"]:
+                if (r["oldest_claim_s"] or 0) > limit:
+                    warn(f"{r['queue']}:{r['slice']}/{r['count']}: a claim held {r['oldest_claim_s']:g}s (> "
+                         f"queue.claim_warn_after {limit:g}s); `mailqctl queue count` names it")
     if data["map_problem"]:
         warn(f"THE SLICE MAP FILE IS REFUSED; the map above (epoch {data['epoch']}, from the "
              f"{data['map_in_force']}) stays in force until it is fixed:\n{data['map_problem']}")

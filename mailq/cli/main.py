@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "config": "mailq.cli.lists:config",
     "cron": "mailq.cli.cron:cron",
     "digests": "mailq.cli.digests:digests",
+    "dmarc": "mailq.cli.dmarc:dmarc",
     "held": "mailq.cli.held:held",
     "lists": "mailq.cli.lists:lists",
     "locks": "mailq.cli.locks:locks",

@@ -75,20 +75,40 @@ def count(slices: int | None, as_json: bool) -> None:
       mailqctl queue count --slices 4 --json
     """
     settings = get_settings()
-    counts = count_queues(settings.qfiles, _slice_counts(settings, slices))
+    counts = count_queues(settings.qfiles, _slice_counts(settings, slices), claim_clock=_shared_clock(settings))
+    limit = settings.queue.claim_warn_after
+    for q, c in counts["queues"].items():
+        for claim in c["claims"]:
+            if claim["held_s"] > limit:
+                warn(f"{q}/{claim['id']} held longer than {limit:g}s by {claim['claimant']} ({claim['held_s']:g}s): "
+                     f"a runner that cannot settle it, or a frozen process (docs/operations.md, \"Claims held "
+                     f"long\")")
     if as_json:
         emit_json(counts)
         return
     rows = []
     for q, c in counts["queues"].items():
         for s in c["slices"]:
-            rows.append([q, f"{s['slice']}/{c['count']}", s["waiting"], s["due"], s["claimed"], s["shunt"], s["bad"]])
+            oldest = "-" if s["oldest_claim_s"] is None else f"{s['oldest_claim_s']:g}s"
+            rows.append([q, f"{s['slice']}/{c['count']}", s["waiting"], s["due"], s["claimed"], oldest, s["shunt"],
+                         s["bad"]])
         if c["bad_unnamed"]:
-            rows.append([q, "no name", "-", "-", "-", "-", c["bad_unnamed"]])
-    print_table(rows, ["queue", "slice", "waiting", "due", "claimed", "shunt", "bad"])
+            rows.append([q, "no name", "-", "-", "-", "-", "-", c["bad_unnamed"]])
+    print_table(rows, ["queue", "slice", "waiting", "due", "claimed", "longest claim", "shunt", "bad"])
     stray = counts["unattributed"]
     click.echo(f"in all: {counts['shunt']} shunted ({stray['shunt']} from an unknown queue), "
                f"{counts['bad']} bad ({stray['bad']} from an unknown queue)")
+
+
+def _shared_clock(settings: Settings) -> float | None:
+    """The shared filesystem's "now" (claim ages are judged by its clock), or None when it cannot be
+    asked (a read-only user): then this host's clock."""
+    from mailq.queue.recovery import filesystem_now
+
+    try:
+        return filesystem_now(settings.qfiles)
+    except OSError:
+        return None
 
 
 def find_entry(settings: Settings, text: str) -> tuple[str, str, Path]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mailq.config import Settings
 from mailq.errors import TemporaryFailure
-from mailq.fsutil import atomic_write
+from mailq.fsutil import UMASK, atomic_write, make_dirs
 
 
 def _boot_id() -> str:
@@ -91,12 +91,14 @@ class Heartbeat:
         record = {"node": self.settings.node.name, "host": _host_id(), "pid": os.getpid(), "seq": self.seq}
         data = json.dumps(record).encode().ljust(RECORD_SIZE - 1) + b"\n"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             # Written in place at offset 0, same length every time: the file keeps its inode (no
             # ESTALE for NFS readers holding the old one) and a reader never sees it half empty.
             # close() flushes the WRITE to the server (close-to-open), which stamps the mtime.
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o664)
             try:
+                if UMASK & 0o664:
+                    os.fchmod(fd, 0o664)    # readable by every node's user, whatever the umask
                 os.pwrite(fd, data, 0)
             finally:
                 os.close(fd)
@@ -138,7 +140,7 @@ def lease_age(settings: Settings) -> float | None:
 def fs_now(settings: Settings) -> float:
     """The shared filesystem's time now: the mtime of a probe file this observer just wrote."""
     folder = nodes_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     probe = folder / f".probe.{settings.node.name}.{os.getpid()}"
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o664)
     try:

@@ -40,7 +40,7 @@ from typing import Any
 from mailq.cluster.layout import rebalance_owners, spread  # noqa: F401 - part of this module's interface
 from mailq.config import RUNNER_QUEUES, Settings
 from mailq.errors import InvalidInput, MailqError, TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write, fsync_dir
+from mailq.fsutil import TEMPORARY_ERRNOS, UMASK, atomic_write, fsync_dir, make_dirs
 
 
 class SliceMapError(InvalidInput):
@@ -288,18 +288,35 @@ def epochs_on_disk(settings: Settings) -> list[int]:
     return sorted(int(m[1]) for m in map(_EPOCH_NAME.match, names) if m)
 
 
-def latest_map(settings: Settings) -> SliceMap | None:
-    """The map in force: the highest epoch file (None when there is none yet)."""
+def latest_map(settings: Settings, damaged: list[str] | None = None) -> SliceMap | None:
+    """The map in force: the highest valid epoch file (None when there is none yet).
+
+    mailq only publishes valid maps, so an invalid epoch file is damage (a disk, a hand): it is
+    skipped, never taken for "no map" (which would make every node run every slice), and described
+    in *damaged*.
+    """
     for _ in range(3):
         found = epochs_on_disk(settings)
         if not found:
             return None
-        try:
-            smap = load_map(epoch_path(settings, found[-1]))
-        except OSError:          # ESTALE on NFS: pruned by another host meanwhile
-            smap = None
-        if smap is not None:
+        vanished = False
+        for epoch in reversed(found):
+            path = epoch_path(settings, epoch)
+            try:
+                smap = load_map(path)
+            except SliceMapError as exc:
+                if damaged is not None:
+                    damaged.append(f"{path} is damaged, skipped ({'; '.join(exc.problems)}); remove it once the "
+                                   f"map in force is right (`mailqctl slices show`)")
+                continue
+            except OSError:      # ESTALE on NFS: pruned by another host meanwhile
+                smap = None
+            if smap is None:
+                vanished = True
+                break
             return smap
+        if not vanished:
+            return None
     raise SliceMapError(str(maps_dir(settings)), ["the newest epoch file keeps vanishing; is something pruning it?"])
 
 
@@ -311,13 +328,15 @@ def publish(settings: Settings, smap: SliceMap) -> bool:
     with EEXIST although it happened: the name then points at our own inode, which is checked.
     """
     folder = maps_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     target = epoch_path(settings, smap.epoch)
     tmp = folder / f".{smap.epoch}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     data = smap.dump().encode()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
         try:
+            if UMASK & 0o664:
+                os.fchmod(fd, 0o664)    # every node's user reads it, whatever this one's umask
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -487,6 +506,8 @@ class MapWatcher:
         self.hand_edits = hand_edits
         self.smap: SliceMap | None = None
         self.problem: str = ""
+        #: damaged epoch files (skipped): a problem until removed, whatever slices.yaml says
+        self.damaged: str = ""
         self._dir_sig: tuple | None = ()  # () = never looked
         self._file_sig: tuple | None = ()
 
@@ -511,11 +532,15 @@ class MapWatcher:
         return self.smap
 
     def _reload(self) -> None:
+        damaged: list[str] = []
         try:
-            new = latest_map(self.settings)
+            new = latest_map(self.settings, damaged)
         except (SliceMapError, OSError) as exc:
             self._refuse(f"cannot read the newest epoch file in {self.dir}: {exc}")
             return
+        self.damaged = "\n".join(damaged)
+        if self.damaged:
+            self._refuse(self.damaged)
         if new is None or (self.smap is not None and new.epoch <= self.smap.epoch):
             return
         if self.smap is not None:
@@ -567,10 +592,10 @@ class MapWatcher:
                      f"`mailqctl slices edit`")
 
     def _fixed(self) -> None:
-        if self.problem:
+        if self.problem and self.problem != self.damaged:
             assert self.smap is not None
             self.log.warning("slice map problem fixed: epoch %d in force", self.smap.epoch)
-        self.problem = ""
+        self.problem = self.damaged
 
     def _refuse(self, message: str) -> None:
         if message != self.problem:

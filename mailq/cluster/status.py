@@ -77,7 +77,7 @@ def slice_rows(settings: Settings, smap: SliceMap | None, now: float) -> list[di
     for queue in RUNNER_QUEUES:
         count = smap.count(queue) if smap and smap.count(queue) else settings.slice_count(queue)
         q = Queue.for_settings(settings, queue)
-        counts = q.counts(count, now=wall)
+        counts = q.counts(count, now=wall, claim_clock=now)
         for row in counts["slices"]:
             oldest = None
             if row["due"]:
@@ -95,5 +95,5 @@ def slice_rows(settings: Settings, smap: SliceMap | None, now: float) -> list[di
             rows.append({"queue": queue, "slice": row["slice"], "count": count,
                          "owner": smap.owner_of(queue, row["slice"]) if smap else "(every node)",
                          "waiting": row["due"], "deferred": row["waiting"] - row["due"], "claimed": row["claimed"],
-                         "oldest_waiting_s": oldest})
+                         "oldest_waiting_s": oldest, "oldest_claim_s": row["oldest_claim_s"]})
     return rows

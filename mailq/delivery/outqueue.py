@@ -76,11 +76,15 @@ def envelope_sender(settings: Settings, metadata: dict[str, Any]) -> str:
 
 
 def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any], enqueue: Enqueue, *,
-            now: float | None = None, log=None, stopping: Callable[[], bool] | None = None) -> DeliveryReport:
+            now: float | None = None, log=None, stopping: Callable[[], bool] | None = None,
+            lease_check: Callable[[], None] | None = None) -> DeliveryReport:
     """Deliver *msg* to ``metadata["recipients"]`` through *transport*; see the module docstring.
 
     *stopping* (the runner's stop flag) is asked between transactions: once true, the recipients
-    not tried yet go back to ``out`` in one new entry and this entry is done.
+    not tried yet go back to ``out`` in one new entry and this entry is done.  *lease_check* (the
+    runner's ``check_lease``) is called right before every transaction; it raises LeaseLost when
+    this node may no longer deliver, which ends the delivery at once with nothing written: the
+    entry is the new owner's (docs/cluster.md §4).
     """
     report = DeliveryReport()
     recipients = _unique(metadata.get("recipients") or [])
@@ -101,7 +105,7 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
             left = [r for _, rest in batches[n:] for r in rest]
             break
         copy = one_click(batch[0]) if one_click else msg
-        part = _send_batch(transport, mail_from, batch, copy, report)
+        part = _send_batch(transport, mail_from, batch, copy, report, lease_check)
         outcome.merge(part)
         if part.connection_failed:
             # Refused, timed out, gone: every further transaction would wait out the same timeout
@@ -159,11 +163,14 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
     return report
 
 
-def _send_batch(transport, mail_from: str, batch: list[str], msg: bytes, report: DeliveryReport) -> SendResult:
+def _send_batch(transport, mail_from: str, batch: list[str], msg: bytes, report: DeliveryReport,
+                lease_check: Callable[[], None] | None = None) -> SendResult:
     """One batch, in as many transactions as the server's recipient limit needs."""
     result = SendResult()
     pending = batch
     while pending:
+        if lease_check is not None:
+            lease_check()       # right before the transaction: a fenced node sends nothing more
         part = transport.send(mail_from, pending, msg)
         report.transactions += 1
         # "452 too many recipients" after some were taken: the server's per-transaction limit is

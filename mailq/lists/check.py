@@ -12,6 +12,8 @@ what is safe):
   messages, ``digest.mbox``, ``digest.json``, ``posts.json``, holder records); lock sentinels and
   claims without group read (filelock publishes them without group write on purpose and only ever
   reads them): chmod adding the missing bits;
+* ``var/qfiles``: queue and bucket folders without group rwx and setgid, entries, claims and notes
+  without group read and write (the MTA's user writes what the runners' user claims): chmod;
 * a file or folder the user running mailq cannot read: reported only (needs root's chown);
 * lock claims left by dead processes on this host, and stale holder records: broken / removed.
 """
@@ -55,7 +57,38 @@ def run_checks(settings: Settings, fix: bool = False) -> list[Problem]:
         problems += _check_list(store, name, fix)
     problems += _check_lock_files(settings.locks_dir, fix)
     problems += _check_locks(settings, fix)
+    problems += _check_qfiles(settings.qfiles, fix)
     return problems
+
+
+def _check_qfiles(qfiles: Path, fix: bool) -> list[Problem]:
+    """``var/qfiles``, every queue and bucket folder (setgid, group rwx) and every entry, claim and
+    note in them (group read/write): the MTA's user writes entries that the runners' user claims."""
+    if not qfiles.exists():
+        return []
+    out = _check_mode(qfiles, SHARED_DIR, fix)
+    for queue in sorted(os.scandir(qfiles), key=lambda e: e.name):
+        if not queue.is_dir(follow_symlinks=False):
+            continue
+        out += _check_mode(Path(queue.path), SHARED_DIR, fix, missing_ok=True)
+        try:
+            buckets = sorted(os.scandir(queue.path), key=lambda e: e.name)
+        except OSError as exc:
+            out.append(Problem(queue.path, f"cannot list: {exc.strerror}"))
+            continue
+        for bucket in buckets:
+            if not bucket.is_dir(follow_symlinks=False):
+                continue
+            out += _check_mode(Path(bucket.path), SHARED_DIR, fix, missing_ok=True)
+            try:
+                names = os.listdir(bucket.path)
+            except OSError as exc:
+                out.append(Problem(bucket.path, f"cannot list: {exc.strerror}"))
+                continue
+            for name in names:
+                if not name.endswith(".tmp"):      # temp files are their writer's until renamed
+                    out += _check_mode(Path(bucket.path, name), GROUP_RW, fix, missing_ok=True)
+    return out
 
 
 def _check_list(store: ListStore, name: str, fix: bool) -> list[Problem]:

@@ -50,10 +50,9 @@ from typing import Any
 from mailq import safepickle
 from mailq.config import Settings
 from mailq.errors import InvalidInput, MailqError, NotFound
-from mailq.fsutil import atomic_write
+from mailq.fsutil import atomic_write, make_dirs
 
 ACTIONS = ("approve", "reject", "discard")
-DIR_MODE = 0o2775  # as list folders (mailq.lists.store): group-writable, setgid
 PAST = {"approve": "approved", "reject": "rejected", "discard": "discarded"}
 STAGED_PREFIX = ".to-"   # <id>.to-<queue>: a decision's queue entry, staged (see the module docstring)
 #: Fault injection for tests only: ``MAILQ_FAULT_HELD_CRASH=<step>`` SIGKILLs the process right
@@ -117,9 +116,7 @@ class HeldStore:
             if self.known(held_id):
                 return held_id
         if not self.folder.is_dir():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):  # the umask cut the group bits; other hosts must write
-                os.chmod(self.folder, DIR_MODE)
+            make_dirs(self.folder)
         now = time.time()
         held_id = held_id or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{secrets.token_hex(4)}"
         record = {"id": held_id, "msg": bytes(msg), "metadata": dict(metadata), "reason": reason,

@@ -22,15 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from mailq.errors import MailqError, TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS
+from mailq.fsutil import TEMPORARY_ERRNOS, make_dirs, open_shared
 
 
 def link_once(target: Path, data: bytes, *, what: str = "the decision") -> bool:
     """Make *target* hold *data* if nobody made it first; True when it is ours."""
     mine = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(mine, "xb") as f:
-            f.write(data)
+        fd = open_shared(mine, os.O_WRONLY | os.O_CREAT | os.O_EXCL)     # group read/write, whatever the umask
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(mine)
@@ -62,7 +65,7 @@ def send_staged(settings: Any, path: Path, queue: str, key: str, at: float, *, r
     sha = hashlib.sha1(key.encode("utf-8", "surrogateescape"), usedforsecurity=False).hexdigest()
     folder = settings.queue_dir(queue) / sha[:2]
     target = folder / f"{entry_id(at, sha)}{ENTRY_SUFFIX}"
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     try:
         os.rename(path, target)
     except FileNotFoundError:

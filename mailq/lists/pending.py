@@ -407,7 +407,8 @@ def carry_out(settings: Settings, listname: str, pending_id: str) -> tuple[str, 
             said.append(f"{record.action} {record.address}: {decision.outcome}")
         for _, metadata in entries:
             metadata["envelope_sender"] = mlist.bounces_address
-        return apply, [("virgin", raw, metadata) for raw, metadata in entries]
+        # Complete outgoing mail (recipients, envelope sender): staged straight for ``out``.
+        return apply, [("out", raw, metadata) for raw, metadata in entries]
 
     mailed = pending.complete(pending_id, plan)
     return (said[0] if said else "done"), mailed

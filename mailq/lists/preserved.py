@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mailq.config import Settings
-from mailq.fsutil import atomic_write
+from mailq.fsutil import atomic_write, make_dirs
 
 #: Most posts kept per list; the oldest go first.
 KEEP = 1000
@@ -36,7 +36,7 @@ class PreservedStore:
         """Store *msg* as ``<post_id>.eml`` (replacing a copy of the same post); its path."""
         if "/" in post_id or post_id.startswith("."):
             raise ValueError(f"not a post id: {post_id!r}")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.folder)
         path = self.folder / f"{post_id}{SUFFIX}"
         atomic_write(path, bytes(msg), fsync=self.settings.queue.fsync)
         self._trim()
@@ -69,10 +69,10 @@ def notify_owners(settings: Settings, mlist: Any, how: str, reason: str, sender:
     values = {"sender": sender or "(unknown)", "subject": subject or "(none)", "reason": reason,
               "preserved": str(preserved or ""), "keep_limit": KEEP}
     if how == "forward":
-        body = render_template(mlist, "filter_forward", **values)
+        body = render_template(mlist, "filter-forward", **values)
         title = f"{mlist.name}: post from {sender or 'unknown'} filtered out, forwarded to you"
         return notify(settings, owners, title, body, listname=mlist.name, sender=mlist.owner_address,
                       attachment=msg)
-    body = render_template(mlist, "filter_preserved", **values)
+    body = render_template(mlist, "filter-preserved", **values)
     title = f"{mlist.name}: post from {sender or 'unknown'} filtered out, kept for you"
     return notify(settings, owners, title, body, listname=mlist.name, sender=mlist.owner_address)

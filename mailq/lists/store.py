@@ -4,7 +4,8 @@ Layout: ``var/lists/<name>/list.pck`` (current), ``list.pck.last`` (the one befo
 decides whether a list exists by looking for ``list.pck``, without importing this package.
 
 Reading takes no lock: a save is an atomic rename, so a reader sees the old or the new file.  If the
-current file is unreadable (truncated, corrupt, hostile) the reader falls back to ``.last``, logs it,
+current file is unreadable (truncated, corrupt, hostile: any exception while reading or rebuilding
+it, except a temporary filesystem error) the reader falls back to ``.last``, logs it,
 flags the list (``loaded_from_last``) and tells ``on_fallback`` (the CLI prints a warning);
 ``mailqctl check`` reports it.  A store remembers the last list it loaded under each name with the
 file's stamp: when ``list.pck`` has not changed since, ``load`` costs one open and fstat and returns
@@ -30,15 +31,13 @@ from typing import Any
 from mailq import safepickle
 from mailq.config import Settings
 from mailq.errors import InvalidInput, MailqError, NotFound, TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write
+from mailq.fsutil import DIR_MODE, FILE_MODE, TEMPORARY_ERRNOS, atomic_write  # noqa: F401 - the modes: re-exported
 from mailq.lists.mlist import MailingList
 from mailq.lists.settings import ListSettings
 from mailq.lists.validate import validate_address, validate_domain, validate_list_name
 from mailq.locks import Lock, list_lock, make_shared_dir
 
 DB_NAME = "list.pck"
-DIR_MODE = 0o2775   # group-writable, setgid: files inherit the mailq group
-FILE_MODE = 0o660
 
 
 #: What identifies one version of ``list.pck``: every save renames a new file (a new inode) over it,
@@ -48,6 +47,12 @@ FileKey = tuple[int, int, int, int, int]
 
 def _file_key(st: os.stat_result) -> FileKey:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+def _short(exc: BaseException) -> str:
+    """An exception's text cut to one short line (an OverflowError may quote a 400-digit number)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 class ListStore:
@@ -141,17 +146,21 @@ class ListStore:
                 raise NotFound(f"no list named {name!r} (in {self.settings.lists_dir}); "
                                f"'mailqctl lists list' shows the lists") from None
             problem = f"{path} is missing; using {last.name}"
-        except (safepickle.UnsafePickle, ValueError, InvalidInput) as exc:
-            problem = f"{path} is unreadable ({exc}); using {last.name}"
+        except TemporaryFailure:
+            raise       # the filesystem, not the file: .last would fail the same way
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with the content (§ "Reading" above)
+            problem = f"{path} is unreadable ({type(exc).__name__}: {_short(exc)}); using {last.name}"
         self._cache.pop(name, None)  # a fallback is never cached: the next load looks at list.pck again
         try:
             mlist, stored = self._read(last, name, cached=False)
         except FileNotFoundError:
             raise MailqError(f"list {name}: {problem.split(';')[0]} and there is no {last.name}; "
                              f"restore {path} from a backup") from None
-        except (safepickle.UnsafePickle, ValueError, InvalidInput) as exc:
+        except TemporaryFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001
             raise MailqError(f"list {name}: {problem.split(';')[0]} and {last.name} is unreadable too "
-                             f"({exc}); restore {path} from a backup") from None
+                             f"({type(exc).__name__}: {_short(exc)}); restore {path} from a backup") from None
         self.log.error("list %s: %s (generation %d)", name, problem, mlist.generation)
         mlist.loaded_from_last = True
         mlist.load_problem = problem
@@ -248,9 +257,6 @@ class ListStore:
         data = safepickle.dumps(stored)
         atomic_write(path, data, fsync=True, keep_last=True, mode=FILE_MODE)
         mlist.generation += 1
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_mode & FILE_MODE != FILE_MODE:
-                os.chmod(path, FILE_MODE)  # the umask cut the group bits; other hosts' mailq must write
         mlist.loaded_from_last = False
         mlist.load_problem = ""
         mlist.saved = True

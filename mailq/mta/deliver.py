@@ -8,8 +8,9 @@ exits 0 only after the entry's rename. Every other outcome is a sysexits code th
 ====  =====================================================================================
  0    queued
  64   usage: wrong arguments (EX_USAGE)
- 65   data error: empty message, or over ``queue.max_message_size`` (EX_DATAERR; the MTA
-      bounces it with our one-line reason)
+ 65   data error: empty message, over ``queue.max_message_size``, a header line over 998
+      characters or MIME parts nested over 50 levels (``mailq.mta.mime``) (EX_DATAERR; the
+      MTA bounces it with our one-line reason)
  67   no such list (EX_NOUSER; the MTA bounces it: "unknown user")
  75   temporary failure: disk full, filesystem unavailable, lock timeout, config unreadable
       (EX_TEMPFAIL; the MTA keeps the message and tries again, nothing is lost)
@@ -36,12 +37,16 @@ QUEUE_FOR_KIND = {  # same as mailq.mta.addresses.QUEUE_FOR_KIND (kept here: one
 }
 USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave|confirm LIST\n"
          "  Reads one message on stdin and queues it for LIST; run by the MTA from the aliases that\n"
-         "  'mailqctl aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty or too big, 67 unknown list,\n"
+         "  'mailqctl aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty, too big, a header line\n"
+         "  over 998 characters or MIME nested over 50 levels, 67 unknown list,\n"
          "  75 temporary failure (the MTA retries).\n"
          "Examples:\n"
          "  mailq-deliver post dev < message.eml\n"
          "  SENDER=alice@example.org mailq-deliver request dev < command.eml\n"
          "  mailq-deliver -C /etc/mailq/mailq.yaml owner dev < message.eml\n")
+#: The shared tree's modes, as mailq.fsutil.DIR_MODE / FILE_MODE (kept here: one import less; a
+#: test keeps them equal): group-writable setgid folders, group read/write files, whatever the umask.
+DIR_MODE, FILE_MODE = 0o2775, 0o660
 CACHE_VERSION = 2
 DEFAULT_MAX_SIZE = 100 * 1024 * 1024  # mailq.config.QueueSettings.max_message_size
 PAYLOAD_VERSION = 1  # mailq.queue.payload.VERSION
@@ -100,6 +105,11 @@ def deliver(args: "list[str]") -> int:
     msg, from_line_sender = _strip_from_line(msg)
     if not msg.strip():
         raise Exit(EX_DATAERR, f"empty message on stdin for {kind} {listname}; nothing queued")
+    from mailq.mta.mime import mime_problem
+
+    problem = mime_problem(msg)
+    if problem:
+        raise Exit(EX_DATAERR, f"message for {kind} {listname} refused: {problem}; nothing queued")
     env = os.environ
     metadata = {
         "listname": listname,
@@ -203,11 +213,13 @@ def write_entry(queue_dir: str, msg: bytes, metadata: dict, *, fsync: bool) -> s
     tmp = os.path.join(folder, f".{final}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+            _make_dirs(folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
+            # The MTA's umask (often 077) must not decide: the runners read it as another user.
+            os.fchmod(fd, FILE_MODE)
             view = memoryview(data)
             if os.environ.get("MAILQ_FAULT_ENOSPC") == "1":  # the queue's fault injection, for tests
                 os.write(fd, view[: len(view) // 2])
@@ -232,6 +244,18 @@ def write_entry(queue_dir: str, msg: bytes, metadata: dict, *, fsync: bool) -> s
             pass
         raise
     return final[:-4]
+
+
+def _make_dirs(path: str) -> None:
+    """``os.makedirs`` with DIR_MODE set explicitly on each folder it creates (mailq.fsutil.make_dirs)."""
+    if os.path.isdir(path):
+        return
+    _make_dirs(os.path.dirname(path))
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)
 
 
 # -- settings: the var path, the fsync flag and the size limit, cached -----------------------------

@@ -10,6 +10,15 @@ recipient only).
 
 Queue writes and list checks touch the (possibly NFS) filesystem, so they run in a thread pool:
 one slow fsync never stalls the other sessions on the event loop.
+
+Limits (any local user can connect, unauthenticated): at most ``lmtp.max_recipients`` RCPT per
+transaction (``452 4.5.3`` beyond: the MTA sends the rest in another transaction), at most
+``lmtp.max_connections`` connections at once (``421`` to one more), ``lmtp.timeout`` seconds of
+silence between commands and ``lmtp.data_timeout`` seconds to send a message (``421``, closed),
+connections only from ``lmtp.allow`` (``554`` otherwise), and **one DATA makes at most one queue
+entry per (list, kind)**: 3,000 ``dev-bounces+N`` recipients of one 1 MB message are one entry
+carrying every recipient (``original_recipients``) and detail (``details``), not 3 GB.  A message
+nested deeper than :data:`mailq.mta.mime.MAX_DEPTH` MIME levels is refused (``554 5.6.0``).
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ from typing import Any
 
 from mailq.config import Settings
 from mailq.mta.addresses import DETAIL_KINDS, QUEUE_FOR_KIND, parse_list_address
+from mailq.mta.mime import mime_problem
 
 
 #: Fault injection, used ONLY by tests/test_lmtp.py: ``SECONDS:LIST`` makes every enqueue for
@@ -61,6 +71,8 @@ class LMTPHandler:
         self.executor = executor
         self.enqueue = enqueue or self._enqueue
         self.in_flight = 0
+        #: Sessions open now (counted by the protocol class, limited by ``lmtp.max_connections``).
+        self.connections = 0
         self._queues: dict[str, Any] = {}
         #: list name -> (stamp of list.pck, its mail domain): one stat per RCPT, a load only on change.
         self._domains: dict[str, tuple[Any, str]] = {}
@@ -120,6 +132,9 @@ class LMTPHandler:
         return domain
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        limit = self.settings.lmtp.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            return f"452 4.5.3 too many recipients in one transaction (at most {limit}); send the rest in another"
         try:
             listname, kind, problem = await self._run(self._check, address)
         except Exception as exc:  # noqa: BLE001 - a sick shared filesystem (or a bug): try again later
@@ -137,34 +152,42 @@ class LMTPHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        session.mailq_handling = True      # the message is in: the DATA timeout no longer applies
         self.in_flight += 1
         try:
             msg = bytes(envelope.original_content or b"")
             received = time.time()
             targets = getattr(envelope, "mailq_targets", {})
-            # One entry per distinct target: "dev@" and "DEV@" in one transaction are one post (both
-            # get the same 250). -bounces/-confirm keep their +detail apart: it is the information.
-            done: dict[tuple[str, str, str], str] = {}
-            statuses = []
+            problem = mime_problem(msg)
+            if problem:
+                self._note("info", "DATA from <%s> refused: %s", envelope.mail_from, problem)
+                return "\r\n".join(f"554 5.6.0 <{a}>: {problem}" for a in envelope.rcpt_tos)
+            # One entry per (list, kind), whatever the recipients: "dev@" and "DEV@" are one post,
+            # and 3,000 "dev-bounces+N@" are one bounce carrying every +detail (never 3,000 copies).
+            groups: dict[tuple[str, str], list[str]] = {}
             for address in envelope.rcpt_tos:
-                listname, kind = targets[address]
-                detail = address.rpartition("@")[0].lower() if kind in DETAIL_KINDS else ""
-                key = (listname, kind, detail)
-                if key not in done:
-                    done[key] = await self._deliver_one(address, listname, kind, envelope.mail_from, msg,
-                                                        received)
-                statuses.append(done[key].replace("<>", f"<{address}>", 1))
-            return "\r\n".join(statuses)
+                groups.setdefault(targets[address], []).append(address)
+            done: dict[tuple[str, str], str] = {}
+            for (listname, kind), addresses in groups.items():
+                done[(listname, kind)] = await self._deliver_one(addresses, listname, kind, envelope.mail_from,
+                                                                 msg, received)
+            return "\r\n".join(done[targets[a]].replace("<>", f"<{a}>", 1) for a in envelope.rcpt_tos)
         finally:
             self.in_flight -= 1
 
-    async def _deliver_one(self, address: str, listname: str, kind: str, sender: str, msg: bytes,
+    async def _deliver_one(self, addresses: list[str], listname: str, kind: str, sender: str, msg: bytes,
                            received: float) -> str:
-        """The status for *address*'s entry, with ``<>`` where each recipient's address goes."""
+        """The status for the entry of *addresses* (one list and kind), ``<>`` where each address goes."""
         from mailq.errors import TemporaryFailure
 
-        metadata = {"listname": listname, "kind": kind, "received": received, "via": "lmtp",
-                    "envelope_sender": sender or "", "original_recipient": address}
+        address = addresses[0]
+        metadata: dict[str, Any] = {"listname": listname, "kind": kind, "received": received, "via": "lmtp",
+                                    "envelope_sender": sender or "", "original_recipient": address}
+        if len(addresses) > 1:
+            metadata["original_recipients"] = list(addresses)
+        if kind in DETAIL_KINDS:
+            # The +detail of each recipient (a VERP address, a confirmation cookie), in RCPT order.
+            metadata["details"] = list(dict.fromkeys(a.rpartition("@")[0].partition("+")[2] for a in addresses))
         queue = QUEUE_FOR_KIND[kind]
         if not msg.strip():
             return "554 5.6.0 <>: empty message"
@@ -181,6 +204,8 @@ class LMTPHandler:
 
 
 def _lmtp_class() -> type:
+    import ipaddress
+
     from aiosmtpd.lmtp import LMTP
 
     class _PerRecipientLMTP(LMTP):
@@ -199,6 +224,53 @@ def _lmtp_class() -> type:
                     await super().push(f"{code} <{rcpt}>: {text}")
                 status = f"{code} <{rcpts[-1]}>: {text}"
             await super().push(status)
+
+        # -- limits (see the module docstring) ------------------------------------------------
+        async def _handle_client(self) -> None:
+            handler = self.event_handler
+            lmtp = handler.settings.lmtp
+            peer = (self.session.peer or ("",))[0] if self.session else ""
+            refusal = None
+            if not _allowed(peer, lmtp.allow):
+                refusal = f"554 5.7.1 {peer or 'this client'} may not use this LMTP server (lmtp.allow)"
+            elif handler.connections >= lmtp.max_connections:
+                refusal = f"421 4.7.0 too many connections (lmtp.max_connections {lmtp.max_connections}), try later"
+            if refusal:
+                handler._note("warning", "connection from %s refused: %s", peer, refusal[4:])
+                await super().push(refusal)
+                self.transport.close()
+                return
+            handler.connections += 1
+            try:
+                await super()._handle_client()
+            finally:
+                handler.connections -= 1
+
+        async def smtp_DATA(self, arg: str) -> None:
+            seconds = self.event_handler.settings.lmtp.data_timeout
+            timer = asyncio.get_running_loop().call_later(seconds, self._data_too_slow, seconds)
+            try:
+                await super().smtp_DATA(arg)
+            finally:
+                timer.cancel()
+
+        def _data_too_slow(self, seconds: float) -> None:
+            if getattr(self.session, "mailq_handling", False) or self.transport is None:
+                return      # the message is in and being queued: let its replies go out
+            self.event_handler._note("warning", "DATA from %s took longer than %gs: closed", self.session.peer,
+                                     seconds)
+            self.transport.write(f"421 4.4.2 message not received within {seconds:g}s (lmtp.data_timeout)\r\n"
+                                 .encode())
+            self.transport.close()
+
+    def _allowed(peer: str, allow: list[str]) -> bool:
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in ipaddress.ip_network(net, strict=False) for net in allow)
 
     return _PerRecipientLMTP
 
@@ -236,7 +308,7 @@ class LMTPServer:
         limit = self.settings.queue.max_message_size or None
         server = await self._loop.create_server(
             lambda: _LMTP(self.handler, hostname=hostname, ident="mailq LMTP", enable_SMTPUTF8=True,
-                          data_size_limit=limit),
+                          data_size_limit=limit, timeout=self.settings.lmtp.timeout),
             self.host, self.port)
         self.log.info("LMTP listening on %s:%d", self.host, self.port)
         try:

@@ -97,6 +97,9 @@ class Context:
     writes: list[dict] | None = None
     #: Writes done so far: key -> entry id.
     queued: dict[str, str] = field(default_factory=dict)
+    #: The SHA-1 of the entry being processed: archive copies get ``append_key`` ``<origin>/<key>``,
+    #: so a post processed twice (a retry after a full disk, a recovery) is archived once.
+    origin: str = ""
 
     def copy_for_archive(self, store: str, msg: Message, metadata: dict) -> None:
         """Ask for *msg* to be appended to *store* (``archive`` or ``digest``) by the archive runner.
@@ -124,7 +127,8 @@ class Context:
         """
         if self.writes is None:
             writes = [{"key": f"archive:{i}", "queue": "archive", "data": to_bytes(msg, linesep="\n"),
-                       "metadata": meta} for i, (msg, meta) in enumerate(self.copies)]
+                       "metadata": {**meta, "append_key": f"{self.origin}/archive:{i}"} if self.origin else meta}
+                      for i, (msg, meta) in enumerate(self.copies)]
             if self.outgoing is not None:
                 msg, meta = self.outgoing
                 writes.append({"key": "out", "queue": "out", "data": to_bytes(msg), "metadata": meta})

@@ -140,8 +140,8 @@ def _clean(part: Message, rules: Rules, done: list[str], depth: int) -> bool:
         return False
     payload = part._payload   # noqa: SLF001 - get_payload() would transcode 8-bit bodies
     if not isinstance(payload, list):
-        if part.get_content_type().startswith("multipart/"):
-            return True    # no usable boundary: one opaque blob, as the parser left it (docs/pipeline.md)
+        if part.get_content_type().startswith("multipart/") or part.get_content_type() == "message/rfc822":
+            return True    # a container the parser could not open: one opaque blob, left as it came
         why = rules.why_removed(part)
         if why:
             done.append(why)

@@ -30,6 +30,7 @@ def number_for(mlist: Any, msgdata: dict, ctx: Context) -> int:
     number = msgdata.get("post_number")
     if isinstance(number, int) and not isinstance(number, bool) and number > 0:
         return number
-    number = take(ctx.settings, mlist.name, msgdata.get("entry_sha") or None)
+    # ctx.origin: the SHA-1 of the in entry, the same across requeue and recovery (lists/numbers.py)
+    number = take(ctx.settings, mlist.name, ctx.origin or None)
     msgdata["post_number"] = number
     return number

@@ -13,7 +13,7 @@ each decision is logged with the rule that made it (``in.log``):
    and no moderation);
 3. **administrivia** (on by default): a post whose Subject, or one of the first five non-blank
    lines of its text, reads like a command for the list server (``unsubscribe``, ``subscribe``,
-   ``help``, ...) is held, with a reason that names the list's -request address;
+   ``join``, ``leave``, ``help``, ``confirm``) is held, with a reason that names the list's -request address;
 4. **require_explicit_destination** (on by default): a post whose To and Cc name neither the
    list's address nor one of its ``acceptable_aliases`` (Bcc'd, or sent through another alias) is
    held.
@@ -27,13 +27,17 @@ import re
 from email.message import Message
 from typing import Any
 
+from mailq.commands.parse import VERBS
 from mailq.lists.settings import address_rule_match
 from mailq.pipeline.base import Context, Discard, Hold, Reject, StageStop, addresses, header_text
 from mailq.pipeline.textbody import decode_text, first_text_part
 
-#: Words that start a command for the -request address, with how many words may follow them.
-COMMANDS = {"subscribe": (0, 3), "unsubscribe": (0, 2), "join": (0, 3), "leave": (0, 2),
-            "help": (0, 0), "remove": (0, 0), "confirm": (1, 1)}
+#: The commands a post is held for looking like, with how many words may follow them.  Their words
+#: (``join`` for subscribe, ``leave`` for unsubscribe, ...) come from the command language itself
+#: (``mailq.commands.parse.VERBS``).  ``set``, ``who`` and ``info`` are not looked for: "Set up the
+#: build" is a subject, not a request.
+BOUNDS = {"subscribe": (0, 3), "unsubscribe": (0, 2), "help": (0, 0), "confirm": (1, 1)}
+COMMANDS = {word: BOUNDS[name] for word, name in VERBS.items() if name in BOUNDS}
 #: Body lines looked at for administrivia (non-blank, before a signature or quoted text).
 BODY_LINES = 5
 #: Longest header text a header_matches pattern is run on, and text read for administrivia

@@ -13,7 +13,7 @@ from typing import Any
 
 from mailq import safepickle
 from mailq.errors import TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS
+from mailq.fsutil import FILE_MODE, TEMPORARY_ERRNOS, UMASK, make_dirs
 
 VERSION = 1
 #: Fault injection for tests: with MAILQ_FAULT_ENOSPC=1 in a process's environment every entry write
@@ -83,11 +83,13 @@ def write_entry(folder: str, final_name: str, data: bytes, *, fsync: bool) -> No
     final = f"{folder}/{final_name}"
     try:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+            make_dirs(folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
+            if UMASK & FILE_MODE:
+                os.fchmod(fd, FILE_MODE)    # explicit: runners of another user of the group read it
             view = memoryview(data)
             if FAULT_ENOSPC or (FAULT_ENOSPC_QUEUES
                                 and os.path.basename(os.path.dirname(folder)) in FAULT_ENOSPC_QUEUES):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mailq.errors import NotFound
-from mailq.fsutil import fsync_dir
+from mailq.fsutil import fsync_dir, make_dirs
 from mailq.queue.names import (
     CLAIM_SUFFIX, ENTRY_RE, ENTRY_SUFFIX, REASON_SUFFIX, ClaimInfo, Claimant, bucket_of,
     entry_id, parse_claim, slice_buckets, slice_of, split_id,
@@ -107,6 +107,9 @@ class Queue:
         self._dir = str(self.dir)
         self._batches: dict[tuple[int, int], _Batch] = {}
         self._warned: set[str] = set()
+        #: Claim files this object handed out and that are not settled yet: a claimant never gets
+        #: an entry it already holds (a stale batch still lists the ``.pck`` it renamed).
+        self._held: set[str] = set()
 
     @classmethod
     def for_settings(cls, settings: Any, name: str, *, log: logging.Logger | None = None) -> Queue:
@@ -251,6 +254,8 @@ class Queue:
     def _claim_file(self, bucket: str, name: str, claimant: Claimant) -> Claimed | None:
         src = f"{self._dir}/{bucket}/{name}"
         dst = src + claimant.suffix()
+        if dst in self._held:
+            return None         # ours already: the listing this name came from predates our claim
         try:
             os.rename(src, dst)
         except FileNotFoundError:
@@ -264,6 +269,7 @@ class Queue:
             reason = str(exc) if isinstance(exc, BadEntry) else f"cannot read: {exc}"
             self.to_bad(dst, reason)
             return None
+        self._held.add(dst)
         return Claimed(name[:-4], self.name, dst, msg, metadata, claimant)
 
     def claims(self) -> list[ClaimInfo]:
@@ -279,6 +285,7 @@ class Queue:
     # -- finishing (§3.6, §3.7) -------------------------------------------------------------
     def finish(self, c: Claimed) -> None:
         """The entry is done: remove the claim."""
+        self._held.discard(c._path)
         try:
             os.unlink(c._path)
         except FileNotFoundError:
@@ -294,7 +301,7 @@ class Queue:
         meta = dict(c.metadata)
         meta["error"] = error
         meta["shunted_from"] = self.name
-        self.settle(c._path, encode(c.msg, meta), self.root / "shunt" / bucket_of(split_id(c.id)[1]),
+        self._settle_claimed(c, encode(c.msg, meta), self.root / "shunt" / bucket_of(split_id(c.id)[1]),
                     c.id + ENTRY_SUFFIX)
         self.log.error("shunted %s/%s: %s", self.name, c.id, error.strip().splitlines()[-1] if error.strip() else "")
         return c.id
@@ -309,8 +316,26 @@ class Queue:
         _, sha = split_id(c.id)
         new_id = entry_id(time.time() if not_before is None else not_before, sha)
         data = encode(c.msg if msg is None else msg, c.metadata if metadata is None else metadata)
-        self.settle(c._path, data, os.path.dirname(c._path), new_id + ENTRY_SUFFIX)
+        self._settle_claimed(c, data, os.path.dirname(c._path), new_id + ENTRY_SUFFIX)
         return new_id
+
+    def put_back(self, c: Claimed, *, not_before: float | None = None) -> str:
+        """Put a claimed entry back exactly as it was read, due at *not_before*: one rename, no new space.
+
+        What a runner does when it cannot write (disk full): :meth:`requeue` rewrites the payload,
+        which needs space; this only renames the claim to ``<new time>+<same sha1>.pck`` in its
+        bucket, so it works on a full disk.  Whatever the processing changed in ``c.metadata`` is
+        not kept.  OSError when even the rename fails (the caller tries again later).
+        """
+        _, sha = split_id(c.id)
+        new_id = entry_id(time.time() if not_before is None else not_before, sha)
+        os.rename(c._path, os.path.join(os.path.dirname(c._path), new_id + ENTRY_SUFFIX))
+        self._held.discard(c._path)
+        return new_id
+
+    def _settle_claimed(self, c: Claimed, data: bytes, folder: str | os.PathLike[str], name: str) -> None:
+        self.settle(c._path, data, folder, name)
+        self._held.discard(c._path)
 
     def transfer(self, c: Claimed, target: Queue, metadata: dict[str, Any]) -> str:
         """Move a claimed entry into another queue under the same id, with *metadata* (``unshunt``).
@@ -323,8 +348,9 @@ class Queue:
         origin = c._path
         folder = target.bucket_dir(bucket_of(split_id(c.id)[1]))
         moved = os.path.join(folder, os.path.basename(origin))
-        os.makedirs(folder, exist_ok=True)
+        make_dirs(folder)
         os.rename(origin, moved)
+        self._held.discard(origin)
         c._path = moved
         _fault("moved")
         try:
@@ -350,13 +376,16 @@ class Queue:
         try:
             os.rename(claim, dest)
         except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
+            make_dirs(folder)
             os.rename(claim, dest)
         if self.fsync:
             fsync_dir(Path(folder))
 
     def to_bad(self, c_or_path: Claimed | str | os.PathLike[str], reason: str) -> Path:
-        """Move a claimed entry (or any file of this queue) to ``bad``, reason kept in ``<name>.reason``."""
+        """Move a claimed entry (or any file of this queue) to ``bad``, reason kept in ``<name>.reason``.
+
+        Returns where the file is now: its old path when it could not be moved (logged).
+        """
         path = Path(c_or_path)
         name = path.name
         info = parse_claim(name, path)
@@ -374,15 +403,17 @@ class Queue:
             self.log.error("cannot write %s: %s", folder / (final + REASON_SUFFIX), exc)
         dest = folder / final
         try:
-            os.makedirs(folder, exist_ok=True)
+            make_dirs(folder)
             os.rename(path, dest)
         except FileNotFoundError:
+            self._held.discard(str(path))
             self.log.warning("to_bad %s: file vanished before it could be moved", path)
             return dest
         except OSError as exc:
             # Leave it where it is (a claim: recovered once this process is gone); never crash a runner.
             self.log.error("cannot move %s to %s (%s); reason was: %s", path, dest, exc, reason)
             return Path(path)
+        self._held.discard(str(path))
         self.log.error("moved %s to %s: %s", path, dest, reason)
         return dest
 
@@ -404,15 +435,22 @@ class Queue:
                 continue
         return out
 
-    def counts(self, count: int | None = None, now: float | None = None) -> dict[str, Any]:
+    def counts(self, count: int | None = None, now: float | None = None,
+               claim_clock: float | None = None) -> dict[str, Any]:
         """Waiting (and due) and claimed entries, in total and per slice of *count* slices, from names only.
 
         Files in ``bad/unnamed/`` (moved there because their name is not an entry name) count as
-        waiting in total and as ``unnamed``, in no slice.
+        waiting in total and as ``unnamed``, in no slice.  Claims are few: each is stat-ed for how
+        long it has been held (its ctime is the claim rename), against *claim_clock* (the shared
+        filesystem's "now" if the caller has it, else this host's clock): ``claims`` lists them,
+        longest held first, and ``oldest_claim_s`` (in total and per slice) is the longest.
         """
         count = count or 1
         now = time.time() if now is None else now
-        per = [{"slice": i, "waiting": 0, "due": 0, "claimed": 0} for i in range(count)]
+        clock = time.time() if claim_clock is None else claim_clock
+        per: list[dict[str, Any]] = [{"slice": i, "waiting": 0, "due": 0, "claimed": 0, "oldest_claim_s": None}
+                                     for i in range(count)]
+        held: list[dict[str, Any]] = []
         unnamed = 0
         for folder, name in self._all_names():
             if name.startswith(".") or name.endswith(REASON_SUFFIX):
@@ -428,10 +466,20 @@ class Queue:
             elif name.endswith(CLAIM_SUFFIX):
                 info = parse_claim(name, Path(name))
                 if info:
-                    per[slice_of(info.slice_hex, count)]["claimed"] += 1
-        total = {k: sum(r[k] for r in per) for k in ("waiting", "due", "claimed")}
+                    row = per[slice_of(info.slice_hex, count)]
+                    row["claimed"] += 1
+                    try:
+                        age = round(max(0.0, clock - os.stat(os.path.join(folder, name)).st_ctime), 1)
+                    except OSError:
+                        continue        # settled meanwhile
+                    held.append({"id": info.entry_id, "claimant": f"{info.node}:{info.pid}", "epoch": info.epoch,
+                                 "slice": row["slice"], "held_s": age})
+                    row["oldest_claim_s"] = max(row["oldest_claim_s"] or 0.0, age)
+        total: dict[str, Any] = {k: sum(r[k] for r in per) for k in ("waiting", "due", "claimed")}
         total["waiting"] += unnamed
-        return {"queue": self.name, "count": count, **total, "unnamed": unnamed, "slices": per}
+        held.sort(key=lambda c: -c["held_s"])
+        total["oldest_claim_s"] = held[0]["held_s"] if held else None
+        return {"queue": self.name, "count": count, **total, "unnamed": unnamed, "slices": per, "claims": held}
 
     def held(self) -> list[tuple[str, str | None]]:
         """``(origin queue, sha1hex or None)`` of every entry waiting in this holding queue.
@@ -501,7 +549,7 @@ class Queue:
 
 
 def count_queues(qfiles: str | os.PathLike[str], slice_counts: dict[str, int], now: float | None = None,
-                 ) -> dict[str, Any]:
+                 claim_clock: float | None = None) -> dict[str, Any]:
     """``mailqctl queue count``: every queue of *slice_counts* per slice, shunt and bad by origin queue.
 
     Each queue's totals and slice rows get ``shunt`` and ``bad``: entries that failed in it, by the
@@ -509,7 +557,7 @@ def count_queues(qfiles: str | os.PathLike[str], slice_counts: dict[str, int], n
     top-level ``shunt`` and ``bad`` are the totals; ``unattributed`` counts those whose origin is
     unknown or not one of these queues.  Costs: see :meth:`Queue.counts` and :meth:`Queue.held`.
     """
-    per_queue = {q: Queue(qfiles, q).counts(n, now) for q, n in slice_counts.items()}
+    per_queue = {q: Queue(qfiles, q).counts(n, now, claim_clock) for q, n in slice_counts.items()}
     for c in per_queue.values():
         c.pop("unnamed")
         c.update(shunt=0, bad=0, bad_unnamed=0)

@@ -14,13 +14,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mailq.config import RUNNER_QUEUES, Settings
-from mailq.fsutil import pid_alive
+from mailq.fsutil import make_dirs, pid_alive
 from mailq.queue.names import CLAIM_RE, ENTRY_RE, ENTRY_SUFFIX, TEMP_SUFFIX, ClaimInfo, Claimant, bucket_of
-from mailq.queue.payload import BadEntry, decode, encode
+from mailq.queue.payload import BadEntry, QueueFull, decode, encode, write_entry
 from mailq.queue.queue import BUCKET_NAMES, Queue, read_all
 
 #: Queues that can hold claims: every runner queue, and shunt (``mailqctl queue unshunt`` claims there).
 CLAIM_QUEUES = (*RUNNER_QUEUES, "shunt")
+#: ``.<sha1>.recovered`` in an entry's bucket: how often it was recovered (§3.8), kept outside the
+#: entry so that it is counted before the entry is read.
+RECOVERED_SUFFIX = ".recovered"
 
 
 @dataclass
@@ -64,7 +67,10 @@ def recover(settings: Settings, is_dead: Callable[[ClaimInfo], bool], queues: It
             if not is_dead(info):
                 report.left += 1
                 continue
-            _recover_one(queue, info, me, limit, report)
+            try:
+                _recover_one(queue, info, me, limit, report)
+            except OSError as exc:      # NFS trouble, a full disk: the next recovery tries again
+                queue.log.error("cannot recover %s: %s (left for the next recovery)", info.path, exc)
         report.stale_temps += remove_stale_temps(queue, settings.queue.stale_tmp_seconds)
     return report
 
@@ -90,29 +96,84 @@ def _recover_one(queue: Queue, info: ClaimInfo, me: Claimant, limit: int, report
         report.dropped.append({**row, "newer": newer})
         queue.log.info("dropped claim %s of dead %s: a newer copy of the entry exists (%s)", info.path, who, newer)
         return
-    try:
-        msg, meta = decode(read_all(mine))
-    except (BadEntry, OSError) as exc:
-        queue.to_bad(mine, f"claim of dead {who} is unreadable: {exc}")
-        report.to_bad.append({**row, "reason": str(exc)})
-        return
-    count = meta.get("recovered", 0)
-    count = (count if isinstance(count, int) and not isinstance(count, bool) else 0) + 1
+    # Counted BEFORE the file is read (§3.8): reading is what a poison entry may hang or crash, and
+    # a recoverer that dies reading it must still bring it closer to bad.
+    count = bump_recoveries(folder, info.slice_hex, fsync=queue.fsync)
     row["recovered"] = count
     if count > limit:
         reason = (f"claimant died {count} times while processing it (queue.recovery_limit = {limit}); "
                   f"probably a poison message. Last claimant {who}. Inspect with `mailqctl queue show "
                   f"{info.entry_id}`.")
-        queue.to_bad(mine, reason)
-        report.to_bad.append({**row, "reason": reason})
+        _to_bad(queue, mine, info.slice_hex, reason, row, report)
+        return
+    try:
+        msg, meta = decode(read_all(mine))
+    except (BadEntry, OSError) as exc:
+        _to_bad(queue, mine, info.slice_hex, f"claim of dead {who} is unreadable: {exc}", row, report)
         return
     meta["recovered"] = count
-    # Rewrite the claim, then rename it back: a recoverer that dies here leaves its own claim (with
-    # the counter already bumped), never a second copy.
-    queue.settle(mine, encode(msg, meta), folder, info.entry_id + ENTRY_SUFFIX)
+    # Rewrite the claim (the counter shows in `queue show`), then rename it back: a recoverer that dies
+    # here leaves its own claim, never a second copy.  A rewrite that cannot be done (full disk) is
+    # skipped: the entry goes back as it was, by a rename that needs no space (the note keeps the count).
+    try:
+        data = encode(msg, meta)
+    except Exception as exc:  # noqa: BLE001 - a payload that reads but cannot be written back
+        _to_bad(queue, mine, info.slice_hex, f"claim of dead {who} cannot be written back: "
+                f"{type(exc).__name__}: {exc}", row, report)
+        return
+    try:
+        queue.settle(mine, data, folder, info.entry_id + ENTRY_SUFFIX)
+    except QueueFull as exc:
+        queue.log.warning("cannot rewrite %s (%s): putting it back unchanged", mine, exc)
+        os.rename(mine, folder / (info.entry_id + ENTRY_SUFFIX))
     report.recovered.append(row)
     queue.log.warning("recovered %s/%s from dead %s (recovery %d of at most %d)", queue.name, info.entry_id,
                       who, count, limit)
+
+
+def _to_bad(queue: Queue, path: os.PathLike[str], sha: str, reason: str, row: dict[str, Any],
+            report: RecoveryReport) -> None:
+    queue.to_bad(path, reason)
+    forget_recoveries(os.path.dirname(path), sha)
+    report.to_bad.append({**row, "reason": reason})
+
+
+def _note_path(folder: os.PathLike[str] | str, sha: str) -> str:
+    return os.path.join(folder, f".{sha}{RECOVERED_SUFFIX}")
+
+
+def recoveries(folder: os.PathLike[str] | str, sha: str) -> int:
+    """How often the entry with this SHA-1 was recovered in this bucket (its note; 0 without one)."""
+    try:
+        with open(_note_path(folder, sha), "rb") as fh:
+            text = fh.read(32)
+        return max(0, int(text.strip() or b"0"))
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError):
+        return 1 << 20       # a note that cannot be read counts as past any limit: bad, not a loop
+
+
+def bump_recoveries(folder: os.PathLike[str] | str, sha: str, *, fsync: bool = True) -> int:
+    """Count one more recovery of the entry in its note (a few bytes, next to it); the new count.
+
+    The note is a dot file (listings skip it), keyed by the SHA-1, which requeues and recoveries
+    keep.  When it cannot be written (full disk) the count is still returned, one higher, and the
+    recovery goes on: reading an entry is bounded (``mailq.safepickle``), so this is a second line.
+    """
+    count = recoveries(folder, sha) + 1
+    try:
+        write_entry(os.fspath(folder), os.path.basename(_note_path(folder, sha)), b"%d\n" % count, fsync=fsync)
+    except OSError:
+        pass
+    return count
+
+
+def forget_recoveries(folder: os.PathLike[str] | str, sha: str) -> None:
+    try:
+        os.unlink(_note_path(folder, sha))
+    except OSError:
+        pass
 
 
 def _newer_copy(queue: Queue, info: ClaimInfo, mine: str) -> str:
@@ -151,7 +212,7 @@ def filesystem_now(folder: os.PathLike[str] | str) -> float:
     Comparing file ages against this, not against this host's clock, keeps a skewed host from
     deleting another host's fresh temp files.
     """
-    os.makedirs(folder, exist_ok=True)
+    make_dirs(folder)
     probe = os.path.join(folder, f".now.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -163,7 +224,11 @@ def filesystem_now(folder: os.PathLike[str] | str) -> float:
 
 
 def remove_stale_temps(queue: Queue, max_age: float) -> list[str]:
-    """Remove ``.<name>.<pid>.<rand>.tmp`` files older than *max_age* seconds (a writer died mid-write)."""
+    """Remove ``.<name>.<pid>.<rand>.tmp`` files older than *max_age* seconds (a writer died mid-write).
+
+    Recovery notes (``.<sha1>.recovered``) older than that whose entry is no longer in the bucket
+    (finished, or moved to shunt/bad) go too; they are not listed in the result.
+    """
     if not queue.dir.is_dir():
         return []
     now = filesystem_now(queue.dir)
@@ -175,6 +240,11 @@ def remove_stale_temps(queue: Queue, max_age: float) -> list[str]:
         except FileNotFoundError:
             continue
         for name in names:
+            if name.startswith(".") and name.endswith(RECOVERED_SUFFIX):
+                sha = name[1:-len(RECOVERED_SUFFIX)]
+                if not any(sha in other for other in names if other != name and not other.startswith(".")):
+                    _remove_old(os.path.join(folder, name), now, max_age)
+                continue
             if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
                 continue
             path = os.path.join(folder, name)
@@ -186,3 +256,11 @@ def remove_stale_temps(queue: Queue, max_age: float) -> list[str]:
             except FileNotFoundError:
                 continue
     return removed
+
+
+def _remove_old(path: str, now: float, max_age: float) -> None:
+    try:
+        if now - os.stat(path).st_mtime > max_age:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -7,7 +7,10 @@ cycle costs about 1 ms (DESIGN §4), so the runner does not take one per post: i
 ``batch_limit`` lets the base loop claim up to ``pipeline.archive_batch`` entries from its slice
 (each confirmed by the claim guard); ``process_batch`` groups them by list and file and appends each
 group under one lock acquisition, and only then does the loop finish the claims.  A crash
-before the finish leaves the claims for recovery, which may append a post twice but never loses one.
+before the finish leaves the claims for recovery; the append is not repeated (``append_once`` keys
+each post by ``append_key``: a journal next to the mbox records what was appended, design.md §3.10).
+An entry put back as it was read (a full disk, ``Runner._requeue``) names every store again; the
+one it was appended to already skips it by its key.
 An entry for two stores of which one append failed goes back (requeued, or shunted) with
 ``stores`` cut down to the failed one, so the retry does not append it to the other store again.
 A pending digest that an append makes larger than the list's ``digest_size_kb`` is sent right
@@ -22,6 +25,16 @@ from mailq.digest import append_pending, size_due
 from mailq.errors import MailqError
 from mailq.queue.queue import Claimed
 from mailq.runners.base import Runner
+
+
+def append_key(item: Claimed) -> str:
+    """What makes an append happen once (``mailq.archive.append_once``): the ``append_key`` the
+    pipeline gave the copy (its ``in`` entry's SHA-1 and the copy's place), else the entry's SHA-1
+    (which requeues and recoveries keep)."""
+    key = item.metadata.get("append_key")
+    if isinstance(key, str) and key and not any(c.isspace() for c in key):
+        return key
+    return item.id.rpartition("+")[2]
 
 
 class ArchiveRunner(Runner):
@@ -57,8 +70,8 @@ class ArchiveRunner(Runner):
     def _append(self, listname: str, store: str, items: list[Claimed]) -> None:
         if not listname or "/" in listname or listname.startswith("."):
             raise MailqError(f"archive entry without a valid list name ({listname!r})")
-        posts = [(i.msg, str(i.metadata.get("sender") or ""), float(i.metadata.get("received") or time.time()))
-                 for i in items]
+        posts = [(i.msg, str(i.metadata.get("sender") or ""), float(i.metadata.get("received") or time.time()),
+                  append_key(i)) for i in items]
         if store == "digest":
             size = append_pending(self.settings, listname, posts)
             self._maybe_send_digest(listname, size)

@@ -30,6 +30,7 @@ to this node.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 import traceback
@@ -38,7 +39,8 @@ from typing import Any
 from mailq import stats
 from mailq.cluster.guard import ClaimGuard
 from mailq.config import Settings
-from mailq.errors import TemporaryFailure
+from mailq.errors import LeaseLost, TemporaryFailure
+from mailq.fsutil import make_dirs
 from mailq.queue.names import Claimant, slice_of, split_id
 from mailq.queue.queue import Claimed, Queue
 from mailq.runners.process import EXIT_TEMPFAIL, RunnerProcess
@@ -52,11 +54,15 @@ class Runner(RunnerProcess):
 
     #: The queue this runner serves (a name in config.RUNNER_QUEUES); also the runner's name.
     queue: str = ""
-    #: Seconds before an entry whose processing raised TemporaryFailure is tried again.
-    tempfail_delay: float = 30.0
+    #: Seconds before an entry whose processing raised TemporaryFailure is tried again; None: the
+    #: node's ``runners.retry_delay`` (30 s by default).
+    tempfail_delay: float | None = None
 
     def __init__(self, settings: Settings, slice: int = 0, count: int = 1) -> None:
         super().__init__(settings, slice, count)
+        if self.tempfail_delay is None:
+            self.tempfail_delay = settings.runners.retry_delay
+        self._guard: ClaimGuard | None = None   # the loop's guard (check_lease asks it)
         self.claimant: Claimant | None = None    # set before each claim
         self.epoch = 0
         self._moved = False
@@ -136,7 +142,7 @@ class Runner(RunnerProcess):
 
     def _loop(self, once: bool) -> int:
         queue = self.queue_for(self.queue)
-        guard = ClaimGuard(self.settings, self.queue, self.slice, self.count, self.log)
+        guard = self._guard = ClaimGuard(self.settings, self.queue, self.slice, self.count, self.log)
         seen: set[str] = set()
         poll = self.settings.runners.poll_interval
         limit = max(1, int(self.batch_limit()))
@@ -209,11 +215,16 @@ class Runner(RunnerProcess):
         started = time.monotonic()
         try:
             failed = self.process_batch(batch)
-        except Exception as exc:
+        except Exception as exc:        # LeaseLost included: then no entry of the batch is settled
             failed = {entry.id: exc for entry in batch}
         for entry in batch:
             exc = failed.get(entry.id)
-            if exc is None:
+            if isinstance(exc, LeaseLost):
+                # Fenced or taken over while delivering: the entry is not ours to settle any more; the
+                # new owner recovers the claim (docs/cluster.md §4). Stop claiming and exit.
+                self.log.warning("stopped handling %s, claim left for the takeover: %s", entry.id, exc)
+                self._moved = True
+            elif exc is None:
                 self._finish(queue, entry, started)
             elif isinstance(exc, TemporaryFailure):
                 stats.count("mailq_entries_failed_total", label="requeued")
@@ -234,23 +245,110 @@ class Runner(RunnerProcess):
     def _shunt(self, queue: Queue, entry: Claimed, error: str) -> None:
         try:
             queue.shunt(entry, error)       # logs "shunted <queue>/<id>: <last line>"
-        except Exception:
+        except OSError:
             # Shunt is unwritable (disk full, NFS trouble): put the entry back for later instead.
             self.log.critical("cannot shunt %s: %s\nprocessing error was:\n%s",
                               entry.id, traceback.format_exc().rstrip(), error)
             self._requeue(queue, entry, RuntimeError("shunt failed"))
+        except Exception as exc:  # noqa: BLE001 - the entry cannot be written back at all
+            reason = (f"cannot be written back to shunt ({type(exc).__name__}: {exc}); processing "
+                      f"error was: {error.splitlines()[-1] if error else ''}")
+            self._settle(entry, "move to bad", lambda: self._to_bad(queue, entry, reason))
 
     def _requeue(self, queue: Queue, entry: Claimed, exc: BaseException) -> None:
-        not_before = time.time() + self.tempfail_delay
+        """Put *entry* back for a retry in ``tempfail_delay`` seconds; never keep its claim.
+
+        First as a requeue that keeps what the processing recorded in its metadata (that rewrite
+        needs space); when it cannot be written, by a rename that needs none (``Queue.put_back``:
+        what the processing recorded is lost, the entry is as it was read); an entry that cannot be
+        encoded at all goes to ``bad``.  A rename that fails too (NFS trouble) is retried until it
+        works (``_settle``).
+        """
+        from mailq.queue.payload import QueueFull
+
+        not_before = time.time() + (self.tempfail_delay or 0.0)
         try:
             new_id = queue.requeue(entry, not_before=not_before)
             self.log.warning("requeued %s as %s for %.0fs: %s", entry.id, new_id, self.tempfail_delay, exc)
-        except Exception:
-            # The claim stays; it is recovered when this runner's process is gone (restart, master start).
-            self.log.critical("cannot requeue %s (claim left in place): %s", entry.id,
-                              traceback.format_exc().rstrip())
+            return
+        except (QueueFull, OSError) as failure:
+            self.log.error("cannot rewrite %s for a retry (%s): putting it back as it was read", entry.id, failure)
+        except Exception as failure:  # noqa: BLE001 - metadata that cannot be pickled back
+            reason = (f"cannot be written back for a retry ({type(failure).__name__}: {failure}); the "
+                      f"retry was for: {exc}")
+            self._settle(entry, "move to bad", lambda: self._to_bad(queue, entry, reason))
+            return
+        new_id = self._settle(entry, "put back", lambda: queue.put_back(entry, not_before=not_before))
+        if new_id:
+            self.log.warning("put back %s as %s for %.0fs: %s", entry.id, new_id, self.tempfail_delay, exc)
+
+    def _to_bad(self, queue: Queue, entry: Claimed, reason: str) -> str:
+        where = queue.to_bad(entry, reason)
+        if os.path.exists(entry.path) and where == entry.path:
+            raise OSError(f"{entry.path} could not be moved to bad")
+        return str(where)
+
+    def _settle(self, entry: Claimed, what: str, action: Any) -> Any:
+        """Run *action* (a rename of the claim) until it works: a runner never sits on a claim.
+
+        Waits between tries like an idle runner (``poll_interval``, doubling up to 30 s); a stop
+        request ends the wait, leaving the claim to recovery (the process is about to be gone).
+        """
+        delay = max(0.05, self.settings.runners.poll_interval)
+        tries = 0
+        while True:
+            try:
+                return action()
+            except OSError as exc:
+                tries += 1
+                self.log.log(logging.CRITICAL if tries == 1 else logging.ERROR,
+                             "cannot %s %s (try %d, again in %.1fs): %s", what, entry.id, tries, delay, exc)
+            if self.stopping:
+                self.log.critical("stopping with %s still claimed (%s failed): recovered when this process "
+                                  "is gone", entry.id, what)
+                return None
+            self._sleep(delay)
+            delay = min(30.0, delay * 2)
 
     # -- the cluster guard --------------------------------------------------------------------
+    def check_lease(self) -> None:
+        """THE lease check before each action on the outside world (docs/cluster.md §4, "Before
+        each transaction"): return when this node still holds its lease and its slice; raise
+        LeaseLost when it was fenced or the slice moved (the entry in hand is the new owner's now).
+
+        The out runner calls it right before every SMTP transaction and every chunk of a bulk
+        delivery.  While the lease is stale but nobody has taken over yet it waits (a master that
+        renews again lets delivery go on; a takeover ends the wait with LeaseLost).  A process
+        frozen past its lease therefore sends nothing more after it wakes, except a transaction it
+        was already in.  Outside the loop (no guard yet) it returns at once.
+        """
+        guard = self._guard
+        if guard is None:
+            return
+        waited = False
+        delay = 0.05
+        while True:
+            try:
+                state = guard.check()
+            except Exception as exc:  # noqa: BLE001 - unknowable (NFS trouble): not a reason to send
+                reason = f"the claim guard failed: {exc}"
+            else:
+                if state.may_claim:
+                    if waited:
+                        self.log.info("lease fresh again: delivering")
+                    return
+                reason = state.reason
+                if state.moved:
+                    self._moved = True
+                    raise LeaseLost(reason)
+            if self.stopping or self.master_gone():
+                raise LeaseLost(f"stopping while the lease is not fresh ({reason})")
+            if not waited:
+                self.log.warning("not delivering: %s; waiting for the lease or a takeover", reason)
+                waited = True
+            self._sleep(delay)
+            delay = min(delay * 2, max(0.05, self.settings.runners.poll_interval))
+
     def _confirmed(self, guard: ClaimGuard, entry: Claimed) -> bool:
         # The guard may have changed between check and rename (a frozen process, a takeover):
         # only a claim that still holds afterwards counts; otherwise confirm() gave it back.
@@ -289,7 +387,7 @@ class Runner(RunnerProcess):
             # Buckets made up front: a file renamed into a bucket created after the watch was set
             # could be missed by inotify (the poll would still find it, later).
             for bucket in range(256):
-                os.makedirs(root / f"{bucket:02x}", exist_ok=True)
+                make_dirs(root / f"{bucket:02x}")       # explicit modes: the MTA's user writes here too
             from watchdog.events import FileCreatedEvent, FileMovedEvent, FileSystemEventHandler
             from watchdog.observers import Observer
 

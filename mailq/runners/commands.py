@@ -9,7 +9,7 @@ later, like every runner.
 
 Exactly once: a confirmation's decision is a hard link (``lists.pending``) that names this entry,
 so the same entry processed again after a crash finishes its own decision instead of answering
-"already used"; the welcome is staged and renamed into ``virgin`` once.  Mail to ``-join``,
+"already used"; the welcome is staged and renamed into ``out`` once.  Mail to ``-join``,
 ``-leave`` and ``-confirm`` is answered by the mail it causes (confirmation, welcome, goodbye);
 a reply goes out only when it caused none (already a member, an expired token, ...).  The reply itself is sent
 at least once: a runner killed after queueing it and before finishing the entry sends it again.

@@ -86,10 +86,7 @@ class IncomingRunner(Runner):
         mlist = self.store.load(listname)  # NotFound says which list and what to run
         msg = parse(entry.msg)
         metadata.setdefault("size", len(entry.msg))
-        # The entry's SHA-1 stays the same across requeue and recovery: the post counter remembers
-        # which number it gave to which entry, so a replayed post keeps its number (post_number).
-        metadata["entry_sha"] = entry.id.rpartition("+")[2]
-        ctx = Context(self.settings, self.log, self.enqueue)
+        ctx = Context(self.settings, self.log, self.enqueue, origin=entry.id.rpartition("+")[2])
         try:
             run(stages, mlist, msg, metadata, ctx)
         except Hold as stop:

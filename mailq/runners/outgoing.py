@@ -34,7 +34,7 @@ class OutgoingRunner(Runner):
             return
         # stopping: `mailqctl stop` waits for one transaction, not for a whole personalized entry.
         report = deliver(self.settings, self.transport, entry.msg, entry.metadata, self.enqueue, log=self.log,
-                         stopping=lambda: self.stopping)
+                         stopping=lambda: self.stopping, lease_check=self.check_lease)
         self.last_used = time.monotonic()
         for result, recipients in (("delivered", report.delivered), ("deferred", report.retried),
                                    ("failed", report.bounced), ("given_up", report.given_up)):
