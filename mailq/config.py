@@ -7,8 +7,10 @@ valid keys listed), so is a key given twice, a value of the wrong type or out of
 number is taken as written (``name: 01`` is ``"01"``); where a number is expected ``1e3`` is
 accepted although YAML 1.1 reads it as text.
 
-Where the file is found, first match wins: the ``-C/--config`` option, ``$MAILQ_CONFIG``,
-``etc/mailq.yaml`` in the checkout (only when it exists), else built-in defaults.
+Where the file is found, first match wins: the ``-C/--config`` option, ``$MAILQ_CONFIG``, then
+for an installed package ``/etc/mailq/mailq.yaml`` (an error names it when it is missing:
+``mailqctl init`` writes it), for a checkout ``etc/mailq.yaml`` when it exists, else built-in
+defaults.
 
 Defaults for the two trees: in a checkout ``paths.var`` is ``var/`` in the checkout and ``paths.run``
 is ``<var>/run``.  An installed package (no checkout beside it) has no sensible shared tree of its
@@ -38,6 +40,8 @@ DEFAULT_CONFIG = CHECKOUT / "etc" / "mailq.yaml"
 IS_CHECKOUT = (CHECKOUT / "setup.cfg").is_file()
 #: The default shared tree; compared by identity in load_settings to tell "not set" from "set".
 CHECKOUT_VAR = CHECKOUT / "var"
+#: The config file of an installed package when neither -C nor MAILQ_CONFIG names one.
+INSTALLED_CONFIG = Path("/etc/mailq/mailq.yaml")
 #: Host-local folders for paths.run when paths.var is set and paths.run is not, first usable wins.
 HOST_LOCAL_RUN = (Path("/run/mailq"), Path("/var/run/mailq"))
 
@@ -322,6 +326,9 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     lists: ListsSettings = field(default_factory=ListsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    #: The run-as user: commands started as root switch to it before touching the shared tree
+    #: (mailq/runas.py).  Empty: ``mailq`` for an installed package, the invoking user in a checkout.
+    user: str = ""
     #: The file these settings came from, or None for built-in defaults.
     source: Path | None = None
 
@@ -364,7 +371,7 @@ class Settings:
 
     @property
     def run_dir(self) -> Path:
-        """Host-local state for this node (master lock, pid file, lease stamp).
+        """Host-local state for this node (master lock, pid file, lease stamp): ``<paths.run>/<run_key>``.
 
         ``paths.run`` if set; else ``<var>/run`` while var is the checkout's own (a checkout is one
         host); else host-local ``/run/mailq`` (ConfigError, a MailqError, when it cannot be used).
@@ -375,7 +382,27 @@ class Settings:
             base = self.var / "run"
         else:
             base = host_local_run()
-        return base / self.node.name
+        return base / self.run_key
+
+    @property
+    def run_key(self) -> str:
+        """``<node>@<8 hex digits of the var path's SHA-1>``: this node's folder name under ``paths.run``.
+
+        Keyed by the shared tree as well as the node name, so that two sites on one host that use
+        the same node name (different ``paths.var``, same ``paths.run``) never share a master lock,
+        pid file or lease, and ``mailqctl stop`` of one never signals the other's master.
+        """
+        import hashlib
+
+        digest = hashlib.sha1(os.fsencode(os.path.abspath(self.var))).hexdigest()[:8]
+        return f"{self.node.name}@{digest}"
+
+    @property
+    def run_as(self) -> str:
+        """The user root switches to (``user:``, else the installed default); "" means no switch."""
+        from mailq.runas import INSTALLED_DEFAULT
+
+        return self.user or ("" if IS_CHECKOUT else INSTALLED_DEFAULT)
 
     @property
     def site_owner(self) -> str:
@@ -394,9 +421,24 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     env = os.environ.get("MAILQ_CONFIG")
     if env:
         return Path(env)
+    if not IS_CHECKOUT:
+        return INSTALLED_CONFIG
     if DEFAULT_CONFIG.exists():
         return DEFAULT_CONFIG
     return None
+
+
+def share_dir() -> Path:
+    """Where the sample config (``etc/``) and the docs (``docs/``) are: the checkout, or what the
+    wheel installed under ``<prefix>/share/mailq`` (setup.cfg ``data_files``)."""
+    if IS_CHECKOUT:
+        return CHECKOUT
+    import sys
+    import sysconfig
+
+    candidates = [Path(sysconfig.get_path("data")) / "share" / "mailq", Path(sys.prefix) / "share" / "mailq",
+                  Path("/usr/local/share/mailq"), Path("/usr/share/mailq")]
+    return next((c for c in candidates if (c / "etc" / "mailq.yaml").exists()), candidates[0])
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
@@ -407,7 +449,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     try:
         text = chosen.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{chosen}: no such config file (set -C/--config or MAILQ_CONFIG to an existing file)")
+        made_by = " or create it with `mailqctl init`" if chosen == INSTALLED_CONFIG else ""
+        raise ConfigError(f"{chosen}: no such config file (set -C/--config or MAILQ_CONFIG to an existing "
+                          f"file{made_by}; sample: {share_dir() / 'etc' / 'mailq.yaml'})")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{chosen}: cannot read config file: {exc}")
     settings = parse_settings(text, str(chosen))
@@ -430,8 +474,8 @@ def _require_var(settings: Settings, source: Path | None) -> Settings:
     raise ConfigError(
         f"{where}; mailq is installed as a package ({CHECKOUT}), not run from a checkout, so there is no "
         f"var/ beside it. Set paths.var to the shared tree (the NFS mount in a cluster, e.g. /srv/mailq/var) "
-        f"in the config file{'' if source else ' and point -C/--config or MAILQ_CONFIG at it'}; the "
-        f"commented sample is etc/mailq.yaml in the mailq source.")
+        f"in the config file{'' if source else ' and point -C/--config or MAILQ_CONFIG at it'} "
+        f"(`mailqctl init --var PATH` writes one); the commented sample is {share_dir() / 'etc' / 'mailq.yaml'}.")
 
 
 def parse_settings(text: str, filename: str = "<config>") -> Settings:

@@ -48,6 +48,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "drop expired confirmation tokens and owner requests, finish interrupted confirmations"),
     Task("recover", "mailq.cron:recover_local", 300.0, "node",
          "claims of this node's dead processes back to their queues"),
+    Task("bounce-warnings", "mailq.bounce.notices:bounce_warnings", 86400.0, "cluster",
+         "warn members disabled by bounces every bounce_disabled_warnings_interval_days; remove after the last"),
     Task("check-failover", "mailq.cron:check_failover", 30.0, "cluster",
          "take over nodes silent past lease + margin (cluster.failover: auto), a safety net for the masters"),
     Task("send-digests", "mailq.digest:send_digests", 900.0, "cluster",

@@ -98,8 +98,29 @@ def get_logger(settings: Settings, component: str, *, filename: str | None = Non
     return logger
 
 
+#: Set by a daemonized master for itself and its runners: the file their stdout/stderr point at
+#: (``master.log``), which :func:`reopen_all` opens again so that no process keeps writing to a
+#: file logrotate moved away.
+STDIO_LOG_ENV = "MAILQ_STDIO_LOG"
+
+
+def redirect_stdio(path: str) -> None:
+    """Point stdout and stderr (fds 1 and 2) at *path*, appending; remembered for reopen_all."""
+    os.environ[STDIO_LOG_ENV] = str(path)
+    out = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+
+
 def reopen_all() -> None:
-    """Close and reopen every log file (after logrotate; SIGHUP)."""
+    """Close and reopen every log file, and stdout/stderr when they are a log (after logrotate; SIGHUP)."""
+    stdio = os.environ.get(STDIO_LOG_ENV)
+    if stdio:
+        try:
+            redirect_stdio(stdio)
+        except OSError:
+            pass        # folder gone: keep the old file, as the handlers below do
     for handler in _handlers:
         handler.acquire()
         try:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +49,8 @@ from mailq.runners.process import MASTER_PID_ENV
 STABLE_SECONDS = 300.0
 #: How often the master looks at its children and its signal flags.
 TICK = 0.1
+#: How long start-up waits for the LMTP listener to accept connections before giving up.
+LMTP_READY_TIMEOUT = 60.0
 
 Key = tuple[str, int, int]   # (runner name, slice, count)
 
@@ -132,6 +135,7 @@ class Child:
     started: float = 0.0           # time.monotonic() of the last start
     next_start: float = 0.0
     last_exit: int | None = None
+    hup_at: float | None = None    # time.monotonic() when a SIGHUP put off at start-up is to be sent
     since: float = field(default_factory=time.time)
 
     @property
@@ -174,7 +178,6 @@ class Master:
         self._cancel = threading.Event()
         self._shared_at = 0.0
         self._metrics_server: Any = None
-        self.on_hup: Callable[[], None] | None = None   # extra work on SIGHUP (the daemon's stdio)
 
     # -- start-up -------------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -237,6 +240,7 @@ class Master:
             self._beat()
             self._serve_metrics()
             self._start_due()
+            self._wait_lmtp_listening()
             if ready is not None:
                 ready()
             self.log.info("master running: %s", ", ".join(c.label for c in self.children.values()) or
@@ -259,12 +263,47 @@ class Master:
                     self._start_failover_check()
                     next_check = now + failover_interval(self.settings)
                 self._start_due()
+                self._send_due_hups()
                 self._write_status()
                 stats.flush()
                 time.sleep(TICK)
         finally:
             self._shutdown()
         return 0
+
+    def _wait_lmtp_listening(self) -> None:
+        """Return once the LMTP runner accepts connections, so that ``mailqctl start`` means "mail
+        is taken": an MTA delivering right after a (re)start must not be deferred.
+
+        MailqError when the listener exits first or is not up within ``LMTP_READY_TIMEOUT``.
+        """
+        child = self.children.get(("lmtp", 0, 1))
+        if child is None:
+            return
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.settings.lmtp.host,
+                                                                        self.settings.lmtp.host)
+        port = self.settings.lmtp.port
+        deadline = time.monotonic() + LMTP_READY_TIMEOUT
+        log = self.settings.log_dir / "lmtp.log"
+        while True:
+            proc = child.proc
+            if proc is None or proc.poll() is not None:
+                code = proc.returncode if proc is not None else None
+                raise MailqError(f"the LMTP listener exited (status {code}) before it accepted connections on "
+                                 f"{host}:{port}; see {log} (is the port in use?)")
+            try:
+                # Our listener greets; a port someone else holds may accept and stay silent while
+                # our listener, failing to bind, exits (seen on the next round).
+                with socket.create_connection((host, port), timeout=1.0) as conn:
+                    if conn.recv(4).startswith(b"220") and proc.poll() is None:
+                        conn.sendall(b"QUIT\r\n")
+                        return
+                    raise OSError("no 220 greeting")
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise MailqError(f"the LMTP listener did not accept connections on {host}:{port} within "
+                                     f"{LMTP_READY_TIMEOUT:.0f} s ({exc}); see {log}") from None
+            time.sleep(TICK)
 
     def _serve_metrics(self) -> None:
         """``/metrics`` on metrics.host:metrics.port when configured (a failure to bind is logged, not fatal)."""
@@ -305,6 +344,7 @@ class Master:
             self._crashed(child, None)
             return
         child.state, child.started, child.since = "running", time.monotonic(), time.time()
+        child.hup_at = None     # a new runner opens (and inherits) the current log files
         self.log.info("started runner %s (pid %d)", child.label, child.proc.pid)
 
     def _start_due(self) -> None:
@@ -528,15 +568,21 @@ class Master:
         from mailq.logs import reopen_all
 
         self._hup = False
-        if self.on_hup is not None:
-            self.on_hup()
         reopen_all()
         self.log.info("log files reopened; passing SIGHUP to the runners")
+        for child in self.children.values():
+            # A runner that started a moment ago may not have its SIGHUP handler yet: it gets the
+            # signal once it is a second old (its stderr still points at the file logrotate moved).
+            child.hup_at = child.started + 1.0
+        self._send_due_hups()
+
+    def _send_due_hups(self) -> None:
         now = time.monotonic()
         for child in self.children.values():
-            # A runner that started a moment ago opened its logs after the rotation, and may not
-            # have its SIGHUP handler yet (WatchedFileHandler also notices a moved file by itself).
-            if child.proc is not None and child.proc.poll() is None and now - child.started > 1.0:
+            if child.hup_at is None or now < child.hup_at:
+                continue
+            child.hup_at = None
+            if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGHUP)
 
     def _shutdown(self) -> None:

@@ -28,7 +28,7 @@ def sink():
 
 @pytest.fixture
 def master():
-    """``master(node)`` runs ``mailqctl start`` for *node*; every master started is stopped afterwards."""
+    """``master(node)`` runs ``mailqctl start`` for *node*; each master is stopped (and gone) after the test."""
     from mailq.fsutil import pid_alive
 
     nodes = []

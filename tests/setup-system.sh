@@ -22,6 +22,7 @@ rpcbind            # tests/test_nfs.py: ganesha 4.3 refuses to start without a p
 libnfs-dev         # tests/test_nfs.py: nfsfuse.py speaks NFSv3 through libnfs (pip libnfs builds on it)
 fuse3              # tests/test_nfs.py: nfsfuse.py mounts the export once per host (libfuse3)
 prometheus         # tests/test_metrics.py: promtool checks etc/prometheus/mailq-alerts.yml
+postfix            # tests/test_aliases.py: the file `mailqctl aliases` writes goes through postalias (issue 12)
 '
 
 wanted=$(printf '%s\n' "$PACKAGES" | sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d')

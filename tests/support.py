@@ -297,3 +297,80 @@ class NobodyTree:
         import shutil
 
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class SystemUser:
+    """A throw-away system user (and its group) with a unique name, removed again on exit.
+
+    For tests of the run-as user (``user:``): needs root and useradd/userdel, see ``unavailable``.
+    ``folder`` is a temp folder the user can reach (pytest's tmp_path has root-only parents).
+    """
+
+    def __init__(self) -> None:
+        import pwd
+        import tempfile
+
+        self.name = f"mqt{os.getpid() % 100000}{os.urandom(2).hex()}"
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                        "--shell", "/usr/sbin/nologin", self.name], check=True, capture_output=True)
+        entry = pwd.getpwnam(self.name)
+        self.uid, self.gid = entry.pw_uid, entry.pw_gid
+        self.folder = Path(tempfile.mkdtemp(prefix="mailq-runas-"))
+        self.folder.chmod(0o755)
+        self.python, self.problem = self._python()
+
+    def _python(self) -> tuple[str, str]:
+        """An interpreter this user can run mailq with, or ``("", why not)``.
+
+        A process that switched users keeps importing modules lazily, so its standard library must be
+        readable by the user: this test's Python may live under root's 0700 home (pyenv).  Then the
+        system's python3 of the same version runs mailq with this Python's site-packages.
+        """
+        import shutil
+        import sysconfig
+
+        site = sysconfig.get_paths()["purelib"]
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), site])}
+        # Started as root, switched, then importing what mailq imports late: what our commands do.
+        probe = (f"import os, sys; assert sys.version_info[:2] == {tuple(sys.version_info[:2])}, sys.version; "
+                 f"os.setgid({self.gid}); os.setuid({self.uid}); "
+                 "import logging.handlers, email.parser, yaml, click, filelock, aiosmtpd, mailq.cli.ctl")
+        tried = []
+        for python in dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]):
+            if not shutil.which(python):
+                continue
+            res = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=self.env, cwd="/")
+            if res.returncode == 0:
+                return python, ""
+            tried.append(f"{python}: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+        return "", "no Python here can run mailq as another user (" + "; ".join(tried) + ")"
+
+    @staticmethod
+    def unavailable() -> str | None:
+        import shutil
+
+        if os.geteuid() != 0:
+            return "needs root to create a user (run the suite as root, as CI does)"
+        if shutil.which("useradd") is None or shutil.which("userdel") is None or shutil.which("setpriv") is None:
+            return "needs useradd, userdel and setpriv(1) to create a user and run commands as it"
+        return None
+
+    def run(self, program: str, *args: str, config: Path, input: bytes | None = None,
+            as_user: bool = False) -> subprocess.CompletedProcess:
+        """A mailq program (MODULES name) with *config*, as root (default) or as this user (setpriv)."""
+        prefix = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups"] if as_user else []
+        env = {**self.env, "MAILQ_CONFIG": str(config)}
+        proc = subprocess.run([*prefix, self.python, "-m", MODULES[program], *args], input=input,
+                              capture_output=True, env=env, cwd="/", timeout=120)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
+                                           proc.stderr.decode("utf-8", "replace"))
+
+    def __enter__(self) -> "SystemUser":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+        subprocess.run(["userdel", self.name], capture_output=True)
+        subprocess.run(["groupdel", self.name], capture_output=True)   # when userdel left the group

@@ -92,3 +92,66 @@ def test_every_alias_command_delivers(node, settings):
 def test_help_has_examples(node):
     r = node.mailq("aliases", "--help")
     assert r.returncode == 0 and "Examples:" in r.stdout and "mailqctl aliases --format exim" in r.stdout
+
+
+def need_postfix() -> None:
+    """Skip where Postfix is missing; fail where tests/setup-system.sh installed it (CI)."""
+    import shutil
+
+    from tests.support import skip_unless_ready
+
+    skip_unless_ready("" if shutil.which("postalias") else
+                      "Postfix is not installed (no postalias); `python3 dev.py test` as root installs it "
+                      "through tests/setup-system.sh, as CI does", ("postfix",))
+
+
+def test_the_written_alias_file_goes_through_postalias(node, settings, tmp_path):
+    """What `mailqctl aliases --output` writes is a valid Postfix alias table, with our commands in it."""
+    import subprocess
+
+    need_postfix()
+    create_lists(settings, "dev", "users")
+    table = tmp_path / "mta" / "aliases"
+    table.parent.mkdir()
+    written = node.mailq("aliases", "--output", str(table))
+    assert written.returncode == 0 and f"now run: postalias {table}" in written.stdout, written.stderr
+    made = subprocess.run(["postalias", str(table)], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    config = node.config.resolve()
+    for name in ("dev", "users"):
+        for kind, suffix in zip(KINDS, ["", "-owner", "-request", "-bounces", "-join", "-leave", "-confirm"],
+                                strict=True):
+            found = subprocess.run(["postalias", "-q", f"{name}{suffix}", f"hash:{table}"], capture_output=True,
+                                   text=True, timeout=60)
+            assert found.stdout.strip() == f"\"|{DELIVER} -C {config} {kind} {name}\"", (name, kind, found.stderr)
+    missing = subprocess.run(["postalias", "-q", "nolist", f"hash:{table}"], capture_output=True, timeout=60)
+    assert missing.returncode == 1      # not found
+
+
+def test_postalias_as_root_leaves_the_database_to_the_run_as_user(tmp_path):
+    """The recipe's point: run as root, postalias works as the file's owner, so local(8) later runs the
+    pipes as that user (the .db's owner) instead of nobody."""
+    import os
+    import subprocess
+
+    from tests.support import SystemUser
+
+    need_postfix()
+    if SystemUser.unavailable():
+        pytest.skip(SystemUser.unavailable())
+    with SystemUser() as user:
+        folder = user.folder / "mta"
+        folder.mkdir()
+        os.chown(folder, user.uid, user.gid)
+        table = folder / "aliases"
+        table.write_text('dev: "|/bin/true post dev"\n')
+        os.chown(table, user.uid, user.gid)
+        made = subprocess.run(["postalias", str(table)], capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        db = folder / "aliases.db"
+        assert (db.stat().st_uid, db.stat().st_gid) == (user.uid, user.gid)
+        # And the failure the old recipe ran into: a folder the file's owner may not write.
+        os.chown(folder, 0, 0)
+        db.unlink()
+        refused = subprocess.run(["postalias", str(table)], capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr

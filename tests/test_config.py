@@ -87,7 +87,7 @@ def test_relative_paths_are_made_absolute_against_the_config_file(tmp_path):
     path.write_text("paths: {var: shared/var, run: local/run}\nnode: {name: n7}\n")
     s = load_settings(path)
     assert s.var == folder / "shared" / "var"
-    assert s.run_dir == folder / "local" / "run" / "n7"
+    assert s.run_dir == folder / "local" / "run" / s.run_key and s.run_key.startswith("n7@")
 
 
 def test_logging_survives_its_folder_vanishing(tmp_path):
@@ -128,14 +128,19 @@ def test_the_sample_config_shows_the_defaults_except_where_it_says_default():
     sample, defaults = parse_settings(uncommented, "etc/mailq.yaml"), Settings()
     differ = set()
     for section in dataclasses.fields(Settings):
-        if section.name != "source":
-            for f in dataclasses.fields(getattr(defaults, section.name)):
-                if getattr(getattr(sample, section.name), f.name) != getattr(getattr(defaults, section.name), f.name):
-                    differ.add(f"{section.name}.{f.name}")
-    assert differ == {"node.name", "paths.var", "paths.run"}
+        if section.name == "source":
+            continue
+        if not dataclasses.is_dataclass(getattr(defaults, section.name)):     # a top-level key (user)
+            if getattr(sample, section.name) != getattr(defaults, section.name):
+                differ.add(section.name)
+            continue
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            if getattr(getattr(sample, section.name), f.name) != getattr(getattr(defaults, section.name), f.name):
+                differ.add(f"{section.name}.{f.name}")
+    assert differ == {"user", "node.name", "paths.var", "paths.run"}
     lines = body.splitlines()
     for key in differ:     # the key's line, or the comment lines continuing it, says "default:"
-        at = next(i for i, line in enumerate(lines) if line.lstrip("# ").startswith(key.split(".")[1] + ":"))
+        at = next(i for i, line in enumerate(lines) if line.lstrip("# ").startswith(key.split(".")[-1] + ":"))
         end = next(i for i in range(at + 1, len(lines) + 1)
                    if i == len(lines) or not lines[i].startswith("#" + " " * 20))
         assert "default:" in " ".join(lines[at:end]), lines[at]
@@ -148,14 +153,15 @@ def test_a_checkout_keeps_var_and_run_in_the_checkout(monkeypatch):
     monkeypatch.delenv("MAILQ_CONFIG", raising=False)
     assert IS_CHECKOUT
     s = Settings()
-    assert s.var == CHECKOUT / "var" and s.run_dir == CHECKOUT / "var" / "run" / s.node.name
+    assert s.var == CHECKOUT / "var" and s.run_dir == CHECKOUT / "var" / "run" / s.run_key
 
 
 def test_run_dir_is_host_local_once_var_is_set_elsewhere(tmp_path):
     from mailq.config import HOST_LOCAL_RUN, host_local_run
 
     s = parse_settings(f"paths: {{var: {tmp_path / 'shared'}}}\nnode: {{name: h1}}\n")
-    assert s.run_dir == host_local_run() / "h1" and host_local_run() in HOST_LOCAL_RUN
+    assert s.run_dir == host_local_run() / s.run_key and s.run_key.startswith("h1@")
+    assert host_local_run() in HOST_LOCAL_RUN
     assert not str(s.run_dir).startswith(str(tmp_path))
     made = tmp_path / "local" / "mailq"
     made.parent.mkdir()
@@ -166,7 +172,7 @@ def test_run_dir_is_host_local_once_var_is_set_elsewhere(tmp_path):
         host_local_run((tmp_path / "nothing" / "mailq", tmp_path / "neither" / "mailq"))
 
 
-def test_an_installed_package_refuses_to_start_without_paths_var(tmp_path):
+def test_an_installed_package_reads_etc_mailq_and_refuses_to_start_without_paths_var(tmp_path):
     """A copy of the package with no checkout around it, as `pip install .` leaves it."""
     import shutil
     import subprocess
@@ -184,19 +190,25 @@ def test_an_installed_package_refuses_to_start_without_paths_var(tmp_path):
         return subprocess.run([sys.executable, "-m", "mailq.cli.ctl", *args], capture_output=True, text=True,
                               env={**env, **extra}, cwd=tmp_path, timeout=60)
 
+    from mailq.config import INSTALLED_CONFIG
+
+    if INSTALLED_CONFIG.exists():
+        pytest.skip(f"{INSTALLED_CONFIG} exists on this machine: an installed package would read it")
+    # With no -C and no MAILQ_CONFIG an installed package reads /etc/mailq/mailq.yaml, and says so.
     res = mailq("queue", "count")
     assert res.returncode == 1, res.stderr
-    assert "no config file found and paths.var is not set" in res.stderr and "installed as a package" in res.stderr
+    assert f"{INSTALLED_CONFIG}: no such config file" in res.stderr and "mailqctl init" in res.stderr, res.stderr
     assert "MAILQ_CONFIG" in res.stderr and not (site / "var").exists()
     pipe = subprocess.run([sys.executable, "-m", "mailq.mta.deliver", "post", "dev"], input=b"Subject: x\n\nx\n",
                           capture_output=True, env=env, cwd=tmp_path, timeout=60)
-    assert pipe.returncode == 75 and b"paths.var is not set" in pipe.stderr, pipe.stderr   # the MTA retries
+    assert pipe.returncode == 75 and str(INSTALLED_CONFIG).encode() in pipe.stderr, pipe.stderr   # the MTA retries
     assert not (site / "var").exists()
     conf = tmp_path / "mailq.yaml"
     conf.write_text("node: {name: h1}\n")
     res = mailq("queue", "count", config=conf)
     assert res.returncode == 1 and f"{conf}: paths.var is not set" in res.stderr, res.stderr
-    conf.write_text(f"node: {{name: h1}}\npaths: {{var: {tmp_path / 'shared'}, run: {tmp_path / 'run'}}}\n")
+    # An installed package runs as `mailq` by default; this test runs as whoever runs the suite.
+    conf.write_text(f"user: root\nnode: {{name: h1}}\npaths: {{var: {tmp_path / 'shared'}, run: {tmp_path / 'run'}}}\n")
     res = mailq("queue", "count", "--json", config=conf)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["queues"]["in"]["waiting"] == 0

@@ -208,7 +208,7 @@ def test_config_set_show_and_load_round_trip(dev, tmp_path):
     assert tree_bytes(dev.var) == before
 
 
-def test_lists_list_show_and_remove_keeping_archives(dev):
+def test_lists_list_show_and_remove_keeps_archives_unless_asked(dev):
     archive = dev.var / "archives" / "dev"
     archive.mkdir(parents=True)
     (archive / "2026-11.mbox").write_text("From x\n")
@@ -219,9 +219,12 @@ def test_lists_list_show_and_remove_keeping_archives(dev):
     text = dev.mailq("lists", "show", "dev", check=True).stdout
     assert "list_id           dev.example.org" in text
     assert any(line.split()[:2] == ["nonmember_action", "'hold'"] for line in text.splitlines())
-    dev.mailq("lists", "remove", "dev", "--keep-archives", check=True)
-    assert not (dev.var / "lists" / "dev").exists() and archive.exists()
+    removed = dev.mailq("lists", "remove", "dev", check=True)      # archives are kept by default
+    assert not (dev.var / "lists" / "dev").exists() and archive.exists() and "archives kept" in removed.stdout
     assert json.loads(dev.mailq("lists", "list", "--json", check=True).stdout) == []
+    dev.mailq("lists", "create", "dev", "--owner", "owner@example.org", check=True)
+    dev.mailq("lists", "remove", "dev", "--delete-archives", check=True)
+    assert not archive.exists()
 
 
 def test_create_uses_configured_default_domain(tmp_path):

@@ -258,7 +258,7 @@ def test_changes_to_one_member_or_to_all_members_inside_edit_are_saved(store):
     assert mlist.members.get("m3@example.org").as_dict() | {"disabled_at": None, "joined": None} == {
         "address": "m3@example.org", "display_name": "Three", "status": "disabled_bounce", "disabled_at": None,
         "digest": "off", "moderated": False, "dont_receive_duplicates": True, "bounce_score": 3.0,
-        "last_bounce": None, "joined": None}
+        "last_bounce": None, "joined": None, "bounce": None}
     assert "m3@example.org" not in mlist.regular_recipients() and mlist.settings.description == "patched"
     with store.edit("dev") as mlist:
         for m in mlist.members:

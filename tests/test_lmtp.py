@@ -224,3 +224,12 @@ def test_a_stuck_enqueue_does_not_hold_up_another_session(lmtp):
     assert finished["slow@lists.example.org"] - started >= 4
     listnames = sorted(meta["listname"] for _, meta in drain(Queue.for_settings(settings, "in")))
     assert listnames == ["dev", "slow"]
+
+
+def test_a_bounce_with_the_null_sender_is_queued_and_logged_as_the_null_sender(lmtp):
+    node, settings, proc, client = lmtp
+    assert client.sendmail("<>", ["dev-bounces+bob=example.net@lists.example.org"], MSG) == {}
+    [(_, meta)] = drain(Queue.for_settings(settings, "bounces"))
+    assert meta["envelope_sender"] == ""          # not the text "<>"
+    log = (settings.log_dir / "lmtp.log").read_text()
+    assert "from <>: queued" in log and "<<>>" not in log

@@ -134,7 +134,7 @@ def test_recover_puts_back_a_killed_process_claim(node, settings):
 
 
 def test_every_queue_command_has_help_with_examples(node):
-    for cmd in ("count", "show", "inject", "unshunt", "recover"):
+    for cmd in ("count", "list", "show", "inject", "flush", "delete", "requeue", "unshunt", "recover"):
         res = node.mailq("queue", cmd, "--help", check=True)
         assert "Examples:\n" in res.stdout and "mailqctl queue " + cmd in res.stdout
 
@@ -209,3 +209,54 @@ def test_config_option_is_accepted_after_any_command(node, tmp_path):
     assert counts["queues"]["in"]["waiting"] == 1
     res = node.mailq("lists", "list", "-C", str(tmp_path / "missing.yaml"))
     assert res.returncode == 1 and "missing.yaml: no such config file" in res.stderr
+
+
+def test_list_flush_delete_and_requeue_an_operator_reaches_for(node, settings):
+    import time
+
+    retry = Queue.for_settings(settings, "retry")
+    later = time.time() + 3600
+    waiting = [retry.enqueue(f"From: a@example.org\nSubject: try {i}\n\nx\n".encode(),
+                             {"listname": "dev", "envelope_sender": "dev-bounces@example.org", "attempts": i + 1},
+                             listname="dev", not_before=later) for i in range(3)]
+    listed = json.loads(node.mailq("queue", "list", "retry", "--json", check=True).stdout)
+    assert [r["id"] for r in listed] == sorted(waiting)
+    row = next(r for r in listed if r["id"] == waiting[1])
+    assert row["subject"] == "try 1" and row["attempts"] == 2 and row["list"] == "dev"
+    assert row["sender"] == "dev-bounces@example.org" and abs(row["next_try"] - later) < 1
+    table = node.mailq("queue", "list", "retry", check=True).stdout
+    assert "NEXT TRY" in table and "try 2" in table
+    one_slice = json.loads(node.mailq("queue", "list", "retry", "--slice", "0/2", "--json", check=True).stdout)
+    assert {r["id"] for r in one_slice} == {e for e in waiting if slice_of(e.split("+")[1], 2) == 0}
+    assert node.mailq("queue", "list", "retry", "--slice", "2/2").returncode == 1
+
+    # flush: everything waiting in retry is due now (same hash, so the same slice)
+    flushed = json.loads(node.mailq("queue", "flush", "--json", check=True).stdout)["flushed"]
+    assert len(flushed) == 3 and all(f["id"].split("+")[1] == f["old"].split("+")[1] for f in flushed)
+    assert all(r["next_try"] <= time.time() for r in
+               json.loads(node.mailq("queue", "list", "retry", "--json", check=True).stdout))
+
+    # delete: to bad with a reason, never an unlink; refused without --yes off a terminal
+    victim = flushed[0]["id"]
+    refused = node.mailq("queue", "delete", victim)
+    assert refused.returncode == 1 and "--yes" in refused.stderr
+    deleted = json.loads(node.mailq("queue", "delete", victim[:25], "--yes", "--reason", "spam run", "--json",
+                                    check=True).stdout)
+    assert deleted["moved"] == [{"id": victim, "from": "retry"}]
+    in_bad = json.loads(node.mailq("queue", "show", f"bad/{victim}", "--json", check=True).stdout)
+    assert in_bad["bad_reason"]["queue"] == "retry" and "spam run" in in_bad["bad_reason"]["reason"]
+    assert "queue delete" in in_bad["bad_reason"]["reason"]
+
+    # requeue: back where it came from, due now, the note gone
+    back = json.loads(node.mailq("queue", "requeue", victim, "--json", check=True).stdout)
+    assert back["moved"] == [{"id": victim, "queue": "retry"}]
+    shown = json.loads(node.mailq("queue", "show", f"retry/{victim}", "--json", check=True).stdout)
+    before = next(r for r in listed if r["id"].split("+")[1] == victim.split("+")[1])
+    assert shown["metadata"]["attempts"] == before["attempts"] and "requeued_from_bad" in shown["metadata"]
+    assert not json.loads(node.mailq("queue", "list", "bad", "--json", check=True).stdout)
+
+
+def test_show_accepts_a_time_prefix_alone(node, settings):
+    eid = Queue.for_settings(settings, "in").enqueue(b"Subject: p\n\nx\n", {"listname": "dev"}, listname="dev")
+    shown = json.loads(node.mailq("queue", "show", eid.split(".")[0], "--json", check=True).stdout)
+    assert shown["id"] == eid

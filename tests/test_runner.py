@@ -205,3 +205,18 @@ def test_a_runner_does_not_claim_without_a_fresh_lease_or_in_a_slice_it_does_not
     moved = node.run("qrunner", "-r", "virgin", "--once")
     assert moved.returncode == 0 and len(entries(node.var, "virgin")) == 1
     assert "moved to n2" in (settings.log_dir / "virgin.log").read_text()
+
+
+def test_a_notice_subject_never_starts_with_an_empty_folded_line(settings):
+    import email
+
+    from mailq.notices import build_notice
+
+    for subject in ("a-list-with-a-really-quite-long-name-that-goes-on-and-on-and-on: 3 recipient(s) given up",
+                    "Undeliverable mail for dev: 1763777147.120000+ab12cd34ef5678901234567890abcdef01234567",
+                    "dev: post from jörg@example.org held (" + "ü" * 60 + ")"):
+        raw = build_notice(settings, ["owner@example.org"], subject, "body\n")
+        assert b"\r\nSubject:\r\n" not in raw and b"\r\nSubject: \r\n" not in raw, raw[:300]
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        assert str(parsed["Subject"]) == subject
+        assert all(len(line) <= 998 for line in raw.split(b"\r\n"))

@@ -78,8 +78,14 @@ def _prog() -> str:
     return ctx.find_root().info_name if ctx and ctx.find_root().info_name else "mailqctl"
 
 
-def get_settings(ctx: click.Context | None = None) -> Settings:
-    """The settings for this invocation, loaded once from the root command's -C/--config."""
+def get_settings(ctx: click.Context | None = None, *, stay_root: bool = False) -> Settings:
+    """The settings for this invocation, loaded once from the root command's -C/--config.
+
+    Started as root, the process then switches to the run-as user (``user:``, mailq/runas.py)
+    before the command touches anything, or exits 1 saying how to run it.  *stay_root* is for the
+    few commands that need root first (``init``, ``check --fix``, ``start`` making ``paths.run``):
+    they call :func:`become_run_as` themselves once that part is done.
+    """
     ctx = ctx or click.get_current_context()
     root = ctx.find_root()
     obj = root.ensure_object(dict)
@@ -88,7 +94,30 @@ def get_settings(ctx: click.Context | None = None) -> Settings:
             obj["settings"] = load_settings(obj.get("config_file"))
         except ConfigError as exc:
             fail(str(exc))
+    if not stay_root:
+        become_run_as(obj["settings"])
     return obj["settings"]
+
+
+def become_run_as(settings: Settings) -> None:
+    """As root, switch to the run-as user now (no-op otherwise); exit 1 with the reason if impossible."""
+    from mailq.runas import RunAsError, become
+
+    ctx = click.get_current_context(silent=True)
+    what = " ".join(c.info_name for c in _chain(ctx)) if ctx else _prog()
+    try:
+        become(settings.run_as, f"`{what}`")
+    except RunAsError as exc:
+        fail(str(exc))
+
+
+def _chain(ctx: click.Context) -> list[click.Context]:
+    out = []
+    while ctx is not None:
+        if ctx.info_name:
+            out.append(ctx)
+        ctx = ctx.parent
+    return out[::-1]
 
 
 def emit_json(data: Any) -> None:
@@ -122,8 +151,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             fail(str(exc), EXIT_FAIL)
         except PermissionError as exc:
             # Common on a shared tree: the command runs as another user than the one owning var/.
-            fail(f"permission denied: {exc.filename or exc}: run mailq as the user (or group) that owns "
-                 f"the var tree, or see `mailqctl check` for the modes it expects", EXIT_FAIL)
+            fail(f"permission denied: {exc.filename or exc}: run mailqctl as the user (or group) that owns "
+                 f"the var tree (config key `user:`), or see `mailqctl check` for the owners and modes it "
+                 f"expects", EXIT_FAIL)
     return wrapper
 
 

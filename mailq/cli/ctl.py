@@ -16,20 +16,31 @@ from typing import Any
 
 import click
 
-from mailq.cli.common import (EXIT_FAIL, accept_config_everywhere, config_option, emit_json, fail, get_settings,
-                              json_option, print_table)
+from mailq.cli.common import (EXIT_FAIL, accept_config_everywhere, become_run_as, config_option, emit_json, fail,
+                              get_settings, json_option, print_table)
 from mailq.cli.main import LazyGroup
 from mailq.config import Settings
 
+#: ``status`` of a master that is not running (LSB "program is not running", as systemctl status).
+EXIT_NOT_RUNNING = 3
 #: How long ``start`` waits for the daemon to report (recovery of many claims can take a while).
 START_TIMEOUT = 120.0
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class _CtlGroup(LazyGroup):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from mailq.config import share_dir
+
+        formatter.write_paragraph()
+        formatter.write_text(f"Documentation: {share_dir() / 'docs'} (operations.md first); sample config and "
+                             f"MTA recipes: {share_dir() / 'etc'}")
+
+
+@click.group(cls=_CtlGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
 @click.pass_context
 def ctl(ctx: click.Context, config_file: str | None) -> None:
-    """Start, stop and inspect the mailq master of this node.
+    """Administer mailq: this node's master (start, stop, status) and every admin command group.
 
     The master runs one runner process per queue slice the slice map gives this node (plus the LMTP
     listener), restarts crashed runners, and renews the node's heartbeat.
@@ -38,6 +49,8 @@ def ctl(ctx: click.Context, config_file: str | None) -> None:
 
     \b
     Examples:
+      mailqctl init --var /srv/mailq/var   # a new node: config, var tree, folders
+      mailqctl lists create dev --owner alice@example.org
       mailqctl start                 # daemonize; returns once the master is up
       mailqctl status                # the master and each runner
       mailqctl reopen                # after logrotate moved the logs
@@ -57,7 +70,9 @@ def start(ctx: click.Context, foreground: bool) -> None:
       mailqctl start
       mailqctl start --foreground    # for systemd Type=simple, or to watch it work
     """
-    settings = get_settings(ctx)
+    settings = get_settings(ctx, stay_root=True)
+    prepare_run_dir(settings)
+    become_run_as(settings)
     from mailq.master import running_pid
 
     pid = running_pid(settings)
@@ -106,7 +121,9 @@ def restart(ctx: click.Context, timeout: float | None) -> None:
       mailqctl restart
       mailqctl restart --timeout 120
     """
-    settings = get_settings(ctx)
+    settings = get_settings(ctx, stay_root=True)
+    prepare_run_dir(settings)
+    become_run_as(settings)
     _stop(settings, timeout)
     _daemonize(settings)
 
@@ -134,7 +151,10 @@ def reopen(ctx: click.Context) -> None:
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show the master and each runner: name, slice, pid, restarts, state.  Exit 1 when not running.
+    """Show the master and each runner: name, slice, pid, restarts, state.
+
+    Exit status as LSB init scripts and systemctl use it: 0 running, 3 not running, 1 not running
+    but a stale pid file is left (the master died), or an error.
 
     \b
     Examples:
@@ -148,7 +168,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     state = read_status(settings) if pid is not None else None
     if state is not None and state.get("pid") != pid:
         state = None
-    report = {"node": settings.node.name, "running": pid is not None, "pid": pid,
+    report = {"node": settings.node.name, "running": pid is not None, "pid": pid, "run_dir": str(settings.run_dir),
               "stale_pid": read_pid(settings) if pid is None else None,
               "epoch": (state or {}).get("epoch"), "map_problem": (state or {}).get("map_problem", ""),
               "started": (state or {}).get("started"), "runners": (state or {}).get("runners", [])}
@@ -166,11 +186,37 @@ def status(ctx: click.Context, as_json: bool) -> None:
         rows = [[r["name"], "-" if r.get("unsliced") else f"{r['slice']}/{r['count']}", r["pid"] or "-",
                  r["restarts"], r["state"]] for r in report["runners"]]
         print_table(rows, ["RUNNER", "SLICE", "PID", "RESTARTS", "STATE"])
-    if pid is None:
-        sys.exit(EXIT_FAIL)
+    if pid is None:     # LSB: 1 "dead and the pid file exists", 3 "not running"
+        sys.exit(EXIT_FAIL if report["stale_pid"] else EXIT_NOT_RUNNING)
 
 
 # -- the work behind the commands ---------------------------------------------------------------
+
+def prepare_run_dir(settings: Settings) -> None:
+    """Make this node's host-local folder (``paths.run``); as root, owned by the run-as user.
+
+    ``/run`` is a tmpfs emptied at boot, so ``start`` (and the init script) make it every time.
+    Exits 1 naming ``paths.run`` when it cannot be made.
+    """
+    from mailq.errors import MailqError
+    from mailq.runas import ids, who
+
+    try:
+        run_dir = settings.run_dir
+        base = run_dir.parent
+        for folder in (base, run_dir):
+            if not folder.is_dir():
+                folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+                owner = ids(settings.run_as) if os.geteuid() == 0 else None
+                if owner is not None:
+                    os.chown(folder, *owner)
+    except MailqError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot create paths.run folder {exc.filename or settings.paths.run}: {exc.strerror}; "
+             f"create it (host-local, writable by {settings.run_as or who()}) or set "
+             f"paths.run in {settings.source or 'the config file'}")
+
 
 def _stop(settings: Settings, timeout: float | None) -> bool:
     """SIGTERM the master and wait until it is gone; False if it was not running."""
@@ -241,13 +287,12 @@ def _daemonize(settings: Settings) -> None:
 
 
 def _redirect_stdio(log_file: Any) -> None:
+    from mailq.logs import redirect_stdio
+
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    out = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
+    redirect_stdio(str(log_file))     # the runners inherit it, and reopen it on SIGHUP as the master does
 
 
 def _run_master(settings: Settings, report_fd: int | None, *, foreground: bool) -> int:
@@ -264,8 +309,6 @@ def _run_master(settings: Settings, report_fd: int | None, *, foreground: bool) 
 
     log = get_logger(settings, "master", stderr=foreground)
     master = Master(settings, log)
-    if not foreground:
-        master.on_hup = lambda: _redirect_stdio(settings.log_dir / "master.log")
     try:
         master.acquire()
     except Exception as exc:

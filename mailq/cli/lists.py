@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from mailq.cli.common import (EXIT_FAIL, config_option, emit_json, fail, get_settings, handle_errors,
-                              json_option, print_table, remember_config, warn)
+from mailq.cli.common import (EXIT_FAIL, become_run_as, config_option, emit_json, fail, get_settings,
+                              handle_errors, json_option, print_table, remember_config, warn)
 
 
 def _store() -> Any:
@@ -48,7 +48,7 @@ def lists(ctx: click.Context, config_file: str | None) -> None:
       mailqctl lists create dev --owner alice@example.org --domain example.org
       mailqctl lists list --json
       mailqctl lists show dev
-      mailqctl lists remove dev --keep-archives
+      mailqctl lists remove dev --delete-archives
     """
     remember_config(ctx, config_file)
 
@@ -81,18 +81,18 @@ def create(name: str, owners: tuple[str, ...], domain: str | None, as_json: bool
 
 @lists.command("remove")
 @click.argument("name")
-@click.option("--keep-archives", is_flag=True, help="Keep var/archives/NAME.")
+@click.option("--delete-archives", is_flag=True, help="Delete var/archives/NAME too (kept by default).")
 @handle_errors
-def remove(name: str, keep_archives: bool) -> None:
-    """Remove list NAME: its database, held messages and (unless kept) archives.
+def remove(name: str, delete_archives: bool) -> None:
+    """Remove list NAME: its database and held messages; its archives stay unless --delete-archives.
 
     \b
     Examples:
       mailqctl lists remove dev
-      mailqctl lists remove dev --keep-archives
+      mailqctl lists remove dev --delete-archives
     """
-    _store().remove(name, keep_archives=keep_archives)
-    click.echo(f"removed list {name}" + (" (archives kept)" if keep_archives else ""))
+    _store().remove(name, keep_archives=not delete_archives)
+    click.echo(f"removed list {name}" + ("" if delete_archives else " (archives kept in var/archives)"))
 
 
 @lists.command("list")
@@ -288,14 +288,17 @@ def config_load(listname: str, file: str) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
-@click.option("--fix", is_flag=True, help="Repair what is safe: permissions, re-save lists loaded from .last, "
-                                           "stale lock records, claims of dead processes on this host.")
+@click.option("--fix", is_flag=True, help="Repair what is safe: permissions, owners (as root: chown to the "
+                                           "run-as user), re-save lists loaded from .last, stale lock "
+                                           "records, claims of dead processes on this host.")
 @json_option
 @click.pass_context
 @handle_errors
 def check(ctx: click.Context, config_file: str | None, fix: bool, as_json: bool) -> None:
-    """Check every list database, folder permissions and locks.
+    """Check every list database, folder permissions, owners and locks.
 
+    Owners: with a run-as user (config key `user:`), everything under paths.var and this node's
+    paths.run folder must belong to that user or its group; --fix run as root chowns the rest.
     Exit status 1 when a problem remains (after --fix: one it could not repair).
 
     \b
@@ -305,9 +308,14 @@ def check(ctx: click.Context, config_file: str | None, fix: bool, as_json: bool)
       mailqctl check --json
     """
     remember_config(ctx, config_file)
-    from mailq.lists.check import run_checks
+    from mailq.lists.check import check_owners, run_checks
 
-    problems = run_checks(get_settings(), fix=fix)
+    # Owners first, as root when started as root (only root can chown); then everything else as
+    # the run-as user, so that what --fix writes (a re-saved list) belongs to that user.
+    settings = get_settings(stay_root=True)
+    problems = check_owners(settings, fix=fix)
+    become_run_as(settings)
+    problems += run_checks(settings, fix=fix)
     if as_json:
         emit_json([p.as_dict() for p in problems])
     else:

@@ -17,6 +17,7 @@ from mailq.cli.common import accept_config_everywhere
 #: command name -> "module:attribute"
 SUBCOMMANDS = {
     "aliases": "mailq.cli.aliases:aliases",
+    "bounces": "mailq.cli.bounces:bounces",
     "check": "mailq.cli.lists:check",
     "cluster": "mailq.cli.cluster:cluster",
     "config": "mailq.cli.lists:config",
@@ -24,6 +25,7 @@ SUBCOMMANDS = {
     "digests": "mailq.cli.digests:digests",
     "dmarc": "mailq.cli.dmarc:dmarc",
     "held": "mailq.cli.held:held",
+    "init": "mailq.cli.init:init",
     "lists": "mailq.cli.lists:lists",
     "locks": "mailq.cli.locks:locks",
     "members": "mailq.cli.members:members",

@@ -208,7 +208,7 @@ def list_(listname: str, regular: bool, digest: bool, disabled: bool, as_json: b
     Examples:
       mailqctl members list dev
       mailqctl members list dev --digest --json
-      mailqctl members list dev --disabled
+      mailqctl members list dev --disabled      # with the reason: bounce, user or admin
     """
     if regular and digest:
         raise click.UsageError("--regular and --digest exclude each other: give one, or neither for every member")
@@ -217,12 +217,12 @@ def list_(listname: str, regular: bool, digest: bool, disabled: bool, as_json: b
     chosen = [m for m in mlist.members
               if (kind is None or m.gets_digest == (kind == "digest")) and (not disabled or not m.enabled)]
     if as_json:
-        emit_json([m.as_dict() for m in chosen])
+        emit_json([{**m.as_dict(), "disabled_reason": m.disabled_reason} for m in chosen])
         return
     if sys.stdout.isatty():
         print_table([[m.address, m.display_name, m.status, f"digest ({m.digest})" if m.gets_digest else "regular",
-                      "yes" if m.moderated else "no"] for m in chosen],
-                    ["ADDRESS", "NAME", "STATUS", "MODE", "MODERATED"])
+                      "yes" if m.moderated else "no"] + ([m.disabled_reason] if disabled else []) for m in chosen],
+                    ["ADDRESS", "NAME", "STATUS", "MODE", "MODERATED"] + (["REASON"] if disabled else []))
     else:  # one formatted address per line: what 'members add' and 'members sync' read back
         click.echo("\n".join(m.formatted() for m in chosen) + ("\n" if chosen else ""), nl=False)
 

@@ -46,7 +46,7 @@ def parse_spec(spec: str) -> tuple[str, int, int]:
 @click.option("-v", "--verbose", is_flag=True, help="Also print the log lines on stderr.")
 @click.pass_context
 def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, verbose: bool) -> None:
-    """Run one mailqctl queue runner in the foreground until SIGTERM (or, with --once, until idle).
+    """Run one mailq queue runner in the foreground until SIGTERM (or, with --once, until idle).
 
     Runner names: each queue that has a runner (in, out, virgin, retry, archive, ...) and lmtp
     (the LMTP listener, one per node, not sliced).

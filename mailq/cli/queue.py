@@ -1,4 +1,6 @@
-"""``mailqctl queue``: count, show, inject, unshunt and recover queue entries (docs/design.md §3).
+"""``mailqctl queue``: count, list, show, inject, flush, delete, requeue, unshunt and recover entries.
+
+The on-disk rules are docs/design.md §3.
 
 Thin: every command parses its arguments, calls :mod:`mailq.queue` and prints.  Entries are read
 only through the restricted unpickler, so ``show`` on a planted file cannot run code.
@@ -34,7 +36,11 @@ def queue() -> None:
     Examples:
       mailqctl queue count
       mailqctl queue count --json --slices 4
+      mailqctl queue list retry
       mailqctl queue show out/1763777147.120000+ab12
+      mailqctl queue flush
+      mailqctl queue delete 1763777147.120000+ab12 --yes
+      mailqctl queue requeue bad/1763777147.120000+ab12
       mailqctl queue inject --queue in --list dev message.eml
       mailqctl queue unshunt
       mailqctl queue recover --json
@@ -119,7 +125,7 @@ def find_entry(settings: Settings, text: str) -> tuple[str, str, Path]:
     else:
         queues = list(ALL_QUEUES)
     text = os.path.basename(text)
-    if "+" not in text:
+    if "+" not in text and not (text and set(text) <= set("0123456789.")):
         # Only bad/unnamed/ holds files without an entry name (bad/unnamed/<name> or the name alone).
         found = [("bad", s, p) for s, p in Queue.for_settings(settings, "bad").locate(text)] if text else []
         if len(found) == 1 and "bad" in queues:
@@ -351,3 +357,237 @@ def recover(as_json: bool) -> None:
     click.echo(f"{len(report.recovered)} recovered, {len(report.to_bad)} to bad, {len(report.dropped)} dropped, "
                f"{report.left} claims of live or other-node processes left alone, "
                f"{len(report.stale_temps)} stale temp files removed")
+
+
+# -- list, flush, delete, requeue --------------------------------------------------------------------
+
+def _entry_rows(settings: Settings, qname: str, slice_spec: tuple[int, int] | None) -> list[dict[str, Any]]:
+    """One row per waiting or claimed entry of *qname* (of one slice when given), oldest first."""
+    from mailq.queue.names import bucket_of, slice_of
+
+    q = Queue.for_settings(settings, qname)
+    paths: list[tuple[str, Path]] = []
+    for eid in q.waiting():
+        paths.append(("waiting", Path(q.bucket_dir(bucket_of(split_id(eid)[1])), eid + ".pck")))
+    for claim in q.claims():
+        paths.append(("claimed", Path(claim.path)))
+    rows = []
+    now = time.time()
+    for state, path in paths:
+        try:
+            info = _describe(settings, qname, state, path)
+        except FileNotFoundError:
+            continue        # claimed or finished while we looked
+        eid = info["id"]
+        if slice_spec is not None and ("+" not in eid or slice_of(split_id(eid)[1], slice_spec[1]) != slice_spec[0]):
+            continue
+        meta = info.get("metadata", {})
+        headers = dict((k.lower(), v) for k, v in info.get("headers", []))
+        received = meta.get("received") or (split_id(eid)[0] if "+" in eid else None)
+        rows.append({
+            "id": eid, "queue": qname, "state": info["state"],
+            "age": round(now - received, 1) if isinstance(received, (int, float)) else None,
+            "list": meta.get("listname", ""),
+            "sender": meta.get("envelope_sender") or headers.get("from", ""),
+            "subject": headers.get("subject", ""),
+            "attempts": meta.get("attempts", 0),
+            "next_try": info.get("due") if qname in RUNNER_QUEUES else None,
+            "problem": info.get("payload_error") or (info.get("bad_reason") or {}).get("reason", "")
+            or meta.get("error", ""),
+        })
+    rows.sort(key=lambda r: r["id"])
+    return rows
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _parse_slice(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InvalidInput(f"--slice {text!r}: expected INDEX/COUNT, e.g. 1/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise InvalidInput(f"--slice {text!r}: INDEX must be 0..COUNT-1")
+    return index, count
+
+
+@queue.command("list")
+@click.argument("qname", metavar="QUEUE", type=click.Choice(ALL_QUEUES))
+@click.option("--slice", "slice_text", metavar="INDEX/COUNT", help="Only the entries of that slice, e.g. 1/4.")
+@json_option
+@handle_errors
+def list_entries(qname: str, slice_text: str | None, as_json: bool) -> None:
+    """Entries of one queue: id, age, list, sender, subject, attempts, next try (and state).
+
+    Reads each entry once (its metadata and headers); claimed entries show as `claimed`.
+
+    \b
+    Examples:
+      mailqctl queue list retry
+      mailqctl queue list out --slice 1/4
+      mailqctl queue list shunt --json | jq '.[].problem'
+    """
+    settings = get_settings()
+    rows = _entry_rows(settings, qname, _parse_slice(slice_text))
+    if as_json:
+        emit_json(rows)
+        return
+    fmt = "%Y-%m-%d %H:%M"
+    print_table([[r["id"], _age(r["age"]), r["list"], r["sender"][:40], r["subject"][:40], r["attempts"],
+                  time.strftime(fmt, time.localtime(r["next_try"])) if r["next_try"] else "-", r["state"]]
+                 for r in rows], ["ID", "AGE", "LIST", "SENDER", "SUBJECT", "ATTEMPTS", "NEXT TRY", "STATE"])
+    click.echo(f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'} in {qname}", err=True)
+
+
+@queue.command()
+@click.argument("qname", metavar="[QUEUE]", default="retry", type=click.Choice(RUNNER_QUEUES))
+@json_option
+@handle_errors
+def flush(qname: str, as_json: bool) -> None:
+    """Retry now: make every waiting entry of QUEUE (default: retry) due at once.
+
+    Each entry is claimed and put back due now (same id hash, so the same slice); entries a
+    runner holds are left alone.
+
+    \b
+    Examples:
+      mailqctl queue flush
+      mailqctl queue flush out --json
+    """
+    settings = get_settings()
+    q = Queue.for_settings(settings, qname)
+    me = Claimant(settings.node.name, os.getpid(), 0)
+    now = time.time()
+    flushed = []
+    for eid in q.waiting():
+        if split_id(eid)[0] <= now:
+            continue
+        c = q.claim(eid, me)
+        if c is None:
+            continue        # a runner took it meanwhile
+        flushed.append({"old": eid, "id": q.requeue(c, not_before=now)})
+    if as_json:
+        emit_json({"queue": qname, "flushed": flushed})
+    else:
+        for f in flushed:
+            click.echo(f"{qname}/{f['id']}")
+        click.echo(f"{len(flushed)} entr{'y' if len(flushed) == 1 else 'ies'} of {qname} due now", err=True)
+
+
+@queue.command()
+@click.argument("entries", nargs=-1, required=True)
+@click.option("--yes", is_flag=True, help="Do not ask (needed when not on a terminal).")
+@click.option("--reason", default="", metavar="TEXT", help="Why (kept in the entry's note in bad).")
+@json_option
+@handle_errors
+def delete(entries: tuple[str, ...], yes: bool, reason: str, as_json: bool) -> None:
+    """Take entries out of their queue: they move to `bad` with a reason, never a silent unlink.
+
+    `mailqctl queue requeue` brings one back.  Entries a runner holds right now are refused (try
+    again).  Asks first on a terminal; elsewhere --yes is required.
+
+    \b
+    Examples:
+      mailqctl queue delete 1763777147.120000+ab12
+      mailqctl queue delete retry/1763777147.1 out/1763777150.2 --yes --reason "spam run"
+    """
+    settings = get_settings()
+    found = [find_entry(settings, text) for text in entries]
+    if any(q == "bad" for q, _, _ in found):
+        raise InvalidInput("an entry in bad is deleted already; remove its file by hand if it must go")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput(f"deleting {len(found)} entr{'y' if len(found) == 1 else 'ies'} needs --yes "
+                               f"when not run on a terminal")
+        click.confirm(f"move {len(found)} entr{'y' if len(found) == 1 else 'ies'} to bad?", abort=True)
+    from mailq.runas import who
+
+    me = Claimant(settings.node.name, os.getpid(), 0)
+    note = f"deleted by `mailqctl queue delete` on {settings.node.name} as {who()}" + (f": {reason}" if reason else "")
+    moved, problems = [], []
+    for qname, state, path in found:
+        eid = parse_claim(path.name, path).entry_id if state == "claimed" else path.name.removesuffix(".pck")
+        q = Queue.for_settings(settings, qname)
+        c = q.claim(eid, me) if state == "waiting" else None
+        if c is None:
+            problems.append({"id": f"{qname}/{eid}", "problem": "held by a runner right now (or gone); try again"})
+            continue
+        q.to_bad(c, note)
+        moved.append({"id": eid, "from": qname})
+    _report_moves(moved, problems, as_json, lambda m: f"{m['from']}/{m['id']} -> bad", "")
+
+
+@queue.command()
+@click.argument("entries", nargs=-1, required=True)
+@json_option
+@handle_errors
+def requeue(entries: tuple[str, ...], as_json: bool) -> None:
+    """Move entries from `bad` back to the queue they failed in (from their note), due now.
+
+    An entry whose payload cannot be read stays in bad (it would only fail again).
+
+    \b
+    Examples:
+      mailqctl queue requeue 1763777147.120000+ab12
+      mailqctl queue requeue bad/1763777147.1 --json
+    """
+    settings = get_settings()
+    bad = Queue.for_settings(settings, "bad")
+    me = Claimant(settings.node.name, os.getpid(), 0)
+    moved, problems = [], []
+    for text in entries:
+        _, _, path = find_entry(settings, text if text.startswith("bad/") else "bad/" + text)
+        eid = path.name.removesuffix(".pck")
+        note_path = Path(str(path) + REASON_SUFFIX)
+        try:
+            origin = json.loads(note_path.read_text()).get("queue")
+        except (OSError, ValueError, AttributeError):
+            origin = None
+        if origin not in RUNNER_QUEUES:
+            problems.append({"id": eid, "problem": f"no known origin queue in {note_path.name} ({origin!r}); "
+                                                   f"use `mailqctl queue inject` with the message"})
+            continue
+        if "+" not in eid:
+            problems.append({"id": eid, "problem": "not an entry name (a stray file): inspect it by hand"})
+            continue
+        try:
+            bad.read(path)      # a payload that cannot be read would only come back here
+        except (BadEntry, NotFound) as exc:
+            problems.append({"id": eid, "problem": f"left in bad: {exc}"})
+            continue
+        c = bad.claim(eid, me)
+        if c is None:
+            problems.append({"id": eid, "problem": "gone meanwhile"})
+            continue
+        meta = dict(c.metadata)
+        meta["requeued_from_bad"] = time.time()
+        bad.transfer(c, Queue.for_settings(settings, origin), meta)
+        try:
+            note_path.unlink()
+        except FileNotFoundError:
+            pass
+        moved.append({"id": eid, "queue": origin})
+    _report_moves(moved, problems, as_json, lambda m: f"{m['queue']}/{m['id']}", "bad/")
+
+
+def _report_moves(moved: list[dict[str, Any]], problems: list[dict[str, Any]], as_json: bool,
+                  line: Any, prefix: str) -> None:
+    """Print what moved (one *line* each) and warn about each problem; exit 1 if there was one."""
+    if as_json:
+        emit_json({"moved": moved, "problems": problems})
+    else:
+        for m in moved:
+            click.echo(line(m))
+        for pr in problems:
+            warn(f"{prefix}{pr['id']}: {pr['problem']}")
+    if problems:
+        sys.exit(1)

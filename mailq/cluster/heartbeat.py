@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailq.config import Settings
-from mailq.errors import TemporaryFailure
+from mailq.errors import MailqError, TemporaryFailure
 from mailq.fsutil import UMASK, atomic_write, make_dirs
 
 
@@ -84,8 +84,9 @@ class Heartbeat:
                 before = read_heartbeat(self.settings, self.settings.node.name)
             except OSError:
                 before = None
-            self._fresh_since = started if before is not None and before.age > cl.lease else float("-inf")
-        elif started - self._last_ok > cl.lease:
+            silent = before is not None and before.age > cl.lease
+            self._fresh_since = started if silent and takeover_possible(self.settings) else float("-inf")
+        elif started - self._last_ok > cl.lease and takeover_possible(self.settings):
             self._fresh_since = started
         self.seq += 1
         record = {"node": self.settings.node.name, "host": _host_id(), "pid": os.getpid(), "seq": self.seq}
@@ -114,6 +115,24 @@ class Heartbeat:
         except (OSError, TemporaryFailure):     # a full run dir: no lease, so the runners stop claiming
             return False
         return True
+
+
+def takeover_possible(settings: Settings) -> bool:
+    """Whether another node may take this node's slices without an operator while it was silent.
+
+    Only with ``cluster.failover: auto`` and another node in the slice map in force.  A single node,
+    or a cluster whose takeovers are done by hand (``failover: manual``, set alike on every node),
+    need not wait ``lease + margin`` after a restart before its runners claim (docs/cluster.md §3).
+    """
+    if settings.cluster.failover != "auto":
+        return False
+    from mailq.cluster.slicemap import map_in_force
+
+    try:
+        smap = map_in_force(settings).smap
+    except (MailqError, OSError):
+        return True     # cannot tell: assume the worst
+    return smap is not None and any(name != settings.node.name for name in smap.nodes)
 
 
 def stamp_lease(settings: Settings, started: float) -> None:

@@ -15,6 +15,10 @@ what is safe):
 * ``var/qfiles``: queue and bucket folders without group rwx and setgid, entries, claims and notes
   without group read and write (the MTA's user writes what the runners' user claims): chmod;
 * a file or folder the user running mailq cannot read: reported only (needs root's chown);
+* ownership (:func:`check_owners`, when there is a run-as user, ``user:``): every file and folder
+  under ``paths.var`` and this node's ``paths.run`` folder must belong to the run-as user or its
+  group; one that belongs to neither (typically root's, from a command run as root) is reported,
+  and ``--fix`` run as root chowns it to the run-as user and group;
 * lock claims left by dead processes on this host, and stale holder records: broken / removed.
 """
 from __future__ import annotations
@@ -61,6 +65,59 @@ def run_checks(settings: Settings, fix: bool = False) -> list[Problem]:
     return problems
 
 
+def check_owners(settings: Settings, fix: bool = False) -> list[Problem]:
+    """Paths under var/ and this node's run folder that belong neither to the run-as user nor its group.
+
+    Nothing to check without a run-as user (a checkout run by whoever runs it).  Only root can
+    chown, so ``fix`` repairs only when run as root.
+    """
+    from mailq.runas import ids
+
+    wanted = ids(settings.run_as)
+    if wanted is None:
+        return []
+    uid, gid = wanted
+    roots = [settings.var]
+    if settings.paths.run:
+        roots.append(settings.run_dir)
+    out: list[Problem] = []
+    seen: set[str] = set()
+    for top in roots:
+        for path in _walk(top):
+            if str(path) in seen:
+                continue
+            seen.add(str(path))
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue    # gone meanwhile (claims, temp files)
+            if st.st_uid == uid or st.st_gid == gid:
+                continue
+            p = Problem(str(path), f"owned by uid {st.st_uid} gid {st.st_gid}, not by the run-as user "
+                                   f"{settings.run_as} (uid {uid} gid {gid}) or its group; mailq running as "
+                                   f"{settings.run_as} may not be able to use it")
+            if fix:
+                try:
+                    os.lchown(path, uid, gid)
+                    p.fixed = True
+                    p.what += f"; chowned to {uid}:{gid}"
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    p.what += f"; chown failed: {exc.strerror} (run `mailqctl check --fix` as root)"
+            out.append(p)
+    return out
+
+
+def _walk(top: Path) -> list[Path]:
+    if not top.exists():
+        return []
+    out = [top]
+    for folder, dirs, files in os.walk(top, onerror=lambda exc: None):
+        out += [Path(folder, n) for n in sorted(dirs) + sorted(files)]
+    return out
+
+
 def _check_qfiles(qfiles: Path, fix: bool) -> list[Problem]:
     """``var/qfiles``, every queue and bucket folder (setgid, group rwx) and every entry, claim and
     note in them (group read/write): the MTA's user writes entries that the runners' user claims."""
@@ -98,6 +155,9 @@ def _check_list(store: ListStore, name: str, fix: bool) -> list[Problem]:
         mlist = store.load(name)
     except MailqError as exc:
         out.append(Problem(str(folder), f"list {name} cannot be loaded: {exc}"))
+    except OSError as exc:      # e.g. a list.pck of another owner (see the owner check)
+        out.append(Problem(str(exc.filename or folder), f"list {name} cannot be loaded by uid {os.geteuid()}: "
+                                                        f"{exc.strerror}"))
     else:
         if mlist.loaded_from_last:
             p = Problem(str(folder / DB_NAME), f"list {name}: {mlist.load_problem}")

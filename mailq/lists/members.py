@@ -16,9 +16,9 @@ from typing import Any
 from mailq.errors import InvalidInput, NotFound
 
 FIELDS = ("address", "display_name", "status", "disabled_at", "digest", "moderated",
-          "dont_receive_duplicates", "bounce_score", "last_bounce", "joined")
+          "dont_receive_duplicates", "bounce_score", "last_bounce", "joined", "bounce")
 _IDX = {name: i for i, name in enumerate(FIELDS)}
-ADDRESS, DISPLAY_NAME, STATUS, DISABLED_AT, DIGEST, MODERATED, NODUPES, SCORE, LAST_BOUNCE, JOINED = range(10)
+ADDRESS, DISPLAY_NAME, STATUS, DISABLED_AT, DIGEST, MODERATED, NODUPES, SCORE, LAST_BOUNCE, JOINED, BOUNCE = range(11)
 STATUSES = ("enabled", "disabled_bounce", "disabled_user", "disabled_admin")
 #: How a member gets the list's posts: ``off`` each post as it comes (a regular member), ``mime`` a
 #: MIME digest (RFC 2046 multipart/digest), ``plain`` a plain-text digest (RFC 1153).
@@ -49,7 +49,11 @@ def _prop(name: str) -> property:
 
 
 class Member:
-    """One member.  ``status`` is one of STATUSES; ``disabled_at``/``last_bounce``/``joined`` are epoch floats."""
+    """One member.  ``status`` is one of STATUSES; ``disabled_at``/``last_bounce``/``joined`` are epoch floats.
+
+    ``bounce`` is None or the bounce bookkeeping dict that ``mailq.bounce.score`` owns (what was
+    counted, warnings sent); ``bounce_score`` and ``last_bounce`` are its headline figures.
+    """
 
     __slots__ = ("_row",)
 
@@ -61,16 +65,18 @@ class Member:
     bounce_score = _prop("bounce_score")
     last_bounce = _prop("last_bounce")
     joined = _prop("joined")
+    bounce = _prop("bounce")
 
     def __init__(self, address: str, display_name: str = "", status: str = "enabled",
                  disabled_at: float | None = None, digest: bool | str = "off", moderated: bool = False,
                  dont_receive_duplicates: bool = True, bounce_score: float = 0.0,
-                 last_bounce: float | None = None, joined: float | None = None) -> None:
+                 last_bounce: float | None = None, joined: float | None = None,
+                 bounce: dict[str, Any] | None = None) -> None:
         if status not in STATUSES:
             raise InvalidInput(f"member status {status!r}: expected one of {', '.join(STATUSES)}")
         self._row = [address, display_name, status, disabled_at, digest_format(digest), bool(moderated),
                      bool(dont_receive_duplicates), float(bounce_score), last_bounce,
-                     time.time() if joined is None else joined]
+                     time.time() if joined is None else joined, bounce]
 
     @classmethod
     def from_row(cls, row: list[Any]) -> Member:
@@ -98,12 +104,28 @@ class Member:
 
     @status.setter
     def status(self, value: str) -> None:
-        """Setting a status stamps ``disabled_at`` (cleared again when enabled)."""
+        """Setting a status stamps ``disabled_at`` (cleared again when enabled).
+
+        Re-enabling a disabled member (by the member, an owner or an admin) also clears the bounce
+        information: the address works again, so its old bounces no longer count (docs/bounces.md).
+        """
         if value not in STATUSES:
             raise InvalidInput(f"member status {value!r}: expected one of {', '.join(STATUSES)}")
         if value != self._row[STATUS]:
             self._row[DISABLED_AT] = None if value == "enabled" else time.time()
+            if value == "enabled":
+                self.clear_bounces()
         self._row[STATUS] = value
+
+    @property
+    def disabled_reason(self) -> str | None:
+        """``bounce``, ``user``, ``admin``, or None for an enabled member."""
+        status = self._row[STATUS]
+        return None if status == "enabled" else status.removeprefix("disabled_")
+
+    def clear_bounces(self) -> None:
+        """Forget every bounce: score 0, no last bounce, no warnings (a post or a re-enable does this)."""
+        self._row[SCORE], self._row[LAST_BOUNCE], self._row[BOUNCE] = 0.0, None, None
 
     @property
     def enabled(self) -> bool:
@@ -157,8 +179,7 @@ class Roster:
         if self._rows is None:
             return self._stored_columns()
         rows = self._rows
-        extra = {i: [r[DISABLED_AT], r[SCORE], r[LAST_BOUNCE]] for i, r in enumerate(rows)
-                 if r[DISABLED_AT] is not None or r[SCORE] or r[LAST_BOUNCE] is not None}
+        extra = {i: _extra(r) for i, r in enumerate(rows) if _has_extra(r)}
         return {"n": len(rows),
                 "address": "\n".join(r[ADDRESS] for r in rows),
                 "display_name": "\n".join(r[DISPLAY_NAME] for r in rows),
@@ -181,8 +202,8 @@ class Roster:
             addresses[i], names[i] = r[ADDRESS], r[DISPLAY_NAME]
             status[i], flags[i] = _STATUS_CODE[r[STATUS]], _flags(r)
             joined[i] = r[JOINED] or 0.0
-            if r[DISABLED_AT] is not None or r[SCORE] or r[LAST_BOUNCE] is not None:
-                extra[i] = [r[DISABLED_AT], r[SCORE], r[LAST_BOUNCE]]
+            if _has_extra(r):
+                extra[i] = _extra(r)
             else:
                 extra.pop(i, None)
         out.update({"address": "\n".join(addresses), "display_name": "\n".join(names),
@@ -205,7 +226,8 @@ class Roster:
         if not (len(addresses) == len(names) == len(status) == len(flags) == len(joined) == n) \
                 or not isinstance(status, bytes) or not isinstance(flags, bytes) \
                 or not isinstance(extra, dict) or (status and max(status) >= len(STATUSES)) \
-                or not all(isinstance(k, int) and 0 <= k < n and isinstance(v, list) and len(v) == 3
+                or not all(isinstance(k, int) and 0 <= k < n and isinstance(v, list)
+                           and (len(v) == 3 or (len(v) == 4 and isinstance(v[3], dict)))
                            for k, v in extra.items()):
             raise ValueError("members: columns of different lengths, unknown status codes or bad extras")
         roster = cls()
@@ -223,7 +245,8 @@ class Roster:
         f = c["flags"][i]
         ex = c["extra"].get(i) or (None, 0.0, None)
         return [c["_addresses"][i], c["_names"][i], STATUSES[c["status"][i]], ex[0], _FORMAT_OF[f & _FORMAT_BITS],
-                bool(f & 2), bool(f & 4), float(ex[1] or 0.0), ex[2], c["_joined"][i] or None]
+                bool(f & 2), bool(f & 4), float(ex[1] or 0.0), ex[2], c["_joined"][i] or None,
+                ex[3] if len(ex) > 3 else None]
 
     def materialize(self) -> None:
         """Turn columns into rows (add, remove and editable iteration need them)."""
@@ -387,6 +410,16 @@ _FORMAT_OF = {0: "off", 1: "mime", 9: "plain", 8: "off"}
 
 def _flags(r: list[Any]) -> int:
     return _FORMAT_CODE[digest_format(r[DIGEST])] | (2 if r[MODERATED] else 0) | (4 if r[NODUPES] else 0)
+
+
+def _has_extra(r: list[Any]) -> bool:
+    return r[DISABLED_AT] is not None or bool(r[SCORE]) or r[LAST_BOUNCE] is not None or bool(r[BOUNCE])
+
+
+def _extra(r: list[Any]) -> list[Any]:
+    """The sparse ``extra`` record: three fields, and a fourth (the bounce dict) only when there is one."""
+    base = [r[DISABLED_AT], r[SCORE], r[LAST_BOUNCE]]
+    return [*base, r[BOUNCE]] if r[BOUNCE] else base
 
 
 def _check_row(row: list[Any]) -> None:

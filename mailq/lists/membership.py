@@ -48,11 +48,12 @@ def set_digest(member: Member, mode: str) -> bool:
 def set_delivery(member: Member, on: bool) -> bool:
     """``set delivery on|off``: off is "nomail" (disabled by the member); True when it changed something.
 
-    Turning delivery on re-enables only a member who turned it off: a member disabled by bounces or
-    by an owner stays disabled.
+    Turning delivery on re-enables a member who turned it off or whose delivery bounce processing
+    stopped (the warning tells them to send this; docs/bounces.md §4); a member disabled by an owner
+    stays disabled.  Re-enabling clears the bounce record (``Member.status``).
     """
     if on:
-        if member.status != "disabled_user":
+        if member.status not in ("disabled_user", "disabled_bounce"):
             return False
         member.status = "enabled"
         return True

@@ -44,7 +44,9 @@ from mailq.fsutil import atomic_write
 from mailq.locks import make_shared_dir
 
 FOLDER = "pending"
-ACTIONS = ("subscribe", "unsubscribe")
+#: ``enable``: a member disabled by bounces gets mail again (the token is in each bounce warning,
+#: docs/bounces.md §4).
+ACTIONS = ("subscribe", "unsubscribe", "enable")
 #: Decisions: a token is confirmed (or expires); a request is approved, rejected (or expires).
 OUTCOMES = ("confirm", "approve", "reject", "expire")
 STAGED = ".to-"
@@ -398,6 +400,18 @@ def carry_out(settings: Settings, listname: str, pending_id: str) -> tuple[str, 
                 if goodbye is not None:
                     entries.append(goodbye)
                 said.append(f"{record.address} has left {listname}")
+        elif act and record.action == "enable":
+            current = mlist.members.get(record.address)
+            if current is None:
+                said.append(f"{record.address} is not a member of {listname}")
+            elif current.status != "disabled_bounce":
+                said.append(f"{record.address}: delivery is {current.status}; nothing to turn on")
+            else:
+                def apply(m: Any) -> None:
+                    again = m.members.get(record.address)
+                    if again is not None:
+                        membership.set_delivery(again, True)
+                said.append(f"{record.address} gets {listname} mail again")
         elif decision.outcome == "reject":
             entries.append(template_entry(settings, mlist, [record.address], "request-rejected",
                                           from_address=mlist.owner_address, action=record.action,

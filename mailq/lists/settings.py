@@ -90,6 +90,12 @@ class ListSettings:
     #: Warnings sent to a member disabled by bounces before they are removed.
     bounce_disabled_warnings: int = 3
     bounce_disabled_warnings_interval_days: int = 7
+    #: Tell the owners when a member's delivery is disabled by bounces.
+    bounce_notify_owner_on_disable: bool = True
+    #: Tell the owners when a member is removed after the last bounce warning.
+    bounce_notify_owner_on_removal: bool = True
+    #: Forward mail to -bounces that is not a bounce (a person, an autoresponder) to the owners; false drops it.
+    forward_unrecognized_bounces: bool = True
     #: Recipients allowed in To/Cc of a post before it is held; 0 means no limit.
     max_recipients: int = 10
     #: Listed by ``mailqctl lists list --advertised`` and in the -request ``lists`` answer.

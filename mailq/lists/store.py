@@ -279,8 +279,8 @@ class ListStore:
         self.log.info("created list %s (%s), owner %s", name, mlist.posting_address, owner)
         return mlist
 
-    def remove(self, name: str, keep_archives: bool = False) -> None:
-        """Remove the list's folder (database, held messages, pending); archives too unless kept."""
+    def remove(self, name: str, keep_archives: bool = True) -> None:
+        """Remove the list's folder (database, held messages, pending); the archives only when asked."""
         with self.lock(name):
             if not self.exists(name):
                 raise NotFound(f"no list named {name!r}; 'mailqctl lists list' shows the lists")

@@ -22,6 +22,8 @@ from mailq.config import CHECKOUT, DEFAULT_CONFIG, Settings
 from mailq.mta.addresses import KINDS, list_address
 
 FORMATS = ("postfix", "sendmail", "exim")
+#: Where the documented MTA recipes keep the alias file: host-local, in a folder of the mailq user.
+ALIAS_FILE = "/var/lib/mailq/aliases"
 
 
 @dataclass(frozen=True)
@@ -77,20 +79,22 @@ def render(aliases: list[Alias], fmt: str, program: str) -> str:
     width = max((len(a.local_part) for a in aliases), default=0) + 2
     if fmt == "exim":
         header = [
-            "# mailq list aliases for Exim: save as /etc/exim4/mailq_aliases and add a router",
+            f"# mailq list aliases for Exim: mailqctl aliases --format exim --output {ALIAS_FILE}",
+            "# and a router before the system aliases router (etc/exim4/mailq.conf has the whole example):",
             "#   mailq_lists:",
             "#     driver = redirect",
-            "#     data = ${lookup{$local_part}lsearch{/etc/exim4/mailq_aliases}}",
+            f"#     data = ${{lookup{{$local_part}}lsearch{{{ALIAS_FILE}}}}}",
             "#     pipe_transport = address_pipe",
             "#     user = mailq",
-            "# (keep it before the system aliases router)",
         ]
         lines = [f"{(a.local_part + ':').ljust(width)}|{a.command}" for a in aliases]
     else:
         if fmt == "postfix":
-            header = ["# mailq list aliases (postfix): save as /etc/postfix/mailq_aliases, owned by the mailq user,",
-                      "# then run postalias /etc/postfix/mailq_aliases (see etc/postfix/main.cf.pipe)",
-                      "#   main.cf: alias_maps = hash:/etc/aliases, hash:/etc/postfix/mailq_aliases"]
+            header = ["# mailq list aliases (postfix), tried against Postfix 3.7 (see etc/postfix/main.cf.pipe):",
+                      f"#   mailqctl aliases --output {ALIAS_FILE} && postalias {ALIAS_FILE}",
+                      f"#   main.cf: alias_maps = hash:/etc/aliases, hash:{ALIAS_FILE}",
+                      "# The file, its .db and their folder belong to the mailq user: postalias works as the",
+                      "# file's owner, and local(8) runs these pipes as the owner of the .db (not as nobody)."]
         else:
             header = ["# mailq list aliases (sendmail): append to /etc/mail/aliases, then run newaliases",
                       f"#   sendmail's smrsh must allow the program: ln -s {program} /etc/smrsh/"]

@@ -16,10 +16,13 @@ exits 0 only after the entry's rename. Every other outcome is a sysexits code th
       (EX_TEMPFAIL; the MTA keeps the message and tries again, nothing is lost)
 ====  =====================================================================================
 
+Started as root (an MTA that runs pipes as root), it first switches to the run-as user (config
+key ``user:``, mailq/runas.py), so that no queue entry belongs to root.
+
 It runs for every message, so it starts fast: no click, no email package, no lists package, no
 YAML when the config has not changed, no ``mailq.queue`` (see ``write_entry``). The few settings it
-needs (the var path, the fsync flag, the size limit) are cached next to the config file
-(``.<config name>.deliver-cache``, four text lines), keyed by the
+needs (the var path, the fsync flag, the size limit, the run-as user) are cached next to the config file
+(``.<config name>.deliver-cache``, five text lines), keyed by the
 config's path, size, mtime and inode; any mismatch, or a cache it cannot read or write, means the
 YAML is parsed as usual. A list exists iff ``var/lists/<name>/list.pck`` exists: one stat; only
 when it does not, a second stat of ``var/lists`` tells "no such list" (67) from "var not mounted"
@@ -47,7 +50,7 @@ USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave
 #: The shared tree's modes, as mailq.fsutil.DIR_MODE / FILE_MODE (kept here: one import less; a
 #: test keeps them equal): group-writable setgid folders, group read/write files, whatever the umask.
 DIR_MODE, FILE_MODE = 0o2775, 0o660
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 DEFAULT_MAX_SIZE = 100 * 1024 * 1024  # mailq.config.QueueSettings.max_message_size
 PAYLOAD_VERSION = 1  # mailq.queue.payload.VERSION
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,7 +99,9 @@ def deliver(args: "list[str]") -> int:
         raise Exit(EX_NOUSER, f"no such list {args[1]!r} (not a valid list name)")
     # Read the whole message first: an MTA whose pipe write fails may log a confusing error
     # instead of the exit status and the reason.
-    var, fsync, limit = _settings(config)
+    var, fsync, limit, user = _settings(config)
+    if user and os.geteuid() == 0:
+        _become(user)
     msg = _read_message(limit)
     _check_list(var, listname)
     if limit and len(msg) > limit:
@@ -166,7 +171,8 @@ def _check_list(var: str, listname: str) -> None:
                                 "site: create a list first with 'mailqctl lists create'); the MTA will retry")
     except OSError as exc:
         raise Exit(EX_TEMPFAIL, f"cannot check {var}/lists: {exc.strerror}; the MTA will retry")
-    raise Exit(EX_NOUSER, f"no such list {listname!r} (no {var}/lists/{listname}/list.pck)")
+    # The MTA bounces this text to the sender: no paths of this server in it.
+    raise Exit(EX_NOUSER, f"no such list {listname!r} at this site")
 
 
 def _strip_from_line(msg: bytes) -> "tuple[bytes, str]":
@@ -182,11 +188,25 @@ def _enqueue(var: str, fsync: bool, queue_name: str, msg: bytes, metadata: dict)
     try:
         write_entry(os.path.join(var, "qfiles", queue_name), msg, metadata, fsync=fsync)
     except OSError as exc:
-        # Disk full, read-only or missing folders: all fixable by an operator, so the MTA keeps the
-        # mail and retries (75) rather than bouncing it.
-        raise Exit(EX_TEMPFAIL, f"cannot queue the message in {var}/qfiles/{queue_name}: "
-                                f"{exc.strerror or exc}; nothing was queued, the MTA will retry")
+        # Disk full, read-only or missing folders, a folder this user may not write: all fixable by
+        # an operator, so the MTA keeps the mail and retries (75) rather than bouncing it.  Who we
+        # ran as and which path failed is what the operator needs (the MTA may run us as nobody).
+        from mailq.runas import who
+
+        where = exc.filename or f"{var}/qfiles/{queue_name}"
+        raise Exit(EX_TEMPFAIL, f"cannot queue the message in {var}/qfiles/{queue_name}: {exc.strerror or exc}: "
+                                f"{where} (running as {who()}); nothing was queued, the MTA will retry")
     return EX_OK
+
+
+def _become(user: str) -> None:
+    """Run as root by the MTA: switch to the run-as user before writing (mailq/runas.py)."""
+    from mailq.runas import RunAsError, become
+
+    try:
+        become(user, "mailq-deliver")
+    except RunAsError as exc:
+        raise Exit(EX_TEMPFAIL, f"{exc}; nothing was queued, the MTA will retry")
 
 
 def write_entry(queue_dir: str, msg: bytes, metadata: dict, *, fsync: bool) -> str:
@@ -264,23 +284,17 @@ def _config_path(explicit: "str | None" = None) -> "str | None":
     path = explicit or os.environ.get("MAILQ_CONFIG")
     if path:
         return path
+    if not os.path.isfile(os.path.join(_CHECKOUT, "setup.cfg")):   # installed: mailq.config.INSTALLED_CONFIG
+        return "/etc/mailq/mailq.yaml"
     default = os.path.join(_CHECKOUT, "etc", "mailq.yaml")
     return default if os.path.exists(default) else None
 
 
 def _settings(explicit: "str | None" = None) -> "tuple[str, bool, int]":
-    """``(var, fsync, max size)`` for this node: from the cache when the config is unchanged, else YAML."""
+    """``(var, fsync, max size, run-as user)``: from the cache when the config is unchanged, else YAML."""
     path = _config_path(explicit)
-    if path is None:
-        if not os.path.isfile(os.path.join(_CHECKOUT, "setup.cfg")):   # installed, not a checkout
-            _full_imports()
-            from mailq.config import ConfigError, load_settings
-
-            try:
-                load_settings(None)     # refuses: there is no var/ beside an installed package
-            except ConfigError as exc:
-                raise Exit(EX_TEMPFAIL, f"config unusable: {exc}; the MTA will retry once it is fixed")
-        return os.path.join(_CHECKOUT, "var"), True, DEFAULT_MAX_SIZE
+    if path is None:        # a checkout without etc/mailq.yaml: its own var/
+        return os.path.join(_CHECKOUT, "var"), True, DEFAULT_MAX_SIZE, ""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -290,9 +304,9 @@ def _settings(explicit: "str | None" = None) -> "tuple[str, bool, int]":
     cache = _cache_path(path)
     try:
         with open(cache, encoding="utf-8") as fh:
-            cached_key, var, fsync, limit = fh.read().split("\n")[:4]
+            cached_key, var, fsync, limit, user = fh.read().split("\n")[:5]
         if cached_key == key and var and fsync in ("0", "1"):
-            return var, fsync == "1", int(limit)
+            return var, fsync == "1", int(limit), user
     except (OSError, ValueError, UnicodeDecodeError):
         pass  # no cache, or a stale/broken one: parse the YAML
     try:
@@ -303,9 +317,10 @@ def _settings(explicit: "str | None" = None) -> "tuple[str, bool, int]":
     except ConfigError as exc:
         raise Exit(EX_TEMPFAIL, f"config unusable: {exc}; the MTA will retry once it is fixed")
     var, fsync, limit = str(settings.var), bool(settings.queue.fsync), int(settings.queue.max_message_size)
-    if "\n" not in var:
-        _write_cache(cache, f"{key}\n{var}\n{int(fsync)}\n{limit}\n")
-    return var, fsync, limit
+    user = settings.run_as
+    if "\n" not in var and "\n" not in user:
+        _write_cache(cache, f"{key}\n{var}\n{int(fsync)}\n{limit}\n{user}\n")
+    return var, fsync, limit, user
 
 
 def _full_imports() -> None:

@@ -160,7 +160,8 @@ class LMTPHandler:
             targets = getattr(envelope, "mailq_targets", {})
             problem = mime_problem(msg)
             if problem:
-                self._note("info", "DATA from <%s> refused: %s", envelope.mail_from, problem)
+                sender = "" if envelope.mail_from == "<>" else envelope.mail_from
+                self._note("info", "DATA from <%s> refused: %s", sender, problem)
                 return "\r\n".join(f"554 5.6.0 <{a}>: {problem}" for a in envelope.rcpt_tos)
             # One entry per (list, kind), whatever the recipients: "dev@" and "DEV@" are one post,
             # and 3,000 "dev-bounces+N@" are one bounce carrying every +detail (never 3,000 copies).
@@ -181,8 +182,10 @@ class LMTPHandler:
         from mailq.errors import TemporaryFailure
 
         address = addresses[0]
+        # aiosmtpd hands the null sender (MAIL FROM:<>, every bounce) over as the text "<>".
+        sender = "" if sender in (None, "<>") else sender
         metadata: dict[str, Any] = {"listname": listname, "kind": kind, "received": received, "via": "lmtp",
-                                    "envelope_sender": sender or "", "original_recipient": address}
+                                    "envelope_sender": sender, "original_recipient": address}
         if len(addresses) > 1:
             metadata["original_recipients"] = list(addresses)
         if kind in DETAIL_KINDS:

@@ -263,14 +263,44 @@ class Queue:
             # whose reply was lost gets ENOENT although the rename happened: then the claim is ours.
             if not os.path.exists(dst):
                 return None
+        except PermissionError as exc:      # a bucket folder of another owner: wait, as below
+            self._warn_unusable(src, exc)
+            return None
         try:
             msg, metadata = decode(read_all(dst))
+        except PermissionError as exc:
+            # Not the entry's fault: a file written by another user (root, say) that this runner's
+            # user may not read.  Put it back and say so once; it waits until an operator fixes the
+            # owner (`mailqctl check --fix`), and is never sent to bad for it.
+            self._unclaim_unreadable(dst, src, exc)
+            return None
         except (BadEntry, OSError) as exc:
             reason = str(exc) if isinstance(exc, BadEntry) else f"cannot read: {exc}"
             self.to_bad(dst, reason)
             return None
         self._held.add(dst)
         return Claimed(name[:-4], self.name, dst, msg, metadata, claimant)
+
+    def _unclaim_unreadable(self, claim: str, entry: str, exc: OSError) -> None:
+        try:
+            os.rename(claim, entry)
+        except OSError as again:
+            self.log.error("cannot read %s (%s) nor put it back (%s); recovery returns it once this "
+                           "process is gone", claim, exc.strerror, again.strerror)
+            return
+        self._warn_unusable(entry, exc)
+
+    def _warn_unusable(self, entry: str, exc: OSError) -> None:
+        key = f"unusable:{entry}"
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        st = _stat_or_none(exc.filename if exc.filename2 is None else os.path.dirname(entry))
+        where = exc.filename if exc.filename2 is None else os.path.dirname(entry)
+        owner = f" ({where}: owner uid {st.st_uid} gid {st.st_gid}, mode {st.st_mode & 0o7777:04o})" if st else ""
+        self.log.error("cannot read %s as uid %d gid %d: %s%s; it stays queued and is retried: fix the "
+                       "owner or mode (`mailqctl check --fix` as root)", entry, os.geteuid(), os.getegid(),
+                       exc.strerror, owner)
 
     def claims(self) -> list[ClaimInfo]:
         """Every claim file in this queue (any node, any slice)."""
@@ -291,6 +321,23 @@ class Queue:
         except FileNotFoundError:
             self.log.warning("finish %s/%s: claim %s is gone (was it recovered while its claimant lived?)",
                              self.name, c.id, c.path)
+
+    def finish_many(self, claims: list[Claimed], workers: int = 16) -> None:
+        """``finish`` each of *claims*, several at once.
+
+        Unlinking an entry that was fsynced when it was written waits for the filesystem journal
+        (ext4: ~2 ms while other processes fsync, against 0.02 ms idle); unlinks issued together
+        share one journal commit, so a batch of 1,000 finishes 10-20 times sooner this way (measured
+        on the project's machine, bench/bounces.py).  Order does not matter: each claim is its own file.
+        """
+        if len(claims) < 4:
+            for c in claims:
+                self.finish(c)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(workers, len(claims)), thread_name_prefix="finish") as pool:
+            list(pool.map(self.finish, claims))
 
     def shunt(self, c: Claimed, error: str) -> str:
         """Move a claimed entry to ``shunt`` with *error* in its metadata; ``mailqctl queue unshunt`` undoes it.
@@ -516,8 +563,11 @@ class Queue:
         if text.endswith(ENTRY_SUFFIX):
             text = text[: -len(ENTRY_SUFFIX)]
         sha = text.partition("+")[2]
-        if "+" not in text:     # not an entry id: only bad/unnamed/ can hold such a name
+        if "+" not in text:
+            # A name in bad/unnamed/, or the start of an id's time part ("1763777147"): any bucket.
             names = [(os.path.join(self._dir, UNNAMED), n) for n in self._listdir(UNNAMED)]
+            if text and set(text) <= _DIGITS_DOT:
+                names += [(f, n) for f, n in self._all_names() if os.path.basename(f) != UNNAMED]
         elif len(sha) >= 2 and set(sha[:2]) <= _HEX:
             names = [(os.path.join(self._dir, sha[:2]), n) for n in self._listdir(sha[:2])]
         else:
@@ -580,3 +630,13 @@ def count_queues(qfiles: str | os.PathLike[str], slice_counts: dict[str, int], n
                 c["slices"][slice_of(sha, c["count"])][hold] += 1
         out["unattributed"][hold] = stray
     return out
+
+
+_DIGITS_DOT = frozenset("0123456789.")
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None

@@ -19,8 +19,10 @@ REGISTRY: dict[str, str] = {
     "retry": "mailq.runners.retry:RetryRunner",
     "archive": "mailq.runners.archive:ArchiveRunner",
     "lmtp": "mailq.runners.lmtp:LMTPRunner",
+    "bounces": "mailq.runners.bounces:BouncesRunner",
     "commands": "mailq.runners.commands:CommandsRunner",
 }
+
 
 def load_runner(name: str) -> type:
     """The runner class registered as *name*; KeyError naming the valid names if there is none."""

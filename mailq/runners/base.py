@@ -217,30 +217,27 @@ class Runner(RunnerProcess):
             failed = self.process_batch(batch)
         except Exception as exc:        # LeaseLost included: then no entry of the batch is settled
             failed = {entry.id: exc for entry in batch}
+        # All at once: unlinks issued together share the filesystem's journal commits (Queue.finish_many).
+        done = [entry for entry in batch if entry.id not in failed]
+        queue.finish_many(done)
+        for entry in done:
+            stats.count("mailq_entries_processed_total")
+            self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
         for entry in batch:
             exc = failed.get(entry.id)
+            if exc is None:
+                continue
             if isinstance(exc, LeaseLost):
                 # Fenced or taken over while delivering: the entry is not ours to settle any more; the
                 # new owner recovers the claim (docs/cluster.md §4). Stop claiming and exit.
                 self.log.warning("stopped handling %s, claim left for the takeover: %s", entry.id, exc)
                 self._moved = True
-            elif exc is None:
-                self._finish(queue, entry, started)
             elif isinstance(exc, TemporaryFailure):
                 stats.count("mailq_entries_failed_total", label="requeued")
                 self._requeue(queue, entry, exc)
             else:
                 stats.count("mailq_entries_failed_total", label="shunted")
                 self._shunt(queue, entry, "".join(traceback.format_exception(exc)).rstrip())
-
-    def _finish(self, queue: Queue, entry: Claimed, started: float) -> None:
-        try:
-            queue.finish(entry)
-        except FileNotFoundError:
-            self.log.warning("finished %s but its claim file was already gone", entry.id)
-            return
-        stats.count("mailq_entries_processed_total")
-        self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
 
     def _shunt(self, queue: Queue, entry: Claimed, error: str) -> None:
         try:

@@ -110,6 +110,29 @@ class IncomingRunner(Runner):
         else:
             self.log.info("list %s: %s %s from %s went through (%d recipients)", listname, kind, entry.id,
                           metadata.get("sender") or "?", len(metadata.get("recipients") or []))
+        if kind == "post":
+            self._forget_bounces(mlist, str(metadata.get("sender") or ""))
+
+    def _forget_bounces(self, mlist: Any, sender: str) -> None:
+        """A member who posts is alive: their bounce score goes (docs/bounces.md §3).
+
+        Only a member with bounce data costs a lock cycle; one disabled by bounces stays disabled
+        (re-enabling is ``set delivery on``, which clears the record too).
+        """
+        member = mlist.members.get(sender) if sender else None
+        if member is None or member.status == "disabled_bounce" or not (
+                member.bounce_score or member.last_bounce is not None or member.bounce):
+            return
+        before = member.bounce_score
+        try:
+            with self.store.edit(mlist.name) as fresh:
+                live = fresh.members.get(sender)
+                if live is not None and live.status != "disabled_bounce":
+                    live.clear_bounces()
+        except Exception as exc:   # the post is already on its way: never retry it for this
+            self.log.warning("list %s: %s posted but their bounce score stays (%s)", mlist.name, sender, exc)
+            return
+        self.log.info("list %s: %s posted: bounce score %g cleared", mlist.name, sender, before)
 
     def _resume(self, entry: Any, metadata: dict) -> None:
         """Write the entries an earlier attempt of *entry* could not (its stages had all passed)."""
