@@ -56,6 +56,7 @@ from typing import Any
 
 from mailq.archive import append_once, mbox_entry, read_mbox
 from mailq.config import Settings
+from mailq.locks import Lock, named_lock
 from mailq.errors import MailqError
 
 FORMATS = ("mime", "plain")
@@ -79,9 +80,7 @@ def pending_path(settings: Settings, listname: str) -> Path:
     return settings.lists_dir / listname / PENDING_NAME
 
 
-def digest_lock(settings: Settings, listname: str, timeout: float = 30.0):  # -> mailq.locks.Lock
-    from mailq.locks import named_lock
-
+def digest_lock(settings: Settings, listname: str, timeout: float = 30.0) -> Lock:
     return named_lock(settings, f"digest.{listname}", timeout=timeout)
 
 
