@@ -124,7 +124,7 @@ NUMBER = re.compile(r"^\[dev (\d+)\] (num \d+)$")
 
 def test_post_numbers_are_consecutive_over_a_hundred_posts_through_two_nodes_with_an_in_runner_killed(tmp_path,
                                                                                                     master):
-    from mailq.master import read_status
+    from mailq.runstate import read_status
 
     var, port = tmp_path / "var", free_port()
     nodes = [node_for(tmp_path, name, var=var, smtp={"host": "127.0.0.1", "port": port, "timeout": 10},
