@@ -8,6 +8,7 @@ from __future__ import annotations
 import email
 import json
 import re
+import smtplib
 import time
 from email import policy
 
@@ -106,6 +107,33 @@ def test_subscribe_confirm_welcome_then_leave_confirm_goodbye(tmp_path, master):
         goodbye, = received(sink, NEW, r"^You have left the dev mailing list")
         assert "Come back soon." in body(goodbye)
         assert not store.load("dev").is_member(NEW)
+
+
+def test_one_lmtp_data_to_two_confirm_addresses_uses_both_tokens(tmp_path, master):
+    # One DATA to several -confirm+TOKEN recipients of a list is one entry: every token is used.
+    node = make_node(tmp_path, "n1", lmtp={"enabled": True},
+                     runners={"poll_interval": 0.2, "restart_backoff_max": 0.5, "restart_cap": 100})
+    store = make_list(node)
+    settings = node.settings()
+    other = "second@example.net"
+    with SMTPSink(settings.smtp.port) as sink:
+        master(node)
+        tokens = []
+        for who in (NEW, other):
+            deliver(node, "request", mail(who, "dev-request@example.org", "subscribe"), who)
+            confirmation, = received(sink, who, r"^confirm [0-9a-f]{40}$")
+            tokens.append(str(confirmation["Subject"]).split()[1])
+        rcpts = [f"dev-confirm+{token}@example.org" for token in tokens]
+        with smtplib.LMTP(settings.lmtp.host, settings.lmtp.port) as lmtp:
+            lmtp.ehlo_or_helo_if_needed()
+            assert lmtp.mail(NEW)[0] == 250
+            assert [lmtp.rcpt(r)[0] for r in rcpts] == [250, 250]
+            # LMTP: one reply per recipient after DATA (RFC 2033 4.2)
+            assert [lmtp.data(mail(NEW, rcpts[0], f"Re: confirm {tokens[0]}"))[0], lmtp.getreply()[0]] == [250, 250]
+        received(sink, NEW, r"^Welcome to the dev mailing list")
+        received(sink, other, r"^Welcome to the dev mailing list")
+        mlist = store.load("dev")
+        assert mlist.is_member(NEW) and mlist.is_member(other)
 
 
 def test_help_who_set_digest_and_unknown_lines(tmp_path, master):

@@ -80,10 +80,15 @@ class CommandsRunner(Runner):
             line = membership.unsubscribe(ctx, Command("unsubscribe", (), "unsubscribe"))
             return [line], not ctx.sent
         if kind == "confirm":
-            token = _token_of(str(metadata.get("original_recipient") or "")) or find_token(ctx.msg)
-            if token:
+            # One LMTP DATA to several -confirm+TOKEN addresses of a list is one entry listing them
+            # all (original_recipients): each token is used, once, in RCPT order.
+            tokens = list(dict.fromkeys(t for t in map(_token_of, _recipients(metadata)) if t))
+            if not tokens:
+                token = find_token(ctx.msg)
+                tokens = [token] if token else []
+            if tokens:
                 # like -join/-leave: the welcome (goodbye, ...) is the answer; a reply only when none went
-                return [membership.confirm_token(ctx, token)], not ctx.sent
+                return [membership.confirm_token(ctx, token) for token in tokens], not ctx.sent
         parsed = parse(ctx.msg)
         if not parsed.commands:
             return [], True     # no usable command: the help text is the reply
@@ -137,6 +142,15 @@ class CommandsRunner(Runner):
                                        from_address=mlist.request_address, headers=headers,
                                        subject=subject[:200], results=results)
         ctx.queue_notice(raw, metadata, "reply")
+
+
+def _recipients(metadata: dict) -> list[str]:
+    """The entry's envelope recipients: ``original_recipients`` (several, from LMTP), else the one."""
+    many = metadata.get("original_recipients")
+    if isinstance(many, (list, tuple)) and many:
+        return [str(r) for r in many if r]
+    one = str(metadata.get("original_recipient") or "")
+    return [one] if one else []
 
 
 def _token_of(recipient: str) -> str | None:
