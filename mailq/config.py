@@ -281,7 +281,7 @@ def _ban_problem(value: list[str]) -> str | None:
 @dataclass
 class PipelineSettings:
     posts: list[str] = field(default_factory=lambda: [
-        "sanity", "sender_rules", "dmarc", "moderation", "mime_filter", "subject_prefix",
+        "sanity", "sender_rules", "dmarc", "moderation", "mime_filter", "post_number", "subject_prefix",
         "list_headers", "footer", "recipients", "avoid_duplicates", "to_archive", "to_digest",
         "to_outgoing",
     ])

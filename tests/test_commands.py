@@ -144,19 +144,19 @@ def test_help_who_set_digest_and_unknown_lines(tmp_path, master):
     settings = node.settings()
     with SMTPSink(settings.smtp.port) as sink:
         master(node)
-        text = "help\r\nwho\r\nset digest on\r\nSET DELIVERY off\r\nfrobnicate now\r\nsubscribe x@example.org\r\n"
+        text = "help\r\nwho\r\nset digest plain\r\nSET DELIVERY off\r\nfrobnicate now\r\nsubscribe x@example.org\r\n"
         deliver(node, "request", mail("alice@example.org", "dev-request@example.org", "commands", text),
                 "alice@example.org")
         reply, = received(sink, "alice@example.org", r"^Re: commands")
         content = body(reply)
         assert "> who\nwho: 2 member(s)" in content and "  bob@example.org" in content
-        assert "> set digest on\nset digest on: done" in content
+        assert "> set digest plain\nset digest plain: done" in content
         assert "> SET DELIVERY off\nSET DELIVERY off: done" in content
         assert "> frobnicate now\nnot a command; reading stopped here" in content
         assert "x@example.org" not in content          # after the stop: never read
         assert "subscribe [ADDRESS] [digest|regular]" in content     # the help text
         member = store.load("dev").members.get("alice@example.org")
-        assert member.digest and member.status == "disabled_user"
+        assert member.digest == "plain" and member.status == "disabled_user"
         # a stranger may not see the roster; a message with no command gets the help text
         deliver(node, "request", mail("eve@example.net", "dev-request@example.org", "who"), "eve@example.net")
         refused, = received(sink, "eve@example.net", r"^Re: who")
@@ -397,3 +397,32 @@ def test_a_confirmation_killed_mid_way_subscribes_once_and_welcomes_once(tmp_pat
     assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
     assert sum(s.startswith("Welcome to") for s in _out_subjects(node)) == 1
     assert not list((node.var / "lists" / "dev" / "pending").glob("*.to-*"))
+
+
+def test_lists_names_only_advertised_lists_of_the_domain_and_set_digest_takes_each_format(tmp_path, master):
+    node = command_node(tmp_path)
+    store = make_list(node, description="Development talk")
+    store.create("announce", OWNER, domain="example.org", description="News")
+    store.create("secret", OWNER, domain="example.org", advertised=False)
+    store.create("elsewhere", OWNER, domain="example.com")
+    with store.edit("dev") as mlist:
+        mlist.members.add(Member("alice@example.org"))
+    settings = node.settings()
+    with SMTPSink(settings.smtp.port) as sink:
+        master(node)
+        deliver(node, "request", mail("alice@example.org", "dev-request@example.org", "lists", "set digest mime\r\n"),
+                "alice@example.org")
+        reply, = received(sink, "alice@example.org", r"^Re: lists")
+        content = body(reply)
+        assert "lists: 2 list(s), see below" in content
+        assert "announce@example.org  News" in content and "dev@example.org  Development talk" in content
+        assert "secret" not in content and "elsewhere" not in content
+        assert store.load("dev").members.get("alice@example.org").digest == "mime"
+        deliver(node, "request", mail("alice@example.org", "dev-request@example.org", "set digest off"),
+                "alice@example.org")
+        received(sink, "alice@example.org", r"^Re: set digest off")
+        assert store.load("dev").members.get("alice@example.org").digest == "off"
+        deliver(node, "request", mail("alice@example.org", "dev-request@example.org", "set digest weekly"),
+                "alice@example.org")
+        refused, = received(sink, "alice@example.org", r"^Re: set digest weekly")
+        assert "use 'set digest mime|plain|off'" in body(refused)
