@@ -172,7 +172,8 @@ def test_verp_round_trip():
 
 
 def test_out_and_retry_runners_deliver_retry_and_finish(tmp_path, sink):
-    node = make_node(tmp_path, "n1", smtp={"port": sink.port, "chunk_size": 2},
+    # One session: which chunk the sink fails is then the first (several sessions: tests/test_delivery_sessions.py).
+    node = make_node(tmp_path, "n1", smtp={"port": sink.port, "chunk_size": 2, "connections": 1},
                      delivery={"retry_initial": 0.2, "retry_max": 0.2})
     settings = node.settings()
     out = Queue.for_settings(settings, "out")

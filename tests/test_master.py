@@ -362,7 +362,13 @@ def test_after_reopen_no_process_writes_to_the_rotated_master_log(tmp_path, star
     log.rename(log.with_name("master.log.1"))        # what logrotate does
     assert node.run("mailqctl", "reopen").returncode == 0
 
+    def points_at_log(pid: int) -> bool:
+        try:
+            return os.readlink(f"/proc/{pid}/fd/2") == str(log)
+        except FileNotFoundError:
+            return not pid_alive(pid)       # it exited between the look and the readlink: nothing to check
+
     def stderr_is_the_new_log() -> bool:
-        return all(os.readlink(f"/proc/{pid}/fd/2") == str(log) for pid in pids if pid_alive(pid))
+        return all(points_at_log(pid) for pid in pids)
     wait_for(stderr_is_the_new_log, 60, message="every process's stderr points at the new master.log")
     assert log.exists()

@@ -49,61 +49,65 @@ class CommandsRunner(Runner):
     def process_batch(self, entries: list[Any]) -> dict[str, BaseException]:
         """Each entry on its own, except the confirmations' carrying out: every token is decided by
         its own entry (``decide``: the once-only step), then the decided ones are carried out together,
-        one ``carry_out_many`` per list, and answered."""
+        one ``carry_out_many`` per list, and each confirming entry is answered."""
         from mailq.commands import membership
 
         if not hasattr(self, "store"):
             self.setup()
         failed: dict[str, BaseException] = {}
-        decided: dict[str, list[tuple[Any, Any, str, str]]] = {}
-        refusals: list[tuple[Any, Any, str]] = []
+        #: Confirming entries: (entry, ctx, [(token, pending id or "", refusal line)]), by list.
+        confirming: dict[str, list[tuple[Any, Any, list[tuple[str, str, str]]]]] = {}
         for entry in entries:
             try:
                 ctx = self._context(entry)
                 if ctx is None:
                     continue
                 kind = str(entry.metadata.get("kind") or "request")
-                token = self._confirm_token(ctx, kind, entry.metadata)
-                if token is None:
+                tokens = self._confirm_tokens(ctx, kind, entry.metadata)
+                if not tokens:
                     lines, answer = self._carry_out(ctx, kind, entry.metadata)
                     self._finish(entry, ctx, kind, lines, answer)
                     continue
-                pending_id, refused = membership.decide_token(ctx, token)
-                if not pending_id:
-                    refusals.append((entry, ctx, refused))
-                    continue
-                decided.setdefault(ctx.mlist.name, []).append((entry, ctx, token, pending_id))
+                slots = [(token, *membership.decide_token(ctx, token)) for token in tokens]
+                confirming.setdefault(ctx.mlist.name, []).append((entry, ctx, slots))
             except Exception as exc:        # noqa: BLE001 - the base requeues (TemporaryFailure) or shunts it
                 failed[entry.id] = exc
-        for listname, items in decided.items():
+        for listname, items in confirming.items():
             self._confirm_many(listname, items, failed)
-        # Answered after the carrying out: a crash inside it sends none of these answers twice.
-        for entry, ctx, refused in refusals:
-            try:
-                self._finish(entry, ctx, "confirm", [refused], True)
-            except Exception as exc:    # noqa: BLE001
-                failed[entry.id] = exc
         return failed
 
     def _confirm_many(self, listname: str, items: list, failed: dict[str, BaseException]) -> None:
-        from mailq.commands import membership
+        """Carry out the decisions *items* took, together; then answer each entry (after the
+        carrying out: a crash inside it sends none of these answers twice)."""
         from mailq.lists.pending import carry_out_many
 
-        try:
-            results = carry_out_many(self.settings, listname, [pending_id for _, _, _, pending_id in items])
-        except Exception as exc:        # noqa: BLE001 - each entry finds its own decision when it comes back
-            self.log.error("list %s: %d confirmation(s) recorded but not carried out yet: %s",
-                           listname, len(items), exc)
-            for entry, *_ in items:
-                failed[entry.id] = exc
-            return
-        for entry, ctx, token, pending_id in items:
+        ids = [pending_id for _, _, slots in items for _, pending_id, _ in slots if pending_id]
+        results = {}
+        if ids:
             try:
-                line = membership.confirmed(ctx, token, *results[pending_id])
-                # like -join/-leave: the welcome (goodbye, ...) is the answer; a reply only when none went
-                self._finish(entry, ctx, "confirm", [line], not ctx.sent)
-            except Exception as exc:    # noqa: BLE001
-                failed[entry.id] = exc
+                results = carry_out_many(self.settings, listname, ids)
+            except Exception as exc:    # noqa: BLE001 - each entry finds its own decision when it comes back
+                self.log.error("list %s: %d confirmation(s) recorded but not carried out yet: %s",
+                               listname, len(ids), exc)
+                for entry, ctx, slots in items:
+                    if any(pending_id for _, pending_id, _ in slots):
+                        failed[entry.id] = exc
+                    else:
+                        self._answer_confirm(entry, ctx, slots, {}, failed)
+                return
+        for entry, ctx, slots in items:
+            self._answer_confirm(entry, ctx, slots, results, failed)
+
+    def _answer_confirm(self, entry: Any, ctx: Any, slots: list, results: dict, failed: dict) -> None:
+        from mailq.commands import membership
+
+        try:
+            lines = [membership.confirmed(ctx, token, *results[pending_id]) if pending_id else refused
+                     for token, pending_id, refused in slots]
+            # like -join/-leave: the welcome (goodbye, ...) is the answer; a reply only when none went
+            self._finish(entry, ctx, "confirm", lines, not ctx.sent)
+        except Exception as exc:        # noqa: BLE001
+            failed[entry.id] = exc
 
     def _context(self, entry: Any) -> Any:
         """The Context for answering *entry*, or None when it is finished unanswered (logged)."""
@@ -143,13 +147,19 @@ class CommandsRunner(Runner):
                       "; ".join(lines) or "-")
 
     @staticmethod
-    def _confirm_token(ctx: Any, kind: str, metadata: dict) -> str | None:
-        """The token a mail to ``-confirm`` carries (address, Subject or first body line), or None."""
+    def _confirm_tokens(ctx: Any, kind: str, metadata: dict) -> list[str]:
+        """The tokens a mail to ``-confirm`` carries: one per ``-confirm+TOKEN`` recipient (one LMTP
+        DATA to several is one entry listing them all, used in RCPT order), else the one in the
+        Subject or first body line; [] for other mail."""
         from mailq.commands.parse import find_token
 
         if kind != "confirm":
-            return None
-        return _token_of(str(metadata.get("original_recipient") or "")) or find_token(ctx.msg)
+            return []
+        tokens = list(dict.fromkeys(t for t in map(_token_of, _recipients(metadata)) if t))
+        if not tokens:
+            token = find_token(ctx.msg)
+            tokens = [token] if token else []
+        return tokens
 
     # -- what the mail asks -----------------------------------------------------------------------
     def _carry_out(self, ctx: Any, kind: str, metadata: dict) -> tuple[list[str], bool]:
@@ -216,6 +226,15 @@ class CommandsRunner(Runner):
                                        from_address=mlist.request_address, headers=headers,
                                        subject=subject[:200], results=results)
         ctx.queue_notice(raw, metadata, "reply")
+
+
+def _recipients(metadata: dict) -> list[str]:
+    """The entry's envelope recipients: ``original_recipients`` (several, from LMTP), else the one."""
+    many = metadata.get("original_recipients")
+    if isinstance(many, (list, tuple)) and many:
+        return [str(r) for r in many if r]
+    one = str(metadata.get("original_recipient") or "")
+    return [one] if one else []
 
 
 def _token_of(recipient: str) -> str | None:
