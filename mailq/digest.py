@@ -54,10 +54,20 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
+from mailq import templates
 from mailq.archive import append_once, mbox_entry, read_mbox
+from mailq.clock import now as clock_now
 from mailq.config import Settings
-from mailq.locks import Lock, named_lock
 from mailq.errors import MailqError
+from mailq.fsutil import atomic_write, fsync_dir
+from mailq.lists import ListStore
+from mailq.locks import Lock, named_lock
+from mailq.pipeline.base import PARSE_POLICY, _decode_bytes, charset_name, header_text, to_bytes
+from mailq.pipeline.list_headers import add_headers
+from mailq.pipeline.mime_filter import HTML_LIMIT, html_to_text, too_deep
+from mailq.pipeline.subject_prefix import encode_subject
+from mailq.queue import Queue
+from mailq.queue.payload import decode, encode
 
 FORMATS = ("mime", "plain")
 PENDING_NAME = "digest.mbox"
@@ -142,7 +152,6 @@ class DigestState:
         return state
 
     def save(self, settings: Settings, listname: str) -> None:
-        from mailq.fsutil import atomic_write
 
         atomic_write(settings.lists_dir / listname / STATE_NAME, (json.dumps(asdict(self)) + "\n").encode(),
                      fsync=settings.queue.fsync)
@@ -244,12 +253,10 @@ def send(settings: Settings, listname: str, *, force: bool = False, now: float |
 
     Never sends an empty digest.  The whole of it runs under the list's digest lock.
     """
-    from mailq.lists import ListStore
 
     store = store or ListStore(settings, log=log)
     mlist = store.load(listname)
     if now is None:
-        from mailq.clock import now as clock_now
         now = clock_now()       # calendar decisions: MAILQ_NOW moves it in tests (docs/cluster.md §7)
     report = SendReport(listname)
     with digest_lock(settings, listname, timeout=lock_timeout):
@@ -271,7 +278,6 @@ def send(settings: Settings, listname: str, *, force: bool = False, now: float |
         aside = _aside_path(settings, listname, volume, issue)
         os.rename(path, aside)                                     # step 1: take
         if settings.queue.fsync:
-            from mailq.fsutil import fsync_dir
             fsync_dir(aside.parent)
         _crash_point("moved")
         state.volume, state.issue, state.last_sent = volume, issue, now
@@ -320,9 +326,6 @@ def _finish_interrupted(settings: Settings, mlist: Any, state: DigestState, now:
 
 def _complete(settings: Settings, mlist: Any, volume: int, issue: int, now: float) -> Issue:
     """Steps 2-4 for one issue, from whatever step is next on disk."""
-    from mailq.fsutil import atomic_write
-    from mailq.queue import Queue
-    from mailq.queue.payload import encode
 
     result = Issue(volume, issue)
     aside = _aside_path(settings, mlist.name, volume, issue)
@@ -365,7 +368,6 @@ def _complete(settings: Settings, mlist: Any, volume: int, issue: int, now: floa
 
 
 def _staged_meta(path: Path) -> dict[str, Any]:
-    from mailq.queue.payload import decode
 
     try:
         return decode(path.read_bytes())[1]
@@ -378,7 +380,6 @@ def _staged_meta(path: Path) -> dict[str, Any]:
 def status(settings: Settings, mlist: Any, now: float | None = None) -> dict[str, Any]:
     """What ``mailqctl digests status`` shows for one list (read without the lock)."""
     if now is None:
-        from mailq.clock import now as clock_now
         now = clock_now()
     path = pending_path(settings, mlist.name)
     try:
@@ -401,8 +402,6 @@ def status(settings: Settings, mlist: Any, now: float | None = None) -> dict[str
 
 def send_digests(settings: Settings, log: Any) -> str:
     """Cron task ``send-digests``: every list's interrupted issues, then its digest if due."""
-    from mailq.clock import now as clock_now
-    from mailq.lists import ListStore
 
     store = ListStore(settings, log=log)
     now = clock_now()
@@ -445,7 +444,6 @@ def render(mlist: Any, name: str, **values: str) -> str:
     template ``digest-header``/``digest-footer`` (``mailq.templates``: the list's copy, else the
     shipped ``mailq/templates/<name>.txt``); ``$placeholders`` filled in, unknown ones left as written.
     """
-    from mailq import templates
 
     own = str(getattr(mlist.settings, name, "") or "")
     if own.strip():
@@ -479,7 +477,6 @@ def build(mlist: Any, posts: list[bytes], volume: int, issue: int, when: float, 
 
 
 def _parse_post(raw: bytes, full: bool) -> _Post:
-    from mailq.pipeline.base import PARSE_POLICY, header_text
 
     if full:
         msg = email.message_from_bytes(raw, policy=PARSE_POLICY)
@@ -504,9 +501,6 @@ def _one_line(text: str) -> str:
 
 
 def _head(mlist: Any, volume: int, issue: int, when: float, body_type: list[str], web_url: str) -> bytes:
-    from mailq.pipeline.base import to_bytes
-    from mailq.pipeline.list_headers import add_headers
-    from mailq.pipeline.subject_prefix import encode_subject
 
     msg = Message()
     msg["From"] = mlist.request_address
@@ -616,7 +610,6 @@ def _collect(part: Message, texts: list[str], attachments: list[str], depth: int
         inner = part.get_payload()
         subject = ""
         if isinstance(inner, list) and inner:
-            from mailq.pipeline.base import header_text
             subject = header_text(inner[0].get("subject"))
         attachments.append(f"forwarded message{': ' + _one_line(subject) if subject else ''} (message/rfc822)")
         return
@@ -633,7 +626,6 @@ def _collect(part: Message, texts: list[str], attachments: list[str], depth: int
     filename = part.get_filename()
     attached = part.get_content_disposition() == "attachment" or bool(filename)
     if ctype in ("text/plain", "text/html") and not attached:
-        from mailq.pipeline.mime_filter import HTML_LIMIT, html_to_text, too_deep
 
         text = _decoded(part)
         if ctype == "text/plain":
@@ -649,7 +641,6 @@ def _collect(part: Message, texts: list[str], attachments: list[str], depth: int
 
 
 def _decoded(part: Message) -> str:
-    from mailq.pipeline.base import _decode_bytes, charset_name
 
     data = part.get_payload(decode=True)
     if not isinstance(data, bytes):

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
+from mailq.delivery.verp import verp_recipient
+
 #: Bytes of a bounce that are parsed: reports and their headers come first; a 30 MB bounce is
 #: mostly the returned original, which no detector needs (docs/bounces.md §6).
 MAX_SCAN_BYTES = 512 * 1024
@@ -109,7 +111,6 @@ def detect(raw: bytes, metadata: dict[str, Any]) -> Detection:
                          key="sha1:" + hashlib.sha1(raw).hexdigest())
     key = bounce_key(raw, msg, metadata)
     temporary, permanent, problem = _flufl(msg)
-    from mailq.delivery.verp import verp_recipient
 
     verps = sorted({v for v in (verp_recipient(r) for r in recipients_of(metadata))
                     if v and "@" in v and not v.startswith("@")})

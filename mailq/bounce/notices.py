@@ -13,8 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from mailq import clock
+from mailq.bounce import score as scoring
 from mailq.config import Settings
+from mailq.errors import MailqError
+from mailq.lists import ListStore
+from mailq.lists.autoresponse import take
+from mailq.lists.pending import PendingStore
+from mailq.logs import get_logger
 from mailq.notices import notify_template
+
 
 def _owners(settings: Settings, mlist: Any) -> list[str]:
     return list(mlist.settings.owners) or [settings.site_owner]
@@ -27,7 +34,6 @@ def send_decision_notices(settings: Settings, mlist: Any, decision: Any, log: An
     it, or writing to ``LIST-confirm+TOKEN@``, turns delivery on again, as ``set delivery on`` to
     ``-request`` does.  The token lasts until the member would be removed.
     """
-    from mailq.lists.pending import PendingStore
 
     s = mlist.settings
     sent = []
@@ -62,7 +68,6 @@ def send_decision_notices(settings: Settings, mlist: Any, decision: Any, log: An
 
 def forward_unrecognized(settings: Settings, mlist: Any, raw: bytes, sender: str, reason: str, log: Any) -> str:
     """Forward a non-bounce to the owners; what happened, for the log."""
-    from mailq.lists.autoresponse import take
 
     s = mlist.settings
     if not s.forward_unrecognized_bounces:
@@ -84,10 +89,6 @@ def bounce_warnings(settings: Settings, log: Any) -> str:
     a warning is counted once even if two hosts ran the task at once.  Decisions go to
     ``bounces.log`` as well as the cron log.
     """
-    from mailq.bounce import score as scoring
-    from mailq.errors import MailqError
-    from mailq.lists import ListStore
-    from mailq.logs import get_logger
 
     decisions_log = get_logger(settings, "bounce-warnings", filename="bounces")
     store = ListStore(settings)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailq import clock
+from mailq.errors import NotFound
 
 #: Score added per bounce kind (once per calendar day per member, the larger kind wins).
 WEIGHTS = {"permanent": 1.0, "temporary": 0.5}
@@ -163,7 +164,6 @@ def warning_due(member: Any, now: float, interval: float) -> bool:
 
 def reset(mlist: Any, address: str) -> Decision:
     """``mailqctl bounces reset``: forget the member's bounces; a member disabled by bounces is enabled."""
-    from mailq.errors import NotFound
 
     member = mlist.members.get(address)
     if member is None:

@@ -17,6 +17,7 @@ from email.message import Message
 from typing import Any
 
 from mailq.commands.parse import Command
+from mailq.queue import Queue
 
 
 @dataclass
@@ -43,8 +44,6 @@ class Context:
     def queue_notice(self, raw: bytes, metadata: dict, what: str) -> str:
         """Queue a reply or confirmation: straight into ``out``, complete with recipients and the
         list's bounces address as envelope sender (what the virgin runner would add)."""
-        from mailq.queue import Queue
-
         metadata["envelope_sender"] = self.mlist.bounces_address
         eid = Queue.for_settings(self.settings, "out").enqueue(raw, metadata, listname=self.mlist.name)
         self.sent.append((", ".join(metadata.get("recipients", [])), what))
@@ -54,6 +53,7 @@ class Context:
 
 
 def _family(name: str) -> Callable[[Context, Command], str]:
+    # Not at the top: the verb modules import Context from this package (an import cycle).
     from mailq.commands import info, membership, options
 
     return {"subscribe": membership.subscribe, "unsubscribe": membership.unsubscribe,

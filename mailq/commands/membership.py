@@ -16,6 +16,7 @@ from mailq.errors import InvalidInput, MailqError, NotFound
 from mailq.lists import autoresponse, membership
 from mailq.lists.pending import AlreadyDecided, Expired, PendingStore, carry_out, expires_text, owner_notice
 from mailq.lists.validate import validate_address
+from mailq.notices import template_entry
 
 
 def _target(ctx: Context, command: Command, *, allow_mode: bool) -> tuple[str | None, bool | None, str]:
@@ -43,7 +44,6 @@ def _budget_spent(mlist, action: str, address: str) -> str:
 
 def _mail_confirmation(ctx: Context, action: str, address: str, *, digest: bool = False, then: str = "") -> str:
     """Make a token and mail it to *address*; the reply line (the same whether or not it is a member)."""
-    from mailq.notices import template_entry
 
     mlist = ctx.mlist
     if not autoresponse.take(ctx.settings, mlist, address):

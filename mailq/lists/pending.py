@@ -40,8 +40,13 @@ from typing import Any
 from mailq import clock, safepickle
 from mailq.config import Settings
 from mailq.errors import InvalidInput, MailqError, NotFound
-from mailq.fsutil import atomic_write
-from mailq.locks import make_shared_dir
+from mailq.fsutil import atomic_write, fsync_dir
+from mailq.lists import autoresponse, membership
+from mailq.lists.once import link_once, send_staged
+from mailq.lists.store import ListStore
+from mailq.locks import make_shared_dir, named_lock
+from mailq.notices import template_entry
+from mailq.queue.payload import encode
 
 FOLDER = "pending"
 #: ``enable``: a member disabled by bounces gets mail again (the token is in each bounce warning,
@@ -201,7 +206,6 @@ class PendingStore:
         runner processing that entry again after a crash), so it can finish carrying it out.  With
         *kind*, a record of the other kind is NotFound (a request id is no confirmation token).
         """
-        from mailq.lists.once import link_once
 
         if outcome not in OUTCOMES:
             raise InvalidInput(f"unknown outcome {outcome!r}")
@@ -254,10 +258,6 @@ class PendingStore:
         record still there, in *pending_ids*' order (it sees the earlier records' plans, not their
         effect on the list: the list is changed only after every plan).
         """
-        from mailq.lists.once import send_staged
-        from mailq.lists.store import ListStore
-        from mailq.locks import named_lock
-        from mailq.queue.payload import encode
 
         decisions: dict[str, Decision] = {}
         for pending_id in pending_ids:
@@ -303,7 +303,6 @@ class PendingStore:
                         sent[pending_id] += 1
                     _crash_point("sent")
             if fsync:
-                from mailq.fsutil import fsync_dir
 
                 for folder in folders:
                     fsync_dir(folder)
@@ -377,7 +376,6 @@ def expires_text(when: float) -> str:
 
 def owner_notice(settings: Settings, mlist: Any, request: Pending) -> tuple[bytes, dict]:
     """The ``approval-request`` notice telling the owners how to decide *request*."""
-    from mailq.notices import template_entry
 
     return template_entry(settings, mlist, list(mlist.settings.owners) or [settings.site_owner],
                           "approval-request", from_address=mlist.owner_address, action=request.action,
@@ -393,9 +391,6 @@ def carry_out(settings: Settings, listname: str, pending_id: str) -> tuple[str, 
 def carry_out_many(settings: Settings, listname: str, pending_ids: list[str]) -> dict[str, tuple[str, int]]:
     """``carry_out`` for several decisions of one list: one lock cycle, one load and one save of the
     list for all of them (``PendingStore.complete_many``).  By id: (what it did, messages it sent)."""
-    from mailq.lists import membership
-    from mailq.lists.store import ListStore
-    from mailq.notices import template_entry
 
     pending = PendingStore(settings, listname)
     store = ListStore(settings)
@@ -477,8 +472,6 @@ def carry_out_many(settings: Settings, listname: str, pending_ids: list[str]) ->
 def expire_pending(settings: Settings, log: Any) -> str:
     """Drop tokens and requests past their expiry, finish interrupted decisions, prune old records
     and yesterday's autoresponse counts; a summary line (cron task ``expire-pending``)."""
-    from mailq.lists import autoresponse
-    from mailq.lists.store import ListStore
 
     store = ListStore(settings)
     now = clock.now()

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from mailq import stats
 from mailq.bounce import score as scoring
 from mailq.bounce.detect import Detection, detect
 from mailq.bounce.notices import forward_unrecognized, send_decision_notices
-from mailq import stats
 from mailq.errors import NotFound
+from mailq.lists import ListStore
 from mailq.runners.base import Runner
 
 #: Most entries claimed for one batch (one lock cycle and save per list per batch).
@@ -40,7 +41,6 @@ class BouncesRunner(Runner):
     queue = "bounces"
 
     def setup(self) -> None:
-        from mailq.lists import ListStore
 
         self.store = ListStore(self.settings, log=self.log)
 

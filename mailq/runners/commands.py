@@ -21,9 +21,15 @@ from email import policy
 from email.utils import getaddresses, parseaddr
 from typing import Any
 
+from mailq.commands import Context, membership, run
+from mailq.commands.parse import Command, clean_subject, find_token, parse
 from mailq.errors import InvalidInput, NotFound
+from mailq.lists import ListStore
+from mailq.lists.autoresponse import reason_not_to_answer, take
+from mailq.lists.pending import carry_out_many
+from mailq.lists.validate import validate_address
+from mailq.notices import template_entry
 from mailq.runners.base import Runner
-
 
 #: Most entries claimed for one batch: the confirmations among them are carried out with one lock
 #: cycle, one load and one save of each list (``pending.carry_out_many``).
@@ -34,7 +40,6 @@ class CommandsRunner(Runner):
     queue = "commands"
 
     def setup(self) -> None:
-        from mailq.lists import ListStore
 
         self.store = ListStore(self.settings)
 
@@ -50,7 +55,6 @@ class CommandsRunner(Runner):
         """Each entry on its own, except the confirmations' carrying out: every token is decided by
         its own entry (``decide``: the once-only step), then the decided ones are carried out together,
         one ``carry_out_many`` per list, and each confirming entry is answered."""
-        from mailq.commands import membership
 
         if not hasattr(self, "store"):
             self.setup()
@@ -79,7 +83,6 @@ class CommandsRunner(Runner):
     def _confirm_many(self, listname: str, items: list, failed: dict[str, BaseException]) -> None:
         """Carry out the decisions *items* took, together; then answer each entry (after the
         carrying out: a crash inside it sends none of these answers twice)."""
-        from mailq.lists.pending import carry_out_many
 
         ids = [pending_id for _, _, slots in items for _, pending_id, _ in slots if pending_id]
         results = {}
@@ -99,7 +102,6 @@ class CommandsRunner(Runner):
             self._answer_confirm(entry, ctx, slots, results, failed)
 
     def _answer_confirm(self, entry: Any, ctx: Any, slots: list, results: dict, failed: dict) -> None:
-        from mailq.commands import membership
 
         try:
             lines = [membership.confirmed(ctx, token, *results[pending_id]) if pending_id else refused
@@ -111,7 +113,6 @@ class CommandsRunner(Runner):
 
     def _context(self, entry: Any) -> Any:
         """The Context for answering *entry*, or None when it is finished unanswered (logged)."""
-        from mailq.commands import Context
 
         metadata = entry.metadata
         listname = str(metadata.get("listname") or "")
@@ -126,7 +127,6 @@ class CommandsRunner(Runner):
         except Exception as exc:  # noqa: BLE001 - the email package's parser rarely raises; never shunt for it
             self.log.warning("%s: unparsable message (%s): dropped", entry.id, exc)
             return None
-        from mailq.lists.autoresponse import reason_not_to_answer
 
         envelope = metadata.get("envelope_sender")
         reason = reason_not_to_answer(msg, envelope if isinstance(envelope, str) else None, mlist)
@@ -151,7 +151,6 @@ class CommandsRunner(Runner):
         """The tokens a mail to ``-confirm`` carries: one per ``-confirm+TOKEN`` recipient (one LMTP
         DATA to several is one entry listing them all, used in RCPT order), else the one in the
         Subject or first body line; [] for other mail."""
-        from mailq.commands.parse import find_token
 
         if kind != "confirm":
             return []
@@ -164,8 +163,6 @@ class CommandsRunner(Runner):
     # -- what the mail asks -----------------------------------------------------------------------
     def _carry_out(self, ctx: Any, kind: str, metadata: dict) -> tuple[list[str], bool]:
         """(reply lines, whether to send a reply).  -join/-leave answer only through the mail they cause."""
-        from mailq.commands import membership, run
-        from mailq.commands.parse import Command, parse
 
         if kind == "join":
             line = membership.subscribe(ctx, Command("subscribe", (), "subscribe"))
@@ -186,7 +183,6 @@ class CommandsRunner(Runner):
 
     @staticmethod
     def _sender(msg: Any, envelope: Any) -> str | None:
-        from mailq.lists.validate import validate_address
 
         candidates = [a for _, a in getaddresses([str(v) for v in msg.get_all("From", [])])]
         if isinstance(envelope, str):
@@ -200,9 +196,6 @@ class CommandsRunner(Runner):
 
     # -- the answer -------------------------------------------------------------------------------
     def _reply(self, ctx: Any, lines: list[str]) -> None:
-        from mailq.commands.parse import clean_subject
-        from mailq.lists.autoresponse import take
-        from mailq.notices import template_entry
 
         mlist = ctx.mlist
         if not take(self.settings, mlist, ctx.sender):
