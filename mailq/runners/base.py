@@ -57,6 +57,9 @@ class Runner(RunnerProcess):
     #: Seconds before an entry whose processing raised TemporaryFailure is tried again; None: the
     #: node's ``runners.retry_delay`` (30 s by default).
     tempfail_delay: float | None = None
+    #: True: a "claimed"/"done" INFO line per entry; False (runners whose batches are large and that
+    #: log each entry's decision themselves): one such line per batch naming every entry id.
+    log_each_entry: bool = True
 
     def __init__(self, settings: Settings, slice: int = 0, count: int = 1) -> None:
         super().__init__(settings, slice, count)
@@ -209,9 +212,13 @@ class Runner(RunnerProcess):
         return None
 
     def _handle(self, queue: Queue, batch: list[Claimed]) -> None:
-        for entry in batch:
-            # The epoch too: claims are judged against the map they were made under (docs/cluster.md §4).
-            self.log.info("claimed %s (epoch %d)", entry.id, entry.claimant.epoch)
+        # The epoch too: claims are judged against the map they were made under (docs/cluster.md §4).
+        if self.log_each_entry:
+            for entry in batch:
+                self.log.info("claimed %s (epoch %d)", entry.id, entry.claimant.epoch)
+        else:
+            self.log.info("claimed %d entries (epoch %d): %s", len(batch), batch[0].claimant.epoch,
+                          " ".join(entry.id for entry in batch))
         started = time.monotonic()
         try:
             failed = self.process_batch(batch)
@@ -220,9 +227,14 @@ class Runner(RunnerProcess):
         # All at once: unlinks issued together share the filesystem's journal commits (Queue.finish_many).
         done = [entry for entry in batch if entry.id not in failed]
         queue.finish_many(done)
-        for entry in done:
-            stats.count("mailq_entries_processed_total")
-            self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
+        if done:
+            stats.count("mailq_entries_processed_total", len(done))
+        if self.log_each_entry:
+            for entry in done:
+                self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
+        elif done:
+            self.log.info("done %d entries (%.3fs): %s", len(done), time.monotonic() - started,
+                          " ".join(entry.id for entry in done))
         for entry in batch:
             exc = failed.get(entry.id)
             if exc is None:
