@@ -82,6 +82,9 @@ def test_cli_list_show_edit_reset(node, mlist, tmp_path):
     assert shown.startswith("Subject: Held at dev\n\nSee \n")
     assert "moderator" in node.run("mailqctl", "templates", "show", "dev", "held-ack", "--default",
                                    check=True).stdout
+    shipped = node.run("mailqctl", "templates", "show", "dev", "held-ack", "--default", "--rendered",
+                       check=True).stdout
+    assert shipped.startswith("Subject: Your post to dev awaits") and "dev@example.org" in shipped
     bad = node.run("mailqctl", "templates", "edit", "dev", "held-ack", "--file", "-", input="Subject: x\n\n$oops\n")
     assert bad.returncode == 1 and "$oops" in bad.stderr
     assert json.loads(node.run("mailqctl", "templates", "list", "dev", "--json").stdout)[

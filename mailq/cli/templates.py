@@ -85,7 +85,7 @@ def show(listname: str, name: str, shipped: bool, rendered: bool, as_json: bool)
     mlist = _list(listname)
     text, path, overridden = t.source(None if shipped else mlist, name)
     if rendered:
-        subject, body = t.render_message(mlist, name) if not shipped else t.split_subject(text)
+        subject, body = t.fill(text, mlist)
         text = f"Subject: {subject}\n\n{body}" if subject else body
     if as_json:
         emit_json({"name": name, "overridden": overridden, "path": str(path), "text": text,

@@ -130,7 +130,11 @@ def _substitute(text: str, values: dict[str, Any]) -> str:
 
 def render_message(mlist: Any, name: str, **values: Any) -> tuple[str, str]:
     """(subject, body) of template *name* for *mlist*, placeholders filled in."""
-    text, _, _ = source(mlist, name)
+    return fill(source(mlist, name)[0], mlist, **values)
+
+
+def fill(text: str, mlist: Any, **values: Any) -> tuple[str, str]:
+    """(subject, body) of the template *text* with *mlist*'s values and *values* filled in."""
     merged = {**list_values(mlist), **values}
     subject, body = split_subject(text)
     # A subject is one line whatever a value holds (a header must not be split by a crafted value).
