@@ -363,11 +363,10 @@ def test_bad_input_is_logged_and_finished_never_shunted(node, settings):
         ("30 MB", dsn("bob@example.org", msgid="<big@mx>") + b"Y" * (30 * 1024 * 1024), {}),
     ]
     q = Queue.for_settings(settings, "bounces")
-    for _, raw, extra in inputs:
-        q.enqueue(raw, {"listname": "dev", "kind": "bounces", "via": "pipe", "envelope_sender": "", **extra},
-                  listname="dev")
-    q.enqueue(dsn("x@example.org", msgid="<g@mx>"), {"listname": "gone", "kind": "bounces", "via": "pipe"},
-              listname="gone")
+    ids = [q.enqueue(raw, {"listname": "dev", "kind": "bounces", "via": "pipe", "envelope_sender": "", **extra},
+                     listname="dev") for _, raw, extra in inputs]
+    ids.append(q.enqueue(dsn("x@example.org", msgid="<g@mx>"), {"listname": "gone", "kind": "bounces", "via": "pipe"},
+                         listname="gone"))
     node.run("mailqctl", "lists", "remove", "gone", check=True)
     node.run("qrunner", "-r", "bounces", "--once", check=True, timeout=300)
     assert not queue_files(node.var, "bounces")
@@ -375,6 +374,11 @@ def test_bad_input_is_logged_and_finished_never_shunted(node, settings):
     log = (settings.log_dir / "bounces.log").read_text()
     assert "list gone does not exist" in log and "dropped (forward_unrecognized_bounces is false)" in log
     assert member(settings, "bob@example.org").bounce_score == 1.0      # the 30 MB one counted
+    # One claimed and one done line for the batch (Runner.log_each_entry False), naming every entry.
+    claimed = re.findall(r"INFO claimed 5 entries \(epoch \d+\): (.*)", log)
+    done = re.findall(r"INFO done 5 entries \([\d.]+s\): (.*)", log)
+    assert [sorted(line.split()) for line in claimed + done] == [sorted(ids)] * 2
+    assert not re.search(r"INFO (claimed|done) \d+\.\d+\+", log)      # no per-entry lines
 
 
 def test_a_member_who_posts_loses_their_score(node, settings):

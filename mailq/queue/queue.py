@@ -320,7 +320,10 @@ class Queue:
 
         n = min(workers, len(claims))
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="finish") as pool:
-            list(pool.map(finish_all, [claims[i::n] for i in range(n)]))
+            # submit + wait, not map: map's iterator cancels the tasks not yet started at the first error.
+            tasks = [pool.submit(finish_all, claims[i::n]) for i in range(n)]
+        for task in tasks:
+            task.result()
 
     def shunt(self, c: Claimed, error: str) -> str:
         """Move a claimed entry to ``shunt`` with *error* in its metadata; ``mailqctl queue unshunt`` undoes it.
