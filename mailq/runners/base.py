@@ -9,7 +9,9 @@ serves one queue and one slice of it.  The loop:
    ``ClaimGuard.confirm`` checks right after the rename that the claim still holds
    (docs/cluster.md §4); a claim that does not is given back, never processed;
 3. a runner whose ``batch_limit()`` is above 1 claims up to that many entries the same way (each
-   one confirmed by the guard), so that one lock cycle or one connection serves them all;
+   one confirmed by the guard), so that one lock cycle or one connection serves them all, and
+   stops once the batch's messages reach ``batch_max_bytes`` (64 MB); with ``log_each_entry``
+   False the claims and finishes of a batch are one log line each, naming every entry;
 4. ``process_batch(entries)`` (by default ``process(entry)`` for each, the one hook most runners
    implement) says which entries failed; the loop then finishes every other claim, requeues the
    entries that raised TemporaryFailure for ``tempfail_delay`` seconds and shunts the rest with
@@ -60,6 +62,9 @@ class Runner(RunnerProcess):
     #: True: a "claimed"/"done" INFO line per entry; False (runners whose batches are large and that
     #: log each entry's decision themselves): one such line per batch naming every entry id.
     log_each_entry: bool = True
+    #: A batch stops growing once the messages claimed for it hold this many bytes (a batch of
+    #: 1,000 entries of large mail must not hold them all in memory at once).
+    batch_max_bytes: int = 64 * 1024 * 1024
 
     def __init__(self, settings: Settings, slice: int = 0, count: int = 1) -> None:
         super().__init__(settings, slice, count)
@@ -173,12 +178,13 @@ class Runner(RunnerProcess):
                 self.idle()
                 self._sleep(poll)
                 continue
-            batch = [entry]
-            while len(batch) < limit and not self.stopping:
+            batch, size = [entry], len(entry.msg)
+            while len(batch) < limit and size < self.batch_max_bytes and not self.stopping:
                 more = queue.claim_next(self.slice, self.count, self.claimant)
                 if more is None or not self._confirmed(guard, more):
                     break
                 batch.append(more)
+                size += len(more.msg)
             self._handle(queue, batch)
             # --once ends when an entry comes round again (a runner that requeues into its own
             # queue with no delay would otherwise loop forever).
