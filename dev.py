@@ -93,6 +93,20 @@ def compile_bytecode() -> None:
     compileall.compile_dir(str(ROOT / "mailq"), quiet=1)
 
 
+def lint(env: dict[str, str]) -> int:
+    """ruff, then the layering contract in .importlinter (import-linter: dependencies point down)."""
+    code = subprocess.call([str(PY), "-m", "ruff", "check", "mailq", "tests", "bench", "dev.py"], cwd=ROOT, env=env)
+    if code != 0:
+        print("dev.py: ruff found problems (above)", file=sys.stderr)
+        return code
+    # --no-cache: its cache folder would be one more thing in the checkout; the check takes ~1 s.
+    code = subprocess.call([str(VENV / "bin" / "lint-imports"), "--no-cache"], cwd=ROOT, env=env)
+    if code != 0:
+        print("dev.py: an import breaks the layering contract in .importlinter (above); see "
+              "docs/internals.md \"Layering\"", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -105,7 +119,7 @@ def main(argv: list[str]) -> int:
     if command == "demo":
         return subprocess.call([str(PY), "-m", "mailq.demo", *rest], cwd=ROOT, env=env)
     if command == "lint":
-        return subprocess.call([str(PY), "-m", "ruff", "check", "mailq", "tests", "bench", "dev.py"], cwd=ROOT, env=env)
+        return lint(env)
     if command == "test":
         if os.environ.get("MAILQ_NO_SYSTEM_INSTALL"):
             installed = ""
@@ -116,10 +130,10 @@ def main(argv: list[str]) -> int:
         if os.geteuid() == 0:
             # As root with the packages installed, the tests that need them must run (tests/support.py).
             env["MAILQ_SYSTEM_PACKAGES"] = installed
-        lint = subprocess.call([str(PY), "-m", "ruff", "check", "mailq", "tests", "bench", "dev.py"], cwd=ROOT, env=env)
-        if lint != 0:
-            print("dev.py: ruff found problems (above); fix them or run `python3 dev.py lint`", file=sys.stderr)
-            return lint
+        code = lint(env)
+        if code != 0:
+            print("dev.py: fix the problems above (`python3 dev.py lint` checks again)", file=sys.stderr)
+            return code
         return subprocess.call([str(PY), "-m", "pytest", *rest], cwd=ROOT, env=env)
     if command == "bench":
         code = 0

@@ -122,7 +122,7 @@ def main() -> None:
 
     from mailq.config import load_settings
     from mailq.loopdns import LoopDNS
-    from mailq.mta.deliver import write_entry
+    from mailq.queue.entry import enqueue_message
     from tests.support import free_port
 
     base = Path(tempfile.mkdtemp(prefix="mailq-commands-"))
@@ -146,21 +146,21 @@ def main() -> None:
             to = f"club-confirm+{token}@{DOMAIN}"
             msg = (f"From: {rcpt}\r\nTo: {to}\r\nSubject: Re: confirm {token}\r\n"
                    f"Message-ID: <{token}.reply@example.net>\r\n\r\n> confirm\r\n").encode()
-            write_entry(commands_dir, msg, {"listname": "club", "kind": "confirm", "received": time.time(),
+            enqueue_message(commands_dir, msg, {"listname": "club", "kind": "confirm", "received": time.time(),
                                             "via": "pipe", "envelope_sender": rcpt, "original_recipient": to},
                         fsync=settings.queue.fsync)
 
         sink = Sink(smtp_port, answer)
         run(env, *ctl, "start")
         # warm-up: one post through every runner before anything is timed
-        write_entry(in_dir, message("warm"), {"listname": "dev", "kind": "post", "received": time.time(),
+        enqueue_message(in_dir, message("warm"), {"listname": "dev", "kind": "post", "received": time.time(),
                                               "via": "pipe", "envelope_sender": "member0@example.com"},
                     fsync=settings.queue.fsync)
         sink.wait("post", 1, 120)
 
         t0 = time.perf_counter()
         for i in range(args.posts):
-            write_entry(in_dir, message(f"p{i}"), {"listname": "dev", "kind": "post", "received": time.time(),
+            enqueue_message(in_dir, message(f"p{i}"), {"listname": "dev", "kind": "post", "received": time.time(),
                                                    "via": "pipe", "envelope_sender": "member0@example.com"},
                         fsync=settings.queue.fsync)
         sink.wait("post", 1 + args.posts, args.timeout)
@@ -172,7 +172,7 @@ def main() -> None:
             sender = f"joiner{i}@example.net"
             msg = (f"From: {sender}\r\nTo: club-join@{DOMAIN}\r\nSubject: join\r\n"
                    f"Message-ID: <join{i}@example.net>\r\n\r\nplease\r\n").encode()
-            write_entry(commands_dir, msg, {"listname": "club", "kind": "join", "received": time.time(),
+            enqueue_message(commands_dir, msg, {"listname": "club", "kind": "join", "received": time.time(),
                                             "via": "pipe", "envelope_sender": sender}, fsync=settings.queue.fsync)
         sink.wait("welcome", args.joins, args.timeout)
         command_s = time.perf_counter() - t0

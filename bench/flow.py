@@ -1,7 +1,9 @@
 """Benchmark the mail flow on one host: post -> delivered latency, delivery rate, pipe start-up.
 
     python bench/flow.py [--posts 100] [--big-posts 30] [--recipients 500] [--rounds 3] [--runs 40]
-                         [--pipeline-posts 200] [--keep]
+                         [--pipeline-posts 200] [--keep] [--deliver-only]
+
+``--deliver-only`` runs measurement 1 alone (a change to mailq-deliver's start-up is checked in a minute).
 
 Three measurements, in a fresh temp tree with its own node config:
 
@@ -327,6 +329,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=40, help="runs of each program in the start-up test")
     ap.add_argument("--pipeline-posts", type=int, default=200, help="posts in the pipeline cost test (default 200)")
     ap.add_argument("--keep", action="store_true", help="keep the temp tree (logs) for a look")
+    ap.add_argument("--deliver-only", action="store_true", help="only measurement 1 (mailq-deliver start-up)")
     args = ap.parse_args()
 
     from mailq.config import load_settings
@@ -353,6 +356,15 @@ def main() -> None:
         sink = Sink(base, smtp_port)
 
         startup = bench_deliver(env, base, args.runs)
+        if args.deliver_only:
+            (cached_bare, cached_ours), (raw_bare, raw_ours) = startup["cached"], startup["no-pyc"]
+            print(f"python -c pass {cached_bare * 1000:.1f} ms, mailq-deliver post {cached_ours * 1000:.1f} ms "
+                  f"(byte-code cached; without: {raw_bare * 1000:.1f} / {raw_ours * 1000:.1f} ms), "
+                  f"median of {args.runs}")
+            print(json.dumps({"deliver_vs_python": round(cached_ours / cached_bare, 2),
+                              "deliver_ms": round(cached_ours * 1000, 1), "python_ms": round(cached_bare * 1000, 1),
+                              "deliver_vs_python_no_pyc": round(raw_ours / raw_bare, 2)}))
+            return
         # the start-up runs queued posts into `in`; nothing serves it yet, so clear them away
         shutil.rmtree(settings.queue_dir("in"), ignore_errors=True)
         rates = bench_rate(env, settings, sink, args.recipients, args.rounds)

@@ -10,7 +10,7 @@ not the list database lock) with one ``write`` per batch; a batch that cannot be
 middle of a ``write`` can still leave half a message behind: the next append sees that the file
 does not end in an empty line and starts with one, so that torn message never swallows the
 ``From `` line of the next (every later message still parses).  Callers batch many posts per lock
-acquisition: a strict lock cycle costs about 1 ms (DESIGN §4).
+acquisition: a strict lock cycle costs about 1 ms (docs/design.md §4).
 
 **Each post is appended once** (:func:`append_once`), however often its queue entry is processed
 (a runner killed between the append and the finish, a retry after a full disk): every append is
@@ -36,7 +36,8 @@ from pathlib import Path
 
 from mailq.config import Settings
 from mailq.errors import TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write, make_dirs, open_shared
+from mailq.fsutil import TEMPORARY_ERRNOS, atomic_write, make_dirs, open_shared, write_all
+from mailq.locks import Lock, named_lock
 
 #: Keys of appended posts a journal remembers (per mbox file).
 KEEP_KEYS = 20_000
@@ -75,11 +76,7 @@ def append_bytes(path: Path, data: bytes, *, fsync: bool = True,
         if before is not None:
             before(st.st_ino, start, start + len(data))
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if fsync:
-                os.fsync(fd)
+            write_all(fd, data, fsync=fsync)
         except OSError as exc:
             try:
                 os.ftruncate(fd, start)
@@ -97,9 +94,7 @@ def archive_path(settings: Settings, listname: str, when: float) -> Path:
     return settings.archives_dir / listname / f"{time.strftime('%Y-%m', time.gmtime(when))}.mbox"
 
 
-def archive_lock(settings: Settings, listname: str, timeout: float = 30.0):  # -> mailq.locks.Lock
-    from mailq.locks import named_lock
-
+def archive_lock(settings: Settings, listname: str, timeout: float = 30.0) -> Lock:
     return named_lock(settings, f"archive.{listname}", timeout=timeout)
 
 

@@ -12,7 +12,7 @@ process to the moment it should see:
 
 It is read on every call, so it reaches the processes a master starts and can change between
 calls in one test process.  It only moves *decisions*: file times, lock claims, heartbeats, cron
-stamps and queue due-times stay on the real clocks (DESIGN §5: no ownership decision depends on
+stamps and queue due-times stay on the real clocks (docs/cluster.md §2: no ownership decision depends on
 a wall clock), so a test that runs a task again sooner than its period still passes ``--force``.
 An unparsable value raises ``ValueError`` naming the variable: a test that meant to move the clock
 must not silently run on today.  Production never sets it.  docs/cluster.md §7 documents it.

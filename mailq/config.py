@@ -332,7 +332,7 @@ class Settings:
     #: The file these settings came from, or None for built-in defaults.
     source: Path | None = None
 
-    # -- derived paths: the shared tree (DESIGN §2) -------------------------------------------
+    # -- derived paths: the shared tree (docs/design.md §2) -------------------------------------------
     @property
     def var(self) -> Path:
         return self.paths.var

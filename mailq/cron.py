@@ -1,4 +1,4 @@
-"""Scheduled tasks that cron starts on every host, each run once per period (DESIGN §5 last paragraph).
+"""Scheduled tasks that cron starts on every host, each run once per period (docs/cluster.md §7).
 
 Every host's crontab runs ``mailqctl cron run TASK`` for every task (see ``etc/crontab``).  A task is
 run under its own lock (``var/locks/cron.<task>.lock``), and only when its last-run stamp
@@ -27,9 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mailq.cluster import failover
+from mailq.cluster.heartbeat import fs_now
 from mailq.config import Settings
 from mailq.errors import NotFound
 from mailq.fsutil import atomic_write, make_dirs
+from mailq.locks import named_lock
+from mailq.logs import get_logger
+from mailq.queue.recovery import recover_local_dead
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,6 @@ def due_after(task: Task) -> float:
 
 def last_run(settings: Settings, task: Task, now: float | None = None) -> dict[str, Any] | None:
     """The stamp's record plus ``age`` (filesystem clock) and the last result, or None when it never ran."""
-    from mailq.cluster.heartbeat import fs_now
-
     path = stamp_path(settings, task)
     try:
         with open(path, "rb") as fh:
@@ -127,9 +130,6 @@ def _json(data: bytes) -> dict[str, Any]:
 def run_task(settings: Settings, name: str, *, force: bool = False, log: logging.Logger | None = None,
              lock_timeout: float = 1.0) -> RunResult:
     """Run task *name* unless it ran within its period anywhere (``force``: run anyway)."""
-    from mailq.locks import named_lock
-    from mailq.logs import get_logger
-
     task = get_task(name)
     log = log or get_logger(settings, "cron")
     # A short wait: if another host is running it right now, that run is the one for this period.
@@ -171,8 +171,6 @@ def run_task(settings: Settings, name: str, *, force: bool = False, log: logging
 
 def recover_local(settings: Settings, log: logging.Logger) -> str:
     """Claims made on this node by processes that are gone, back to their queues."""
-    from mailq.queue.recovery import recover_local_dead
-
     report = recover_local_dead(settings)
     return (f"recovered {len(report.recovered)}, to bad {len(report.to_bad)}, already done "
             f"{len(report.dropped)}, removed {len(report.stale_temps)} stale temp files")
@@ -180,8 +178,6 @@ def recover_local(settings: Settings, log: logging.Logger) -> str:
 
 def check_failover(settings: Settings, log: logging.Logger) -> str:
     """Auto failover from cron: whoever runs it performs the takeover (under the slices lock)."""
-    from mailq.cluster import failover
-
     if settings.cluster.failover != "auto":
         return "cluster.failover is manual: nothing to do (use `mailqctl slices reassign`)"
     reports = failover.check(settings, log, any_performer=True)

@@ -12,15 +12,14 @@ from pathlib import Path
 
 from mailq.archive import append_once, mbox_entry
 from mailq.config import Settings
+from mailq.locks import Lock, named_lock
 
 
 def pending_path(settings: Settings, listname: str) -> Path:
     return settings.lists_dir / listname / "digest.mbox"
 
 
-def digest_lock(settings: Settings, listname: str, timeout: float = 30.0):  # -> mailq.locks.Lock
-    from mailq.locks import named_lock
-
+def digest_lock(settings: Settings, listname: str, timeout: float = 30.0) -> Lock:
     return named_lock(settings, f"digest.{listname}", timeout=timeout)
 
 

@@ -53,6 +53,7 @@ from typing import Any
 from mailq.config import Settings
 from mailq.errors import MailqError
 from mailq.fsutil import atomic_write, make_dirs
+from mailq.resolver import make_resolver
 
 FORMAT = 1
 POLICIES = ("none", "quarantine", "reject")
@@ -231,8 +232,6 @@ class DmarcCache:
     @property
     def resolver(self) -> Any:
         if self._resolver is None:
-            from mailq.resolver import make_resolver
-
             resolver = make_resolver(self.settings)
             # SERVFAIL is asked again (with dnspython's backoff) until dns.timeout: only a failure
             # that lasts the whole timeout turns into "no policy".

@@ -7,13 +7,12 @@ MTA's pipe user, the runners' user and an operator's shell share the tree throug
 (docs/operations.md, "Users, groups and modes").  Create folders with :func:`make_dirs` and files
 with :func:`open_shared` (or :func:`atomic_write`); :func:`shared_mode_problem` tells what is
 wrong with an existing one (``mailqctl check``).
-"""
-from __future__ import annotations
 
+Imported by mailq-deliver for every message (through ``mailq.queue.entry``): only ``os`` and
+``errno`` here, no ``pathlib``, ``secrets`` or ``__future__``; paths may be ``str`` or ``Path``.
+"""
 import errno
 import os
-import secrets
-from pathlib import Path
 
 from mailq.errors import TemporaryFailure
 
@@ -34,7 +33,7 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
-def make_dirs(path: os.PathLike[str] | str) -> None:
+def make_dirs(path: "os.PathLike[str] | str") -> None:
     """Create *path* and its missing parents as :data:`DIR_MODE` folders, whatever the umask.
 
     Folders that exist already are left as they are (``mailqctl check`` reports wrong modes).
@@ -53,7 +52,7 @@ def make_dirs(path: os.PathLike[str] | str) -> None:
     os.chmod(path, DIR_MODE)
 
 
-def open_shared(path: os.PathLike[str] | str, flags: int) -> int:
+def open_shared(path: "os.PathLike[str] | str", flags: int) -> int:
     """``os.open`` for a file of the shared tree: a file it creates gets :data:`FILE_MODE`.
 
     With O_EXCL the file is new, so the mode is set when the umask cut it; otherwise a file of this
@@ -75,7 +74,7 @@ def open_shared(path: os.PathLike[str] | str, flags: int) -> int:
     return fd
 
 
-def shared_mode_problem(path: os.PathLike[str] | str, st: os.stat_result | None = None) -> str | None:
+def shared_mode_problem(path: "os.PathLike[str] | str", st: "os.stat_result | None" = None) -> "str | None":
     """What is wrong with the mode of an existing folder or file of the shared tree, or None."""
     import stat
 
@@ -96,7 +95,16 @@ TEMPORARY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ESTALE, errno.E
                     errno.EAGAIN, errno.ETIMEDOUT}
 
 
-def fsync_dir(path: Path) -> None:
+def write_all(fd: int, data: bytes, *, fsync: bool) -> None:
+    """Write every byte of *data* to *fd* (``os.write`` may write less), then fsync it if asked."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    if fsync:
+        os.fsync(fd)
+
+
+def fsync_dir(path: "os.PathLike[str] | str") -> None:
     """Make a rename or create inside *path* durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -105,7 +113,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, fsync: bool = True, keep_last: bool = False,
+def atomic_write(path: "os.PathLike[str] | str", data: bytes, *, fsync: bool = True, keep_last: bool = False,
                  mode: int = FILE_MODE) -> None:
     """Write *data* to *path* so that readers see the old or the new content, never a mix.
 
@@ -113,23 +121,19 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True, keep_last: bool
     (a hard link, so there is never a moment without a current file), then rename over *path*.
     A full disk raises TemporaryFailure and leaves *path* as it was.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    folder, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             if UMASK & mode:
                 os.fchmod(fd, mode)     # explicit: the umask must not decide who else can read it
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if fsync:
-                os.fsync(fd)
+            write_all(fd, data, fsync=fsync)
         finally:
             os.close(fd)
-        if keep_last and path.exists():
-            last = path.with_name(path.name + ".last")
-            last_tmp = path.with_name(f".{path.name}.last.{os.getpid()}.tmp")
+        if keep_last and os.path.exists(path):
+            last = os.path.join(folder, name + ".last")
+            last_tmp = os.path.join(folder, f".{name}.last.{os.getpid()}.tmp")
             try:
                 os.unlink(last_tmp)
             except FileNotFoundError:
@@ -138,7 +142,7 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True, keep_last: bool
             os.replace(last_tmp, last)
         os.replace(tmp, path)
         if fsync:
-            fsync_dir(path.parent)
+            fsync_dir(folder or ".")
     except OSError as exc:
         try:
             os.unlink(tmp)

@@ -1,4 +1,4 @@
-"""The one lock class for shared state (DESIGN §4): ``filelock.StrictSoftFileLock`` plus holder records.
+"""The one lock class for shared state (docs/design.md §4, docs/lists.md §1): ``StrictSoftFileLock`` + holder records.
 
 Protocol, in the order a process follows it:
 
@@ -36,6 +36,7 @@ from filelock._identity import host_name, owner_is_stale
 
 from mailq.errors import MailqError, TemporaryFailure
 from mailq.fsutil import make_dirs, pid_alive
+from mailq.logs import get_logger
 
 if TYPE_CHECKING:
     from mailq.config import Settings
@@ -137,7 +138,6 @@ class Lock:
     def log(self) -> logging.Logger:
         if self._log is None:
             if self.settings is not None:
-                from mailq.logs import get_logger
                 self._log = get_logger(self.settings, "locks")
             else:
                 self._log = logging.getLogger("mailq.locks")

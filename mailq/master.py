@@ -1,4 +1,4 @@
-"""The master: one per node, supervising that node's runner processes (DESIGN §1, §3 recovery, §5).
+"""The master: one per node, supervising that node's runner processes (docs/design.md §1, §3.8; docs/cluster.md §1).
 
 Start-up, in this order: take the host-local master lock (``<run_dir>/master.lock``, a
 ``filelock.FileLock``: the kernel drops it when the master dies, so a SIGKILLed master never blocks
@@ -11,11 +11,11 @@ renew the heartbeat, then start one ``qrunner`` process per (queue, slice) that
 Then, every tick: reap runners that exited and restart crashed ones with exponential backoff up to
 ``runners.restart_cap`` restarts (then leave it down, loudly); every ``cluster.heartbeat`` seconds
 renew the heartbeat, re-read the slice map and start or stop runners to match it.  When
-``cluster.failover`` is ``auto``, a worker thread looks for dead nodes every quarter beat and
-performs the takeovers this node is due to do (on a thread, so that a slow takeover never holds up
-our own heartbeat); the slices it took are started as soon as it is done.  The state is written to
-``<run_dir>/status.json`` for ``mailqctl status`` and to ``var/cluster/status/<node>.json`` for
-``mailqctl cluster status`` on any host.
+``cluster.failover`` is ``auto``, a worker thread looks for dead nodes every quarter beat; the slices
+a takeover moved here are started as soon as it is done.  The state is written to
+``<run_dir>/status.json`` for ``mailqctl status``.  What the master does for the cluster (heartbeat,
+failover checks, the runner list in ``var/cluster/status/<node>.json`` for ``mailqctl cluster
+status`` on any host) is ``mailq.cluster.presence.Presence``: the master only calls it.
 
 Signals: SIGTERM/SIGINT end a takeover in progress at its next safe point (releasing the slices
 lock), stop every runner (SIGTERM, ``runners.stop_timeout``, then SIGKILL) and exit 0; SIGHUP
@@ -30,7 +30,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -38,12 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mailq
+from mailq import stats
+from mailq.cluster.presence import Presence, failover_interval
 from mailq.cluster.slicemap import MapWatcher, assignments_for
 from mailq.config import Settings
 from mailq.errors import MailqError
-from mailq.fsutil import atomic_write, make_dirs, pid_alive
+from mailq.fsutil import atomic_write
+from mailq.logs import reopen_all
+from mailq.queue.recovery import recover, recover_local_dead
 from mailq.runners import REGISTRY, load_runner
 from mailq.runners.process import MASTER_PID_ENV
+from mailq.runstate import lock_path, pid_path, read_pid, running_pid, status_path
 
 #: A runner that ran this long before crashing starts again with a clean restart count.
 STABLE_SECONDS = 300.0
@@ -53,64 +58,6 @@ TICK = 0.1
 LMTP_READY_TIMEOUT = 60.0
 
 Key = tuple[str, int, int]   # (runner name, slice, count)
-
-
-def lock_path(settings: Settings) -> Path:
-    return settings.run_dir / "master.lock"
-
-
-def pid_path(settings: Settings) -> Path:
-    return settings.run_dir / "master.pid"
-
-
-def status_path(settings: Settings) -> Path:
-    return settings.run_dir / "status.json"
-
-
-def read_pid(settings: Settings) -> int | None:
-    """The pid in the pid file (alive or not), or None when there is no readable pid file."""
-    try:
-        return int(pid_path(settings).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def running_pid(settings: Settings) -> int | None:
-    """The pid of this node's live master, or None (a stale pid file, or its pid reused by another program)."""
-    pid = read_pid(settings)
-    return pid if pid is not None and _is_mailq(pid) else None
-
-
-def _is_mailq(pid: int) -> bool:
-    # After a reboot the pid of a dead master may belong to anything: `stop` must not signal it.
-    if not pid_alive(pid):
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b"mailq" in fh.read()
-    except OSError:
-        return True     # no /proc: trust the pid
-
-
-def shared_status_path(settings: Settings, node: str | None = None) -> Path:
-    """This node's runner list on the shared tree, for ``mailqctl cluster status`` on any host."""
-    return settings.cluster_dir / "status" / f"{node or settings.node.name}.json"
-
-
-def failover_interval(settings: Settings) -> float:
-    """How often a master looks for dead nodes: a quarter beat (at least 0.25 s, at most 1 s).
-
-    Judging costs one listing and a probe write; looking more often than we beat shortens the
-    time from lease + margin to the takeover (docs/cluster.md §6).
-    """
-    return min(1.0, max(0.25, settings.cluster.heartbeat / 4))
-
-
-def read_status(settings: Settings) -> dict[str, Any] | None:
-    try:
-        return json.loads(status_path(settings).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class AlreadyRunning(MailqError):
@@ -166,17 +113,11 @@ class Master:
         self._hup = False
         self._watcher: MapWatcher | None = None
         self._classes: dict[str, type] | None = None
-        self._heartbeat: Any = None
+        self.presence = Presence(settings, log)      # heartbeat, failover checks, published runner list
         self._epoch: int | None = None
         self._map_problem = ""
         self._last_status: Any = None
         self._started = time.time()
-        self._rejoining = False
-        self._failover_thread: threading.Thread | None = None
-        self._takeover_done = threading.Event()
-        #: set at shutdown: a takeover in progress gives up at its next safe point and releases the lock
-        self._cancel = threading.Event()
-        self._shared_at = 0.0
         self._metrics_server: Any = None
 
     # -- start-up -------------------------------------------------------------------------------
@@ -211,8 +152,6 @@ class Master:
 
     def recover(self) -> None:
         """Bring this node's orphaned claims back to their queues before any runner starts."""
-        from mailq.queue.recovery import recover_local_dead
-
         try:
             report = recover_local_dead(self.settings)
         except Exception:
@@ -230,8 +169,6 @@ class Master:
 
     def serve(self, ready: Callable[[], None] | None = None) -> int:
         """Recover, start the runners, call *ready*, supervise until SIGTERM; the exit status."""
-        from mailq import stats
-
         self._install_signals()
         self.log.info("master starting (pid %d, node %s)", os.getpid(), self.node)
         stats.start(self.settings, "master")
@@ -255,12 +192,12 @@ class Master:
                 if now >= next_beat:
                     self._beat()
                     next_beat = now + self.settings.cluster.heartbeat
-                elif resync or self._takeover_done.is_set():
+                elif resync or self.presence.takeover_done.is_set():
                     # A runner left its slice, or our takeover just moved slices here: start them now.
-                    self._takeover_done.clear()
+                    self.presence.takeover_done.clear()
                     self._sync()
                 if now >= next_check:
-                    self._start_failover_check()
+                    self.presence.start_failover_check()
                     next_check = now + failover_interval(self.settings)
                 self._start_due()
                 self._send_due_hups()
@@ -329,8 +266,6 @@ class Master:
         return cmd + ["-r", spec]
 
     def _spawn(self, child: Child) -> None:
-        import mailq
-
         env = dict(os.environ)
         # Runners import the same mailq as the master, even when it runs from a checkout.
         package_root = str(Path(mailq.__file__).resolve().parent.parent)
@@ -380,8 +315,6 @@ class Master:
         if child.unsliced:
             return
         try:
-            from mailq.queue.recovery import recover
-
             report = recover(self.settings, lambda c: c.node == self.node and c.pid == pid, queues=[child.name])
         except Exception:
             self.log.error("recovering the claims of dead runner %s (pid %d) failed; they are recovered at "
@@ -448,57 +381,15 @@ class Master:
                 self.children[key] = Child(*key, unsliced=self._runner_classes()[key[0]].unsliced)
 
     def _beat(self) -> None:
-        """Heartbeat and slice map: every cluster.heartbeat seconds (failover runs on its own thread)."""
-        try:
-            if self._heartbeat is None:
-                from mailq.cluster.heartbeat import Heartbeat
-
-                self._heartbeat = Heartbeat(self.settings)     # one object: its sequence number grows
-            if not self._heartbeat.renew():
-                self.log.error("cannot renew the heartbeat of node %s: runners stop claiming when the "
-                               "lease runs out", self.node)
-            self._log_rejoin(self._heartbeat.rejoin_left)
-        except Exception:
-            self.log.error("heartbeat failed:\n%s", traceback.format_exc().rstrip())
+        """Every cluster.heartbeat seconds: heartbeat, slice map, published runner list."""
+        self.presence.beat(self._epoch)
         self._sync()
-        self._publish_status()
-
-    def _log_rejoin(self, left: float) -> None:
-        if left > 0 and not self._rejoining:
-            self.log.warning("node %s was silent for longer than its lease (a takeover may be under way): "
-                             "heartbeat renewed, but its runners claim nothing for %.1fs more (lease + margin "
-                             "of continuous renewals), then follow the slice map they read", self.node, left)
-        elif left <= 0 and self._rejoining:
-            self.log.warning("node %s rejoined: lease stamped again (slice map epoch %s)", self.node, self._epoch)
-        self._rejoining = left > 0
-
-    def _start_failover_check(self) -> None:
-        """Automatic failover on a worker thread, so a slow takeover never delays our own heartbeat.
-
-        A takeover may wait up to 30 s for the slices lock and then scan every queue for the dead
-        node's claims; done inline, this master would stop renewing, fence itself and look dead.
-        """
-        if self.settings.cluster.failover != "auto" or self._heartbeat is None:
-            return
-        if self._failover_thread is not None and self._failover_thread.is_alive():
-            return
-
-        def work() -> None:
-            try:
-                from mailq.cluster.failover import check
-
-                if check(self.settings, self.log, cancel=self._cancel):
-                    self._takeover_done.set()
-            except Exception:
-                self.log.error("automatic failover check failed:\n%s", traceback.format_exc().rstrip())
-
-        self._failover_thread = threading.Thread(target=work, name="failover", daemon=True)
-        self._failover_thread.start()
+        self.presence.publish(self.status())
 
     # -- status, signals, shutdown --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {"node": self.node, "pid": os.getpid(), "started": self._started, "epoch": self._epoch,
-                "map_problem": self._map_problem, "rejoining": self._rejoining,
+                "map_problem": self._map_problem, "rejoining": self.presence.rejoining,
                 "runners": [c.as_dict() for c in sorted(self.children.values(), key=lambda c: c.key)]}
 
     def _write_status(self) -> None:
@@ -510,20 +401,7 @@ class Master:
                 self._last_status = status
             except (OSError, MailqError) as exc:   # atomic_write says TemporaryFailure for a full disk
                 self.log.warning("cannot write %s: %s", status_path(self.settings), exc)
-            self._publish_status(status)
-
-    def _publish_status(self, status: dict[str, Any] | None = None, *, stopped: bool = False) -> None:
-        """The runner list on the shared tree (every beat, and on each change): ``cluster status`` reads it
-        on any host; its mtime, against the reader's probe, says how fresh it is."""
-        status = dict(status or self.status(), stopped=stopped)
-        path = shared_status_path(self.settings)
-        try:
-            make_dirs(path.parent)
-            atomic_write(path, json.dumps(status).encode(), fsync=False, mode=0o664)
-        except (OSError, MailqError) as exc:    # full or stale shared tree: never a reason to stop
-            if time.monotonic() - self._shared_at > 60:     # once a minute at most: the disk may be gone
-                self.log.warning("cannot write %s: %s", path, exc)
-                self._shared_at = time.monotonic()
+            self.presence.publish(status)
 
     def _install_signals(self) -> None:
         def on_stop(signum: int, frame: Any) -> None:
@@ -536,37 +414,7 @@ class Master:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
 
-    def _stop_failover(self) -> None:
-        """End a takeover in progress cleanly before exiting: never leave with a claim on the slices lock.
-
-        The takeover gives up at its next safe point (waiting for the lock, before writing the map,
-        between the queues of its recovery; docs/cluster.md §5) and releases the lock on its way
-        out.  If it does not within ``runners.stop_timeout`` (a hung filesystem), this master
-        removes its own claims on the slices lock before exiting; what the takeover wrote is whole
-        (the map is one exclusive create) and what it did not finish a later failover look does.
-        """
-        thread = self._failover_thread
-        if thread is None or not thread.is_alive():
-            return
-        self._cancel.set()
-        self.log.info("master stopping: asking the failover check in progress to stop")
-        thread.join(self.settings.runners.stop_timeout)
-        if not thread.is_alive():
-            return
-        from mailq.cluster.slicemap import slices_lock
-        from mailq.locks import host_id
-
-        lock = slices_lock(self.settings)
-        mine = [h for h in lock.holders() if (h.host, h.pid) == (host_id(), os.getpid())]
-        if mine:
-            lock.force_break(mine[0])
-        self.log.error("master stopping: the failover check did not stop within %.0fs (shared filesystem hung?); "
-                       "removed this master's %d claim(s) on the slices lock; the next failover look redoes what "
-                       "it left", self.settings.runners.stop_timeout, len(mine))
-
     def _reopen(self) -> None:
-        from mailq.logs import reopen_all
-
         self._hup = False
         reopen_all()
         self.log.info("log files reopened; passing SIGHUP to the runners")
@@ -586,7 +434,7 @@ class Master:
                 child.proc.send_signal(signal.SIGHUP)
 
     def _shutdown(self) -> None:
-        self._stop_failover()
+        self.presence.stop_failover_check(self.settings.runners.stop_timeout)
         running = [c for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
         self.log.info("master stopping: SIGTERM to %d runners", len(running))
         for child in running:
@@ -605,6 +453,6 @@ class Master:
         self.children.clear()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        self._publish_status(stopped=True)
+        self.presence.publish(self.status(), stopped=True)
         self.log.info("master stopped")
         self.release()

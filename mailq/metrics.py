@@ -18,7 +18,13 @@ from prometheus_client import CollectorRegistry, generate_latest, write_to_textf
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from mailq import stats
+from mailq.cluster.heartbeat import fs_now, lease_age, read_all, state_of
+from mailq.cluster.slicemap import map_in_force
+from mailq.cluster.status import slice_rows
 from mailq.config import RUNNER_QUEUES, Settings
+from mailq.queue import Queue
+from mailq.runstate import read_status, running_pid
 
 #: Holding queues counted as a whole (entries an operator must look at).
 HOLDING = ("shunt", "bad")
@@ -42,8 +48,6 @@ class MailqCollector(Collector):
         self.queues = queues
 
     def collect(self) -> Iterator[Any]:
-        from mailq.cluster.heartbeat import fs_now, lease_age, read_all, state_of
-        from mailq.cluster.slicemap import map_in_force
 
         settings, node = self.settings, self.settings.node.name
         now = fs_now(settings)
@@ -100,8 +104,6 @@ class MailqCollector(Collector):
         yield from self._counters()
 
     def _queues(self, smap: Any, now: float, states: dict[str, str]) -> Iterator[Any]:
-        from mailq.cluster.status import slice_rows
-        from mailq.queue import Queue
 
         labels = ["queue", "slice", "count"]
         waiting = GaugeMetricFamily("mailq_queue_waiting", "Entries due now in a queue slice", labels=labels)
@@ -147,14 +149,10 @@ class MailqCollector(Collector):
         yield held
 
     def _runners(self) -> Iterator[Any]:
-        from mailq.master import read_status
-
         node = self.settings.node.name
         status = read_status(self.settings)
         up = GaugeMetricFamily("mailq_master_up", "1 while this node's master is running (its status file is "
                                "there and its pid alive)", labels=["node"])
-        from mailq.master import running_pid
-
         up.add_metric([node], 1 if status is not None and running_pid(self.settings) else 0)
         yield up
         restarts = GaugeMetricFamily("mailq_runner_restarts", "Restarts of a runner since it last ran stably "
@@ -169,8 +167,6 @@ class MailqCollector(Collector):
         yield running
 
     def _counters(self) -> Iterator[Any]:
-        from mailq import stats
-
         node = self.settings.node.name
         files = stats.read_all(self.settings)
         for metric, (text, per_runner, label) in COUNTERS.items():

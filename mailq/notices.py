@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from mailq.config import Settings
+from mailq.queue import Queue
 
 
 def build_notice(settings: Settings, to: list[str], subject: str, body: str, *,
@@ -86,8 +87,6 @@ def notice_entry(settings: Settings, to: list[str], subject: str, body: str, *, 
 def notify(settings: Settings, to: list[str], subject: str, body: str, *, listname: str = "",
            sender: str | None = None, attachment: bytes | None = None) -> str:
     """Queue a notice to *to* in ``virgin``; returns the entry id."""
-    from mailq.queue import Queue
-
     raw, metadata = notice_entry(settings, to, subject, body, listname=listname, sender=sender,
                                  attachment=attachment)
     return Queue.for_settings(settings, "virgin").enqueue(raw, metadata, listname=listname)

@@ -72,7 +72,8 @@ def make_due(settings: Any, name: str) -> int:
     import os
     import time
 
-    from mailq.queue.names import entry_id, split_id
+    from mailq.queue.entry import entry_id
+    from mailq.queue.names import split_id
 
     q = Queue.for_settings(settings, name)
     moved = 0

@@ -50,7 +50,7 @@ def test_archive_of_a_thousand_posts_is_a_valid_mbox(tmp_path):
         body = m.get_payload(decode=False).encode()
         assert body.startswith(b">From the start of a line\n>>From an already quoted line\n")
         assert _unescape(body).startswith(b"From the start of a line\n>From an already quoted line\n")
-    # Batching: many posts per lock acquisition (DESIGN §4), not one lock cycle per post.
+    # Batching: many posts per lock acquisition (docs/design.md §4), not one lock cycle per post.
     batches = [line for line in (settings.log_dir / "archive.log").read_text().splitlines()
                if "appended" in line]
     assert 1 <= len(batches) <= 10

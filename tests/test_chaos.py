@@ -20,7 +20,7 @@ import re
 import signal
 
 from mailq.cluster.slicemap import load_map
-from mailq.master import read_status
+from mailq.runstate import read_status
 from tests.cluster_support import MEMBERS, Cluster, deliveries
 from tests.support import wait_for
 

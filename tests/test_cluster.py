@@ -292,19 +292,24 @@ def test_a_master_silent_past_its_lease_claims_nothing_until_it_beat_for_lease_p
     node = make_node(tmp_path, "h1", cluster={"heartbeat": 0.2, "lease": 1, "margin": 0.5, "failover": "auto"})
     node.mailq("slices", "init", "--nodes", "h1,h2", check=True)
     s = node.settings()
+
+    def stamped() -> float:          # the monotonic time of the renewal the local lease was last stamped by
+        return float(heartbeat.lease_path(s).read_text().split()[0])
+
     hb = heartbeat.Heartbeat(s)
-    assert hb.renew() and hb.rejoin_left == 0 and heartbeat.lease_age(s) < 0.5     # first start ever
-    time.sleep(1.3)                                 # frozen past the lease
-    resumed = time.monotonic()
-    assert hb.renew() and hb.rejoin_left > 1.0
+    t = time.monotonic()             # the master's own timeline, moved by the test instead of by sleeping
+    assert hb.renew(now=t) and hb.rejoin_left == 0 and stamped() == t       # first start ever
+    t += 1.3                         # frozen past the lease
+    resumed = t
+    assert hb.renew(now=t) and hb.rejoin_left > 1.0
     assert heartbeat.read_heartbeat(s, "h1").age < 0.5          # others see it alive again ...
-    assert heartbeat.lease_age(s) > 1.0                          # ... but its runners stay fenced
+    assert stamped() == resumed - 1.3                            # ... but its runners stay fenced
     while hb.rejoin_left > 0:
-        time.sleep(0.2)
-        assert hb.renew()
+        t += 0.2
+        assert hb.renew(now=t)
         if hb.rejoin_left > 0:
-            assert heartbeat.lease_age(s) > 1.0
-    assert time.monotonic() - resumed >= 1.5 - 0.01 and heartbeat.lease_age(s) < 0.5
+            assert stamped() == resumed - 1.3
+    assert t - resumed >= 1.5 - 1e-9 and stamped() == t          # lease + margin of renewals, then stamped
     # A master starting after the node was silent past its lease rejoins the same way.
     age_heartbeat(s, "h1", 5)
     again = heartbeat.Heartbeat(s)

@@ -206,7 +206,7 @@ def _out_subjects(node) -> list[str]:
 
 
 def test_twenty_concurrent_confirmations_from_two_nodes_make_one_member_one_welcome(tmp_path):
-    from mailq.mta.deliver import write_entry
+    from mailq.queue.entry import enqueue_message
 
     n1 = command_node(tmp_path, "n1")
     n2 = command_node(tmp_path, "n2", var=n1.var)
@@ -216,7 +216,7 @@ def test_twenty_concurrent_confirmations_from_two_nodes_make_one_member_one_welc
     token = _token_from_out(n1)
     settings = n1.settings()
     for i in range(20):
-        write_entry(settings.queue_dir("commands"),
+        enqueue_message(settings.queue_dir("commands"),
                     mail(NEW, "dev-confirm@example.org", f"Re: confirm {token}", extra=f"X-Try: {i}\r\n"),
                     {"listname": "dev", "kind": "confirm", "received": time.time(), "via": "pipe",
                      "envelope_sender": NEW, "original_recipient": f"dev-confirm+{token}@example.org"},
@@ -347,14 +347,14 @@ def test_subscribe_policy_approve_through_mailqctl_requests(tmp_path, master):
 @pytest.mark.parametrize("step", ["decided", "staged", "applied", "unlinked", "sent"])
 def test_a_confirmation_killed_mid_way_subscribes_once_and_welcomes_once(tmp_path, step):
     """SIGKILL the runner after each step of a confirmation; recovery and a new runner finish it."""
-    from mailq.mta.deliver import write_entry
+    from mailq.queue.entry import enqueue_message
 
     node = command_node(tmp_path)
     store = make_list(node)
     deliver(node, "request", mail(NEW, "dev-request@example.org", "subscribe"), NEW)
     assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
     token = _token_from_out(node)
-    write_entry(node.settings().queue_dir("commands"),
+    enqueue_message(node.settings().queue_dir("commands"),
                 mail(NEW, f"dev-confirm+{token}@example.org", f"Re: confirm {token}"),
                 {"listname": "dev", "kind": "confirm", "received": time.time(), "via": "pipe",
                  "envelope_sender": NEW, "original_recipient": f"dev-confirm+{token}@example.org"}, fsync=False)

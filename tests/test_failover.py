@@ -85,9 +85,9 @@ def make_cluster(tmp_path):
 def published_runners(settings, node: str) -> set[str]:
     """The running runners *node*'s master last published on the shared tree (``mailqctl cluster status``)."""
     from mailq.cluster.heartbeat import fs_now
-    from mailq.cluster.status import published_status
+    from mailq.cluster.presence import read_published
 
-    status = published_status(settings, node, fs_now(settings)) or {"runners": []}
+    status = read_published(settings, node, fs_now(settings)) or {"runners": []}
     return {f"{r['name']}:{r['slice']}/{r['count']}" for r in status["runners"] if r["state"] == "running"}
 
 

@@ -115,19 +115,20 @@ def _lmtp_up(settings) -> bool:
 
 
 def pipe_posts(node, count: int, prefix: str) -> None:
-    """Queue *count* posts exactly as mailq-deliver does (its own writer, without a process each)."""
-    from mailq.mta.deliver import write_entry
+    """Queue *count* posts exactly as mailq-deliver does (the entry writer, without a process each)."""
+    from mailq.queue import entry
 
     settings = node.settings()
     for i in range(count):
         metadata = {"listname": "dev", "kind": "post", "received": time.time(), "via": "pipe",
                     "envelope_sender": POSTER}
-        write_entry(str(settings.queue_dir("in")), post(f"{prefix} {i}"), metadata, fsync=settings.queue.fsync)
+        entry.enqueue(settings.queue_dir("in"), entry.encode(post(f"{prefix} {i}"), metadata), "dev",
+                      fsync=settings.queue.fsync)
 
 
 def runner_pid(node, name: str) -> int | None:
     """The pid of the running *name* runner, from the master's status file (what `mailqctl status` reads)."""
-    from mailq.master import read_status
+    from mailq.runstate import read_status
 
     status = read_status(node.settings()) or {"runners": []}
     return next((r["pid"] for r in status["runners"] if r["name"] == name and r["state"] == "running"), None)
@@ -217,7 +218,7 @@ BAD = {
 
 def test_bad_input_never_crashes_a_runner_and_each_message_ends_somewhere_with_a_reason(tmp_path, master):
     from mailq.lists.held import HeldStore
-    from mailq.master import read_status
+    from mailq.runstate import read_status
     from mailq.queue import Queue
 
     hard_limit = 200_000       # queue.max_message_size: refused at the door; the list's limit holds

@@ -21,7 +21,7 @@ import pytest
 
 from mailq import safepickle
 from mailq.queue import Claimant, Queue
-from mailq.queue.names import entry_id
+from mailq.queue.entry import entry_id
 from tests.support import make_node, wait_for
 
 
@@ -359,13 +359,13 @@ def run_as(node, program: str, *args: str, umask: int, user: tuple[int, int] | N
 
 
 def write_as(node, queue: str, *, umask: int, user: tuple[int, int]) -> subprocess.CompletedProcess:
-    """An entry written into *queue* by mailq-deliver's own writer, as *user* with *umask*."""
+    """An entry written into *queue* by mailq-deliver's writer (the entry writer), as *user* with *umask*."""
     import sys
 
     from tests.support import ROOT
 
-    code = ("import sys, time; from mailq.mta.deliver import write_entry; "
-            "write_entry(sys.argv[1], b'Subject: x\\r\\n\\r\\nbody\\r\\n', "
+    code = ("import sys, time; from mailq.queue.entry import enqueue_message; "
+            "enqueue_message(sys.argv[1], b'Subject: x\\r\\n\\r\\nbody\\r\\n', "
             "{'listname': 'dev', 'stores': ['archive'], 'received': time.time()}, fsync=False)")
     return subprocess.run([sys.executable, "-c", code, str(node.settings().queue_dir(queue))], capture_output=True,
                           env=node.environ(), cwd=ROOT, preexec_fn=_as(umask, user), timeout=120)
@@ -647,7 +647,7 @@ def test_a_notice_attaches_the_original_bytes_as_they_are(tmp_path):
 
 def test_an_out_runner_checks_the_lease_before_each_transaction_and_stops_once_fenced(tmp_path):
     from mailq.fsutil import pid_alive
-    from mailq.master import read_pid
+    from mailq.runstate import read_pid
     from tests.support import SMTPSink
 
     members = [f"m{i}@example.org" for i in range(10)]
@@ -736,7 +736,7 @@ def chaos(tmp_path, start_master, posts: int, kills: int) -> dict[str, int]:
 def masters():
     """Start a node's master with `mailqctl start`; every one started is stopped at teardown."""
     from mailq.fsutil import pid_alive
-    from mailq.master import read_pid
+    from mailq.runstate import read_pid
 
     nodes = []
 

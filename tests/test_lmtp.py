@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import signal
 import smtplib
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -199,31 +203,36 @@ def test_a_message_over_the_size_limit_gets_552_for_each_recipient(lmtp):
     assert len(drain(Queue.for_settings(settings, "in"))) == 1
 
 
-@pytest.mark.parametrize("lmtp", [{"MAILQ_TEST_LMTP_SLOW_ENQUEUE": "4:slow"}], indirect=True)
+HOLD = Path(tempfile.gettempdir()) / f"mailq-lmtp-hold-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@pytest.mark.parametrize("lmtp", [{"MAILQ_TEST_LMTP_HOLD_ENQUEUE": f"slow:{HOLD}"}], indirect=True)
 def test_a_stuck_enqueue_does_not_hold_up_another_session(lmtp):
-    """One session's queue write hangs for 4 s (the test-only hook in mailq.mta.lmtp); another
-    session, started after it, is answered long before."""
+    """One session's queue write hangs (the test-only hook in mailq.mta.lmtp) until the test lets it
+    go; another session, started while it hangs, is answered and queued meanwhile."""
     import threading
-    import time
 
     node, settings, proc, client = lmtp
-    finished: dict[str, float] = {}
+    finished: list[str] = []
 
     def send(rcpt: str) -> None:
-        with smtplib.LMTP("127.0.0.1", settings.lmtp.port, timeout=30) as other:
+        with smtplib.LMTP("127.0.0.1", settings.lmtp.port, timeout=60) as other:
             assert other.sendmail("alice@example.org", [rcpt], MSG) == {}
-        finished[rcpt] = time.monotonic()
+        finished.append(rcpt)
 
-    started = time.monotonic()
     slow = threading.Thread(target=send, args=("slow@lists.example.org",))
     slow.start()
-    time.sleep(0.5)                      # the slow session is inside its enqueue now
-    send("dev@lists.example.org")
-    slow.join(30)
-    assert finished["dev@lists.example.org"] - started < 3, "the fast session waited for the slow one"
-    assert finished["slow@lists.example.org"] - started >= 4
-    listnames = sorted(meta["listname"] for _, meta in drain(Queue.for_settings(settings, "in")))
-    assert listnames == ["dev", "slow"]
+    try:
+        wait_for(lambda: (HOLD / "entered").exists(), 30, message="the slow session inside its enqueue")
+        send("dev@lists.example.org")
+        assert finished == ["dev@lists.example.org"], "the fast session waited for the stuck one"
+        assert [meta["listname"] for _, meta in drain(Queue.for_settings(settings, "in"))] == ["dev"]
+    finally:
+        (HOLD / "release").touch()
+        slow.join(60)
+        shutil.rmtree(HOLD, ignore_errors=True)
+    assert finished == ["dev@lists.example.org", "slow@lists.example.org"]
+    assert [meta["listname"] for _, meta in drain(Queue.for_settings(settings, "in"))] == ["slow"]
 
 
 def test_a_bounce_with_the_null_sender_is_queued_and_logged_as_the_null_sender(lmtp):

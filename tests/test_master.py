@@ -21,7 +21,7 @@ def status(node) -> dict:
 
 def runner(node, name: str) -> dict:
     """One runner's row from the master's status file (polled often: no process per look)."""
-    from mailq.master import read_status
+    from mailq.runstate import read_status
 
     state = read_status(node.settings()) or {"runners": []}
     return next((r for r in state["runners"] if r["name"] == name), {"pid": None, "state": "", "restarts": -1})
@@ -200,7 +200,7 @@ def test_the_master_follows_the_slice_map_stopping_and_starting_runners(node, se
     started(node)
 
     def outs() -> dict[int, int | None]:
-        from mailq.master import read_status
+        from mailq.runstate import read_status
 
         state = read_status(settings) or {"runners": []}
         return {r["slice"]: r["pid"] for r in state["runners"] if r["name"] == "out"}
@@ -252,6 +252,7 @@ def test_a_full_disk_under_the_status_files_is_logged_and_never_stops_the_master
     # loop must log those like any other write failure instead of letting them end serve().
     import logging
 
+    import mailq.cluster.presence as presence_mod
     import mailq.master as master_mod
     from mailq.errors import TemporaryFailure
 
@@ -259,12 +260,13 @@ def test_a_full_disk_under_the_status_files_is_logged_and_never_stops_the_master
         raise TemporaryFailure(f"cannot write {path}: No space left on device (free space, then retry)")
 
     monkeypatch.setattr(master_mod, "atomic_write", full)
+    monkeypatch.setattr(presence_mod, "atomic_write", full)
     master = master_mod.Master(node.settings(), logging.getLogger("test.master.full"))
     with caplog.at_level(logging.WARNING, logger="test.master.full"):
         master._write_status()
-        master._publish_status(stopped=True)
+        master.presence.publish(master.status(), stopped=True)
     assert "status.json: No space left on device" in caplog.text
-    assert f"{master_mod.shared_status_path(node.settings())}: No space left on device" in caplog.text
+    assert f"{presence_mod.shared_status_path(node.settings())}: No space left on device" in caplog.text
 
 
 def test_two_sites_with_one_node_name_and_one_run_folder_never_touch_each_other(tmp_path, started):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mailq.mta.addresses import QUEUE_FOR_KIND, parse_list_address
+from mailq.addresses import QUEUE_FOR_KIND, parse_list_address
 from mailq.queue import Queue
 from tests.support import ROOT
 
@@ -194,16 +194,25 @@ def test_a_list_named_like_a_suffix_stays_reachable():
     assert parse_list_address("team-owner", exists=lambda n: False) == ("team", "owner")
 
 
-def test_fast_writer_matches_the_queue_format_byte_for_byte(tmp_path):
-    """mailq-deliver writes entries without importing mailq.queue: it must not drift from it."""
-    from mailq.mta import deliver
-    from mailq.queue import names, payload
+def test_the_pipe_writes_through_the_one_entry_writer_and_imports_nothing_heavy(tmp_path):
+    """mailq-deliver shares mailq.queue.entry with Queue; importing it must stay cheap (start-up per message)."""
+    code = ("import sys, mailq.mta.deliver; "
+            "print(' '.join(sorted(m for m in sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
+                                cwd=ROOT).stdout.split())
+    assert "mailq.queue.entry" in loaded
+    heavy = {"mailq.queue.queue", "mailq.queue.names", "mailq.queue.payload", "mailq.config", "pickle",
+             "hashlib", "re", "pathlib", "dataclasses", "logging", "secrets", "email"}
+    assert not heavy & loaded, f"mailq-deliver imports {sorted(heavy & loaded)}"
 
-    assert deliver.PAYLOAD_VERSION == payload.VERSION
+
+def test_an_entry_written_by_the_entry_writer_reads_back_through_queue(tmp_path):
+    from mailq.queue import Queue, entry, names, payload
+
     metadata = {"listname": "dev", "kind": "post", "received": 1.5, "via": "pipe", "envelope_sender": "a@b.c"}
-    eid = deliver.write_entry(str(tmp_path / "in"), MESSAGE, metadata, fsync=True)
+    eid = entry.enqueue(str(tmp_path / "in"), entry.encode(MESSAGE, metadata), "dev", fsync=True)
     [path] = [p for p in (tmp_path / "in").rglob("*") if p.is_file()]
-    assert names.ENTRY_RE.fullmatch(path.name) and path.name == eid + names.ENTRY_SUFFIX
+    assert names.ENTRY_RE.fullmatch(path.name) and path.name == eid + entry.ENTRY_SUFFIX
     assert path.parent.name == names.bucket_of(names.split_id(eid)[1])
     assert path.read_bytes() == payload.encode(MESSAGE, metadata)
-    assert payload.decode(path.read_bytes()) == (MESSAGE, metadata)
+    assert Queue(tmp_path, "in").read(path) == (MESSAGE, metadata)

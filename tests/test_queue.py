@@ -18,7 +18,7 @@ from mailq import safepickle
 from mailq.errors import TemporaryFailure
 from mailq.queue import Claimant, Queue, QueueFull, slice_of
 from mailq.queue.names import ENTRY_RE
-from mailq.queue import payload
+from mailq.queue import entry
 from mailq.queue.payload import encode
 from mailq.queue.recovery import remove_stale_temps
 
@@ -228,7 +228,7 @@ def test_enqueue_on_a_full_disk_raises_temporary_failure_and_leaves_nothing(qroo
     q = Queue(qroot, "in")
     q.enqueue(MSG, {})           # bucket folders exist for some entries already
     before = files_under(qroot)
-    monkeypatch.setattr(payload, "FAULT_ENOSPC", True)     # what MAILQ_FAULT_ENOSPC=1 does in a new process
+    monkeypatch.setattr(entry, "FAULT_ENOSPC", True)     # what MAILQ_FAULT_ENOSPC=1 does in a new process
     for _ in range(5):
         with pytest.raises(QueueFull) as info:
             q.enqueue(MSG * 100, {})

@@ -91,11 +91,11 @@ def test_an_entry_the_runner_may_not_read_waits_and_is_never_sent_to_bad(site):
     assert user.run("mailqctl", "lists", "create", "dev", "--owner", "o@example.org", "--domain", "example.org",
                     config=config).returncode == 0
     # An entry written by root under umask 077 (say by an old mailq-deliver run as root).
-    from mailq.mta.deliver import write_entry
+    from mailq.queue.entry import enqueue_message
 
     os.makedirs(var / "qfiles" / "in", exist_ok=True)
     os.chown(var / "qfiles" / "in", user.uid, user.gid)
-    write_entry(str(var / "qfiles" / "in"), MESSAGE, {"listname": "dev", "kind": "post"}, fsync=False)
+    enqueue_message(str(var / "qfiles" / "in"), MESSAGE, {"listname": "dev", "kind": "post"}, fsync=False)
     (entry,) = entries(var, "in")
     entry.chmod(0o600)
     os.chown(entry, 0, 0)

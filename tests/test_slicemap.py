@@ -355,3 +355,21 @@ def test_a_damaged_epoch_file_is_skipped_and_reported_not_taken_for_no_map(clust
     assert check.returncode == 1 and "is damaged" in check.stdout
     node.mailq("slices", "assign", "out", "0", "h2", check=True)   # the next change goes past it
     assert sm.latest_map(settings).epoch == 7
+
+
+def test_the_set_count_policy_refuses_while_entries_wait_and_says_what_would_move(cluster):
+    from mailq.cluster import policy
+    from mailq.queue import Queue
+
+    node, settings = cluster
+    Queue.for_settings(settings, "out").enqueue(b"Subject: x\r\n\r\nx\r\n", {})
+    with pytest.raises(policy.RecountRefused) as info:
+        policy.set_count(settings, "out", 2)
+    refused = info.value
+    assert refused.waiting == 1 and (refused.old_count, refused.new_count) == (4, 2)
+    assert [(r.slice, r.to) for r in refused.rows] == [("out:0/2", "h1"), ("out:1/2", "h2")]
+    assert sum(r.moving for r in refused.rows) == 0          # h1 keeps slices 0-1's half, h2 keeps 2-3's
+    assert sm.load_map(settings.slice_map_path).epoch == 5   # nothing changed
+    old, new = policy.set_count(settings, "out", 2, force=True)
+    assert (old.epoch, new.epoch) == (5, 6) and new.queues["out"] == ["h1", "h2"]
+    assert policy.recount_owners(["a", "b", "a"], 4) == ["a", "a", "b", "b"]

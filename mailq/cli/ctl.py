@@ -73,7 +73,7 @@ def start(ctx: click.Context, foreground: bool) -> None:
     settings = get_settings(ctx, stay_root=True)
     prepare_run_dir(settings)
     become_run_as(settings)
-    from mailq.master import running_pid
+    from mailq.runstate import running_pid
 
     pid = running_pid(settings)
     if pid is not None:
@@ -138,7 +138,7 @@ def reopen(ctx: click.Context) -> None:
       mailqctl reopen
     """
     settings = get_settings(ctx)
-    from mailq.master import running_pid
+    from mailq.runstate import running_pid
 
     pid = running_pid(settings)
     if pid is None:
@@ -162,7 +162,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
       mailqctl status --json | jq '.runners[] | select(.state != "running")'
     """
     settings = get_settings(ctx)
-    from mailq.master import read_pid, read_status, running_pid
+    from mailq.runstate import read_pid, read_status, running_pid
 
     pid = running_pid(settings)
     state = read_status(settings) if pid is not None else None
@@ -221,7 +221,7 @@ def prepare_run_dir(settings: Settings) -> None:
 def _stop(settings: Settings, timeout: float | None) -> bool:
     """SIGTERM the master and wait until it is gone; False if it was not running."""
     from mailq.fsutil import pid_alive
-    from mailq.master import running_pid
+    from mailq.runstate import running_pid
 
     pid = running_pid(settings)
     if pid is None:

@@ -26,6 +26,7 @@ from mailq.queue import BadEntry, Claimant, Queue
 from mailq.queue.names import REASON_SUFFIX, parse_claim, split_id
 from mailq.queue.payload import decode
 from mailq.queue.queue import UNNAMED, count_queues
+from mailq.queue.unshunt import unshunt as unshunt_entries
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -289,32 +290,14 @@ def unshunt(entries: tuple[str, ...], as_json: bool) -> None:
       mailqctl queue unshunt 1763777147.120000+ab12 --json
     """
     settings = get_settings()
-    shunt = Queue.for_settings(settings, "shunt")
+    ids = None
     if entries:
         ids = []
         for text in entries:
             _, _, path = find_entry(settings, text if text.startswith("shunt/") else "shunt/" + text)
             ids.append(path.name.removesuffix(".pck"))
-    else:
-        ids = shunt.waiting()
-    me = Claimant(settings.node.name, os.getpid(), 0)
-    moved, problems = [], []
-    for eid in ids:
-        c = shunt.claim(eid, me)
-        if c is None:
-            problems.append({"id": eid, "problem": "gone or unreadable (see `mailqctl queue count`, queue bad)"})
-            continue
-        target = c.metadata.get("shunted_from")
-        if target not in RUNNER_QUEUES:
-            shunt.requeue(c, not_before=split_id(c.id)[0])
-            problems.append({"id": eid, "problem": f"unknown origin queue {target!r}; left in shunt"})
-            continue
-        meta = {k: v for k, v in c.metadata.items() if k not in ("error", "shunted_from")}
-        meta["last_error"] = c.metadata.get("error", "")
-        # The claim itself moves (one file throughout): a crash leaves it claimed in the target
-        # queue, where recovery puts it back once; never a copy in both queues (§3.6).
-        shunt.transfer(c, Queue.for_settings(settings, target), meta)
-        moved.append({"id": eid, "queue": target})
+    report = unshunt_entries(settings, ids)
+    moved, problems = report.moved, report.problems
     if as_json:
         emit_json({"moved": moved, "problems": problems})
     else:
@@ -334,7 +317,7 @@ def recover(as_json: bool) -> None:
     """Put back the claims of this node's dead processes; poison entries (past the limit) go to bad.
 
     Only claims whose node is this node and whose pid is not running are touched; claims of other
-    nodes are recovered by a takeover (`mailqctl slices takeover`).  Stale temp files are removed.
+    nodes are recovered by their takeover (`mailqctl slices reassign DEAD`).  Stale temp files are removed.
 
     \b
     Examples:

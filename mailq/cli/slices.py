@@ -1,4 +1,4 @@
-"""``mailqctl slices``: show, check and change the slice map (DESIGN §5, docs/cluster.md).
+"""``mailqctl slices``: show, check and change the slice map (docs/cluster.md §1).
 
 Every change goes through :func:`mailq.cluster.slicemap.update_map`: lock, reload, change,
 validate, epoch + 1, atomic write.  Runners notice within one poll interval.
@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from mailq.cli.common import emit_json, fail, get_settings, handle_errors, json_option, print_table, warn
+from mailq.cluster import policy
 from mailq.cluster import slicemap as sm
 from mailq.config import RUNNER_QUEUES
 from mailq.errors import InvalidInput
@@ -28,29 +29,8 @@ def _nodes_arg(text: str) -> list[str]:
     return nodes
 
 
-def _hash_range(index: int, count: int) -> str:
-    """Slice *index* of *count* as the first 8 hex digits of its lowest and highest SHA-1."""
-    from mailq.queue.names import slice_bounds
-
-    lo, hi = slice_bounds(index, count)
-    return f"{lo >> 128:08x}-{hi >> 128:08x}"
-
-
-def _recount_rows(queue: str, old: list[str], new: list[str], shas: list[str] | None = None) -> list[list]:
-    """One row per new slice of a queue whose count changes: hash range, old owners there, new owner,
-    and (with *shas* of its waiting entries) how many of them change node."""
-    from mailq.queue.names import DIGEST_BITS, slice_bounds, slice_of
-
-    rows = []
-    for t, to in enumerate(new):
-        lo, hi = slice_bounds(t, len(new))
-        first, last = (lo * len(old)) >> DIGEST_BITS, (hi * len(old)) >> DIGEST_BITS
-        was = [f"{old[s]} ({queue}:{s}/{len(old)})" for s in range(first, last + 1)]
-        row = [f"{queue}:{t}/{len(new)}", _hash_range(t, len(new)), ", ".join(was), to]
-        if shas is not None:
-            row.append(sum(1 for sha in shas if slice_of(sha, len(new)) == t and old[slice_of(sha, len(old))] != to))
-        rows.append(row)
-    return rows
+def _recount_table(rows: list[policy.RecountRow]) -> list[list]:
+    return [[r.slice, r.sha1_range, r.was, r.to] + ([] if r.moving is None else [r.moving]) for r in rows]
 
 
 def _print_moves(old: sm.SliceMap, new: sm.SliceMap) -> None:
@@ -61,7 +41,8 @@ def _print_moves(old: sm.SliceMap, new: sm.SliceMap) -> None:
     recounted = [q for q in new.queues if old.count(q) != new.count(q)]
     for q in recounted:
         click.echo(f"{q}: {old.count(q)} -> {new.count(q)} slices; each covers 1/{new.count(q)} of the hash space:")
-        print_table(_recount_rows(q, old.queues[q], new.queues[q]), ["slice", "sha1 range", "from", "to"])
+        print_table(_recount_table(policy.recount_rows(q, old.queues[q], new.queues[q])),
+                    ["slice", "sha1 range", "from", "to"])
     click.echo(f"epoch {old.epoch} -> {new.epoch}: {len(moves) + sum(new.count(q) for q in recounted)} "
                f"slice(s) changed")
 
@@ -222,41 +203,14 @@ def set_count(queue: str, count: int, force: bool) -> None:
     Examples:
       mailqctl slices set-count out 4
     """
-    from mailq.queue import Queue
-    from mailq.queue.names import split_id
-
-    settings = get_settings()
-    refused: list[list] = []
-
-    def change(smap: sm.SliceMap) -> None:
-        owners = smap.queues[queue]
-        nodes = sorted(set(owners), key=owners.index)
-        new_owners = [nodes[i * len(nodes) // count] for i in range(count)]
-        # Counted under the slices lock: no other change of the map can come between this and the write
-        # (and only when it can refuse: a whole-queue listing is no small thing to hold the lock for).
-        shas = [] if force or new_owners == owners else \
-            [split_id(eid)[1] for eid in Queue.for_settings(settings, queue).waiting(0, 1)]
-        if shas:
-            refused.extend(_recount_rows(queue, owners, new_owners, shas))
-            raise _Refused(len(owners), len(shas))
-        smap.queues[queue] = new_owners
-
     try:
-        old, new = sm.update_map(settings, change)
-    except _Refused as exc:
-        click.echo(f"{queue}: {exc.count} -> {count} slices "
+        old, new = policy.set_count(get_settings(), queue, count, force=force)
+    except policy.RecountRefused as exc:
+        click.echo(f"{queue}: {exc.old_count} -> {count} slices "
                    f"would give each slice 1/{count} of the hash space (nothing changed):")
-        print_table(refused, ["slice", "sha1 range", "from", "to", "waiting that change node"])
-        fail(f"{queue} has {exc.waiting} waiting entries; their runners stop and new ones start, so they wait a "
-             f"little (none is lost). Run again with --force to do it anyway, or when {queue} is empty.")
+        print_table(_recount_table(exc.rows), ["slice", "sha1 range", "from", "to", "waiting that change node"])
+        fail(str(exc))
     _print_moves(old, new)
-
-
-class _Refused(Exception):
-    """set-count found waiting entries: the preview is printed after the lock is released."""
-
-    def __init__(self, count: int, waiting: int) -> None:
-        self.count, self.waiting = count, waiting
 
 
 @slices.command()
@@ -274,17 +228,7 @@ def rebalance(nodes: list[str] | None) -> None:
     from mailq.cluster.heartbeat import read_all, state_of
 
     settings = get_settings()
-
-    def change(smap: sm.SliceMap) -> None:
-        chosen = nodes or smap.live_nodes()
-        for n in chosen:
-            entry = smap.nodes.setdefault(n, sm.NodeEntry())
-            if entry.fenced:
-                raise InvalidInput(f"{n} is fenced; unfence it first with `mailqctl cluster unfence {n}`")
-        for q, owners in smap.queues.items():
-            smap.queues[q] = sm.rebalance_owners(owners, chosen)
-
-    old, new = sm.update_map(settings, change)
+    old, new = policy.rebalance(settings, nodes)
     _print_moves(old, new)
     if nodes:
         # Naming a new node here is how nodes join, so it is allowed; but a node with no live

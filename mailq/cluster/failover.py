@@ -1,4 +1,4 @@
-"""Automatic failover (``cluster.failover: auto``; DESIGN §5, docs/cluster.md "Automatic failover").
+"""Automatic failover (``cluster.failover: auto``; docs/cluster.md §6).
 
 Each master calls :func:`check` every quarter beat on a worker thread (mailq/master.py), so a slow
 takeover never holds up its own heartbeat; ``mailqctl cron run check-failover`` calls it too, as a

@@ -1,4 +1,4 @@
-"""The claim guard: may this runner claim from its slice right now? (DESIGN §5, docs/cluster.md).
+"""The claim guard: may this runner claim from its slice right now? (docs/cluster.md §3, §4).
 
 The Runner base calls :meth:`ClaimGuard.check` before every claim and :meth:`ClaimGuard.confirm`
 right after the claim rename (and again before processing, in case it was frozen meanwhile).  A

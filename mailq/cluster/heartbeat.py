@@ -1,4 +1,4 @@
-"""Heartbeats and the host-local lease (DESIGN §5, docs/cluster.md "Liveness").
+"""Heartbeats and the host-local lease (docs/cluster.md §2, §3).
 
 Each master renews ``var/cluster/nodes/<node>`` every ``cluster.heartbeat`` seconds by *writing*
 it in place: the file server sets its mtime, so every heartbeat is
@@ -22,6 +22,7 @@ from pathlib import Path
 from mailq.config import Settings
 from mailq.errors import MailqError, TemporaryFailure
 from mailq.fsutil import UMASK, atomic_write, make_dirs
+from mailq.locks import host_id
 
 
 def _boot_id() -> str:
@@ -35,14 +36,6 @@ def _boot_id() -> str:
 BOOT_ID = _boot_id()
 #: Heartbeat records are padded to this size so an in-place rewrite never changes the length.
 RECORD_SIZE = 256
-
-
-def _host_id() -> str:
-    try:
-        from mailq.locks import host_id
-    except ImportError:  # locks.py not landed yet: the same function it wraps
-        from filelock._identity import host_name as host_id
-    return host_id()
 
 
 def nodes_dir(settings: Settings) -> Path:
@@ -74,9 +67,13 @@ class Heartbeat:
         #: seconds of rejoining left after the last renewal (0: the lease is stamped normally)
         self.rejoin_left = 0.0
 
-    def renew(self) -> bool:
-        """Write the heartbeat; on success stamp the local lease (unless rejoining).  False when the write failed."""
-        started = time.monotonic()
+    def renew(self, now: float | None = None) -> bool:
+        """Write the heartbeat; on success stamp the local lease (unless rejoining).  False when the write failed.
+
+        *now* is this host's ``time.monotonic()`` when the renewal starts (default: read it); tests
+        pass a timeline of their own to play a frozen process without sleeping through it.
+        """
+        started = time.monotonic() if now is None else now
         cl = self.settings.cluster
         if self._last_ok is None:
             # First renewal of this master: was this node silent for longer than its lease?
@@ -89,7 +86,7 @@ class Heartbeat:
         elif started - self._last_ok > cl.lease and takeover_possible(self.settings):
             self._fresh_since = started
         self.seq += 1
-        record = {"node": self.settings.node.name, "host": _host_id(), "pid": os.getpid(), "seq": self.seq}
+        record = {"node": self.settings.node.name, "host": host_id(), "pid": os.getpid(), "seq": self.seq}
         data = json.dumps(record).encode().ljust(RECORD_SIZE - 1) + b"\n"
         try:
             make_dirs(self.path.parent)

@@ -1,4 +1,4 @@
-"""The slice map: which node runs which slice of which queue (DESIGN §5, docs/cluster.md).
+"""The slice map: which node runs which slice of which queue (docs/cluster.md §1).
 
 ``var/cluster/slices.yaml`` looks like this::
 
@@ -39,8 +39,9 @@ from typing import Any
 
 from mailq.cluster.layout import rebalance_owners, spread  # noqa: F401 - part of this module's interface
 from mailq.config import RUNNER_QUEUES, Settings
-from mailq.errors import InvalidInput, MailqError, TemporaryFailure
+from mailq.errors import InvalidInput, MailqError, NotFound, TemporaryFailure
 from mailq.fsutil import TEMPORARY_ERRNOS, UMASK, atomic_write, fsync_dir, make_dirs
+from mailq.locks import named_lock
 
 
 class SliceMapError(InvalidInput):
@@ -100,7 +101,7 @@ class SliceMap:
     def dump(self) -> str:
         import yaml
 
-        head = ("# mailq slice map (DESIGN §5).  Change it with `mailqctl slices ...`; a hand edit must keep\n"
+        head = ("# mailq slice map (docs/cluster.md §1).  Change it with `mailqctl slices ...`; a hand edit must keep\n"
                 "# every slice owned by exactly one known, unfenced node and raise the epoch.\n")
         return head + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
@@ -385,8 +386,6 @@ def _after_publish(settings: Settings, smap: SliceMap, data: bytes) -> None:
 
 def slices_lock(settings: Settings, timeout: float = 30.0) -> Any:
     """The one lock every writer of the slice map takes (var/locks/slices.lock)."""
-    from mailq.locks import named_lock
-
     return named_lock(settings, "slices", timeout=timeout)
 
 
@@ -424,8 +423,6 @@ def current_for_update(settings: Settings) -> SliceMap:
     """The map a change starts from: the map in force (a refused hand edit is not; it is replaced)."""
     smap = map_in_force(settings).smap
     if smap is None:
-        from mailq.errors import NotFound
-
         raise NotFound(f"{settings.slice_map_path}: no slice map yet; create one with "
                        f"`mailqctl slices init --nodes NODE1,NODE2,...`")
     return smap

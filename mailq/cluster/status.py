@@ -9,14 +9,16 @@ has not come yet are counted apart as ``deferred``.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
 from mailq.cluster.heartbeat import fs_now, read_all, state_of
+from mailq.cluster.presence import read_published
 from mailq.cluster.slicemap import SliceMap, map_in_force
 from mailq.config import RUNNER_QUEUES, Settings
+from mailq.queue.names import bucket_of, split_id
+from mailq.queue.queue import Queue
 
 
 def gather(settings: Settings, *, queues: bool = True) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def gather(settings: Settings, *, queues: bool = True) -> dict[str, Any]:
         entry = smap.nodes.get(name) if smap else None
         info = beats.get(name)
         owned = smap.slices_for(name) if smap else []
-        published = published_status(settings, name, now)
+        published = read_published(settings, name, now)
         nodes.append({
             "node": name, "host": info.host if info else None, "pid": info.pid if info else None,
             "heartbeat_age": round(info.age, 2) if info else None,
@@ -53,25 +55,7 @@ def gather(settings: Settings, *, queues: bool = True) -> dict[str, Any]:
     return out
 
 
-def published_status(settings: Settings, node: str, now: float) -> dict[str, Any] | None:
-    """The runner list *node*'s master last published, with its age by the filesystem's clock."""
-    from mailq.master import shared_status_path
-
-    try:
-        with open(shared_status_path(settings, node), "rb") as fh:
-            data, mtime = json.loads(fh.read()), os.fstat(fh.fileno()).st_mtime
-        runners = [{k: r.get(k) for k in ("name", "slice", "count", "pid", "state", "restarts")}
-                   for r in data["runners"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return {"runners": runners, "age": round(max(0.0, now - mtime), 1), "stopped": bool(data.get("stopped")),
-            "rejoining": bool(data.get("rejoining"))}
-
-
 def slice_rows(settings: Settings, smap: SliceMap | None, now: float) -> list[dict[str, Any]]:
-    from mailq.queue import Queue
-    from mailq.queue.names import bucket_of, split_id
-
     rows = []
     wall = time.time()      # due times are wall-clock times, and runners judge them by their own clock
     for queue in RUNNER_QUEUES:

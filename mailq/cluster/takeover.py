@@ -1,4 +1,4 @@
-"""Takeover of a dead node, planned drains, unfencing (DESIGN §5, docs/cluster.md "Takeover").
+"""Takeover of a dead node, planned drains, unfencing (docs/cluster.md §5).
 
 Takeover, all under the slices lock so that one node performs it and a second caller finds the
 work done: re-check that the node's heartbeat is past lease + margin (its runners have fenced
@@ -20,10 +20,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailq.cluster.heartbeat import HeartbeatInfo, nodes_dir, read_all, read_heartbeat, state_of, takeover_allowed
-from mailq.cluster.slicemap import SliceMap, current_for_update, disk_epoch, slices_lock, write_map
-from mailq.config import Settings
+from mailq.cluster.heartbeat import (
+    HeartbeatInfo, lease_age, nodes_dir, read_all, read_heartbeat, state_of, takeover_allowed,
+)
+from mailq.cluster.slicemap import SliceMap, current_for_update, disk_epoch, slices_lock, update_map, write_map
+from mailq.config import RUNNER_QUEUES, Settings
 from mailq.errors import InvalidInput, MailqError, NotFound
+from mailq.fsutil import atomic_write
+from mailq.locks import LockTimeout, all_locks, break_dead
+from mailq.queue import Queue
+from mailq.queue.recovery import CLAIM_QUEUES, recover
 
 
 class TakeoverAbandoned(MailqError):
@@ -113,8 +119,6 @@ def take_slices_lock(settings: Settings, dead: str, log: logging.Logger, timeout
     (a ``threading.Event``): stop waiting once it is set (TakeoverAbandoned), so that a master can
     shut down while its takeover waits for the lock.
     """
-    from mailq.locks import LockTimeout, break_dead
-
     lock = slices_lock(settings, timeout=timeout)
     deadline = time.monotonic() + timeout
     while True:
@@ -209,8 +213,6 @@ def takeover(settings: Settings, dead: str, *, to: list[str] | None = None, log:
 
 
 def _require_own_lease(settings: Settings) -> None:
-    from mailq.cluster.heartbeat import lease_age
-
     age = lease_age(settings)
     if age is None or age > settings.cluster.lease:
         raise InvalidInput(f"this node's own lease is stale ({'none' if age is None else f'{age:.1f}s'}): it may be "
@@ -218,8 +220,6 @@ def _require_own_lease(settings: Settings) -> None:
 
 
 def _mark_pending(settings: Settings, dead: str) -> None:
-    from mailq.fsutil import atomic_write
-
     atomic_write(pending_path(settings, dead), f"{dead}\n".encode(), fsync=False, mode=0o664)
 
 
@@ -260,9 +260,6 @@ def _targets(settings: Settings, smap: SliceMap, dead: str, to: list[str] | None
 
 def _recover_and_break(settings: Settings, dead: str, report: TakeoverReport, log: logging.Logger,
                        cancel: Any = None) -> None:
-    from mailq.locks import all_locks, break_dead
-    from mailq.queue.recovery import CLAIM_QUEUES, recover
-
     for queue in CLAIM_QUEUES:
         if cancel is not None and cancel.is_set():
             raise TakeoverAbandoned(f"takeover of {dead}: fenced in epoch {report.epoch}, but its recovery was "
@@ -279,8 +276,6 @@ def _recover_and_break(settings: Settings, dead: str, report: TakeoverReport, lo
 
 def unfence(settings: Settings, node: str) -> SliceMap:
     """Clear *node*'s fenced flag (it owns nothing until assigned or rebalanced)."""
-    from mailq.cluster.slicemap import update_map
-
     def change(smap: SliceMap) -> None:
         if node not in smap.nodes:
             raise NotFound(f"node {node!r} is not in the slice map (known: {', '.join(sorted(smap.nodes))})")
@@ -313,9 +308,6 @@ def drain_moves(smap: SliceMap, node: str, to: list[str] | None) -> list[dict[st
 
 def claims_of(settings: Settings, node: str, slices: Iterable[tuple[str, int, int]] | None = None) -> list[Any]:
     """Claims *node* holds now (optionally only in the given (queue, slice, count) slices)."""
-    from mailq.config import RUNNER_QUEUES
-    from mailq.queue import Queue
-
     wanted = None if slices is None else list(slices)
     queues = sorted({q for q, _, _ in wanted}) if wanted is not None else list(RUNNER_QUEUES)
     out = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from mailq.config import Settings
 from mailq.delivery.smtp import NO_REPLY, SendResult, SMTPConnection
+from mailq.resolver import make_resolver
 
 
 class DNSFailure(Exception):
@@ -62,8 +63,6 @@ class MXTransport:
 
     def __init__(self, settings: Settings, resolver=None, *, port: int | None = None, log=None) -> None:
         if resolver is None:
-            from mailq.resolver import make_resolver
-
             resolver = make_resolver(settings)   # the dns: section (nameservers, port, timeout)
         self.settings = settings
         self.resolver = resolver

@@ -31,9 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailq.config import Settings
+from mailq.delivery.mx import MXTransport
 from mailq.delivery.retry import next_attempt, should_give_up
-from mailq.delivery.smtp import NO_REPLY, SendResult
+from mailq.delivery.smtp import NO_REPLY, SMTPConnection, SendResult
+from mailq.delivery.unsubscribe import personalizer, unsubscribe_url
 from mailq.delivery.verp import verp_sender
+from mailq.lists import ListStore
+from mailq.notices import notify_template
 
 Enqueue = Callable[..., str]   # enqueue(queue, msg, metadata, *, not_before=None) -> entry id
 
@@ -67,8 +71,6 @@ def envelope_sender(settings: Settings, metadata: dict[str, Any]) -> str:
     listname = metadata.get("listname") or ""
     if listname:
         try:
-            from mailq.lists import ListStore
-
             return ListStore(settings).load(listname).bounces_address
         except Exception:  # noqa: BLE001 - list gone or unreadable: the site address still works
             pass
@@ -190,8 +192,6 @@ def _one_click(settings: Settings, metadata: dict[str, Any], msg: bytes) -> Call
     listname = metadata.get("listname") or ""
     if not listname or not str(settings.pipeline.web_url or "").startswith("https://"):
         return None
-    from mailq.delivery.unsubscribe import personalizer, unsubscribe_url
-
     copy = personalizer(msg)
     if copy is None:
         return None
@@ -208,11 +208,7 @@ def _verp_or_plain(sender: str, rcpt: str) -> str:
 def make_transport(settings: Settings, log=None, resolver=None):
     """The smarthost connection, or direct MX delivery when ``smtp.direct_mx`` is set."""
     if settings.smtp.direct_mx:
-        from mailq.delivery.mx import MXTransport
-
         return MXTransport(settings, resolver, log=log)
-    from mailq.delivery.smtp import SMTPConnection
-
     return SMTPConnection(settings, log=log)
 
 
@@ -231,8 +227,6 @@ def owner_address(settings: Settings, listname: str, sender: str) -> str:
     """Where give-up notices go: the list's -owner address, else the site owner."""
     if listname:
         try:
-            from mailq.lists import ListStore
-
             return ListStore(settings).load(listname).owner_address
         except Exception:  # noqa: BLE001 - fall back to the bounces address's sibling
             local, at, host = sender.rpartition("@")
@@ -243,8 +237,6 @@ def owner_address(settings: Settings, listname: str, sender: str) -> str:
 
 def _notify_give_up(settings: Settings, listname: str, sender: str, msg: bytes,
                     failed: dict[str, tuple[int, str]], first: float, attempts: int, log) -> None:
-    from mailq.notices import notify_template
-
     owner = owner_address(settings, listname, sender)
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(first))
     lines = [f"  {r}: {c} {t}" for r, (c, t) in sorted(failed.items())]

@@ -9,6 +9,8 @@ LAST ``=`` (domains never contain ``=``; local parts may).
 """
 from __future__ import annotations
 
+from mailq.delivery.smtp import ascii_domain
+
 
 def verp_sender(bounces_address: str, recipient: str) -> str:
     """``dev-bounces@host`` + ``alice@example.com`` -> ``dev-bounces+alice=example.com@host``."""
@@ -20,8 +22,6 @@ def verp_sender(bounces_address: str, recipient: str) -> str:
         raise ValueError(f"recipient {recipient!r} has no domain")
     # An IDN domain goes in as A-labels: the envelope sender stays ASCII, so a server without
     # SMTPUTF8 can still take it (a non-ASCII local part needs SMTPUTF8 anyway, for the RCPT).
-    from mailq.delivery.smtp import ascii_domain
-
     r_domain = ascii_domain(r_domain) or r_domain
     return f"{local}+{r_local}={r_domain}@{host}"
 

@@ -1,4 +1,4 @@
-"""List databases: settings, members and the store that loads and saves them (DESIGN §4, issue 3).
+"""List databases: settings, members and the store that loads and saves them (docs/design.md §4, docs/lists.md §2).
 
 ``from mailq.lists import ListStore, MailingList, Member, ListSettings, validate_list_name``;
 held messages live in ``mailq.lists.held``.

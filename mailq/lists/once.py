@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
 from mailq.errors import MailqError, TemporaryFailure
-from mailq.fsutil import TEMPORARY_ERRNOS, make_dirs, open_shared
+from mailq.fsutil import TEMPORARY_ERRNOS, fsync_dir, make_dirs, open_shared
+from mailq.queue.entry import ENTRY_SUFFIX, entry_id, fixed_sha
 
 
 def link_once(target: Path, data: bytes, *, what: str = "the decision") -> bool:
@@ -60,9 +60,7 @@ def send_staged(settings: Any, path: Path, queue: str, key: str, at: float, *, r
     A vanished *path* means it was sent already (or a retransmitted NFS rename went through).
     *resume_hint* names the command that finishes the work when the rename fails for a while.
     """
-    from mailq.queue.names import ENTRY_SUFFIX, entry_id
-
-    sha = hashlib.sha1(key.encode("utf-8", "surrogateescape"), usedforsecurity=False).hexdigest()
+    sha = fixed_sha(key)        # docs/design.md §3.1 "Fixed ids"
     folder = settings.queue_dir(queue) / sha[:2]
     target = folder / f"{entry_id(at, sha)}{ENTRY_SUFFIX}"
     make_dirs(folder)
@@ -75,13 +73,11 @@ def send_staged(settings: Any, path: Path, queue: str, key: str, at: float, *, r
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             raise MailqError(f"cannot move {path} into {folder}: var/lists and var/qfiles are on different "
-                             f"filesystems, and var/ must be one (DESIGN §2). The entry waits there; fix "
+                             f"filesystems, and var/ must be one (docs/design.md §2). The entry waits there; fix "
                              f"the mounts, then run '{resume_hint}'") from exc
         if exc.errno in TEMPORARY_ERRNOS:
             raise TemporaryFailure(f"cannot move {path} into {folder}: {exc.strerror}; the decision is kept "
                                    f"and '{resume_hint}' finishes it") from exc
         raise
     if settings.queue.fsync:
-        from mailq.fsutil import fsync_dir
-
         fsync_dir(folder)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
 
 from mailq.config import Settings
 from mailq.fsutil import atomic_write, make_dirs
+from mailq.lists.mlist import MailingList
+from mailq.notices import notify, render_template
 
 #: Most posts kept per list; the oldest go first.
 KEEP = 1000
@@ -57,14 +58,12 @@ class PreservedStore:
                 os.unlink(self.folder / f"{old}{SUFFIX}")
 
 
-def notify_owners(settings: Settings, mlist: Any, how: str, reason: str, sender: str, subject: str,
+def notify_owners(settings: Settings, mlist: MailingList, how: str, reason: str, sender: str, subject: str,
                   msg: bytes, preserved: Path | None = None) -> str:
     """Tell the owners (else the site owner) about a post filtered to nothing; the ``virgin`` entry id.
 
     *how*: ``forward`` (the post attached) or ``preserve`` (where it is kept).
     """
-    from mailq.notices import notify, render_template
-
     owners = list(mlist.settings.owners) or [settings.site_owner]
     values = {"sender": sender or "(unknown)", "subject": subject or "(none)", "reason": reason,
               "preserved": str(preserved or ""), "keep_limit": KEEP}

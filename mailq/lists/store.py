@@ -1,4 +1,4 @@
-"""The list database on the shared filesystem (DESIGN §4): one folder and one pickle per list.
+"""The list database on the shared filesystem (docs/design.md §4, docs/lists.md §2): one folder and one pickle per list.
 
 Layout: ``var/lists/<name>/list.pck`` (current), ``list.pck.last`` (the one before).  Other code
 decides whether a list exists by looking for ``list.pck``, without importing this package.
@@ -36,6 +36,7 @@ from mailq.lists.mlist import MailingList
 from mailq.lists.settings import ListSettings
 from mailq.lists.validate import validate_address, validate_domain, validate_list_name
 from mailq.locks import Lock, list_lock, make_shared_dir
+from mailq.logs import get_logger
 
 DB_NAME = "list.pck"
 
@@ -73,7 +74,6 @@ class ListStore:
     @property
     def log(self) -> Any:
         if self._log is None:
-            from mailq.logs import get_logger
             self._log = get_logger(self.settings, "lists")
         return self._log
 

@@ -13,7 +13,7 @@ import re
 from email.utils import parseaddr
 
 from mailq.errors import InvalidInput
-from mailq.mta.addresses import SUFFIXES, SYNONYMS
+from mailq.addresses import SUFFIXES, SYNONYMS
 
 #: RFC 5321's limit on a local part, and the longest role suffix a list's addresses add to its name.
 MAX_LOCAL_PART = 64

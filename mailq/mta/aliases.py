@@ -1,6 +1,6 @@
-"""Alias lines that pipe every list address into ``mailq-deliver`` (DESIGN §6 "MTA pipe").
+"""Alias lines that pipe every list address into ``mailq-deliver`` (docs/mail-flow.md "Aliases").
 
-Each list gets seven aliases, one per kind (``mailq.mta.addresses``)::
+Each list gets seven aliases, one per kind (``mailq.addresses``)::
 
     dev:          "|/srv/mailq/bin/mailq-deliver post dev"
     dev-owner:    "|/srv/mailq/bin/mailq-deliver owner dev"
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailq.config import CHECKOUT, DEFAULT_CONFIG, Settings
-from mailq.mta.addresses import KINDS, list_address
+from mailq.addresses import KINDS, list_address
 
 FORMATS = ("postfix", "sendmail", "exim")
 #: Where the documented MTA recipes keep the alias file: host-local, in a folder of the mailq user.

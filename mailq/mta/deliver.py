@@ -1,4 +1,4 @@
-"""``mailq-deliver KIND LIST``: the MTA pipe entry point (DESIGN §6 "MTA pipe").
+"""``mailq-deliver KIND LIST``: the MTA pipe entry point (docs/mail-flow.md "The pipe").
 
 The MTA runs this once per message (``|/path/bin/mailq-deliver post dev`` in its aliases). It
 reads the message from stdin and writes it as one entry into the queue for KIND (``in`` for
@@ -20,9 +20,10 @@ Started as root (an MTA that runs pipes as root), it first switches to the run-a
 key ``user:``, mailq/runas.py), so that no queue entry belongs to root.
 
 It runs for every message, so it starts fast: no click, no email package, no lists package, no
-YAML when the config has not changed, no ``mailq.queue`` (see ``write_entry``). The few settings it
-needs (the var path, the fsync flag, the size limit, the run-as user) are cached next to the config file
-(``.<config name>.deliver-cache``, five text lines), keyed by the
+YAML when the config has not changed; of ``mailq.queue`` only ``mailq.queue.entry``, which imports
+nothing but C modules (see its docstring; ``bench/flow.py --deliver-only`` measures it). The few
+settings it needs (the var path, the fsync flag, the size limit, the run-as user) are cached next to
+the config file (``.<config name>.deliver-cache``, five text lines), keyed by the
 config's path, size, mtime and inode; any mismatch, or a cache it cannot read or write, means the
 YAML is parsed as usual. A list exists iff ``var/lists/<name>/list.pck`` exists: one stat; only
 when it does not, a second stat of ``var/lists`` tells "no such list" (67) from "var not mounted"
@@ -32,12 +33,10 @@ import os
 import sys
 import time
 
+from mailq.addresses import QUEUE_FOR_KIND
+from mailq.queue import entry
+
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL = 0, 64, 65, 67, 75
-QUEUE_FOR_KIND = {  # same as mailq.mta.addresses.QUEUE_FOR_KIND (kept here: one import less)
-    "post": "in", "owner": "in",
-    "request": "commands", "join": "commands", "leave": "commands", "confirm": "commands",
-    "bounces": "bounces",
-}
 USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave|confirm LIST\n"
          "  Reads one message on stdin and queues it for LIST; run by the MTA from the aliases that\n"
          "  'mailqctl aliases' prints. Exit codes: 0 queued, 64 usage, 65 empty, too big, a header line\n"
@@ -47,12 +46,8 @@ USAGE = ("usage: mailq-deliver [-C CONFIG] post|owner|request|bounces|join|leave
          "  mailq-deliver post dev < message.eml\n"
          "  SENDER=alice@example.org mailq-deliver request dev < command.eml\n"
          "  mailq-deliver -C /etc/mailq/mailq.yaml owner dev < message.eml\n")
-#: The shared tree's modes, as mailq.fsutil.DIR_MODE / FILE_MODE (kept here: one import less; a
-#: test keeps them equal): group-writable setgid folders, group read/write files, whatever the umask.
-DIR_MODE, FILE_MODE = 0o2775, 0o660
 CACHE_VERSION = 3
 DEFAULT_MAX_SIZE = 100 * 1024 * 1024  # mailq.config.QueueSettings.max_message_size
-PAYLOAD_VERSION = 1  # mailq.queue.payload.VERSION
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -186,15 +181,17 @@ def _strip_from_line(msg: bytes) -> "tuple[bytes, str]":
 
 def _enqueue(var: str, fsync: bool, queue_name: str, msg: bytes, metadata: dict) -> int:
     try:
-        write_entry(os.path.join(var, "qfiles", queue_name), msg, metadata, fsync=fsync)
-    except OSError as exc:
+        entry.enqueue_message(os.path.join(var, "qfiles", queue_name), msg, metadata, fsync=fsync)
+    except (OSError, entry.QueueFull) as exc:
         # Disk full, read-only or missing folders, a folder this user may not write: all fixable by
         # an operator, so the MTA keeps the mail and retries (75) rather than bouncing it.  Who we
         # ran as and which path failed is what the operator needs (the MTA may run us as nobody).
         from mailq.runas import who
 
-        where = exc.filename or f"{var}/qfiles/{queue_name}"
-        raise Exit(EX_TEMPFAIL, f"cannot queue the message in {var}/qfiles/{queue_name}: {exc.strerror or exc}: "
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        reason = getattr(cause, "strerror", None) or exc
+        where = getattr(cause, "filename", None) or f"{var}/qfiles/{queue_name}"
+        raise Exit(EX_TEMPFAIL, f"cannot queue the message in {var}/qfiles/{queue_name}: {reason}: "
                                 f"{where} (running as {who()}); nothing was queued, the MTA will retry")
     return EX_OK
 
@@ -207,75 +204,6 @@ def _become(user: str) -> None:
         become(user, "mailq-deliver")
     except RunAsError as exc:
         raise Exit(EX_TEMPFAIL, f"{exc}; nothing was queued, the MTA will retry")
-
-
-def write_entry(queue_dir: str, msg: bytes, metadata: dict, *, fsync: bool) -> str:
-    """Write one queue entry exactly as ``mailq.queue.Queue.enqueue`` does, with builtins only.
-
-    ``import mailq.queue`` costs ~80 ms (dataclasses, pathlib, logging, re), four times Python's
-    own start-up, and the MTA pays it per message. So this mirrors the on-disk protocol of
-    docs/design.md §3 (payload: pickle of {version, msg, metadata}; name ``<time>+<sha1>.pck`` in
-    bucket ``<sha1[:2]>``; temp file, fsync, rename, fsync folder) using only C modules.
-    tests/test_mta_deliver.py reads every entry back through ``Queue`` so the two cannot drift.
-    Raises OSError; the temp file never survives a failure.
-    """
-    import _pickle
-    import _sha1
-
-    listname = metadata.get("listname", "")
-    data = _pickle.dumps({"version": PAYLOAD_VERSION, "msg": msg, "metadata": metadata}, protocol=5)
-    digest = _sha1.sha1(data)
-    digest.update(listname.encode("utf-8", "surrogateescape"))
-    digest.update(os.urandom(16))  # nonce: the same message twice gets two names
-    sha = digest.hexdigest()
-    final = f"{time.time():.6f}+{sha}.pck"
-    folder = os.path.join(queue_dir, sha[:2])
-    tmp = os.path.join(folder, f".{final}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        except FileNotFoundError:
-            _make_dirs(folder)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        try:
-            # The MTA's umask (often 077) must not decide: the runners read it as another user.
-            os.fchmod(fd, FILE_MODE)
-            view = memoryview(data)
-            if os.environ.get("MAILQ_FAULT_ENOSPC") == "1":  # the queue's fault injection, for tests
-                os.write(fd, view[: len(view) // 2])
-                raise OSError(28, os.strerror(28) + " (injected by MAILQ_FAULT_ENOSPC)")
-            while view:
-                view = view[os.write(fd, view):]
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, os.path.join(folder, final))
-        if fsync:
-            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return final[:-4]
-
-
-def _make_dirs(path: str) -> None:
-    """``os.makedirs`` with DIR_MODE set explicitly on each folder it creates (mailq.fsutil.make_dirs)."""
-    if os.path.isdir(path):
-        return
-    _make_dirs(os.path.dirname(path))
-    try:
-        os.mkdir(path, DIR_MODE)
-    except FileExistsError:
-        return
-    os.chmod(path, DIR_MODE)
 
 
 # -- settings: the var path, the fsync flag and the size limit, cached -----------------------------

@@ -1,6 +1,6 @@
 """The LMTP server: the MTA hands list mail over LMTP, mailq answers one status per recipient.
 
-DESIGN §6 "LMTP". An aiosmtpd ``LMTP`` server on ``lmtp.host``:``lmtp.port``. A recipient is
+docs/mail-flow.md "LMTP". An aiosmtpd ``LMTP`` server on ``lmtp.host``:``lmtp.port``. A recipient is
 accepted at RCPT when its local part is a list address (``dev``, ``dev-owner``, ``dev-request``,
 ``dev-bounces[+verp]``, ``dev-join``, ``dev-leave``, ``dev-confirm[+cookie]``) of a list that exists;
 an unknown list gets ``550 5.1.1`` for that recipient only. After DATA the server answers once per
@@ -30,16 +30,32 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from mailq.addresses import DETAIL_KINDS, QUEUE_FOR_KIND, parse_list_address
 from mailq.config import Settings
-from mailq.mta.addresses import DETAIL_KINDS, QUEUE_FOR_KIND, parse_list_address
+from mailq.errors import TemporaryFailure
+from mailq.lists import ListStore
 from mailq.mta.mime import mime_problem
+from mailq.queue import Queue
 
 
-#: Fault injection, used ONLY by tests/test_lmtp.py: ``SECONDS:LIST`` makes every enqueue for
-#: LIST sleep SECONDS first (a stuck NFS write), to show the other sessions are not held up.
-#: Read once at import; unset in production.
-SLOW_ENQUEUE_ENV = "MAILQ_TEST_LMTP_SLOW_ENQUEUE"
-_SLOW = os.environ.get(SLOW_ENQUEUE_ENV, "")
+#: Fault injection, used ONLY by tests/test_lmtp.py: ``LIST:FOLDER`` makes every enqueue for LIST
+#: hang (a stuck NFS write) until the test lets it go: it creates ``FOLDER/entered``, then waits
+#: for ``FOLDER/release`` (at most HOLD_LIMIT seconds), so a test can show that the other sessions
+#: are answered meanwhile without betting on a time.  Read once at import; unset in production.
+HOLD_ENQUEUE_ENV = "MAILQ_TEST_LMTP_HOLD_ENQUEUE"
+_HOLD = os.environ.get(HOLD_ENQUEUE_ENV, "")
+HOLD_LIMIT = 120.0
+
+
+def _hold_for_test(listname: object) -> None:
+    held, _, folder = _HOLD.partition(":")
+    if listname != held:
+        return
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, "entered"), "w").close()
+    deadline = time.monotonic() + HOLD_LIMIT
+    while not os.path.exists(os.path.join(folder, "release")) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def list_exists(settings: Settings, listname: str) -> bool:
@@ -78,12 +94,8 @@ class LMTPHandler:
         self._domains: dict[str, tuple[Any, str]] = {}
 
     def _enqueue(self, queue: str, msg: bytes, metadata: dict) -> str:
-        from mailq.queue import Queue
-
-        if _SLOW:
-            seconds, _, listname = _SLOW.partition(":")
-            if metadata.get("listname") == listname:
-                time.sleep(float(seconds))
+        if _HOLD:
+            _hold_for_test(metadata.get("listname"))
         q = self._queues.get(queue)
         if q is None:
             q = self._queues[queue] = Queue.for_settings(self.settings, queue)
@@ -120,8 +132,6 @@ class LMTPHandler:
         return listname, kind, None
 
     def _list_domain(self, listname: str) -> str:
-        from mailq.lists import ListStore
-
         store = ListStore(self.settings, log=self.log)
         stamp = store.stamp(listname)
         cached = self._domains.get(listname)
@@ -179,8 +189,6 @@ class LMTPHandler:
     async def _deliver_one(self, addresses: list[str], listname: str, kind: str, sender: str, msg: bytes,
                            received: float) -> str:
         """The status for the entry of *addresses* (one list and kind), ``<>`` where each address goes."""
-        from mailq.errors import TemporaryFailure
-
         address = addresses[0]
         # aiosmtpd hands the null sender (MAIL FROM:<>, every bounce) over as the text "<>".
         sender = "" if sender in (None, "<>") else sender

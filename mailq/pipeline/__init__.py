@@ -16,9 +16,9 @@ import importlib
 import re
 from email.message import Message
 from types import ModuleType
-from typing import Any
 
 from mailq.errors import InvalidInput
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context, Discard, Hold, Reject, StageStop
 
 __all__ = ["run", "load_stage", "Context", "Hold", "Reject", "Discard", "StageStop"]
@@ -48,7 +48,7 @@ def load_stage(name: str) -> ModuleType:
     return module
 
 
-def run(names: list[str], mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def run(names: list[str], mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     """Run the stages *names* in order on *msg*; a stage's Hold/Reject/Discard propagates."""
     stages = [load_stage(name) for name in names]  # all names checked before any stage acts
     for name, stage in zip(names, stages, strict=True):

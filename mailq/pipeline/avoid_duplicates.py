@@ -7,12 +7,12 @@ when their address appears in To or Cc; the others keep their list copy.
 from __future__ import annotations
 
 from email.message import Message
-from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context, addresses
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     explicit = set(addresses(msg, "to", "cc"))
     if not explicit:
         return

@@ -32,10 +32,11 @@ import email.header
 import email.utils
 import secrets
 from email.message import Message
-from typing import Any
 
 from mailq.dmarc import DmarcCache, Policy, organizational_domain
-from mailq.pipeline.base import Context, Discard, Reject, _raw, _unescape_8bit, header_text
+from mailq.lists.mlist import MailingList
+from mailq.lists.settings import ListSettings
+from mailq.pipeline.base import Context, Discard, Reject, _raw, _unescape_8bit, addresses as named, header_text
 
 #: Headers the wrapper takes from the post (the rest stays inside the wrapped original).
 _WRAPPER_KEEPS = ("to", "cc", "reply-to", "subject", "date", "message-id", "in-reply-to", "references")
@@ -50,15 +51,15 @@ def warm_up() -> None:
     organizational_domain("example.org")
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     s = mlist.settings
-    action = getattr(s, "dmarc_mitigate_action", "no_mitigation")
+    action = s.dmarc_mitigate_action
     if action == "no_mitigation" or msgdata.get("kind", "post") != "post":
         return
     posters = from_addresses(msg)
     if not posters:
         return
-    unconditional = bool(getattr(s, "dmarc_mitigate_unconditionally", False)) and \
+    unconditional = bool(s.dmarc_mitigate_unconditionally) and \
         action in ("munge_from", "wrap_message")
     if unconditional:
         why = "dmarc_mitigate_unconditionally"
@@ -74,7 +75,7 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     who = ", ".join(a for _, a in posters)
     ctx.log.info("list %s: dmarc: %s for the post from %s: %s", mlist.name, action, who, why)
     if action == "reject":
-        notice = str(getattr(s, "dmarc_moderation_notice", "") or "").strip()
+        notice = str(s.dmarc_moderation_notice or "").strip()
         raise Reject(notice or (
             f"{why}, which asks receivers to refuse mail From: that domain that was not sent by its "
             f"own servers. Every copy {mlist.posting_address} sends of your post would be such mail, "
@@ -103,7 +104,7 @@ def from_addresses(msg: Message) -> list[tuple[str, str]]:
     return out
 
 
-def list_from(mlist: Any, posters: list[tuple[str, str]]) -> str:
+def list_from(mlist: MailingList, posters: list[tuple[str, str]]) -> str:
     """``"Name via List" <list@domain>``, RFC 2047-encoded when the name is not ASCII."""
     names = ", ".join(name or address for name, address in posters)
     display = f"{names} via {mlist.display_name}"
@@ -134,14 +135,12 @@ def _set_one(msg: Message, name: str, value: str) -> None:
         msg[name] = value
 
 
-def _keep_poster(msg: Message, s: Any, original_from: str, addresses: list[str]) -> None:
+def _keep_poster(msg: Message, s: ListSettings, original_from: str, addresses: list[str]) -> None:
     """Replies must still reach the poster: Reply-To when the list leaves it alone, else Cc."""
-    if getattr(s, "reply_to", "poster") == "poster":
+    if s.reply_to == "poster":
         if msg.get("reply-to") is None:
             msg["Reply-To"] = original_from
         return
-    from mailq.pipeline.base import addresses as named
-
     present = set(named(msg, "to", "cc"))
     if all(a.lower() in present for a in addresses):
         return

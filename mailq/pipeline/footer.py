@@ -19,8 +19,8 @@ from __future__ import annotations
 import secrets
 from email.message import Message
 from email.mime.text import MIMEText
-from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context
 from mailq.pipeline.textbody import PROTECTED, decode_text, encode_text
 
@@ -28,8 +28,8 @@ _MOVED = ("content-type", "content-transfer-encoding", "content-disposition", "c
           "content-id", "content-language", "content-md5")
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
-    template = str(getattr(mlist.settings, "footer", "") or "")
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
+    template = str(mlist.settings.footer or "")
     if not template.strip():
         return
     footer = render(template, mlist)
@@ -50,7 +50,7 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     _wrap_in_mixed(msg, _footer_part(footer))
 
 
-def render(template: str, mlist: Any) -> str:
+def render(template: str, mlist: MailingList) -> str:
     values = {"list": mlist.name, "posting_address": mlist.posting_address,
               "leave_address": mlist.leave_address, "request_address": mlist.request_address}
     out = template

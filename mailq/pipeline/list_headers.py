@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import email.header
 from email.message import Message
-from typing import Any
 from urllib.parse import quote
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context
 
 _REPLACED = ("list-id", "list-post", "list-help", "list-subscribe", "list-unsubscribe",
              "list-unsubscribe-post", "list-archive", "list-owner", "precedence")
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     s = mlist.settings
     for name in _REPLACED:
         del msg[name]
-    display = str(getattr(s, "display_name", "") or "").replace("\\", "").replace('"', "")
+    display = str(s.display_name or "").replace("\\", "").replace('"', "")
     list_id = f"<{mlist.list_id}>"
     if display and display.isascii():
         list_id = f'"{display}" {list_id}'
@@ -42,14 +42,14 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
     msg["List-Subscribe"] = f"<mailto:{mlist.join_address}>"
     web = str(getattr(ctx.settings.pipeline, "web_url", "") or "").rstrip("/")
     msg["List-Unsubscribe"] = f"<mailto:{mlist.leave_address}>"
-    if web.startswith(("https://", "http://")) and getattr(s, "archive", False):
+    if web.startswith(("https://", "http://")) and s.archive:
         msg["List-Archive"] = f"<{web}/archives/{quote(mlist.name)}/>"
     msg["Precedence"] = "list"
     msg["X-BeenThere"] = mlist.posting_address
-    policy = getattr(s, "reply_to", "poster")
+    policy = s.reply_to
     if policy == "list":
         del msg["reply-to"]
         msg["Reply-To"] = mlist.posting_address
-    elif policy == "explicit" and getattr(s, "reply_to_address", ""):
+    elif policy == "explicit" and s.reply_to_address:
         del msg["reply-to"]
         msg["Reply-To"] = s.reply_to_address

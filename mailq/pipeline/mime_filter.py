@@ -31,6 +31,8 @@ import mimetypes
 from email.message import Message
 from typing import Any
 
+from mailq.lists.mlist import MailingList
+from mailq.lists.settings import ListSettings
 from mailq.pipeline.base import Context, Discard, Reject, _raw
 from mailq.pipeline.textbody import decode_text, encode_text
 
@@ -53,13 +55,13 @@ _CONTENT_HEADERS = ("content-type", "content-transfer-encoding", "content-dispos
 class Rules:
     """The filter settings of one list, ready to judge parts."""
 
-    def __init__(self, s: Any) -> None:
-        self.filter_types = set(getattr(s, "filter_types", []))
-        self.pass_types = set(getattr(s, "pass_types", []))
-        self.filter_extensions = set(getattr(s, "filter_extensions", []))
-        self.pass_extensions = set(getattr(s, "pass_extensions", []))
-        self.collapse = bool(getattr(s, "collapse_alternatives", False))
-        self.convert = bool(getattr(s, "convert_html_to_plaintext", False))
+    def __init__(self, s: ListSettings) -> None:
+        self.filter_types = set(s.filter_types)
+        self.pass_types = set(s.pass_types)
+        self.filter_extensions = set(s.filter_extensions)
+        self.pass_extensions = set(s.pass_extensions)
+        self.collapse = bool(s.collapse_alternatives)
+        self.convert = bool(s.convert_html_to_plaintext)
 
     def why_removed(self, part: Message) -> str | None:
         """Why the leaf *part* goes, or None when it stays."""
@@ -86,9 +88,9 @@ def warm_up() -> None:
     import html2text  # noqa: F401
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     s = mlist.settings
-    if not getattr(s, "filter_content", False) or msgdata.get("kind", "post") != "post":
+    if not s.filter_content or msgdata.get("kind", "post") != "post":
         return
     rules = Rules(s)
     done: list[str] = []
@@ -101,7 +103,7 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
                      "; ".join(done))
     if kept:
         return
-    action = getattr(s, "filter_action", "discard")
+    action = s.filter_action
     reason = "nothing is left of the post after content filtering: " + "; ".join(done)
     if action == "reject":
         raise Reject(f"{mlist.posting_address} does not take this kind of content. {reason}")

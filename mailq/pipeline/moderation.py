@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import hmac
 from email.message import Message
-from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context, Discard, Hold, Reject, header_text
 from mailq.pipeline.textbody import edit_text
 
 _HEADERS = ("approved", "approve")
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
-    password = str(getattr(mlist.settings, "moderator_password", "") or "")
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
+    password = str(mlist.settings.moderator_password or "")
     # Both are taken out every time, a released held post included: its replay starts again from
     # the bytes that came in, and a password left in them would go out to every member.
     offered = _take_header_password(msg)
@@ -37,7 +37,7 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
         msgdata["approved_by"] = "password"
         return
     sender = str(msgdata.get("sender") or "")
-    if getattr(mlist.settings, "emergency", False):
+    if mlist.settings.emergency:
         raise Hold("the list is in emergency moderation: every post is held")
     if mlist.is_owner(sender) or mlist.is_moderator(sender):
         return
@@ -46,10 +46,10 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
         if member.moderated:
             raise Hold(f"post from moderated member {sender}")
         return
-    allowed = {a.lower() for a in getattr(mlist.settings, "accept_nonmembers", [])}
+    allowed = {a.lower() for a in mlist.settings.accept_nonmembers}
     if sender and sender.lower() in allowed:
         return
-    action = getattr(mlist.settings, "nonmember_action", "hold")
+    action = mlist.settings.nonmember_action
     who = sender or "an unknown sender"
     if action == "accept":
         return

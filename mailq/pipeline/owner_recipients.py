@@ -8,12 +8,12 @@ reaches a person.  Adds ``X-BeenThere: <owner address>`` so that the mail cannot
 from __future__ import annotations
 
 from email.message import Message
-from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     seen: set[str] = set()
     recipients = []
     for address in [*mlist.settings.owners, *mlist.settings.moderators]:

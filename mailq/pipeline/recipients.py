@@ -8,11 +8,11 @@ replaced: a re-queued post must go to the members of today, not of the day it wa
 from __future__ import annotations
 
 from email.message import Message
-from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     # The roster keeps each address once (case-insensitively), so no de-duplication is needed here.
     msgdata["recipients"] = list(mlist.regular_recipients())

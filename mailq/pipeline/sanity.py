@@ -15,12 +15,12 @@ The sender found here is stored as ``msgdata["sender"]`` for the later stages.
 from __future__ import annotations
 
 from email.message import Message
-from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context, Discard, Hold, addresses, sender_of, to_bytes
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     been_there = set(addresses(msg, "x-beenthere"))
     for ours in (mlist.posting_address, mlist.owner_address):
         if ours.lower() in been_there:
@@ -31,12 +31,12 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
                         mlist.name, msg.get("message-id", "(no Message-ID)"))
         raise Discard("no usable sender address in From, Sender or the envelope")
     msgdata["sender"] = sender
-    limit_kb = int(getattr(mlist.settings, "max_message_kb", 0) or 0)
+    limit_kb = int(mlist.settings.max_message_kb or 0)
     size = int(msgdata.get("size") or 0) or len(to_bytes(msg))
     if (limit_kb > 0 and size > limit_kb * 1024 and msgdata.get("kind", "post") == "post"
             and not msgdata.get("approved")):
         raise Hold(f"message is {(size + 1023) // 1024} KB, over the list's limit of {limit_kb} KB")
-    most = int(getattr(mlist.settings, "max_recipients", 0) or 0)
+    most = int(mlist.settings.max_recipients or 0)
     if most > 0 and msgdata.get("kind", "post") == "post" and not msgdata.get("approved"):
         named = len(set(addresses(msg, "to", "cc")))
         if named >= most:

@@ -28,7 +28,8 @@ from email.message import Message
 from typing import Any
 
 from mailq.commands.parse import VERBS
-from mailq.lists.settings import address_rule_match
+from mailq.lists.mlist import MailingList
+from mailq.lists.settings import ListSettings, address_rule_match
 from mailq.pipeline.base import Context, Discard, Hold, Reject, StageStop, addresses, header_text
 from mailq.pipeline.textbody import decode_text, first_text_part
 
@@ -46,7 +47,7 @@ MATCH_LIMIT = 16 * 1024
 _REPLY = re.compile(r"^\s*((re|aw|sv|fwd?)\s*:\s*)+", re.IGNORECASE)
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     if msgdata.get("kind", "post") != "post":
         return
     s = mlist.settings
@@ -57,9 +58,9 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
         _header_matches(s, msg, msgdata)
         if msgdata.get("approved"):
             return
-        if getattr(s, "administrivia", False):
+        if s.administrivia:
             _administrivia(mlist, msg)
-        if getattr(s, "require_explicit_destination", False):
+        if s.require_explicit_destination:
             _explicit_destination(mlist, msg)
     except StageStop as stop:
         ctx.log.info("list %s: sender_rules: %s post from %s: %s", mlist.name, stop.action,
@@ -67,10 +68,10 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
         raise
 
 
-def _ban_lists(ctx: Context, s: Any, msg: Message, msgdata: dict) -> None:
+def _ban_lists(ctx: Context, s: ListSettings, msg: Message, msgdata: dict) -> None:
     candidates = list(dict.fromkeys([str(msgdata.get("sender") or ""), *addresses(msg, "from")]))
     for where, entries in (("site ban_list (pipeline.ban_list)", ctx.settings.pipeline.ban_list),
-                           ("list ban_list", getattr(s, "ban_list", []))):
+                           ("list ban_list", s.ban_list)):
         for address in candidates:
             entry = address_rule_match(list(entries), address)
             if entry is not None:
@@ -78,7 +79,7 @@ def _ban_lists(ctx: Context, s: Any, msg: Message, msgdata: dict) -> None:
 
 
 def _header_matches(s: Any, msg: Message, msgdata: dict) -> None:
-    for index, rule in enumerate(getattr(s, "header_matches", [])):
+    for index, rule in enumerate(s.header_matches):
         for value in msg.get_all(rule["header"], []):
             text = header_text(value)[:MATCH_LIMIT]
             try:
@@ -97,7 +98,7 @@ def _header_matches(s: Any, msg: Message, msgdata: dict) -> None:
             raise {"reject": Reject, "discard": Discard}.get(action, Hold)(what)
 
 
-def _administrivia(mlist: Any, msg: Message) -> None:
+def _administrivia(mlist: MailingList, msg: Message) -> None:
     subject = _REPLY.sub("", header_text(msg.get("subject")))
     lines = [subject] + _first_lines(msg)
     for line in lines:
@@ -127,11 +128,11 @@ def _first_lines(msg: Message) -> list[str]:
     return found
 
 
-def _explicit_destination(mlist: Any, msg: Message) -> None:
+def _explicit_destination(mlist: MailingList, msg: Message) -> None:
     named = addresses(msg, "to", "cc")
     if mlist.posting_address.lower() in named:
         return
-    aliases = list(getattr(mlist.settings, "acceptable_aliases", []))
+    aliases = list(mlist.settings.acceptable_aliases)
     if aliases and any(address_rule_match(aliases, a) for a in named):
         return
     raise Hold(f"the list's address {mlist.posting_address} is not in To or Cc (the post was "

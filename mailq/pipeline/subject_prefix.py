@@ -14,13 +14,14 @@ import re
 from email.message import Message
 from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context, _raw, _unescape_8bit, charset_name, header_text
 
 _REPLY = re.compile(r"^(\s*(re|aw|sv|antw|vs)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
-    prefix = str(getattr(mlist.settings, "subject_prefix", "") or "")
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
+    prefix = str(mlist.settings.subject_prefix or "")
     if not prefix.strip():
         return
     raw = msg.get("subject")

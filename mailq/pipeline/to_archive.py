@@ -3,7 +3,7 @@
 The copy goes into the ``archive`` queue with ``stores`` containing ``archive``
 (``ctx.copy_for_archive``, written once every stage has passed; shared with ``to_digest``).  The
 archive runner (``mailq.runners.archive``) appends it to ``var/archives/<list>/<YYYY-MM>.mbox``
-under the list's archive lock, many posts per lock acquisition (DESIGN §4).  Lists with
+under the list's archive lock, many posts per lock acquisition (docs/design.md §4).  Lists with
 ``archive`` off, and posts that ask not to be archived (``X-No-Archive: yes``, ``X-Archive: no``),
 are skipped.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from email.message import Message
-from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
-    if not getattr(mlist.settings, "archive", False):
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
+    if not mlist.settings.archive:
         return
     if str(msg.get("x-no-archive", "")).strip().lower() == "yes" \
             or str(msg.get("x-archive", "")).strip().lower() == "no":

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from email.message import Message
-from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
-    if not getattr(mlist.settings, "digest_enabled", False) or not mlist.digest_recipients():
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
+    if not mlist.settings.digest_enabled or not mlist.digest_recipients():
         return
     ctx.copy_for_archive("digest", msg, {
         "listname": mlist.name,

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import time
 from email.message import Message
-from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     recipients = list(msgdata.get("recipients") or [])
     if not recipients:
         ctx.log.info("list %s: post %s from %s has no recipients left; nothing to send", mlist.name,
@@ -29,7 +29,7 @@ def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
         "kind": msgdata.get("kind", "post"),
         "recipients": recipients,
         "envelope_sender": mlist.bounces_address,
-        "personalize": bool(getattr(mlist.settings, "personalize", False)),
+        "personalize": bool(mlist.settings.personalize),
         "received": msgdata.get("received") or time.time(),
         "sender": msgdata.get("sender", ""),
     }

@@ -1,4 +1,6 @@
-"""Entry names, claim names and the slice math (docs/design.md §3.1 "Names", §3.2 "Slices and buckets").
+"""Reading entry names, claim names and the slice math (docs/design.md §3.1 "Names", §3.2 "Slices and buckets").
+
+Making a new entry's name is ``mailq.queue.entry`` (``entry_id``, ``new_sha``, ``fixed_sha``).
 
 Everything a host needs to decide "is this file mine?" comes from the file *name*: the slice from the
 SHA-1 in it, the bucket folder from its first two hex digits, the due time from its time field, the
@@ -18,7 +20,6 @@ SPACE = 1 << DIGEST_BITS
 BUCKET_SHIFT = DIGEST_BITS - 8
 BUCKETS = 256
 
-ENTRY_SUFFIX = ".pck"
 CLAIM_SUFFIX = ".bak"
 TEMP_SUFFIX = ".tmp"
 REASON_SUFFIX = ".reason"
@@ -29,15 +30,6 @@ ENTRY_RE = re.compile(r"(?P<time>\d{1,12}(?:\.\d{1,9})?)\+(?P<sha>[0-9a-f]{40})\
 CLAIM_RE = re.compile(r"(?P<id>\d{1,12}(?:\.\d{1,9})?\+[0-9a-f]{40})\.pck"
                       r"\.(?P<node>.+)\.(?P<pid>\d+)\.(?P<epoch>\d+)\.bak")
 ID_RE = re.compile(r"(?P<time>\d{1,12}(?:\.\d{1,9})?)\+(?P<sha>[0-9a-f]{40})")
-
-
-def format_time(t: float) -> str:
-    """The time field of a name: microseconds, fixed format, so names of one moment sort alike."""
-    return f"{t:.6f}"
-
-
-def entry_id(t: float, sha: str) -> str:
-    return f"{format_time(t)}+{sha}"
 
 
 def split_id(eid: str) -> tuple[float, str]:

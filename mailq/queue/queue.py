@@ -14,7 +14,6 @@ than ten times the last listing took.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,11 +26,13 @@ from typing import Any
 
 from mailq.errors import NotFound
 from mailq.fsutil import fsync_dir, make_dirs
+from mailq.queue import entry
+from mailq.queue.entry import ENTRY_SUFFIX, QueueFull, entry_id
 from mailq.queue.names import (
-    CLAIM_SUFFIX, ENTRY_RE, ENTRY_SUFFIX, REASON_SUFFIX, ClaimInfo, Claimant, bucket_of,
-    entry_id, parse_claim, slice_buckets, slice_of, split_id,
+    CLAIM_SUFFIX, ENTRY_RE, REASON_SUFFIX, ClaimInfo, Claimant, bucket_of, parse_claim, slice_buckets,
+    slice_of, split_id,
 )
-from mailq.queue.payload import BadEntry, QueueFull, decode, encode, write_entry
+from mailq.queue.payload import BadEntry, decode, encode
 
 BUCKET_NAMES = [f"{b:02x}" for b in range(256)]
 #: Where ``to_bad`` puts files whose name is not an entry name (only ``bad`` has it).
@@ -127,19 +128,12 @@ class Queue:
         """Write a new entry and return its id; QueueFull (temporary) when it cannot be written."""
         meta = dict(metadata)
         meta.setdefault("listname", listname)
-        data = encode(msg, meta)
-        digest = hashlib.sha1(data)
-        digest.update(listname.encode("utf-8", "surrogateescape"))
-        digest.update(os.urandom(16))     # nonce: the same message twice must get two names
-        sha = digest.hexdigest()
-        eid = entry_id(time.time() if not_before is None else not_before, sha)
-        write_entry(f"{self._dir}/{sha[:2]}", eid + ENTRY_SUFFIX, data, fsync=self.fsync)
-        return eid
+        return entry.enqueue(self._dir, encode(msg, meta), listname, fsync=self.fsync, due=not_before)
 
     def write(self, eid: str, data: bytes) -> None:
         """Make ``<eid>.pck`` with payload *data* visible in its bucket (temp, fsync, rename)."""
         _, sha = split_id(eid)
-        write_entry(f"{self._dir}/{sha[:2]}", eid + ENTRY_SUFFIX, data, fsync=self.fsync)
+        entry.write(f"{self._dir}/{sha[:2]}", eid + ENTRY_SUFFIX, data, fsync=self.fsync)
 
     # -- listing ----------------------------------------------------------------------------
     def _scan(self, index: int, count: int) -> list[tuple[float, str, str]]:
@@ -403,7 +397,7 @@ class Queue:
         it was.
         """
         claim = os.fspath(claim)
-        write_entry(os.path.dirname(claim), os.path.basename(claim), data, fsync=self.fsync)
+        entry.write(os.path.dirname(claim), os.path.basename(claim), data, fsync=self.fsync)
         _fault("rewritten")
         dest = os.path.join(folder, name)
         try:
@@ -430,7 +424,7 @@ class Queue:
         note = {"reason": reason, "queue": self.name, "file": str(path), "host": socket.gethostname(),
                 "time": time.time()}
         try:
-            write_entry(str(folder), final + REASON_SUFFIX, json.dumps(note, indent=1).encode() + b"\n",
+            entry.write(str(folder), final + REASON_SUFFIX, json.dumps(note, indent=1).encode() + b"\n",
                         fsync=self.fsync)
         except OSError as exc:  # QueueFull included: the move matters more than the note (reason is logged)
             self.log.error("cannot write %s: %s", folder / (final + REASON_SUFFIX), exc)

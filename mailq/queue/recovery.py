@@ -15,8 +15,10 @@ from typing import Any
 
 from mailq.config import RUNNER_QUEUES, Settings
 from mailq.fsutil import make_dirs, pid_alive
-from mailq.queue.names import CLAIM_RE, ENTRY_RE, ENTRY_SUFFIX, TEMP_SUFFIX, ClaimInfo, Claimant, bucket_of
-from mailq.queue.payload import BadEntry, QueueFull, decode, encode, write_entry
+from mailq.queue import entry
+from mailq.queue.entry import ENTRY_SUFFIX, QueueFull
+from mailq.queue.names import CLAIM_RE, ENTRY_RE, TEMP_SUFFIX, ClaimInfo, Claimant, bucket_of
+from mailq.queue.payload import BadEntry, decode, encode
 from mailq.queue.queue import BUCKET_NAMES, Queue, read_all
 
 #: Queues that can hold claims: every runner queue, and shunt (``mailqctl queue unshunt`` claims there).
@@ -163,7 +165,7 @@ def bump_recoveries(folder: os.PathLike[str] | str, sha: str, *, fsync: bool = T
     """
     count = recoveries(folder, sha) + 1
     try:
-        write_entry(os.fspath(folder), os.path.basename(_note_path(folder, sha)), b"%d\n" % count, fsync=fsync)
+        entry.write(os.fspath(folder), os.path.basename(_note_path(folder, sha)), b"%d\n" % count, fsync=fsync)
     except OSError:
         pass
     return count

@@ -1,4 +1,4 @@
-"""Runners: one module per queue, all built on ``mailq.runners.base.Runner`` (DESIGN §1).
+"""Runners: one module per queue, all built on ``mailq.runners.base.Runner`` (docs/design.md §1).
 
 ``REGISTRY`` names every runner the master may start, as ``"module:Class"`` so that a runner
 process imports only its own module.  Queues without an entry here have no runner yet: entries

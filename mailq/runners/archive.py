@@ -3,7 +3,7 @@
 Entries come from the ``to_archive`` and ``to_digest`` stages; ``metadata["stores"]`` says where
 each goes: ``archive`` -> ``var/archives/<list>/<YYYY-MM>.mbox``, ``digest`` ->
 ``var/lists/<list>/digest.mbox`` (one entry may name both).  A strict lock
-cycle costs about 1 ms (DESIGN §4), so the runner does not take one per post: its
+cycle costs about 1 ms (docs/design.md §4), so the runner does not take one per post: its
 ``batch_limit`` lets the base loop claim up to ``pipeline.archive_batch`` entries from its slice
 (each confirmed by the claim guard); ``process_batch`` groups them by list and file and appends each
 group under one lock acquisition, and only then does the loop finish the claims.  A crash

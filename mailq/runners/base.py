@@ -1,4 +1,4 @@
-"""The queue loop every queue runner uses: guard, claim, process, finish (DESIGN §1, §3, §5).
+"""The queue loop every queue runner uses: guard, claim, process, finish (docs/design.md §1, §3; docs/cluster.md §4).
 
 ``Runner`` is a ``RunnerProcess`` (``mailq/runners/process.py``: log, signals, master watch) that
 serves one queue and one slice of it.  The loop:
@@ -44,6 +44,7 @@ from mailq.config import Settings
 from mailq.errors import LeaseLost, TemporaryFailure
 from mailq.fsutil import make_dirs
 from mailq.queue.names import Claimant, slice_of, split_id
+from mailq.queue.entry import QueueFull
 from mailq.queue.queue import Claimed, Queue
 from mailq.runners.process import EXIT_TEMPFAIL, RunnerProcess
 
@@ -279,8 +280,6 @@ class Runner(RunnerProcess):
         encoded at all goes to ``bad``.  A rename that fails too (NFS trouble) is retried until it
         works (``_settle``).
         """
-        from mailq.queue.payload import QueueFull
-
         not_before = time.time() + (self.tempfail_delay or 0.0)
         try:
             new_id = queue.requeue(entry, not_before=not_before)

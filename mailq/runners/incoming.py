@@ -1,6 +1,6 @@
 """The ``in`` runner: run each incoming message through its list's pipeline and act on the outcome.
 
-For each entry (DESIGN §1, docs/pipeline.md):
+For each entry (docs/design.md §1, docs/pipeline.md "The in runner"):
 
 1. load the list without a lock (``ListStore.load``; a save is an atomic rename).  An unknown list
    (removed after the MTA queued the mail) raises, and the base loop shunts the entry with that
@@ -25,20 +25,23 @@ entry's metadata keeps a retried notice write from sending a notice twice.
 from __future__ import annotations
 
 from typing import Any
+from email.message import Message
 
 from mailq.errors import MailqError
+from mailq.lists import ListStore
 from mailq.lists.held import HeldStore, notify_held, notify_rejected
-from mailq.pipeline import Context, Discard, Hold, Reject, run
+from mailq.lists.preserved import PreservedStore, notify_owners
+from mailq.pipeline import Context, Discard, Hold, Reject, load_stage, run
 from mailq.pipeline.base import header_text, parse
 from mailq.runners.base import Runner
+from mailq.queue.queue import Claimed
+from mailq.lists.mlist import MailingList
 
 
 class IncomingRunner(Runner):
     queue = "in"
 
     def setup(self) -> None:
-        from mailq.lists import ListStore
-
         self.store = ListStore(self.settings, log=self.log)
         self._warm_up()
 
@@ -49,8 +52,6 @@ class IncomingRunner(Runner):
         ``dmarc``, html2text for ``mime_filter``) (email-validator compiles large regular expressions at
         import), which would otherwise be added to the first post after every runner start.
         """
-        from mailq.pipeline import load_stage
-
         for name in dict.fromkeys([*self.settings.pipeline.posts, *self.settings.pipeline.owner]):
             try:
                 stage = load_stage(name)
@@ -68,7 +69,7 @@ class IncomingRunner(Runner):
         except ImportError as exc:
             self.log.error("email-validator cannot be imported (%s): lists with unusual domains will fail to load", exc)
 
-    def process(self, entry: Any) -> None:
+    def process(self, entry: Claimed) -> None:
         if not hasattr(self, "store"):
             self.setup()
         metadata = dict(entry.metadata)
@@ -132,7 +133,7 @@ class IncomingRunner(Runner):
             return
         self.log.info("list %s: %s posted: bounce score %g cleared", mlist.name, sender, before)
 
-    def _resume(self, entry: Any, metadata: dict) -> None:
+    def _resume(self, entry: Claimed, metadata: dict) -> None:
         """Write the entries an earlier attempt of *entry* could not (its stages had all passed)."""
         pending = metadata["pending_writes"]
         if not isinstance(pending, list) or not all(
@@ -151,7 +152,7 @@ class IncomingRunner(Runner):
                       metadata.get("listname"), entry.id, ", ".join(w["queue"] for w in pending),
                       ", ".join(sorted(queued or {})) or "nothing")
 
-    def _to_owner(self, mlist: Any, entry: Any, metadata: dict, msg: Any, stop: Any) -> None:
+    def _to_owner(self, mlist: MailingList, entry: Claimed, metadata: dict, msg: Message, stop: Any) -> None:
         """A stage asked for the post to reach the owners (``StageStop.to_owner``): once per entry.
 
         ``preserve`` keeps the post under the entry's held id (the same file on every attempt);
@@ -161,8 +162,6 @@ class IncomingRunner(Runner):
         done = entry.metadata.setdefault("notified", [])
         if not how or "owner" in done:
             return
-        from mailq.lists.preserved import PreservedStore, notify_owners
-
         preserved = None
         if how == "preserve":
             post_id = HeldStore.id_for(entry.id, entry.metadata.get("received"))
@@ -172,7 +171,7 @@ class IncomingRunner(Runner):
                       header_text(msg.get("subject")), entry.msg, preserved)
         done.append("owner")
 
-    def _hold(self, mlist: Any, entry: Any, metadata: dict, msg: Any, reason: str) -> None:
+    def _hold(self, mlist: MailingList, entry: Claimed, metadata: dict, msg: Message, reason: str) -> None:
         sender = str(metadata.get("sender") or "")
         subject = header_text(msg.get("subject"))
         store = HeldStore(self.settings, mlist.name)
@@ -189,7 +188,7 @@ class IncomingRunner(Runner):
                     done=entry.metadata.setdefault("notified", []))
 
 
-def _keep_progress(entry: Any, ctx: Context) -> None:
+def _keep_progress(entry: Claimed, ctx: Context) -> None:
     """Before a requeue or shunt of *entry*: record in it what its pipeline run already queued.
 
     ``entry.metadata`` is what the base loop writes back (requeue, shunt), so the next attempt (or

@@ -1,4 +1,4 @@
-"""The ``out`` runner: hand each entry to SMTP and sort its recipients (DESIGN §1, §6 "Outgoing").
+"""The ``out`` runner: hand each entry to SMTP and sort its recipients (docs/design.md §1, docs/mail-flow.md "Out").
 
 All the delivery rules (bulk chunks, personalized VERP, retry with backoff, bounces, give-up) live
 in ``mailq.delivery.outqueue.deliver``; this runner owns the SMTP connection: opened on the first
@@ -9,11 +9,11 @@ holds no slot on the smarthost).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from mailq import stats
 from mailq.delivery.outqueue import deliver, make_transport
 from mailq.runners.base import Runner
+from mailq.queue.queue import Claimed
 
 
 #: Seconds without work after which the SMTP connection(s) are closed.
@@ -27,7 +27,7 @@ class OutgoingRunner(Runner):
         self.transport = make_transport(self.settings, log=self.log)
         self.last_used = time.monotonic()
 
-    def process(self, entry: Any) -> None:
+    def process(self, entry: Claimed) -> None:
         if not entry.metadata.get("recipients"):
             self.log.warning("%s has no recipients (metadata keys: %s); nothing to send", entry.id,
                              ", ".join(sorted(entry.metadata)))

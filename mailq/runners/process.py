@@ -1,4 +1,4 @@
-"""The process shell every runner has, whether it serves a queue or a socket (DESIGN §1).
+"""The process shell every runner has, whether it serves a queue or a socket (docs/design.md §1).
 
 A runner is one process started by the master as ``qrunner -r NAME[:SLICE:COUNT]``.  What every
 such process does the same way lives here, once:

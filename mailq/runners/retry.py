@@ -1,4 +1,4 @@
-"""The ``retry`` runner: move entries whose backoff has passed back to ``out`` (DESIGN §1).
+"""The ``retry`` runner: move entries whose backoff has passed back to ``out`` (docs/design.md §1).
 
 The outgoing runner writes each temporary failure into ``retry`` with a not-before time (entry
 name time = due time); ``Queue.claim_next`` only hands out due entries, so every entry this runner
@@ -7,15 +7,15 @@ carry the retry history, and the outgoing runner decides on the next backoff or 
 """
 from __future__ import annotations
 
-from typing import Any
 
 from mailq.runners.base import Runner
+from mailq.queue.queue import Claimed
 
 
 class RetryRunner(Runner):
     queue = "retry"
 
-    def process(self, entry: Any) -> None:
+    def process(self, entry: Claimed) -> None:
         new_id = self.enqueue("out", entry.msg, entry.metadata)
         self.log.info("%s due (attempt %s): back to out as %s", entry.id,
                       int(entry.metadata.get("attempts", 0)) + 1, new_id)

@@ -6,15 +6,15 @@ message on.  A notice without recipients is a bug in its writer: it is shunted w
 """
 from __future__ import annotations
 
-from typing import Any
 
 from mailq.runners.base import Runner
+from mailq.queue.queue import Claimed
 
 
 class VirginRunner(Runner):
     queue = "virgin"
 
-    def process(self, entry: Any) -> None:
+    def process(self, entry: Claimed) -> None:
         metadata = dict(entry.metadata)
         recipients = metadata.get("recipients")
         if not recipients or not isinstance(recipients, list):

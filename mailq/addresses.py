@@ -5,11 +5,14 @@ Every list has seven addresses, one per *kind*: the posting address and six role
 confirmation cookie). LMTP recipients and the alias generator both go through this one module, so
 the MTA side and the queue side can never disagree about what ``dev-join`` means.
 
-This module must stay cheap to import: ``mailq-deliver`` uses it on every delivery.
+It sits below ``mailq.lists`` (validation refuses list names that clash with a role suffix) and
+``mailq.mta`` (aliases, LMTP, the pipe), so neither has to import the other for it. It must stay
+cheap to import: ``mailq-deliver`` uses it on every delivery (standard library only, and not even
+``typing`` or ``__future__``: annotations that name types from elsewhere are strings).
 """
-from __future__ import annotations
-
-from collections.abc import Callable
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: kind -> local-part suffix. Order is the order aliases are printed in.
 SUFFIXES = {
@@ -34,7 +37,7 @@ QUEUE_FOR_KIND = {
 }
 
 
-def parse_list_address(local_part: str, exists: Callable[[str], bool] | None = None) -> tuple[str, str]:
+def parse_list_address(local_part: str, exists: "Callable[[str], bool] | None" = None) -> tuple[str, str]:
     """``dev-owner`` -> ``("dev", "owner")``; ``dev`` -> ``("dev", "post")``.
 
     Case is folded (MTAs treat local parts case-insensitively in aliases). ``+detail`` is allowed
