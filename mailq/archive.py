@@ -43,6 +43,8 @@ from mailq.locks import Lock, named_lock
 KEEP_KEYS = 20_000
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+_ESCAPED_FROM = re.compile(rb"^>(>*From )", re.MULTILINE)
+_SEPARATOR = re.compile(rb"^From ", re.MULTILINE)
 
 
 def mbox_entry(msg: bytes, sender: str = "", when: float | None = None) -> bytes:
@@ -54,6 +56,24 @@ def mbox_entry(msg: bytes, sender: str = "", when: float | None = None) -> bytes
         body += b"\n"
     body = _FROM_LINE.sub(rb">\1", body)
     return f"From {sender} {stamp}\n".encode("ascii", "replace") + body + b"\n"
+
+
+def read_mbox(data: bytes) -> list[bytes]:
+    """The messages of an mboxrd file written by ``mbox_entry``, unescaped, LF line endings.
+
+    Every ``From `` line at a line start begins a message (mboxrd escapes every other one), so a
+    message torn by a killed writer ends where the next one starts and never swallows it.
+    """
+    starts = [m.start() for m in _SEPARATOR.finditer(data)]
+    out = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(data)
+        chunk = data[start:end]
+        chunk = chunk[chunk.find(b"\n") + 1:] if b"\n" in chunk else b""
+        if chunk.endswith(b"\n\n"):
+            chunk = chunk[:-1]          # the empty line mbox_entry adds after each message
+        out.append(_ESCAPED_FROM.sub(rb"\1", chunk))
+    return [m for m in out if m.strip()]
 
 
 def append_bytes(path: Path, data: bytes, *, fsync: bool = True,

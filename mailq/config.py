@@ -138,6 +138,11 @@ class SmtpSettings:
     timeout: float = _limited(30.0, above=0)
     #: Recipients per transaction in bulk (non-personalized) delivery.
     chunk_size: int = _limited(500, at_least=1)
+    #: SMTP sessions one out runner uses at once for one entry's chunks or personalized copies
+    #: (docs/mail-flow.md "Several sessions"); 1 sends everything over one connection.
+    connections: int = _limited(4, at_least=1, at_most=64)
+    #: Direct MX only: transactions in flight at once towards one recipient domain.
+    sessions_per_destination: int = _limited(2, at_least=1, at_most=64)
     #: Deliver straight to the recipients' MX hosts (dnspython) instead of the smarthost.
     direct_mx: bool = False
     #: Name used in HELO/LHLO; empty means the node name.
@@ -276,7 +281,7 @@ def _ban_problem(value: list[str]) -> str | None:
 @dataclass
 class PipelineSettings:
     posts: list[str] = field(default_factory=lambda: [
-        "sanity", "sender_rules", "dmarc", "moderation", "mime_filter", "subject_prefix",
+        "sanity", "sender_rules", "dmarc", "moderation", "mime_filter", "post_number", "subject_prefix",
         "list_headers", "footer", "recipients", "avoid_duplicates", "to_archive", "to_digest",
         "to_outgoing",
     ])

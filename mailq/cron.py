@@ -57,7 +57,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "warn members disabled by bounces every bounce_disabled_warnings_interval_days; remove after the last"),
     Task("check-failover", "mailq.cron:check_failover", 30.0, "cluster",
          "take over nodes silent past lease + margin (cluster.failover: auto), a safety net for the masters"),
+    Task("send-digests", "mailq.digest:send_digests", 900.0, "cluster",
+         "each list's digest once its digest_frequency period is over (and any digest a crash interrupted)"),
 )}
+
 
 
 @dataclass

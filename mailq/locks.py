@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -175,6 +176,7 @@ class Lock:
                 remaining = deadline - time.monotonic()
                 try:
                     self._flock.acquire(timeout=max(0.0, min(remaining, chunk)))
+                    self._widen_sentinel()
                     from mailq import stats
 
                     stats.observe("mailq_lock_wait_seconds", time.monotonic() - started)
@@ -238,6 +240,14 @@ class Lock:
             who, hint = "a holder that has just left", "run the command again"
         return LockTimeout(f"timed out after {waited:.1f}s waiting for lock {self.what} ({self.path}): "
                            f"held by {who}; {hint}", holders)
+
+    def _widen_sentinel(self) -> None:
+        """filelock writes its sentinel with the umask applied (0600 at umask 077): add group read,
+        which is all another host's mailq needs of it (``mailqctl check`` asks for it)."""
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path)
+            if not st.st_mode & 0o040 and st.st_uid == os.getuid():
+                os.chmod(self.path, stat.S_IMODE(st.st_mode) | 0o040)
 
     # -- holder records -------------------------------------------------------------------------
     def _write_record(self) -> None:

@@ -14,6 +14,7 @@ import os
 import sys
 
 from mailq.config import Settings
+from mailq.fsutil import make_dirs, open_shared
 
 class _SafeWatchedFileHandler(logging.handlers.WatchedFileHandler):
     """A WatchedFileHandler that survives its folder vanishing (var unmounted, log dir removed).
@@ -31,6 +32,11 @@ class _SafeWatchedFileHandler(logging.handlers.WatchedFileHandler):
             self.handleError(record)
             return
         logging.FileHandler.emit(self, record)
+
+    def _open(self):  # type: ignore[override]
+        # A log file of the shared tree gets fsutil's FILE_MODE, whatever the umask.
+        fd = open_shared(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 _FORMAT = "%(asctime)s %(node)s %(component)s[%(process)d] %(levelname)s %(message)s"
@@ -81,7 +87,7 @@ def get_logger(settings: Settings, component: str, *, filename: str | None = Non
     log_dir = settings.log_dir
     name = (filename or component.split(":")[0]) + ".log"
     try:
-        os.makedirs(log_dir, exist_ok=True)
+        make_dirs(log_dir)     # fsutil's DIR_MODE, whatever the umask
         watched = _SafeWatchedFileHandler(log_dir / name, encoding="utf-8")
         _handlers.append(watched)
         handler: logging.Handler = watched
@@ -107,7 +113,7 @@ STDIO_LOG_ENV = "MAILQ_STDIO_LOG"
 def redirect_stdio(path: str) -> None:
     """Point stdout and stderr (fds 1 and 2) at *path*, appending; remembered for reopen_all."""
     os.environ[STDIO_LOG_ENV] = str(path)
-    out = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    out = open_shared(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)     # FILE_MODE, whatever the umask
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.close(out)

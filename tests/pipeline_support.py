@@ -48,7 +48,7 @@ def queue_entries(settings: Any, name: str) -> list[tuple[bytes, dict]]:
     return out
 
 
-def run_pipeline(settings: Any, mlist: Any, raw: bytes, names: list[str] | None = None,
+def run_pipeline(settings: Any, mlist: Any, raw: bytes, names: list[str] | None = None, origin: str = "",
                  **metadata: Any) -> tuple[Message, dict, StageStop | None]:
     """Run *names* (default: the configured post pipeline) on *raw*; (msg, msgdata, stop or None)."""
     msg = parse(raw)
@@ -58,7 +58,7 @@ def run_pipeline(settings: Any, mlist: Any, raw: bytes, names: list[str] | None 
     def enqueue(queue: str, data: bytes, meta: dict) -> str:
         return Queue.for_settings(settings, queue).enqueue(data, meta, listname=meta.get("listname", ""))
 
-    ctx = Context(settings, log, enqueue)
+    ctx = Context(settings, log, enqueue, origin=origin)   # origin: the in entry's SHA-1, as the runner gives
     try:
         run(names if names is not None else settings.pipeline.posts, mlist, msg, msgdata, ctx)
     except StageStop as stop:

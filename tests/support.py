@@ -200,10 +200,19 @@ class SMTPSink:
         self.temp_fail = 0
         self.refuse: set[str] = set()
         self.delay = 0.0
+        #: Offer PIPELINING (RFC 2920) in the EHLO reply, as Postfix and Exim do; False: a server
+        #: without it (the client then speaks one command at a time).
+        self.pipelining = True
         self.lock = threading.Lock()
         self.controller: Any = None
 
     # aiosmtpd handler hooks
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: N802
+        session.host_name = hostname
+        if self.pipelining and not self.lmtp:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
         if address.lower() in self.refuse:
             return "550 5.1.1 no such user here"

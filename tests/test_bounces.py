@@ -53,6 +53,16 @@ def test_a_vacation_reply_to_the_verp_address_is_no_bounce():
     assert not found.recognized and "autoresponder" in found.reason
 
 
+def test_every_verp_recipient_of_one_entry_is_named():
+    # One LMTP DATA to several VERP addresses of one list is one entry listing them all.
+    meta = {"original_recipient": "dev-bounces+carol=example.org@example.org",
+            "original_recipients": ["dev-bounces+carol=example.org@example.org",
+                                    "dev-bounces+dave=example.org@example.org"],
+            "details": ["carol=example.org", "dave=example.org"]}
+    assert sorted(detect(dsn("x@elsewhere.example", msgid="<m@x>"), meta).events()) == [
+        ("carol@example.org", "permanent"), ("dave@example.org", "permanent")]
+
+
 def test_our_own_5xx_is_a_permanent_bounce_keyed_by_post_and_recipient():
     meta = {"via": "smtp", "recipient": "bob@example.org", "code": 550, "response": "no such user"}
     found = detect(b"Subject: a post\r\n\r\nhi\r\n", meta)
@@ -242,6 +252,27 @@ def test_verp_a_refused_personalized_copy_and_a_later_dsn_both_raise_the_score(t
                      r"\(\S+ by verp\)", log)
     assert re.search(r"bob@example\.org: permanent: counted, score 0 -> 1 \[smtp:\S+:bob@example\.org\] "
                      r"\(\S+ by smtp\)", log)
+
+
+def test_one_lmtp_data_to_several_verp_addresses_scores_each_member(tmp_path, master):
+    node = make_node(tmp_path, "n1", lmtp={"enabled": True})
+    settings = node.settings()
+    bounce_list(settings, ["alice@example.org", "bob@example.org", "carol@example.org"], personalize=True,
+                nonmember_action="accept", archive=False)
+    master(node)
+    report = dsn("someone@elsewhere.example", msgid="<relay-dsn-2@mx.example.net>")
+    verps = ["dev-bounces+bob=example.org@example.org", "dev-bounces+carol=example.org@example.org"]
+    with smtplib.LMTP(settings.lmtp.host, settings.lmtp.port) as lmtp:
+        lmtp.ehlo_or_helo_if_needed()
+        assert lmtp.mail("")[0] == 250
+        assert [lmtp.rcpt(v)[0] for v in verps] == [250, 250]
+        # LMTP: one reply per recipient after DATA (RFC 2033 4.2)
+        assert [lmtp.data(report)[0], lmtp.getreply()[0]] == [250, 250]
+    wait_for(lambda: (member(settings, "bob@example.org").bounce_score,
+                      member(settings, "carol@example.org").bounce_score) == (1.0, 1.0), 60,
+             message="bob and carol scored from one entry")
+    assert member(settings, "alice@example.org").bounce_score == 0.0
+    assert not queue_files(node.var, "shunt") and not queue_files(node.var, "bad")
 
 
 def _qrunner(node, now: str, spec: str = "bounces") -> None:

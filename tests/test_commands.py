@@ -8,6 +8,7 @@ from __future__ import annotations
 import email
 import json
 import re
+import smtplib
 import time
 from email import policy
 
@@ -108,6 +109,33 @@ def test_subscribe_confirm_welcome_then_leave_confirm_goodbye(tmp_path, master):
         assert not store.load("dev").is_member(NEW)
 
 
+def test_one_lmtp_data_to_two_confirm_addresses_uses_both_tokens(tmp_path, master):
+    # One DATA to several -confirm+TOKEN recipients of a list is one entry: every token is used.
+    node = make_node(tmp_path, "n1", lmtp={"enabled": True},
+                     runners={"poll_interval": 0.2, "restart_backoff_max": 0.5, "restart_cap": 100})
+    store = make_list(node)
+    settings = node.settings()
+    other = "second@example.net"
+    with SMTPSink(settings.smtp.port) as sink:
+        master(node)
+        tokens = []
+        for who in (NEW, other):
+            deliver(node, "request", mail(who, "dev-request@example.org", "subscribe"), who)
+            confirmation, = received(sink, who, r"^confirm [0-9a-f]{40}$")
+            tokens.append(str(confirmation["Subject"]).split()[1])
+        rcpts = [f"dev-confirm+{token}@example.org" for token in tokens]
+        with smtplib.LMTP(settings.lmtp.host, settings.lmtp.port) as lmtp:
+            lmtp.ehlo_or_helo_if_needed()
+            assert lmtp.mail(NEW)[0] == 250
+            assert [lmtp.rcpt(r)[0] for r in rcpts] == [250, 250]
+            # LMTP: one reply per recipient after DATA (RFC 2033 4.2)
+            assert [lmtp.data(mail(NEW, rcpts[0], f"Re: confirm {tokens[0]}"))[0], lmtp.getreply()[0]] == [250, 250]
+        received(sink, NEW, r"^Welcome to the dev mailing list")
+        received(sink, other, r"^Welcome to the dev mailing list")
+        mlist = store.load("dev")
+        assert mlist.is_member(NEW) and mlist.is_member(other)
+
+
 def test_help_who_set_digest_and_unknown_lines(tmp_path, master):
     node = command_node(tmp_path)
     store = make_list(node, roster_visibility="members")
@@ -116,19 +144,19 @@ def test_help_who_set_digest_and_unknown_lines(tmp_path, master):
     settings = node.settings()
     with SMTPSink(settings.smtp.port) as sink:
         master(node)
-        text = "help\r\nwho\r\nset digest on\r\nSET DELIVERY off\r\nfrobnicate now\r\nsubscribe x@example.org\r\n"
+        text = "help\r\nwho\r\nset digest plain\r\nSET DELIVERY off\r\nfrobnicate now\r\nsubscribe x@example.org\r\n"
         deliver(node, "request", mail("alice@example.org", "dev-request@example.org", "commands", text),
                 "alice@example.org")
         reply, = received(sink, "alice@example.org", r"^Re: commands")
         content = body(reply)
         assert "> who\nwho: 2 member(s)" in content and "  bob@example.org" in content
-        assert "> set digest on\nset digest on: done" in content
+        assert "> set digest plain\nset digest plain: done" in content
         assert "> SET DELIVERY off\nSET DELIVERY off: done" in content
         assert "> frobnicate now\nnot a command; reading stopped here" in content
         assert "x@example.org" not in content          # after the stop: never read
         assert "subscribe [ADDRESS] [digest|regular]" in content     # the help text
         member = store.load("dev").members.get("alice@example.org")
-        assert member.digest and member.status == "disabled_user"
+        assert member.digest == "plain" and member.status == "disabled_user"
         # a stranger may not see the roster; a message with no command gets the help text
         deliver(node, "request", mail("eve@example.net", "dev-request@example.org", "who"), "eve@example.net")
         refused, = received(sink, "eve@example.net", r"^Re: who")
@@ -202,6 +230,19 @@ def _out_subjects(node) -> list[str]:
         (_, path), = q.locate(eid)
         msg, _ = q.read(path)
         out.append(email.message_from_bytes(msg)["Subject"])
+    return out
+
+
+def _out_bodies(node, subject_prefix: str) -> list[str]:
+    from mailq.queue import Queue
+
+    q = Queue.for_settings(node.settings(), "out")
+    out = []
+    for eid in q.waiting(count=1):
+        (_, path), = q.locate(eid)
+        msg = email.message_from_bytes(q.read(path)[0], policy=policy.default)
+        if str(msg["Subject"]).startswith(subject_prefix):
+            out.append(body(msg))
     return out
 
 
@@ -369,3 +410,107 @@ def test_a_confirmation_killed_mid_way_subscribes_once_and_welcomes_once(tmp_pat
     assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
     assert sum(s.startswith("Welcome to") for s in _out_subjects(node)) == 1
     assert not list((node.var / "lists" / "dev" / "pending").glob("*.to-*"))
+
+
+@pytest.mark.parametrize("step", ["staged", "applied", "unlinked", "sent"])
+def test_a_batch_of_confirmations_killed_mid_way_makes_each_member_once(tmp_path, step):
+    """Three tokens confirmed in one batch (one list lock, one save: ``carry_out_many``), one of them
+    twice; the runner is killed after a step of the batch; recovery finishes every decision once."""
+    from mailq.queue.entry import enqueue_message
+
+    node = command_node(tmp_path)
+    store = make_list(node)
+    people = [f"p{i}@example.net" for i in range(3)]
+    for who in people:
+        deliver(node, "join", mail(who, "dev-join@example.org", "join"), who)
+    assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
+    tokens = {}
+    from mailq.queue import Queue
+
+    q = Queue.for_settings(node.settings(), "out")
+    for eid in q.waiting(count=1):
+        (_, path), = q.locate(eid)
+        raw, meta = q.read(path)
+        subject = email.message_from_bytes(raw)["Subject"]
+        if subject.startswith("confirm "):
+            tokens[meta["recipients"][0]] = subject.split()[1]
+    assert sorted(tokens) == people
+    for who in people + people[:1]:
+        token = tokens[who]
+        enqueue_message(node.settings().queue_dir("commands"),
+                    mail(who, f"dev-confirm+{token}@example.org", f"Re: confirm {token}"),
+                    {"listname": "dev", "kind": "confirm", "received": time.time(), "via": "pipe",
+                     "envelope_sender": who, "original_recipient": f"dev-confirm+{token}@example.org"}, fsync=False)
+    killed = node.run("qrunner", "-r", "commands", "--once", env={"MAILQ_FAULT_PENDING_CRASH": step})
+    assert killed.returncode == -9, killed.stderr
+    node.run("mailqctl", "queue", "recover", check=True)
+    assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
+    assert sorted(m.address for m in store.load("dev").members) == people
+    assert sum(s.startswith("Welcome to") for s in _out_subjects(node)) == 3
+    replies = _out_bodies(node, "Re: confirm")
+    assert sum("already used" in text for text in replies) == 1     # the replay
+    # the finished ones are answered by their welcome; a crash after sending a welcome (not before)
+    # may add a reply saying the confirmation is done, never one saying something false
+    assert len(replies) == (2 if step == "sent" else 1), replies
+    assert not any("already a member" in text for text in replies), replies
+    assert not list((node.var / "lists" / "dev" / "pending").glob("*.to-*"))
+
+
+def test_bad_input_is_logged_and_finished_and_an_upper_cased_token_confirms(tmp_path):
+    """Unknown list, no sender address, bytes that are no mail, a broken base64 body: each is
+    finished (never shunted, never looping); a token typed in capitals still confirms."""
+    from mailq.queue.entry import enqueue_message
+
+    node = command_node(tmp_path)
+    store = make_list(node)
+    deliver(node, "request", mail(NEW, "dev-request@example.org", "subscribe"), NEW)
+    assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
+    token = _token_from_out(node)
+    commands = node.settings().queue_dir("commands")
+
+    def put(msg: bytes, listname: str = "dev", kind: str = "request", sender: str = "x@example.net") -> None:
+        enqueue_message(commands, msg, {"listname": listname, "kind": kind, "received": time.time(),
+                                        "via": "pipe", "envelope_sender": sender}, fsync=False)
+
+    put(mail(NEW, "gone-request@example.org", "help"), listname="gone")
+    put(b"From: not an address\r\nSubject: help\r\n\r\nhelp\r\n", sender="neither")
+    put(bytes(range(256)) * 40)
+    put(b"From: b64@example.net\r\nSubject: x\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!%%%\r\n",
+        sender="b64@example.net")
+    put(mail(NEW, "dev-request@example.org", f"Re: CONFIRM {token.upper()}"), sender=NEW)
+    assert node.run("qrunner", "-r", "commands", "--once").returncode == 0
+    assert not list((node.var / "qfiles" / "commands").glob("*/*.pck*"))
+    assert not list((node.var / "qfiles" / "shunt").glob("*/*.pck*"))
+    log = (node.var / "log" / "n1" / "commands.log").read_text()
+    assert "no list 'gone'" in log and "no usable sender address" in log
+    assert [m.address for m in store.load("dev").members] == [NEW]
+    assert sum(s.startswith("Welcome to") for s in _out_subjects(node)) == 1
+
+
+def test_lists_names_only_advertised_lists_of_the_domain_and_set_digest_takes_each_format(tmp_path, master):
+    node = command_node(tmp_path)
+    store = make_list(node, description="Development talk")
+    store.create("announce", OWNER, domain="example.org", description="News")
+    store.create("secret", OWNER, domain="example.org", advertised=False)
+    store.create("elsewhere", OWNER, domain="example.com")
+    with store.edit("dev") as mlist:
+        mlist.members.add(Member("alice@example.org"))
+    settings = node.settings()
+    with SMTPSink(settings.smtp.port) as sink:
+        master(node)
+        deliver(node, "request", mail("alice@example.org", "dev-request@example.org", "lists", "set digest mime\r\n"),
+                "alice@example.org")
+        reply, = received(sink, "alice@example.org", r"^Re: lists")
+        content = body(reply)
+        assert "lists: 2 list(s), see below" in content
+        assert "announce@example.org  News" in content and "dev@example.org  Development talk" in content
+        assert "secret" not in content and "elsewhere" not in content
+        assert store.load("dev").members.get("alice@example.org").digest == "mime"
+        deliver(node, "request", mail("alice@example.org", "dev-request@example.org", "set digest off"),
+                "alice@example.org")
+        received(sink, "alice@example.org", r"^Re: set digest off")
+        assert store.load("dev").members.get("alice@example.org").digest == "off"
+        deliver(node, "request", mail("alice@example.org", "dev-request@example.org", "set digest weekly"),
+                "alice@example.org")
+        refused, = received(sink, "alice@example.org", r"^Re: set digest weekly")
+        assert "use 'set digest mime|plain|off'" in body(refused)

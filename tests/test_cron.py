@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,13 +14,15 @@ from mailq.cluster import heartbeat
 from mailq.cluster.slicemap import load_map
 from tests.support import ROOT, make_node
 
-#: what the test tasks below do on their next run
+#: what the test tasks below do on their next run, and what they saw while running
 BEHAVIOUR = {"fail": False}
+SEEN: list = []
 
 
 def slow_task(settings, log) -> str:
-    """A task that takes a good part of its (test) period, as a real one may."""
-    time.sleep(0.4)
+    """A test task that records the stamp cron wrote for it (file content and mtime) while it runs."""
+    path = cron.stamp_path(settings, cron.TASKS["slow"])
+    SEEN.append((json.loads(path.read_text()), path.stat().st_mtime))
     if BEHAVIOUR["fail"]:
         raise RuntimeError("the task broke")
     return "slow task done"
@@ -29,10 +30,24 @@ def slow_task(settings, log) -> str:
 
 @pytest.fixture
 def slow(monkeypatch):
-    """Task "slow": period 1 s, runs 0.4 s."""
-    monkeypatch.setitem(cron.TASKS, "slow", cron.Task("slow", "tests.test_cron:slow_task", 1.0, "cluster", "test"))
+    """Task "slow": period one hour, so only a stamp the test ages (os.utime) makes it due again."""
+    monkeypatch.setitem(cron.TASKS, "slow", cron.Task("slow", "tests.test_cron:slow_task", 3600.0, "cluster", "test"))
     monkeypatch.setitem(BEHAVIOUR, "fail", False)
+    SEEN.clear()
     return "slow"
+
+
+def age_stamp(settings, name: str, age: float) -> float:
+    """Set task *name*'s stamp to *age* seconds old by the shared filesystem's clock; its new mtime."""
+    when = heartbeat.fs_now(settings) - age
+    os.utime(cron.stamp_path(settings, cron.TASKS[name]), (when, when))
+    return when
+
+
+def keep_alive(settings, node: str) -> None:
+    """Date *node*'s heartbeat an hour ahead: alive to any observer however slowly this machine runs."""
+    when = heartbeat.fs_now(settings) + 3600
+    os.utime(heartbeat.nodes_dir(settings) / node, (when, when))
 
 
 @pytest.fixture
@@ -61,30 +76,40 @@ def test_a_cluster_task_runs_once_per_period_across_nodes(nodes):
 
 def test_a_run_one_period_after_the_last_start_runs_however_long_the_last_run_took(nodes, slow):
     s1, s2 = nodes["h1"].settings(), nodes["h2"].settings()
-    started = time.monotonic()
     assert cron.run_task(s1, slow).ran
+    # The stamp was written before the task body ran, and the end of the run did not touch it:
+    # its mtime is the run's start, however long the run took.
+    (record, mtime_seen), = SEEN
+    stamp = cron.stamp_path(s1, cron.TASKS[slow])
+    assert record["node"] == "h1" and stamp.stat().st_mtime == mtime_seen
     assert not cron.run_task(s2, slow).ran                  # within the period, on another node
-    # The next cron tick, one period after the last *start*: it must run (a stamp taken at the
-    # end of the 0.4 s run would make it look 0.6 s old and skip this period).
-    time.sleep(max(0.0, started + 1.0 - time.monotonic()))
+    # The next cron tick comes a little short of one period after the last start (cron's jitter):
+    # still due, within the tolerance.
+    age_stamp(s1, slow, cron.TASKS[slow].period * (1 - cron.TOLERANCE / 2))
     again = cron.run_task(s2, slow)
     assert again.ran and again.ok, again.summary
     last = cron.last_run(s1, cron.TASKS[slow])
     assert last["node"] == "h2" and last["summary"] == "slow task done" and last["ok"]
+    # Short of the tolerance it is not due yet.
+    age_stamp(s1, slow, cron.TASKS[slow].period * (1 - 2 * cron.TOLERANCE))
+    assert not cron.run_task(s1, slow).ran
 
 
 def test_a_failed_run_keeps_the_previous_stamp_so_the_next_tick_retries(nodes, slow):
     s1, s2 = nodes["h1"].settings(), nodes["h2"].settings()
     assert cron.run_task(s1, slow).ran
+    stamp = cron.stamp_path(s1, cron.TASKS[slow])
+    h1_started = age_stamp(s1, slow, 60)                  # h1's run started a minute ago
     BEHAVIOUR["fail"] = True
     failed = cron.run_task(s2, slow, force=True)
     assert failed.ran and not failed.ok and "the task broke" in failed.summary
     last = cron.last_run(s1, cron.TASKS[slow])
     assert last["node"] == "h1" and last["summary"] == "slow task done"     # h1's run still the last one
+    assert stamp.stat().st_mtime == h1_started                             # with its start time
     BEHAVIOUR["fail"] = False
-    time.sleep(max(0.0, 1.0 - last["age"]))
+    assert not cron.run_task(s2, slow).ran                 # the failed run did not reset the period...
+    age_stamp(s1, slow, cron.TASKS[slow].period)           # ...and the tick one period after h1's start runs
     assert cron.run_task(s2, slow).ran
-    stamp = cron.stamp_path(s1, cron.TASKS[slow])
     stamp.unlink()
     BEHAVIOUR["fail"] = True
     assert not cron.run_task(s1, slow).ok and not stamp.exists()       # never ran well: due at once
@@ -111,6 +136,7 @@ def test_check_failover_from_cron_takes_over_a_silent_node(nodes):
     nodes["h1"].mailq("slices", "init", "--nodes", "h1,h2", check=True)
     settings = nodes["h3"].settings()
     assert heartbeat.Heartbeat(nodes["h1"].settings()).renew()
+    keep_alive(settings, "h1")
     path = heartbeat.nodes_dir(settings) / "h2"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("{}")
@@ -133,6 +159,8 @@ def test_check_failover_without_backups_spreads_the_dead_nodes_slices_over_the_l
     taken = before.slices_for("h3")
     for n in ("h1", "h2", "h3"):
         assert heartbeat.Heartbeat(made[n].settings()).renew()
+    for n in ("h1", "h2"):
+        keep_alive(settings, n)
     path = heartbeat.nodes_dir(settings) / "h3"
     now = heartbeat.fs_now(settings)
     os.utime(path, (now - 60, now - 60))

@@ -11,7 +11,8 @@ from mailq.delivery.retry import next_attempt
 from mailq.delivery.smtp import SMTPConnection
 from mailq.delivery.verp import verp_recipient, verp_sender
 from mailq.queue import Claimant, Queue
-from tests.support import SMTPSink, free_port, make_node
+from mailq.queue.names import split_id
+from tests.support import SMTPSink, free_port, make_node, wait_for
 
 MSG = b"From: dev@lists.example.org\r\nTo: dev@lists.example.org\r\nSubject: news\r\n\r\nbody\r\n"
 BOUNCES = "dev-bounces@lists.example.org"
@@ -172,7 +173,8 @@ def test_verp_round_trip():
 
 
 def test_out_and_retry_runners_deliver_retry_and_finish(tmp_path, sink):
-    node = make_node(tmp_path, "n1", smtp={"port": sink.port, "chunk_size": 2},
+    # One session: which chunk the sink fails is then the first (several sessions: tests/test_delivery_sessions.py).
+    node = make_node(tmp_path, "n1", smtp={"port": sink.port, "chunk_size": 2, "connections": 1},
                      delivery={"retry_initial": 0.2, "retry_max": 0.2})
     settings = node.settings()
     out = Queue.for_settings(settings, "out")
@@ -183,8 +185,10 @@ def test_out_and_retry_runners_deliver_retry_and_finish(tmp_path, sink):
     assert sink.recipients() == ["user2@example.com"]
     assert out.waiting(0, 1) == []
     retry = Queue.for_settings(settings, "retry")
-    assert len(retry.waiting(0, 1)) == 1
-    time.sleep(0.3)   # let the 0.2 s backoff pass (the runner only takes due entries)
+    waiting = retry.waiting(0, 1)
+    assert len(waiting) == 1
+    due, _ = split_id(waiting[0])            # a retry entry's id time is its due time
+    wait_for(lambda: time.time() >= due, 30, message="the retry entry due (the runner only takes due entries)")
     assert node.run("qrunner", "-r", "retry", "--once").returncode == 0
     assert retry.waiting(0, 1) == [] and len(out.waiting(0, 1)) == 1
     assert node.run("qrunner", "-r", "out", "--once").returncode == 0

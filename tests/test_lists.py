@@ -257,7 +257,7 @@ def test_changes_to_one_member_or_to_all_members_inside_edit_are_saved(store):
     mlist = store.load("dev")
     assert mlist.members.get("m3@example.org").as_dict() | {"disabled_at": None, "joined": None} == {
         "address": "m3@example.org", "display_name": "Three", "status": "disabled_bounce", "disabled_at": None,
-        "digest": False, "moderated": False, "dont_receive_duplicates": True, "bounce_score": 3.0,
+        "digest": "off", "moderated": False, "dont_receive_duplicates": True, "bounce_score": 3.0,
         "last_bounce": None, "joined": None, "bounce": None}
     assert "m3@example.org" not in mlist.regular_recipients() and mlist.settings.description == "patched"
     with store.edit("dev") as mlist:
@@ -269,7 +269,8 @@ def test_changes_to_one_member_or_to_all_members_inside_edit_are_saved(store):
 
 member_rows = st.lists(st.tuples(
     st.from_regex(r"[a-z0-9._+-]{1,12}", fullmatch=True), st.text(max_size=8), st.sampled_from(STATUSES),
-    st.booleans(), st.booleans(), st.booleans(), st.sampled_from([0.0, 1.5, 4.0]),
+    st.sampled_from(["off", "mime", "plain", True, False]), st.booleans(), st.booleans(),
+    st.sampled_from([0.0, 1.5, 4.0]),
     st.sampled_from([None, 1795313677.5])), max_size=30)
 
 
@@ -285,6 +286,7 @@ def test_member_columns_round_trip_and_patches_match_full_rows(rows, patch):
     loaded = Roster.from_stored(safepickle.loads(safepickle.dumps(roster.to_stored())))
     assert [m.as_dict() for m in loaded] == want
     assert loaded.regular() == roster.regular() and loaded.digest() == roster.digest()
+    assert all(loaded.digest(fmt) == roster.digest(fmt) for fmt in ("mime", "plain"))
     if rows:  # change one member through a column-mode patch and through full rows: same result
         victim = want[patch.draw(st.integers(0, len(rows) - 1))]["address"].upper()
         rowwise = Roster.from_stored(loaded.to_stored())
@@ -292,7 +294,8 @@ def test_member_columns_round_trip_and_patches_match_full_rows(rows, patch):
         for r in (loaded, rowwise):
             r.editable = True  # as ListStore.edit opens it
             m = r.get(victim)
-            m.status, m.bounce_score, m.digest = "disabled_user", 2.0, not m.digest
+            m.status, m.bounce_score = "disabled_user", 2.0
+            m.digest = {"off": "plain", "plain": "mime", "mime": "off"}[m.digest]
             m.disabled_at = 1795313999.0 if m.status != "enabled" else None
         again = Roster.from_stored(safepickle.loads(safepickle.dumps(loaded.to_stored())))
         assert [m.as_dict() for m in again] == [m.as_dict() for m in rowwise]

@@ -157,7 +157,8 @@ def test_reopen_makes_the_master_and_its_runners_reopen_their_logs(node, started
     log_dir = node.settings().log_dir
     virgin = wait_for(lambda: runner_pid(node, "virgin"), 60, message="virgin runner running")
     wait_for(lambda: "started" in _read(log_dir / "virgin.log"), 60, message="virgin runner logging")
-    time.sleep(1.2)     # the master does not pass SIGHUP to runners younger than a second
+    # No wait for the runner's age: the master puts off the SIGHUP of a runner younger than a
+    # second until it is one, and the waits below see it arrive.
     (log_dir / "master.log").rename(log_dir / "master.log.1")
     (log_dir / "virgin.log").rename(log_dir / "virgin.log.1")
     result = node.run("mailqctl", "reopen")
@@ -362,7 +363,13 @@ def test_after_reopen_no_process_writes_to_the_rotated_master_log(tmp_path, star
     log.rename(log.with_name("master.log.1"))        # what logrotate does
     assert node.run("mailqctl", "reopen").returncode == 0
 
+    def points_at_log(pid: int) -> bool:
+        try:
+            return os.readlink(f"/proc/{pid}/fd/2") == str(log)
+        except FileNotFoundError:
+            return not pid_alive(pid)       # it exited between the look and the readlink: nothing to check
+
     def stderr_is_the_new_log() -> bool:
-        return all(os.readlink(f"/proc/{pid}/fd/2") == str(log) for pid in pids if pid_alive(pid))
+        return all(points_at_log(pid) for pid in pids)
     wait_for(stderr_is_the_new_log, 60, message="every process's stderr points at the new master.log")
     assert log.exists()

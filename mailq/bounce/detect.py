@@ -5,8 +5,9 @@ parser or a detector chokes on is reported as unrecognized with the reason.
 
 * ``via`` "smtp" entries come from our own out runner (a 5xx during delivery): ``recipient`` is the
   address and the failure is permanent; nothing is parsed.
-* A bounce that reached a VERP address (``original_recipient`` ``LIST-bounces+alice=example.com@...``)
-  names the member by its address alone (``mailq.delivery.verp``).  The message then only decides
+* A bounce that reached a VERP address (``original_recipient`` ``LIST-bounces+alice=example.com@...``;
+  every one of ``original_recipients`` when one LMTP DATA went to several) names each member by its
+  address alone (``mailq.delivery.verp``).  The message then only decides
   the kind: temporary when the detectors find only delay warnings, permanent when they find a
   permanent failure or when it is a delivery report they cannot read (a ``multipart/report``, or mail
   from the null sender, ``MAILER-DAEMON`` or ``postmaster``).  Anything else at a VERP address is a
@@ -110,21 +111,33 @@ def detect(raw: bytes, metadata: dict[str, Any]) -> Detection:
     temporary, permanent, problem = _flufl(msg)
     from mailq.delivery.verp import verp_recipient
 
-    verp = verp_recipient(str(metadata.get("original_recipient") or ""))
-    if verp and "@" in verp and not verp.startswith("@"):
+    verps = sorted({v for v in (verp_recipient(r) for r in recipients_of(metadata))
+                    if v and "@" in v and not v.startswith("@")})
+    if verps:
         if permanent:
-            return Detection(permanent={verp}, method="verp", key=key)
+            return Detection(permanent=set(verps), method="verp", key=key)
         if temporary:
-            return Detection(temporary={verp}, method="verp", key=key)
+            return Detection(temporary=set(verps), method="verp", key=key)
         if _is_delivery_report(msg, metadata):
-            return Detection(permanent={verp}, method="verp", key=key)
-        return Detection(method="", key=key, reason=f"mail to the VERP address of {verp} that is no delivery "
-                                                    f"report (a reply or an autoresponder){problem}")
+            return Detection(permanent=set(verps), method="verp", key=key)
+        return Detection(method="", key=key, reason=f"mail to the VERP address of {', '.join(verps)} that is no "
+                                                    f"delivery report (a reply or an autoresponder){problem}")
     if temporary or permanent:
         return Detection(permanent=permanent, temporary=temporary - permanent, method="flufl", key=key)
     what = "a delivery report none of the detectors can read" if _is_delivery_report(msg, metadata) \
         else "not a bounce (no failed address found)"
     return Detection(method="", key=key, reason=what + problem)
+
+
+def recipients_of(metadata: dict[str, Any]) -> list[str]:
+    """Every envelope recipient of an entry: one LMTP DATA to several ``LIST-bounces+...`` addresses
+    of one list makes one entry listing them all in ``original_recipients`` (docs/internals.md)."""
+    many = metadata.get("original_recipients")
+    found = [str(r) for r in many if r] if isinstance(many, (list, tuple)) else []
+    one = str(metadata.get("original_recipient") or "")
+    if one and one not in found:
+        found.insert(0, one)
+    return found
 
 
 def _flufl(msg: Message) -> tuple[set[str], set[str], str]:

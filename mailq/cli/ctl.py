@@ -20,6 +20,7 @@ from mailq.cli.common import (EXIT_FAIL, accept_config_everywhere, become_run_as
                               get_settings, json_option, print_table)
 from mailq.cli.main import LazyGroup
 from mailq.config import Settings
+from mailq.fsutil import make_dirs
 
 #: ``status`` of a master that is not running (LSB "program is not running", as systemctl status).
 EXIT_NOT_RUNNING = 3
@@ -244,7 +245,7 @@ def _stop(settings: Settings, timeout: float | None) -> bool:
 def _daemonize(settings: Settings) -> None:
     """Double fork; the parent waits on a pipe for "ok PID" or "error MESSAGE" from the daemon."""
     log_file = settings.log_dir / "master.log"
-    os.makedirs(settings.log_dir, exist_ok=True)
+    make_dirs(settings.log_dir)     # fsutil's DIR_MODE, whatever the umask
     if settings.source is not None:
         # The daemon runs in "/": its runners get the config by absolute path.
         settings.source = settings.source.resolve()

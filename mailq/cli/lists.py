@@ -96,21 +96,26 @@ def remove(name: str, delete_archives: bool) -> None:
 
 
 @lists.command("list")
+@click.option("--advertised", is_flag=True,
+              help="Only lists whose 'advertised' setting is true: the ones a -request 'lists' answer names.")
 @json_option
 @handle_errors
-def list_(as_json: bool) -> None:
+def list_(advertised: bool, as_json: bool) -> None:
     """Show every list with its address and member count.
 
     \b
     Examples:
       mailqctl lists list
+      mailqctl lists list --advertised
       mailqctl lists list --json | jq '.[].name'
     """
     from mailq.errors import MailqError
 
     store = _store()
     out = []
-    for name in store.names():
+    if advertised:
+        out = [mlist.summary() for mlist in store.advertised()]
+    for name in [] if advertised else store.names():
         try:
             out.append(store.load(name).summary())
         except MailqError as exc:
@@ -142,15 +147,18 @@ def show(name: str, as_json: bool) -> None:
       mailqctl lists show dev
       mailqctl lists show dev --json
     """
+    from mailq.lists.numbers import next_number
+
     mlist = _store().load(name)
     info = mlist.summary()
     info.update({"owner_address": mlist.owner_address, "request_address": mlist.request_address,
-                 "bounces_address": mlist.bounces_address, "settings": mlist.settings.as_dict()})
+                 "bounces_address": mlist.bounces_address, "next_post_number": next_number(get_settings(), name),
+                 "settings": mlist.settings.as_dict()})
     if as_json:
         emit_json(info)
         return
     for key in ("name", "posting_address", "owner_address", "request_address", "bounces_address", "list_id",
-                "members", "enabled_members", "digest_members", "generation"):
+                "members", "enabled_members", "digest_members", "next_post_number", "generation"):
         click.echo(f"{key:17} {info[key]}")
     click.echo(f"{'owners':17} {', '.join(mlist.settings.owners)}")
     click.echo(f"{'moderators':17} {', '.join(mlist.settings.moderators) or '-'}")

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "cluster": "mailq.cli.cluster:cluster",
     "config": "mailq.cli.lists:config",
     "cron": "mailq.cli.cron:cron",
+    "digests": "mailq.cli.digests:digests",
     "dmarc": "mailq.cli.dmarc:dmarc",
     "held": "mailq.cli.held:held",
     "init": "mailq.cli.init:init",

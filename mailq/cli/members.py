@@ -71,14 +71,16 @@ def members(ctx: click.Context, config_file: str | None) -> None:
 @members.command("add")
 @click.argument("listname")
 @click.argument("source", default="-", metavar="[FILE|-]")
-@click.option("--digest", is_flag=True, help="New members get digests.")
+@click.option("--digest", type=click.Choice(["mime", "plain", "off"]), is_flag=False, flag_value="mime",
+              default="off", show_default=True, metavar="[mime|plain|off]",
+              help="New members get digests in this format (--digest alone: mime).")
 @click.option("--moderate/--no-moderate", default=None,
               help="Moderate the new members (default: the list's default_member_moderation).")
 @click.option("--welcome/--no-welcome", default=None,
               help="Mail each new member the welcome message (default: the list's send_welcome).")
 @json_option
 @handle_errors
-def add(listname: str, source: str, digest: bool, moderate: bool | None, welcome: bool | None,
+def add(listname: str, source: str, digest: str, moderate: bool | None, welcome: bool | None,
         as_json: bool) -> None:
     """Add the members listed in FILE (or stdin) to LISTNAME.
 
@@ -90,6 +92,7 @@ def add(listname: str, source: str, digest: bool, moderate: bool | None, welcome
     Examples:
       mailqctl members add dev new.txt
       mailqctl members add dev - --digest < digest-readers.txt
+      mailqctl members add dev plain-readers.txt --digest plain
       mailqctl members add dev imported.txt --no-welcome
     """
     from mailq.lists import Member
@@ -212,12 +215,12 @@ def list_(listname: str, regular: bool, digest: bool, disabled: bool, as_json: b
     kind = "regular" if regular else "digest" if digest else None
     mlist = _store().load(listname)
     chosen = [m for m in mlist.members
-              if (kind is None or m.digest == (kind == "digest")) and (not disabled or not m.enabled)]
+              if (kind is None or m.gets_digest == (kind == "digest")) and (not disabled or not m.enabled)]
     if as_json:
         emit_json([{**m.as_dict(), "disabled_reason": m.disabled_reason} for m in chosen])
         return
     if sys.stdout.isatty():
-        print_table([[m.address, m.display_name, m.status, "digest" if m.digest else "regular",
+        print_table([[m.address, m.display_name, m.status, f"digest ({m.digest})" if m.gets_digest else "regular",
                       "yes" if m.moderated else "no"] + ([m.disabled_reason] if disabled else []) for m in chosen],
                     ["ADDRESS", "NAME", "STATUS", "MODE", "MODERATED"] + (["REASON"] if disabled else []))
     else:  # one formatted address per line: what 'members add' and 'members sync' read back
@@ -281,25 +284,32 @@ def sync(listname: str, source: str, dry_run: bool, as_json: bool) -> None:
 @members.command("set")
 @click.argument("listname")
 @click.argument("address")
-@click.option("--digest/--no-digest", default=None, help="Digest or regular delivery.")
+@click.option("--digest", type=click.Choice(["mime", "plain", "off"]), is_flag=False, flag_value="mime",
+              default=None, metavar="[mime|plain|off]",
+              help="Digest format: mime (--digest alone), plain (RFC 1153 text), or off (every post).")
+@click.option("--no-digest", "no_digest", is_flag=True, help="Same as --digest off.")
 @click.option("--moderate/--no-moderate", default=None, help="Hold this member's posts for moderation.")
 @click.option("--enable/--disable", default=None, help="Enable delivery, or disable it (by the admin).")
 @click.option("--name", "display_name", default=None, help="Display name.")
 @json_option
 @handle_errors
-def set_(listname: str, address: str, digest: bool | None, moderate: bool | None, enable: bool | None,
-         display_name: str | None, as_json: bool) -> None:
+def set_(listname: str, address: str, digest: str | None, no_digest: bool, moderate: bool | None,
+         enable: bool | None, display_name: str | None, as_json: bool) -> None:
     """Change one member of LISTNAME.
 
     \b
     Examples:
-      mailqctl members set dev bob@example.org --digest
-      mailqctl members set dev bob@example.org --no-moderate --enable
+      mailqctl members set dev bob@example.org --digest plain
+      mailqctl members set dev bob@example.org --digest off --no-moderate --enable
     """
     from mailq.errors import InvalidInput
 
+    if no_digest:
+        if digest not in (None, "off"):
+            raise click.UsageError(f"--no-digest and --digest {digest} contradict each other: give one")
+        digest = "off"
     if digest is None and moderate is None and enable is None and display_name is None:
-        raise InvalidInput("nothing to change: give --digest/--no-digest, --moderate/--no-moderate, "
+        raise InvalidInput("nothing to change: give --digest mime|plain|off, --moderate/--no-moderate, "
                            "--enable/--disable or --name")
     with _store().edit(listname) as mlist:
         member = mlist.members[address]
@@ -316,6 +326,6 @@ def set_(listname: str, address: str, digest: bool | None, moderate: bool | None
         emit_json({**info, "changed": mlist.saved})
     else:
         same = "" if mlist.saved else " (already so: nothing changed)"
-        click.echo(f"{listname}: {info['address']}: status {info['status']}, "
-                   f"{'digest' if info['digest'] else 'regular'}, moderated {'yes' if info['moderated'] else 'no'}"
-                   f"{same}")
+        mode = "regular" if info["digest"] == "off" else f"digest {info['digest']}"
+        click.echo(f"{listname}: {info['address']}: status {info['status']}, {mode}, "
+                   f"moderated {'yes' if info['moderated'] else 'no'}{same}")

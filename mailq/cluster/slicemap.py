@@ -296,6 +296,12 @@ def latest_map(settings: Settings, damaged: list[str] | None = None) -> SliceMap
     skipped, never taken for "no map" (which would make every node run every slice), and described
     in *damaged*.
     """
+    found = _latest_with_text(settings, damaged)
+    return found[0] if found is not None else None
+
+
+def _latest_with_text(settings: Settings, damaged: list[str] | None) -> tuple[SliceMap, str] | None:
+    """:func:`latest_map` and the text of its file (so a reader can tell the copy by its bytes)."""
     for _ in range(3):
         found = epochs_on_disk(settings)
         if not found:
@@ -304,7 +310,15 @@ def latest_map(settings: Settings, damaged: list[str] | None = None) -> SliceMap
         for epoch in reversed(found):
             path = epoch_path(settings, epoch)
             try:
-                smap = load_map(path)
+                text = path.read_text(encoding="utf-8")
+                smap = parse_map(text, str(path))
+            except FileNotFoundError:
+                smap = None
+            except UnicodeDecodeError:
+                if damaged is not None:
+                    damaged.append(f"{path} is damaged, skipped (not UTF-8 text); remove it once the "
+                                   f"map in force is right (`mailqctl slices show`)")
+                continue
             except SliceMapError as exc:
                 if damaged is not None:
                     damaged.append(f"{path} is damaged, skipped ({'; '.join(exc.problems)}); remove it once the "
@@ -315,7 +329,7 @@ def latest_map(settings: Settings, damaged: list[str] | None = None) -> SliceMap
             if smap is None:
                 vanished = True
                 break
-            return smap
+            return smap, text
         if not vanished:
             return None
     raise SliceMapError(str(maps_dir(settings)), ["the newest epoch file keeps vanishing; is something pruning it?"])
@@ -411,11 +425,7 @@ def map_in_force(settings: Settings) -> InForce:
     smap = watcher.current()
     source = "none"
     if smap is not None:
-        try:
-            on_disk = load_map(settings.slice_map_path)
-        except (SliceMapError, OSError):
-            on_disk = None
-        source = "file" if on_disk is not None and on_disk.to_dict() == smap.to_dict() else "epoch file"
+        source = "file" if watcher.file_is_copy else "epoch file"
     return InForce(smap, source, watcher.problem)
 
 
@@ -507,6 +517,9 @@ class MapWatcher:
         self.damaged: str = ""
         self._dir_sig: tuple | None = ()  # () = never looked
         self._file_sig: tuple | None = ()
+        #: the text of the map in force's epoch file, and whether slices.yaml is its copy
+        self._text: str = ""
+        self.file_is_copy = False
 
     @staticmethod
     def _signature(path: Path) -> tuple | None:
@@ -531,21 +544,23 @@ class MapWatcher:
     def _reload(self) -> None:
         damaged: list[str] = []
         try:
-            new = latest_map(self.settings, damaged)
+            found = _latest_with_text(self.settings, damaged)
         except (SliceMapError, OSError) as exc:
             self._refuse(f"cannot read the newest epoch file in {self.dir}: {exc}")
             return
         self.damaged = "\n".join(damaged)
         if self.damaged:
             self._refuse(self.damaged)
+        new = found[0] if found is not None else None
         if new is None or (self.smap is not None and new.epoch <= self.smap.epoch):
             return
         if self.smap is not None:
             self.log.info("slice map epoch %d now in force (was %d)", new.epoch, self.smap.epoch)
-        self.smap = new
+        self.smap, self._text = new, found[1]
         self._file_sig = ()          # is slices.yaml still a hand edit, or the copy of this map?
 
     def _look_at_file(self, missing: bool) -> None:
+        self.file_is_copy = False
         if missing:
             if self.smap is not None and self.hand_edits:
                 self._refuse(f"{self.path} is missing; epoch {self.smap.epoch} stays in force (from "
@@ -553,19 +568,30 @@ class MapWatcher:
                              f"to write the file again")
             return
         try:
-            edit = load_map(self.path)
-        except (SliceMapError, OSError) as exc:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            self._refuse(f"{self.path}: {exc}")
+            return
+        if self.smap is not None and text == self._text:
+            # The copy written with the map in force (the usual case): no YAML to parse.
+            self.file_is_copy = True
+            self._fixed()
+            return
+        try:
+            edit = parse_map(text, str(self.path))
+        except SliceMapError as exc:
             self._refuse(str(exc))
             return
-        if edit is None:
-            return
         if self.smap is not None and edit.to_dict() == self.smap.to_dict():
+            self.file_is_copy = True
             self._fixed()
             return
         if self.smap is None or edit.epoch > self.smap.epoch:
             if publish(self.settings, edit):
                 self.log.warning("hand edit of %s published as slice map epoch %d", self.path, edit.epoch)
-                self.smap = edit
+                self.smap, self._text, self.file_is_copy = edit, edit.dump(), True
                 self._dir_sig = self._signature(self.dir)
                 self._file_sig = self._signature(self.path)
                 self._fixed()

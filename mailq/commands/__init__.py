@@ -2,7 +2,7 @@
 (docs/commands.md §1-§4).
 
 ``parse`` reads the commands out of a message; one module per family carries them out
-(``membership``: subscribe, unsubscribe, confirm; ``info``: help, info, who; ``options``: set).
+(``membership``: subscribe, unsubscribe, confirm; ``info``: help, info, who, lists; ``options``: set).
 Each command function takes the ``Context`` and the ``Command`` and returns one line for the
 reply (what was done, or why not).  Mail a command sends (confirmations, welcome, owners'
 notices) is queued by ``ctx.queue_notice`` straight into ``out``: it is complete (recipients,
@@ -58,7 +58,7 @@ def _family(name: str) -> Callable[[Context, Command], str]:
 
     return {"subscribe": membership.subscribe, "unsubscribe": membership.unsubscribe,
             "confirm": membership.confirm, "help": info.help_, "info": info.info, "who": info.who,
-            "set": options.set_}[name]
+            "lists": info.lists, "set": options.set_}[name]
 
 
 def run(ctx: Context, command: Command) -> str:

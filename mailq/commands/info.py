@@ -1,4 +1,5 @@
-"""``help``, ``info`` and ``who``: what a list tells people about itself (docs/commands.md §2)."""
+"""``help``, ``info``, ``who`` and ``lists``: what a list tells people about itself and the site's
+other lists (docs/commands.md §2)."""
 from __future__ import annotations
 
 from mailq.commands import Context
@@ -34,3 +35,12 @@ def who(ctx: Context, command: Command) -> str:
     ctx.blocks.append(f"Members of {ctx.mlist.posting_address} ({len(members)}):\n\n" +
                       "".join(f"  {a}\n" for a in members))
     return f"who: {len(members)} member(s), see below"
+
+
+def lists(ctx: Context, command: Command) -> str:
+    """The advertised lists of this list's domain (``advertised``: a list set to false is never named)."""
+    shown = ctx.store.advertised(ctx.mlist.domain)
+    lines = [f"  {m.posting_address}" + (f"  {' '.join(m.settings.description.split())}"
+                                         if m.settings.description.strip() else "") for m in shown]
+    ctx.blocks.append(f"Lists at {ctx.mlist.domain} ({len(shown)}):\n\n" + "".join(f"{line}\n" for line in lines))
+    return f"lists: {len(shown)} list(s), see below"

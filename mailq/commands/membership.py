@@ -133,30 +133,48 @@ def confirm(ctx: Context, command: Command) -> str:
     return confirm_token(ctx, command.args[0])
 
 
-def confirm_token(ctx: Context, token: str) -> str:
-    """Carry out the request behind *token* once; the reply line."""
-    mlist = ctx.mlist
-    pending = PendingStore(ctx.settings, mlist.name)
-    short = token[:12] + ("..." if len(token) > 12 else "")
+def short_token(token: str) -> str:
+    return token[:12] + ("..." if len(token) > 12 else "")
+
+
+def decide_token(ctx: Context, token: str) -> tuple[str, str]:
+    """Take the decision on *token* for this entry: ``(id, "")`` when it is this entry's to carry
+    out (now, or again after a crash), else ``("", the reply line saying why not)``."""
+    pending = PendingStore(ctx.settings, ctx.mlist.name)
+    short = short_token(token)
     try:
-        record, decision = pending.decide(token, "confirm", ctx.sender, entry=ctx.entry_id, kind="token")
+        _, decision = pending.decide(token, "confirm", ctx.sender, entry=ctx.entry_id, kind="token")
     except InvalidInput:
-        return f"confirm {short}: that is not a confirmation token"
+        return "", f"confirm {short}: that is not a confirmation token"
     except NotFound:
-        return f"confirm {short}: no such request for {mlist.name} (mistyped, for another list, or " \
-               f"expired and dropped)"
+        return "", f"confirm {short}: no such request for {ctx.mlist.name} (mistyped, for another list, " \
+                   f"or expired and dropped)"
     except Expired as exc:
-        return f"confirm {short}: this request expired on {expires_text(exc.pending.expires)}; ask again"
+        return "", f"confirm {short}: this request expired on {expires_text(exc.pending.expires)}; ask again"
     except AlreadyDecided as exc:
         if exc.decision.outcome == "expire":
-            return f"confirm {short}: this request expired; ask again"
-        return f"confirm {short}: already used ({exc.decision.outcome}ed on " \
-               f"{expires_text(exc.decision.at)}); nothing done"
+            return "", f"confirm {short}: this request expired; ask again"
+        return "", f"confirm {short}: already used ({exc.decision.outcome}ed on " \
+                   f"{expires_text(exc.decision.at)}); nothing done"
+    return decision.id, ""
+
+
+def confirmed(ctx: Context, token: str, done: str, mailed: int) -> str:
+    """The reply line once the decision on *token* was carried out (``carry_out``/``carry_out_many``)."""
+    ctx.sent.extend([(token, "confirmation result")] * mailed)
+    return f"confirm {short_token(token)}: {done}"
+
+
+def confirm_token(ctx: Context, token: str) -> str:
+    """Carry out the request behind *token* once; the reply line.  (The commands runner does the
+    same for a batch of confirmations with one ``carry_out_many`` per list.)"""
+    pending_id, refused = decide_token(ctx, token)
+    if not pending_id:
+        return refused
     try:
-        done, mailed = carry_out(ctx.settings, mlist.name, token)
+        done, mailed = carry_out(ctx.settings, ctx.mlist.name, pending_id)
     except MailqError as exc:
-        ctx.log.error("list %s: confirmation %s recorded but not carried out yet: %s", mlist.name, token, exc)
+        ctx.log.error("list %s: confirmation %s recorded but not carried out yet: %s", ctx.mlist.name, pending_id, exc)
         raise
     ctx.reload()
-    ctx.sent.extend([(record.address if record else "", "confirmation result")] * mailed)
-    return f"confirm {short}: {done}"
+    return confirmed(ctx, token, done, mailed)

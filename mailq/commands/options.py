@@ -1,4 +1,4 @@
-"""``set digest on|off`` and ``set delivery on|off``: a member's own options (docs/commands.md §2).
+"""``set digest mime|plain|off`` and ``set delivery on|off``: a member's own options (docs/commands.md §2).
 
 The change is made to the sender's own membership only; the digest option goes through
 ``mailq.lists.membership.set_digest`` (its modes are defined there).
@@ -9,7 +9,7 @@ from mailq.commands import Context
 from mailq.commands.parse import Command
 from mailq.lists import membership
 
-USAGE = "use 'set digest on|off' or 'set delivery on|off'"
+USAGE = "use 'set digest mime|plain|off' or 'set delivery on|off'"
 
 
 def set_(ctx: Context, command: Command) -> str:
@@ -19,7 +19,7 @@ def set_(ctx: Context, command: Command) -> str:
     if option == "delivery" and value not in ("on", "off"):
         return f"{command.line}: not understood; {USAGE}"
     if option == "digest" and value not in membership.DIGEST_MODES:
-        return f"{command.line}: not understood; use 'set digest {'|'.join(membership.DIGEST_MODES)}'"
+        return f"{command.line}: not understood; use 'set digest mime|plain|off' ('on' is mime)"
     if option == "digest" and not ctx.mlist.settings.digest_enabled:
         return f"{command.line}: refused: {ctx.mlist.name} sends no digests"
     changed = None

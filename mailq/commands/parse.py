@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 
 #: Verb -> the command it means (aliases folded).
 VERBS = {"subscribe": "subscribe", "join": "subscribe", "unsubscribe": "unsubscribe", "leave": "unsubscribe",
-         "confirm": "confirm", "help": "help", "info": "info", "who": "who", "set": "set"}
+         "confirm": "confirm", "help": "help", "info": "info", "who": "who", "set": "set", "lists": "lists"}
 STOP_WORDS = {"end", "stop", "--"}
 #: Commands carried out from one message at most; the rest are reported as ignored.
 MAX_COMMANDS = 10
@@ -28,7 +28,7 @@ _REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|aw|wg|sv|tr)\s*(\[\d+\])?\s*:\s*)+", 
 
 @dataclass(frozen=True)
 class Command:
-    name: str          # canonical: subscribe, unsubscribe, confirm, help, info, who, set
+    name: str          # canonical: subscribe, unsubscribe, confirm, help, info, who, set, lists
     args: tuple[str, ...]
     line: str          # as written (for the reply)
 

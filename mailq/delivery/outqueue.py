@@ -25,6 +25,7 @@ places, and the entry is finished only after the retry/bounce entries are on dis
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,28 +94,23 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
     if not recipients:
         return report
     sender = envelope_sender(settings, metadata)
-    outcome = SendResult()
     if metadata.get("personalize"):
         batches = [(_verp_or_plain(sender, rcpt), [rcpt]) for rcpt in recipients]
         one_click = _one_click(settings, metadata, msg)
     else:
         size = max(1, settings.smtp.chunk_size)
-        batches = [(sender, recipients[i:i + size]) for i in range(0, len(recipients), size)]
+        groups = _by_domain(recipients) if settings.smtp.direct_mx else [recipients]
+        # Direct MX: a chunk holds one domain's recipients (one destination, one session limit).
+        batches = [(sender, group[i:i + size]) for group in groups for i in range(0, len(group), size)]
         one_click = None
-    left: list[str] = []
-    for n, (mail_from, batch) in enumerate(batches):
-        if n and stopping is not None and stopping():
-            left = [r for _, rest in batches[n:] for r in rest]
-            break
-        copy = one_click(batch[0]) if one_click else msg
-        part = _send_batch(transport, mail_from, batch, copy, report, lease_check)
-        outcome.merge(part)
-        if part.connection_failed:
-            # Refused, timed out, gone: every further transaction would wait out the same timeout
-            # (N members x smtp.timeout). The rest goes to retry now, untried, with the reason.
-            code, text = next(iter(part.temporary.values()), (NO_REPLY, "connection failed"))
-            outcome.fail([r for _, rest in batches[n + 1:] for r in rest], code, f"not tried after: {text}")
-            break
+    copy_for = (lambda batch: one_click(batch[0])) if one_click else (lambda batch: msg)
+    sessions = list(transport) if isinstance(transport, (list, tuple)) else [transport]
+    if len(sessions) > 1 and len(batches) > 1:
+        limit = settings.smtp.sessions_per_destination if settings.smtp.direct_mx else 0
+        outcome, left = _send_parallel(sessions[:len(batches)], batches, copy_for, report, lease_check,
+                                       stopping, limit)
+    else:
+        outcome, left = _send_serial(sessions[0], batches, copy_for, report, lease_check, stopping)
     now = time.time() if now is None else now
     report.delivered = outcome.delivered
     listname = metadata.get("listname") or ""
@@ -165,8 +161,134 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
     return report
 
 
+Batch = tuple[str, list[str]]   # (MAIL FROM, recipients) of one transaction
+
+#: Batches a free session looks ahead for one whose domain is under smtp.sessions_per_destination.
+LOOKAHEAD = 1000
+
+
+def _send_serial(transport, batches: list[Batch], copy_for, report: DeliveryReport, lease_check,
+                 stopping) -> tuple[SendResult, list[str]]:
+    """One session: the batches in order. Returns the outcome and the recipients left untried
+    because the runner is stopping."""
+    outcome = SendResult()
+    for n, (mail_from, batch) in enumerate(batches):
+        if n and stopping is not None and stopping():
+            return outcome, [r for _, rest in batches[n:] for r in rest]
+        part = _send_batch(transport, mail_from, batch, copy_for(batch), report, lease_check)
+        outcome.merge(part)
+        if part.connection_failed:
+            # Refused, timed out, gone: every further transaction would wait out the same timeout
+            # (N members x smtp.timeout). The rest goes to retry now, untried, with the reason.
+            _not_tried(outcome, part, [r for _, rest in batches[n + 1:] for r in rest])
+            break
+    return outcome, []
+
+
+def _not_tried(outcome: SendResult, part: SendResult, rest: list[str]) -> None:
+    code, text = next(iter(part.temporary.values()), (NO_REPLY, "connection failed"))
+    outcome.fail(rest, code, f"not tried after: {text}")
+
+
+def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: DeliveryReport, lease_check,
+                   stopping, per_destination: int) -> tuple[SendResult, list[str]]:
+    """Several sessions at once (one thread each, each with its own reused connection), taking the
+    batches in order (docs/mail-flow.md "Several sessions").
+
+    * A batch is taken by exactly one session, so nothing is sent twice by us; a session that
+      fails (refused, dropped, 421) reports its batch as temporary failures -- exactly as one
+      session would -- and retires; the others carry on. When every session has retired, the
+      batches nobody took go to retry, untried.
+    * The lease is checked right before every transaction of every session (serialised: one
+      check at a time); LeaseLost in any session stops them all and is raised here.
+    * Stopping: no session takes another batch; those not taken are returned as left untried.
+    * *per_destination* (direct MX): at most that many transactions at once to one domain; a free
+      session takes the first batch (within ``LOOKAHEAD``) whose domain has room, so one busy
+      domain does not hold up the others.
+    """
+    cond = threading.Condition()
+    lease_lock = threading.Lock()
+    outcome = SendResult()
+    taken = [False] * len(batches)
+    first_free = 0
+    started = 0
+    halt: list[str] = []             # "stopping" once the runner is stopping
+    errors: list[BaseException] = []
+    failures: list[SendResult] = []
+    busy: dict[str, int] = {}
+
+    def domain(i: int) -> str:
+        return batches[i][1][0].rpartition("@")[2].lower()
+
+    def checked_lease() -> None:
+        with lease_lock:
+            lease_check()
+
+    def take() -> int | None:   # with cond held
+        nonlocal first_free, started
+        while True:
+            if errors or halt:
+                return None
+            while first_free < len(batches) and taken[first_free]:
+                first_free += 1
+            if first_free >= len(batches):
+                return None
+            if started and stopping is not None and stopping():
+                halt.append("stopping")
+                cond.notify_all()
+                return None
+            for i in range(first_free, min(len(batches), first_free + LOOKAHEAD)):
+                if not taken[i] and (not per_destination or busy.get(domain(i), 0) < per_destination):
+                    taken[i] = True
+                    started += 1
+                    if per_destination:
+                        busy[domain(i)] = busy.get(domain(i), 0) + 1
+                    return i
+            cond.wait()         # every domain in reach is at its limit: wait for a session to finish
+
+    def worker(session) -> None:
+        while True:
+            with cond:
+                i = take()
+            if i is None:
+                return
+            mail_from, batch = batches[i]
+            try:
+                part = _send_batch(session, mail_from, batch, copy_for(batch), report,
+                                   checked_lease if lease_check is not None else None, cond)
+            except BaseException as exc:  # noqa: BLE001 - LeaseLost or a bug: stop all, raise in the caller
+                with cond:
+                    errors.append(exc)
+                    cond.notify_all()
+                return
+            with cond:
+                outcome.merge(part)
+                if per_destination:
+                    busy[domain(i)] -= 1
+                cond.notify_all()
+                if part.connection_failed:
+                    failures.append(part)
+                    return
+
+    threads = [threading.Thread(target=worker, args=(s,), name=f"smtp-session-{n}", daemon=True)
+               for n, s in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    rest = [r for i, (_, batch) in enumerate(batches) if not taken[i] for r in batch]
+    if halt:
+        return outcome, rest
+    if rest:   # every session retired on a connection failure before the batches ran out
+        _not_tried(outcome, failures[-1], rest)
+    outcome.connection_failed = bool(failures)
+    return outcome, []
+
+
 def _send_batch(transport, mail_from: str, batch: list[str], msg: bytes, report: DeliveryReport,
-                lease_check: Callable[[], None] | None = None) -> SendResult:
+                lease_check: Callable[[], None] | None = None, lock=None) -> SendResult:
     """One batch, in as many transactions as the server's recipient limit needs."""
     result = SendResult()
     pending = batch
@@ -174,7 +296,11 @@ def _send_batch(transport, mail_from: str, batch: list[str], msg: bytes, report:
         if lease_check is not None:
             lease_check()       # right before the transaction: a fenced node sends nothing more
         part = transport.send(mail_from, pending, msg)
-        report.transactions += 1
+        if lock is None:
+            report.transactions += 1
+        else:
+            with lock:
+                report.transactions += 1
         # "452 too many recipients" after some were taken: the server's per-transaction limit is
         # below chunk_size. Send the rest now in a new transaction (RFC 5321 4.5.3.1.10), not
         # after a retry backoff.
@@ -205,11 +331,23 @@ def _verp_or_plain(sender: str, rcpt: str) -> str:
         return sender  # no domain to encode: plain sender; the server will judge rcpt
 
 
+def make_transports(settings: Settings, log=None, resolver=None) -> list:
+    """``smtp.connections`` sessions for the out runner (each opened lazily, reused across entries)."""
+    return [make_transport(settings, log=log, resolver=resolver) for _ in range(settings.smtp.connections)]
+
+
 def make_transport(settings: Settings, log=None, resolver=None):
     """The smarthost connection, or direct MX delivery when ``smtp.direct_mx`` is set."""
     if settings.smtp.direct_mx:
         return MXTransport(settings, resolver, log=log)
     return SMTPConnection(settings, log=log)
+
+
+def _by_domain(recipients: list[str]) -> list[list[str]]:
+    groups: dict[str, list[str]] = {}
+    for rcpt in recipients:
+        groups.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
+    return list(groups.values())
 
 
 def _unique(recipients: list[str]) -> list[str]:

@@ -20,6 +20,21 @@ FIELDS = ("address", "display_name", "status", "disabled_at", "digest", "moderat
 _IDX = {name: i for i, name in enumerate(FIELDS)}
 ADDRESS, DISPLAY_NAME, STATUS, DISABLED_AT, DIGEST, MODERATED, NODUPES, SCORE, LAST_BOUNCE, JOINED, BOUNCE = range(11)
 STATUSES = ("enabled", "disabled_bounce", "disabled_user", "disabled_admin")
+#: How a member gets the list's posts: ``off`` each post as it comes (a regular member), ``mime`` a
+#: MIME digest (RFC 2046 multipart/digest), ``plain`` a plain-text digest (RFC 1153).
+DIGEST_FORMATS = ("off", "mime", "plain")
+
+
+def digest_format(value: Any) -> str:
+    """*value* as a digest format: a format name, or the boolean older mailq stored (True -> ``mime``)."""
+    if isinstance(value, bool) or value is None:
+        return "mime" if value else "off"
+    if value in DIGEST_FORMATS:
+        return value
+    text = str(value).strip().lower()
+    if text in DIGEST_FORMATS:
+        return text
+    raise InvalidInput(f"digest format {value!r}: expected one of {'|'.join(DIGEST_FORMATS)}")
 
 
 def _prop(name: str) -> property:
@@ -45,7 +60,6 @@ class Member:
     address = _prop("address")
     display_name = _prop("display_name")
     disabled_at = _prop("disabled_at")
-    digest = _prop("digest")
     moderated = _prop("moderated")
     dont_receive_duplicates = _prop("dont_receive_duplicates")
     bounce_score = _prop("bounce_score")
@@ -54,13 +68,13 @@ class Member:
     bounce = _prop("bounce")
 
     def __init__(self, address: str, display_name: str = "", status: str = "enabled",
-                 disabled_at: float | None = None, digest: bool = False, moderated: bool = False,
+                 disabled_at: float | None = None, digest: bool | str = "off", moderated: bool = False,
                  dont_receive_duplicates: bool = True, bounce_score: float = 0.0,
                  last_bounce: float | None = None, joined: float | None = None,
                  bounce: dict[str, Any] | None = None) -> None:
         if status not in STATUSES:
             raise InvalidInput(f"member status {status!r}: expected one of {', '.join(STATUSES)}")
-        self._row = [address, display_name, status, disabled_at, bool(digest), bool(moderated),
+        self._row = [address, display_name, status, disabled_at, digest_format(digest), bool(moderated),
                      bool(dont_receive_duplicates), float(bounce_score), last_bounce,
                      time.time() if joined is None else joined, bounce]
 
@@ -69,6 +83,20 @@ class Member:
         m = cls.__new__(cls)
         m._row = row
         return m
+
+    @property
+    def digest(self) -> str:
+        """The digest format, one of DIGEST_FORMATS (``off``: every post as it comes)."""
+        return self._row[DIGEST]
+
+    @digest.setter
+    def digest(self, value: bool | str) -> None:
+        """A format name; a boolean (older callers) means ``mime`` or ``off``."""
+        self._row[DIGEST] = digest_format(value)
+
+    @property
+    def gets_digest(self) -> bool:
+        return self._row[DIGEST] != "off"
 
     @property
     def status(self) -> str:
@@ -120,7 +148,7 @@ class Member:
         return hash(self.key)
 
     def __repr__(self) -> str:
-        return f"Member({self.address!r}, status={self.status!r}, digest={self.digest})"
+        return f"Member({self.address!r}, status={self.status!r}, digest={self.digest!r})"
 
 
 class Roster:
@@ -216,7 +244,7 @@ class Roster:
         assert c is not None
         f = c["flags"][i]
         ex = c["extra"].get(i) or (None, 0.0, None)
-        return [c["_addresses"][i], c["_names"][i], STATUSES[c["status"][i]], ex[0], bool(f & 1),
+        return [c["_addresses"][i], c["_names"][i], STATUSES[c["status"][i]], ex[0], _FORMAT_OF[f & _FORMAT_BITS],
                 bool(f & 2), bool(f & 4), float(ex[1] or 0.0), ex[2], c["_joined"][i] or None,
                 ex[3] if len(ex) > 3 else None]
 
@@ -285,17 +313,29 @@ class Roster:
         """Enabled, non-digest members' addresses: runs for every post, so it works on columns."""
         return self._enabled(digest=False)
 
-    def digest(self) -> list[str]:
-        return self._enabled(digest=True)
+    def digest(self, fmt: str | None = None) -> list[str]:
+        """Enabled digest members' addresses: every format, or only those reading *fmt* (mime, plain)."""
+        return self._enabled(digest=True, fmt=fmt)
 
-    def _enabled(self, *, digest: bool) -> list[str]:
+    def _enabled(self, *, digest: bool, fmt: str | None = None) -> list[str]:
+        if fmt is not None:
+            digest_format(fmt)  # a typo must not silently select nobody
+
+        def wanted(value: str) -> bool:
+            if fmt is not None:
+                return value == fmt
+            return (value != "off") == digest
+
         if self._rows is not None:
-            return [r[ADDRESS] for r in self._rows if r[STATUS] == "enabled" and bool(r[DIGEST]) == digest]
+            return [r[ADDRESS] for r in self._rows if r[STATUS] == "enabled" and wanted(r[DIGEST])]
         c = self._cols
         assert c is not None
-        want = 1 if digest else 0
+        if fmt is not None:
+            codes = {_FORMAT_CODE[fmt]}
+        else:
+            codes = {code for name, code in _FORMAT_CODE.items() if (name != "off") == digest}
         base = [a for a, s, f in zip(c["_addresses"], c["status"], c["flags"], strict=True)
-                if s == 0 and (f & 1) == want]
+                if s == 0 and (f & _FORMAT_BITS) in codes]
         if not self._patched:
             return base
         # Members fetched with get() (moderation does, for every post) are patches over the columns:
@@ -303,7 +343,7 @@ class Roster:
         touched = {c["_addresses"][i] for i in self._patched}
         out = [a for a in base if a not in touched]
         out.extend(r[ADDRESS] for r in self._patched.values()
-                   if r[STATUS] == "enabled" and bool(r[DIGEST]) == digest)
+                   if r[STATUS] == "enabled" and wanted(r[DIGEST]))
         return out
 
     def _all_rows(self) -> Iterator[list[Any]]:
@@ -360,8 +400,16 @@ _STATUS_CODE = {s: i for i, s in enumerate(STATUSES)}
 _STORED_KEYS = ("n", "address", "display_name", "status", "flags", "joined", "extra")
 
 
+#: Flag bits of the digest format.  Bit 1 alone is ``mime``: older mailq stored a boolean "digest"
+#: as bit 1, so a list written before formats existed loads with its digest members on ``mime``
+#: (the migration is this choice of codes; the next save writes the same bits).
+_FORMAT_BITS = 1 | 8
+_FORMAT_CODE = {"off": 0, "mime": 1, "plain": 1 | 8}
+_FORMAT_OF = {0: "off", 1: "mime", 9: "plain", 8: "off"}
+
+
 def _flags(r: list[Any]) -> int:
-    return (1 if r[DIGEST] else 0) | (2 if r[MODERATED] else 0) | (4 if r[NODUPES] else 0)
+    return _FORMAT_CODE[digest_format(r[DIGEST])] | (2 if r[MODERATED] else 0) | (4 if r[NODUPES] else 0)
 
 
 def _has_extra(r: list[Any]) -> bool:
@@ -375,6 +423,7 @@ def _extra(r: list[Any]) -> list[Any]:
 
 
 def _check_row(row: list[Any]) -> None:
+    row[DIGEST] = digest_format(row[DIGEST])
     # Addresses and names are stored newline-joined: a newline inside one would shift every member after it.
     if "\n" in row[ADDRESS] or "\r" in row[ADDRESS]:
         raise InvalidInput(f"invalid address {row[ADDRESS]!r}: contains a line break")

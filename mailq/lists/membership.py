@@ -11,8 +11,9 @@ from typing import Any
 
 from mailq.lists.members import Member
 
-#: The values ``set digest`` takes, and what each stores.
-DIGEST_MODES = {"on": True, "off": False}
+#: The values ``set digest`` takes, and the digest format each stores (docs/digests.md): ``on`` is
+#: the MIME digest, the format a member who asks for "the digest" gets.
+DIGEST_MODES = {"mime": "mime", "plain": "plain", "off": "off", "on": "mime"}
 
 
 def subscribe(mlist: Any, address: str, *, display_name: str = "", digest: bool = False) -> bool:

@@ -121,8 +121,9 @@ class MailingList:
         """Enabled members who get each post (not digest), addresses as stored."""
         return self.members.regular()
 
-    def digest_recipients(self) -> list[str]:
-        return self.members.digest()
+    def digest_recipients(self, fmt: str | None = None) -> list[str]:
+        """Enabled digest members (of format *fmt*, ``mime`` or ``plain``, when given)."""
+        return self.members.digest(fmt)
 
     def summary(self) -> dict[str, Any]:
         enabled = sum(1 for m in self.members if m.enabled)
@@ -130,7 +131,8 @@ class MailingList:
                 "display_name": self.display_name, "description": self.settings.description,
                 "owners": list(self.settings.owners), "moderators": list(self.settings.moderators),
                 "members": len(self.members), "enabled_members": enabled,
-                "digest_members": len(self.digest_recipients()), "generation": self.generation,
+                "digest_members": len(self.digest_recipients()), "advertised": self.settings.advertised,
+                "generation": self.generation,
                 "loaded_from_last": self.loaded_from_last, "load_problem": self.load_problem}
 
     def __repr__(self) -> str:

@@ -54,11 +54,14 @@ def link_once(target: Path, data: bytes, *, what: str = "the decision") -> bool:
         os.unlink(mine)
 
 
-def send_staged(settings: Any, path: Path, queue: str, key: str, at: float, *, resume_hint: str) -> None:
+def send_staged(settings: Any, path: Path, queue: str, key: str, at: float, *, resume_hint: str,
+                fsync: bool = True) -> Path | None:
     """Step "send": rename the staged entry *path* into *queue* under a name fixed by *key* and *at*.
 
     A vanished *path* means it was sent already (or a retransmitted NFS rename went through).
     *resume_hint* names the command that finishes the work when the rename fails for a while.
+    Returns the queue folder it was moved into (None: it had been sent already); with *fsync*
+    False the caller fsyncs that folder (once for many renames).
     """
     sha = fixed_sha(key)        # docs/design.md §3.1 "Fixed ids"
     folder = settings.queue_dir(queue) / sha[:2]
@@ -69,7 +72,7 @@ def send_staged(settings: Any, path: Path, queue: str, key: str, at: float, *, r
     except FileNotFoundError:
         if path.exists():
             raise
-        return
+        return None
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             raise MailqError(f"cannot move {path} into {folder}: var/lists and var/qfiles are on different "
@@ -79,5 +82,6 @@ def send_staged(settings: Any, path: Path, queue: str, key: str, at: float, *, r
             raise TemporaryFailure(f"cannot move {path} into {folder}: {exc.strerror}; the decision is kept "
                                    f"and '{resume_hint}' finishes it") from exc
         raise
-    if settings.queue.fsync:
+    if fsync and settings.queue.fsync:
         fsync_dir(folder)
+    return folder

@@ -241,42 +241,73 @@ class PendingStore:
         *plan(record, decision) -> (apply, entries)*: ``apply(mlist)`` changes the list inside its
         edit (or None), ``entries`` the ``(queue, msg, metadata)`` to send.  Called only while the
         record still exists; later calls only send what was staged.  Returns how many messages
-        this call staged (0 when an earlier call did).
+        this call moved into their queues (0 when an earlier call sent them all): a call that
+        finishes a crashed one's work counts the welcome that crashed one staged.
+        """
+        return self.complete_many([pending_id], plan)[pending_id]
+
+    def complete_many(self, pending_ids: list[str], plan: Any) -> dict[str, int]:
+        """``complete`` for several decisions at once: one lock cycle, one list edit (one save) and
+        one folder fsync per queue folder for all of them; the steps stay in the same order (all
+        staged, then all applied, then all records unlinked, then all sent), so a crash anywhere
+        leaves each decision in a state ``complete()`` resumes from.  *plan* is called once per
+        record still there, in *pending_ids*' order (it sees the earlier records' plans, not their
+        effect on the list: the list is changed only after every plan).
         """
         from mailq.lists.once import send_staged
         from mailq.lists.store import ListStore
+        from mailq.locks import named_lock
         from mailq.queue.payload import encode
 
-        decision = self.decision(pending_id)
-        if decision is None:
-            raise InvalidInput(f"request {pending_id} of list {self.listname} has no decision yet")
-        from mailq.locks import named_lock
-
-        store = ListStore(self.settings)
-        staged = 0
+        decisions: dict[str, Decision] = {}
+        for pending_id in pending_ids:
+            decision = self.decision(pending_id)
+            if decision is None:
+                raise InvalidInput(f"request {pending_id} of list {self.listname} has no decision yet")
+            decisions[pending_id] = decision
+        sent = {pending_id: 0 for pending_id in pending_ids}
+        fsync = self.settings.queue.fsync
         # Its own lock (not the list's, which store.edit takes inside): two completers never interleave.
         with named_lock(self.settings, f"pending.{self.listname}"):
-            if self._pck(pending_id).exists():
+            applies, live = [], []
+            for pending_id in decisions:
+                if not self._pck(pending_id).exists():
+                    continue
                 record = self._record_or_none(pending_id)
-                if record is not None:
-                    apply, entries = plan(record, decision)
-                    staged = len(entries)
-                    for n, (queue, msg, metadata) in enumerate(entries):
-                        atomic_write(self.folder / f"{pending_id}{STAGED}{n}-{queue}", encode(msg, metadata),
-                                     fsync=self.settings.queue.fsync)
-                    _crash_point("staged")
-                    if apply is not None:
-                        with store.edit(self.listname) as mlist:
-                            apply(mlist)
-                    _crash_point("applied")
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._pck(pending_id))
-                    _crash_point("unlinked")
-            for name, queue, path in self._staged(pending_id):
-                send_staged(self.settings, path, queue, f"{self.listname}\0{pending_id}\0{name}", decision.at,
-                            resume_hint="mailqctl cron run expire-pending")
-                _crash_point("sent")
-        return staged
+                if record is None:
+                    continue
+                apply, entries = plan(record, decisions[pending_id])
+                for n, (queue, msg, metadata) in enumerate(entries):
+                    atomic_write(self.folder / f"{pending_id}{STAGED}{n}-{queue}", encode(msg, metadata), fsync=fsync)
+                if apply is not None:
+                    applies.append(apply)
+                live.append(pending_id)
+            _crash_point("staged")
+            if applies:
+                with ListStore(self.settings).edit(self.listname) as mlist:
+                    for apply in applies:
+                        apply(mlist)
+            _crash_point("applied")
+            for pending_id in live:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._pck(pending_id))
+            _crash_point("unlinked")
+            folders = set()
+            waiting = self._staged_all()
+            for pending_id, decision in decisions.items():
+                for name, queue, path in waiting.get(pending_id, ()):
+                    folder = send_staged(self.settings, path, queue, f"{self.listname}\0{pending_id}\0{name}",
+                                         decision.at, resume_hint="mailqctl cron run expire-pending", fsync=False)
+                    if folder is not None:
+                        folders.add(folder)
+                        sent[pending_id] += 1
+                    _crash_point("sent")
+            if fsync:
+                from mailq.fsutil import fsync_dir
+
+                for folder in folders:
+                    fsync_dir(folder)
+        return sent
 
     def incomplete(self) -> list[str]:
         """Decided but not (fully) carried out: a record still there, or staged entries not sent."""
@@ -318,17 +349,17 @@ class PendingStore:
     def _decision(self, pending_id: str) -> Path:
         return self.folder / f"{pending_id}.decision"
 
-    def _staged(self, pending_id: str) -> list[tuple[str, str, Path]]:
-        prefix = f"{pending_id}{STAGED}"
+    def _staged_all(self) -> dict[str, list[tuple[str, str, Path]]]:
+        """Staged entries by pending id: ``(name after the id, queue, path)``, in name order."""
         try:
             names = os.listdir(self.folder)
         except FileNotFoundError:
-            return []
-        out = []
+            return {}
+        out: dict[str, list[tuple[str, str, Path]]] = {}
         for name in sorted(names):
-            if name.startswith(prefix):
-                rest = name[len(prefix):]
-                out.append((rest, rest.partition("-")[2], self.folder / name))
+            if STAGED in name and not name.startswith("."):
+                pending_id, _, rest = name.partition(STAGED)
+                out.setdefault(pending_id, []).append((rest, rest.partition("-")[2], self.folder / name))
         return out
 
 
@@ -356,17 +387,27 @@ def owner_notice(settings: Settings, mlist: Any, request: Pending) -> tuple[byte
 
 def carry_out(settings: Settings, listname: str, pending_id: str) -> tuple[str, int]:
     """Carry out (or finish) the decision on *pending_id*: (a line saying what it did, messages it sent)."""
+    return carry_out_many(settings, listname, [pending_id])[pending_id]
+
+
+def carry_out_many(settings: Settings, listname: str, pending_ids: list[str]) -> dict[str, tuple[str, int]]:
+    """``carry_out`` for several decisions of one list: one lock cycle, one load and one save of the
+    list for all of them (``PendingStore.complete_many``).  By id: (what it did, messages it sent)."""
     from mailq.lists import membership
     from mailq.lists.store import ListStore
     from mailq.notices import template_entry
 
     pending = PendingStore(settings, listname)
     store = ListStore(settings)
-    said: list[str] = []
+    said: dict[str, str] = {}
+    #: Membership as the earlier plans of this call leave it (address, lower-cased -> member?).
+    planned: dict[str, bool] = {}
 
     def plan(record: Pending, decision: Decision) -> tuple[Any, list]:
-        mlist = store.load(listname)
-        member = mlist.members.get(record.address) is not None
+        mlist = store.load(listname)        # read once per call: the list changes only after every plan
+        key = record.address.lower()
+        member = planned[key] if key in planned else mlist.members.get(record.address) is not None
+        put = said.__setitem__
         entries: list = []
         apply = None
         act = decision.outcome in ("confirm", "approve")
@@ -379,53 +420,56 @@ def carry_out(settings: Settings, listname: str, pending_id: str) -> tuple[str, 
             entries.append(template_entry(settings, mlist, [record.address], "awaiting-approval",
                                           from_address=mlist.request_address, action=record.action,
                                           address=record.address))
-            said.append(f"{record.action} {record.address}: confirmed; waiting for the owners' approval")
+            put(record.id, f"{record.action} {record.address}: confirmed; waiting for the owners' approval")
         elif act and record.action == "subscribe":
             if member:
-                said.append(f"{record.address} is already a member of {listname}")
+                put(record.id, f"{record.address} is already a member of {listname}")
             else:
                 def apply(m: Any) -> None:
                     membership.subscribe(m, record.address, display_name=record.display_name, digest=record.digest)
+                planned[key] = True
                 welcome = membership.welcome_entry(settings, mlist, record.address)
                 if welcome is not None:
                     entries.append(welcome)
-                said.append(f"{record.address} is now a member of {listname}")
+                put(record.id, f"{record.address} is now a member of {listname}")
         elif act and record.action == "unsubscribe":
             if not member:
-                said.append(f"{record.address} is not a member of {listname}")
+                put(record.id, f"{record.address} is not a member of {listname}")
             else:
                 def apply(m: Any) -> None:
                     membership.unsubscribe(m, record.address)
+                planned[key] = False
                 goodbye = membership.goodbye_entry(settings, mlist, record.address)
                 if goodbye is not None:
                     entries.append(goodbye)
-                said.append(f"{record.address} has left {listname}")
+                put(record.id, f"{record.address} has left {listname}")
         elif act and record.action == "enable":
             current = mlist.members.get(record.address)
             if current is None:
-                said.append(f"{record.address} is not a member of {listname}")
+                put(record.id, f"{record.address} is not a member of {listname}")
             elif current.status != "disabled_bounce":
-                said.append(f"{record.address}: delivery is {current.status}; nothing to turn on")
+                put(record.id, f"{record.address}: delivery is {current.status}; nothing to turn on")
             else:
                 def apply(m: Any) -> None:
                     again = m.members.get(record.address)
                     if again is not None:
                         membership.set_delivery(again, True)
-                said.append(f"{record.address} gets {listname} mail again")
+                put(record.id, f"{record.address} gets {listname} mail again")
         elif decision.outcome == "reject":
             entries.append(template_entry(settings, mlist, [record.address], "request-rejected",
                                           from_address=mlist.owner_address, action=record.action,
                                           address=record.address, reason=decision.reason or "none given"))
-            said.append(f"{record.action} {record.address}: rejected")
+            put(record.id, f"{record.action} {record.address}: rejected")
         else:
-            said.append(f"{record.action} {record.address}: {decision.outcome}")
+            put(record.id, f"{record.action} {record.address}: {decision.outcome}")
         for _, metadata in entries:
             metadata["envelope_sender"] = mlist.bounces_address
         # Complete outgoing mail (recipients, envelope sender): staged straight for ``out``.
         return apply, [("out", raw, metadata) for raw, metadata in entries]
 
-    mailed = pending.complete(pending_id, plan)
-    return (said[0] if said else "done"), mailed
+    ids = {pending_id: check_id(pending_id) for pending_id in pending_ids}   # a token may come back upper-cased
+    mailed = pending.complete_many(list(dict.fromkeys(ids.values())), plan)
+    return {given: (said.get(pid, "done"), mailed[pid]) for given, pid in ids.items()}
 
 
 # -- cron: expire-pending -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ SubscribePolicy = Literal["open", "confirm", "approve", "confirm_and_approve"]
 UnsubscribePolicy = Literal["confirm", "open"]
 RosterVisibility = Literal["owners", "members", "public"]
 DigestFrequency = Literal["daily", "weekly", "monthly"]
+VolumeFrequency = Literal["never", "yearly", "monthly"]
 DmarcAction = Literal["no_mitigation", "munge_from", "wrap_message", "reject", "discard"]
 FilterAction = Literal["discard", "reject", "forward_to_owner", "preserve"]
 #: What a ``header_matches`` rule does with a post whose header matches.
@@ -56,11 +57,20 @@ class ListSettings:
     #: Hold every post (an emergency brake).
     emergency: bool = False
     archive: bool = True
+    #: The archive is for members only: posts carry no List-Archive header pointing at it.
     archive_private: bool = False
+    #: Posts are collected for digest members (docs/digests.md); off: digest members get nothing.
     digest_enabled: bool = True
-    #: A digest is sent once the pending digest grows past this size.
+    #: A digest is sent once the pending digest grows past this size; 0: only by digest_frequency.
     digest_size_kb: int = 30
+    #: A digest with pending posts is sent by cron (send-digests) once this long after the last one.
     digest_frequency: DigestFrequency = "daily"
+    #: The digest volume number rises (and the issue number starts again at 1) this often.
+    digest_volume_frequency: VolumeFrequency = "yearly"
+    #: Text at the top of each digest ($placeholders as in templates); empty: the digest_header template.
+    digest_header: str = ""
+    #: Text at the end of each digest; empty: the digest_footer template.
+    digest_footer: str = ""
     #: One SMTP transaction per recipient with a VERP envelope sender.
     personalize: bool = False
     footer: str = ""
@@ -88,6 +98,7 @@ class ListSettings:
     forward_unrecognized_bounces: bool = True
     #: Recipients allowed in To/Cc of a post before it is held; 0 means no limit.
     max_recipients: int = 10
+    #: Listed by ``mailqctl lists list --advertised`` and in the -request ``lists`` answer.
     advertised: bool = True
     #: Unsubscribing by mail needs the member's confirmation (``confirm``) or not (``open``).
     unsubscribe_policy: UnsubscribePolicy = "confirm"

@@ -198,6 +198,22 @@ class ListStore:
             self._cache[name] = (key, mlist)
         return mlist, stored
 
+    def advertised(self, domain: str | None = None) -> list[MailingList]:
+        """The lists that may be named to anyone (``advertised``), by name; only *domain*'s if given.
+
+        What ``mailqctl lists list --advertised`` shows and what a ``-request`` ``lists`` answer may
+        name.  Lists that cannot be loaded are left out (``mailqctl lists list`` reports them).
+        """
+        out = []
+        for name in sorted(self.names()):
+            try:
+                mlist = self.load(name)
+            except (MailqError, OSError, ValueError):
+                continue
+            if mlist.settings.advertised and (domain is None or mlist.domain.lower() == domain.lower()):
+                out.append(mlist)
+        return out
+
     # -- writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def edit(self, name: str, timeout: float | None = None, *, always_save: bool = False) -> Iterator[MailingList]:

@@ -5,7 +5,9 @@ Adds, replacing any a previous list put there (RFC 2369, RFC 2919, RFC 8058):
 * ``List-Id: "Display Name" <name.domain>``, ``List-Post``, ``List-Help``, ``List-Subscribe``,
   ``List-Unsubscribe`` (mailto: the list's -request / -join / -leave addresses);
 * ``List-Archive`` for archived lists when the archive has an address (``pipeline.web_url``, http
-  or https: ``<web_url>/archives/<name>/``); without it there is no List-Archive;
+  or https: ``<web_url>/archives/<name>/``); without it there is no List-Archive, nor for a list
+  with ``archive_private`` (its archive is for members: a post's headers are seen by anyone it is
+  forwarded to, and mailq does not hand out the address of an archive meant to stay private);
 * never ``List-Unsubscribe-Post``: RFC 8058 wants a link that by itself names the subscriber, and
   this message may go to many. In personalized delivery the out runner gives each copy its own
   HTTPS link and the one-click header (``mailq.delivery.unsubscribe``); a bulk copy keeps mailto:.
@@ -27,6 +29,11 @@ _REPLACED = ("list-id", "list-post", "list-help", "list-subscribe", "list-unsubs
 
 
 def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
+    add_headers(mlist, msg, str(getattr(ctx.settings.pipeline, "web_url", "") or ""))
+
+
+def add_headers(mlist: MailingList, msg: Message, web_url: str) -> None:
+    """The list headers above on *msg* (also used for digests, ``mailq.digest``)."""
     s = mlist.settings
     for name in _REPLACED:
         del msg[name]
@@ -40,9 +47,9 @@ def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> No
     msg["List-Post"] = f"<mailto:{mlist.posting_address}>"
     msg["List-Help"] = f"<mailto:{mlist.request_address}?subject=help>"
     msg["List-Subscribe"] = f"<mailto:{mlist.join_address}>"
-    web = str(getattr(ctx.settings.pipeline, "web_url", "") or "").rstrip("/")
+    web = web_url.rstrip("/")
     msg["List-Unsubscribe"] = f"<mailto:{mlist.leave_address}>"
-    if web.startswith(("https://", "http://")) and s.archive:
+    if web.startswith(("https://", "http://")) and s.archive and not s.archive_private:
         msg["List-Archive"] = f"<{web}/archives/{quote(mlist.name)}/>"
     msg["Precedence"] = "list"
     msg["X-BeenThere"] = mlist.posting_address

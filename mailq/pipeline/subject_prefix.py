@@ -4,7 +4,8 @@ The prefix is added once: a prefix already present anywhere in the subject (``Re
 moved to the front instead of added again, giving ``[dev] Re: x``, and a run of reply markers
 (``Re: Re: RE:``) is collapsed to one ``Re:``.  Encoded subjects (RFC 2047) are decoded, prefixed
 and re-encoded in their own charset when it can carry the prefix, else in UTF-8, so a Japanese
-ISO-2022-JP subject stays ISO-2022-JP.  ASCII results are written as plain text.
+ISO-2022-JP subject stays ISO-2022-JP.  ASCII results are written as plain text.  ``%d`` in the
+prefix is the post's number (``post_number``; taken here if that stage did not run).
 """
 from __future__ import annotations
 
@@ -24,9 +25,13 @@ def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> No
     prefix = str(mlist.settings.subject_prefix or "")
     if not prefix.strip():
         return
+    number = None
+    if "%d" in prefix:
+        from mailq.pipeline.post_number import number_for
+        number = number_for(mlist, msgdata, ctx)
     raw = msg.get("subject")
     original = header_text(raw) if raw is not None else ""
-    new = prefixed(original, prefix)
+    new = prefixed(original, prefix, number)
     if raw is not None and new == original:
         return
     value = encode_subject(new, _charset_of(raw))
@@ -37,12 +42,19 @@ def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> No
         msg["Subject"] = value
 
 
-def prefixed(subject: str, prefix: str) -> str:
-    """*subject* with *prefix* at the front exactly once (pure function, tested on its own)."""
+def prefixed(subject: str, prefix: str, number: int | None = None) -> str:
+    """*subject* with *prefix* at the front exactly once (pure function, tested on its own).
+
+    ``%d`` in *prefix* is the post number: *number* in the new prefix, and any number where an
+    older prefix is found (``Re: [dev 12] x`` becomes ``[dev 13] Re: x``).
+    """
     bare = prefix.strip()
     rest = subject
     if bare:
-        rest = re.sub(r"\s*" + re.escape(bare) + r"\s*", " ", rest, flags=re.IGNORECASE).strip()
+        pattern = r"\d+".join(re.escape(piece) for piece in bare.split("%d"))
+        rest = re.sub(r"\s*" + pattern + r"\s*", " ", rest, flags=re.IGNORECASE).strip()
+    if number is not None:
+        prefix = prefix.replace("%d", str(number))
     reply = _REPLY.match(rest)
     if reply:
         rest = "Re: " + rest[reply.end():].lstrip()

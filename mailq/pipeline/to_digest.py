@@ -4,8 +4,9 @@ The stage asks for a copy in the ``archive`` queue with ``stores`` containing ``
 (``ctx.copy_for_archive``; the same entry as ``to_archive``'s, so a post costs one archive entry,
 not two).  The archive runner appends it to
 ``var/lists/<list>/digest.mbox`` under the list's digest lock, many posts per lock acquisition
-(``mailq.digest``).  Sending the digest is a cron task (later issue).  Lists without digests, or
-with no digest member, skip this.
+(``mailq.digest``), which also sends the digest once it is larger than ``digest_size_kb``; the
+cron task ``send-digests`` sends the others when their period is over (docs/digests.md).  Lists
+without digests, or with no digest member, skip this.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ than ten times the last listing took.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -129,6 +130,35 @@ class Queue:
         meta = dict(metadata)
         meta.setdefault("listname", listname)
         return entry.enqueue(self._dir, encode(msg, meta), listname, fsync=self.fsync, due=not_before)
+
+    def adopt(self, path: str | os.PathLike[str], sha: str, when: float) -> str:
+        """Rename *path*, a complete payload written elsewhere on this filesystem (temp + fsync +
+        rename), into the queue as ``<when>+<sha>.pck``; return the entry id.
+
+        For work staged outside the queue so that it is queued exactly once (a digest, docs/digests.md):
+        a rename of one source succeeds once.  FileNotFoundError when *path* is gone (another process
+        queued it first); over NFS a retransmitted rename whose first try went through also reports
+        ENOENT, and the source is gone either way.  EXDEV (var/ split over two filesystems) is an
+        error saying so; ENOSPC and the like are a TemporaryFailure.
+        """
+        from mailq.errors import MailqError, TemporaryFailure
+        from mailq.fsutil import TEMPORARY_ERRNOS
+
+        eid = entry_id(when, sha)
+        folder = self.dir / sha[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(path, folder / f"{eid}{ENTRY_SUFFIX}")
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise MailqError(f"cannot move {path} into {folder}: they are on different filesystems, "
+                                 f"and var/ must be one (DESIGN §2); it waits where it is") from exc
+            if exc.errno in TEMPORARY_ERRNOS:
+                raise TemporaryFailure(f"cannot move {path} into {folder}: {exc.strerror}") from exc
+            raise
+        if self.fsync:
+            fsync_dir(folder)
+        return eid
 
     def write(self, eid: str, data: bytes) -> None:
         """Make ``<eid>.pck`` with payload *data* visible in its bucket (temp, fsync, rename)."""

@@ -13,13 +13,15 @@ An entry put back as it was read (a full disk, ``Runner._requeue``) names every 
 one it was appended to already skips it by its key.
 An entry for two stores of which one append failed goes back (requeued, or shunted) with
 ``stores`` cut down to the failed one, so the retry does not append it to the other store again.
+A pending digest that an append makes larger than the list's ``digest_size_kb`` is sent right
+after it (the size trigger, ``mailq.digest.send``; docs/digests.md).
 """
 from __future__ import annotations
 
 import time
 
 from mailq.archive import append_to_archive
-from mailq.digest import append_pending
+from mailq.digest import append_pending, size_due
 from mailq.errors import MailqError
 from mailq.queue.queue import Claimed
 from mailq.runners.base import Runner
@@ -71,8 +73,33 @@ class ArchiveRunner(Runner):
         posts = [(i.msg, str(i.metadata.get("sender") or ""), float(i.metadata.get("received") or time.time()),
                   append_key(i)) for i in items]
         if store == "digest":
-            append_pending(self.settings, listname, posts)
+            size = append_pending(self.settings, listname, posts)
+            self._maybe_send_digest(listname, size)
         elif store == "archive":
             append_to_archive(self.settings, listname, posts)
         else:
             raise MailqError(f"archive entry for list {listname} with unknown store {store!r}")
+
+    def _maybe_send_digest(self, listname: str, size: int) -> None:
+        """The size trigger: a pending digest now past ``digest_size_kb`` is sent from here.
+
+        The posts are appended already, so a failure here must not give the entries back (that
+        would append them twice): it is logged, and the cron task ``send-digests`` sends it later.
+        """
+        from mailq.digest import send
+        from mailq.lists import ListStore
+
+        if not size:
+            return
+        store = getattr(self, "_lists", None) or ListStore(self.settings, log=self.log)
+        self._lists = store
+        try:
+            if not size_due(store.load(listname), size):
+                return
+            report = send(self.settings, listname, store=store, log=self.log)
+        except Exception as exc:
+            self.log.error("list %s: the pending digest is past digest_size_kb but could not be sent (%s); "
+                           "'mailqctl cron run send-digests' or 'mailqctl digests send %s' retries",
+                           listname, exc, listname)
+            return
+        self.log.info("size trigger: %s", report.summary())

@@ -25,6 +25,11 @@ from mailq.errors import InvalidInput, NotFound
 from mailq.runners.base import Runner
 
 
+#: Most entries claimed for one batch: the confirmations among them are carried out with one lock
+#: cycle, one load and one save of each list (``pending.carry_out_many``).
+BATCH = 200
+
+
 class CommandsRunner(Runner):
     queue = "commands"
 
@@ -33,7 +38,79 @@ class CommandsRunner(Runner):
 
         self.store = ListStore(self.settings)
 
+    def batch_limit(self) -> int:
+        return BATCH
+
     def process(self, entry: Any) -> None:
+        failed = self.process_batch([entry])
+        if failed:
+            raise failed[entry.id]
+
+    def process_batch(self, entries: list[Any]) -> dict[str, BaseException]:
+        """Each entry on its own, except the confirmations' carrying out: every token is decided by
+        its own entry (``decide``: the once-only step), then the decided ones are carried out together,
+        one ``carry_out_many`` per list, and each confirming entry is answered."""
+        from mailq.commands import membership
+
+        if not hasattr(self, "store"):
+            self.setup()
+        failed: dict[str, BaseException] = {}
+        #: Confirming entries: (entry, ctx, [(token, pending id or "", refusal line)]), by list.
+        confirming: dict[str, list[tuple[Any, Any, list[tuple[str, str, str]]]]] = {}
+        for entry in entries:
+            try:
+                ctx = self._context(entry)
+                if ctx is None:
+                    continue
+                kind = str(entry.metadata.get("kind") or "request")
+                tokens = self._confirm_tokens(ctx, kind, entry.metadata)
+                if not tokens:
+                    lines, answer = self._carry_out(ctx, kind, entry.metadata)
+                    self._finish(entry, ctx, kind, lines, answer)
+                    continue
+                slots = [(token, *membership.decide_token(ctx, token)) for token in tokens]
+                confirming.setdefault(ctx.mlist.name, []).append((entry, ctx, slots))
+            except Exception as exc:        # noqa: BLE001 - the base requeues (TemporaryFailure) or shunts it
+                failed[entry.id] = exc
+        for listname, items in confirming.items():
+            self._confirm_many(listname, items, failed)
+        return failed
+
+    def _confirm_many(self, listname: str, items: list, failed: dict[str, BaseException]) -> None:
+        """Carry out the decisions *items* took, together; then answer each entry (after the
+        carrying out: a crash inside it sends none of these answers twice)."""
+        from mailq.lists.pending import carry_out_many
+
+        ids = [pending_id for _, _, slots in items for _, pending_id, _ in slots if pending_id]
+        results = {}
+        if ids:
+            try:
+                results = carry_out_many(self.settings, listname, ids)
+            except Exception as exc:    # noqa: BLE001 - each entry finds its own decision when it comes back
+                self.log.error("list %s: %d confirmation(s) recorded but not carried out yet: %s",
+                               listname, len(ids), exc)
+                for entry, ctx, slots in items:
+                    if any(pending_id for _, pending_id, _ in slots):
+                        failed[entry.id] = exc
+                    else:
+                        self._answer_confirm(entry, ctx, slots, {}, failed)
+                return
+        for entry, ctx, slots in items:
+            self._answer_confirm(entry, ctx, slots, results, failed)
+
+    def _answer_confirm(self, entry: Any, ctx: Any, slots: list, results: dict, failed: dict) -> None:
+        from mailq.commands import membership
+
+        try:
+            lines = [membership.confirmed(ctx, token, *results[pending_id]) if pending_id else refused
+                     for token, pending_id, refused in slots]
+            # like -join/-leave: the welcome (goodbye, ...) is the answer; a reply only when none went
+            self._finish(entry, ctx, "confirm", lines, not ctx.sent)
+        except Exception as exc:        # noqa: BLE001
+            failed[entry.id] = exc
+
+    def _context(self, entry: Any) -> Any:
+        """The Context for answering *entry*, or None when it is finished unanswered (logged)."""
         from mailq.commands import Context
 
         metadata = entry.metadata
@@ -43,35 +120,52 @@ class CommandsRunner(Runner):
             mlist = self.store.load(listname)
         except (NotFound, InvalidInput):
             self.log.warning("%s: no list %r (removed since the mail came?): dropped", entry.id, listname)
-            return
+            return None
         try:
             msg = email.message_from_bytes(entry.msg, policy=policy.compat32)
         except Exception as exc:  # noqa: BLE001 - the email package's parser rarely raises; never shunt for it
             self.log.warning("%s: unparsable message (%s): dropped", entry.id, exc)
-            return
+            return None
         from mailq.lists.autoresponse import reason_not_to_answer
 
         envelope = metadata.get("envelope_sender")
         reason = reason_not_to_answer(msg, envelope if isinstance(envelope, str) else None, mlist)
         if reason:
             self.log.info("%s: %s mail for %s not answered: %s", entry.id, kind, listname, reason)
-            return
+            return None
         sender = self._sender(msg, envelope)
         if sender is None:
             self.log.warning("%s: %s mail for %s has no usable sender address: dropped", entry.id, kind, listname)
-            return
+            return None
         # The entry's SHA-1 names it for good (its time field changes when it is requeued).
-        ctx = Context(self.settings, self.store, mlist, sender, msg, entry.id.rpartition("+")[2], self.log)
-        lines, answer = self._carry_out(ctx, kind, metadata)
+        return Context(self.settings, self.store, mlist, sender, msg, entry.id.rpartition("+")[2], self.log)
+
+    def _finish(self, entry: Any, ctx: Any, kind: str, lines: list[str], answer: bool) -> None:
         if answer:
             self._reply(ctx, lines)
-        self.log.info("%s: %s mail from %s for %s: %s", entry.id, kind, sender, listname, "; ".join(lines) or "-")
+        self.log.info("%s: %s mail from %s for %s: %s", entry.id, kind, ctx.sender, ctx.mlist.name,
+                      "; ".join(lines) or "-")
+
+    @staticmethod
+    def _confirm_tokens(ctx: Any, kind: str, metadata: dict) -> list[str]:
+        """The tokens a mail to ``-confirm`` carries: one per ``-confirm+TOKEN`` recipient (one LMTP
+        DATA to several is one entry listing them all, used in RCPT order), else the one in the
+        Subject or first body line; [] for other mail."""
+        from mailq.commands.parse import find_token
+
+        if kind != "confirm":
+            return []
+        tokens = list(dict.fromkeys(t for t in map(_token_of, _recipients(metadata)) if t))
+        if not tokens:
+            token = find_token(ctx.msg)
+            tokens = [token] if token else []
+        return tokens
 
     # -- what the mail asks -----------------------------------------------------------------------
     def _carry_out(self, ctx: Any, kind: str, metadata: dict) -> tuple[list[str], bool]:
         """(reply lines, whether to send a reply).  -join/-leave answer only through the mail they cause."""
         from mailq.commands import membership, run
-        from mailq.commands.parse import Command, find_token, parse
+        from mailq.commands.parse import Command, parse
 
         if kind == "join":
             line = membership.subscribe(ctx, Command("subscribe", (), "subscribe"))
@@ -79,11 +173,6 @@ class CommandsRunner(Runner):
         if kind == "leave":
             line = membership.unsubscribe(ctx, Command("unsubscribe", (), "unsubscribe"))
             return [line], not ctx.sent
-        if kind == "confirm":
-            token = _token_of(str(metadata.get("original_recipient") or "")) or find_token(ctx.msg)
-            if token:
-                # like -join/-leave: the welcome (goodbye, ...) is the answer; a reply only when none went
-                return [membership.confirm_token(ctx, token)], not ctx.sent
         parsed = parse(ctx.msg)
         if not parsed.commands:
             return [], True     # no usable command: the help text is the reply
@@ -137,6 +226,15 @@ class CommandsRunner(Runner):
                                        from_address=mlist.request_address, headers=headers,
                                        subject=subject[:200], results=results)
         ctx.queue_notice(raw, metadata, "reply")
+
+
+def _recipients(metadata: dict) -> list[str]:
+    """The entry's envelope recipients: ``original_recipients`` (several, from LMTP), else the one."""
+    many = metadata.get("original_recipients")
+    if isinstance(many, (list, tuple)) and many:
+        return [str(r) for r in many if r]
+    one = str(metadata.get("original_recipient") or "")
+    return [one] if one else []
 
 
 def _token_of(recipient: str) -> str | None:

@@ -105,6 +105,8 @@ class IncomingRunner(Runner):
             self._to_owner(mlist, entry, metadata, msg, stop)
         except BaseException:
             _keep_progress(entry, ctx)
+            if isinstance(metadata.get("post_number"), int):    # a retry keeps the number it was given
+                entry.metadata["post_number"] = metadata["post_number"]
             raise
         else:
             self.log.info("list %s: %s %s from %s went through (%d recipients)", listname, kind, entry.id,

@@ -1,0 +1,36 @@
+"""Stage ``post_number``: give the post its number in the list (``X-Mailq-Post-Number``).
+
+The number comes from the list's post counter (``mailq.lists.numbers``): taken once per accepted
+post, across hosts and retries, and kept in the entry's metadata (``post_number``) so a retry of
+the same entry reuses it.  ``subject_prefix`` uses it for ``%d``; the archive keeps the header.
+A header of that name that arrives with the post is replaced.  The stage goes after every stage
+that may hold, reject or discard the post (a stopped post takes no number) and before
+``subject_prefix``.
+"""
+from __future__ import annotations
+
+from email.message import Message
+from typing import Any
+
+from mailq.pipeline.base import Context
+
+HEADER = "X-Mailq-Post-Number"
+
+
+def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+    number = number_for(mlist, msgdata, ctx)
+    del msg[HEADER]
+    msg[HEADER] = str(number)
+
+
+def number_for(mlist: Any, msgdata: dict, ctx: Context) -> int:
+    """The post's number: the one in *msgdata*, or the next one from the list's counter."""
+    from mailq.lists.numbers import take
+
+    number = msgdata.get("post_number")
+    if isinstance(number, int) and not isinstance(number, bool) and number > 0:
+        return number
+    # ctx.origin: the SHA-1 of the in entry, the same across requeue and recovery (lists/numbers.py)
+    number = take(ctx.settings, mlist.name, ctx.origin or None)
+    msgdata["post_number"] = number
+    return number

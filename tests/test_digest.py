@@ -1,0 +1,348 @@
+"""Digests in one process on real files: building both formats, numbering, when a digest is due,
+exactly-once sending after a crash at every step (real SIGKILL), two nodes racing, post numbers,
+and the member's digest format (with the migration of the stored boolean).
+
+The end-to-end path through the runners is in tests/test_digest_flow.py.
+"""
+from __future__ import annotations
+
+import calendar
+import email
+import json
+import subprocess
+import time
+from email import policy
+from pathlib import Path
+
+import pytest
+
+from mailq import safepickle
+from mailq.archive import read_mbox
+from mailq.digest import (POST_RULE, DigestState, append_pending, build, is_due, next_due, pending_path, send,
+                          status, text_of)
+from mailq.lists import ListStore, Member
+from mailq.lists.members import Roster
+from tests.support import make_node
+
+JAN_2027 = calendar.timegm((2027, 1, 15, 12, 0, 0))
+
+
+def plain_post(i: int, sender: str = "Ann <ann@example.org>") -> bytes:
+    return (f"From: {sender}\nTo: dev@example.org\nSubject: post {i}\nDate: Fri, 15 Jan 2027 12:00:00 +0000\n"
+            f"Message-ID: <post-{i}@example.org>\n\nFrom the body of post {i}.\n>From quoted\n").encode()
+
+
+def html_post(i: int) -> bytes:
+    return (f"From: bob@example.org\nSubject: html {i}\nMIME-Version: 1.0\n"
+            f"Content-Type: text/html; charset=utf-8\n\n<p>Hello <b>caf\u00e9</b> {i}</p>\n").encode()
+
+
+def attachment_post(i: int) -> bytes:
+    return (f'From: cat@example.org\nSubject: report {i}\nMIME-Version: 1.0\n'
+            f'Content-Type: multipart/mixed; boundary="b{i}"\n\n--b{i}\nContent-Type: text/plain\n\n'
+            f'See the report {i}.\n--b{i}\nContent-Type: application/pdf; name="r{i}.pdf"\n'
+            f'Content-Disposition: attachment; filename="r{i}.pdf"\nContent-Transfer-Encoding: base64\n\n'
+            f'JVBERi0xLjQK\n--b{i}--\n').encode()
+
+
+@pytest.fixture
+def tree(tmp_path):
+    node = make_node(tmp_path, "n1")
+    settings = node.settings()
+    store = ListStore(settings)
+    store.create("dev", "owner@example.org", "example.org", digest_size_kb=0)
+    with store.edit("dev") as mlist:
+        mlist.members.add_many([Member("mime@example.org", digest="mime"), Member("plain@example.org", digest="plain"),
+                                Member("regular@example.org")])
+    return node, settings, store
+
+
+def out_digests(settings) -> list[dict]:
+    """Metadata of every digest entry in qfiles/out (nothing runs: the entries just wait there)."""
+    from mailq.queue.payload import decode
+
+    found = []
+    for path in sorted((settings.qfiles / "out").glob("*/*.pck")):
+        msg, meta = decode(path.read_bytes())
+        if meta.get("kind") == "digest":
+            found.append({**meta["digest"], "recipients": meta["recipients"], "msg": msg})
+    return found
+
+
+# -- building ----------------------------------------------------------------------------------------
+
+def test_a_mime_digest_is_multipart_digest_with_one_rfc822_part_per_post_byte_for_byte(tree):
+    _, _, store = tree
+    mlist = store.load("dev")
+    posts = [plain_post(i) for i in range(3)] + [html_post(3), attachment_post(4)]
+    raw = build(mlist, posts, 3, 12, JAN_2027, ["mime"])["mime"]
+    msg = email.message_from_bytes(raw, policy=policy.default)
+    assert msg["Subject"] == "dev Digest, Vol 3, Issue 12"
+    assert msg["List-Id"] == "<dev.example.org>" and msg["List-Post"] == "<mailto:dev@example.org>"
+    assert msg["From"] == "dev-request@example.org" and msg["To"] == "dev@example.org"
+    toc, digest, footer = msg.get_payload()
+    assert toc.get_content_type() == "text/plain" and digest.get_content_type() == "multipart/digest"
+    assert "Today's Topics:" in toc.get_content() and "5. report 4 (cat@example.org)" in toc.get_content()
+    assert "volume 3, issue 12" in toc.get_content()                           # the digest_header template
+    assert "You get this digest as a member of dev" in footer.get_content()   # the digest_footer template
+    parts = digest.get_payload()
+    assert [p.get_content_type() for p in parts] == ["message/rfc822"] * 5
+    assert [p.get_payload()[0]["Subject"] for p in parts] == [f"post {i}" for i in range(3)] + ["html 3", "report 4"]
+    # each post is carried as it was (CRLF on the wire), mboxrd escaping undone
+    assert plain_post(1).replace(b"\n", b"\r\n") in raw and b">From quoted" in raw
+
+
+def test_a_plain_digest_follows_rfc_1153_text_only_with_attachments_named(tree):
+    _, _, store = tree
+    mlist = store.load("dev")
+    posts = [plain_post(0), html_post(1), attachment_post(2)]
+    raw = build(mlist, posts, 1, 4, JAN_2027, ["plain"])["plain"]
+    msg = email.message_from_bytes(raw, policy=policy.default)
+    assert msg.get_content_type() == "text/plain" and not msg.is_multipart()
+    text = msg.get_content().replace("\r\n", "\n")
+    assert text.count("\n" + POST_RULE + "\n") == 3 + 1                       # after each post, and the footer
+    assert "\n" + "-" * 70 + "\n" in text                                    # after the table of contents
+    assert "Hello **caf\u00e9** 1" in text and "<p>" not in text             # HTML-only post as text
+    assert "See the report 2." in text and "[attachment: r2.pdf (application/pdf, 9 bytes)]" in text
+    assert "JVBERi0xLjQK" not in text                                        # never the attachment itself
+    end = "End of dev Digest, Vol 1, Issue 4"
+    assert text.rstrip().endswith(end + "\n" + "*" * len(end))
+
+
+def test_list_header_and_footer_settings_replace_the_templates_with_placeholders(tree):
+    _, _, store = tree
+    with store.edit("dev") as mlist:
+        mlist.settings.digest_header = "Welcome to $display_name issue $issue"
+        mlist.settings.digest_footer = "Bye from $list_address"
+    raw = build(store.load("dev"), [plain_post(0)], 2, 7, JAN_2027, ["plain"])["plain"]
+    text = email.message_from_bytes(raw, policy=policy.default).get_content().replace("\r\n", "\n")
+    assert text.startswith("Welcome to dev issue 7\n") and "Bye from dev@example.org" in text
+
+
+def test_text_of_lists_hostile_html_instead_of_converting_it():
+    deep = "<ul><li>" * 2000 + "x" + "</li></ul>" * 2000
+    msg = email.message_from_bytes(f"Content-Type: text/html\n\n{deep}\n".encode(), policy=policy.compat32)
+    text, attachments = text_of(msg)
+    assert text == "" and attachments and "too deeply nested" in attachments[0]
+
+
+def test_text_of_never_raises_on_a_multipart_without_boundary_or_bad_charset():
+    msg = email.message_from_bytes(b"Content-Type: multipart/mixed\n\nno boundary here\n", policy=policy.compat32)
+    text, attachments = text_of(msg)
+    assert isinstance(text, str) and isinstance(attachments, list)
+    bad = email.message_from_bytes(b"Content-Type: text/plain; charset=x-nonsense\n\ncaf\xe9\n", policy=policy.compat32)
+    assert "caf" in text_of(bad)[0]
+
+
+# -- numbers and due dates ---------------------------------------------------------------------------
+
+def test_issue_numbers_rise_by_one_and_the_volume_by_the_volume_frequency():
+    state = DigestState()
+    assert state.next_number("yearly", JAN_2027) == (1, 1, True)
+    state.issue, state.last_sent, state.volume_started = 1, JAN_2027, JAN_2027
+    assert state.next_number("yearly", JAN_2027 + 86400) == (1, 2, False)
+    next_year = calendar.timegm((2028, 1, 2, 0, 0, 0))
+    assert state.next_number("yearly", next_year) == (2, 1, True)
+    next_month = calendar.timegm((2027, 2, 1, 0, 0, 0))
+    assert state.next_number("monthly", next_month) == (2, 1, True)
+    assert state.next_number("yearly", next_month) == (1, 2, False)
+    assert state.next_number("never", next_year) == (1, 2, False)
+
+
+def test_a_digest_is_due_by_size_or_by_a_new_calendar_period_and_never_when_empty(tree):
+    _, _, store = tree
+    with store.edit("dev") as mlist:
+        mlist.settings.digest_size_kb = 2
+    mlist = store.load("dev")
+    sent = DigestState(issue=1, last_sent=JAN_2027)
+    assert is_due(mlist, sent, 0, JAN_2027 + 10 * 86400) == (False, "no pending posts")
+    assert is_due(mlist, sent, 100, JAN_2027 + 3600)[0] is False
+    assert is_due(mlist, sent, 3000, JAN_2027 + 3600)[0] is True              # past digest_size_kb
+    assert is_due(mlist, sent, 100, calendar.timegm((2027, 1, 16, 0, 0, 1)))[0] is True
+    assert is_due(mlist, DigestState(), 100, JAN_2027)[0] is True             # the first digest of a list
+    assert next_due("daily", JAN_2027) == calendar.timegm((2027, 1, 16, 0, 0, 0))
+    assert next_due("weekly", JAN_2027) == calendar.timegm((2027, 1, 18, 0, 0, 0))     # the next Monday
+    assert next_due("monthly", JAN_2027) == calendar.timegm((2027, 2, 1, 0, 0, 0))
+
+
+# -- sending -----------------------------------------------------------------------------------------
+
+def test_send_queues_one_digest_per_format_to_its_members_then_issue_two(tree):
+    _, settings, store = tree
+    append_pending(settings, "dev", [(plain_post(i), "ann@example.org", JAN_2027) for i in range(4)])
+    report = send(settings, "dev", now=JAN_2027)
+    assert [(i.volume, i.issue, i.posts) for i in report.sent] == [(1, 1, 4)]
+    digests = out_digests(settings)
+    assert {(d["format"], tuple(d["recipients"])) for d in digests} == {
+        ("mime", ("mime@example.org",)), ("plain", ("plain@example.org",))}
+    assert not pending_path(settings, "dev").exists()
+    assert send(settings, "dev", now=JAN_2027 + 60).sent == []                 # nothing pending: nothing sent
+    append_pending(settings, "dev", [(plain_post(9), "ann@example.org", JAN_2027)])
+    assert send(settings, "dev", now=JAN_2027 + 60).sent == []                 # same day: not due
+    assert [i.issue for i in send(settings, "dev", now=JAN_2027 + 86400).sent] == [2]
+    info = status(settings, store.load("dev"), now=JAN_2027 + 86400)
+    assert (info["volume"], info["issue"], info["pending_posts"], info["interrupted"]) == (1, 2, 0, [])
+
+
+CRASH_SCRIPT = """
+import sys, time
+from mailq.config import load_settings
+from mailq.digest import send
+send(load_settings(sys.argv[1]), "dev", force=True, now=float(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("step", ["moved", "staged", "dropped", "queued"])
+def test_a_sender_killed_after_any_step_leaves_a_digest_the_next_run_on_another_node_sends_once(tmp_path, tree,
+                                                                                              step):
+    node, settings, _ = tree
+    other = make_node(tmp_path, "n2", var=node.var)
+    append_pending(settings, "dev", [(plain_post(i), "ann@example.org", JAN_2027) for i in range(3)])
+    proc = subprocess.run([*node_python(), "-c", CRASH_SCRIPT, str(node.config), str(JAN_2027)],
+                          env=node.environ({"MAILQ_FAULT_DIGEST_CRASH": step}), capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    before = out_digests(settings)
+    assert len(before) == {"moved": 0, "staged": 0, "dropped": 0, "queued": 1}[step]
+    result = other.run("mailqctl", "cron", "run", "send-digests", "--json", check=True,
+                       env={"MAILQ_NOW": str(JAN_2027 + 60)})
+    assert json.loads(result.stdout)["ok"]
+    digests = out_digests(settings)
+    assert sorted((d["format"], d["volume"], d["issue"], d["posts"]) for d in digests) == [
+        ("mime", 1, 1, 3), ("plain", 1, 1, 3)]
+    mime = next(d for d in digests if d["format"] == "mime")
+    parts = email.message_from_bytes(mime["msg"]).get_payload()[1].get_payload()
+    assert len(parts) == 3
+    other.run("mailqctl", "cron", "run", "send-digests", "--force", check=True, env={"MAILQ_NOW": str(JAN_2027 + 120)})
+    assert len(out_digests(settings)) == 2, "the next run sends nothing more"
+    assert sorted(p.name for p in (settings.lists_dir / "dev").glob("digest.v*")) == []
+    assert DigestState.load(settings, "dev").issue == 1
+
+
+def node_python() -> list[str]:
+    import sys
+    return [sys.executable]
+
+
+def test_two_nodes_running_send_digests_at_once_twenty_times_send_one_digest_per_round(tmp_path, tree):
+    node, settings, store = tree
+    with store.edit("dev") as mlist:
+        mlist.members.remove("plain@example.org")     # one format: one digest entry per round
+    nodes = [node, make_node(tmp_path, "n2", var=node.var)]
+    for round_ in range(1, 21):
+        append_pending(settings, "dev", [(plain_post(round_ * 10 + i), "ann@example.org", JAN_2027) for i in range(2)])
+        now = str(JAN_2027 + round_ * 86400)
+        procs = [n.popen("mailqctl", "cron", "run", "send-digests", "--force", env={"MAILQ_NOW": now},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n in nodes]
+        codes = [p.wait(timeout=120) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        # 75: the other node held the task's lock and this one did not wait for it (cron.md); never 1
+        assert set(codes) <= {0, 75} and 0 in codes, codes
+        digests = out_digests(settings)
+        assert [(d["issue"], d["posts"]) for d in digests if d["issue"] == round_] == [(round_, 2)], \
+            f"round {round_}: {[(d['issue'], d['posts']) for d in digests]}"
+    assert len(out_digests(settings)) == 20
+
+
+# -- the member's digest format ----------------------------------------------------------------------
+
+def test_a_list_stored_with_the_old_digest_boolean_loads_with_mime_digests_and_saves_formats(tree):
+    _, settings, store = tree
+    path = settings.lists_dir / "dev" / "list.pck"
+    stored = safepickle.loads(path.read_bytes())
+    old = Roster([])
+    old.add_many([Member("a@example.org", digest=True), Member("b@example.org", digest=False)])
+    stored["members"] = old.to_stored()
+    stored["members"]["flags"] = bytes([1 | 4, 4])   # as mailq wrote it before formats: bit 1 = digest
+    path.write_bytes(safepickle.dumps(stored))
+    mlist = ListStore(settings).load("dev")
+    assert mlist.members.get("a@example.org").digest == "mime" and mlist.members.get("b@example.org").digest == "off"
+    assert mlist.digest_recipients("mime") == ["a@example.org"] and mlist.regular_recipients() == ["b@example.org"]
+    with store.edit("dev") as mlist:
+        mlist.members.get("b@example.org").digest = "plain"
+    again = ListStore(settings).load("dev")
+    assert again.digest_recipients("plain") == ["b@example.org"]
+    assert again.digest_recipients("mime") == ["a@example.org"]
+
+
+def test_members_set_digest_takes_mime_plain_off_and_refuses_anything_else(tree):
+    node, _, store = tree
+    assert "plain" in node.run("mailqctl", "members", "set", "dev", "regular@example.org", "--digest", "plain",
+                               check=True).stdout
+    assert store.load("dev").members.get("regular@example.org").digest == "plain"
+    node.run("mailqctl", "members", "set", "dev", "regular@example.org", "--digest", "off", check=True)
+    assert store.load("dev").regular_recipients() == ["regular@example.org"]
+    bad = node.run("mailqctl", "members", "set", "dev", "regular@example.org", "--digest", "daily")
+    assert bad.returncode == 2 and "mime" in bad.stderr
+    shown = json.loads(node.run("mailqctl", "digests", "status", "dev", "--json", check=True).stdout)
+    assert shown["members"] == {"mime": 1, "plain": 1}
+
+
+# -- post numbers ------------------------------------------------------------------------------------
+
+def test_post_numbers_are_consecutive_and_a_replayed_entry_keeps_its_number(tree):
+    from mailq.lists.numbers import next_number, take
+
+    _, settings, _ = tree
+    assert [take(settings, "dev", f"k{i}") for i in range(5)] == [1, 2, 3, 4, 5]
+    assert take(settings, "dev", "k2") == 3            # the entry of post 3 replayed after a crash
+    assert take(settings, "dev", None) == 6 and next_number(settings, "dev") == 7
+
+
+def test_subject_prefix_numbers_replace_an_older_numbered_prefix():
+    from mailq.pipeline.subject_prefix import prefixed
+
+    assert prefixed("hello", "[dev %d] ", 7) == "[dev 7] hello"
+    assert prefixed("Re: [dev 6] hello", "[dev %d] ", 7) == "[dev 7] Re: hello"
+    assert prefixed("Re: [dev] hello", "[dev] ") == "[dev] Re: hello"
+
+
+def test_lists_show_prints_the_next_post_number_and_list_advertised_hides_unadvertised_lists(tree):
+    node, _, store = tree
+    store.create("secret", "owner@example.org", "example.org", advertised=False)
+    assert "next_post_number  1" in node.run("mailqctl", "lists", "show", "dev", check=True).stdout
+    names = [row["name"] for row in json.loads(node.run("mailqctl", "lists", "list", "--advertised", "--json",
+                                                        check=True).stdout)]
+    assert names == ["dev"]
+    assert [m.name for m in store.advertised()] == ["dev"]
+    everyone = json.loads(node.run("mailqctl", "lists", "list", "--json", check=True).stdout)
+    assert sorted(row["name"] for row in everyone) == ["dev", "secret"]
+
+
+def test_read_mbox_gives_back_what_append_pending_wrote(tree):
+    _, settings, _ = tree
+    posts = [plain_post(i) for i in range(3)]
+    append_pending(settings, "dev", [(p, "ann@example.org", time.time()) for p in posts])
+    assert read_mbox(Path(pending_path(settings, "dev")).read_bytes()) == posts
+
+
+def test_the_pipeline_numbers_each_post_in_subject_and_header_and_the_archive_copy_keeps_it(tmp_path):
+    from tests.pipeline_support import make_list, queue_entries, run_pipeline
+
+    settings = make_node(tmp_path, "n1").settings()
+    mlist = make_list(settings, subject_prefix="[dev %d] ")
+    forged = b"From: alice@example.org\nTo: dev@example.org\nSubject: Re: [dev 99] hi\nX-Mailq-Post-Number: 99\n\nhi\n"
+    first, data, stop = run_pipeline(settings, mlist, forged, origin="a" * 40)
+    assert stop is None and first["Subject"] == "[dev 1] Re: hi" and first.get_all("X-Mailq-Post-Number") == ["1"]
+    assert data["post_number"] == 1
+    again, _, _ = run_pipeline(settings, mlist, forged, origin="a" * 40)   # the same entry replayed
+    assert again["Subject"] == "[dev 1] Re: hi"
+    other, _, _ = run_pipeline(settings, mlist, forged, origin="b" * 40)
+    assert other["Subject"] == "[dev 2] Re: hi"
+    archived = [msg for msg, meta in queue_entries(settings, "archive")]
+    assert archived and all(b"X-Mailq-Post-Number: " in m for m in archived)
+    assert b"X-Mailq-Post-Number: 2" in archived[-1]
+
+
+def test_archive_private_keeps_the_archive_address_out_of_list_archive(tmp_path):
+    from tests.pipeline_support import make_list, run_pipeline
+
+    settings = make_node(tmp_path, "n1", pipeline={"web_url": "https://lists.example.org"}).settings()
+    public = make_list(settings, "pub")
+    private = make_list(settings, "priv", archive_private=True)
+    raw = b"From: alice@example.org\nTo: pub@example.org\nSubject: hi\n\nhi\n"
+    assert run_pipeline(settings, public, raw)[0]["List-Archive"] == "<https://lists.example.org/archives/pub/>"
+    assert run_pipeline(settings, private, raw)[0]["List-Archive"] is None
+    digest = build(private, [raw], 1, 1, JAN_2027, ["mime"], web_url="https://lists.example.org")["mime"]
+    assert b"List-Archive" not in digest.split(b"\r\n\r\n")[0]
