@@ -10,6 +10,8 @@ import json
 import logging
 import re
 import smtplib
+import subprocess
+import sys
 
 import pytest
 
@@ -20,7 +22,7 @@ from mailq.lists import ListStore
 from mailq.queue import Queue
 from tests.bounce_support import (bounce_list, corpus_dir, dsn, manifest, member, queue_files,
                                   virgin_notices)
-from tests.support import SMTPSink, make_node, wait_for
+from tests.support import ROOT, SMTPSink, make_node, wait_for
 
 DAY = 86400.0
 T0 = 1796083200.0       # 2026-12-01T00:00:00Z
@@ -394,11 +396,10 @@ def test_bad_input_is_logged_and_finished_never_shunted(node, settings):
         ("30 MB", dsn("bob@example.org", msgid="<big@mx>") + b"Y" * (30 * 1024 * 1024), {}),
     ]
     q = Queue.for_settings(settings, "bounces")
-    for _, raw, extra in inputs:
-        q.enqueue(raw, {"listname": "dev", "kind": "bounces", "via": "pipe", "envelope_sender": "", **extra},
-                  listname="dev")
-    q.enqueue(dsn("x@example.org", msgid="<g@mx>"), {"listname": "gone", "kind": "bounces", "via": "pipe"},
-              listname="gone")
+    ids = [q.enqueue(raw, {"listname": "dev", "kind": "bounces", "via": "pipe", "envelope_sender": "", **extra},
+                     listname="dev") for _, raw, extra in inputs]
+    ids.append(q.enqueue(dsn("x@example.org", msgid="<g@mx>"), {"listname": "gone", "kind": "bounces", "via": "pipe"},
+                         listname="gone"))
     node.run("mailqctl", "lists", "remove", "gone", check=True)
     node.run("qrunner", "-r", "bounces", "--once", check=True, timeout=300)
     assert not queue_files(node.var, "bounces")
@@ -406,6 +407,27 @@ def test_bad_input_is_logged_and_finished_never_shunted(node, settings):
     log = (settings.log_dir / "bounces.log").read_text()
     assert "list gone does not exist" in log and "dropped (forward_unrecognized_bounces is false)" in log
     assert member(settings, "bob@example.org").bounce_score == 1.0      # the 30 MB one counted
+    # One claimed and one done line for the batch (Runner.log_each_entry False), naming every entry.
+    claimed = re.findall(r"INFO claimed 5 entries \(epoch \d+\): (.*)", log)
+    done = re.findall(r"INFO done 5 entries \([\d.]+s\): (.*)", log)
+    assert [sorted(line.split()) for line in claimed + done] == [sorted(ids)] * 2
+    assert not re.search(r"INFO (claimed|done) \d+\.\d+\+", log)      # no per-entry lines
+
+
+def test_a_batch_stops_growing_at_its_byte_budget(node, settings):
+    # Three bounces of ~600 kB with a 1 MB budget: a batch of two (it passed the budget), then one.
+    bounce_list(settings, ["bob@example.org"])
+    q = Queue.for_settings(settings, "bounces")
+    for i in range(3):
+        q.enqueue(dsn("bob@example.org", msgid=f"<big{i}@mx>") + b"Y" * 600_000,
+                  {"listname": "dev", "kind": "bounces", "via": "pipe", "envelope_sender": ""}, listname="dev")
+    script = ("import sys; from mailq.runners.bounces import BouncesRunner; BouncesRunner.batch_max_bytes = 1 << 20; "
+              "from mailq.cli.qrunner import main; sys.argv = ['qrunner', '-r', 'bounces', '--once']; main()")
+    subprocess.run([sys.executable, "-c", script], env=node.environ(), cwd=ROOT, check=True, timeout=300)
+    assert not queue_files(node.var, "bounces")
+    log = (settings.log_dir / "bounces.log").read_text()
+    assert re.findall(r"INFO claimed (\d+) entries", log) == ["2", "1"]
+    assert member(settings, "bob@example.org").bounce_score == 1.0
 
 
 def test_a_member_who_posts_loses_their_score(node, settings):

@@ -182,11 +182,16 @@ def test_sigkilled_host_fails_over_and_rejoins_only_after_unfence(lane, make_clu
 
 
 CLAIM_LINE = re.compile(r" (\w+):(\d+)/(\d+)\[\d+\] \w+ claimed (\S+) \(epoch (\d+)\)")
+#: A runner that logs one line per batch (Runner.log_each_entry False): every id after the colon.
+BATCH_CLAIM_LINE = re.compile(r" (\w+):(\d+)/(\d+)\[\d+\] \w+ claimed \d+ entries \(epoch (\d+)\): ([^\n]*)")
 
 
 def claims_logged(text: str) -> list[tuple[str, int, int, str, int]]:
-    """(queue, slice, count, entry id, epoch) of every "claimed" line in runner log text."""
-    return [(m[1], int(m[2]), int(m[3]), m[4], int(m[5])) for m in CLAIM_LINE.finditer(text)]
+    """(queue, slice, count, entry id, epoch) of every claim in runner log text (per entry or per batch)."""
+    out = [(m[1], int(m[2]), int(m[3]), m[4], int(m[5])) for m in CLAIM_LINE.finditer(text)]
+    out += [(m[1], int(m[2]), int(m[3]), eid, int(m[4])) for m in BATCH_CLAIM_LINE.finditer(text)
+            for eid in m[5].split()]
+    return out
 
 
 def lost_slice_claims(claims, node: str, maps: dict) -> list:

@@ -330,8 +330,24 @@ class Queue:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=min(workers, len(claims)), thread_name_prefix="finish") as pool:
-            list(pool.map(self.finish, claims))
+        def finish_all(part: list[Claimed]) -> None:
+            # One task per thread, not per claim (a future per claim cost more CPU than the unlink);
+            # a claim that cannot be finished does not stop the others: its error is raised after.
+            error: BaseException | None = None
+            for c in part:
+                try:
+                    self.finish(c)
+                except Exception as exc:
+                    error = error or exc
+            if error is not None:
+                raise error
+
+        n = min(workers, len(claims))
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="finish") as pool:
+            # submit + wait, not map: map's iterator cancels the tasks not yet started at the first error.
+            tasks = [pool.submit(finish_all, claims[i::n]) for i in range(n)]
+        for task in tasks:
+            task.result()
 
     def shunt(self, c: Claimed, error: str) -> str:
         """Move a claimed entry to ``shunt`` with *error* in its metadata; ``mailqctl queue unshunt`` undoes it.

@@ -9,7 +9,9 @@ serves one queue and one slice of it.  The loop:
    ``ClaimGuard.confirm`` checks right after the rename that the claim still holds
    (docs/cluster.md §4); a claim that does not is given back, never processed;
 3. a runner whose ``batch_limit()`` is above 1 claims up to that many entries the same way (each
-   one confirmed by the guard), so that one lock cycle or one connection serves them all;
+   one confirmed by the guard), so that one lock cycle or one connection serves them all, and
+   stops once the batch's messages reach ``batch_max_bytes`` (64 MB); with ``log_each_entry``
+   False the claims and finishes of a batch are one log line each, naming every entry;
 4. ``process_batch(entries)`` (by default ``process(entry)`` for each, the one hook most runners
    implement) says which entries failed; the loop then finishes every other claim, requeues the
    entries that raised TemporaryFailure for ``tempfail_delay`` seconds and shunts the rest with
@@ -58,6 +60,12 @@ class Runner(RunnerProcess):
     #: Seconds before an entry whose processing raised TemporaryFailure is tried again; None: the
     #: node's ``runners.retry_delay`` (30 s by default).
     tempfail_delay: float | None = None
+    #: True: a "claimed"/"done" INFO line per entry; False (runners whose batches are large and that
+    #: log each entry's decision themselves): one such line per batch naming every entry id.
+    log_each_entry: bool = True
+    #: A batch stops growing once the messages claimed for it hold this many bytes (a batch of
+    #: 1,000 entries of large mail must not hold them all in memory at once).
+    batch_max_bytes: int = 64 * 1024 * 1024
 
     def __init__(self, settings: Settings, slice: int = 0, count: int = 1) -> None:
         super().__init__(settings, slice, count)
@@ -171,12 +179,13 @@ class Runner(RunnerProcess):
                 self.idle()
                 self._sleep(poll)
                 continue
-            batch = [entry]
-            while len(batch) < limit and not self.stopping:
+            batch, size = [entry], len(entry.msg)
+            while len(batch) < limit and size < self.batch_max_bytes and not self.stopping:
                 more = queue.claim_next(self.slice, self.count, self.claimant)
                 if more is None or not self._confirmed(guard, more):
                     break
                 batch.append(more)
+                size += len(more.msg)
             self._handle(queue, batch)
             # --once ends when an entry comes round again (a runner that requeues into its own
             # queue with no delay would otherwise loop forever).
@@ -210,9 +219,13 @@ class Runner(RunnerProcess):
         return None
 
     def _handle(self, queue: Queue, batch: list[Claimed]) -> None:
-        for entry in batch:
-            # The epoch too: claims are judged against the map they were made under (docs/cluster.md §4).
-            self.log.info("claimed %s (epoch %d)", entry.id, entry.claimant.epoch)
+        # The epoch too: claims are judged against the map they were made under (docs/cluster.md §4).
+        if self.log_each_entry:
+            for entry in batch:
+                self.log.info("claimed %s (epoch %d)", entry.id, entry.claimant.epoch)
+        else:
+            self.log.info("claimed %d entries (epoch %d): %s", len(batch), batch[0].claimant.epoch,
+                          " ".join(entry.id for entry in batch))
         started = time.monotonic()
         try:
             failed = self.process_batch(batch)
@@ -221,9 +234,14 @@ class Runner(RunnerProcess):
         # All at once: unlinks issued together share the filesystem's journal commits (Queue.finish_many).
         done = [entry for entry in batch if entry.id not in failed]
         queue.finish_many(done)
-        for entry in done:
-            stats.count("mailq_entries_processed_total")
-            self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
+        if done:
+            stats.count("mailq_entries_processed_total", len(done))
+        if self.log_each_entry:
+            for entry in done:
+                self.log.info("done %s (%.3fs)", entry.id, time.monotonic() - started)
+        elif done:
+            self.log.info("done %d entries (%.3fs): %s", len(done), time.monotonic() - started,
+                          " ".join(entry.id for entry in done))
         for entry in batch:
             exc = failed.get(entry.id)
             if exc is None:

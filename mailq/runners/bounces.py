@@ -39,6 +39,8 @@ BATCH = 1000
 
 class BouncesRunner(Runner):
     queue = "bounces"
+    # Each entry's decision is a line of its own (with its id); claimed/done: one line per batch.
+    log_each_entry = False
 
     def setup(self) -> None:
 
