@@ -41,5 +41,5 @@ def master():
     yield start
     for node in nodes:
         pid = json.loads(node.run("mailqctl", "status", "--json").stdout)["pid"]
-        node.run("mailqctl", "stop", "--timeout", "30")
+        node.run("mailqctl", "stop", "--timeout", "120")
         assert pid is None or not pid_alive(pid)

@@ -75,7 +75,7 @@ def master():
 
     yield start
     for node in nodes:
-        node.run("mailqctl", "stop", "--timeout", "30")
+        node.run("mailqctl", "stop", "--timeout", "120")
 
 
 def test_subscribe_confirm_welcome_then_leave_confirm_goodbye(tmp_path, master):

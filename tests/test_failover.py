@@ -282,10 +282,13 @@ def test_list_lock_held_by_a_dead_host_is_broken_by_the_takeover_not_before(make
             list_lock(settings, "dev", timeout=1).acquire()
         assert not load_map(settings.slice_map_path).nodes["h1"].fenced
         wait_for(lambda: load_map(settings.slice_map_path).nodes["h1"].fenced, 60, message="h1 fenced")
+        # The takeover breaks the claim after it has written the map: wait for it to say so, or this
+        # process's own acquire (which may break a fenced host's claim too) races it.
+        wait_for(lambda: "broke lock list dev" in c.hosts["h2"].log_text(""), 60,
+                 message="h2's takeover broke h1's list lock")
         lock = list_lock(settings, "dev", timeout=10)
         lock.acquire()
         lock.release()
-        assert "broke lock list dev" in c.hosts["h2"].log_text("")
     finally:
         if holder.poll() is None:
             os.killpg(holder.pid, 9)

@@ -130,7 +130,7 @@ def test_hostile_claims_of_dead_runners_go_to_bad_in_recovery_and_at_master_star
         assert claims(settings, "commands") == [] and claims(settings, "virgin") == []
         assert len(bad_reasons(settings)) == 4
     finally:
-        node.run("mailqctl", "stop", "--timeout", "30")
+        node.run("mailqctl", "stop", "--timeout", "120")
 
 
 def test_a_recovery_is_counted_before_the_entry_is_read(tmp_path):
@@ -701,7 +701,7 @@ def test_an_out_runner_checks_the_lease_before_each_transaction_and_stops_once_f
         # The takeover put the entry back for n2, whole: its members get it from there.
         (entry,) = settings.queue_dir("out").glob("*/*.pck")
         assert Queue.for_settings(settings, "out").read(entry)[1]["recipients"] == members
-        node.run("mailqctl", "stop", "--timeout", "30")
+        node.run("mailqctl", "stop", "--timeout", "120")
         wait_for(lambda: not pid_alive(master), 60, message="the master gone")
 
 
@@ -769,7 +769,7 @@ def masters():
     yield start
     for node in nodes:
         pid = read_pid(node.settings())
-        node.run("mailqctl", "stop", "--timeout", "30")
+        node.run("mailqctl", "stop", "--timeout", "120")
         assert pid is None or not pid_alive(pid)
 
 

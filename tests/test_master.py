@@ -47,7 +47,7 @@ def started():
 
     for node in nodes:      # every one, even when the test (or a stop) failed for an earlier one
         pid = running_pid(node.settings())
-        node.run("mailqctl", "stop", "--timeout", "30")
+        node.run("mailqctl", "stop", "--timeout", "120")
         if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
@@ -350,7 +350,7 @@ def test_the_init_script_follows_lsb_exit_codes(tmp_path):
         assert init("stop").returncode == 0
         assert init("status").returncode == 3
     finally:
-        node.run("mailqctl", "stop", "--timeout", "30")
+        node.run("mailqctl", "stop", "--timeout", "120")
 
 
 def test_after_reopen_no_process_writes_to_the_rotated_master_log(tmp_path, started):
