@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -219,8 +219,6 @@ def write_textfile(settings: Settings, folder: Path, *, queues: bool = True) -> 
 
 def serve(settings: Settings, host: str, port: int) -> Any:
     """Serve ``/metrics`` on *host*:*port* from a daemon thread; returns the server (``shutdown()`` stops it)."""
-    from prometheus_client import start_http_server
-
     server, _thread = start_http_server(port, addr=host, registry=registry(settings))
     return server
 

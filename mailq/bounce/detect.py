@@ -32,6 +32,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from email.message import Message
+from email.utils import parseaddr
 from typing import Any
 
 from mailq.delivery.verp import verp_recipient
@@ -197,8 +198,6 @@ def _is_delivery_report(msg: Message, metadata: dict[str, Any]) -> bool:
         sender = metadata.get("envelope_sender")
         if sender == "" or str(sender or "").strip() == "<>":
             return True
-        from email.utils import parseaddr
-
         return bool(_REPORTERS.match(parseaddr(str(msg.get("from") or ""))[1]))
     except Exception:
         return False

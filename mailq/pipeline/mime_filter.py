@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import mimetypes
 from email.message import Message
+from html.parser import HTMLParser
 from typing import Any
 
 from mailq.lists.mlist import MailingList
@@ -213,8 +214,6 @@ def too_deep(html: str, limit: int = HTML_DEPTH) -> bool:
     html2text indents every line by its nesting (lists, quotes), so 45 KB of nested ``<ul><li>``
     would come out as 25 MB of text after seconds of work: such HTML is not converted.
     """
-    from html.parser import HTMLParser
-
     class Depth(HTMLParser):
         def __init__(self) -> None:
             super().__init__(convert_charrefs=False)
