@@ -64,20 +64,6 @@ def body(msg) -> str:
     return msg.get_body(("plain",)).get_content().replace("\r\n", "\n")
 
 
-@pytest.fixture
-def master():
-    nodes = []
-
-    def start(node):
-        result = node.run("mailqctl", "start")
-        assert result.returncode == 0, result.stderr
-        nodes.append(node)
-
-    yield start
-    for node in nodes:
-        node.run("mailqctl", "stop", "--timeout", "120")
-
-
 def test_subscribe_confirm_welcome_then_leave_confirm_goodbye(tmp_path, master):
     node = command_node(tmp_path)
     store = make_list(node, welcome_text="Be nice.", goodbye_text="Come back soon.")
