@@ -306,6 +306,11 @@ class Queue:
                     out.append(info)
         return out
 
+    def given_back(self, c: Claimed) -> None:
+        """*c*'s claim was renamed back to its ``.pck`` name by the caller (``ClaimGuard.confirm``):
+        it is waiting again, and this object may hand it out again."""
+        self._held.discard(c._path)
+
     # -- finishing (§3.6, §3.7) -------------------------------------------------------------
     def finish(self, c: Claimed) -> None:
         """The entry is done: remove the claim."""
