@@ -111,6 +111,8 @@ class Queue:
         #: Claim files this object handed out and that are not settled yet: a claimant never gets
         #: an entry it already holds (a stale batch still lists the ``.pck`` it renamed).
         self._held: set[str] = set()
+        #: ``(due time, sha1hex)`` of each entry name the last listing found (``_scan``).
+        self._listed: dict[str, tuple[float, str]] = {}
 
     @classmethod
     def for_settings(cls, settings: Any, name: str, *, log: logging.Logger | None = None) -> Queue:
@@ -167,7 +169,12 @@ class Queue:
 
     # -- listing ----------------------------------------------------------------------------
     def _scan(self, index: int, count: int) -> list[tuple[float, str, str]]:
-        """Every waiting entry of one slice, oldest (earliest due) first; only its buckets are read."""
+        """Every waiting entry of one slice, oldest (earliest due) first; only its buckets are read.
+
+        A backlog is listed again every rescan interval while it lasts, and most of its names are
+        the same each time: a name the previous listing parsed is not parsed again.
+        """
+        known, listed = self._listed, {}
         found = []
         for bucket, whole in slice_buckets(index, count):
             folder = f"{self._dir}/{bucket}"
@@ -179,16 +186,21 @@ class Queue:
                 self._odd(folder, "", f"cannot list it: {exc}")
                 continue
             for name in names:
-                if not name.endswith(ENTRY_SUFFIX):
-                    if not (name.startswith(".") or name.endswith(CLAIM_SUFFIX) or name.endswith(REASON_SUFFIX)):
+                parsed = known.get(name)
+                if parsed is None or not parsed[1].startswith(bucket):
+                    if not name.endswith(ENTRY_SUFFIX):
+                        if not (name.startswith(".") or name.endswith(CLAIM_SUFFIX) or name.endswith(REASON_SUFFIX)):
+                            self._odd(folder, name)
+                        continue
+                    m = ENTRY_RE.fullmatch(name)
+                    if m is None or not name.startswith(bucket, len(m["time"]) + 1):
                         self._odd(folder, name)
-                    continue
-                m = ENTRY_RE.fullmatch(name)
-                if m is None or not name.startswith(bucket, len(m["time"]) + 1):
-                    self._odd(folder, name)
-                    continue
-                if whole or slice_of(m["sha"], count) == index:
-                    found.append((float(m["time"]), name, bucket))
+                        continue
+                    parsed = (float(m["time"]), m["sha"])
+                listed[name] = parsed
+                if whole or slice_of(parsed[1], count) == index:
+                    found.append((parsed[0], name, bucket))
+        self._listed = listed
         found.sort()
         return found
 
