@@ -260,6 +260,8 @@ class ListStore:
             if always_save or stored != loaded:
                 self._save(mlist, stored)
                 loaded = stored
+                if reuse:
+                    mlist.members.settle(stored["members"])     # the next save handles only new changes
             checked = self._checked.get(name)
             if reuse and checked is not None and not mlist.loaded_from_last:
                 self._kept[name] = (checked[0], mlist, loaded)
