@@ -75,6 +75,19 @@ def test_a_batching_runner_settles_each_claim_of_a_batch_on_its_own(node, settin
     assert all(f"claimed {eid}" in log for eid in ids) and f"done {ids[6]}" in log
 
 
+def test_a_batching_runner_handles_an_entry_recovered_from_a_dead_batch_alone(node, settings):
+    """Recovery marks entries whose claimant died holding a batch ``suspect`` (docs/design.md §3.8):
+    each is a batch of its own, so a death while it is in hand is counted against it alone."""
+    for n in range(6):
+        put(settings, n, suspect=n in (1, 4))
+    proc = probe(node, "--once", "--batch", "10")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    batches = [line.split() for line in (node.var / "probe" / "batches").read_text().splitlines()]
+    assert batches == [["0"], ["1"], ["2", "3"], ["4"], ["5"]]
+    assert sorted(done(node.var)) == list(range(6))
+
+
 def test_sigterm_while_processing_finishes_the_entry_in_hand(node, settings):
     put(settings, 7, hold=True)         # processing lasts until the runner is asked to stop
     proc = probe(node)
