@@ -99,7 +99,7 @@ def max_bytes(count: int) -> int:
 
 
 def items_key(items: list[str]) -> str:
-    return sha1("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()
+    return sha1("\n".join(items).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _log(log: logging.Logger | None) -> logging.Logger:
@@ -191,7 +191,15 @@ class Progress:
                 self.log.error("progress file %s is %d bytes, more than %d for %d items: ignored, every item "
                                "is sent again", self.path, size, limit, self.count)
                 return 0
-            data = os.read(fd, limit + 1)
+            chunks: list[bytes] = []
+            left = limit + 1
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            data = b"".join(chunks)
         except OSError as exc:
             self.log.error("cannot read progress file %s (%s): sending every item again", self.path, exc)
             return 0
@@ -255,7 +263,7 @@ class Progress:
                 when = float(tail)
             except ValueError:
                 return None
-            return ("S", when, [], "") if when == when and abs(when) < 1e12 else None
+            return ("S", when, [], "") if 0 <= when < 1e11 else None     # NaN fails too; names need 0 <= t
         if kind not in KINDS:
             return None
         code, _, tail = tail.partition(" ")
