@@ -12,8 +12,9 @@ serves one queue and one slice of it.  The loop:
    that one lock cycle or one connection serves them all, and stops once the batch's messages
    reach ``batch_max_bytes`` (64 MB); the guard confirms them ``CONFIRM_EVERY`` at a time, with
    one ``ClaimGuard.confirm_all`` after the last rename of each group (or gives the group back and
-   stops claiming); with ``log_each_entry``
-   False the claims and finishes of a batch are one log line each, naming every entry;
+   stops claiming); an entry recovered from a claimant that died holding a batch is handled alone
+   (``_batches``, docs/design.md §3.8); with ``log_each_entry`` False the claims and finishes of a
+   batch are one log line each, naming every entry;
 4. ``process_batch(entries)`` (by default ``process(entry)`` for each, the one hook most runners
    implement) says which entries failed; the loop then finishes every other claim, requeues the
    entries that raised TemporaryFailure for ``tempfail_delay`` seconds and shunts the rest with
@@ -48,6 +49,7 @@ from mailq.fsutil import make_dirs
 from mailq.queue.names import Claimant, slice_of, split_id
 from mailq.queue.entry import QueueFull
 from mailq.queue.queue import Claimed, Queue
+from mailq.queue.recovery import SUSPECT_KEY
 from mailq.runners.process import EXIT_TEMPFAIL, RunnerProcess
 
 __all__ = ["EXIT_TEMPFAIL", "Runner"]
@@ -56,6 +58,10 @@ __all__ = ["EXIT_TEMPFAIL", "Runner"]
 #: (docs/cluster.md §4): a check per claim (two stats) was 3% of a bounce's handling
 #: (bench/bounces.py), and a guard that fails mid-batch costs at most this many renames back.
 CONFIRM_EVERY = 64
+
+
+def _suspect(entry: Claimed) -> bool:
+    return entry.metadata.get(SUSPECT_KEY) is True
 
 
 class Runner(RunnerProcess):
@@ -186,30 +192,50 @@ class Runner(RunnerProcess):
                 self.idle()
                 self._sleep(poll)
                 continue
-            batch, size = [entry], len(entry.msg)
-            added: list[Claimed] = []       # claims not confirmed yet
-            while len(batch) + len(added) < limit and size < self.batch_max_bytes and not self.stopping:
-                more = queue.claim_next(self.slice, self.count, self.claimant)
-                if more is None:
-                    break
-                added.append(more)
-                size += len(more.msg)
-                if len(added) == CONFIRM_EVERY:
-                    if not self._confirmed(guard, queue, added):
-                        added = []
-                        break
-                    batch += added
-                    added = []
-            if added and self._confirmed(guard, queue, added):
-                batch += added
-            self._handle(queue, batch)
+            batches = self._batches(queue, guard, entry, limit)
+            for batch in batches:
+                self._handle(queue, batch)
             # --once ends when an entry comes round again (a runner that requeues into its own
             # queue with no delay would otherwise loop forever).
             if once:
-                if any(item.id in seen for item in batch):
+                handled = [item.id for batch in batches for item in batch]
+                if any(eid in seen for eid in handled):
                     break
-                seen.update(item.id for item in batch)
+                seen.update(handled)
         return 0
+
+    def _batches(self, queue: Queue, guard: ClaimGuard, entry: Claimed, limit: int) -> list[list[Claimed]]:
+        """*entry* and up to ``limit - 1`` more claims, as the batches to handle one after another.
+
+        An entry recovered from a claimant that died holding a batch (``metadata["suspect"]``,
+        docs/design.md §3.8) is a batch of its own: if it kills this runner, the recovery counts that
+        death against it alone, so a poison message still reaches ``bad`` and the others do not.
+        The claims after *entry* are confirmed ``CONFIRM_EVERY`` at a time, by one guard re-check
+        after the last rename of each group (docs/cluster.md §4); a group the guard refuses has been
+        given back, and claiming stops there.
+        """
+        if _suspect(entry):
+            return [[entry]]
+        batch, size = [entry], len(entry.msg)
+        added: list[Claimed] = []       # claimed, not confirmed yet
+        while len(batch) + len(added) < limit and size < self.batch_max_bytes and not self.stopping:
+            more = queue.claim_next(self.slice, self.count, self.claimant)
+            if more is None:
+                break
+            added.append(more)
+            if _suspect(more):
+                break
+            size += len(more.msg)
+            if len(added) == CONFIRM_EVERY:
+                if not self._confirmed(guard, queue, added):
+                    return [batch]
+                batch += added
+                added = []
+        if added and not self._confirmed(guard, queue, added):
+            return [batch]
+        if added and _suspect(added[-1]):
+            return [batch + added[:-1], [added[-1]]]
+        return [batch + added]
 
     def _claim_hinted(self, queue: Queue, poll: float) -> Claimed | None:
         """Claim an entry inotify named, while the slice was idle at its last listing; else None.
