@@ -116,8 +116,8 @@ class Queue:
         #: Claim files this object handed out and that are not settled yet: a claimant never gets
         #: an entry it already holds (a stale batch still lists the ``.pck`` it renamed).
         self._held: set[str] = set()
-        #: ``(due time, sha1hex)`` of each entry name the last listing found (``_scan``).
-        self._listed: dict[str, tuple[float, str]] = {}
+        #: The due time of each entry name the last listing found (``_scan``).
+        self._listed: dict[str, float] = {}
 
     @classmethod
     def for_settings(cls, settings: Any, name: str, *, log: logging.Logger | None = None) -> Queue:
@@ -205,8 +205,9 @@ class Queue:
                 self._odd(folder, "", f"cannot list it: {exc}")
                 continue
             for name in names:
-                parsed = known.get(name)
-                if parsed is None or not parsed[1].startswith(bucket):
+                # A name parsed before is <time>+<sha1hex>.pck: its SHA-1 is name[-44:-4].
+                due = known.get(name)
+                if due is None or not name.startswith(bucket, len(name) - 44):
                     if not name.endswith(ENTRY_SUFFIX):
                         if not (name.startswith(".") or name.endswith(CLAIM_SUFFIX) or name.endswith(REASON_SUFFIX)):
                             self._odd(folder, name)
@@ -215,10 +216,10 @@ class Queue:
                     if m is None or not name.startswith(bucket, len(m["time"]) + 1):
                         self._odd(folder, name)
                         continue
-                    parsed = (float(m["time"]), m["sha"])
-                listed[name] = parsed
-                if whole or slice_of(parsed[1], count) == index:
-                    found.append((parsed[0], name, bucket))
+                    due = float(m["time"])
+                listed[name] = due
+                if whole or slice_of(name[-44:-4], count) == index:
+                    found.append((due, name, bucket))
         self._listed = listed
         found.sort()
         return found
