@@ -64,7 +64,7 @@ from mailq.lists import ListStore
 from mailq.locks import Lock, named_lock
 from mailq.pipeline.base import PARSE_POLICY, _decode_bytes, charset_name, header_text, to_bytes
 from mailq.pipeline.list_headers import add_headers
-from mailq.pipeline.mime_filter import HTML_LIMIT, html_to_text, too_deep
+from mailq.pipeline.mime_filter import HTML_LIMIT, html_to_text
 from mailq.pipeline.subject_prefix import encode_subject
 from mailq.queue import Queue
 from mailq.queue.payload import decode, encode
@@ -630,8 +630,8 @@ def _collect(part: Message, texts: list[str], attachments: list[str], depth: int
         text = _decoded(part)
         if ctype == "text/plain":
             texts.append(text)
-        elif len(text) <= HTML_LIMIT and not too_deep(text):
-            texts.append(html_to_text(text))
+        elif (converted := html_to_text(text) if len(text) <= HTML_LIMIT else None) is not None:
+            texts.append(converted)
         else:     # html2text is pure Python: not for megabytes, nor for hostile nesting (mime_filter)
             attachments.append(f"(HTML too large or too deeply nested to show as text) (text/html, "
                                f"{_size(len(text))})")
