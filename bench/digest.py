@@ -10,7 +10,13 @@ of ``--rounds`` runs in this one process:
 * ``parse_ms``: ``email.message_from_bytes`` (compat32) of the same 1,000 messages: what building
   a digest cannot beat, since every digest must at least read each post;
 * ``build_ms_mime`` / ``build_ms_plain``: ``mailq.digest.build`` for one format, from the raw posts
-  to the finished message bytes (table of contents, header, footer, parts or text);
+  to the finished message bytes (table of contents, header, footer, parts or text), as ``send``
+  does it: the plain build reads the HTML parts' text that ``append_pending`` converted when the
+  posts were appended (``digest.texts``, for a list with plain readers) and converts the rest;
+* ``build_ms_plain_unconverted``: the plain build of posts appended without that (a list that had
+  no plain reader then): every HTML part converted while building;
+* ``append_ms`` / ``append_convert_ms``: ``append_pending`` of the 1,000 posts without and with
+  that conversion (fsync off): the cost the conversion moved from the build to the archive runner;
 * ``send_ms``: ``mailq.digest.send`` with both formats' members: read the pending file, build both,
   stage, queue into ``out`` (fsync off, so the disk does not decide it);
 * ``ratio_vs_parse`` = the slower build / parse_ms (target <= 3), plus each format's ratio.
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from mailq.config import Settings
-    from mailq.digest import append_pending, build, send
+    from mailq.digest import TEXTS_NAME, append_pending, build, converted_texts, pending_path, send
     from mailq.lists import ListStore, Member
 
     tmp = Path(tempfile.mkdtemp(prefix="mailq-bench-digest-"))
@@ -99,16 +105,30 @@ def main(argv: list[str] | None = None) -> dict:
 
         parse_ms = median_ms(lambda: [email.message_from_bytes(p, policy=policy.compat32) for p in posts],
                              args.rounds)
+        items = [(p, "poster@example.net", when) for p in posts]
+        pending, texts = pending_path(settings, "dev"), pending_path(settings, "dev").with_name(TEXTS_NAME)
+
+        def append(convert: bool) -> None:
+            pending.unlink(missing_ok=True)
+            texts.unlink(missing_ok=True)
+            append_pending(settings, "dev", items, convert_html=convert)
+
+        append_ms = median_ms(lambda: append(False), args.rounds)
+        append_convert_ms = median_ms(lambda: append(True), args.rounds)   # leaves digest.texts for the build
         sizes = {}
 
-        def build_one(fmt: str) -> None:
-            sizes[fmt] = len(build(mlist, posts, 1, 1, when, [fmt])[fmt])
+        def build_one(fmt: str, converted: bool = True) -> None:
+            done = converted_texts(texts) if fmt == "plain" and converted else None
+            sizes[fmt] = len(build(mlist, posts, 1, 1, when, [fmt], converted=done)[fmt])
 
         mime_ms = median_ms(lambda: build_one("mime"), args.rounds)
         plain_ms = median_ms(lambda: build_one("plain"), args.rounds)
+        unconverted_ms = median_ms(lambda: build_one("plain", converted=False), args.rounds)
+        pending.unlink()
+        texts.unlink()
         send_samples = []
         for _ in range(args.rounds):
-            append_pending(settings, "dev", [(p, "poster@example.net", when) for p in posts])
+            append_pending(settings, "dev", items, convert_html=True)
             start = time.perf_counter()
             report = send(settings, "dev", force=True, store=store)
             send_samples.append((time.perf_counter() - start) * 1000)
@@ -120,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "posts": args.posts, "pending_mb": round(total / 1048576, 2), "rounds": args.rounds,
         "parse_ms": round(parse_ms, 1), "build_ms_mime": round(mime_ms, 1), "build_ms_plain": round(plain_ms, 1),
-        "send_ms": round(send_ms, 1),
+        "build_ms_plain_unconverted": round(unconverted_ms, 1), "send_ms": round(send_ms, 1),
+        "append_ms": round(append_ms, 1), "append_convert_ms": round(append_convert_ms, 1),
+        "ratio_plain_unconverted_vs_parse": round(unconverted_ms / parse_ms, 2),
         "ratio_mime_vs_parse": round(mime_ms / parse_ms, 2), "ratio_plain_vs_parse": round(plain_ms / parse_ms, 2),
         "ratio_vs_parse": round(max(mime_ms, plain_ms) / parse_ms, 2), "target_ratio": 3,
         "digest_kb_mime": round(sizes["mime"] / 1024), "digest_kb_plain": round(sizes["plain"] / 1024),

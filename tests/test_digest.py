@@ -109,6 +109,27 @@ def test_a_plain_digest_follows_rfc_1153_text_only_with_attachments_named(tree):
     assert text.rstrip().endswith(end + "\n" + "*" * len(end))
 
 
+def test_html_converted_at_append_is_what_the_plain_digest_shows_and_a_lost_cache_costs_nothing(tree):
+    from mailq.digest import TEXTS_NAME, converted_texts
+
+    _, settings, store = tree
+    crlf = html_post(1).replace(b"\n", b"\r\n")                  # as the archive entry may carry it
+    posts = [plain_post(0), crlf, html_post(2), attachment_post(3)]
+    append_pending(settings, "dev", [(p, "x@example.org", JAN_2027, f"k{i}") for i, p in enumerate(posts)],
+                   convert_html=True)
+    texts = pending_path(settings, "dev").with_name(TEXTS_NAME)
+    cache = converted_texts(texts)
+    assert sorted(cache.values()) == ["Hello **caf\u00e9** 1\n", "Hello **caf\u00e9** 2\n"]   # the HTML posts only
+    # The build reads the cache: a changed line shows; a torn line and a missing one are converted.
+    lines = texts.read_bytes().splitlines(keepends=True)
+    texts.write_bytes(lines[0].replace(b"Hello", b"CACHED") + lines[1][:20])
+    send(settings, "dev", force=True, store=store, now=JAN_2027)
+    (plain,) = [d["msg"] for d in out_digests(settings) if d["format"] == "plain"]
+    text = email.message_from_bytes(plain, policy=policy.default).get_content()
+    assert "CACHED **caf\u00e9** 1" in text and "Hello **caf\u00e9** 2" in text and "From the body of post 0" in text
+    assert sorted(p.name for p in texts.parent.glob("digest*")) == ["digest.json"]    # cache moved aside, dropped
+
+
 def test_list_header_and_footer_settings_replace_the_templates_with_placeholders(tree):
     _, _, store = tree
     with store.edit("dev") as mlist:
