@@ -8,7 +8,8 @@ pending digest (``digest.mbox``, mboxrd) of a real list in a temp var.  Measured
 of ``--rounds`` runs in this one process:
 
 * ``parse_ms``: ``email.message_from_bytes`` (compat32) of the same 1,000 messages: what building
-  a digest cannot beat, since every digest must at least read each post;
+  a digest cannot beat, since every digest must at least read each post.  The parse and the
+  builds take turns within each round, so a load that comes and goes hits them alike;
 * ``build_ms_mime`` / ``build_ms_plain``: ``mailq.digest.build`` for one format, from the raw posts
   to the finished message bytes (table of contents, header, footer, parts or text), as ``send``
   does it: the plain build reads the HTML parts' text that ``append_pending`` converted when the
@@ -68,13 +69,16 @@ def make_post(i: int) -> bytes:
             f'filename="report-{i}.pdf"\nContent-Transfer-Encoding: base64\n\n{pdf}--mix{i}--\n').encode()
 
 
-def median_ms(func, rounds: int) -> float:
-    samples = []
+def interleaved(funcs: dict, rounds: int) -> dict[str, float]:
+    """Median ms of each function, the functions taking turns in every round: on a loaded machine
+    the load of any moment then falls on all of them alike, and their ratios stay fair."""
+    samples: dict[str, list[float]] = {name: [] for name in funcs}
     for _ in range(rounds):
-        start = time.perf_counter()
-        func()
-        samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples)
+        for name, func in funcs.items():
+            start = time.perf_counter()
+            func()
+            samples[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,8 +107,6 @@ def main(argv: list[str] | None = None) -> dict:
         total = sum(len(p) for p in posts)
         when = time.time()
 
-        parse_ms = median_ms(lambda: [email.message_from_bytes(p, policy=policy.compat32) for p in posts],
-                             args.rounds)
         items = [(p, "poster@example.net", when) for p in posts]
         pending, texts = pending_path(settings, "dev"), pending_path(settings, "dev").with_name(TEXTS_NAME)
 
@@ -113,17 +115,22 @@ def main(argv: list[str] | None = None) -> dict:
             texts.unlink(missing_ok=True)
             append_pending(settings, "dev", items, convert_html=convert)
 
-        append_ms = median_ms(lambda: append(False), args.rounds)
-        append_convert_ms = median_ms(lambda: append(True), args.rounds)   # leaves digest.texts for the build
+        # converting last in each round, so its digest.texts is there for the builds
+        appended = interleaved({"plain": lambda: append(False), "convert": lambda: append(True)}, args.rounds)
+        append_ms, append_convert_ms = appended["plain"], appended["convert"]
         sizes = {}
 
         def build_one(fmt: str, converted: bool = True) -> None:
             done = converted_texts(texts) if fmt == "plain" and converted else None
             sizes[fmt] = len(build(mlist, posts, 1, 1, when, [fmt], converted=done)[fmt])
 
-        mime_ms = median_ms(lambda: build_one("mime"), args.rounds)
-        plain_ms = median_ms(lambda: build_one("plain"), args.rounds)
-        unconverted_ms = median_ms(lambda: build_one("plain", converted=False), args.rounds)
+        timed = interleaved({
+            "parse": lambda: [email.message_from_bytes(p, policy=policy.compat32) for p in posts],
+            "mime": lambda: build_one("mime"),
+            "plain": lambda: build_one("plain"),
+            "unconverted": lambda: build_one("plain", converted=False),
+        }, args.rounds)
+        parse_ms, mime_ms, plain_ms, unconverted_ms = (timed[k] for k in ("parse", "mime", "plain", "unconverted"))
         pending.unlink()
         texts.unlink()
         send_samples = []
