@@ -20,9 +20,12 @@ contenders alternating between rounds (the host is shared):
 * ``ratio_personalized_vs_bare`` = mailq personalized / bare personalized, one connection each
   (target >= 0.9); ``connections_speedup`` = mailq personalized with N sessions / with 1 (target
   >= 1.5 with 4 sessions on two cores).
+* ``checkpoint_overhead``: 1 - mailq personalized (one session) with checkpoints every
+  ``smtp.checkpoint_every`` transactions (the default, 100) / with ``checkpoint_every: 0``.
 * ``resent_after_kill``: a personalized post to --kill-members members through a real out runner
   (N sessions) into a counting aiosmtpd sink; SIGKILL when half the members have their copy; a
-  new runner recovers the claim and finishes; the copies received twice are counted.
+  new runner recovers the claim and finishes; the copies received twice are counted (target: at
+  most ``checkpoint_window`` = ``smtp.checkpoint_every`` + N - 1, docs/mail-flow.md "Checkpoints").
 
 The last line printed is one JSON object with these figures.
 """
@@ -144,11 +147,11 @@ def bare(port: int, rcpts: list[str], msg: bytes, personalize: bool, connections
     return len(rcpts) / (time.perf_counter() - t)
 
 
-def make_config(base: Path, name: str, port: int, connections: int) -> Path:
+def make_config(base: Path, name: str, port: int, connections: int, **smtp: object) -> Path:
     import yaml
 
     config = {"node": {"name": "bench"}, "paths": {"var": str(base / "var"), "run": str(base / "run")},
-              "smtp": {"host": "127.0.0.1", "port": port, "connections": connections},
+              "smtp": {"host": "127.0.0.1", "port": port, "connections": connections, **smtp},
               "pipeline": {"web_url": "https://lists.example.org"}}
     path = base / "etc" / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,8 +184,9 @@ def runner_rate(config: Path, rcpts: list[str], msg: bytes, personalize: bool) -
     return len(rcpts) / float(m.group(1))
 
 
-def resent_after_kill(base: Path, members: int, connections: int) -> tuple[int, int]:
-    """(copies received twice, copies received in all) when the out runner is SIGKILLed at 50 %."""
+def resent_after_kill(base: Path, members: int, connections: int) -> tuple[int, int, int]:
+    """(copies received twice, copies received in all, the checkpoint window) when the out runner
+    is SIGKILLed at 50 %."""
     from mailq.config import load_settings
     from mailq.queue import Queue
     from tests.support import free_port, wait_for
@@ -194,6 +198,7 @@ def resent_after_kill(base: Path, members: int, connections: int) -> tuple[int, 
         kbase = base / "kill"
         config = make_config(kbase, "mailq.yaml", port, connections)
         settings = load_settings(config)
+        window = settings.smtp.checkpoint_every + connections - 1 if settings.smtp.checkpoint_every else members
         rcpts = [f"k{i}@example.net" for i in range(members)]
         Queue.for_settings(settings, "out").enqueue(
             message(), {"listname": "dev", "recipients": rcpts, "envelope_sender": BOUNCES, "personalize": True},
@@ -211,7 +216,7 @@ def resent_after_kill(base: Path, members: int, connections: int) -> tuple[int, 
         missing = [r for r in rcpts if counts[r] == 0]
         if missing:
             raise SystemExit(f"{len(missing)} members got no copy after the kill (e.g. {missing[0]})")
-        return sum(c - 1 for c in counts.values() if c > 1), sum(counts.values())
+        return sum(c - 1 for c in counts.values() if c > 1), sum(counts.values()), window
     finally:
         controller.stop()
 
@@ -237,6 +242,7 @@ def main() -> None:
         print(f"sink: {label}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
         one = make_config(base, "one.yaml", port, 1)
         many = make_config(base, "many.yaml", port, args.connections)
+        unchecked = make_config(base, "nockpt.yaml", port, 1, checkpoint_every=0)
         rcpts = [f"reader{i}@example.net" for i in range(args.members)]
         msg = message()
         n = args.connections
@@ -247,6 +253,7 @@ def main() -> None:
             "bare_personalized_rcpt_per_s_1": lambda: bare(port, rcpts, msg, True, 1),
             f"personalized_rcpt_per_s_{n}": lambda: runner_rate(many, rcpts, msg, True),
             f"bare_personalized_rcpt_per_s_{n}": lambda: bare(port, rcpts, msg, True, n),
+            "personalized_rcpt_per_s_1_no_checkpoints": lambda: runner_rate(unchecked, rcpts, msg, True),
         }
         figures: dict[str, list[float]] = {k: [] for k in steps}
         order = list(steps)
@@ -261,15 +268,20 @@ def main() -> None:
         result["connections_speedup"] = round(
             statistics.median(figures[f"personalized_rcpt_per_s_{n}"])
             / statistics.median(figures["personalized_rcpt_per_s_1"]), 3)
-        resent, received = resent_after_kill(base, args.kill_members, n)
-        result.update({"resent_after_kill": resent, "kill_members": args.kill_members,
+        result["checkpoint_overhead"] = round(
+            1 - statistics.median(figures["personalized_rcpt_per_s_1"])
+            / statistics.median(figures["personalized_rcpt_per_s_1_no_checkpoints"]), 3)
+        result["spread"] = {k: [round(min(v)), round(max(v))] for k, v in figures.items()}
+        resent, received, window = resent_after_kill(base, args.kill_members, n)
+        result.update({"resent_after_kill": resent, "checkpoint_window": window, "kill_members": args.kill_members,
                        "kill_received": received, "connections": n, "members": args.members,
                        "sink": "smtp-sink" if "smtp-sink" in label else "aiosmtpd (sink-bound)",
                        "load_average": round(os.getloadavg()[0], 1)})
         print(f"personalized: mailq {result['personalized_rcpt_per_s_1']}/s vs bare "
               f"{result['bare_personalized_rcpt_per_s_1']}/s (ratio {result['ratio_personalized_vs_bare']}, "
               f"target >= 0.9); {n} sessions: x{result['connections_speedup']} (target >= 1.5); "
-              f"resent after SIGKILL at 50 %: {resent} of {args.kill_members}")
+              f"resent after SIGKILL at 50 %: {resent} of {args.kill_members} (target <= checkpoint window "
+              f"{window}); checkpoints cost {result['checkpoint_overhead']:.1%}")
         print(json.dumps(result))
     finally:
         sink.terminate()

@@ -141,6 +141,10 @@ class SmtpSettings:
     #: SMTP sessions one out runner uses at once for one entry's chunks or personalized copies
     #: (docs/mail-flow.md "Several sessions"); 1 sends everything over one connection.
     connections: int = _limited(4, at_least=1, at_most=64)
+    #: Transactions between two checkpoints of an out entry's progress (docs/mail-flow.md
+    #: "Checkpoints"): a killed out runner's successor resends at most this many (plus the
+    #: transactions of the other sessions in flight).  0: no checkpoints, a crash resends the entry.
+    checkpoint_every: int = _limited(100, at_least=0)
     #: Direct MX only: transactions in flight at once towards one recipient domain.
     sessions_per_destination: int = _limited(2, at_least=1, at_most=64)
     #: Deliver straight to the recipients' MX hosts (dnspython) instead of the smarthost.

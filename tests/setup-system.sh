@@ -5,6 +5,8 @@
 #
 # To add a package: append one line to PACKAGES below, "name  # which tests need it and why".
 #
+# Besides PACKAGES, Exim is unpacked for tests/test_exim.py (see unpack_exim below).
+#
 # Tests that need a package still check for it and skip with the reason where it is missing (a
 # developer's machine without root).  The last line this script prints is
 #   installed: PKG PKG ...      (those of PACKAGES that are installed now)
@@ -38,10 +40,49 @@ installed_now() {
     echo "$out"
 }
 
+# Exim for tests/test_exim.py: Debian's exim4-daemon-light conflicts with postfix (above), so it is
+# not installed but unpacked (dpkg -x) into EXIM_ROOT, once, and its libraries installed.  Reported
+# as "exim4-daemon-light" on the last line when that binary runs.  Costs one ldd when ready.
+EXIM_ROOT=${MAILQ_EXIM_ROOT:-/var/cache/mailq-tests/exim4/root}
+exim_ready() {
+    [ -x "$EXIM_ROOT/usr/sbin/exim4" ] && ldd "$EXIM_ROOT/usr/sbin/exim4" >/dev/null 2>&1 && \
+        ! ldd "$EXIM_ROOT/usr/sbin/exim4" 2>/dev/null | grep -q 'not found'
+}
+unpack_exim() {  # returns 0 when EXIM_ROOT has a usable exim4, else says why
+    exim_ready && return 0
+    [ -n "${MAILQ_NO_SYSTEM_INSTALL:-}" ] && { say "exim4 not unpacked: MAILQ_NO_SYSTEM_INSTALL is set"; return 1; }
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1 || \
+        { say "exim4 not unpacked: needs root and apt (tests/test_exim.py skips)"; return 1; }
+    mkdir -p "${EXIM_ROOT%/*}" || return 1
+    (
+        flock 9 || exit 1               # another run of this script may be unpacking it right now
+        exim_ready && exit 0
+        apt="apt-get -q -o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0"
+        work=$(mktemp -d "${EXIM_ROOT%/*}/unpack.XXXXXX") || exit 1
+        trap 'rm -rf "$work"' EXIT
+        log="$work/log"
+        ( cd "$work" && $apt download exim4-daemon-light ) >"$log" 2>&1 || \
+            { $apt update >>"$log" 2>&1; ( cd "$work" && $apt download exim4-daemon-light ) >>"$log" 2>&1; } || \
+            { tail -n 3 "$log"; say "exim4 not unpacked: apt-get download failed (no route to the mirror?)"; exit 1; }
+        libs=$(apt-cache depends --important exim4-daemon-light 2>/dev/null | awk '/Depends: lib/ {print $2}')
+        # shellcheck disable=SC2086  # one word per package
+        DEBIAN_FRONTEND=noninteractive $apt install -y --no-install-recommends $libs >>"$log" 2>&1 || \
+            { tail -n 5 "$log"; say "exim4 not unpacked: its libraries did not install"; exit 1; }
+        dpkg -x "$work"/exim4-daemon-light_*.deb "$work/root" && rm -rf "$EXIM_ROOT" && mv "$work/root" "$EXIM_ROOT" || \
+            { say "exim4 not unpacked: dpkg -x failed"; exit 1; }
+        say "unpacked exim4-daemon-light into $EXIM_ROOT"
+    ) 9>"${EXIM_ROOT%/*}/.lock" || return 1
+    exim_ready
+}
+
 finish() {      # finish STATUS [WHY]: the reason (if any), then the machine-readable last line
     [ -n "${2:-}" ] && say "not all installed: $2"
-    echo "installed:$(installed_now)"
-    exit "$1"
+    status=$1
+    unpack_exim || status=3
+    exim=""
+    exim_ready && exim=" exim4-daemon-light"
+    echo "installed:$(installed_now)$exim"
+    exit "$status"
 }
 
 have=$(installed_now)

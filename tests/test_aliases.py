@@ -45,7 +45,7 @@ def test_exim_format(node, settings):
     assert r.returncode == 0, r.stderr
     lines = alias_lines(r.stdout)
     assert lines[3].split() == ["dev-bounces:", f"|{DELIVER}", "-C", str(node.config.resolve()), "bounces", "dev"]
-    assert "driver = redirect" in r.stdout and len(lines) == 7
+    assert "etc/exim4/mailq-router-pipe" in r.stdout and len(lines) == 7
 
 
 def test_json_and_one_list(node, settings):

@@ -32,7 +32,9 @@ def test_the_wheel_ships_the_samples_and_the_docs(tmp_path):
     data = next(n.split("/data/")[0] for n in names if ".data/data/" in n) + "/data/share/mailq/"
     for shipped in ("etc/mailq.yaml", "etc/crontab", "etc/systemd/mailq.service", "etc/init.d/mailq",
                     "etc/logrotate.d/mailq", "etc/postfix/main.cf.lmtp", "etc/postfix/main.cf.pipe",
-                    "etc/exim4/mailq.conf", "docs/operations.md", "docs/mail-flow.md"):
+                    "etc/exim4/README", "etc/exim4/mailq-main", "etc/exim4/mailq-router-pipe",
+                    "etc/exim4/mailq-transport-pipe", "etc/exim4/mailq-router-lmtp", "etc/exim4/mailq-transport-lmtp",
+                    "docs/operations.md", "docs/mail-flow.md"):
         assert data + shipped in names, shipped
     scripts = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "mailqctl = " in scripts and "\nmailq = " not in scripts

@@ -147,7 +147,7 @@ next steps:
   2. mailqctl{conf} lists create NAME --owner ADDRESS --domain LIST-DOMAIN
   3. hand list mail over, LMTP (recommended): {share}/etc/postfix/main.cf.lmtp and transport,
      or pipe aliases: mailqctl{conf} aliases --output {aliases} && postalias {aliases}
-     ({share}/etc/postfix/main.cf.pipe; Exim: {share}/etc/exim4/mailq.conf)
+     ({share}/etc/postfix/main.cf.pipe; Exim, both ways: {share}/etc/exim4/README)
   4. cron: cp {share}/etc/crontab /etc/cron.d/mailq (or {share}/etc/systemd/mailq-cron.timer);
      logs: cp {share}/etc/logrotate.d/mailq /etc/logrotate.d/ (put this node's log folder in it)
   5. mailqctl{conf} start (or {share}/etc/systemd/mailq.service, {share}/etc/init.d/mailq)

@@ -19,6 +19,13 @@ read and tested without a runner around it:
   the entry's recipients go to ``retry`` at once, untried; no further connection is attempted.
 * **Stopping** (the runner's flag, asked between transactions): the recipients not tried yet go
   back to ``out`` in one new entry, so ``mailqctl stop`` waits for one transaction, not the entry.
+  With a checkpoint, the entry itself goes back instead, its progress written (``report.resume``).
+* **Checkpoints** (a :class:`Checkpoint` from the runner, ``smtp.checkpoint_every`` > 0): every
+  that many transactions the recipients done so far (delivered, to retry, bounced) are written to
+  the entry's progress side-file (``mailq.queue.progress``; docs/mail-flow.md "Checkpoints"), and
+  a later delivery of the same entry skips them: a killed runner's successor resends at most the
+  transactions since the last checkpoint.  The retry and bounce entries are then written under
+  names made from the entry's SHA-1, so a successor that settles again lands on the same names.
 
 Nothing is lost when the smarthost is down: every recipient ends in exactly one of the three
 places, and the entry is finished only after the retry/bounce entries are on disk.
@@ -39,8 +46,23 @@ from mailq.delivery.unsubscribe import personalizer, unsubscribe_url
 from mailq.delivery.verp import verp_sender
 from mailq.lists import ListStore
 from mailq.notices import notify_template
+from mailq.queue.entry import entry_id, fixed_sha
+from mailq.queue.progress import Progress
 
 Enqueue = Callable[..., str]   # enqueue(queue, msg, metadata, *, not_before=None) -> entry id
+#: put(queue, entry id, msg, metadata, once) writes an entry under a fixed name (``Queue.put``).
+Put = Callable[[str, str, bytes, dict[str, Any], bool], Any]
+
+
+@dataclass
+class Checkpoint:
+    """What ``deliver`` needs to checkpoint one claimed entry (docs/mail-flow.md "Checkpoints")."""
+
+    path: str            # the entry's progress side-file: mailq.queue.progress.path_for(claim)
+    sha: str             # the entry's SHA-1: the retry and bounce entries get names made from it
+    put: Put
+    #: Set by deliver: what it read and recorded (``progress.exists``: there is a file to remove).
+    progress: Progress | None = None
 
 
 @dataclass
@@ -55,12 +77,19 @@ class DeliveryReport:
     requeue_entry: str | None = None
     retry_entry: str | None = None
     not_before: float | None = None
+    #: Recipients a checkpoint of an earlier delivery of this entry recorded as done (skipped now).
+    resumed: int = 0
+    #: Stopping with a checkpoint: the entry itself goes back to ``out``, its progress written.
+    resume: bool = False
 
     def summary(self) -> str:
         text = (f"{len(self.delivered)} delivered, {len(self.retried)} to retry, {len(self.bounced)} bounced, "
                 f"{len(self.given_up)} given up in {self.transactions} transaction(s)")
+        if self.resumed:
+            text += f"; {self.resumed} done before (checkpoint)"
         if self.requeued:
-            text += f"; stopping: {len(self.requeued)} not tried, back to out as {self.requeue_entry}"
+            where = "the entry goes back with its progress" if self.resume else f"back to out as {self.requeue_entry}"
+            text += f"; stopping: {len(self.requeued)} not tried, {where}"
         return text
 
 
@@ -80,54 +109,100 @@ def envelope_sender(settings: Settings, metadata: dict[str, Any]) -> str:
 
 def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any], enqueue: Enqueue, *,
             now: float | None = None, log=None, stopping: Callable[[], bool] | None = None,
-            lease_check: Callable[[], None] | None = None) -> DeliveryReport:
+            lease_check: Callable[[], None] | None = None, checkpoint: Checkpoint | None = None) -> DeliveryReport:
     """Deliver *msg* to ``metadata["recipients"]`` through *transport*; see the module docstring.
 
     *stopping* (the runner's stop flag) is asked between transactions: once true, the recipients
-    not tried yet go back to ``out`` in one new entry and this entry is done.  *lease_check* (the
-    runner's ``check_lease``) is called right before every transaction; it raises LeaseLost when
-    this node may no longer deliver, which ends the delivery at once with nothing written: the
-    entry is the new owner's (docs/cluster.md §4).
+    not tried yet go back to ``out`` in one new entry and this entry is done (with a *checkpoint*:
+    the progress is written and ``report.resume`` asks the runner to put the entry back).
+    *lease_check* (the runner's ``check_lease``) is called right before every transaction; it raises
+    LeaseLost when this node may no longer deliver, which ends the delivery at once with nothing
+    written: the entry is the new owner's (docs/cluster.md §4).  *checkpoint*: see the module
+    docstring; the recipients a checkpoint recorded are not sent again.
     """
     report = DeliveryReport()
     recipients = _unique(metadata.get("recipients") or [])
     if not recipients:
         return report
+    prog = None
+    if checkpoint is not None and settings.smtp.checkpoint_every > 0:
+        prog = checkpoint.progress = Progress(checkpoint.path, recipients, every=settings.smtp.checkpoint_every,
+                                              fsync=settings.queue.fsync, log=log)
+        report.resumed = prog.resumed
+        if prog.settled:
+            # Everything was sent and its retry/bounce entries written; only the finish was missing.
+            if log is not None:
+                log.info("every recipient was settled by an earlier delivery of this entry: nothing to send")
+            return report
     sender = envelope_sender(settings, metadata)
+    where = {rcpt: i for i, rcpt in enumerate(recipients)} if prog is not None else {}
+    todo = [r for i, r in enumerate(recipients) if not prog.done(i)] if prog is not None and prog.outcomes \
+        else recipients
     if metadata.get("personalize"):
-        batches = [(_verp_or_plain(sender, rcpt), [rcpt]) for rcpt in recipients]
+        batches = [(_verp_or_plain(sender, rcpt), [rcpt]) for rcpt in todo]
         one_click = _one_click(settings, metadata, msg)
     else:
         size = max(1, settings.smtp.chunk_size)
-        groups = _by_domain(recipients) if settings.smtp.direct_mx else [recipients]
+        groups = _by_domain(todo) if settings.smtp.direct_mx else [todo]
         # Direct MX: a chunk holds one domain's recipients (one destination, one session limit).
         batches = [(sender, group[i:i + size]) for group in groups for i in range(0, len(group), size)]
         one_click = None
     copy_for = (lambda batch: one_click(batch[0])) if one_click else (lambda batch: msg)
+    note = _recorder(prog, where) if prog is not None else None
     sessions = list(transport) if isinstance(transport, (list, tuple)) else [transport]
     if len(sessions) > 1 and len(batches) > 1:
         limit = settings.smtp.sessions_per_destination if settings.smtp.direct_mx else 0
         outcome, left = _send_parallel(sessions[:len(batches)], batches, copy_for, report, lease_check,
-                                       stopping, limit)
+                                       stopping, limit, note)
+    elif batches:
+        outcome, left = _send_serial(sessions[0], batches, copy_for, report, lease_check, stopping, note)
     else:
-        outcome, left = _send_serial(sessions[0], batches, copy_for, report, lease_check, stopping)
+        outcome, left = SendResult(), []
     now = time.time() if now is None else now
     report.delivered = outcome.delivered
     listname = metadata.get("listname") or ""
 
+    if left and prog is not None:
+        # Stopping with a checkpoint: the progress says what is done; the entry itself goes back
+        # (the runner puts it back) and its next delivery sends only the rest.
+        prog.flush()
+        report.requeued, report.resume = left, True
+        return report
     if left:
         # Stopping: what was not tried goes back to out as it was (no attempt counted).
         rest = dict(metadata, recipients=left)
         report.requeue_entry = enqueue("out", msg, rest)
         report.requeued = left
 
+    settle = None
+    if prog is not None:
+        # Failures recorded by an earlier delivery of this entry are settled now, with this one's.
+        for i, (kind, code, text) in prog.outcomes.items():
+            if kind == "T":
+                outcome.temporary.setdefault(recipients[i], (code, text))
+            elif kind == "P":
+                outcome.permanent.setdefault(recipients[i], (code, text))
+        if prog.exists and (outcome.temporary or outcome.permanent):
+            # Results get names made from this entry's SHA-1 and the settling time (recorded
+            # first): a successor settling again after a crash writes the same names, once.
+            again = prog.settled_at is not None
+            now = prog.begin_settling(now)
+            settle = (checkpoint, again)
+
+    def write(queue: str, kind: str, meta: dict[str, Any], due: float | None = None, *key: str) -> str:
+        if settle is None:
+            return enqueue(queue, msg, meta) if due is None else enqueue(queue, msg, meta, not_before=due)
+        eid = entry_id(now if due is None else due, fixed_sha(settle[0].sha, kind, *key))
+        settle[0].put(queue, eid, msg, meta, settle[1])
+        return eid
+
     # Permanent failures first: each becomes a bounce for the bounce runner.
     for rcpt, (code, text) in outcome.permanent.items():
-        enqueue("bounces", msg, {
+        write("bounces", "bounce", {
             "listname": listname, "kind": "bounces", "via": "smtp", "received": now,
             "recipient": rcpt, "code": code, "response": text,
             "envelope_sender": sender,
-        })
+        }, None, rcpt.lower())
         report.bounced[rcpt] = (code, text)
 
     if outcome.temporary:
@@ -152,8 +227,10 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
                 "last_errors": {r: f"{c} {t}" for r, (c, t) in outcome.temporary.items()},
             })
             report.not_before = now + delay
-            report.retry_entry = enqueue("retry", msg, retry_meta, not_before=report.not_before)
+            report.retry_entry = write("retry", "retry", retry_meta, report.not_before)
             report.retried = dict(outcome.temporary)
+    if settle is not None and prog is not None:
+        prog.end_settling()
     if log is not None and (report.retried or report.bounced or report.given_up):
         for rcpt, (code, text) in {**report.retried, **report.bounced, **report.given_up}.items():
             what = "bounced" if rcpt in report.bounced else "given up" if rcpt in report.given_up else "retry"
@@ -167,16 +244,31 @@ Batch = tuple[str, list[str]]   # (MAIL FROM, recipients) of one transaction
 LOOKAHEAD = 1000
 
 
+def _recorder(prog: Progress, where: dict[str, int]) -> Callable[[SendResult], None]:
+    """What a finished batch tells the checkpoint: its recipients are done, and how."""
+    def note(part: SendResult) -> None:
+        if part.delivered:
+            prog.record("D", [where[r] for r in part.delivered if r in where])
+        for kind, failed in (("T", part.temporary), ("P", part.permanent)):
+            for rcpt, (code, text) in failed.items():
+                if rcpt in where:
+                    prog.record(kind, [where[rcpt]], code, text)
+        prog.transaction()
+    return note
+
+
 def _send_serial(transport, batches: list[Batch], copy_for, report: DeliveryReport, lease_check,
-                 stopping) -> tuple[SendResult, list[str]]:
+                 stopping, note=None) -> tuple[SendResult, list[str]]:
     """One session: the batches in order. Returns the outcome and the recipients left untried
-    because the runner is stopping."""
+    because the runner is stopping.  *note* (checkpoints) hears of each batch's result."""
     outcome = SendResult()
     for n, (mail_from, batch) in enumerate(batches):
         if n and stopping is not None and stopping():
             return outcome, [r for _, rest in batches[n:] for r in rest]
         part = _send_batch(transport, mail_from, batch, copy_for(batch), report, lease_check)
         outcome.merge(part)
+        if note is not None:
+            note(part)
         if part.connection_failed:
             # Refused, timed out, gone: every further transaction would wait out the same timeout
             # (N members x smtp.timeout). The rest goes to retry now, untried, with the reason.
@@ -191,7 +283,7 @@ def _not_tried(outcome: SendResult, part: SendResult, rest: list[str]) -> None:
 
 
 def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: DeliveryReport, lease_check,
-                   stopping, per_destination: int) -> tuple[SendResult, list[str]]:
+                   stopping, per_destination: int, note=None) -> tuple[SendResult, list[str]]:
     """Several sessions at once (one thread each, each with its own reused connection), taking the
     batches in order (docs/mail-flow.md "Several sessions").
 
@@ -205,6 +297,7 @@ def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: Deliv
     * *per_destination* (direct MX): at most that many transactions at once to one domain; a free
       session takes the first batch (within ``LOOKAHEAD``) whose domain has room, so one busy
       domain does not hold up the others.
+    * *note* (checkpoints) hears of each batch's result, under the sessions' lock.
     """
     cond = threading.Condition()
     lease_lock = threading.Lock()
@@ -263,6 +356,8 @@ def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: Deliv
                 return
             with cond:
                 outcome.merge(part)
+                if note is not None:
+                    note(part)
                 if per_destination:
                     busy[domain(i)] -= 1
                 cond.notify_all()

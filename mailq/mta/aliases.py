@@ -80,12 +80,9 @@ def render(aliases: list[Alias], fmt: str, program: str) -> str:
     if fmt == "exim":
         header = [
             f"# mailq list aliases for Exim: mailqctl aliases --format exim --output {ALIAS_FILE}",
-            "# and a router before the system aliases router (etc/exim4/mailq.conf has the whole example):",
-            "#   mailq_lists:",
-            "#     driver = redirect",
-            f"#     data = ${{lookup{{$local_part}}lsearch{{{ALIAS_FILE}}}}}",
-            "#     pipe_transport = address_pipe",
-            "#     user = mailq",
+            "# read per message by the redirect router in etc/exim4/mailq-router-pipe (it runs these pipes as",
+            "# the mailq user) with the transport in etc/exim4/mailq-transport-pipe; etc/exim4/README says where",
+            "# each file goes.",
         ]
         lines = [f"{(a.local_part + ':').ljust(width)}|{a.command}" for a in aliases]
     else:

@@ -7,6 +7,7 @@ Nothing here knows about email or lists: an entry is raw bytes plus a metadata d
 * :mod:`mailq.queue.payload`  reading a payload back through the restricted unpickler (§3.3)
 * :mod:`mailq.queue.queue`    the ``Queue`` class: enqueue, claim, finish, shunt, requeue (§3.4-§3.7)
 * :mod:`mailq.queue.recovery` dead claims back to the queue, stale temp files (§3.8, §3.9)
+* :mod:`mailq.queue.progress` the progress side-file of a claimed entry (§3.11)
 
 The names below are loaded on first use (PEP 562): ``mailq-deliver`` imports ``mailq.queue.entry``
 for every message and must not pay for ``queue.py`` (dataclasses, pathlib, logging, re).

@@ -27,7 +27,7 @@ from typing import Any
 
 from mailq.errors import NotFound
 from mailq.fsutil import fsync_dir, make_dirs
-from mailq.queue import entry
+from mailq.queue import entry, progress
 from mailq.queue.entry import ENTRY_SUFFIX, QueueFull, entry_id
 from mailq.queue.names import (
     CLAIM_SUFFIX, ENTRY_RE, REASON_SUFFIX, ClaimInfo, Claimant, bucket_of, parse_claim, slice_buckets,
@@ -51,14 +51,19 @@ def _fault(point: str) -> None:
 
 
 class Claimed:
-    """An entry this process owns until it calls finish, shunt, to_bad or requeue."""
+    """An entry this process owns until it calls finish, shunt, to_bad or requeue.
 
-    __slots__ = ("id", "queue", "_path", "msg", "metadata", "claimant")
+    ``progress``: the path of the entry's progress side-file (``mailq.queue.progress``, §3.11) once
+    the processing read or wrote one; ``finish`` removes it after the claim.
+    """
+
+    __slots__ = ("id", "queue", "_path", "msg", "metadata", "claimant", "progress")
 
     def __init__(self, id: str, queue: str, path: str | os.PathLike[str], msg: bytes,  # noqa: A002
                  metadata: dict[str, Any], claimant: Claimant) -> None:
         self.id, self.queue, self._path = id, queue, os.fspath(path)
         self.msg, self.metadata, self.claimant = msg, metadata, claimant
+        self.progress: str | None = None
 
     @property
     def path(self) -> Path:
@@ -164,6 +169,20 @@ class Queue:
         """Make ``<eid>.pck`` with payload *data* visible in its bucket (temp, fsync, rename)."""
         _, sha = split_id(eid)
         entry.write(f"{self._dir}/{sha[:2]}", eid + ENTRY_SUFFIX, data, fsync=self.fsync)
+
+    def put(self, eid: str, msg: bytes, metadata: dict[str, Any], *, once: bool = False) -> bool:
+        """Write the entry *eid*, a name the caller fixed (``entry.fixed_sha``): the same result
+        written again lands on the same name (§3.11 "Settling").  With *once*, nothing is written
+        when a file of that entry is in its bucket already, waiting or claimed; returns whether it wrote.
+        """
+        _, sha = split_id(eid)
+        meta = dict(metadata)
+        meta.setdefault("listname", "")
+        data = encode(msg, meta)
+        if once and any(name.startswith(eid + ENTRY_SUFFIX) for name in self._listdir(sha[:2])):
+            return False
+        self.write(eid, data)
+        return True
 
     # -- listing ----------------------------------------------------------------------------
     def _scan(self, index: int, count: int) -> list[tuple[float, str, str]]:
@@ -308,13 +327,16 @@ class Queue:
 
     # -- finishing (§3.6, §3.7) -------------------------------------------------------------
     def finish(self, c: Claimed) -> None:
-        """The entry is done: remove the claim."""
+        """The entry is done: remove the claim, then its progress side-file if it has one (§3.11)."""
         self._held.discard(c._path)
         try:
             os.unlink(c._path)
         except FileNotFoundError:
             self.log.warning("finish %s/%s: claim %s is gone (was it recovered while its claimant lived?)",
                              self.name, c.id, c.path)
+            return      # the entry lives on elsewhere: its progress goes with it
+        if c.progress:
+            progress.remove(c.progress, self.log)
 
     def finish_many(self, claims: list[Claimed], workers: int = 16) -> None:
         """``finish`` each of *claims*, several at once.
@@ -358,8 +380,10 @@ class Queue:
         meta = dict(c.metadata)
         meta["error"] = error
         meta["shunted_from"] = self.name
-        self._settle_claimed(c, encode(c.msg, meta), self.root / "shunt" / bucket_of(split_id(c.id)[1]),
-                    c.id + ENTRY_SUFFIX)
+        sha = split_id(c.id)[1]
+        origin, folder = os.path.dirname(c._path), self.root / "shunt" / bucket_of(sha)
+        self._settle_claimed(c, encode(c.msg, meta), folder, c.id + ENTRY_SUFFIX)
+        progress.move(origin, folder, sha, self.log)     # §3.11: the progress goes where the entry goes
         self.log.error("shunted %s/%s: %s", self.name, c.id, error.strip().splitlines()[-1] if error.strip() else "")
         return c.id
 
@@ -403,17 +427,20 @@ class Queue:
         from and is released there, unchanged, before the error is raised.
         """
         origin = c._path
-        folder = target.bucket_dir(bucket_of(split_id(c.id)[1]))
+        sha = split_id(c.id)[1]
+        folder = target.bucket_dir(bucket_of(sha))
         moved = os.path.join(folder, os.path.basename(origin))
         make_dirs(folder)
         os.rename(origin, moved)
         self._held.discard(origin)
         c._path = moved
+        progress.move(os.path.dirname(origin), folder, sha, self.log)     # §3.11
         _fault("moved")
         try:
             target.settle(moved, encode(c.msg, metadata), folder, c.id + ENTRY_SUFFIX)
         except QueueFull:
             os.rename(moved, origin)
+            progress.move(folder, os.path.dirname(origin), sha, self.log)
             c._path = origin
             os.rename(origin, os.path.join(os.path.dirname(origin), c.id + ENTRY_SUFFIX))
             raise
@@ -471,6 +498,8 @@ class Queue:
             self.log.error("cannot move %s to %s (%s); reason was: %s", path, dest, exc, reason)
             return Path(path)
         self._held.discard(str(path))
+        if eid:
+            progress.move(path.parent, folder, split_id(eid)[1], self.log)     # §3.11
         self.log.error("moved %s to %s: %s", path, dest, reason)
         return dest
 

@@ -3,7 +3,9 @@
 Implements docs/design.md §3.8 "Recovery" and §3.9 "Stale temp files".  A claim is only ever touched
 when the caller's ``is_dead(ClaimInfo)`` says its claimant is provably dead; this module never guesses
 from ages.  The recoverer first renames the dead claim to a claim of its own, so two recoverers (the
-local master and a takeover on another host) can never both put one entry back.
+local master and a takeover on another host) can never both put one entry back.  An entry's
+progress side-file (§3.11) is keyed by its SHA-1 and stays where it is: the entry is put back into
+the same bucket, and its next claimant resumes from it.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from mailq.queue import entry
 from mailq.queue.entry import ENTRY_SUFFIX, QueueFull
 from mailq.queue.names import CLAIM_RE, ENTRY_RE, TEMP_SUFFIX, ClaimInfo, Claimant, bucket_of
 from mailq.queue.payload import BadEntry, decode, encode
+from mailq.queue.progress import PROGRESS_SUFFIX
 from mailq.queue.queue import BUCKET_NAMES, Queue, read_all
 
 #: Queues that can hold claims: every runner queue, and shunt (``mailqctl queue unshunt`` claims there).
@@ -228,8 +231,9 @@ def filesystem_now(folder: os.PathLike[str] | str) -> float:
 def remove_stale_temps(queue: Queue, max_age: float) -> list[str]:
     """Remove ``.<name>.<pid>.<rand>.tmp`` files older than *max_age* seconds (a writer died mid-write).
 
-    Recovery notes (``.<sha1>.recovered``) older than that whose entry is no longer in the bucket
-    (finished, or moved to shunt/bad) go too; they are not listed in the result.
+    Recovery notes (``.<sha1>.recovered``) and progress files (``.<sha1>.progress``, §3.11) older
+    than that whose entry is no longer in the bucket (finished, or moved to shunt/bad) go too; they
+    are not listed in the result.
     """
     if not queue.dir.is_dir():
         return []
@@ -242,8 +246,9 @@ def remove_stale_temps(queue: Queue, max_age: float) -> list[str]:
         except FileNotFoundError:
             continue
         for name in names:
-            if name.startswith(".") and name.endswith(RECOVERED_SUFFIX):
-                sha = name[1:-len(RECOVERED_SUFFIX)]
+            suffix = RECOVERED_SUFFIX if name.endswith(RECOVERED_SUFFIX) else PROGRESS_SUFFIX
+            if name.startswith(".") and name.endswith(suffix):
+                sha = name[1:-len(suffix)]
                 if not any(sha in other for other in names if other != name and not other.startswith(".")):
                     _remove_old(os.path.join(folder, name), now, max_age)
                 continue

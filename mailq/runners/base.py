@@ -280,10 +280,13 @@ class Runner(RunnerProcess):
         encoded at all goes to ``bad``.  A rename that fails too (NFS trouble) is retried until it
         works (``_settle``).
         """
-        not_before = time.time() + (self.tempfail_delay or 0.0)
+        # An exception may say how soon (``retry_after``: the out runner's "stopped, resume at once").
+        wait = getattr(exc, "retry_after", None)
+        delay = (self.tempfail_delay or 0.0) if wait is None else float(wait)
+        not_before = time.time() + delay
         try:
             new_id = queue.requeue(entry, not_before=not_before)
-            self.log.warning("requeued %s as %s for %.0fs: %s", entry.id, new_id, self.tempfail_delay, exc)
+            self.log.warning("requeued %s as %s for %.0fs: %s", entry.id, new_id, delay, exc)
             return
         except (QueueFull, OSError) as failure:
             self.log.error("cannot rewrite %s for a retry (%s): putting it back as it was read", entry.id, failure)
@@ -294,7 +297,7 @@ class Runner(RunnerProcess):
             return
         new_id = self._settle(entry, "put back", lambda: queue.put_back(entry, not_before=not_before))
         if new_id:
-            self.log.warning("put back %s as %s for %.0fs: %s", entry.id, new_id, self.tempfail_delay, exc)
+            self.log.warning("put back %s as %s for %.0fs: %s", entry.id, new_id, delay, exc)
 
     def _to_bad(self, queue: Queue, entry: Claimed, reason: str) -> str:
         where = queue.to_bad(entry, reason)
