@@ -9,7 +9,8 @@ Protocol, in the order a process follows it:
    attributable too.  It is removed after release, or after a failed or timed-out acquire.
 2. **Claims.** ``StrictSoftFileLock`` publishes ``intent`` and ``held`` claims by hard link under
    ``<lock>.filelock/claims/``.  They never expire by age.
-3. **Waiting.** The wait is cut into short slices.  Between slices the waiter looks at the claims:
+3. **Waiting.** The first try does not wait; after it, and between the short slices the wait is
+   cut into, the waiter looks at the claims:
    a claim whose host is this host and whose pid is gone (or recycled, by start token) is provably
    dead; the waiter breaks *every* claim of that holder, intent and held, logs it, and goes on.
    Nothing else is ever broken automatically; no clock is compared.
@@ -170,7 +171,9 @@ class Lock:
         self._record_in()
         started = time.monotonic()
         deadline = started + timeout
-        chunk = 0.2
+        # The first try does not wait: a holder that died holding the lock (a SIGKILLed runner) is
+        # broken at once, not after a slice, while the caller may hold claims it is about to settle.
+        chunk = 0.0
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -195,7 +198,7 @@ class Lock:
                     continue
                 if time.monotonic() >= deadline:
                     raise self._timeout_error(time.monotonic() - started)
-                chunk = min(chunk * 2, _MAX_SLICE)
+                chunk = min(max(chunk * 2, 0.2), _MAX_SLICE)
         except BaseException:
             self._record_out()
             raise

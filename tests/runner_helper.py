@@ -2,7 +2,8 @@
 
 It serves the ``commands`` queue (which has no registered runner, so no master competes for it).
 Per entry it reads ``metadata``: ``fail`` makes ``process`` raise (``tempfail``: raise TemporaryFailure),
-``slow`` (seconds) makes it sleep after writing ``probe/started-<n>``; every processed entry appends
+``hold`` makes it write ``probe/started-<n>`` and then hold the entry until the runner is asked to stop
+(SIGTERM, at most 120 s), writing ``probe/stopping-<n>`` once it saw that; every processed entry appends
 ``<n>`` to ``probe/done`` and its id to ``probe/done-slice-<slice>`` (``--slice S:N`` picks the slice).
 ``--batch B`` runs ``BatchProbeRunner`` instead: up to B claims per ``process_batch`` call, each
 batch's ``n`` values written as one line of ``probe/batches``.
@@ -33,9 +34,13 @@ class ProbeRunner(Runner):
             from mailq.errors import TemporaryFailure
 
             raise TemporaryFailure(f"probe temporary failure for entry {n}")
-        if entry.metadata.get("slow"):
+        if entry.metadata.get("hold"):
             (self.probe / f"started-{n}").write_text(str(os.getpid()))
-            time.sleep(float(entry.metadata["slow"]))
+            deadline = time.monotonic() + 120          # a test that never signals fails, it does not hang
+            while not self.stopping and time.monotonic() < deadline:
+                self._wake.wait(0.05)                  # the SIGTERM handler sets it
+            if self.stopping:
+                (self.probe / f"stopping-{n}").touch()
         with open(self.probe / "done", "a") as fh:
             fh.write(f"{n}\n")
         with open(self.probe / f"done-slice-{self.slice}", "a") as fh:

@@ -190,7 +190,9 @@ class SMTPSink:
 
     ``temp_fail`` (count of transactions to answer 451), ``refuse`` (addresses answered 550 at RCPT)
     let a test make delivery fail the way real servers do; ``delay`` (seconds per DATA) makes it a
-    slow smarthost, so a flow lasts long enough to interrupt however fast the runners are.
+    slow smarthost; ``hold_after`` = N accepts N messages, then holds every further DATA (``held``
+    counts them) until ``release()``, so a test can interrupt a flow mid-way however fast or slow
+    the runners are.
     """
 
     def __init__(self, port: int | None = None, *, lmtp: bool = False) -> None:
@@ -200,6 +202,9 @@ class SMTPSink:
         self.temp_fail = 0
         self.refuse: set[str] = set()
         self.delay = 0.0
+        self.hold_after: int | None = None
+        self.held = 0
+        self._released = threading.Event()
         #: Offer PIPELINING (RFC 2920) in the EHLO reply, as Postfix and Exim do; False: a server
         #: without it (the client then speaks one command at a time).
         self.pipelining = True
@@ -222,6 +227,10 @@ class SMTPSink:
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.hold_after is not None and len(self.messages) >= self.hold_after and not self._released.is_set():
+            self.held += 1
+            while not self._released.is_set():      # other sessions go on meanwhile (and are held too)
+                await asyncio.sleep(0.01)
         with self.lock:
             if self.temp_fail > 0:
                 self.temp_fail -= 1
@@ -249,6 +258,10 @@ class SMTPSink:
         if self.controller is not None:
             self.controller.stop()
             self.controller = None
+
+    def release(self) -> None:
+        """Let every held DATA through, and all later ones (``hold_after``)."""
+        self._released.set()
 
     def recipients(self) -> list[str]:
         """Every recipient of every accepted transaction, with repeats."""

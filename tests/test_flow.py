@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import re
 import smtplib
+import subprocess
 import time
 
 import pytest
@@ -183,12 +184,19 @@ def test_stopping_the_master_during_a_busy_flow_loses_nothing_and_a_restart_fini
     make_list(node, enabled=members, disabled=[])
     posts = 200
     with SMTPSink(settings.smtp.port) as sink:
-        sink.delay = 0.02   # a slow smarthost: 200 posts take at least 4 s, the stop comes after 10
+        sink.hold_after = 10    # a smarthost that takes 10 messages, then holds each further one
         master(node)
         pipe_posts(node, posts, "busy")
-        wait_for(lambda: len(sink.messages) >= 10, 120, message="the flow under way")
-        stopped = node.run("mailqctl", "stop")
-        assert stopped.returncode == 0, stopped.stderr
+        try:
+            wait_for(lambda: sink.held, 120, message="the flow under way, a transaction held by the sink")
+            stopping = node.popen("mailqctl", "stop", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            master_log = settings.log_dir / "master.log"
+            wait_for(lambda: "master stopping: SIGTERM to" in master_log.read_text(), 120,
+                     message="the master asking its runners to stop")
+        finally:
+            sink.release()      # the out runners finish the transaction in hand, then stop
+        _, err = stopping.communicate(timeout=180)
+        assert stopping.returncode == 0, err
         delivered_at_stop = len(sink.messages)
         # Every runner finished the entry in hand: no claim is left anywhere.
         assert not list((node.var / "qfiles").glob("*/*/*.bak"))

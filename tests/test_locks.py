@@ -110,6 +110,27 @@ def test_holder_killed_on_same_node_is_broken_by_next_writer_and_logged(two_node
     assert lock.holders() == [] and lock.records() == {}
 
 
+def test_a_dead_holder_is_broken_by_the_first_try_before_any_wait(two_nodes, monkeypatch):
+    """A runner SIGKILLed holding a lock must not make its successor wait a slice (holding claims it
+    is about to settle) before the dead claim is broken: the first try does not wait, the break
+    follows at once, the next try takes the lock."""
+    n1, _ = two_nodes
+    holder = start(n1, HOLDER, "dev")
+    kill(holder)
+    lock = list_lock(n1.settings(), "dev")
+    tries = []
+    real = lock._flock.acquire
+
+    def acquire(timeout=None, **kw):
+        tries.append(timeout)
+        return real(timeout=timeout, **kw)
+
+    monkeypatch.setattr(lock._flock, "acquire", acquire)
+    with lock:
+        assert tries == [0.0, 0.0]
+    assert lock.holders() == [] and f"pid {holder.pid}" in (n1.settings().log_dir / "locks.log").read_text()
+
+
 def test_waiter_killed_at_the_doorway_leaves_intent_that_next_writer_breaks(two_nodes):
     n1, n2 = two_nodes
     waiter = start(n2, DOORWAY, "dev")

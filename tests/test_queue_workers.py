@@ -132,6 +132,40 @@ def test_repeatedly_recovered_entry_goes_to_bad(tmp_path):
     assert bad.read(path)[1]["recovered"] == 2
 
 
+def test_a_batch_held_by_a_dead_claimant_comes_back_uncounted_and_suspect(tmp_path):
+    """A batching runner (archive: up to 200 claims) SIGKILLed again and again while it holds the same
+    claims must not send them to bad as poison: which of them, if any, killed it is unknown.  They come
+    back uncounted, marked suspect (runners handle such an entry alone); a death while one is held
+    alone is counted, so a real poison message still reaches bad."""
+    from tests.support import make_node
+
+    node = make_node(tmp_path, "n1", queue={"recovery_limit": 2})
+    settings = node.settings()
+    q = Queue.for_settings(settings, "archive")
+    ids = sorted(q.enqueue(MSG, {"listname": "dev", "n": n}) for n in range(5))
+    for _ in range(6):                              # far past the limit
+        dead = Claimant("n1", _dead_pid(), 1)
+        held = [q.claim_next(0, 1, dead) for _ in ids]
+        assert sorted(c.id for c in held) == ids
+        report = recover_local_dead(settings)
+        assert sorted(r["id"] for r in report.recovered) == ids and report.to_bad == []
+        assert {(r["recovered"], r["batch"]) for r in report.recovered} == {(0, 5)}
+    assert sorted(q.waiting()) == ids
+    first = q.claim(ids[0], Claimant("n1", os.getpid(), 1))
+    assert first.metadata["suspect"] is True and first.metadata["recovered"] == 0
+    q.requeue(first, not_before=0)
+    poison = f"{0:.6f}+{ids[0].split('+')[1]}"
+    for round_ in (1, 2, 3):                        # held alone when its claimant dies: counted
+        c = q.claim(poison, Claimant("n1", _dead_pid(), 1))
+        assert c is not None
+        report = recover_local_dead(settings)
+        if round_ <= 2:
+            assert [(r["id"], r["recovered"]) for r in report.recovered] == [(poison, round_)]
+        else:
+            assert report.recovered == [] and [r["id"] for r in report.to_bad] == [poison]
+    assert sorted(q.waiting()) == ids[1:]
+
+
 def test_a_dead_claim_whose_requeued_copy_is_waiting_is_dropped(node):
     settings = node.settings()
     q = Queue.for_settings(settings, "retry")

@@ -46,12 +46,14 @@ def test_a_temporary_failure_puts_the_entry_back_for_later_instead_of_shunting_i
     import time
 
     eid = put(settings, 3, tempfail=True)
+    before = time.time()
     proc = probe(node, "--once")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()
     (back,) = entries(node.var, "commands")
     assert back.name != f"{eid}.pck" and back.name.split("+")[1] == eid.split("+")[1] + ".pck"
-    assert float(back.name.split("+")[0]) > time.time(), "due only after the delay"
+    # due only after the delay (runners.retry_delay), counted from a moment after it was claimed
+    assert float(back.name.split("+")[0]) >= before + settings.runners.retry_delay
     assert entries(node.var, "shunt") == [] and done(node.var) == []
     assert "probe temporary failure for entry 3" in (settings.log_dir / "commands.log").read_text()
 
@@ -73,16 +75,30 @@ def test_a_batching_runner_settles_each_claim_of_a_batch_on_its_own(node, settin
     assert all(f"claimed {eid}" in log for eid in ids) and f"done {ids[6]}" in log
 
 
+def test_a_batching_runner_handles_an_entry_recovered_from_a_dead_batch_alone(node, settings):
+    """Recovery marks entries whose claimant died holding a batch ``suspect`` (docs/design.md §3.8):
+    each is a batch of its own, so a death while it is in hand is counted against it alone."""
+    for n in range(6):
+        put(settings, n, suspect=n in (1, 4))
+    proc = probe(node, "--once", "--batch", "10")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    batches = [line.split() for line in (node.var / "probe" / "batches").read_text().splitlines()]
+    assert batches == [["0"], ["1"], ["2", "3"], ["4"], ["5"]]
+    assert sorted(done(node.var)) == list(range(6))
+
+
 def test_sigterm_while_processing_finishes_the_entry_in_hand(node, settings):
-    put(settings, 7, slow=1.5)
+    put(settings, 7, hold=True)         # processing lasts until the runner is asked to stop
     proc = probe(node)
     try:
         wait_for(lambda: (node.var / "probe" / "started-7").exists(), 60, message="entry 7 being processed")
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=180)
     finally:
         proc.kill()
     assert proc.returncode == 0
+    assert (node.var / "probe" / "stopping-7").exists()       # the SIGTERM came in while it was in hand
     assert done(node.var) == [7]
     assert entries(node.var, "commands") == [] and entries(node.var, "commands", ".bak") == []
 

@@ -21,7 +21,8 @@ key ``user:``, mailq/runas.py), so that no queue entry belongs to root.
 
 It runs for every message, so it starts fast: no click, no email package, no lists package, no
 YAML when the config has not changed; of ``mailq.queue`` only ``mailq.queue.entry``, which imports
-nothing but C modules (see its docstring; ``bench/flow.py --deliver-only`` measures it). The few
+nothing but built-in modules and ``_sha1``, not even the C pickler (``entry.encode_flat``; see its
+docstring; ``bench/flow.py --deliver-only`` measures it). The few
 settings it needs (the var path, the fsync flag, the size limit, the run-as user) are cached next to
 the config file (``.<config name>.deliver-cache``, five text lines), keyed by the
 config's path, size, mtime and inode; any mismatch, or a cache it cannot read or write, means the

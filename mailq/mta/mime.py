@@ -12,10 +12,9 @@ nested 300 MIME levels deep makes the email generator raise RecursionError. So `
 
 No imports at module level: ``mailq-deliver`` runs this for every message and must start fast. The
 depth check parses the message only when it could be that deep (as many ``--`` delimiter lines or
-``822`` mentions as levels), which real mail almost never is.
+``822`` mentions as levels), which real mail almost never is.  Not even ``__future__`` (``str | None``
+needs none on 3.10+).
 """
-from __future__ import annotations
-
 MAX_HEADER_LINE = 998
 MAX_DEPTH = 50
 

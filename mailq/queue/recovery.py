@@ -9,6 +9,7 @@ the same bucket, and its next claimant resumes from it.
 """
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 from collections.abc import Callable, Iterable
@@ -29,6 +30,9 @@ CLAIM_QUEUES = (*RUNNER_QUEUES, "shunt")
 #: ``.<sha1>.recovered`` in an entry's bucket: how often it was recovered (§3.8), kept outside the
 #: entry so that it is counted before the entry is read.
 RECOVERED_SUFFIX = ".recovered"
+#: Metadata of an entry recovered from a claimant that died holding other claims of its queue too
+#: (a batch): runners process it alone (``Runner``), so that a death while it is in hand is its own.
+SUSPECT_KEY = "suspect"
 
 
 @dataclass
@@ -66,14 +70,18 @@ def recover(settings: Settings, is_dead: Callable[[ClaimInfo], bool], queues: It
     limit = settings.queue.recovery_limit
     for name in chosen:
         queue = Queue.for_settings(settings, name)
-        for info in queue.claims():
+        claims = queue.claims()
+        # How many claims of this queue each claimant holds: a claimant that died holding several (a
+        # batch) tells nothing about which of them, if any, killed it (§3.8 step 3).
+        held = collections.Counter((info.node, info.pid) for info in claims)
+        for info in claims:
             if wanted is not None and not any(q == name and info.slice(n) == s for q, s, n in wanted):
                 continue
             if not is_dead(info):
                 report.left += 1
                 continue
             try:
-                _recover_one(queue, info, me, limit, report)
+                _recover_one(queue, info, me, limit, report, batch=held[(info.node, info.pid)])
             except OSError as exc:      # NFS trouble, a full disk: the next recovery tries again
                 queue.log.error("cannot recover %s: %s (left for the next recovery)", info.path, exc)
         report.stale_temps += remove_stale_temps(queue, settings.queue.stale_tmp_seconds)
@@ -86,7 +94,9 @@ def recover_local_dead(settings: Settings, queues: Iterable[str] | None = None) 
     return recover(settings, lambda c: c.node == node and not pid_alive(c.pid), queues)
 
 
-def _recover_one(queue: Queue, info: ClaimInfo, me: Claimant, limit: int, report: RecoveryReport) -> None:
+def _recover_one(queue: Queue, info: ClaimInfo, me: Claimant, limit: int, report: RecoveryReport,
+                 batch: int = 1) -> None:
+    """Put one dead claim back (§3.8); *batch*: how many claims of this queue its claimant held."""
     who = f"{info.node}:{info.pid} (epoch {info.epoch})"
     row = {"queue": queue.name, "id": info.entry_id, "claimant": who}
     folder = info.path.parent
@@ -102,9 +112,14 @@ def _recover_one(queue: Queue, info: ClaimInfo, me: Claimant, limit: int, report
         queue.log.info("dropped claim %s of dead %s: a newer copy of the entry exists (%s)", info.path, who, newer)
         return
     # Counted BEFORE the file is read (§3.8): reading is what a poison entry may hang or crash, and
-    # a recoverer that dies reading it must still bring it closer to bad.
-    count = bump_recoveries(folder, info.slice_hex, fsync=queue.fsync)
+    # a recoverer that dies reading it must still bring it closer to bad.  Only a claim its claimant
+    # held alone is counted: of a batch, the entry goes back marked SUSPECT_KEY (not counted), and
+    # runners process such an entry alone, where a death is counted against it.
+    alone = batch <= 1
+    count = bump_recoveries(folder, info.slice_hex, fsync=queue.fsync) if alone else recoveries(folder, info.slice_hex)
     row["recovered"] = count
+    if not alone:
+        row["batch"] = batch
     if count > limit:
         reason = (f"claimant died {count} times while processing it (queue.recovery_limit = {limit}); "
                   f"probably a poison message. Last claimant {who}. Inspect with `mailqctl queue show "
@@ -117,6 +132,8 @@ def _recover_one(queue: Queue, info: ClaimInfo, me: Claimant, limit: int, report
         _to_bad(queue, mine, info.slice_hex, f"claim of dead {who} is unreadable: {exc}", row, report)
         return
     meta["recovered"] = count
+    if not alone:
+        meta[SUSPECT_KEY] = True
     # Rewrite the claim (the counter shows in `queue show`), then rename it back: a recoverer that dies
     # here leaves its own claim, never a second copy.  A rewrite that cannot be done (full disk) is
     # skipped: the entry goes back as it was, by a rename that needs no space (the note keeps the count).
@@ -132,8 +149,12 @@ def _recover_one(queue: Queue, info: ClaimInfo, me: Claimant, limit: int, report
         queue.log.warning("cannot rewrite %s (%s): putting it back unchanged", mine, exc)
         os.rename(mine, folder / (info.entry_id + ENTRY_SUFFIX))
     report.recovered.append(row)
-    queue.log.warning("recovered %s/%s from dead %s (recovery %d of at most %d)", queue.name, info.entry_id,
-                      who, count, limit)
+    if alone:
+        queue.log.warning("recovered %s/%s from dead %s (recovery %d of at most %d)", queue.name, info.entry_id,
+                          who, count, limit)
+    else:
+        queue.log.warning("recovered %s/%s from dead %s, which held %d claims: not counted (%d of at most %d), "
+                          "processed alone next", queue.name, info.entry_id, who, batch, count, limit)
 
 
 def _to_bad(queue: Queue, path: os.PathLike[str], sha: str, reason: str, row: dict[str, Any],

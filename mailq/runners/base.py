@@ -10,8 +10,9 @@ serves one queue and one slice of it.  The loop:
    (docs/cluster.md §4); a claim that does not is given back, never processed;
 3. a runner whose ``batch_limit()`` is above 1 claims up to that many entries the same way (each
    one confirmed by the guard), so that one lock cycle or one connection serves them all, and
-   stops once the batch's messages reach ``batch_max_bytes`` (64 MB); with ``log_each_entry``
-   False the claims and finishes of a batch are one log line each, naming every entry;
+   stops once the batch's messages reach ``batch_max_bytes`` (64 MB); an entry recovered from a
+   claimant that died holding a batch is handled alone (``_batches``, docs/design.md §3.8); with
+   ``log_each_entry`` False the claims and finishes of a batch are one log line each, naming every entry;
 4. ``process_batch(entries)`` (by default ``process(entry)`` for each, the one hook most runners
    implement) says which entries failed; the loop then finishes every other claim, requeues the
    entries that raised TemporaryFailure for ``tempfail_delay`` seconds and shunts the rest with
@@ -46,9 +47,14 @@ from mailq.fsutil import make_dirs
 from mailq.queue.names import Claimant, slice_of, split_id
 from mailq.queue.entry import QueueFull
 from mailq.queue.queue import Claimed, Queue
+from mailq.queue.recovery import SUSPECT_KEY
 from mailq.runners.process import EXIT_TEMPFAIL, RunnerProcess
 
 __all__ = ["EXIT_TEMPFAIL", "Runner"]
+
+
+def _suspect(entry: Claimed) -> bool:
+    return entry.metadata.get(SUSPECT_KEY) is True
 
 
 class Runner(RunnerProcess):
@@ -179,21 +185,37 @@ class Runner(RunnerProcess):
                 self.idle()
                 self._sleep(poll)
                 continue
-            batch, size = [entry], len(entry.msg)
-            while len(batch) < limit and size < self.batch_max_bytes and not self.stopping:
-                more = queue.claim_next(self.slice, self.count, self.claimant)
-                if more is None or not self._confirmed(guard, more):
-                    break
-                batch.append(more)
-                size += len(more.msg)
-            self._handle(queue, batch)
+            batches = self._batches(queue, guard, entry, limit)
+            for batch in batches:
+                self._handle(queue, batch)
             # --once ends when an entry comes round again (a runner that requeues into its own
             # queue with no delay would otherwise loop forever).
             if once:
-                if any(item.id in seen for item in batch):
+                handled = [item.id for batch in batches for item in batch]
+                if any(eid in seen for eid in handled):
                     break
-                seen.update(item.id for item in batch)
+                seen.update(handled)
         return 0
+
+    def _batches(self, queue: Queue, guard: ClaimGuard, entry: Claimed, limit: int) -> list[list[Claimed]]:
+        """*entry* and up to ``limit - 1`` more claims, as the batches to handle one after another.
+
+        An entry recovered from a claimant that died holding a batch (``metadata["suspect"]``,
+        docs/design.md §3.8) is a batch of its own: if it kills this runner, the recovery counts that
+        death against it alone, so a poison message still reaches ``bad`` and the others do not.
+        """
+        if _suspect(entry):
+            return [[entry]]
+        batch, size = [entry], len(entry.msg)
+        while len(batch) < limit and size < self.batch_max_bytes and not self.stopping:
+            more = queue.claim_next(self.slice, self.count, self.claimant)
+            if more is None or not self._confirmed(guard, more):
+                break
+            if _suspect(more):
+                return [batch, [more]]
+            batch.append(more)
+            size += len(more.msg)
+        return [batch]
 
     def _claim_hinted(self, queue: Queue, poll: float) -> Claimed | None:
         """Claim an entry inotify named, while the slice was idle at its last listing; else None.
