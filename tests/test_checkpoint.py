@@ -127,8 +127,9 @@ def test_oversize_and_hostile_files_are_refused_quickly(side, caplog):
     # Indices past the list, a range backwards, a kind or code that does not exist: each line ignored.
     Path(side).write_bytes(header + prog_mod._line("D 0 5-1000") + prog_mod._line("D 0 9-3")
                            + prog_mod._line("X 0 1") + prog_mod._line("T 4510 2 x")
-                           + prog_mod._line("S nan") + prog_mod._line("D 0 42"))
-    assert Progress(side, ITEMS).outcomes == {42: ("D", 0, "")}
+                           + prog_mod._line("S nan") + prog_mod._line("S -5") + prog_mod._line("D 0 42"))
+    back = Progress(side, ITEMS)
+    assert back.outcomes == {42: ("D", 0, "")} and back.settled_at is None
 
 
 def test_a_writer_keeps_the_file_within_its_bound(tmp_path):

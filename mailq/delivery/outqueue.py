@@ -42,7 +42,7 @@ from mailq.config import Settings
 from mailq.delivery.mx import MXTransport
 from mailq.delivery.retry import next_attempt, should_give_up
 from mailq.delivery.smtp import NO_REPLY, SMTPConnection, SendResult
-from mailq.delivery.unsubscribe import personalizer, unsubscribe_url
+from mailq.delivery.unsubscribe import linker, personalizer
 from mailq.delivery.verp import verp_sender
 from mailq.lists import ListStore
 from mailq.notices import notify_template
@@ -248,7 +248,7 @@ def _recorder(prog: Progress, where: dict[str, int]) -> Callable[[SendResult], N
     """What a finished batch tells the checkpoint: its recipients are done, and how."""
     def note(part: SendResult) -> None:
         if part.delivered:
-            prog.record("D", [where[r] for r in part.delivered if r in where])
+            prog.delivered([where[r] for r in part.delivered if r in where])
         for kind, failed in (("T", part.temporary), ("P", part.permanent)):
             for rcpt, (code, text) in failed.items():
                 if rcpt in where:
@@ -411,12 +411,13 @@ def _one_click(settings: Settings, metadata: dict[str, Any], msg: bytes) -> Call
     None: no https ``pipeline.web_url``, no list, or a message the list pipeline did not mark
     (no ``List-Unsubscribe``: owner mail, notices)."""
     listname = metadata.get("listname") or ""
-    if not listname or not str(settings.pipeline.web_url or "").startswith("https://"):
+    link = linker(settings, listname) if listname else None
+    if link is None:
         return None
     copy = personalizer(msg)
     if copy is None:
         return None
-    return lambda rcpt: copy(unsubscribe_url(settings, listname, rcpt) or "")
+    return lambda rcpt: copy(link(rcpt))
 
 
 def _verp_or_plain(sender: str, rcpt: str) -> str:

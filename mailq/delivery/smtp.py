@@ -339,7 +339,9 @@ class SMTPConnection:
         last = self._last_data
         if last is not None and last[0] is msg:
             return last[1]
-        data = _LEADING_DOT.sub(b"..", msg)
+        # Most mail has no line starting with a dot: a plain search (C speed) spares the regex
+        # over every personalized copy.
+        data = _LEADING_DOT.sub(b"..", msg) if msg.startswith(b".") or b"\n." in msg else msg
         if not data.endswith(b"\r\n"):
             data += b"\r\n"
         data += b".\r\n"

@@ -36,7 +36,8 @@ SECRET_NAME = "unsubscribe.key"
 #: Seconds a process trusts the key it read: a rotated key (file deleted, made anew) reaches running
 #: out runners within this time, without a stat per recipient (NFS round trips) to notice it.
 RECHECK_SECONDS = 60.0
-_secrets: dict[str, tuple[bytes, float]] = {}
+#: path -> (key, when read, an HMAC-SHA256 keyed with it: each token copies it instead of keying anew)
+_secrets: dict[str, tuple[bytes, float, hmac.HMAC]] = {}
 
 
 def secret_path(settings: Settings) -> str:
@@ -49,10 +50,14 @@ def site_secret(settings: Settings) -> bytes:
     A damaged key file is a TemporaryFailure: personalized mail waits (nothing is shunted or sent
     with links that would not verify) until an operator deletes the file.
     """
+    return _keyed(settings)[0]
+
+
+def _keyed(settings: Settings) -> tuple[bytes, float, hmac.HMAC]:
     path = secret_path(settings)
     cached = _secrets.get(path)
     if cached is not None and time.monotonic() - cached[1] < RECHECK_SECONDS:
-        return cached[0]
+        return cached
     try:
         with open(path, "rb") as fh:
             key = fh.read()
@@ -61,8 +66,8 @@ def site_secret(settings: Settings) -> bytes:
     if len(key) < 32:
         raise TemporaryFailure(f"{path} holds {len(key)} bytes, expected 32 or more; delete it to make a new "
                                "one (links already mailed stop working)")
-    _secrets[path] = (key, time.monotonic())
-    return key
+    cached = _secrets[path] = (key, time.monotonic(), hmac.new(key, digestmod=hashlib.sha256))
+    return cached
 
 
 def _create_secret(path: str) -> bytes:
@@ -89,9 +94,9 @@ def _create_secret(path: str) -> bytes:
 
 def make_token(settings: Settings, listname: str, address: str) -> str:
     """The unguessable token for *address* on *listname* (URL-safe, 32 characters)."""
-    message = f"{listname.lower()}\0{address.strip().lower()}".encode()
-    digest = hmac.new(site_secret(settings), message, hashlib.sha256).digest()[:24]
-    return base64.urlsafe_b64encode(digest).decode("ascii")
+    mac = _keyed(settings)[2].copy()        # keyed once per key: a copy per token (one per copy sent)
+    mac.update(f"{listname.lower()}\0{address.strip().lower()}".encode())
+    return base64.urlsafe_b64encode(mac.digest()[:24]).decode("ascii")
 
 
 def verify_token(settings: Settings, listname: str, address: str, token: str) -> bool:
@@ -109,11 +114,18 @@ def verify_token(settings: Settings, listname: str, address: str, token: str) ->
 
 def unsubscribe_url(settings: Settings, listname: str, address: str) -> str | None:
     """The one-click link for *address*, or None without an ``https://`` ``pipeline.web_url``."""
+    link = linker(settings, listname)
+    return link(address) if link else None
+
+
+def linker(settings: Settings, listname: str) -> Callable[[str], str] | None:
+    """``unsubscribe_url`` for one list, its fixed part made once (personalized delivery makes a
+    link per copy); None without an ``https://`` ``pipeline.web_url``."""
     web = str(settings.pipeline.web_url or "").rstrip("/")
     if not web.startswith("https://"):
         return None
-    return (f"{web}/lists/{quote(listname, safe='')}/unsubscribe?address={quote(address, safe='')}"
-            f"&token={make_token(settings, listname, address)}")
+    head = f"{web}/lists/{quote(listname, safe='')}/unsubscribe?address="
+    return lambda address: f"{head}{quote(address, safe='')}&token={make_token(settings, listname, address)}"
 
 
 _UNSUBSCRIBE = re.compile(rb"^list-unsubscribe(-post)?[ \t]*:", re.IGNORECASE)

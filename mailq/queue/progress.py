@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import zlib
 from hashlib import sha1
 from typing import Any
@@ -44,6 +45,7 @@ MAGIC = "mailq-progress 1"
 #: Characters of a failure text kept per record (the SMTP reply; enough to read the reason).
 TEXT_MAX = 200
 KINDS = ("D", "T", "P")
+_DONE = ("D", 0, "")
 
 
 def side_file(folder: str | os.PathLike[str], sha: str) -> str:
@@ -97,7 +99,7 @@ def max_bytes(count: int) -> int:
 
 
 def items_key(items: list[str]) -> str:
-    return sha1("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()
+    return sha1("\n".join(items).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _log(log: logging.Logger | None) -> logging.Logger:
@@ -167,6 +169,8 @@ class Progress:
         self._pending: dict[tuple[str, int, str], list[int]] = {}
         self._extra: list[str] = []   # S / F records to append with the next write
         self._since = 0              # transactions since the last write
+        self._syncer: threading.Thread | None = None    # the background fsync of the last append
+        self._sync_now = False       # the next write fsyncs before it returns (settling)
         self.resumed = self._load()
 
     # -- reading ------------------------------------------------------------------------------
@@ -187,7 +191,15 @@ class Progress:
                 self.log.error("progress file %s is %d bytes, more than %d for %d items: ignored, every item "
                                "is sent again", self.path, size, limit, self.count)
                 return 0
-            data = os.read(fd, limit + 1)
+            chunks: list[bytes] = []
+            left = limit + 1
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            data = b"".join(chunks)
         except OSError as exc:
             self.log.error("cannot read progress file %s (%s): sending every item again", self.path, exc)
             return 0
@@ -251,7 +263,7 @@ class Progress:
                 when = float(tail)
             except ValueError:
                 return None
-            return ("S", when, [], "") if when == when and abs(when) < 1e12 else None
+            return ("S", when, [], "") if 0 <= when < 1e11 else None     # NaN fails too; names need 0 <= t
         if kind not in KINDS:
             return None
         code, _, tail = tail.partition(" ")
@@ -277,6 +289,15 @@ class Progress:
             self.outcomes[i] = (kind, code, text)
         if fresh:
             self._pending.setdefault((kind, code, text), []).extend(fresh)
+
+    def delivered(self, indices: list[int]) -> None:
+        """``record("D", indices)``, the common case, without the checks a failure needs."""
+        outcomes = self.outcomes
+        fresh = [i for i in indices if i not in outcomes]
+        for i in fresh:
+            outcomes[i] = _DONE
+        if fresh:
+            self._pending.setdefault(_DONE, []).extend(fresh)
 
     def transaction(self) -> bool:
         """One more transaction is over; writes the records every ``every`` transactions.  True
@@ -320,6 +341,7 @@ class Progress:
         if self.settled_at is None:
             self.settled_at = when
             self._extra.append(f"S {when!r}")
+        self._sync_now = True       # S is on disk before any result is written under its names
         self.flush()
         return self.settled_at
 
@@ -327,6 +349,7 @@ class Progress:
         """Every result of the entry is written (retry, bounces): nothing is left to do."""
         self.settled = True
         self._extra.append("F")
+        self._sync_now = True
         self.flush()
 
     # -- writing ------------------------------------------------------------------------------
@@ -340,9 +363,20 @@ class Progress:
             self._rewrite()
             return
         try:
-            write_all(fd, data, fsync=self.fsync)
+            write_all(fd, data, fsync=False)
+            # Written: a killed process loses nothing of it (the kernel has it).  fsync, for a host
+            # crash, runs in the background (one at a time) so the sessions never wait for the disk;
+            # settling records wait for theirs.
+            if self.fsync and self._sync_now:
+                os.fsync(fd)
+            elif self.fsync and (self._syncer is None or not self._syncer.is_alive()):
+                self._syncer = threading.Thread(target=_fsync_close, args=(fd,), name="progress-fsync", daemon=True)
+                self._syncer.start()
+                fd = -1         # the thread closes it
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+        self._sync_now = False
         self._size += len(data)
         self.exists = True
 
@@ -362,9 +396,19 @@ class Progress:
         data = b"".join(lines)
         folder, name = os.path.split(self.path)
         entry.write(folder, name, data, fsync=self.fsync)
+        self._sync_now = False
         self._size = len(data)
         self._restart = False
         self.exists = True
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass        # the next checkpoint's write will say so
+    finally:
+        os.close(fd)
 
 
 __all__ = ["PROGRESS_SUFFIX", "Progress", "max_bytes", "move", "path_for", "remove", "side_file"]
