@@ -132,7 +132,7 @@ class Demo:
         a = NODES[0]
         self.run(a, "mailqctl", "lists", "create", LIST, "--owner", "owner@example.org", "--domain", DOMAIN)
         addresses = "".join(f"{name} <{addr}>\n" for name, addr, _ in MEMBERS).encode()
-        self.run(a, "mailqctl", "members", "add", LIST, "-", input=addresses)
+        self.run(a, "mailqctl", "members", "add", LIST, "-", "--no-welcome", input=addresses)
         for _, addr, flags in MEMBERS:
             if flags:
                 self.run(a, "mailqctl", "members", "set", LIST, addr, *flags)

@@ -67,6 +67,7 @@ def test_one_status_per_recipient_and_entries_queued(lmtp):
     assert client.rcpt("dev@lists.example.org")[0] == 250
     code, text = client.rcpt("nosuch@lists.example.org")
     assert code == 550 and b"5.1.1" in text and b"nosuch" in text
+    assert str(settings.var).encode() not in text and b"list.pck" not in text  # no site paths to strangers
     assert client.rcpt("dev-request@lists.example.org")[0] == 250
     assert client.rcpt("dev-bounces+bob=example.net@lists.example.org")[0] == 250
     code, text = client.data(MSG)
