@@ -343,6 +343,47 @@ def test_an_archive_entry_recovered_after_its_append_is_not_appended_again(tmp_p
     assert len(mailbox.mbox(box, create=False)) == 1
 
 
+def test_an_archive_runner_killed_holding_its_batch_sends_none_of_it_to_bad(tmp_path):
+    """What the SIGKILL chaos run found under load: archive runners killed again and again while they
+    held the same batch (up to ``pipeline.archive_batch`` claims) sent those posts to bad as poison,
+    and they never reached the archive.  A death holding a batch is not counted against its entries
+    (docs/design.md §3.8): they come back suspect, the next runner takes a suspect alone, and a death
+    while it holds one alone is counted.  Real runner processes, held at the archive lock by this test."""
+    import mailbox
+
+    from mailq.archive import archive_lock
+    from mailq.queue.recovery import recover_local_dead
+
+    node = make_node(tmp_path, "n1")
+    settings = node.settings()
+    queue = Queue.for_settings(settings, "archive")
+    ids = sorted(queue.enqueue(POST, {"listname": "dev", "stores": ["archive"], "received": time.time()},
+                               listname="dev") for _ in range(5))
+    lock = archive_lock(settings, "dev")
+
+    def killed_waiting_for_the_lock() -> list:
+        runner = node.popen("qrunner", "-r", "archive", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: any(pid == runner.pid for _, pid in lock.records()), 60,
+                     message="the archive runner waiting for the archive lock, its claims made")
+        finally:
+            runner.kill()
+            runner.wait(timeout=60)
+        return recover_local_dead(settings, queues=["archive"]).recovered
+
+    with lock:
+        batch = killed_waiting_for_the_lock()
+        assert sorted(r["id"] for r in batch) == ids and {(r["recovered"], r["batch"]) for r in batch} == {(0, 5)}
+        assert all(queue.read(p)[1]["suspect"] is True for p in settings.queue_dir("archive").glob("*/*.pck"))
+        (alone,) = killed_waiting_for_the_lock()            # the oldest suspect, alone this time
+        assert alone["id"] == ids[0] and alone["recovered"] == 1 and "batch" not in alone
+    node.run("qrunner", "-r", "archive", "--once", check=True)
+    assert not claims(settings, "archive") and not list(settings.queue_dir("archive").glob("*/*.pck"))
+    assert not list((settings.qfiles / "bad").rglob("*.pck"))
+    (box,) = (settings.archives_dir / "dev").glob("*.mbox")
+    assert len(mailbox.mbox(box, create=False)) == 5
+
+
 # -- 6. modes of the shared tree, whatever the umask -------------------------------------------
 
 def _as(umask: int, user: tuple[int, int] | None):
