@@ -82,7 +82,6 @@ class Child:
     started: float = 0.0           # time.monotonic() of the last start
     next_start: float = 0.0
     last_exit: int | None = None
-    hup_at: float | None = None    # time.monotonic() when a SIGHUP put off at start-up is to be sent
     since: float = field(default_factory=time.time)
 
     @property
@@ -200,7 +199,6 @@ class Master:
                     self.presence.start_failover_check()
                     next_check = now + failover_interval(self.settings)
                 self._start_due()
-                self._send_due_hups()
                 self._write_status()
                 stats.flush()
                 time.sleep(TICK)
@@ -271,6 +269,10 @@ class Master:
         package_root = str(Path(mailq.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env[MASTER_PID_ENV] = str(os.getpid())
+        # The runner starts with SIGHUP blocked (a signal mask survives fork and exec) and unblocks it
+        # once its handler is in place (mailq.runners.process): a `mailqctl reopen` meanwhile waits,
+        # pending, instead of killing a runner that is still importing (SIGHUP's default action).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             child.proc = subprocess.Popen(self._command(child), stdin=subprocess.DEVNULL, env=env,
                                           close_fds=True)
@@ -278,8 +280,9 @@ class Master:
             self.log.error("cannot start runner %s: %s", child.label, exc)
             self._crashed(child, None)
             return
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.state, child.started, child.since = "running", time.monotonic(), time.time()
-        child.hup_at = None     # a new runner opens (and inherits) the current log files
         self.log.info("started runner %s (pid %d)", child.label, child.proc.pid)
 
     def _start_due(self) -> None:
@@ -419,17 +422,7 @@ class Master:
         reopen_all()
         self.log.info("log files reopened; passing SIGHUP to the runners")
         for child in self.children.values():
-            # A runner that started a moment ago may not have its SIGHUP handler yet: it gets the
-            # signal once it is a second old (its stderr still points at the file logrotate moved).
-            child.hup_at = child.started + 1.0
-        self._send_due_hups()
-
-    def _send_due_hups(self) -> None:
-        now = time.monotonic()
-        for child in self.children.values():
-            if child.hup_at is None or now < child.hup_at:
-                continue
-            child.hup_at = None
+            # A runner still starting has SIGHUP blocked (see _spawn): it reopens once it can.
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGHUP)
 

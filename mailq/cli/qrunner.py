@@ -90,16 +90,11 @@ def qrunner(ctx: click.Context, config_file: str | None, spec: str, once: bool, 
     sys.exit(status or 0)
 
 
-def _reopen_logs(signum: int, frame: object) -> None:
-    from mailq.logs import reopen_all
-
-    reopen_all()
-
-
 def main() -> None:
-    # Until Runner.run() installs its own handlers, SIGHUP (the master passing on `mailqctl reopen`)
-    # must not kill a runner that is still starting; runners that serve no queue keep this one.
-    signal.signal(signal.SIGHUP, _reopen_logs)
+    # Until Runner.run() installs its handler, a SIGHUP (the master passing on `mailqctl reopen`)
+    # waits, blocked, instead of killing a runner that is still starting; run() unblocks it. Not a
+    # handler that reopens from here: it could run in the middle of an import of mailq.logs.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     qrunner(prog_name="qrunner")
 
 

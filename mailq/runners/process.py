@@ -5,7 +5,8 @@ such process does the same way lives here, once:
 
 * its log (``var/log/<node>/<name>.log``) and its component name in every line;
 * signals: SIGTERM/SIGINT ask it to stop (``request_stop``: finish the work in hand, return 0);
-  SIGHUP reopens the log files;
+  SIGHUP reopens the log files (blocked until its handler is in place: one sent during start-up
+  waits, pending, rather than killing the runner);
 * the master watch: started by a master (``MAILQ_MASTER_PID`` in the environment), it stops as
   soon as that master is gone, so a SIGKILLed master never leaves runners behind;
 * the order ``setup()``, ``serve(once)``, ``teardown()``, with a crash logged before it propagates.
@@ -166,3 +167,6 @@ class RunnerProcess(abc.ABC):
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        # Started with SIGHUP blocked (by the master, or qrunner's main): a SIGHUP that came during
+        # start-up is pending and arrives now, to the handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
