@@ -8,9 +8,16 @@ pending digest (``digest.mbox``, mboxrd) of a real list in a temp var.  Measured
 of ``--rounds`` runs in this one process:
 
 * ``parse_ms``: ``email.message_from_bytes`` (compat32) of the same 1,000 messages: what building
-  a digest cannot beat, since every digest must at least read each post;
+  a digest cannot beat, since every digest must at least read each post.  The parse and the
+  builds take turns within each round, so a load that comes and goes hits them alike;
 * ``build_ms_mime`` / ``build_ms_plain``: ``mailq.digest.build`` for one format, from the raw posts
-  to the finished message bytes (table of contents, header, footer, parts or text);
+  to the finished message bytes (table of contents, header, footer, parts or text), as ``send``
+  does it: the plain build reads the HTML parts' text that ``append_pending`` converted when the
+  posts were appended (``digest.texts``, for a list with plain readers) and converts the rest;
+* ``build_ms_plain_unconverted``: the plain build of posts appended without that (a list that had
+  no plain reader then): every HTML part converted while building;
+* ``append_ms`` / ``append_convert_ms``: ``append_pending`` of the 1,000 posts without and with
+  that conversion (fsync off): the cost the conversion moved from the build to the archive runner;
 * ``send_ms``: ``mailq.digest.send`` with both formats' members: read the pending file, build both,
   stage, queue into ``out`` (fsync off, so the disk does not decide it);
 * ``ratio_vs_parse`` = the slower build / parse_ms (target <= 3), plus each format's ratio.
@@ -62,13 +69,16 @@ def make_post(i: int) -> bytes:
             f'filename="report-{i}.pdf"\nContent-Transfer-Encoding: base64\n\n{pdf}--mix{i}--\n').encode()
 
 
-def median_ms(func, rounds: int) -> float:
-    samples = []
+def interleaved(funcs: dict, rounds: int) -> dict[str, float]:
+    """Median ms of each function, the functions taking turns in every round: on a loaded machine
+    the load of any moment then falls on all of them alike, and their ratios stay fair."""
+    samples: dict[str, list[float]] = {name: [] for name in funcs}
     for _ in range(rounds):
-        start = time.perf_counter()
-        func()
-        samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples)
+        for name, func in funcs.items():
+            start = time.perf_counter()
+            func()
+            samples[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from mailq.config import Settings
-    from mailq.digest import append_pending, build, send
+    from mailq.digest import TEXTS_NAME, append_pending, build, converted_texts, pending_path, send
     from mailq.lists import ListStore, Member
 
     tmp = Path(tempfile.mkdtemp(prefix="mailq-bench-digest-"))
@@ -97,18 +107,35 @@ def main(argv: list[str] | None = None) -> dict:
         total = sum(len(p) for p in posts)
         when = time.time()
 
-        parse_ms = median_ms(lambda: [email.message_from_bytes(p, policy=policy.compat32) for p in posts],
-                             args.rounds)
+        items = [(p, "poster@example.net", when) for p in posts]
+        pending, texts = pending_path(settings, "dev"), pending_path(settings, "dev").with_name(TEXTS_NAME)
+
+        def append(convert: bool) -> None:
+            pending.unlink(missing_ok=True)
+            texts.unlink(missing_ok=True)
+            append_pending(settings, "dev", items, convert_html=convert)
+
+        # converting last in each round, so its digest.texts is there for the builds
+        appended = interleaved({"plain": lambda: append(False), "convert": lambda: append(True)}, args.rounds)
+        append_ms, append_convert_ms = appended["plain"], appended["convert"]
         sizes = {}
 
-        def build_one(fmt: str) -> None:
-            sizes[fmt] = len(build(mlist, posts, 1, 1, when, [fmt])[fmt])
+        def build_one(fmt: str, converted: bool = True) -> None:
+            done = converted_texts(texts) if fmt == "plain" and converted else None
+            sizes[fmt] = len(build(mlist, posts, 1, 1, when, [fmt], converted=done)[fmt])
 
-        mime_ms = median_ms(lambda: build_one("mime"), args.rounds)
-        plain_ms = median_ms(lambda: build_one("plain"), args.rounds)
+        timed = interleaved({
+            "parse": lambda: [email.message_from_bytes(p, policy=policy.compat32) for p in posts],
+            "mime": lambda: build_one("mime"),
+            "plain": lambda: build_one("plain"),
+            "unconverted": lambda: build_one("plain", converted=False),
+        }, args.rounds)
+        parse_ms, mime_ms, plain_ms, unconverted_ms = (timed[k] for k in ("parse", "mime", "plain", "unconverted"))
+        pending.unlink()
+        texts.unlink()
         send_samples = []
         for _ in range(args.rounds):
-            append_pending(settings, "dev", [(p, "poster@example.net", when) for p in posts])
+            append_pending(settings, "dev", items, convert_html=True)
             start = time.perf_counter()
             report = send(settings, "dev", force=True, store=store)
             send_samples.append((time.perf_counter() - start) * 1000)
@@ -120,7 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "posts": args.posts, "pending_mb": round(total / 1048576, 2), "rounds": args.rounds,
         "parse_ms": round(parse_ms, 1), "build_ms_mime": round(mime_ms, 1), "build_ms_plain": round(plain_ms, 1),
-        "send_ms": round(send_ms, 1),
+        "build_ms_plain_unconverted": round(unconverted_ms, 1), "send_ms": round(send_ms, 1),
+        "append_ms": round(append_ms, 1), "append_convert_ms": round(append_convert_ms, 1),
+        "ratio_plain_unconverted_vs_parse": round(unconverted_ms / parse_ms, 2),
         "ratio_mime_vs_parse": round(mime_ms / parse_ms, 2), "ratio_plain_vs_parse": round(plain_ms / parse_ms, 2),
         "ratio_vs_parse": round(max(mime_ms, plain_ms) / parse_ms, 2), "target_ratio": 3,
         "digest_kb_mime": round(sizes["mime"] / 1024), "digest_kb_plain": round(sizes["plain"] / 1024),

@@ -295,6 +295,9 @@ class PipelineSettings:
     web_url: str = ""
     #: Posts appended to an archive or pending-digest mbox per lock acquisition (archive runner).
     archive_batch: int = _limited(200, at_least=1)
+    #: Posts the ``in`` runner claims at once when there is a backlog: their post numbers are
+    #: taken in one lock cycle per list (``mailq.lists.numbers.take_many``, docs/digests.md).
+    in_batch: int = _limited(20, at_least=1, at_most=500)
     #: Site-wide ban list for posts to every list (``sender_rules``): addresses, or ``^regex``.
     ban_list: list[str] = field(default_factory=list, metadata={"check": _ban_problem})
 

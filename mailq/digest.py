@@ -5,6 +5,9 @@ Files, all in ``var/lists/<list>/`` and all guarded by the list's digest lock
 
 * ``digest.mbox``: the pending posts (mboxrd, ``mailq.archive``), appended by the archive runner for
   entries the ``to_digest`` stage queued, many per lock acquisition (``append_pending``);
+* ``digest.texts``: the text of the HTML parts of pending posts, converted when they were appended
+  (for plain-digest readers; JSON lines ``{"h": sha1 of the HTML, "t": text or null}``).  A cache:
+  a post without its line is converted when the digest is built, so losing it costs time only;
 * ``digest.json``: the numbers: ``{"volume", "issue", "last_sent", "volume_started"}``;
 * ``digest.v<V>.i<I>.mbox``: the posts of issue V/I, moved aside to be sent;
 * ``digest.v<V>.i<I>.<mime|plain>.to-out``: the queue entry of that issue for the members reading
@@ -12,12 +15,14 @@ Files, all in ``var/lists/<list>/`` and all guarded by the list's digest lock
 
 Sending one issue (``send``), under the digest lock from first to last step:
 
-1. **take**: rename ``digest.mbox`` to ``digest.v<V>.i<I>.mbox`` (V/I the next numbers), then
-   write ``digest.json`` with them.  The number is in the file name, so a crash between the two
-   loses nothing: the next run sees the file and counts it as taken;
+1. **take**: rename ``digest.mbox`` to ``digest.v<V>.i<I>.mbox`` (V/I the next numbers) and
+   ``digest.texts`` to ``digest.v<V>.i<I>.texts``, then write ``digest.json`` with them.  The
+   number is in the file name, so a crash between the two loses nothing: the next run sees the
+   file and counts it as taken;
 2. **stage**: build the digest for each format that has members and write its entry as
    ``...<fmt>.to-out`` (only while the ``.mbox`` of that issue exists);
-3. **drop**: unlink ``digest.v<V>.i<I>.mbox``; from now on the staged files are never rewritten;
+3. **drop**: unlink ``digest.v<V>.i<I>.texts``, then ``digest.v<V>.i<I>.mbox``; from now on the
+   staged files are never rewritten;
 4. **queue**: rename each staged file into ``qfiles/out`` (``Queue.adopt``): a rename of one
    source succeeds once.
 
@@ -48,14 +53,14 @@ import secrets
 import signal
 import string
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from email.message import Message
 from pathlib import Path
 from typing import Any
 
 from mailq import templates
-from mailq.archive import append_once, mbox_entry, read_mbox
+from mailq.archive import append_bytes, append_once, mbox_entry, read_mbox
 from mailq.clock import now as clock_now
 from mailq.config import Settings
 from mailq.errors import MailqError
@@ -64,13 +69,14 @@ from mailq.lists import ListStore
 from mailq.locks import Lock, named_lock
 from mailq.pipeline.base import PARSE_POLICY, _decode_bytes, charset_name, header_text, to_bytes
 from mailq.pipeline.list_headers import add_headers
-from mailq.pipeline.mime_filter import HTML_LIMIT, html_to_text, too_deep
+from mailq.pipeline.mime_filter import HTML_LIMIT, html_to_text
 from mailq.pipeline.subject_prefix import encode_subject
 from mailq.queue import Queue
 from mailq.queue.payload import decode, encode
 
 FORMATS = ("mime", "plain")
 PENDING_NAME = "digest.mbox"
+TEXTS_NAME = "digest.texts"
 STATE_NAME = "digest.json"
 _ASIDE = re.compile(r"^digest\.v(\d{1,9})\.i(\d{1,9})\.mbox$")
 _STAGED = re.compile(r"^digest\.v(\d{1,9})\.i(\d{1,9})\.(mime|plain)\.to-out$")
@@ -95,21 +101,76 @@ def digest_lock(settings: Settings, listname: str, timeout: float = 30.0) -> Loc
 
 
 def append_pending(settings: Settings, listname: str,
-                   items: Iterable[tuple[bytes, str, float] | tuple[bytes, str, float, str]]) -> int:
+                   items: Iterable[tuple[bytes, str, float] | tuple[bytes, str, float, str]],
+                   *, convert_html: bool = False) -> int:
     """Append (msg, sender, received[, key]) posts to the pending digest under ONE lock cycle.
 
     A post whose *key* was appended already is skipped (``mailq.archive.append_once``).  Returns the
     size of the pending digest after the append (0 when nothing was added); the caller compares it
     with the list's ``digest_size_kb`` (``size_due``) and sends when it is past.
+
+    *convert_html* (the list has plain-digest readers): the HTML parts a plain digest shows as text
+    are converted now, before the lock is taken, and their text goes to ``digest.texts``, so that
+    building the digest does not convert them again (``converted_texts``).
     """
+    items = list(items)
     entries = [(item[3] if len(item) > 3 else "", mbox_entry(*item[:3])) for item in items]
     if not entries:
         return 0
+    texts = b"".join(_converted_lines(item[0]) for item in items) if convert_html else b""
     path = pending_path(settings, listname)
     with digest_lock(settings, listname):
+        if texts:   # first: a post in the mbox then has its text (a line without its post is harmless)
+            append_bytes(path.with_name(TEXTS_NAME), texts, fsync=False)   # a cache: never worth an fsync
         if not append_once(path, entries, fsync=settings.queue.fsync):
             return 0            # every post was appended before (a retried entry): nothing new
         return os.stat(path).st_size
+
+
+def _html_key(html: str) -> str:
+    return hashlib.sha1(html.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()
+
+
+def _converted_lines(raw: bytes) -> bytes:
+    """The ``digest.texts`` lines of one post: each HTML part a plain digest converts, as text."""
+    if b"text/html" not in raw.lower():
+        return b""
+    lines: list[bytes] = []
+
+    def convert(html: str) -> str | None:
+        text = html_to_text(html) if len(html) <= HTML_LIMIT else None
+        lines.append(json.dumps({"h": _html_key(html), "t": text}).encode() + b"\n")
+        return text
+
+    body = raw.replace(b"\r\n", b"\n")    # the post as the digest will read it back (mbox_entry, read_mbox)
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    try:
+        text_of(email.message_from_bytes(body, policy=PARSE_POLICY), convert)
+    except Exception:  # noqa: BLE001 - a cache: the digest converts what is missing when it is built
+        return b""
+    return b"".join(lines)
+
+
+def converted_texts(path: Path) -> dict[str, str | None]:
+    """What a ``digest.texts`` file holds: sha1 of an HTML part -> its text (None: not convertible).
+
+    Lines that do not parse (torn by a killed writer) are skipped: their parts are converted again.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    out: dict[str, str | None] = {}
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("h"), str) and \
+                (record.get("t") is None or isinstance(record.get("t"), str)):
+            out[record["h"]] = record["t"]
+    return out
 
 
 def size_due(mlist: Any, size: int) -> bool:
@@ -277,6 +338,8 @@ def send(settings: Settings, listname: str, *, force: bool = False, now: float |
         volume, issue, new_volume = state.next_number(mlist.settings.digest_volume_frequency, now)
         aside = _aside_path(settings, listname, volume, issue)
         os.rename(path, aside)                                     # step 1: take
+        with contextlib.suppress(FileNotFoundError):   # none, or a crash before this: converted when built
+            os.rename(path.with_name(TEXTS_NAME), aside.with_suffix(".texts"))
         if settings.queue.fsync:
             fsync_dir(aside.parent)
         _crash_point("moved")
@@ -333,8 +396,10 @@ def _complete(settings: Settings, mlist: Any, volume: int, issue: int, now: floa
         posts = read_mbox(aside.read_bytes())
         result.posts = len(posts)
         wanted = {fmt: mlist.digest_recipients(fmt) for fmt in FORMATS}
+        texts = aside.with_suffix(".texts")
         built = build(mlist, posts, volume, issue, now, [f for f, r in wanted.items() if r],
-                      web_url=str(getattr(settings.pipeline, "web_url", "") or ""))
+                      web_url=str(getattr(settings.pipeline, "web_url", "") or ""),
+                      converted=converted_texts(texts) if wanted["plain"] else None)
         for fmt, raw in built.items():
             metadata = {"listname": mlist.name, "kind": "digest", "recipients": wanted[fmt],
                         "envelope_sender": mlist.bounces_address,
@@ -344,7 +409,9 @@ def _complete(settings: Settings, mlist: Any, volume: int, issue: int, now: floa
             atomic_write(_staged_path(settings, mlist.name, volume, issue, fmt), encode(raw, metadata),
                          fsync=settings.queue.fsync)                # step 2: stage
         _crash_point("staged")
-        os.unlink(aside)                                            # step 3: drop
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(texts)                                        # step 3: drop (the cache first)
+        os.unlink(aside)
         _crash_point("dropped")
     out = Queue.for_settings(settings, "out")
     for fmt in FORMATS:
@@ -456,8 +523,12 @@ def digest_subject(mlist: Any, volume: int, issue: int) -> str:
 
 
 def build(mlist: Any, posts: list[bytes], volume: int, issue: int, when: float, formats: Iterable[str],
-          *, web_url: str = "") -> dict[str, bytes]:
-    """The digest of *posts* (raw messages, LF) in each of *formats*, as CRLF message bytes."""
+          *, web_url: str = "", converted: dict[str, str | None] | None = None) -> dict[str, bytes]:
+    """The digest of *posts* (raw messages, LF) in each of *formats*, as CRLF message bytes.
+
+    *converted*: HTML parts already converted to text (``converted_texts``, by the SHA-1 of the
+    HTML); the plain format converts the others itself.
+    """
     formats = [f for f in FORMATS if f in set(formats)]
     if not formats or not posts:
         return {}
@@ -470,7 +541,7 @@ def build(mlist: Any, posts: list[bytes], volume: int, issue: int, when: float, 
     out = {}
     for fmt in formats:
         body_type, body = (_mime_body(header, toc, footer, items) if fmt == "mime"
-                           else _plain_body(mlist, header, toc, footer, items, volume, issue))
+                           else _plain_body(mlist, header, toc, footer, items, volume, issue, converted))
         head = _head(mlist, volume, issue, when, body_type, web_url)
         out[fmt] = (head + body).replace(b"\n", b"\r\n")
     return out
@@ -556,7 +627,8 @@ def _mime_body(header: str, toc: str, footer: str, items: list[_Post]) -> tuple[
 
 
 def _plain_body(mlist: Any, header: str, toc: str, footer: str, items: list[_Post], volume: int,
-                issue: int) -> tuple[list[str], bytes]:
+                issue: int, converted: dict[str, str | None] | None = None) -> tuple[list[str], bytes]:
+    convert = _cached(converted) if converted else _convert
     parts = [header, "", toc, "", TOC_RULE, ""]
     for post in items:
         assert post.msg is not None
@@ -567,7 +639,7 @@ def _plain_body(mlist: Any, header: str, toc: str, footer: str, items: list[_Pos
         if post.message_id:
             parts.append(f"Message-ID: {_one_line(post.message_id)}")
         parts.append("")
-        text, attachments = text_of(post.msg)
+        text, attachments = text_of(post.msg, convert)
         parts.append(text.rstrip("\n"))
         if attachments:
             parts.append("")
@@ -585,23 +657,37 @@ def _plain_body(mlist: Any, header: str, toc: str, footer: str, items: list[_Pos
                 body.encode("ascii") + b"\n")
 
 
-def text_of(msg: Message) -> tuple[str, list[str]]:
+def _convert(html: str) -> str | None:
+    """HTML as text (``mime_filter.html_to_text``); None when too large or too deeply nested."""
+    return html_to_text(html) if len(html) <= HTML_LIMIT else None
+
+
+def _cached(converted: dict[str, str | None]) -> Callable[[str], str | None]:
+    """``_convert``, answered from *converted* (``digest.texts``) for the HTML it holds."""
+    def convert(html: str) -> str | None:
+        key = _html_key(html)
+        return converted[key] if key in converted else _convert(html)
+    return convert
+
+
+def text_of(msg: Message, convert: Callable[[str], str | None] = _convert) -> tuple[str, list[str]]:
     """The readable text of a post and one description per attachment; never raises.
 
-    text/plain parts as they are (decoded), text/html as text (``mime_filter.html_to_text``) when it has no plain
-    alternative, ``multipart/alternative`` by its plain part; every other part (and every part
-    sent as an attachment) is listed as ``name (type, size)``.
+    text/plain parts as they are (decoded), text/html as text (*convert*: ``mime_filter.html_to_text``)
+    when it has no plain alternative, ``multipart/alternative`` by its plain part; every other part
+    (and every part sent as an attachment) is listed as ``name (type, size)``.
     """
     texts: list[str] = []
     attachments: list[str] = []
     try:
-        _collect(msg, texts, attachments)
+        _collect(msg, texts, attachments, convert)
     except Exception as exc:  # hostile structure: say so rather than lose the digest
         texts.append(f"[this post could not be read as text: {exc.__class__.__name__}]")
     return "\n\n".join(t.strip("\n") for t in texts if t.strip()), attachments
 
 
-def _collect(part: Message, texts: list[str], attachments: list[str], depth: int = 0) -> None:
+def _collect(part: Message, texts: list[str], attachments: list[str], convert: Callable[[str], str | None],
+             depth: int = 0) -> None:
     ctype = part.get_content_type()
     if depth > 20:
         attachments.append(f"(nested too deep) ({ctype})")
@@ -618,10 +704,10 @@ def _collect(part: Message, texts: list[str], attachments: list[str], depth: int
         if ctype == "multipart/alternative" and children:
             plain = [c for c in children if c.get_content_type() == "text/plain"]
             html = [c for c in children if c.get_content_type() == "text/html"]
-            _collect((plain or html or children[-1:])[0], texts, attachments, depth + 1)
+            _collect((plain or html or children[-1:])[0], texts, attachments, convert, depth + 1)
             return
         for child in children:
-            _collect(child, texts, attachments, depth + 1)
+            _collect(child, texts, attachments, convert, depth + 1)
         return
     filename = part.get_filename()
     attached = part.get_content_disposition() == "attachment" or bool(filename)
@@ -630,8 +716,8 @@ def _collect(part: Message, texts: list[str], attachments: list[str], depth: int
         text = _decoded(part)
         if ctype == "text/plain":
             texts.append(text)
-        elif len(text) <= HTML_LIMIT and not too_deep(text):
-            texts.append(html_to_text(text))
+        elif (converted := convert(text)) is not None:
+            texts.append(converted)
         else:     # html2text is pure Python: not for megabytes, nor for hostile nesting (mime_filter)
             attachments.append(f"(HTML too large or too deeply nested to show as text) (text/html, "
                                f"{_size(len(text))})")

@@ -111,6 +111,25 @@ def test_digest_posts_reach_the_pending_digest_through_the_archive_runner(node):
     assert b">From now on" in (next((settings.archives_dir / "dev").glob("*.mbox"))).read_bytes()
 
 
+def test_the_archive_runner_converts_html_for_plain_digest_readers_only(node):
+    from mailq.digest import TEXTS_NAME, converted_texts
+    from mailq.lists import ListStore
+
+    settings = node.settings()
+    html = (b"From: alice@example.org\nTo: %s@example.org\nSubject: html\nMIME-Version: 1.0\n"
+            b"Content-Type: text/html; charset=utf-8\n\n<p>Hello <b>readers</b></p>\n")
+    for name, fmt in (("dev", "mime"), ("txt", "plain")):
+        mlist = make_list(settings, name)       # its digest reader reads MIME digests
+        if fmt == "plain":
+            with ListStore(settings).edit(name) as ml:
+                ml.members.get("reader@example.org").digest = "plain"
+            mlist = ListStore(settings).load(name)
+        run_pipeline(settings, mlist, html % name.encode())
+    node.run("qrunner", "-r", "archive", "--once", check=True)
+    assert not (settings.lists_dir / "dev" / TEXTS_NAME).exists()
+    assert list(converted_texts(settings.lists_dir / "txt" / TEXTS_NAME).values()) == ["Hello **readers**\n"]
+
+
 def test_archive_months_follow_the_received_time(settings):
     jan = time.mktime((2026, 1, 15, 12, 0, 0, 0, 0, 0))
     feb = time.mktime((2026, 2, 15, 12, 0, 0, 0, 0, 0))

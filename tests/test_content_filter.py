@@ -16,6 +16,7 @@ import pytest
 from mailq.lists.held import HeldStore
 from mailq.lists.preserved import PreservedStore
 from mailq.pipeline.base import to_bytes
+from mailq.pipeline.mime_filter import HTML_DEPTH, html_to_text
 from tests.pipeline_support import make_list, queue_entries, run_pipeline, sample
 from tests.support import make_node
 
@@ -275,6 +276,22 @@ def test_banned_and_matched_posts_end_where_the_rule_says_through_the_runner(nod
     log = (settings.log_dir / "in.log").read_text()
     assert "sender_rules: discard post from mallory@example.org" in log and "list ban_list" in log
     assert not any(n["To"] == "mallory@example.org" for n in notices)
+
+
+def test_html_depth_is_judged_while_converting_at_the_limit_and_past_it():
+    def nested(levels: int) -> str:
+        return "<div>" * levels + "deep text" + "</div>" * levels
+
+    assert "deep text" in html_to_text(nested(HTML_DEPTH))
+    assert html_to_text(nested(HTML_DEPTH + 1)) is None
+    # Closed elements do not add up, void and self-closed ones do not nest, <p>/<li> close their kind.
+    assert html_to_text("<b>x</b>" * 5000).count("**x**") == 5000
+    assert "y" in html_to_text("<div>" + "<br><img alt=i><hr>" * 3000 + "<span/>" * 3000 + "y</div>")
+    assert html_to_text("<ul>" + "<li>item" * 3000 + "</ul>").count("item") == 3000
+    # An end tag closes whatever was left open inside it: unclosed <b>s inside closed <div>s.
+    assert html_to_text("<div><b><i>z</div>" * 3000).count("z") == 3000
+    # The stop comes at the first element past the limit, even with megabytes behind it.
+    assert html_to_text(nested(HTML_DEPTH + 1) + "<p>tail</p>" * 200_000) is None
 
 
 def test_html_that_would_explode_in_conversion_is_replaced_by_a_note(settings):

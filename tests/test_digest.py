@@ -109,6 +109,27 @@ def test_a_plain_digest_follows_rfc_1153_text_only_with_attachments_named(tree):
     assert text.rstrip().endswith(end + "\n" + "*" * len(end))
 
 
+def test_html_converted_at_append_is_what_the_plain_digest_shows_and_a_lost_cache_costs_nothing(tree):
+    from mailq.digest import TEXTS_NAME, converted_texts
+
+    _, settings, store = tree
+    crlf = html_post(1).replace(b"\n", b"\r\n")                  # as the archive entry may carry it
+    posts = [plain_post(0), crlf, html_post(2), attachment_post(3)]
+    append_pending(settings, "dev", [(p, "x@example.org", JAN_2027, f"k{i}") for i, p in enumerate(posts)],
+                   convert_html=True)
+    texts = pending_path(settings, "dev").with_name(TEXTS_NAME)
+    cache = converted_texts(texts)
+    assert sorted(cache.values()) == ["Hello **caf\u00e9** 1\n", "Hello **caf\u00e9** 2\n"]   # the HTML posts only
+    # The build reads the cache: a changed line shows; a torn line and a missing one are converted.
+    lines = texts.read_bytes().splitlines(keepends=True)
+    texts.write_bytes(lines[0].replace(b"Hello", b"CACHED") + lines[1][:20])
+    send(settings, "dev", force=True, store=store, now=JAN_2027)
+    (plain,) = [d["msg"] for d in out_digests(settings) if d["format"] == "plain"]
+    text = email.message_from_bytes(plain, policy=policy.default).get_content()
+    assert "CACHED **caf\u00e9** 1" in text and "Hello **caf\u00e9** 2" in text and "From the body of post 0" in text
+    assert sorted(p.name for p in texts.parent.glob("digest*")) == ["digest.json"]    # cache moved aside, dropped
+
+
 def test_list_header_and_footer_settings_replace_the_templates_with_placeholders(tree):
     _, _, store = tree
     with store.edit("dev") as mlist:
@@ -288,6 +309,42 @@ def test_post_numbers_are_consecutive_and_a_replayed_entry_keeps_its_number(tree
     assert [take(settings, "dev", f"k{i}") for i in range(5)] == [1, 2, 3, 4, 5]
     assert take(settings, "dev", "k2") == 3            # the entry of post 3 replayed after a crash
     assert take(settings, "dev", None) == 6 and next_number(settings, "dev") == 7
+
+
+def test_take_many_numbers_a_batch_in_order_and_a_replayed_batch_keeps_its_numbers(tree):
+    from mailq.lists.numbers import RECENT, next_number, take, take_many
+
+    _, settings, _ = tree
+    assert take_many(settings, "dev", ["a", "b", None, "c"]) == [1, 2, 3, 4]
+    assert take_many(settings, "dev", ["b", "d", "a"]) == [2, 5, 1]       # replayed keys, one new post
+    assert take_many(settings, "dev", ["a", "c"]) == [1, 4] and next_number(settings, "dev") == 6
+    big = [f"big{i}" for i in range(RECENT + 50)]                          # a batch larger than RECENT
+    assert take_many(settings, "dev", big) == list(range(6, 6 + RECENT + 50))
+    assert take(settings, "dev", "big0") == 6                              # still remembered
+    assert take_many(settings, "dev", ["big0", "e", "e"]) == [6, 6 + RECENT + 50, 6 + RECENT + 50]  # a key: one number
+
+
+def test_the_in_runner_numbers_its_batch_in_one_lock_cycle_and_a_held_post_takes_no_number(tmp_path):
+    from mailq.queue import Queue
+    from tests.pipeline_support import make_list, queue_entries
+
+    node = make_node(tmp_path, "n1", queue={"fsync": False})
+    settings = node.settings()
+    make_list(settings, subject_prefix="[dev %d] ", nonmember_action="hold")
+    q = Queue.for_settings(settings, "in")
+    for i in range(7):
+        poster = "stranger@example.net" if i == 3 else "alice@example.org"
+        q.enqueue(f"From: {poster}\nTo: dev@example.org\nSubject: p{i}\nMessage-ID: <p{i}@x>\n\nbody {i}\n".encode(),
+                  {"listname": "dev", "kind": "post", "sender": poster, "received": time.time() + i * 1e-3},
+                  listname="dev")
+    node.run("qrunner", "-r", "in", "--once", check=True)
+    sent = [email.message_from_bytes(m, policy=policy.compat32) for m, _ in queue_entries(settings, "out")]
+    subjects = sorted(str(m["Subject"]) for m in sent)
+    assert subjects == sorted(f"[dev {n}] p{i}" for n, i in zip(range(1, 7), (0, 1, 2, 4, 5, 6), strict=True))
+    assert all(m["X-Mailq-Post-Number"] == m["Subject"].split()[1].rstrip("]") for m in sent)
+    log = (settings.log_dir / "in.log").read_text()
+    assert "numbered 6 post(s) in one lock cycle: 1 2 3 4 5 6" in log     # the whole batch, the held one left out
+    assert "held" in log and "stranger@example.net" in log
 
 
 def test_subject_prefix_numbers_replace_an_older_numbered_prefix():

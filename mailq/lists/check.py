@@ -9,7 +9,7 @@ what is safe):
 * folders without group read/write/search (``var/lists``, ``var/locks``, list folders and their
   ``held/`` folders, which must be setgid too, lock folders ``<lock>.filelock/``, its ``claims/``
   and ``<lock>.holders/``); data files without group read and write (``list.pck``, ``.last``, held
-  messages, ``digest.mbox``, ``digest.json``, ``posts.json``, holder records); lock sentinels and
+  messages, ``digest.mbox``, ``digest.texts``, ``digest.json``, ``posts.json``, holder records); lock sentinels and
   claims without group read (filelock publishes them without group write on purpose and only ever
   reads them): chmod adding the missing bits;
 * ``var/qfiles``: queue and bucket folders without group rwx and setgid, entries, claims and notes
@@ -169,7 +169,7 @@ def _check_list(store: ListStore, name: str, fix: bool) -> list[Problem]:
                 p.what += f"; re-saved from {DB_NAME}.last"
             out.append(p)
     out += _check_mode(folder, SHARED_DIR, fix, missing_ok=True)  # removed while we looked: fine
-    for fname in (DB_NAME, DB_NAME + ".last", "digest.mbox", "digest.json", "posts.json"):
+    for fname in (DB_NAME, DB_NAME + ".last", "digest.mbox", "digest.texts", "digest.json", "posts.json"):
         out += _check_mode(folder / fname, GROUP_RW, fix, missing_ok=True)
     held = folder / "held"
     if held.is_dir():

@@ -52,19 +52,38 @@ def next_number(settings: Settings, listname: str) -> int:
 
 def take(settings: Settings, listname: str, key: str | None) -> int:
     """The post number of the post queued as *key*: the one it got before, or the next one."""
+    return take_many(settings, listname, [key])[0]
+
+
+def take_many(settings: Settings, listname: str, keys: list[str | None]) -> list[int]:
+    """The post numbers of the posts queued as *keys*, in order, in ONE lock cycle and one write.
+
+    A key this list numbered before gets its number again; the others get the next numbers, in
+    the order given.  The ``in`` runner numbers a whole batch of accepted posts this way
+    (``mailq.runners.incoming``), so the lock and the fsyncs are paid once per batch.
+    """
     from mailq.fsutil import atomic_write
     from mailq.locks import named_lock
 
     path = path_for(settings, listname)
     with named_lock(settings, f"posts.{listname}"):
         data = _read(path, listname)
-        if key:
-            for known, number in data["recent"]:
-                if known == key:
-                    return int(number)
-        number = data["next"]
-        data["next"] = number + 1
-        if key:
-            data["recent"] = [*data["recent"][-(RECENT - 1):], [key, number]]
-        atomic_write(path, json.dumps(data, separators=(",", ":")).encode(), fsync=settings.queue.fsync)
-        return number
+        known = {k: n for k, n in data["recent"] if isinstance(k, str) and isinstance(n, int)}
+        numbers: list[int] = []
+        fresh: list[list[Any]] = []
+        first_new = data["next"]
+        for key in keys:
+            if key and key in known:
+                numbers.append(known[key])
+                continue
+            number = data["next"]
+            data["next"] = number + 1
+            numbers.append(number)
+            if key:
+                known[key] = number
+                fresh.append([key, number])
+        if data["next"] != first_new:      # some number was given out now: write the counter
+            # every key of this call is remembered, however large the batch (a replay must find it)
+            data["recent"] = [*data["recent"], *fresh][-max(RECENT, len(fresh)):]
+            atomic_write(path, json.dumps(data, separators=(",", ":")).encode(), fsync=settings.queue.fsync)
+        return numbers

@@ -21,7 +21,7 @@ from mailq.errors import InvalidInput
 from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context, Discard, Hold, Reject, StageStop
 
-__all__ = ["run", "load_stage", "Context", "Hold", "Reject", "Discard", "StageStop"]
+__all__ = ["run", "run_stages", "load_stage", "Context", "Hold", "Reject", "Discard", "StageStop"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _cache: dict[str, ModuleType] = {}
@@ -49,10 +49,18 @@ def load_stage(name: str) -> ModuleType:
 
 
 def run(names: list[str], mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
-    """Run the stages *names* in order on *msg*; a stage's Hold/Reject/Discard propagates."""
+    """Run the stages *names* in order on *msg*, then write what they asked for (``ctx.flush``);
+    a stage's Hold/Reject/Discard propagates."""
+    run_stages(names, mlist, msg, msgdata, ctx)
+    ctx.flush()
+    msgdata["queued"] = dict(ctx.queued)   # what this post became: {"archive:0": id, "out": id}
+
+
+def run_stages(names: list[str], mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
+    """Run the stages *names* in order on *msg* without writing anything yet (``run`` without the
+    flush: the ``in`` runner runs a batch of posts up to ``post_number`` this way, numbers them all
+    in one lock cycle, then runs the rest with ``run``)."""
     stages = [load_stage(name) for name in names]  # all names checked before any stage acts
     for name, stage in zip(names, stages, strict=True):
         ctx.trail.append(name)
         stage.process(mlist, msg, msgdata, ctx)
-    ctx.flush()
-    msgdata["queued"] = dict(ctx.queued)   # what this post became: {"archive:0": id, "out": id}

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import mimetypes
 from email.message import Message
-from html.parser import HTMLParser
 from typing import Any
 
 from mailq.lists.mlist import MailingList
@@ -190,12 +189,12 @@ def _convert_html(part: Message, done: list[str]) -> None:
     if decoded is None:
         text, charset, cte = "[An HTML part that could not be decoded was removed.]\n", "us-ascii", "7bit"
         done.append("text/html part that cannot be decoded replaced by a note")
-    elif len(decoded[0]) > HTML_LIMIT or too_deep(decoded[0]):
+    elif (converted := html_to_text(decoded[0]) if len(decoded[0]) <= HTML_LIMIT else None) is None:
         text, charset, cte = (f"[An HTML part of {len(decoded[0])} characters was removed: too large "
                               f"or too deeply nested to convert to text.]\n", "us-ascii", "7bit")
         done.append("text/html part too large or too deeply nested to convert replaced by a note")
     else:
-        text, charset, cte = html_to_text(decoded[0]), decoded[1], decoded[2]
+        text, charset, cte = converted, decoded[1], decoded[2]
         done.append("text/html converted to text/plain")
     had_version = "mime-version" in part
     part.set_type("text/plain")
@@ -204,52 +203,73 @@ def _convert_html(part: Message, done: list[str]) -> None:
     encode_text(part, text, charset, cte)
 
 
-class _Deep(Exception):
+class _TooDeep(Exception):
     pass
 
 
-def too_deep(html: str, limit: int = HTML_DEPTH) -> bool:
-    """True when elements in *html* nest more than *limit* deep (one linear pass, html.parser).
+#: html2text's converter with the depth guard (a subclass made on first use: html2text is imported
+#: lazily, for the start-up time of ``mailqctl``).
+_converter_class: Any = None
 
-    html2text indents every line by its nesting (lists, quotes), so 45 KB of nested ``<ul><li>``
-    would come out as 25 MB of text after seconds of work: such HTML is not converted.
+
+def _bounded_converter() -> Any:
+    """``html2text.HTML2Text`` that stops with ``_TooDeep`` once elements nest deeper than its ``max_depth``.
+
+    The depth is judged on the very tags html2text is handling, in the same pass: no second parse
+    of the HTML.  Work before the stop is bounded too: what was converted nests at most
+    ``max_depth`` deep.
     """
-    class Depth(HTMLParser):
-        def __init__(self) -> None:
-            super().__init__(convert_charrefs=False)
-            self.open: list[str] = []
-
-        def handle_starttag(self, tag: str, attrs: Any) -> None:
-            if tag in _VOID:
-                return
-            if tag in _SIBLINGS and self.open and self.open[-1] == tag:
-                self.open.pop()     # <p>a<p>b, <li>a<li>b: the new one closes the open one
-            self.open.append(tag)
-            if len(self.open) > limit:
-                raise _Deep
-
-        def handle_endtag(self, tag: str) -> None:
-            if tag in self.open:    # close it and whatever was left open inside it
-                del self.open[len(self.open) - 1 - self.open[::-1].index(tag):]
-
-    parser = Depth()
-    try:
-        parser.feed(html)
-        parser.close()
-    except _Deep:
-        return True
-    return False
-
-
-def html_to_text(html: str) -> str:
-    """Readable plain text for *html* (html2text: paragraphs, lists, links as text, no markup)."""
+    global _converter_class
+    if _converter_class is not None:
+        return _converter_class
     import html2text
 
-    converter = html2text.HTML2Text()
+    class Bounded(html2text.HTML2Text):
+        max_depth = HTML_DEPTH
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.open_tags: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: Any) -> None:
+            if tag not in _VOID:
+                open_tags = self.open_tags
+                if tag in _SIBLINGS and open_tags and open_tags[-1] == tag:
+                    open_tags.pop()     # <p>a<p>b, <li>a<li>b: the new one closes the open one
+                open_tags.append(tag)
+                if len(open_tags) > self.max_depth:
+                    raise _TooDeep
+            super().handle_starttag(tag, attrs)
+
+        def handle_endtag(self, tag: str) -> None:
+            open_tags = self.open_tags
+            if tag in open_tags:        # close it and whatever was left open inside it
+                del open_tags[len(open_tags) - 1 - open_tags[::-1].index(tag):]
+            super().handle_endtag(tag)
+
+    _converter_class = Bounded
+    return Bounded
+
+
+def html_to_text(html: str, max_depth: int = HTML_DEPTH) -> str | None:
+    """Readable plain text for *html* (html2text: paragraphs, lists, links as text, no markup), or
+    None when its elements nest more than *max_depth* deep.
+
+    html2text indents every line by its nesting (lists, quotes), so 45 KB of nested ``<ul><li>``
+    would come out as 25 MB of text after seconds of work: such HTML is not converted.  The depth
+    is counted while converting (one html.parser pass), void elements (``<br>``) do not nest and a
+    ``<p>``/``<li>``/... closes an open one of its kind, as browsers read them.  The caller also
+    bounds the size (``HTML_LIMIT``).
+    """
+    converter = _bounded_converter()()
+    converter.max_depth = max_depth
     converter.body_width = 0          # mail programs wrap; a hard wrap would break long links
     converter.unicode_snob = True     # keep non-ASCII letters instead of ASCII look-alikes
     converter.ignore_images = True    # an image's URL is noise in a text post; its alt text stays
     converter.images_to_alt = True
     converter.protect_links = True
-    text = converter.handle(html).strip("\n")
+    try:
+        text = converter.handle(html).strip("\n")
+    except _TooDeep:
+        return None
     return text + "\n" if text else ""

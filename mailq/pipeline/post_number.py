@@ -6,6 +6,10 @@ the same entry reuses it.  ``subject_prefix`` uses it for ``%d``; the archive ke
 A header of that name that arrives with the post is replaced.  The stage goes after every stage
 that may hold, reject or discard the post (a stopped post takes no number) and before
 ``subject_prefix``.
+
+The ``in`` runner numbers the accepted posts of a whole batch before this stage runs
+(``numbers.take_many``: one lock cycle for them all); the stage then finds the number in the
+metadata.  Called on its own (a batch of one, a test, the bench) it takes the number itself.
 """
 from __future__ import annotations
 
@@ -15,6 +19,13 @@ from typing import Any
 from mailq.pipeline.base import Context
 
 HEADER = "X-Mailq-Post-Number"
+#: The stage's name in ``pipeline.posts`` (the ``in`` runner numbers a batch just before it).
+NUMBER_STAGE = "post_number"
+
+
+def valid_number(value: Any) -> bool:
+    """True when *value* is a post number (what ``msgdata["post_number"]`` holds once given)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
@@ -28,7 +39,7 @@ def number_for(mlist: Any, msgdata: dict, ctx: Context) -> int:
     from mailq.lists.numbers import take
 
     number = msgdata.get("post_number")
-    if isinstance(number, int) and not isinstance(number, bool) and number > 0:
+    if valid_number(number):
         return number
     # ctx.origin: the SHA-1 of the in entry, the same across requeue and recovery (lists/numbers.py)
     number = take(ctx.settings, mlist.name, ctx.origin or None)

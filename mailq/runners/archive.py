@@ -19,6 +19,7 @@ after it (the size trigger, ``mailq.digest.send``; docs/digests.md).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from mailq.archive import append_to_archive
 from mailq.digest import append_pending, size_due
@@ -73,12 +74,27 @@ class ArchiveRunner(Runner):
         posts = [(i.msg, str(i.metadata.get("sender") or ""), float(i.metadata.get("received") or time.time()),
                   append_key(i)) for i in items]
         if store == "digest":
-            size = append_pending(self.settings, listname, posts)
+            size = append_pending(self.settings, listname, posts, convert_html=self._plain_readers(listname))
             self._maybe_send_digest(listname, size)
         elif store == "archive":
             append_to_archive(self.settings, listname, posts)
         else:
             raise MailqError(f"archive entry for list {listname} with unknown store {store!r}")
+
+    def _lists_store(self) -> Any:
+        from mailq.lists import ListStore
+
+        store = getattr(self, "_lists", None) or ListStore(self.settings, log=self.log)
+        self._lists = store
+        return store
+
+    def _plain_readers(self, listname: str) -> bool:
+        """Whether *listname* has plain-digest readers: then the HTML of its posts is converted to
+        text as they are appended (``append_pending``), not when the digest is built."""
+        try:
+            return bool(self._lists_store().load(listname).digest_recipients("plain"))
+        except Exception:  # noqa: BLE001 - the digest converts at build time instead; the append goes on
+            return False
 
     def _maybe_send_digest(self, listname: str, size: int) -> None:
         """The size trigger: a pending digest now past ``digest_size_kb`` is sent from here.
@@ -87,12 +103,10 @@ class ArchiveRunner(Runner):
         would append them twice): it is logged, and the cron task ``send-digests`` sends it later.
         """
         from mailq.digest import send
-        from mailq.lists import ListStore
 
         if not size:
             return
-        store = getattr(self, "_lists", None) or ListStore(self.settings, log=self.log)
-        self._lists = store
+        store = self._lists_store()
         try:
             if not size_due(store.load(listname), size):
                 return

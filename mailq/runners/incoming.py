@@ -24,18 +24,34 @@ entry's metadata keeps a retried notice write from sending a notice twice.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 from email.message import Message
+from typing import Any
 
 from mailq.errors import MailqError
 from mailq.lists import ListStore
 from mailq.lists.held import HeldStore, notify_held, notify_rejected
 from mailq.lists.preserved import PreservedStore, notify_owners
-from mailq.pipeline import Context, Discard, Hold, Reject, load_stage, run
+from mailq.pipeline import Context, Discard, Hold, Reject, load_stage, run, run_stages
 from mailq.pipeline.base import header_text, parse
+from mailq.pipeline.post_number import NUMBER_STAGE, valid_number
 from mailq.runners.base import Runner
 from mailq.queue.queue import Claimed
 from mailq.lists.mlist import MailingList
+
+
+@dataclass
+class _Post:
+    """A post of the batch between its steps (``IncomingRunner.process_batch``)."""
+
+    entry: Claimed
+    metadata: dict
+    kind: str
+    mlist: MailingList
+    msg: Message
+    ctx: Context
+    #: The stages still to run: from ``post_number`` on (or none, then only the writes).
+    rest: list[str]
 
 
 class IncomingRunner(Runner):
@@ -69,7 +85,46 @@ class IncomingRunner(Runner):
         except ImportError as exc:
             self.log.error("email-validator cannot be imported (%s): lists with unusual domains will fail to load", exc)
 
+    def batch_limit(self) -> int:
+        return max(1, int(self.settings.pipeline.in_batch))
+
     def process(self, entry: Claimed) -> None:
+        failed = self.process_batch([entry])
+        if entry.id in failed:
+            raise failed[entry.id]
+
+    def process_batch(self, entries: list[Claimed]) -> dict[str, BaseException]:
+        """Each entry through its pipeline, the accepted posts of the batch numbered together.
+
+        Three steps: every entry runs the stages before ``post_number`` (a held, rejected or
+        discarded post stops there and takes no number); the posts still going get their numbers,
+        one ``take_many`` lock cycle per list for the whole batch (``mailq.lists.numbers``); then
+        each runs ``post_number`` and the stages after it, and its entries are written.  A failure
+        concerns the one entry it happened to (the others go on), or, when numbering fails, the
+        posts of that list in this batch (requeued: a lock timeout is a TemporaryFailure).
+        """
+        failed: dict[str, BaseException] = {}
+        going: list[_Post] = []
+        for entry in entries:
+            try:
+                post = self._begin(entry)
+            except Exception as exc:
+                failed[entry.id] = exc
+                continue
+            if post is not None:
+                going.append(post)
+        self._number(going, failed)
+        for post in going:
+            if post.entry.id in failed:
+                continue
+            try:
+                self._advance(post, post.rest, final=True)
+            except Exception as exc:
+                failed[post.entry.id] = exc
+        return failed
+
+    def _begin(self, entry: Claimed) -> _Post | None:
+        """Check *entry*, parse it and run the stages before ``post_number``; None when it is done."""
         if not hasattr(self, "store"):
             self.setup()
         metadata = dict(entry.metadata)
@@ -83,13 +138,50 @@ class IncomingRunner(Runner):
             raise MailqError(f"entry {entry.id} names no list (metadata listname is empty)")
         if "pending_writes" in metadata:     # an earlier attempt passed every stage
             self._resume(entry, metadata)
-            return
+            return None
+        stages = list(stages)
+        for name in stages:                  # every name checked before any stage acts (or a number is taken)
+            load_stage(name)
+        split = stages.index(NUMBER_STAGE) if NUMBER_STAGE in stages else len(stages)
         mlist = self.store.load(listname)  # NotFound says which list and what to run
         msg = parse(entry.msg)
         metadata.setdefault("size", len(entry.msg))
         ctx = Context(self.settings, self.log, self.enqueue, origin=entry.id.rpartition("+")[2])
+        post = _Post(entry, metadata, kind, mlist, msg, ctx, stages[split:])
+        return post if self._advance(post, stages[:split], final=False) else None
+
+    def _number(self, posts: list[_Post], failed: dict[str, BaseException]) -> None:
+        """Give every post about to enter ``post_number`` without a number its number: one lock
+        cycle per list (``take_many``), in the order the posts were claimed."""
+        from mailq.lists.numbers import take_many
+
+        wanting: dict[str, list[_Post]] = {}
+        for post in posts:
+            if post.rest[:1] == [NUMBER_STAGE] and not valid_number(post.metadata.get("post_number")):
+                wanting.setdefault(post.mlist.name, []).append(post)
+        for listname, group in wanting.items():
+            try:
+                numbers = take_many(self.settings, listname, [p.ctx.origin or None for p in group])
+            except Exception as exc:
+                self.log.error("list %s: cannot number %d post(s): %s", listname, len(group), exc)
+                for post in group:
+                    failed[post.entry.id] = exc
+                continue
+            for post, number in zip(group, numbers, strict=True):
+                post.metadata["post_number"] = number
+            self.log.info("list %s: numbered %d post(s) in one lock cycle: %s", listname, len(group),
+                          " ".join(str(n) for n in numbers))
+
+    def _advance(self, post: _Post, names: list[str], *, final: bool) -> bool:
+        """Run *names* on the post (and, when *final*, write its entries); False: it stopped here
+        (held, rejected or discarded, and dealt with).  Raising: the entry failed."""
+        entry, metadata, mlist, msg, ctx = post.entry, post.metadata, post.mlist, post.msg, post.ctx
+        listname = mlist.name
         try:
-            run(stages, mlist, msg, metadata, ctx)
+            if final:
+                run(names, mlist, msg, metadata, ctx)
+            else:
+                run_stages(names, mlist, msg, metadata, ctx)
         except Hold as stop:
             self._hold(mlist, entry, metadata, msg, stop.reason)
         except Reject as stop:
@@ -105,14 +197,17 @@ class IncomingRunner(Runner):
             self._to_owner(mlist, entry, metadata, msg, stop)
         except BaseException:
             _keep_progress(entry, ctx)
-            if isinstance(metadata.get("post_number"), int):    # a retry keeps the number it was given
+            if valid_number(metadata.get("post_number")):    # a retry keeps the number it was given
                 entry.metadata["post_number"] = metadata["post_number"]
             raise
         else:
-            self.log.info("list %s: %s %s from %s went through (%d recipients)", listname, kind, entry.id,
+            if not final:
+                return True
+            self.log.info("list %s: %s %s from %s went through (%d recipients)", listname, post.kind, entry.id,
                           metadata.get("sender") or "?", len(metadata.get("recipients") or []))
-        if kind == "post":
+        if post.kind == "post":
             self._forget_bounces(mlist, str(metadata.get("sender") or ""))
+        return False
 
     def _forget_bounces(self, mlist: Any, sender: str) -> None:
         """A member who posts is alive: their bounce score goes (docs/bounces.md §3).
