@@ -8,10 +8,12 @@ traceback can pass for one. A WatchedFileHandler reopens the file when logrotate
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
 import sys
+from collections.abc import Iterator
 
 from mailq.config import Settings
 from mailq.fsutil import make_dirs, open_shared
@@ -25,13 +27,49 @@ class _SafeWatchedFileHandler(logging.handlers.WatchedFileHandler):
     what an unmounted shared ``var/`` looks like, and writing under a mount point fills local disk.
     """
 
+    #: Lines formatted while ``many_lines`` holds them back (None: each line is written at once).
+    pending: list[str] | None = None
+
     def emit(self, record: logging.LogRecord) -> None:
+        if self.pending is not None:
+            try:
+                self.pending.append(self.format(record) + self.terminator)
+            except Exception:
+                self.handleError(record)
+            return
         try:
             self.reopenIfNeeded()
         except OSError:
             self.handleError(record)
             return
         logging.FileHandler.emit(self, record)
+
+    def write_pending(self) -> None:
+        """Write the lines ``many_lines`` held back: whole lines, up to 64 KiB per write."""
+        lines, self.pending = self.pending or [], None
+        if not lines:
+            return
+        self.acquire()
+        try:
+            self.reopenIfNeeded()
+            if self.stream is None:
+                self.stream = self._open()
+            chunk: list[str] = []
+            size = 0
+            for line in lines:
+                chunk.append(line)
+                size += len(line)
+                if size >= 65536:
+                    self.stream.write("".join(chunk))
+                    self.stream.flush()
+                    chunk, size = [], 0
+            if chunk:
+                self.stream.write("".join(chunk))
+                self.stream.flush()
+        except OSError as exc:
+            sys.stderr.write(f"mailq: cannot write {len(lines)} line(s) to {self.baseFilename}: {exc}\n")
+        finally:
+            self.release()
 
     def _open(self):  # type: ignore[override]
         # A log file of the shared tree gets fsutil's FILE_MODE, whatever the umask.
@@ -54,6 +92,22 @@ class _EventFormatter(logging.Formatter):
             return text
         lines = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n").split("\n")
         return lines[0] + "".join(f"\n{CONTINUATION}{line}" for line in lines[1:])
+
+
+@contextlib.contextmanager
+def many_lines(logger: logging.Logger) -> Iterator[None]:
+    """Log many events in one go (the decisions of a batch of bounces): the lines *logger* writes
+    to its log files inside the block are written when it ends, in a few writes of whole lines,
+    instead of one look for a rotated file, one write and one flush per line.  Several processes
+    appending to one file still never split each other's lines."""
+    held = [h for h in logger.handlers if isinstance(h, _SafeWatchedFileHandler) and h.pending is None]
+    for handler in held:
+        handler.pending = []
+    try:
+        yield
+    finally:
+        for handler in held:
+            handler.write_pending()
 
 
 def formatter() -> logging.Formatter:

@@ -52,6 +52,15 @@ def dumps(value: Any) -> bytes:
 def loads(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     """Unpickle *data*, allowing only bounded trees of builtin scalars and containers."""
     check(data, max_depth=max_depth)
+    return loads_checked(data)
+
+
+def loads_checked(data: bytes) -> Any:
+    """Unpickle *data* that passed :func:`check`: the C unpickler alone (``find_class`` still refuses
+    every global).  Also for bytes this process checked or wrote with :func:`dumps` earlier and held
+    in memory since (``ListStore.edit`` when ``list.pck`` did not change): what is read from disk
+    afresh goes through :func:`loads`.
+    """
     try:
         return _PlainUnpickler(io.BytesIO(data)).load()
     except UnsafePickle:

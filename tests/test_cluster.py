@@ -93,6 +93,37 @@ def test_guard_self_fences_on_a_stale_lease_and_gives_back_a_late_claim(nodes):
     assert ClaimGuard(s1, "out", slice_, 5, LOG).check().moved        # the count changed
 
 
+def test_guard_confirms_a_batch_of_claims_once_and_gives_them_all_back_when_fenced(nodes):
+    """A runner's batch is confirmed by one re-check after its renames (docs/cluster.md §4); on a
+    stale lease every claim goes back, and the queue hands them out again once the lease is fresh."""
+    s1 = renew(nodes["h1"])
+    smap = load_map(s1.slice_map_path)
+    slice_ = next(s for q, s, c in smap.slices_for("h1") if q == "out")
+    guard = ClaimGuard(s1, "out", slice_, 3, LOG)
+    queue = Queue.for_settings(s1, "out")
+    for _ in range(30):
+        queue.enqueue(b"Subject: t\n\nt\n", {"listname": "dev"})
+    claimant = Claimant("h1", os.getpid(), guard.check().epoch)
+    claims = []
+    while (claimed := queue.claim_next(slice_, 3, claimant)) is not None:
+        claims.append(claimed)
+    assert len(claims) >= 2
+    assert guard.confirm_all(claims).may_claim and all(c.path.exists() for c in claims)
+    heartbeat.stamp_lease(s1, time.monotonic() - s1.cluster.lease - 1)
+    state = guard.confirm_all(claims)
+    assert not state.may_claim and "self-fenced" in state.reason
+    assert not any(c.path.exists() for c in claims)
+    assert sorted(queue.waiting(slice_, 3)) == sorted(c.id for c in claims)
+    # The claimant's queue object is told, so it may claim them again when the guard allows.
+    for c in claims:
+        queue.given_back(c)
+    assert renew(nodes["h1"]) and guard.check().may_claim
+    again = []
+    while (claimed := queue.claim_next(slice_, 3, claimant, now=time.time() + 1)) is not None:
+        again.append(claimed.id)
+    assert sorted(again) == sorted(c.id for c in claims)
+
+
 def test_reassign_refuses_a_live_node_then_takes_over_the_dead_one(nodes):
     s1 = renew(nodes["h1"])
     renew(nodes["h2"])

@@ -108,6 +108,31 @@ def test_logging_survives_its_folder_vanishing(tmp_path):
 
 
 
+def test_many_lines_writes_a_batch_of_lines_whole_at_the_end_of_the_block(tmp_path):
+    """``logs.many_lines`` (a batch of bounce decisions): the lines of the block appear when it ends,
+    each whole and formatted like any other line, in the file that is current then (after logrotate)."""
+    from mailq.config import parse_settings
+    from mailq.logs import get_logger, many_lines
+
+    s = parse_settings(f"paths: {{var: {tmp_path / 'var'}}}\nnode: {{name: lognode}}\n")
+    log = get_logger(s, "batchprobe")
+    log.info("before")
+    path = s.log_dir / "batchprobe.log"
+    with many_lines(log):
+        for i in range(3000):
+            log.info("decision %d: %s", i, "x" * 40)
+        log.warning("two lines\nof one event")
+        assert path.read_text().count("\n") == 1          # held back until the block ends
+        path.rename(path.with_name("batchprobe.log.1"))     # logrotate moved the file meanwhile
+    log.info("after")
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3003 and lines[-1].endswith(" INFO after")
+    assert all(line.endswith(f" INFO decision {i}: {'x' * 40}") and " lognode batchprobe[" in line
+               for i, line in enumerate(lines[:3000]))
+    assert lines[3000].endswith(" WARNING two lines") and lines[3001] == "    of one event"
+    assert path.with_name("batchprobe.log.1").read_text().splitlines()[0].endswith(" INFO before")
+
+
 def test_numbers_in_exponent_form_and_number_like_text_are_read_as_written():
     s = parse_settings("queue: {stale_tmp_seconds: 1e3}\ncluster: {lease: 1.5E1, heartbeat: 25e-1}\n"
                        "node: {name: 01}\nsmtp: {password: 0123, user: 1.10}\n")

@@ -152,6 +152,83 @@ def test_load_returns_the_cached_list_until_the_file_changes(store, settings):
     assert fallback.loaded_from_last and store.load("dev") is not fallback  # a fallback is never cached
 
 
+def test_an_edit_walks_the_pickle_only_when_another_writer_changed_list_pck(store, settings, monkeypatch):
+    """``edit`` reloads under the lock every time; bytes this store wrote or checked, still on disk
+    unchanged, are unpickled without the safety walk again (docs/bounces.md §3, a batch per edit)."""
+    walks = []
+    real_check = safepickle.check
+    monkeypatch.setattr(safepickle, "check", lambda data, **kw: (walks.append(len(data)), real_check(data, **kw)))
+    with store.edit("dev") as mlist:           # list.pck written by create(): this store's own bytes
+        mlist.members.add("alice@example.org")
+    with store.edit("dev") as mlist:
+        assert "alice@example.org" in mlist.members
+        mlist.members.get("alice@example.org").bounce_score = 1.0
+    assert walks == []
+    other = ListStore(settings)               # another process or host
+    with other.edit("dev") as mlist:           # walks what it never saw
+        mlist.members.add("bob@example.org")
+    assert len(walks) == 1
+    with store.edit("dev") as mlist:           # the file changed: read and walked afresh
+        assert "bob@example.org" in mlist.members and mlist.members.get("alice@example.org").bounce_score == 1.0
+        mlist.members.add("carol@example.org")
+    assert len(walks) == 2
+    # A block that raises leaves nothing behind: the next edit builds the list from the bytes again.
+    with pytest.raises(RuntimeError), store.edit("dev") as mlist:
+        mlist.members.remove_many(["alice@example.org"])
+        raise RuntimeError("changed my mind")
+    with store.edit("dev") as mlist:
+        assert {"alice@example.org", "bob@example.org", "carol@example.org"} <= {m.address for m in mlist.members}
+    assert len(walks) == 2
+    # Rewritten in place by someone else (not how mailq writes, but its stamp changes): walked again.
+    path = store.db_path("dev")
+    stamp = os.stat(path)
+    path.write_bytes(path.read_bytes())
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))  # a new stamp even within one clock tick
+    with store.edit("dev") as mlist:
+        pass
+    assert len(walks) == 3
+    assert other.load("dev").generation == store.load("dev").generation == 5
+
+
+def test_edit_with_reuse_hands_back_its_last_list_only_while_list_pck_is_unchanged(store, settings):
+    """``edit(reuse=True)`` (the bounces runner, once per batch): the object its previous edit ended
+    with, unless another writer saved meanwhile or that block raised; saving works as ever."""
+    with store.edit("dev", reuse=True) as first:
+        first.members.add("alice@example.org")
+    assert first.saved and first.generation == 2
+    with store.edit("dev", reuse=True) as again:
+        assert again is first and not again.saved
+    assert not again.saved                                   # nothing changed: nothing written
+    with store.edit("dev", reuse=True) as again:
+        assert again is first
+        alice = again.members.get("alice@example.org")
+        alice.bounce_score = 2.0
+    assert again.saved and ListStore(settings).load("dev").members.get("alice@example.org").bounce_score == 2.0
+    alice.bounce_score = 99.0           # a member kept past its block no longer writes to the list
+    with store.edit("dev", reuse=True) as again:
+        assert again is first and again.members.get("alice@example.org").bounce_score == 2.0
+    assert not again.saved
+    with store.edit("dev") as plain:                          # an edit without reuse reads afresh...
+        assert plain is not first
+        plain.members.add("bob@example.org")
+    with store.edit("dev", reuse=True) as after:              # ...and its save is a change like any other
+        assert after is not first and "bob@example.org" in after.members
+    other = ListStore(settings)                               # another process or host
+    with other.edit("dev") as theirs:
+        theirs.members.get("alice@example.org").bounce_score = 3.0
+    with store.edit("dev", reuse=True) as mine:
+        assert mine is not after and mine.members.get("alice@example.org").bounce_score == 3.0
+        mine.members.add("carol@example.org")
+    with pytest.raises(RuntimeError), store.edit("dev", reuse=True) as dirty:
+        assert dirty is mine
+        dirty.members.remove_many(["alice@example.org", "carol@example.org"])
+        raise RuntimeError("changed my mind")
+    with store.edit("dev", reuse=True) as clean:              # the raised block's changes are gone
+        assert clean is not dirty and {"alice@example.org", "carol@example.org"} <= set(
+            m.address for m in clean.members)
+    assert store.load("dev").generation == other.load("dev").generation == 6
+
+
 @pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "Infinity"])
 def test_non_finite_numbers_are_refused_for_float_settings(text):
     s = ListSettings(domain="example.org")

@@ -266,6 +266,25 @@ def test_hostile_and_broken_files_go_to_bad_and_the_good_entry_is_claimed(qroot,
     assert not marker.exists()
 
 
+def test_a_listing_reuses_the_names_it_parsed_and_still_ignores_one_copied_to_the_wrong_bucket(qroot, caplog):
+    """A backlog is listed again and again (``Queue._scan``): names parsed before are not parsed
+    again, but a known name in a folder it does not belong to is still ignored, and said so."""
+    q = Queue(qroot, "in", fsync=False)
+    ids = sorted(q.enqueue(MSG, {"n": i}) for i in range(20))
+    assert q.waiting() == ids
+    assert q.waiting() == ids and set(q._listed) == {f"{i}.pck" for i in ids}
+    first = ids[0]
+    bucket = first.split("+")[1][:2]
+    wrong = q.dir / ("00" if bucket != "00" else "01") / f"{first}.pck"
+    wrong.parent.mkdir(exist_ok=True)
+    wrong.write_bytes((q.dir / bucket / f"{first}.pck").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="mailq.queue"):
+        assert q.waiting() == ids
+    assert f"ignoring {wrong}" in caplog.text
+    assert [q.waiting(s, 3) for s in range(3)] == [Queue(qroot, "in").waiting(s, 3) for s in range(3)]
+    assert sorted(i for s in range(3) for i in q.waiting(s, 3)) == ids
+
+
 def test_enqueue_on_a_full_disk_raises_temporary_failure_and_leaves_nothing(qroot, monkeypatch):
     q = Queue(qroot, "in")
     q.enqueue(MSG, {})           # bucket folders exist for some entries already

@@ -29,6 +29,7 @@ from typing import Any
 
 from mailq import clock
 from mailq.errors import NotFound
+from mailq.logs import many_lines
 
 #: Score added per bounce kind (once per calendar day per member, the larger kind wins).
 WEIGHTS = {"permanent": 1.0, "temporary": 0.5}
@@ -193,5 +194,7 @@ def has_bounce_data(member: Any) -> bool:
 
 
 def log_decisions(log: logging.Logger, decisions: list[Decision]) -> None:
-    for d in decisions:
-        log.info("%s", d.line())
+    """One line per decision in ``bounces.log``; a batch's lines are written together."""
+    with many_lines(log):
+        for d in decisions:
+            log.info("%s", d.line())

@@ -1,7 +1,7 @@
 """The claim guard: may this runner claim from its slice right now? (docs/cluster.md §3, §4).
 
 The Runner base calls :meth:`ClaimGuard.check` before every claim and :meth:`ClaimGuard.confirm`
-right after the claim rename (and again before processing, in case it was frozen meanwhile).  A
+right after the claim rename (:meth:`ClaimGuard.confirm_all` once after the renames of a batch).  A
 check costs one ``stat`` of the slice map (re-parsed only when it changed) and one read of the
 host-local lease stamp.
 
@@ -94,16 +94,25 @@ class ClaimGuard:
         vanished claim means a takeover recovered it.  The caller must not process the entry
         unless ``may_claim`` is True.
         """
+        return self.confirm_all([claimed])
+
+    def confirm_all(self, claims: list[Any]) -> GuardState:
+        """``confirm`` for several claims with one re-check, made after the last of their renames.
+
+        A check that holds after every claim exists confirms each of them (what matters is that the
+        guard held *after* the claim existed, §4); on refusal every one is given back.
+        """
         state = self.check()
         if state.may_claim:
             return state
-        path = Path(getattr(claimed, "path", claimed))
-        name = path.name
-        cut = name.find(".pck")
-        if cut > 0:
-            try:
-                os.rename(path, path.with_name(name[:cut + 4]))
-                self.log.warning("gave back %s after claiming: %s", name[:cut + 4], state.reason)
-            except FileNotFoundError:
-                self.log.warning("claim %s was recovered by a takeover: %s", name, state.reason)
+        for claimed in claims:
+            path = Path(getattr(claimed, "path", claimed))
+            name = path.name
+            cut = name.find(".pck")
+            if cut > 0:
+                try:
+                    os.rename(path, path.with_name(name[:cut + 4]))
+                    self.log.warning("gave back %s after claiming: %s", name[:cut + 4], state.reason)
+                except FileNotFoundError:
+                    self.log.warning("claim %s was recovered by a takeover: %s", name, state.reason)
         return state

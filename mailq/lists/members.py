@@ -231,10 +231,25 @@ class Roster:
                            for k, v in extra.items()):
             raise ValueError("members: columns of different lengths, unknown status codes or bad extras")
         roster = cls()
-        roster._rows = None
-        roster._cols = {k: data[k] for k in _STORED_KEYS}
-        roster._cols.update({"_addresses": addresses, "_names": names, "_joined": joined})
+        roster._use_columns(data, addresses, names, joined)
         return roster
+
+    def _use_columns(self, data: dict[str, Any], addresses: list[str], names: list[str],
+                     joined: array.array) -> None:
+        self._rows, self._row_index, self._pos_index, self._patched = None, None, None, {}
+        self._cols = {k: data[k] for k in _STORED_KEYS}
+        self._cols.update({"_addresses": addresses, "_names": names, "_joined": joined})
+
+    def settle(self, stored: dict[str, Any]) -> None:
+        """Take *stored*, this roster's ``to_stored()`` just saved, as its columns: its patches (or
+        rows) are folded in, so that the next ``to_stored`` handles only what changes after.  Members
+        fetched before no longer write to it (``ListStore.edit(reuse=True)``, whose callers keep none).
+        """
+        joined = array.array("d")
+        joined.frombytes(stored["joined"])
+        n = stored["n"]
+        self._use_columns(stored, stored["address"].split("\n") if n else [],
+                          stored["display_name"].split("\n") if n else [], joined)
 
     def _col_row(self, i: int) -> list[Any]:
         patched = self._patched.get(i)

@@ -15,7 +15,11 @@ Writing (``with store.edit(name) as mlist``): take the list's lock, reload, let 
 the list; if its stored form changed, bump the generation, pickle (builtins only), write a temp file
 and fsync it, keep the previous file as ``.last`` (hard link), rename over ``list.pck``, fsync the
 folder; unlock.  A block that changes nothing writes nothing.  A corrupt current file is first moved
-aside (``list.pck.corrupt.<time>``) so that the good ``.last`` survives.
+aside (``list.pck.corrupt.<time>``) so that the good ``.last`` survives.  The reload under the lock
+is a fresh list every time, but when ``list.pck`` is still the file this store last wrote or read in
+an edit (the same stamp as ``load``'s cache), its bytes are taken from memory and unpickled without
+the safety walk they already passed (``safepickle.loads_checked``): a runner that edits a big list
+once per batch (bounces) pays that walk only when another process saved the list meanwhile.
 """
 from __future__ import annotations
 
@@ -70,6 +74,10 @@ class ListStore:
         self.on_fallback = on_fallback
         #: name -> (key of the list.pck it came from, the list): see ``load``.
         self._cache: dict[str, tuple[FileKey, MailingList]] = {}
+        #: name -> (key of a list.pck this store wrote or checked in an edit, its bytes): see ``edit``.
+        self._checked: dict[str, tuple[FileKey, bytes]] = {}
+        #: name -> (key, the list, its stored dict) after an ``edit(reuse=True)``: see ``edit``.
+        self._kept: dict[str, tuple[FileKey, MailingList, dict[str, Any]]] = {}
 
     @property
     def log(self) -> Any:
@@ -134,12 +142,12 @@ class ListStore:
         """
         return self._load(name, cached=True)[0]
 
-    def _load(self, name: str, *, cached: bool) -> tuple[MailingList, dict[str, Any]]:
+    def _load(self, name: str, *, cached: bool, kept: tuple | None = None) -> tuple[MailingList, dict[str, Any]]:
         """The list and the stored dict it was built from (empty for a cache hit)."""
         path = self.db_path(name)
         last = path.with_name(DB_NAME + ".last")
         try:
-            return self._read(path, name, cached=cached)
+            return self._read(path, name, cached=cached, kept=kept)
         except FileNotFoundError:
             if not last.exists():
                 self._cache.pop(name, None)
@@ -169,7 +177,10 @@ class ListStore:
                              f"last save); run 'mailqctl check', whose --fix re-saves it and keeps the bad file")
         return mlist, stored
 
-    def _read(self, path: Path, name: str, *, cached: bool) -> tuple[MailingList, dict[str, Any]]:
+    def _read(self, path: Path, name: str, *, cached: bool,
+              kept: tuple | None = None) -> tuple[MailingList, dict[str, Any]]:
+        # Only an edit's reads of list.pck (not .last, not load's) use and fill ``_checked``.
+        remember = not cached and path.name == DB_NAME
         for attempt in (1, 2):
             try:
                 with open(path, "rb") as f:
@@ -177,7 +188,10 @@ class ListStore:
                     hit = self._cache.get(name) if cached else None
                     if hit is not None and hit[0] == key:
                         return hit[1], {}
-                    data = f.read()
+                    if kept is not None and kept[0] == key:
+                        return kept[1], kept[2]
+                    known = self._checked.get(name) if remember else None
+                    data = known[1] if known is not None and known[0] == key else f.read()
                 break
             except OSError as exc:
                 if exc.errno == errno.ESTALE and attempt == 1:
@@ -189,10 +203,14 @@ class ListStore:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                     raise FileNotFoundError(exc.errno, exc.strerror, str(path)) from None
                 raise
-        stored = safepickle.loads(data)
+        trusted = known is not None and data is known[1]
+        # The bytes this store checked or wrote, unchanged on disk since: no second walk.
+        stored = safepickle.loads_checked(data) if trusted else safepickle.loads(data)
         mlist = MailingList.from_stored(stored)
         if mlist.name != name:
             raise ValueError(f"it holds list {mlist.name!r}, not {name!r}")
+        if remember and not trusted:
+            self._checked[name] = (key, data)
         mlist.folder = path.parent
         if cached:
             self._cache[name] = (key, mlist)
@@ -216,22 +234,37 @@ class ListStore:
 
     # -- writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def edit(self, name: str, timeout: float | None = None, *, always_save: bool = False) -> Iterator[MailingList]:
+    def edit(self, name: str, timeout: float | None = None, *, always_save: bool = False,
+             reuse: bool = False) -> Iterator[MailingList]:
         """Lock, reload, yield the list for changes, save if it changed (and the block did not raise), unlock.
 
         "Changed" compares the list's stored form with what was loaded, so any change counts (a
         setting, a member edited in place) and a block that changes nothing writes nothing:
         ``list.pck``, ``.last`` and the generation stay as they were.  ``mlist.saved`` says which.
         *always_save* saves anyway (``mailqctl check --fix`` re-saves a list that came from ``.last``).
+
+        *reuse*: a caller that edits one big list again and again (the bounces runner, once per
+        batch) and keeps no hold of the list after its block gets, from its next ``edit(reuse=True)``,
+        the very object its last one ended with, as long as ``list.pck`` is still the file that
+        edit saved or read (the same stamp as ``load``'s cache, checked under the lock); otherwise,
+        and after a block that raised, the list is read again.
         """
         with self.lock(name, timeout):
-            mlist, loaded = self._load(name, cached=False)
+            kept = self._kept.pop(name, None) if reuse else None
+            mlist, loaded = self._load(name, cached=False, kept=kept)
+            mlist.saved = False
             mlist.members.editable = True  # iterating yields live members: changes to them are saved
             yield mlist
             self._check(mlist)
             stored = mlist.to_stored()
             if always_save or stored != loaded:
                 self._save(mlist, stored)
+                loaded = stored
+                if reuse:
+                    mlist.members.settle(stored["members"])     # the next save handles only new changes
+            checked = self._checked.get(name)
+            if reuse and checked is not None and not mlist.loaded_from_last:
+                self._kept[name] = (checked[0], mlist, loaded)
 
     @staticmethod
     def _check(mlist: MailingList) -> None:
@@ -255,7 +288,10 @@ class ListStore:
                                  f"{mlist.generation}); the unreadable {DB_NAME} is kept as {aside.name}")
         stored["generation"] = mlist.generation + 1
         data = safepickle.dumps(stored)
+        self._checked.pop(mlist.name, None)
         atomic_write(path, data, fsync=True, keep_last=True, mode=FILE_MODE)
+        with contextlib.suppress(OSError):
+            self._checked[mlist.name] = (_file_key(os.stat(path)), data)
         mlist.generation += 1
         mlist.loaded_from_last = False
         mlist.load_problem = ""

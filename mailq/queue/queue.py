@@ -116,6 +116,8 @@ class Queue:
         #: Claim files this object handed out and that are not settled yet: a claimant never gets
         #: an entry it already holds (a stale batch still lists the ``.pck`` it renamed).
         self._held: set[str] = set()
+        #: The due time of each entry name the last listing found (``_scan``).
+        self._listed: dict[str, float] = {}
 
     @classmethod
     def for_settings(cls, settings: Any, name: str, *, log: logging.Logger | None = None) -> Queue:
@@ -186,7 +188,12 @@ class Queue:
 
     # -- listing ----------------------------------------------------------------------------
     def _scan(self, index: int, count: int) -> list[tuple[float, str, str]]:
-        """Every waiting entry of one slice, oldest (earliest due) first; only its buckets are read."""
+        """Every waiting entry of one slice, oldest (earliest due) first; only its buckets are read.
+
+        A backlog is listed again every rescan interval while it lasts, and most of its names are
+        the same each time: a name the previous listing parsed is not parsed again.
+        """
+        known, listed = self._listed, {}
         found = []
         for bucket, whole in slice_buckets(index, count):
             folder = f"{self._dir}/{bucket}"
@@ -198,16 +205,22 @@ class Queue:
                 self._odd(folder, "", f"cannot list it: {exc}")
                 continue
             for name in names:
-                if not name.endswith(ENTRY_SUFFIX):
-                    if not (name.startswith(".") or name.endswith(CLAIM_SUFFIX) or name.endswith(REASON_SUFFIX)):
+                # A name parsed before is <time>+<sha1hex>.pck: its SHA-1 is name[-44:-4].
+                due = known.get(name)
+                if due is None or not name.startswith(bucket, len(name) - 44):
+                    if not name.endswith(ENTRY_SUFFIX):
+                        if not (name.startswith(".") or name.endswith(CLAIM_SUFFIX) or name.endswith(REASON_SUFFIX)):
+                            self._odd(folder, name)
+                        continue
+                    m = ENTRY_RE.fullmatch(name)
+                    if m is None or not name.startswith(bucket, len(m["time"]) + 1):
                         self._odd(folder, name)
-                    continue
-                m = ENTRY_RE.fullmatch(name)
-                if m is None or not name.startswith(bucket, len(m["time"]) + 1):
-                    self._odd(folder, name)
-                    continue
-                if whole or slice_of(m["sha"], count) == index:
-                    found.append((float(m["time"]), name, bucket))
+                        continue
+                    due = float(m["time"])
+                listed[name] = due
+                if whole or slice_of(name[-44:-4], count) == index:
+                    found.append((due, name, bucket))
+        self._listed = listed
         found.sort()
         return found
 
@@ -324,6 +337,11 @@ class Queue:
                 if info is not None:
                     out.append(info)
         return out
+
+    def given_back(self, c: Claimed) -> None:
+        """*c*'s claim was renamed back to its ``.pck`` name by the caller (``ClaimGuard.confirm``):
+        it is waiting again, and this object may hand it out again."""
+        self._held.discard(c._path)
 
     # -- finishing (§3.6, §3.7) -------------------------------------------------------------
     def finish(self, c: Claimed) -> None:

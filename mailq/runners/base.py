@@ -8,11 +8,13 @@ serves one queue and one slice of it.  The loop:
 2. ``Queue.claim_next(slice, count, Claimant(node, pid, epoch))`` takes the oldest due entry, and
    ``ClaimGuard.confirm`` checks right after the rename that the claim still holds
    (docs/cluster.md §4); a claim that does not is given back, never processed;
-3. a runner whose ``batch_limit()`` is above 1 claims up to that many entries the same way (each
-   one confirmed by the guard), so that one lock cycle or one connection serves them all, and
-   stops once the batch's messages reach ``batch_max_bytes`` (64 MB); an entry recovered from a
-   claimant that died holding a batch is handled alone (``_batches``, docs/design.md §3.8); with
-   ``log_each_entry`` False the claims and finishes of a batch are one log line each, naming every entry;
+3. a runner whose ``batch_limit()`` is above 1 claims up to that many entries the same way, so
+   that one lock cycle or one connection serves them all, and stops once the batch's messages
+   reach ``batch_max_bytes`` (64 MB); the guard confirms them ``CONFIRM_EVERY`` at a time, with
+   one ``ClaimGuard.confirm_all`` after the last rename of each group (or gives the group back and
+   stops claiming); an entry recovered from a claimant that died holding a batch is handled alone
+   (``_batches``, docs/design.md §3.8); with ``log_each_entry`` False the claims and finishes of a
+   batch are one log line each, naming every entry;
 4. ``process_batch(entries)`` (by default ``process(entry)`` for each, the one hook most runners
    implement) says which entries failed; the loop then finishes every other claim, requeues the
    entries that raised TemporaryFailure for ``tempfail_delay`` seconds and shunts the rest with
@@ -51,6 +53,11 @@ from mailq.queue.recovery import SUSPECT_KEY
 from mailq.runners.process import EXIT_TEMPFAIL, RunnerProcess
 
 __all__ = ["EXIT_TEMPFAIL", "Runner"]
+
+#: Claims of a batch confirmed by one re-check of the guard, made after the last of their renames
+#: (docs/cluster.md §4): a check per claim (two stats) was 3% of a bounce's handling
+#: (bench/bounces.py), and a guard that fails mid-batch costs at most this many renames back.
+CONFIRM_EVERY = 64
 
 
 def _suspect(entry: Claimed) -> bool:
@@ -177,7 +184,7 @@ class Runner(RunnerProcess):
             if entry is None:
                 entry = queue.claim_next(self.slice, self.count, self.claimant)
                 self._idle_since_scan = time.monotonic() if entry is None else None
-            if entry is not None and not self._confirmed(guard, entry):
+            if entry is not None and not self._confirmed(guard, queue, [entry]):
                 continue
             if entry is None:
                 if once:
@@ -203,19 +210,32 @@ class Runner(RunnerProcess):
         An entry recovered from a claimant that died holding a batch (``metadata["suspect"]``,
         docs/design.md §3.8) is a batch of its own: if it kills this runner, the recovery counts that
         death against it alone, so a poison message still reaches ``bad`` and the others do not.
+        The claims after *entry* are confirmed ``CONFIRM_EVERY`` at a time, by one guard re-check
+        after the last rename of each group (docs/cluster.md §4); a group the guard refuses has been
+        given back, and claiming stops there.
         """
         if _suspect(entry):
             return [[entry]]
         batch, size = [entry], len(entry.msg)
-        while len(batch) < limit and size < self.batch_max_bytes and not self.stopping:
+        added: list[Claimed] = []       # claimed, not confirmed yet
+        while len(batch) + len(added) < limit and size < self.batch_max_bytes and not self.stopping:
             more = queue.claim_next(self.slice, self.count, self.claimant)
-            if more is None or not self._confirmed(guard, more):
+            if more is None:
                 break
+            added.append(more)
             if _suspect(more):
-                return [batch, [more]]
-            batch.append(more)
+                break
             size += len(more.msg)
-        return [batch]
+            if len(added) == CONFIRM_EVERY:
+                if not self._confirmed(guard, queue, added):
+                    return [batch]
+                batch += added
+                added = []
+        if added and not self._confirmed(guard, queue, added):
+            return [batch]
+        if added and _suspect(added[-1]):
+            return [batch + added[:-1], [added[-1]]]
+        return [batch + added]
 
     def _claim_hinted(self, queue: Queue, poll: float) -> Claimed | None:
         """Claim an entry inotify named, while the slice was idle at its last listing; else None.
@@ -388,14 +408,16 @@ class Runner(RunnerProcess):
             self._sleep(delay)
             delay = min(delay * 2, max(0.05, self.settings.runners.poll_interval))
 
-    def _confirmed(self, guard: ClaimGuard, entry: Claimed) -> bool:
+    def _confirmed(self, guard: ClaimGuard, queue: Queue, claims: list[Claimed]) -> bool:
         # The guard may have changed between check and rename (a frozen process, a takeover):
-        # only a claim that still holds afterwards counts; otherwise confirm() gave it back.
+        # only claims that still hold afterwards count; otherwise confirm_all() gave them back.
         # If the re-check itself fails, neither processing nor giving back is known to be safe: the
-        # exception ends this process, and the master recovers the claim of the dead pid and restarts it.
-        state = guard.confirm(entry)
+        # exception ends this process, and the master recovers the claims of the dead pid and restarts it.
+        state = guard.confirm_all(claims)
         if state.may_claim:
             return True
+        for entry in claims:
+            queue.given_back(entry)     # waiting again: this runner may claim it once the guard allows
         self._moved = self._moved or state.moved
         return False
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailq import stats
+from mailq import clock, stats
 from mailq.bounce import score as scoring
 from mailq.bounce.detect import Detection, detect
 from mailq.bounce.notices import forward_unrecognized, send_decision_notices
@@ -84,10 +84,13 @@ class BouncesRunner(Runner):
         counting = [(e, d) for e, d in items if d.recognized]
         decisions: list[scoring.Decision] = []
         if counting:
-            with self.store.edit(listname) as mlist:
+            # reuse: the list object of this runner's last batch when no other process saved the
+            # list since (a storm edits the same big list once per batch); nothing keeps it after.
+            with self.store.edit(listname, reuse=True) as mlist:
+                now = clock.now()       # one time for the batch: its days and staleness are the same
                 for entry, found in counting:
                     for address, kind in found.events():
-                        decision = scoring.count_bounce(mlist, address, kind, found.key)
+                        decision = scoring.count_bounce(mlist, address, kind, found.key, now)
                         decision.source = f"{entry.id} by {found.method}"
                         decisions.append(decision)
                 # Queued before the save: a crash in between may send a notice twice, never loses one.
