@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from mailq.delivery.outqueue import Checkpoint, deliver, make_transports
+from mailq.errors import LeaseLost
 from mailq.queue import Claimant, Queue
 from mailq.queue import progress as prog_mod
 from mailq.queue.names import split_id
@@ -32,6 +33,7 @@ from mailq.queue.progress import Progress, max_bytes, path_for
 from mailq.queue.recovery import recover, remove_stale_temps
 from tests.support import SMTPSink, make_node, wait_for
 from tests.test_delivery import CLAIMANT, MSG, out_meta, rcpts
+from tests.test_delivery_sessions import GatheringSink
 
 ITEMS = [f"m{i}@example.org" for i in range(1000)]
 
@@ -85,6 +87,52 @@ def test_a_torn_last_line_and_a_damaged_record_cost_only_their_items(side, caplo
     back.transaction()
     assert sorted(Progress(side, ITEMS).outcomes) == [0, 1, 2, 5, 7]
     assert Path(side).read_bytes().endswith(b"\n")
+
+
+def test_a_damaged_record_makes_the_next_write_rewrite_the_file(side, caplog):
+    p = Progress(side, ITEMS, every=1)
+    for i in range(3):
+        p.record("D", [i])
+        p.transaction()
+    lines = Path(side).read_bytes().split(b"\n")
+    lines[2] = lines[2][:-1] + (b"9" if lines[2][-1:] != b"9" else b"8")     # every line whole, one damaged
+    Path(side).write_bytes(b"\n".join(lines))
+    back = Progress(side, ITEMS, every=1)
+    assert sorted(back.outcomes) == [0, 2]
+    back.record("D", [5])
+    back.transaction()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mailq.queue"):
+        assert sorted(Progress(side, ITEMS).outcomes) == [0, 2, 5]
+    assert "damaged" not in caplog.text                 # rewritten whole, not appended after it
+
+
+def test_every_append_is_fsynced_even_one_made_during_a_background_fsync(side, monkeypatch):
+    real_fsync = os.fsync
+    in_fsync, release = threading.Event(), threading.Event()
+    covered: list[int] = []         # the file size each background fsync saw
+
+    def held_fsync(fd: int) -> None:
+        if threading.current_thread().name == "progress-fsync":
+            covered.append(os.fstat(fd).st_size)
+            in_fsync.set()
+            assert release.wait(30)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", held_fsync)
+    p = Progress(side, ITEMS, every=1)
+    p.record("D", [0])
+    p.transaction()                 # the first write: the whole file, fsync'd in place
+    p.record("D", [1])
+    p.transaction()                 # an append: its fsync starts in the background and is held
+    assert in_fsync.wait(30)
+    p.record("D", [2])
+    p.transaction()                 # appended while that fsync runs: marked dirty
+    p.record("D", [3])
+    p.transaction()
+    release.set()
+    p.close()
+    assert p.background_fsyncs == 2 and covered[-1] == os.path.getsize(side)
+    assert p._syncer is None and p._sync_fd == -1
 
 
 @pytest.mark.parametrize("content", [
@@ -143,6 +191,22 @@ def test_a_writer_keeps_the_file_within_its_bound(tmp_path):
     assert len(Progress(path, items).outcomes) == 50
 
 
+def test_non_ascii_replies_keep_the_file_within_its_bound(tmp_path):
+    # The bound counts bytes: a reply of 200 three-byte characters must not make a 600-byte record.
+    items = [f"x{i}@example.org" for i in range(1000)]
+    path = str(tmp_path / ".ab.progress")
+    p = Progress(path, items, every=1)
+    for i in range(1000):
+        p.record("T", [i], 451, f"4.2.1 {'メールボックス' * 40} {i}")
+        p.transaction()
+    assert os.path.getsize(path) <= max_bytes(len(items))
+    back = Progress(path, items)
+    assert len(back.outcomes) == 1000
+    code, text = back.outcomes[7][1:]
+    assert code == 451 and text.startswith("4.2.1 メール") and len(text.encode()) <= prog_mod.TEXT_MAX
+    assert back.outcomes[7] == p.outcomes[7]            # read back exactly as recorded in memory
+
+
 # -- the queue keeps the side-file with its entry ------------------------------------------------
 
 @pytest.fixture
@@ -198,6 +262,38 @@ def test_an_orphaned_side_file_is_removed_with_stale_temps(tree):
         os.utime(path, (1, 1))
     remove_stale_temps(out, 60)
     assert os.path.exists(kept) and not os.path.exists(orphan)
+
+
+def test_orphan_cleanup_running_at_any_step_of_a_move_keeps_the_side_file(tree, monkeypatch):
+    # Recovery's orphan cleanup on both buckets before and after every rename of a shunt and an
+    # unshunt: the side-file is never seen alone where its entry just left, nor old where it arrived.
+    _, settings = tree
+    out, shunt = Queue.for_settings(settings, "out"), Queue.for_settings(settings, "shunt")
+    eid = out.enqueue(MSG, out_meta(rcpts(3)), listname="dev")
+    c = out.claim(eid, CLAIMANT)
+    Path(path_for(c)).write_bytes(b"recorded")
+    os.utime(path_for(c), (1, 1))              # written long ago: old enough to be an orphan
+    real_rename = os.rename
+
+    def cleanup() -> None:
+        for queue in (out, shunt):
+            remove_stale_temps(queue, 60)
+
+    def racing_rename(src, dst, *args, **kwargs):
+        cleanup()
+        real_rename(src, dst, *args, **kwargs)
+        cleanup()
+    monkeypatch.setattr(os, "rename", racing_rename)
+    out.shunt(c, "boom")
+    sha = split_id(eid)[1]
+    assert os.path.exists(prog_mod.side_file(shunt.bucket_dir(sha[:2]), sha))
+    os.utime(prog_mod.side_file(shunt.bucket_dir(sha[:2]), sha), (1, 1))
+    from mailq.queue.unshunt import unshunt
+
+    assert unshunt(settings).moved
+    monkeypatch.undo()
+    back = out.claim(eid, CLAIMANT)
+    assert Path(path_for(back)).read_bytes() == b"recorded"
 
 
 # -- deliver() with a checkpoint ----------------------------------------------------------------
@@ -297,6 +393,66 @@ def test_settling_again_after_a_crash_writes_the_same_entries_once(tmp_path):
                         checkpoint=Checkpoint(path_for(c), split_id(eid)[1], put))
         assert third.delivered == [] and not third.bounced and not third.retried
         assert len(_names(queues["bounces"])) == 2 and len(_names(queues["retry"])) == 1
+
+
+def test_recipients_not_tried_after_a_connection_failure_are_settled_not_resent_after_a_crash(tmp_path):
+    # Killed after the retry entry is written, before F: the successor must neither send the
+    # recipients that were never tried nor leave them in the retry entry it finds already there.
+    with GatheringSink(0) as sink:
+        settings, queues, enqueue, put = _setup(tmp_path, sink.port, connections=1, checkpoint_every=2)
+        members = rcpts(10)
+        sink.drop = {members[5]}            # the connection dies in the 6th transaction
+        eid = queues["out"].enqueue(MSG, out_meta(members, personalize=True), listname="dev")
+        c = queues["out"].claim(eid, CLAIMANT)
+
+        def put_then_die(queue, eid_, msg, meta, once):
+            put(queue, eid_, msg, meta, once)
+            raise KeyboardInterrupt("killed after writing the retry entry, before F")
+        with pytest.raises(KeyboardInterrupt):
+            deliver(settings, make_transports(settings), MSG, c.metadata, enqueue,
+                    checkpoint=Checkpoint(path_for(c), split_id(eid)[1], put_then_die))
+        recorded = Progress(path_for(c), members)
+        assert sorted(recorded.outcomes) == list(range(10)) and recorded.settled_at is not None
+        assert not recorded.settled
+        sink.drop = set()
+        report = deliver(settings, make_transports(settings), MSG, c.metadata, enqueue,
+                         checkpoint=Checkpoint(path_for(c), split_id(eid)[1], put))
+        assert report.delivered == [] and report.resumed == 10
+        assert Counter(sink.recipients()) == Counter(members[:5])        # nobody twice
+        assert len(_names(queues["retry"])) == 1
+        retry = queues["retry"].claim_next(0, 1, CLAIMANT, now=2e10)
+        assert retry.metadata["recipients"] == members[5:]
+        assert Progress(path_for(c), members).settled
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_a_node_fenced_after_its_last_transaction_writes_no_results(tmp_path, checkpointed):
+    with RefusingSink() as sink:
+        settings, queues, enqueue, put = _setup(tmp_path, sink.port, connections=1, checkpoint_every=2)
+        members = rcpts(6)
+        sink.refuse, sink.later = {members[0]}, {members[1]}
+        eid = queues["out"].enqueue(MSG, out_meta(members, personalize=True), listname="dev")
+        c = queues["out"].claim(eid, CLAIMANT)
+        checks = []
+
+        def fenced_after_the_last_transaction() -> None:
+            checks.append(1)
+            if len(checks) > len(members):
+                raise LeaseLost("fenced")
+
+        def checkpoint():
+            return Checkpoint(path_for(c), split_id(eid)[1], put) if checkpointed else None
+        with pytest.raises(LeaseLost):
+            deliver(settings, make_transports(settings), MSG, c.metadata, enqueue,
+                    lease_check=fenced_after_the_last_transaction, checkpoint=checkpoint())
+        assert len(sink.recipients()) == 4
+        assert _names(queues["bounces"]) == [] and _names(queues["retry"]) == []
+        if checkpointed:
+            assert Progress(path_for(c), members).settled_at is None        # no S either
+        # The new owner settles them: one bounce, one retry entry.
+        report = deliver(settings, make_transports(settings), MSG, c.metadata, enqueue, checkpoint=checkpoint())
+        assert list(report.bounced) == [members[0]] and list(report.retried) == [members[1]]
+        assert len(_names(queues["bounces"])) == 1 and len(_names(queues["retry"])) == 1
 
 
 def test_bulk_chunks_are_checkpointed_too(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import dns.resolver
 import pytest
@@ -84,3 +85,64 @@ def test_dns_server_down_is_a_temporary_failure(tmp_path, sink):
         silent.close()
     assert result.delivered == [] and list(result.temporary) == ["a@good.test"]
     assert "DNS" in result.temporary["a@good.test"][1]
+
+
+class SwallowingMX:
+    """An MX on 127.0.0.2 that accepts a whole transaction and closes the connection instead of
+    answering the end of DATA: the client cannot know whether the message was taken."""
+
+    def __init__(self, port: int, pipelining: bool) -> None:
+        self.listener = socket.create_server(("127.0.0.2", port))
+        self.pipelining = pipelining
+        self.swallowed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 mx-lost ESMTP\r\n")
+            for line in lines:
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250-mx-lost\r\n250-PIPELINING\r\n250 8BITMIME\r\n" if self.pipelining
+                                 else b"250-mx-lost\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    for body in lines:
+                        if body == b".\r\n":
+                            break
+                    self.swallowed.set()
+                    return              # gone before answering the end of DATA
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(30)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_connection_lost_after_data_is_not_sent_again_through_the_next_mx(tmp_path, sink, pipelining):
+    zone = {("lost.test.", "MX"): ["10 mx-lost.lost.test.", "20 mx-live.lost.test."],
+            ("mx-lost.lost.test.", "A"): ["127.0.0.2"], ("mx-live.lost.test.", "A"): ["127.0.0.1"]}
+    mx = SwallowingMX(sink.port, pipelining)
+    try:
+        with LoopDNS(zone, ttl=60) as server:
+            node = make_node(tmp_path, "n1", smtp={"port": sink.port, "direct_mx": True},
+                             dns={"nameservers": ["127.0.0.1"], "port": server.port, "timeout": 5})
+            transport = MXTransport(node.settings())
+            result = transport.send("dev-bounces@lists.example.org", ["a@lost.test"], MSG)
+            transport.close()
+    finally:
+        mx.close()
+    assert mx.swallowed.is_set()
+    # The first MX may have the message: temporary, and no second copy through mx-live.
+    assert result.delivered == [] and list(result.temporary) == ["a@lost.test"]
+    assert sink.messages == []

@@ -131,6 +131,55 @@ def test_a_session_dropped_mid_transaction_retires_and_nothing_is_sent_twice(env
     assert take(queues["retry"]).metadata["recipients"] == ["user5@example.com"]
 
 
+class RefusingGatheringSink(GatheringSink):
+    """A GatheringSink that answers 451 at RCPT for ``later`` and 550 for ``refuse``."""
+
+    def __init__(self, sessions: int) -> None:
+        super().__init__(sessions)
+        self.later: set[str] = set()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if address.lower() in self.later:
+            return "451 4.2.1 mailbox busy"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("personalize", [True, False])
+def test_refusals_in_several_sessions_make_one_retry_entry_and_each_bounce_once(env, personalize, checkpointed):
+    from mailq.delivery.outqueue import Checkpoint
+    from mailq.queue.names import split_id
+    from mailq.queue.progress import path_for
+
+    members = rcpts(40)
+    later = {members[i] for i in (1, 9, 10, 22, 39)}
+    refused = {members[i] for i in (0, 5, 11, 23, 30, 31)}
+    with RefusingGatheringSink(4) as sink:
+        sink.later, sink.refuse = later, refused
+        settings, queues, enqueue = env(sink, checkpoint_every=3)
+        eid = queues["out"].enqueue(MSG, out_meta(members, personalize=personalize), listname="dev")
+        claim = queues["out"].claim(eid, CLAIMANT)
+        checkpoint = None
+        if checkpointed:
+            def put(queue, eid_, msg, metadata, once):
+                queues[queue].put(eid_, msg, metadata, once=once)
+            checkpoint = Checkpoint(path_for(claim), split_id(eid)[1], put)
+        transports = make_transports(settings)
+        report = deliver(settings, transports, MSG, claim.metadata, enqueue, checkpoint=checkpoint)
+        for t in transports:
+            t.close()
+    assert sink.most_at_once == 4                        # four sessions really ran at once
+    received = sink.recipients()
+    assert len(received) == len(set(received)) and set(received) == set(members) - later - refused
+    assert set(report.retried) == later and set(report.bounced) == refused
+    retry = take(queues["retry"])
+    assert sorted(retry.metadata["recipients"]) == sorted(later) and take(queues["retry"]) is None
+    bounces = []
+    while (bounce := take(queues["bounces"])) is not None:
+        bounces.append(bounce.metadata["recipient"])
+    assert sorted(bounces) == sorted(refused)            # one bounce entry each, no more
+
+
 def test_every_session_refused_loses_nothing(env, tmp_path):
     from tests.support import free_port
 

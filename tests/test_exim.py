@@ -8,7 +8,8 @@ alias tests use) by tests/setup-system.sh into ``EXIM_ROOT``, or the binary name
 paths, the user and the port, plus a few main options for a spool in a temp folder.  Debian's
 binary looks up its compiled-in user ``Debian-exim`` before it reads any config, so each run gets
 a private mount namespace (``unshare -m``) in which /etc/passwd and /etc/group are copies that
-have it (as ``nobody``): the machine's own files are never touched.
+have it (as ``nobody``), through an overlay of /etc (``Exim.run``): the machine's own files are
+never touched.
 """
 from __future__ import annotations
 
@@ -97,9 +98,18 @@ class Exim:
         self.config.write_text(main + recipe)
 
     def run(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
-        script = ('mount --bind "$1" /etc/passwd && mount --bind "$2" /etc/group && shift 2 && exec "$@"')
-        cmd = ["unshare", "-m", "sh", "-c", script, "sh", str(self.folder / "passwd"), str(self.folder / "group"),
-               self.binary, "-C", str(self.config), *args]
+        # The private /etc is an overlay of the real one whose upper layer (fresh for each run, so
+        # that no two mounts share one) holds the two files.  Not bind mounts of /etc/passwd and
+        # /etc/group: whenever another process replaces one of them (useradd and userdel do, for
+        # the throw-away users of other tests running meanwhile) the kernel detaches a mount on that
+        # file in every namespace, and Exim's bounce process then finds no Debian-exim ("Process
+        # failed (1) when writing error message ... (frozen)"). Nothing detaches a mount on /etc.
+        script = ('layer=$(mktemp -d "$1/etc.XXXXXX") && mkdir "$layer/upper" "$layer/work" && '
+                  'chmod 755 "$layer" "$layer/upper" && cp "$1/passwd" "$1/group" "$layer/upper/" && '
+                  'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$layer/upper,workdir=$layer/work" /etc && '
+                  'shift && exec "$@"')
+        cmd = ["unshare", "-m", "sh", "-c", script, "sh", str(self.folder), self.binary, "-C", str(self.config),
+               *args]
         proc = subprocess.run(cmd, input=input, capture_output=True, timeout=120)
         return subprocess.CompletedProcess(cmd, proc.returncode, proc.stdout.decode("utf-8", "replace"),
                                            proc.stderr.decode("utf-8", "replace"))

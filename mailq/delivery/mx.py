@@ -3,7 +3,8 @@
 Recipients are grouped by domain; each domain's MX records are tried in preference order (equal
 preferences in the order the server gave them), and a domain without MX records falls back to
 its A record (RFC 5321 5.1, "implicit MX"). A host that cannot be reached, or that answers 421,
-passes the recipients on to the next host; a host that answers gives the final word for them.
+before it answered MAIL passes the recipients on to the next host; a host that answers gives the
+final word for them, and so does one lost after MAIL (it may have the message: temporary failure).
 
 Failure classes: a domain that does not exist (NXDOMAIN) or has a null MX (``MX 0 .``) is a
 permanent failure (5.1.2 / 5.1.10); a DNS timeout or SERVFAIL is temporary.
@@ -106,8 +107,10 @@ class MXTransport:
                     conn = self.connections[address] = SMTPConnection(
                         self.settings, address, self.port, use_auth=False, tls="may", log=self.log)
                 part = conn.send(sender, pending, msg)
-                # Unreachable host or 421: everything temporary with no host verdict -> next host.
-                unreachable = not part.delivered and not part.permanent and \
+                # Unreachable host or 421 before MAIL was answered: everything temporary with no
+                # host verdict -> next host.  Once MAIL was answered (the connection lost after
+                # DATA, say) the host may have the message: never a second copy through another.
+                unreachable = not part.delivered and not part.permanent and not conn.said_mail and \
                     all(code in (NO_REPLY, 421) for code, _ in part.temporary.values()) and not conn.connected
                 if unreachable:
                     last = next(iter(part.temporary.values()))

@@ -115,7 +115,8 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
     *stopping* (the runner's stop flag) is asked between transactions: once true, the recipients
     not tried yet go back to ``out`` in one new entry and this entry is done (with a *checkpoint*:
     the progress is written and ``report.resume`` asks the runner to put the entry back).
-    *lease_check* (the runner's ``check_lease``) is called right before every transaction; it raises
+    *lease_check* (the runner's ``check_lease``) is called right before every transaction, and once
+    more before any result (retry, bounce, requeue, settling record) is written; it raises
     LeaseLost when this node may no longer deliver, which ends the delivery at once with nothing
     written: the entry is the new owner's (docs/cluster.md §4).  *checkpoint*: see the module
     docstring; the recipients a checkpoint recorded are not sent again.
@@ -162,10 +163,13 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
     report.delivered = outcome.delivered
     listname = metadata.get("listname") or ""
 
+    if left and lease_check is not None:
+        lease_check()       # fenced since the last transaction: no requeue (see below)
     if left and prog is not None:
         # Stopping with a checkpoint: the progress says what is done; the entry itself goes back
         # (the runner puts it back) and its next delivery sends only the rest.
         prog.flush()
+        prog.close()        # fsync'd before the entry goes back
         report.requeued, report.resume = left, True
         return report
     if left:
@@ -182,9 +186,17 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
                 outcome.temporary.setdefault(recipients[i], (code, text))
             elif kind == "P":
                 outcome.permanent.setdefault(recipients[i], (code, text))
-        if prog.exists and (outcome.temporary or outcome.permanent):
+    if lease_check is not None and (outcome.temporary or outcome.permanent):
+        # Fenced since the last transaction: write no result (no S record, no retry or bounce
+        # entry); LeaseLost leaves the entry and its progress to the new owner (docs/mail-flow.md).
+        lease_check()
+    if prog is not None:
+        if outcome.temporary or outcome.permanent:
             # Results get names made from this entry's SHA-1 and the settling time (recorded
             # first): a successor settling again after a crash writes the same names, once.
+            # Every failure goes into the side-file with S (the recipients not tried after a
+            # connection failure were never recorded): a successor then settles them, never resends.
+            _record_failures(prog, where, outcome)
             again = prog.settled_at is not None
             now = prog.begin_settling(now)
             settle = (checkpoint, again)
@@ -231,6 +243,7 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
             report.retried = dict(outcome.temporary)
     if settle is not None and prog is not None:
         prog.end_settling()
+        prog.close()
     if log is not None and (report.retried or report.bounced or report.given_up):
         for rcpt, (code, text) in {**report.retried, **report.bounced, **report.given_up}.items():
             what = "bounced" if rcpt in report.bounced else "given up" if rcpt in report.given_up else "retry"
@@ -255,6 +268,18 @@ def _recorder(prog: Progress, where: dict[str, int]) -> Callable[[SendResult], N
                     prog.record(kind, [where[rcpt]], code, text)
         prog.transaction()
     return note
+
+
+def _record_failures(prog: Progress, where: dict[str, int], outcome: SendResult) -> None:
+    """Record every failure of *outcome* that *prog* does not have yet (written with the next flush)."""
+    groups: dict[tuple[str, int, str], list[int]] = {}
+    for kind, failed in (("T", outcome.temporary), ("P", outcome.permanent)):
+        for rcpt, (code, text) in failed.items():
+            i = where.get(rcpt)
+            if i is not None and not prog.done(i):
+                groups.setdefault((kind, code, text), []).append(i)
+    for (kind, code, text), indices in groups.items():
+        prog.record(kind, indices, code, text)
 
 
 def _send_serial(transport, batches: list[Batch], copy_for, report: DeliveryReport, lease_check,

@@ -164,6 +164,12 @@ class SMTPConnection:
     def connected(self) -> bool:
         return self.client is not None
 
+    @property
+    def said_mail(self) -> bool:
+        """The last transaction got as far as an answer to MAIL: from then on the server may
+        have the message, so nobody may send it elsewhere (``mailq.delivery.mx``)."""
+        return self._said_mail
+
     # -- one transaction ----------------------------------------------------------------------
     def send(self, sender: str, recipients: list[str], msg: bytes) -> SendResult:
         """Deliver *msg* to *recipients* in one transaction; never raises for delivery failures."""

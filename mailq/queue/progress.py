@@ -19,7 +19,7 @@ renamed), is text, one record a line, appended and fsync'd:
     <crc32> F                                                      settled: every item is written
 
 ``<crc32>`` is 8 hex digits of zlib.crc32 over the rest of the line, ``<ranges>`` indices and
-index ranges (``0-99,105``), ``<text>`` at most :data:`TEXT_MAX` characters without control
+index ranges (``0-99,105``), ``<text>`` at most :data:`TEXT_MAX` bytes of UTF-8 without control
 characters.  A reader never trusts the file: a header for another item list, an oversize file, a
 line that fails its checksum or does not parse (a torn last line, two hosts appending over NFS at
 once) or that names more items than the list can hold makes it ignore that line or the whole file,
@@ -42,7 +42,7 @@ from mailq.queue.entry import QueueFull
 
 PROGRESS_SUFFIX = ".progress"
 MAGIC = "mailq-progress 1"
-#: Characters of a failure text kept per record (the SMTP reply; enough to read the reason).
+#: Bytes (UTF-8) of a failure text kept per record (the SMTP reply; enough to read the reason).
 TEXT_MAX = 200
 KINDS = ("D", "T", "P")
 _DONE = ("D", 0, "")
@@ -66,11 +66,15 @@ def path_for(entry_path: str | os.PathLike[str]) -> str:
 def move(src_folder: str | os.PathLike[str], dst_folder: str | os.PathLike[str], sha: str,
          log: logging.Logger | None = None) -> None:
     """Move the entry's progress file (if any) along with the entry to another bucket (shunt, bad,
-    back from there).  Failing to is logged and costs only a resend of what it recorded."""
+    back from there).  Failing to is logged and costs only a resend of what it recorded.
+
+    Called *before* the entry moves, and the file is touched first: recovery's orphan cleanup
+    (§3.9) never sees it left behind without its entry, nor arrived old without it."""
     src, dst = side_file(src_folder, sha), side_file(dst_folder, sha)
     if src == dst:
         return
     try:
+        os.utime(src)
         os.rename(src, dst)
     except FileNotFoundError:
         try:
@@ -135,7 +139,10 @@ def _parse_ranges(text: str, count: int) -> list[tuple[int, int]] | None:
 
 
 def _clean(text: str) -> str:
-    return "".join(c if c.isprintable() else " " for c in str(text)[:TEXT_MAX])
+    """*text* without control characters, cut to TEXT_MAX bytes of UTF-8 (never inside a character):
+    the size bound of the file counts bytes."""
+    printable = "".join(c if c.isprintable() else " " for c in str(text)[:TEXT_MAX])
+    return printable.encode("utf-8")[:TEXT_MAX].decode("utf-8", "ignore")
 
 
 def _line(body: str) -> bytes:
@@ -169,7 +176,11 @@ class Progress:
         self._pending: dict[tuple[str, int, str], list[int]] = {}
         self._extra: list[str] = []   # S / F records to append with the next write
         self._since = 0              # transactions since the last write
-        self._syncer: threading.Thread | None = None    # the background fsync of the last append
+        self._syncer: threading.Thread | None = None    # the background fsync, while it runs
+        self._sync_lock = threading.Lock()
+        self._sync_fd = -1           # dirty: an append made while the background fsync ran, to fsync next
+        #: fsyncs the background thread has finished (tests, benchmarks).
+        self.background_fsyncs = 0
         self._sync_now = False       # the next write fsyncs before it returns (settling)
         self.resumed = self._load()
 
@@ -242,7 +253,8 @@ class Progress:
                              self.path, bad)
         self.outcomes = outcomes
         self._size = len(data) - len(data.rpartition(b"\n")[2])
-        self._restart = len(data) != self._size     # a torn last line: rewrite, do not append after it
+        # A torn last line or a damaged record: rewrite, do not append after it (§3.11).
+        self._restart = bool(bad) or len(data) != self._size
         return len(outcomes)
 
     def _parse(self, raw: bytes) -> tuple[str, Any, list[tuple[int, int]], str] | None:
@@ -369,9 +381,8 @@ class Progress:
             # settling records wait for theirs.
             if self.fsync and self._sync_now:
                 os.fsync(fd)
-            elif self.fsync and (self._syncer is None or not self._syncer.is_alive()):
-                self._syncer = threading.Thread(target=_fsync_close, args=(fd,), name="progress-fsync", daemon=True)
-                self._syncer.start()
+            elif self.fsync:
+                self._background_fsync(fd)
                 fd = -1         # the thread closes it
         finally:
             if fd >= 0:
@@ -380,9 +391,46 @@ class Progress:
         self._size += len(data)
         self.exists = True
 
+    def _background_fsync(self, fd: int) -> None:
+        """fsync *fd* (the newest append's) in the background thread, which closes it.  An append
+        made while that thread is in an fsync marks the file dirty (its fd waits in ``_sync_fd``):
+        the thread fsyncs again until nothing was written during its last fsync."""
+        stale = -1
+        with self._sync_lock:
+            if self._syncer is not None:
+                stale, self._sync_fd = self._sync_fd, fd    # the newest fd covers the older appends
+            else:
+                self._syncer = threading.Thread(target=self._sync_loop, args=(fd,), name="progress-fsync",
+                                                daemon=True)
+                self._syncer.start()
+        if stale >= 0:
+            os.close(stale)
+
+    def _sync_loop(self, fd: int) -> None:
+        while True:
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass        # the next checkpoint's write will say so
+            finally:
+                os.close(fd)
+            with self._sync_lock:
+                self.background_fsyncs += 1
+                fd, self._sync_fd = self._sync_fd, -1
+                if fd < 0:      # nothing written during that fsync: all is synced
+                    self._syncer = None
+                    return
+
+    def close(self) -> None:
+        """Wait until every append is fsync'd (the background fsync and any it still owes)."""
+        with self._sync_lock:
+            syncer = self._syncer
+        if syncer is not None:
+            syncer.join()
+
     def _rewrite(self) -> None:
         """Replace the file by one holding every outcome known (temp, fsync, rename): the first
-        write, the first after an ignored or torn file, and a compaction near the size limit."""
+        write, the first after an ignored, torn or damaged file, and a compaction near the size limit."""
         groups: dict[tuple[str, int, str], list[int]] = {}
         for i, outcome in self.outcomes.items():
             groups.setdefault(outcome, []).append(i)
@@ -400,15 +448,6 @@ class Progress:
         self._size = len(data)
         self._restart = False
         self.exists = True
-
-
-def _fsync_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass        # the next checkpoint's write will say so
-    finally:
-        os.close(fd)
 
 
 __all__ = ["PROGRESS_SUFFIX", "Progress", "max_bytes", "move", "path_for", "remove", "side_file"]

@@ -400,8 +400,12 @@ class Queue:
         meta["shunted_from"] = self.name
         sha = split_id(c.id)[1]
         origin, folder = os.path.dirname(c._path), self.root / "shunt" / bucket_of(sha)
-        self._settle_claimed(c, encode(c.msg, meta), folder, c.id + ENTRY_SUFFIX)
-        progress.move(origin, folder, sha, self.log)     # §3.11: the progress goes where the entry goes
+        progress.move(origin, folder, sha, self.log)     # §3.11: the progress goes where the entry goes, first
+        try:
+            self._settle_claimed(c, encode(c.msg, meta), folder, c.id + ENTRY_SUFFIX)
+        except BaseException:
+            progress.move(folder, origin, sha, self.log)
+            raise
         self.log.error("shunted %s/%s: %s", self.name, c.id, error.strip().splitlines()[-1] if error.strip() else "")
         return c.id
 
@@ -449,16 +453,20 @@ class Queue:
         folder = target.bucket_dir(bucket_of(sha))
         moved = os.path.join(folder, os.path.basename(origin))
         make_dirs(folder)
-        os.rename(origin, moved)
+        progress.move(os.path.dirname(origin), folder, sha, self.log)     # §3.11: before the claim
+        try:
+            os.rename(origin, moved)
+        except BaseException:
+            progress.move(folder, os.path.dirname(origin), sha, self.log)
+            raise
         self._held.discard(origin)
         c._path = moved
-        progress.move(os.path.dirname(origin), folder, sha, self.log)     # §3.11
         _fault("moved")
         try:
             target.settle(moved, encode(c.msg, metadata), folder, c.id + ENTRY_SUFFIX)
         except QueueFull:
-            os.rename(moved, origin)
             progress.move(folder, os.path.dirname(origin), sha, self.log)
+            os.rename(moved, origin)
             c._path = origin
             os.rename(origin, os.path.join(os.path.dirname(origin), c.id + ENTRY_SUFFIX))
             raise
@@ -506,6 +514,12 @@ class Queue:
         dest = folder / final
         try:
             make_dirs(folder)
+        except OSError as exc:
+            self.log.error("cannot move %s to %s (%s); reason was: %s", path, dest, exc, reason)
+            return Path(path)
+        if eid:
+            progress.move(path.parent, folder, split_id(eid)[1], self.log)     # §3.11: before the entry
+        try:
             os.rename(path, dest)
         except FileNotFoundError:
             self._held.discard(str(path))
@@ -513,11 +527,11 @@ class Queue:
             return dest
         except OSError as exc:
             # Leave it where it is (a claim: recovered once this process is gone); never crash a runner.
+            if eid:
+                progress.move(folder, path.parent, split_id(eid)[1], self.log)
             self.log.error("cannot move %s to %s (%s); reason was: %s", path, dest, exc, reason)
             return Path(path)
         self._held.discard(str(path))
-        if eid:
-            progress.move(path.parent, folder, split_id(eid)[1], self.log)     # §3.11
         self.log.error("moved %s to %s: %s", path, dest, reason)
         return dest
 
