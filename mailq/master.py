@@ -135,6 +135,9 @@ class Master:
         stale = read_pid(self.settings)
         if stale is not None and stale != os.getpid():
             self.log.warning("removing the stale pid file of master pid %d (it is gone)", stale)
+        # `mailqctl reopen` signals the pid in this file: until serve() installs the handler, a SIGHUP
+        # waits (blocked, pending) instead of killing a master that is still starting.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         atomic_write(pid_path(self.settings), f"{os.getpid()}\n".encode(), fsync=False, mode=0o644)
 
     def release(self) -> None:
@@ -416,6 +419,7 @@ class Master:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})   # blocked since the pid file (acquire)
 
     def _reopen(self) -> None:
         self._hup = False

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -378,3 +379,29 @@ def test_after_reopen_no_process_writes_to_the_rotated_master_log(tmp_path, star
         return all(points_at_log(pid) for pid in pids)
     wait_for(stderr_is_the_new_log, 60, message="every process's stderr points at the new master.log")
     assert log.exists()
+
+
+HUP_EARLY = """
+import os, signal, sys
+from mailq.config import load_settings
+from mailq.logs import get_logger
+from mailq.master import Master
+
+settings = load_settings(sys.argv[1])
+master = Master(settings, get_logger(settings, "master"))
+master.acquire()                      # the pid file exists: `mailqctl reopen` may signal us now
+os.kill(os.getpid(), signal.SIGHUP)   # before serve() installs its handler
+print("survived", flush=True)
+master._install_signals()             # the pending SIGHUP reaches the handler
+print("hup seen", master._hup, flush=True)
+master.release()
+"""
+
+
+def test_a_sighup_before_the_master_has_its_handler_waits_instead_of_killing_it(node):
+    # The pid file is written before serve() installs the SIGHUP handler; a reopen in between used
+    # to kill the starting master (SIGHUP's default action).
+    out = subprocess.run([sys.executable, "-c", HUP_EARLY, str(node.config)], env=node.environ(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr)
+    assert out.stdout.splitlines() == ["survived", "hup seen True"], out.stderr
