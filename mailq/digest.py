@@ -379,6 +379,8 @@ def _finish_interrupted(settings: Settings, mlist: Any, state: DigestState, now:
     done = []
     for volume, issue in interrupted(settings, mlist.name):
         if (volume, issue) > (state.volume, state.issue):   # taken, but killed before digest.json said so
+            if volume > state.volume:                        # the taken issue opened a new volume
+                state.volume_started = now
             state.volume, state.issue, state.last_sent = volume, issue, now
             state.save(settings, mlist.name)
         result = _complete(settings, mlist, volume, issue, now)
@@ -398,7 +400,7 @@ def _complete(settings: Settings, mlist: Any, volume: int, issue: int, now: floa
         wanted = {fmt: mlist.digest_recipients(fmt) for fmt in FORMATS}
         texts = aside.with_suffix(".texts")
         built = build(mlist, posts, volume, issue, now, [f for f, r in wanted.items() if r],
-                      web_url=str(getattr(settings.pipeline, "web_url", "") or ""),
+                      web_url=settings.pipeline.web_url,
                       converted=converted_texts(texts) if wanted["plain"] else None)
         for fmt, raw in built.items():
             metadata = {"listname": mlist.name, "kind": "digest", "recipients": wanted[fmt],

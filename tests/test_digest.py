@@ -239,6 +239,21 @@ def test_a_sender_killed_after_any_step_leaves_a_digest_the_next_run_on_another_
     assert DigestState.load(settings, "dev").issue == 1
 
 
+def test_a_sender_killed_on_the_first_issue_of_a_new_volume_does_not_start_another_volume(tmp_path, tree):
+    node, settings, _ = tree
+    DigestState(volume=1, issue=5, last_sent=JAN_2027, volume_started=JAN_2027).save(settings, "dev")
+    next_year = calendar.timegm((2028, 1, 2, 0, 0, 0))
+    append_pending(settings, "dev", [(plain_post(1), "ann@example.org", next_year)])
+    proc = subprocess.run([*node_python(), "-c", CRASH_SCRIPT, str(node.config), str(next_year)],
+                          env=node.environ({"MAILQ_FAULT_DIGEST_CRASH": "moved"}), capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    recovered = send(settings, "dev", now=next_year + 60)
+    assert [(i.volume, i.issue) for i in recovered.sent] == [(2, 1)]
+    assert DigestState.load(settings, "dev").volume_started == next_year + 60
+    append_pending(settings, "dev", [(plain_post(2), "ann@example.org", next_year)])
+    assert [(i.volume, i.issue) for i in send(settings, "dev", force=True, now=next_year + 120).sent] == [(2, 2)]
+
+
 def node_python() -> list[str]:
     import sys
     return [sys.executable]
