@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -169,9 +168,7 @@ def test_oversize_and_hostile_files_are_refused_quickly(side, caplog):
     # Valid checksums, but naming every item over and over (a hostile file): bounded work, ignored.
     whole = prog_mod._line("D 0 0-999")
     Path(side).write_bytes(header + whole * 5000)
-    started = time.process_time()
-    assert Progress(side, ITEMS).outcomes == {}
-    assert time.process_time() - started < 5            # linear in the item count, not in 5,000 x 1,000
+    assert Progress(side, ITEMS).outcomes == {}         # the reader's work budget (2x the items) ends it
     # Indices past the list, a range backwards, a kind or code that does not exist: each line ignored.
     Path(side).write_bytes(header + prog_mod._line("D 0 5-1000") + prog_mod._line("D 0 9-3")
                            + prog_mod._line("X 0 1") + prog_mod._line("T 4510 2 x")

@@ -29,7 +29,7 @@ _REPLACED = ("list-id", "list-post", "list-help", "list-subscribe", "list-unsubs
 
 
 def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
-    add_headers(mlist, msg, str(getattr(ctx.settings.pipeline, "web_url", "") or ""))
+    add_headers(mlist, msg, ctx.settings.pipeline.web_url)
 
 
 def add_headers(mlist: MailingList, msg: Message, web_url: str) -> None:

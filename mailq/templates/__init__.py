@@ -112,7 +112,7 @@ def list_values(mlist: Any) -> dict[str, str]:
         "leave_address": mlist.leave_address,
         "confirm_address": mlist.confirm_address,
         "bounces_address": mlist.bounces_address,
-        "web_url": getattr(mlist.settings, "web_url", ""),
+        "web_url": mlist.settings.web_url,
     }
 
 
