@@ -583,3 +583,81 @@ def test_a_rotated_key_is_picked_up_and_a_damaged_one_makes_delivery_wait(tmp_pa
         fh.write(b"short")
     with pytest.raises(TemporaryFailure, match="expected 32 or more; delete it"):
         unsubscribe.make_token(settings, "dev", "alice@example.com")
+
+
+class MuteAfterGreetingServer:
+    """Greets, answers EHLO (with PIPELINING when *pipelining*), then never answers again: a
+    smarthost that hangs in the middle of a transaction, after the connection was set up."""
+
+    def __init__(self, pipelining: bool) -> None:
+        import socket
+        import threading
+
+        self.pipelining = pipelining
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.heard: list[bytes] = []
+        self.connections: list = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        self.connections.append(conn)
+        conn.sendall(b"220 mute.test ESMTP\r\n")
+        reader = conn.makefile("rb")
+        reader.readline()                                   # EHLO
+        extra = b"250-PIPELINING\r\n" if self.pipelining else b""
+        conn.sendall(b"250-mute.test\r\n" + extra + b"250 8BITMIME\r\n")
+        while line := reader.readline():                    # MAIL ... : heard, never answered
+            self.heard.append(line)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_smarthost_that_hangs_mid_transaction_times_out_and_loses_nothing(tmp_path, pipelining):
+    """After EHLO the connection's timeout is the kernel's (SO_RCVTIMEO, smtp.SMTPConnection): a
+    server that stops answering still ends the transaction as a timeout, every recipient kept."""
+    server = MuteAfterGreetingServer(pipelining)
+    try:
+        settings = make_node(tmp_path, "n1", smtp={"port": server.port, "timeout": 0.5}).settings()
+        retry = Queue.for_settings(settings, "retry")
+        transport = make_transport(settings)
+        transport.connect()
+        assert transport.client.sock.gettimeout() is None      # the kernel keeps the timeout now
+        report = deliver(settings, transport, MSG, out_meta(rcpts(5), personalize=True),
+                         lambda q, m, meta, **kw: retry.enqueue(m, meta, **kw))
+        assert not transport.connected               # dropped: never reused half-way
+    finally:
+        server.close()
+    assert server.heard and server.heard[0].upper().startswith(b"MAIL FROM:")
+    assert report.transactions == 1 and sorted(report.retried) == rcpts(5) and not report.delivered
+    entry = take(retry, now=time.time() + 3600)
+    assert "timed out" in entry.metadata["last_errors"]["user0@example.com"]
+    assert "not tried after" in entry.metadata["last_errors"]["user4@example.com"]
+
+
+@pytest.mark.parametrize("leading_dot", [True, False])
+def test_personalized_copies_are_dot_stuffed_exactly_when_the_post_needs_it(tmp_path, sink, leading_dot):
+    """Copies with a one-click link are looked at for lines starting with a dot once per post, not
+    per copy (SMTPConnection.send's no_dots): the body arrives intact either way."""
+    settings = make_node(tmp_path, "n1", smtp={"port": sink.port},
+                         pipeline={"web_url": "https://lists.example.org/"}).settings()
+    body = b".a line with a leading dot\r\n..and two\r\nend\r\n" if leading_dot else b"plain\r\n. not at the start\r\n"
+    listed = (b"From: dev@lists.example.org\r\nList-Unsubscribe: <mailto:dev-leave@lists.example.org>\r\n"
+              b"Subject: dots\r\n\r\n" + body)
+    transport = make_transport(settings)
+    report = deliver(settings, transport, listed, out_meta(rcpts(3), personalize=True),
+                     lambda *a, **k: pytest.fail("nothing should be queued"))
+    transport.close()
+    assert sorted(report.delivered) == rcpts(3)
+    for m in sink.messages:
+        assert m.data.replace(b"\r\n", b"\n").endswith(b"\n\n" + body.replace(b"\r\n", b"\n"))

@@ -72,18 +72,18 @@ class MXTransport:
         self.log = log
         self.connections: dict[str, SMTPConnection] = {}
 
-    def send(self, sender: str, recipients: list[str], msg: bytes) -> SendResult:
+    def send(self, sender: str, recipients: list[str], msg: bytes, *, no_dots: bool = False) -> SendResult:
         result = SendResult()
         by_domain: dict[str, list[str]] = {}
         for rcpt in recipients:
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
         for domain, rcpts in by_domain.items():
-            result.merge(self._send_domain(domain, sender, rcpts, msg))
+            result.merge(self._send_domain(domain, sender, rcpts, msg, no_dots))
         # One domain's unreachable MX says nothing about the next domain's: never stop the entry early.
         result.connection_failed = False
         return result
 
-    def _send_domain(self, domain: str, sender: str, rcpts: list[str], msg: bytes) -> SendResult:
+    def _send_domain(self, domain: str, sender: str, rcpts: list[str], msg: bytes, no_dots: bool = False) -> SendResult:
         result = SendResult()
         if not domain:
             result.fail(rcpts, 553, "5.1.3 recipient address has no domain")
@@ -106,7 +106,7 @@ class MXTransport:
                     # No AUTH towards MX hosts: the smarthost credentials are not theirs.
                     conn = self.connections[address] = SMTPConnection(
                         self.settings, address, self.port, use_auth=False, tls="may", log=self.log)
-                part = conn.send(sender, pending, msg)
+                part = conn.send(sender, pending, msg, no_dots=no_dots)
                 # Unreachable host or 421 before MAIL was answered: everything temporary with no
                 # host verdict -> next host.  Once MAIL was answered (the connection lost after
                 # DATA, say) the host may have the message: never a second copy through another.

@@ -24,10 +24,12 @@ anything is said on the connection. AUTH is refused over a connection without TL
 """
 from __future__ import annotations
 
+import io
 import re
 import smtplib
 import socket
 import ssl
+import struct
 from dataclasses import dataclass, field
 
 from mailq.config import Settings
@@ -114,6 +116,7 @@ class SMTPConnection:
         self.transactions = 0
         self._said_mail = False
         self._last_data: tuple[bytes, bytes] | None = None
+        self._no_dots = False
 
     # -- connection ---------------------------------------------------------------------------
     def connect(self) -> smtplib.SMTP:
@@ -145,6 +148,7 @@ class SMTPConnection:
                              f"{self.port}; set smtp.starttls: true (or smtp.allow_plaintext_auth: true "
                              "for a trusted link such as loopback)")
                 _login(client, cfg.user, cfg.password, f"{self.host}:{self.port}")
+            _kernel_timeouts(client, cfg.timeout)
         except BaseException:
             _quiet_close(client)
             raise
@@ -171,8 +175,12 @@ class SMTPConnection:
         return self._said_mail
 
     # -- one transaction ----------------------------------------------------------------------
-    def send(self, sender: str, recipients: list[str], msg: bytes) -> SendResult:
-        """Deliver *msg* to *recipients* in one transaction; never raises for delivery failures."""
+    def send(self, sender: str, recipients: list[str], msg: bytes, *, no_dots: bool = False) -> SendResult:
+        """Deliver *msg* to *recipients* in one transaction; never raises for delivery failures.
+
+        *no_dots*: the caller knows that no line of *msg* starts with a dot (personalized copies of
+        a message without one), so DATA need not look for lines to dot-stuff."""
+        self._no_dots = no_dots
         if not recipients:
             return SendResult()
         reused = self.client is not None
@@ -345,9 +353,9 @@ class SMTPConnection:
         last = self._last_data
         if last is not None and last[0] is msg:
             return last[1]
-        # Most mail has no line starting with a dot: a plain search (C speed) spares the regex
-        # over every personalized copy.
-        data = _LEADING_DOT.sub(b"..", msg) if msg.startswith(b".") or b"\n." in msg else msg
+        # Most mail has no line starting with a dot: a plain search (C speed) spares the regex,
+        # and a caller that knows (send's no_dots: personalized copies) spares the search too.
+        data = msg if self._no_dots or not (msg.startswith(b".") or b"\n." in msg) else _LEADING_DOT.sub(b"..", msg)
         if not data.endswith(b"\r\n"):
             data += b"\r\n"
         data += b".\r\n"
@@ -386,6 +394,43 @@ def _login(client: smtplib.SMTP, user: str, password: str, where: str) -> None:
     raise smtplib.SMTPAuthenticationError(
         454, f"{where} offers no AUTH mechanism mailq can use (offered: {' '.join(offered) or 'none'}; "
              "smtp.user is set)")
+
+
+class _TimeoutIO(socket.SocketIO):
+    """The reading side of a connection whose timeout the kernel keeps (``SO_RCVTIMEO``): the
+    kernel's "nothing came in time" (EAGAIN, which ``SocketIO`` reports as no data) is a timeout."""
+
+    def readinto(self, b) -> int:
+        n = super().readinto(b)
+        if n is None:
+            raise TimeoutError("timed out")
+        return n
+
+
+def _kernel_timeouts(client: smtplib.SMTP, timeout: float) -> None:
+    """From now on *client*'s socket blocks, and the kernel enforces *timeout* on each send and
+    receive (``SO_SNDTIMEO``/``SO_RCVTIMEO``) instead of Python.
+
+    Why: a Python socket with a timeout calls ``poll()`` before every ``send`` and ``recv``, so
+    every step of a transaction is two system calls and two hand-overs of the interpreter lock;
+    with ``smtp.connections`` sessions in threads that doubled the CPU per transaction (mailq
+    spent it in ``futex``), measured by ``bench/fanout.py`` (docs/mail-flow.md "Several sessions").
+    A timeout still ends the transaction the same way: ``TimeoutError("timed out")`` on a read,
+    an ``OSError`` on a write.  Called after the greeting, EHLO, STARTTLS and AUTH (which keep
+    Python's timeout), with nothing left unread.  A TLS connection keeps Python's timeout: the ssl
+    module would retry a kernel timeout for ever.
+    """
+    sock = client.sock
+    if sock is None or isinstance(sock, ssl.SSLSocket) or not timeout or timeout <= 0:
+        return
+    seconds = int(timeout)
+    timeval = struct.pack("@ll", seconds, int((timeout - seconds) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.settimeout(None)
+    old, client.file = client.file, io.BufferedReader(_TimeoutIO(sock, "rb"))
+    if old is not None:
+        old.close()
 
 
 def _temp(code: int) -> int:
