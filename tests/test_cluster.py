@@ -93,6 +93,67 @@ def test_guard_self_fences_on_a_stale_lease_and_gives_back_a_late_claim(nodes):
     assert ClaimGuard(s1, "out", slice_, 5, LOG).check().moved        # the count changed
 
 
+def test_the_sessions_lock_free_lease_look_only_ever_says_yes_when_the_full_check_would(nodes):
+    """ClaimGuard.holds_now (the out runner's sessions, before every transaction): never yes before a
+    full check said yes, nor once the lease went stale, nor after a new epoch until a full check
+    read it; a renewal it has not read yet only makes it go to the full check."""
+    s1 = renew(nodes["h1"])
+    smap = load_map(s1.slice_map_path)
+    slice_ = next(s for q, s, c in smap.slices_for("h1") if q == "out")
+    guard = ClaimGuard(s1, "out", slice_, 3, LOG)
+    assert not guard.holds_now()                      # no full check yet
+    assert guard.check().may_claim and guard.holds_now()
+    # The lease goes stale: the stamp the full check read is too old now, whatever the file says.
+    heartbeat.stamp_lease(s1, time.monotonic() - s1.cluster.lease - 1)
+    # The lease time passing since the full check read its stamp (no sleeping: the stamp it kept is
+    # made older instead).
+    guard._stamp = time.monotonic() - s1.cluster.lease - 1
+    assert not guard.holds_now() and not guard.check().may_claim
+    assert not guard.holds_now()                      # the last full check said no: ask it again
+    assert renew(nodes["h1"]) and guard.check().may_claim and guard.holds_now()
+    # A new epoch (the slice moved to h2): no until a full check read it, which says moved.
+    nodes["h1"].mailq("slices", "assign", "out", str(slice_), "h2", check=True)
+    assert not guard.holds_now()
+    state = guard.check()
+    assert state.moved and not state.may_claim and not guard.holds_now()
+
+
+def test_the_lease_look_is_safe_from_many_threads_while_the_map_changes(nodes):
+    """Threads asking holds_now (or the full check under one lock, as Runner.check_lease does) while
+    the map moves the slice away: once one full check saw the move, no thread hears yes again."""
+    s1 = renew(nodes["h1"])
+    slice_ = next(s for q, s, c in load_map(s1.slice_map_path).slices_for("h1") if q == "out")
+    guard = ClaimGuard(s1, "out", slice_, 3, LOG)
+    assert guard.check().may_claim
+    lock = threading.Lock()
+    moved = threading.Event()
+    late_yes: list[int] = []
+    looks = [0] * 4
+
+    def session(n: int) -> None:
+        while True:
+            seen_moved = moved.is_set()
+            if not guard.holds_now():
+                with lock:
+                    state = guard.check()
+                if state.moved:
+                    moved.set()
+                    return
+            elif seen_moved:
+                late_yes.append(n)
+            looks[n] += 1
+
+    threads = [threading.Thread(target=session, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: min(looks) > 50, 30, message="every thread looking")
+    nodes["h2"].mailq("slices", "assign", "out", str(slice_), "h2", check=True)
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and moved.is_set()
+    assert late_yes == []
+
+
 def test_guard_confirms_a_batch_of_claims_once_and_gives_them_all_back_when_fenced(nodes):
     """A runner's batch is confirmed by one re-check after its renames (docs/cluster.md §4); on a
     stale lease every claim goes back, and the queue hands them out again once the lease is fresh."""

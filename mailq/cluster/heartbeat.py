@@ -137,20 +137,34 @@ def stamp_lease(settings: Settings, started: float) -> None:
     atomic_write(lease_path(settings), f"{started!r} {BOOT_ID}\n".encode(), fsync=False)
 
 
-def lease_age(settings: Settings) -> float | None:
-    """Seconds since this node's last successful renewal began, by this host's monotonic clock.
+def lease_stamp(settings: Settings) -> float | None:
+    """The monotonic time at which this node's last successful renewal began, from its stamp.
 
-    None when there is no stamp, it is unreadable, or it comes from an earlier boot.
+    None when there is no stamp, it is unreadable, or it comes from an earlier boot.  A stamp only
+    ever grows (each renewal writes its own start; nothing removes it), so an age computed from a
+    stamp read earlier is never younger than the one a new read would give.
     """
     try:
         text = lease_path(settings).read_text()
         stamp, boot = text.split()
-        age = time.monotonic() - float(stamp)
+        value = float(stamp)
     except (OSError, ValueError):
         return None
-    if boot != BOOT_ID or age < 0:
-        return None
-    return age
+    return value if boot == BOOT_ID else None
+
+
+def lease_age(settings: Settings, stamp: float | None = None) -> float | None:
+    """Seconds since this node's last successful renewal began, by this host's monotonic clock
+    (from *stamp*, a :func:`lease_stamp` read earlier, when given; else read now).
+
+    None when there is no stamp, it is unreadable, or it comes from an earlier boot.
+    """
+    if stamp is None:
+        stamp = lease_stamp(settings)
+        if stamp is None:
+            return None
+    age = time.monotonic() - stamp
+    return None if age < 0 else age
 
 
 def fs_now(settings: Settings) -> float:

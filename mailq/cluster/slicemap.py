@@ -495,6 +495,10 @@ _QUIET.disabled = True
 
 # -- watching the file ------------------------------------------------------------------------------
 
+#: What a watcher's stored signature is while the look it triggered runs (equal to no ``stat``).
+_LOOKING = ("looking",)
+
+
 class MapWatcher:
     """The map in force for a long-running process: the highest epoch file, re-read only on a change.
 
@@ -530,16 +534,30 @@ class MapWatcher:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def current(self) -> SliceMap | None:
+        # A signature is stored only once the look it triggered is over (_LOOKING meanwhile): a
+        # lock-free ``unchanged`` that matches it then sees the map that look left in force.
         sig = self._signature(self.dir)
         if sig != self._dir_sig:
-            self._dir_sig = sig
+            self._dir_sig = _LOOKING
             self._reload()
+            self._dir_sig = sig
         if self.hand_edits or self.smap is None:
             sig = self._signature(self.path)
             if sig != self._file_sig:
-                self._file_sig = sig
+                self._file_sig = _LOOKING
                 self._look_at_file(sig is None)
+                if self._file_sig is _LOOKING:    # not set by the look itself (a publish, a reload)
+                    self._file_sig = sig
         return self.smap
+
+    def no_new_epoch(self) -> bool:
+        """True when ``slices.d`` has the ``stat`` signature the last :meth:`current` stored: no
+        epoch file was written since (a missing folder is looked at without raising).  One system
+        call; reads only, so safe from several threads while one of them looks."""
+        sig = self._dir_sig
+        if sig is None:
+            return not os.access(self.dir, os.F_OK)
+        return self._signature(self.dir) == sig
 
     def _reload(self) -> None:
         damaged: list[str] = []

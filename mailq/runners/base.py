@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import threading
 import time
 import traceback
 from typing import Any
@@ -85,6 +86,7 @@ class Runner(RunnerProcess):
         if self.tempfail_delay is None:
             self.tempfail_delay = settings.runners.retry_delay
         self._guard: ClaimGuard | None = None   # the loop's guard (check_lease asks it)
+        self._lease_lock = threading.Lock()      # check_lease's full check: one thread at a time
         self.claimant: Claimant | None = None    # set before each claim
         self.epoch = 0
         self._moved = False
@@ -382,8 +384,12 @@ class Runner(RunnerProcess):
         was already in.  Outside the loop (no guard yet) it returns at once.
         """
         guard = self._guard
-        if guard is None:
-            return
+        if guard is None or guard.holds_now():
+            return      # several sessions at once: the lock-free look said yes (ClaimGuard.holds_now)
+        with self._lease_lock:
+            self._check_lease(guard)
+
+    def _check_lease(self, guard: ClaimGuard) -> None:
         waited = False
         delay = 0.05
         while True:
