@@ -616,3 +616,59 @@ def test_a_stopped_out_runner_puts_the_entry_back_and_nothing_is_sent_twice(tmp_
         node.run("qrunner", "-r", "out", "--once", check=True, timeout=120)
         assert set(sink.counts) == {m.lower() for m in members} and max(sink.counts.values()) == 1
         assert out.waiting() == [] and out.claims() == []
+
+
+def test_sessions_recording_at_once_put_every_record_in_the_file_once(tmp_path):
+    """Progress is recorded by several sessions at once; a checkpoint's write runs in the session
+    whose transaction made it due, outside the records lock, and loses or repeats nothing."""
+    items = [f"m{i}@example.net" for i in range(4000)]
+    path = tmp_path / ".0123.progress"
+    prog = Progress(path, items, every=7)
+
+    def session(first: int) -> None:
+        for i in range(first, len(items), 4):
+            if i % 97 == 0:
+                prog.record("T", [i], 451, "4.2.1 busy")
+            elif i % 89 == 0:
+                prog.record("P", [i], 550, "5.1.1 no such user")
+            else:
+                prog.delivered([i])
+            prog.transaction()
+
+    threads = [threading.Thread(target=session, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    prog.flush()
+    prog.close()
+    again = Progress(path, items)
+    assert again.resumed == len(items)
+    assert again.outcomes == prog.outcomes
+    assert again.outcomes[97] == ("T", 451, "4.2.1 busy") and again.outcomes[89] == ("P", 550, "5.1.1 no such user")
+    # Each index is named by one record only: the file holds no record twice.
+    lines = path.read_bytes().split(b"\n")[1:-1]
+    named = 0
+    for line in lines:
+        ranges = line.split(b" ")[3]
+        for part in ranges.split(b","):
+            a, _, b = part.partition(b"-")
+            named += int(b or a) - int(a) + 1
+    assert named == len(items)
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_its_records_for_the_next(tmp_path):
+    items = [f"m{i}@example.net" for i in range(30)]
+    folder = tmp_path / "bucket"
+    folder.write_text("a file where the bucket folder should be")
+    prog = Progress(folder / ".0123.progress", items, every=5)
+    prog.delivered(list(range(10)))
+    with pytest.raises(OSError):
+        prog.flush()                 # cannot write: nothing written, nothing forgotten
+    prog.record("T", [10], 451, "busy")
+    folder.unlink()
+    folder.mkdir()
+    prog.flush()
+    prog.close()
+    again = Progress(folder / ".0123.progress", items)
+    assert again.resumed == 11 and again.outcomes[10] == ("T", 451, "busy")

@@ -131,6 +131,27 @@ def test_a_session_dropped_mid_transaction_retires_and_nothing_is_sent_twice(env
     assert take(queues["retry"]).metadata["recipients"] == ["user5@example.com"]
 
 
+def test_a_session_that_dies_gives_back_the_batches_it_had_taken(env):
+    """A big entry: sessions take several batches at a time (outqueue.BLOCK); the one that dies on
+    user7 hands back the rest of its block, which the other sessions deliver (not retry)."""
+    from mailq.delivery import outqueue
+
+    members = rcpts(400)
+    assert len(members) // (4 * outqueue.BLOCK) >= outqueue.BLOCK     # whole blocks are taken
+    with GatheringSink(0) as sink:
+        sink.drop = {"user7@example.com"}
+        settings, queues, enqueue = env(sink)
+        transports = make_transports(settings)
+        report = deliver(settings, transports, MSG, out_meta(members, personalize=True), enqueue)
+        for t in transports:
+            t.close()
+    assert list(report.retried) == ["user7@example.com"] and not report.bounced
+    received = sink.recipients()
+    assert len(received) == len(set(received)) == 399 and set(received) == set(members) - {"user7@example.com"}
+    assert sorted(report.delivered) == sorted(received) and report.transactions == 400
+    assert take(queues["retry"]).metadata["recipients"] == ["user7@example.com"]
+
+
 class RefusingGatheringSink(GatheringSink):
     """A GatheringSink that answers 451 at RCPT for ``later`` and 550 for ``refuse``."""
 
@@ -217,7 +238,8 @@ def test_the_lease_is_checked_before_every_transaction_and_a_lost_lease_stops_al
     assert take(queues["retry"]) is None and take(queues["out"]) is None
 
 
-def test_stopping_puts_back_only_what_no_session_took(env):
+@pytest.mark.parametrize("members,answers", [(50, 6), (400, 20)])   # 400: sessions take blocks of batches
+def test_stopping_puts_back_only_what_no_session_took(env, members, answers):
     with SMTPSink() as sink:
         settings, queues, enqueue = env(sink)
         transports = make_transports(settings)
@@ -225,15 +247,19 @@ def test_stopping_puts_back_only_what_no_session_took(env):
 
         def stopping():
             asked.append(1)
-            return len(asked) > 6
-        report = deliver(settings, transports, MSG, out_meta(rcpts(50), personalize=True), enqueue,
+            return len(asked) > answers
+        everyone = rcpts(members)
+        report = deliver(settings, transports, MSG, out_meta(everyone, personalize=True), enqueue,
                          stopping=stopping)
         for t in transports:
             t.close()
     sent = sink.recipients()
-    assert len(sent) == len(report.delivered) <= 7
+    # Every transaction but the first starts after a "not stopping" answer; taken batches not
+    # started yet go back with the ones nobody took.
+    assert len(sent) == len(set(sent)) == len(report.delivered) <= answers + 1
     back = take(queues["out"])
-    assert sorted(back.metadata["recipients"] + sent) == sorted(rcpts(50))
+    assert sorted(back.metadata["recipients"] + sent) == sorted(everyone)
+    assert take(queues["out"]) is None and take(queues["retry"]) is None
 
 
 def test_direct_mx_keeps_to_the_per_destination_session_limit_and_lets_other_domains_pass(env):

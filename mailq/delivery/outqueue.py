@@ -115,8 +115,9 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
     *stopping* (the runner's stop flag) is asked between transactions: once true, the recipients
     not tried yet go back to ``out`` in one new entry and this entry is done (with a *checkpoint*:
     the progress is written and ``report.resume`` asks the runner to put the entry back).
-    *lease_check* (the runner's ``check_lease``) is called right before every transaction, and once
-    more before any result (retry, bounce, requeue, settling record) is written; it raises
+    *lease_check* (the runner's ``check_lease``; several sessions call it at once, so it must be
+    thread-safe) is called right before every transaction, and once more before any result
+    (retry, bounce, requeue, settling record) is written; it raises
     LeaseLost when this node may no longer deliver, which ends the delivery at once with nothing
     written: the entry is the new owner's (docs/cluster.md §4).  *checkpoint*: see the module
     docstring; the recipients a checkpoint recorded are not sent again.
@@ -149,14 +150,17 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
         batches = [(sender, group[i:i + size]) for group in groups for i in range(0, len(group), size)]
         one_click = None
     copy_for = (lambda batch: one_click(batch[0])) if one_click else (lambda batch: msg)
+    # A copy has a line starting with a dot only if the post has one (the link is inside a header
+    # line): looked for once here, not in every copy (smtp.SMTPConnection.send's no_dots).
+    no_dots = one_click is not None and not (msg.startswith(b".") or b"\n." in msg)
     note = _recorder(prog, where) if prog is not None else None
     sessions = list(transport) if isinstance(transport, (list, tuple)) else [transport]
     if len(sessions) > 1 and len(batches) > 1:
         limit = settings.smtp.sessions_per_destination if settings.smtp.direct_mx else 0
         outcome, left = _send_parallel(sessions[:len(batches)], batches, copy_for, report, lease_check,
-                                       stopping, limit, note)
+                                       stopping, limit, note, no_dots)
     elif batches:
-        outcome, left = _send_serial(sessions[0], batches, copy_for, report, lease_check, stopping, note)
+        outcome, left = _send_serial(sessions[0], batches, copy_for, report, lease_check, stopping, note, no_dots)
     else:
         outcome, left = SendResult(), []
     now = time.time() if now is None else now
@@ -255,6 +259,8 @@ Batch = tuple[str, list[str]]   # (MAIL FROM, recipients) of one transaction
 
 #: Batches a free session looks ahead for one whose domain is under smtp.sessions_per_destination.
 LOOKAHEAD = 1000
+#: Batches a session takes from the shared cursor at once (several sessions, smarthost).
+BLOCK = 8
 
 
 def _recorder(prog: Progress, where: dict[str, int]) -> Callable[[SendResult], None]:
@@ -283,14 +289,15 @@ def _record_failures(prog: Progress, where: dict[str, int], outcome: SendResult)
 
 
 def _send_serial(transport, batches: list[Batch], copy_for, report: DeliveryReport, lease_check,
-                 stopping, note=None) -> tuple[SendResult, list[str]]:
+                 stopping, note=None, no_dots: bool = False) -> tuple[SendResult, list[str]]:
     """One session: the batches in order. Returns the outcome and the recipients left untried
     because the runner is stopping.  *note* (checkpoints) hears of each batch's result."""
     outcome = SendResult()
     for n, (mail_from, batch) in enumerate(batches):
         if n and stopping is not None and stopping():
             return outcome, [r for _, rest in batches[n:] for r in rest]
-        part = _send_batch(transport, mail_from, batch, copy_for(batch), report, lease_check)
+        part, sent = _send_batch(transport, mail_from, batch, copy_for(batch), lease_check, no_dots)
+        report.transactions += sent
         outcome.merge(part)
         if note is not None:
             note(part)
@@ -308,24 +315,31 @@ def _not_tried(outcome: SendResult, part: SendResult, rest: list[str]) -> None:
 
 
 def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: DeliveryReport, lease_check,
-                   stopping, per_destination: int, note=None) -> tuple[SendResult, list[str]]:
+                   stopping, per_destination: int, note=None, no_dots: bool = False) -> tuple[SendResult, list[str]]:
     """Several sessions at once (one thread each, each with its own reused connection), taking the
     batches in order (docs/mail-flow.md "Several sessions").
 
     * A batch is taken by exactly one session, so nothing is sent twice by us; a session that
       fails (refused, dropped, 421) reports its batch as temporary failures -- exactly as one
-      session would -- and retires; the others carry on. When every session has retired, the
-      batches nobody took go to retry, untried.
-    * The lease is checked right before every transaction of every session (serialised: one
-      check at a time); LeaseLost in any session stops them all and is raised here.
-    * Stopping: no session takes another batch; those not taken are returned as left untried.
+      session would -- gives back the batches it had taken but not started, and retires; the
+      others carry on. When every session has retired, the batches nobody sent go to retry, untried.
+    * A session takes up to ``BLOCK`` consecutive batches at a time (fewer near the end of a small
+      entry), so the shared cursor is locked once per block, not once per transaction; results
+      are gathered per session and merged when it ends.  Before each transaction of its block it
+      looks at the stop flag and the other sessions' errors, so stopping and LeaseLost still cost
+      at most the transactions already under way.
+    * The lease is checked right before every transaction of every session, from the sessions'
+      threads at once (*lease_check* must be thread-safe: ``Runner.check_lease`` is); LeaseLost in
+      any session stops them all and is raised here.
+    * Stopping: no session starts another batch; those not started are returned as left untried.
     * *per_destination* (direct MX): at most that many transactions at once to one domain; a free
-      session takes the first batch (within ``LOOKAHEAD``) whose domain has room, so one busy
-      domain does not hold up the others.
-    * *note* (checkpoints) hears of each batch's result, under the sessions' lock.
+      session takes the first batch (within ``LOOKAHEAD``) whose domain has room, one at a time,
+      so one busy domain does not hold up the others.
+    * *note* (checkpoints) hears of each batch's result as soon as it is known, in the session
+      that sent it (``Progress`` is thread-safe; the session whose transaction makes a checkpoint
+      due writes it, the others go on sending).
     """
-    cond = threading.Condition()
-    lease_lock = threading.Lock()
+    cond = threading.Condition(threading.Lock())
     outcome = SendResult()
     taken = [False] * len(batches)
     first_free = 0
@@ -334,61 +348,92 @@ def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: Deliv
     errors: list[BaseException] = []
     failures: list[SendResult] = []
     busy: dict[str, int] = {}
+    block = 1 if per_destination else max(1, min(BLOCK, len(batches) // (len(sessions) * BLOCK)))
 
     def domain(i: int) -> str:
         return batches[i][1][0].rpartition("@")[2].lower()
 
-    def checked_lease() -> None:
-        with lease_lock:
-            lease_check()
-
-    def take() -> int | None:   # with cond held
+    def take() -> list[int]:   # with cond held
         nonlocal first_free, started
         while True:
             if errors or halt:
-                return None
+                return []
             while first_free < len(batches) and taken[first_free]:
                 first_free += 1
             if first_free >= len(batches):
-                return None
+                return []
             if started and stopping is not None and stopping():
                 halt.append("stopping")
                 cond.notify_all()
-                return None
+                return []
+            if not per_destination:
+                got = []
+                for i in range(first_free, len(batches)):
+                    if not taken[i]:
+                        taken[i] = True
+                        got.append(i)
+                        if len(got) == block:
+                            break
+                started += len(got)
+                return got
             for i in range(first_free, min(len(batches), first_free + LOOKAHEAD)):
-                if not taken[i] and (not per_destination or busy.get(domain(i), 0) < per_destination):
+                if not taken[i] and busy.get(domain(i), 0) < per_destination:
                     taken[i] = True
                     started += 1
-                    if per_destination:
-                        busy[domain(i)] = busy.get(domain(i), 0) + 1
-                    return i
+                    busy[domain(i)] = busy.get(domain(i), 0) + 1
+                    return [i]
             cond.wait()         # every domain in reach is at its limit: wait for a session to finish
 
+    def give_back(rest: list[int]) -> None:   # with cond held: taken, never started
+        nonlocal first_free
+        for i in rest:
+            taken[i] = False
+        if rest:
+            first_free = min(first_free, rest[0])
+            cond.notify_all()
+
     def worker(session) -> None:
-        while True:
-            with cond:
-                i = take()
-            if i is None:
-                return
-            mail_from, batch = batches[i]
-            try:
-                part = _send_batch(session, mail_from, batch, copy_for(batch), report,
-                                   checked_lease if lease_check is not None else None, cond)
-            except BaseException as exc:  # noqa: BLE001 - LeaseLost or a bug: stop all, raise in the caller
+        mine = SendResult()
+        count = 0
+        try:
+            while True:
                 with cond:
-                    errors.append(exc)
-                    cond.notify_all()
-                return
-            with cond:
-                outcome.merge(part)
-                if note is not None:
-                    note(part)
-                if per_destination:
-                    busy[domain(i)] -= 1
-                cond.notify_all()
-                if part.connection_failed:
-                    failures.append(part)
+                    mine_now = take()
+                if not mine_now:
                     return
+                for k, i in enumerate(mine_now):
+                    if k and (errors or halt or (stopping is not None and stopping())):
+                        with cond:
+                            if not errors and not halt:
+                                halt.append("stopping")
+                            give_back(mine_now[k:])
+                        return
+                    mail_from, batch = batches[i]
+                    try:
+                        part, sent = _send_batch(session, mail_from, batch, copy_for(batch), lease_check,
+                                                 no_dots)
+                    except BaseException as exc:  # noqa: BLE001 - LeaseLost or a bug: stop all, raise in the caller
+                        with cond:
+                            errors.append(exc)
+                            cond.notify_all()
+                        return
+                    count += sent
+                    mine.merge(part)
+                    if note is not None:
+                        note(part)      # Progress is thread-safe; a due write runs in this session
+                    if per_destination:
+                        with cond:
+                            busy[domain(i)] -= 1
+                            cond.notify_all()
+                    if part.connection_failed:
+                        with cond:
+                            failures.append(part)
+                            give_back(mine_now[k + 1:])
+                        return
+        finally:
+            with cond:
+                outcome.merge(mine)
+                report.transactions += count
 
     threads = [threading.Thread(target=worker, args=(s,), name=f"smtp-session-{n}", daemon=True)
                for n, s in enumerate(sessions)]
@@ -407,20 +452,18 @@ def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: Deliv
     return outcome, []
 
 
-def _send_batch(transport, mail_from: str, batch: list[str], msg: bytes, report: DeliveryReport,
-                lease_check: Callable[[], None] | None = None, lock=None) -> SendResult:
-    """One batch, in as many transactions as the server's recipient limit needs."""
+def _send_batch(transport, mail_from: str, batch: list[str], msg: bytes,
+                lease_check: Callable[[], None] | None = None, no_dots: bool = False) -> tuple[SendResult, int]:
+    """One batch, in as many transactions as the server's recipient limit needs; returns the
+    result and the number of transactions."""
     result = SendResult()
     pending = batch
+    transactions = 0
     while pending:
         if lease_check is not None:
             lease_check()       # right before the transaction: a fenced node sends nothing more
-        part = transport.send(mail_from, pending, msg)
-        if lock is None:
-            report.transactions += 1
-        else:
-            with lock:
-                report.transactions += 1
+        part = transport.send(mail_from, pending, msg, no_dots=no_dots)
+        transactions += 1
         # "452 too many recipients" after some were taken: the server's per-transaction limit is
         # below chunk_size. Send the rest now in a new transaction (RFC 5321 4.5.3.1.10), not
         # after a retry backoff.
@@ -428,7 +471,7 @@ def _send_batch(transport, mail_from: str, batch: list[str], msg: bytes, report:
         for r in pending:
             del part.temporary[r]
         result.merge(part)
-    return result
+    return result, transactions
 
 
 def _one_click(settings: Settings, metadata: dict[str, Any], msg: bytes) -> Callable[[str], bytes] | None:

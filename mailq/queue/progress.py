@@ -152,7 +152,11 @@ def _line(body: str) -> bytes:
 
 class Progress:
     """The progress of one entry over its item list *items*: read from *path* when there, written
-    there from now on.  Not thread-safe: callers with several threads record under their lock.
+    there from now on.  Thread-safe: several sessions record at once (one lock over the records,
+    held only for memory work); the write a checkpoint makes runs outside that lock, in the thread
+    whose transaction made it due, and a session that ends a transaction meanwhile waits for that
+    write in :meth:`transaction` (so a crash loses at most one checkpoint's records plus the
+    transactions in flight, docs/mail-flow.md "Checkpoints").
 
     ``outcomes`` maps an item's index to ``(kind, code, text)`` for every item done, before (read)
     or now (recorded); ``settled_at`` is the time of an ``S`` record, ``settled`` True after ``F``.
@@ -176,6 +180,10 @@ class Progress:
         self._pending: dict[tuple[str, int, str], list[int]] = {}
         self._extra: list[str] = []   # S / F records to append with the next write
         self._since = 0              # transactions since the last write
+        self._lock = threading.Lock()        # outcomes, _pending, _extra, _since, _writing
+        self._written = threading.Condition(self._lock)     # a checkpoint's write is over
+        self._writing = False
+        self._write_lock = threading.Lock()  # the file: one write at a time, in the order taken
         self._syncer: threading.Thread | None = None    # the background fsync, while it runs
         self._sync_lock = threading.Lock()
         self._sync_fd = -1           # dirty: an append made while the background fsync ran, to fsync next
@@ -296,27 +304,35 @@ class Progress:
             raise ValueError(f"progress kind {kind!r} is not one of {KINDS}")
         text = "" if kind == "D" else _clean(text)
         code = 0 if kind == "D" else max(0, min(999, int(code)))
-        fresh = [i for i in indices if i not in self.outcomes]
-        for i in fresh:
-            self.outcomes[i] = (kind, code, text)
-        if fresh:
-            self._pending.setdefault((kind, code, text), []).extend(fresh)
+        with self._lock:
+            fresh = [i for i in indices if i not in self.outcomes]
+            for i in fresh:
+                self.outcomes[i] = (kind, code, text)
+            if fresh:
+                self._pending.setdefault((kind, code, text), []).extend(fresh)
 
     def delivered(self, indices: list[int]) -> None:
         """``record("D", indices)``, the common case, without the checks a failure needs."""
         outcomes = self.outcomes
-        fresh = [i for i in indices if i not in outcomes]
-        for i in fresh:
-            outcomes[i] = _DONE
-        if fresh:
-            self._pending.setdefault(_DONE, []).extend(fresh)
+        with self._lock:
+            fresh = [i for i in indices if i not in outcomes]
+            for i in fresh:
+                outcomes[i] = _DONE
+            if fresh:
+                self._pending.setdefault(_DONE, []).extend(fresh)
 
     def transaction(self) -> bool:
         """One more transaction is over; writes the records every ``every`` transactions.  True
         when it wrote."""
-        self._since += 1
-        if self._since < self.every:
-            return False
+        with self._lock:
+            # A session whose transaction ends while a checkpoint is being written waits for it:
+            # what a crash can lose stays one checkpoint plus the transactions in flight.
+            while self._writing:
+                self._written.wait()
+            self._since += 1
+            if self._since < self.every:
+                return False
+            self._since = 0
         try:
             self.flush()
         except (OSError, TemporaryFailure) as exc:  # full disk, NFS trouble: delivery goes on; a crash resends more
@@ -327,41 +343,59 @@ class Progress:
 
     def flush(self) -> None:
         """Append what was recorded since the last write (and any S/F record), fsync'd.  QueueFull
-        (full disk and the like) or OSError when it cannot: the records stay for the next try."""
-        self._since = 0
-        if not self._pending and not self._extra:
-            return
-        lines = [_line(f"{kind} {code} {_ranges(idx)} {text}".rstrip(" ") if kind != "D" else f"D 0 {_ranges(idx)}")
-                 for (kind, code, text), idx in self._pending.items()]
-        lines += [_line(extra) for extra in self._extra]
-        data = b"".join(lines)
-        try:
-            if self._restart or self._size + len(data) > max_bytes(self.count):
-                self._rewrite()
-            else:
-                self._append(data)
-        except OSError as exc:
-            if exc.errno in TEMPORARY_ERRNOS:
-                raise QueueFull(f"cannot write progress file {self.path}: {exc.strerror}") from exc
-            raise
-        self._pending.clear()
-        self._extra.clear()
+        (full disk and the like) or OSError when it cannot: the records stay for the next try.
+
+        The records are taken under the records lock and written outside it (other sessions go on
+        recording; one that ends a transaction meanwhile waits in :meth:`transaction`), one write
+        at a time in the order the records were taken."""
+        with self._write_lock:
+            with self._lock:
+                self._since = 0
+                if not self._pending and not self._extra:
+                    return
+                pending, extra = self._pending, self._extra
+                self._pending, self._extra = {}, []
+                lines = [_line(f"{kind} {code} {_ranges(idx)} {text}".rstrip(" ") if kind != "D"
+                               else f"D 0 {_ranges(idx)}") for (kind, code, text), idx in pending.items()]
+                lines += [_line(e) for e in extra]
+                data = b"".join(lines)
+                whole = self._whole() if self._restart or self._size + len(data) > max_bytes(self.count) else None
+                self._writing = True
+            try:
+                if whole is not None:
+                    self._rewrite(whole)
+                else:
+                    self._append(data)
+            except BaseException as exc:
+                with self._lock:     # kept, before anything recorded meanwhile, for the next try
+                    for key, idx in self._pending.items():
+                        pending.setdefault(key, []).extend(idx)
+                    self._pending, self._extra = pending, extra + self._extra
+                if isinstance(exc, OSError) and exc.errno in TEMPORARY_ERRNOS:
+                    raise QueueFull(f"cannot write progress file {self.path}: {exc.strerror}") from exc
+                raise
+            finally:
+                with self._lock:
+                    self._writing = False
+                    self._written.notify_all()
 
     def begin_settling(self, when: float) -> float:
         """Record that the results are being written, at *when* (or at the time an earlier claimant
         recorded: its names are reused); returns that time.  Writes everything recorded so far."""
-        if self.settled_at is None:
-            self.settled_at = when
-            self._extra.append(f"S {when!r}")
-        self._sync_now = True       # S is on disk before any result is written under its names
+        with self._lock:
+            if self.settled_at is None:
+                self.settled_at = when
+                self._extra.append(f"S {when!r}")
+            self._sync_now = True       # S is on disk before any result is written under its names
         self.flush()
         return self.settled_at
 
     def end_settling(self) -> None:
         """Every result of the entry is written (retry, bounces): nothing is left to do."""
-        self.settled = True
-        self._extra.append("F")
-        self._sync_now = True
+        with self._lock:
+            self.settled = True
+            self._extra.append("F")
+            self._sync_now = True
         self.flush()
 
     # -- writing ------------------------------------------------------------------------------
@@ -428,9 +462,8 @@ class Progress:
         if syncer is not None:
             syncer.join()
 
-    def _rewrite(self) -> None:
-        """Replace the file by one holding every outcome known (temp, fsync, rename): the first
-        write, the first after an ignored, torn or damaged file, and a compaction near the size limit."""
+    def _whole(self) -> bytes:
+        """The file holding every outcome known (under the records lock): what :meth:`_rewrite` writes."""
         groups: dict[tuple[str, int, str], list[int]] = {}
         for i, outcome in self.outcomes.items():
             groups.setdefault(outcome, []).append(i)
@@ -441,7 +474,15 @@ class Progress:
             lines.append(_line(f"S {self.settled_at!r}"))
         if self.settled:
             lines.append(_line("F"))
-        data = b"".join(lines)
+        return b"".join(lines)
+
+    def _rewrite(self, data: bytes | None = None) -> None:
+        """Replace the file by *data*, by default one holding every outcome known (temp, fsync,
+        rename): the first write, the first after an ignored, torn or damaged file, and a
+        compaction near the size limit."""
+        if data is None:
+            with self._lock:
+                data = self._whole()
         folder, name = os.path.split(self.path)
         entry.write(folder, name, data, fsync=self.fsync)
         self._sync_now = False
