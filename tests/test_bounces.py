@@ -342,6 +342,38 @@ def test_threshold_warnings_and_removal_on_a_moved_clock(node, settings):
         assert line in log
 
 
+@pytest.mark.parametrize("notify", [True, False], ids=["owners told", "owners not told"])
+def test_the_owner_notice_settings_change_who_is_told_never_what_is_done(node, settings, notify):
+    """``bounce_notify_owner_on_disable``/``_on_removal``: the member is disabled, warned and removed
+    the same either way; the owners get exactly one notice of each when true, none when false."""
+    bounce_list(settings, ["bob@example.org", "carol@example.org"], bounce_score_threshold=1.0,
+                bounce_disabled_warnings=1, bounce_disabled_warnings_interval_days=7,
+                bounce_notify_owner_on_disable=notify, bounce_notify_owner_on_removal=notify)
+    _deliver(node, dsn("bob@example.org", msgid="<bob-gone@mx>"))
+    _qrunner(node, "2026-12-01T10:00:00Z")
+    bob = member(settings, "bob@example.org")
+    assert (bob.bounce_score, bob.status, bob.bounce["warnings"]) == (1.0, "disabled_bounce", 1)
+
+    def told() -> tuple[list[str], list[str]]:
+        notices = virgin_notices(settings)
+        return ([s for to, s, _ in notices if to == ["owner@example.org"]],
+                [s for to, s, _ in notices if to == ["bob@example.org"]])
+
+    owners, members = told()
+    assert owners == (["dev: delivery to bob@example.org disabled (bounces)"] if notify else [])
+    assert members == ["dev: your list mail is stopped (bounces), warning 1 of 1"]
+    assert _cron(node, "2026-12-08T11:00:00Z")["summary"].startswith("0 warning(s) sent, 1 member(s) removed")
+    assert member(settings, "bob@example.org") is None and member(settings, "carol@example.org") is not None
+    owners, members = told()
+    assert sorted(owners) == (["dev: bob@example.org removed (bounces)",
+                               "dev: delivery to bob@example.org disabled (bounces)"] if notify else [])
+    assert len(members) == 1
+    log = (settings.log_dir / "bounces.log").read_text()
+    assert "bob@example.org: permanent: counted; delivery disabled (score reached 1), score 0 -> 1" in log
+    assert "bob@example.org: removal: removed after 1 warning(s)" in log
+    assert ("sent the disabled owner notice" in log) is notify and ("sent the removed owner notice" in log) is notify
+
+
 def _dead_pid() -> int:
     import subprocess
     import sys
