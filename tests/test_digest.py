@@ -281,6 +281,39 @@ def test_two_nodes_running_send_digests_at_once_twenty_times_send_one_digest_per
     assert len(out_digests(settings)) == 20
 
 
+def _digest_post_ids(raw: bytes) -> list[str]:
+    """The Message-IDs of the posts in a MIME digest, in order (its ``message/rfc822`` parts)."""
+    parts = email.message_from_bytes(raw).get_payload()[1].get_payload()
+    return [str(part.get_payload()[0]["Message-ID"]) for part in parts]
+
+
+def test_two_nodes_running_digests_send_at_once_send_one_numbered_digest_per_round_losing_no_post(tmp_path, tree):
+    """``mailqctl digests send --force`` takes no cron task lock: the digest lock alone decides."""
+    node, settings, store = tree
+    with store.edit("dev") as mlist:
+        mlist.members.remove("plain@example.org")     # one format: one digest entry per round
+    nodes = [node, make_node(tmp_path, "n2", var=node.var)]
+    appended: list[str] = []
+    for round_ in range(1, 9):
+        posts = [plain_post(round_ * 10 + i) for i in range(round_ % 3 + 1)]
+        append_pending(settings, "dev", [(p, "ann@example.org", JAN_2027) for p in posts])
+        appended += [f"<post-{round_ * 10 + i}@example.org>" for i in range(len(posts))]
+        now = str(JAN_2027 + round_ * 60)       # the same day: only --force makes it due
+        procs = [n.popen("mailqctl", "digests", "send", "dev", "--force", "--json", env={"MAILQ_NOW": now},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n in nodes]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [err.decode() for _, err in outs]
+        reports = [json.loads(out) for out, _ in outs]
+        sent = sorted(([(i["volume"], i["issue"], i["posts"]) for i in r["sent"]] for r in reports), key=len)
+        assert sent == [[], [(1, round_, len(posts))]], f"round {round_}: {reports}"
+        loser = next(r for r in reports if not r["sent"])
+        assert loser["reason"] == "no pending posts"
+    digests = sorted(out_digests(settings), key=lambda d: d["issue"])
+    assert [d["issue"] for d in digests] == list(range(1, 9))
+    assert [pid for d in digests for pid in _digest_post_ids(d["msg"])] == appended     # each post once, in order
+    assert not pending_path(settings, "dev").exists() and DigestState.load(settings, "dev").issue == 8
+
+
 # -- the member's digest format ----------------------------------------------------------------------
 
 def test_a_list_stored_with_the_old_digest_boolean_loads_with_mime_digests_and_saves_formats(tree):
