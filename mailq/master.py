@@ -6,7 +6,8 @@ the next one), write the pid file, recover this node's claims whose process is g
 (``recover_local_dead``: a claim whose pid is gone can only be an orphan),
 renew the heartbeat, then start one ``qrunner`` process per (queue, slice) that
 ``assignments_for(settings, map, node)`` gives this node, plus one process of each unsliced runner
-(``unsliced = True`` on its class, the LMTP listener) whose ``enabled(settings)`` is true.
+(``unsliced = True`` on its class, the LMTP listener) whose ``enabled(settings)`` is true, and wait
+until every runner whose class gives a ``ready_address`` (the LMTP listener) accepts connections.
 
 Then, every tick: reap runners that exited and restart crashed ones with exponential backoff up to
 ``runners.restart_cap`` restarts (then leave it down, loudly); every ``cluster.heartbeat`` seconds
@@ -54,8 +55,9 @@ from mailq.runstate import lock_path, pid_path, read_pid, running_pid, status_pa
 STABLE_SECONDS = 300.0
 #: How often the master looks at its children and its signal flags.
 TICK = 0.1
-#: How long start-up waits for the LMTP listener to accept connections before giving up.
-LMTP_READY_TIMEOUT = 60.0
+#: How long start-up waits for the listeners (runners with a ``ready_address``, the LMTP listener) to
+#: accept connections before giving up.
+READY_TIMEOUT = 60.0
 
 Key = tuple[str, int, int]   # (runner name, slice, count)
 
@@ -179,7 +181,7 @@ class Master:
             self._beat()
             self._serve_metrics()
             self._start_due()
-            self._wait_lmtp_listening()
+            self._wait_listeners()
             if ready is not None:
                 ready()
             self.log.info("master running: %s", ", ".join(c.label for c in self.children.values()) or
@@ -209,25 +211,31 @@ class Master:
             self._shutdown()
         return 0
 
-    def _wait_lmtp_listening(self) -> None:
-        """Return once the LMTP runner accepts connections, so that ``mailqctl start`` means "mail
-        is taken": an MTA delivering right after a (re)start must not be deferred.
+    def _wait_listeners(self) -> None:
+        """Return once every runner started whose class has a ``ready_address`` (the LMTP listener)
+        accepts connections there, so that ``mailqctl start`` means "mail is taken": an MTA delivering
+        right after a (re)start must not be deferred.
 
-        MailqError when the listener exits first or is not up within ``LMTP_READY_TIMEOUT``.
+        MailqError when a listener exits first or is not up within ``READY_TIMEOUT``.
         """
-        child = self.children.get(("lmtp", 0, 1))
-        if child is None:
-            return
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.settings.lmtp.host,
-                                                                        self.settings.lmtp.host)
-        port = self.settings.lmtp.port
-        deadline = time.monotonic() + LMTP_READY_TIMEOUT
-        log = self.settings.log_dir / "lmtp.log"
+        deadline = time.monotonic() + READY_TIMEOUT
+        classes = self._runner_classes()
+        for child in list(self.children.values()):
+            cls = classes.get(child.name)
+            address = cls.ready_address(self.settings) if cls is not None else None
+            if address is not None:
+                self._wait_listening(child, cls.title(), address, deadline)
+
+    def _wait_listening(self, child: Child, title: str, address: tuple[str, int], deadline: float) -> None:
+        """Return once *child* greets with 220 on *address* (a wildcard host is tried on loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(address[0], address[0])
+        port = address[1]
+        log = self.settings.log_dir / f"{child.name}.log"
         while True:
             proc = child.proc
             if proc is None or proc.poll() is not None:
                 code = proc.returncode if proc is not None else None
-                raise MailqError(f"the LMTP listener exited (status {code}) before it accepted connections on "
+                raise MailqError(f"{title} exited (status {code}) before it accepted connections on "
                                  f"{host}:{port}; see {log} (is the port in use?)")
             try:
                 # Our listener greets; a port someone else holds may accept and stay silent while
@@ -239,8 +247,8 @@ class Master:
                     raise OSError("no 220 greeting")
             except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise MailqError(f"the LMTP listener did not accept connections on {host}:{port} within "
-                                     f"{LMTP_READY_TIMEOUT:.0f} s ({exc}); see {log}") from None
+                    raise MailqError(f"{title} did not accept connections on {host}:{port} within "
+                                     f"{READY_TIMEOUT:.0f} s ({exc}); see {log}") from None
             time.sleep(TICK)
 
     def _serve_metrics(self) -> None:

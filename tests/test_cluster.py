@@ -393,8 +393,13 @@ def test_a_master_silent_past_its_lease_claims_nothing_until_it_beat_for_lease_p
     assert hb.renew(now=t) and hb.rejoin_left == 0 and stamped() == t       # first start ever
     t += 1.3                         # frozen past the lease
     resumed = t
+    beat = heartbeat.nodes_dir(s) / "h1"
+    age_heartbeat(s, "h1", 60)       # what the frozen master left on disk: others see it dead
+    assert heartbeat.state_of(s, heartbeat.read_heartbeat(s, "h1"), False) == "dead"
+    silent_since = beat.stat().st_mtime
     assert hb.renew(now=t) and hb.rejoin_left > 1.0
-    assert heartbeat.read_heartbeat(s, "h1").age < 0.5          # others see it alive again ...
+    # Others see it beat again: this renewal's record, written now (the file's mtime moved on) ...
+    assert json.loads(beat.read_bytes())["seq"] == hb.seq == 2 and beat.stat().st_mtime > silent_since
     assert stamped() == resumed - 1.3                            # ... but its runners stay fenced
     while hb.rejoin_left > 0:
         t += 0.2

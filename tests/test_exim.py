@@ -129,12 +129,29 @@ class Exim:
         assert found, (replies, taken.stderr, self.log())
         return found.group(1)
 
+    def checked(self, *args: str) -> subprocess.CompletedProcess:
+        """``run`` for a command that must itself succeed: a failure of Exim (or of the namespace
+        around it) fails the test naming the command, its status and its stderr.  Exim's status says
+        nothing of the deliveries: a deferral or a bounce still exits 0 (the log tells those)."""
+        done = self.run(*args)
+        assert done.returncode == 0, (f"exim {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}",
+                                      self.log())
+        return done
+
     def deliver(self, message_id: str) -> subprocess.CompletedProcess:
-        """One delivery attempt, as root (``-M``): with ``-C`` Exim keeps root only in a process root starts."""
-        return self.run("-M", message_id)
+        """One delivery attempt, as root (``-M``): with ``-C`` Exim keeps root only in a process root starts.
+
+        Whatever becomes of the recipients (delivered, deferred, bounced: the tests read the log and
+        the queue), the attempt itself must have been made: Exim exits 0 but only logs it when the
+        message's spool file is missing or locked by another process."""
+        logged = len(self.log())
+        done = self.checked("-M", message_id)
+        refused = [line for line in self.log()[logged:].splitlines() if f"{message_id} Spool file" in line]
+        assert not refused, (f"exim -M {message_id} did not deliver: {refused}", done.stderr.strip(), self.log())
+        return done
 
     def queued(self) -> list[str]:
-        return re.findall(r"^\s*\S+\s+\S+\s+(\S+)", self.run("-bp").stdout, re.M)
+        return re.findall(r"^\s*\S+\s+\S+\s+(\S+)", self.checked("-bp").stdout, re.M)
 
     def log(self) -> str:
         path = self.folder / "log" / "mainlog"
@@ -228,8 +245,8 @@ def test_a_message_lands_in_the_queues_as_the_run_as_user(pipe_site):
     user, node, exim = pipe_site
     message_id = exim.send("alice@example.net", "dev@lists.example.org", "dev-request@lists.example.org",
                            "dev-bounces+bob=example.net@lists.example.org")
-    done = exim.deliver(message_id)
-    assert done.returncode == 0 and exim.queued() == [], (done.stderr, exim.log())
+    exim.deliver(message_id)
+    assert exim.queued() == [], exim.log()
     settings = node.settings()
     got = {}
     for queue in ("in", "commands", "bounces"):
@@ -248,8 +265,8 @@ def test_a_forwarded_bounce_keeps_the_list_address_and_the_null_sender(pipe_site
     """Reached through another alias, the entry still names the VERP address, not the alias (the first
     recipe set ORIGINAL_RECIPIENT from $original_local_part: carol@forward.example here)."""
     user, node, exim = pipe_site
-    done = exim.deliver(exim.send("", "carol@forward.example"))
-    assert done.returncode == 0 and exim.queued() == [], exim.log()
+    exim.deliver(exim.send("", "carol@forward.example"))
+    assert exim.queued() == [], exim.log()
     (entry,) = entries(node.settings(), "bounces")
     assert entry.metadata["envelope_sender"] == ""
     assert entry.metadata["original_recipient"] == "dev-bounces+carol=example.net@lists.example.org"
@@ -289,7 +306,7 @@ def test_exit_67_bounces_with_our_reason_and_no_command_line(pipe_site):
     # The bounce to alice (frozen here: this Exim routes nothing else) quotes mailq-deliver's reason,
     # and names the list address, not the pipe's command line (hide_child_in_errmsg).
     (bounce_id,) = [i for i in exim.queued() if i != message_id]
-    body = exim.run("-Mvb", bounce_id).stdout
+    body = exim.checked("-Mvb", bounce_id).stdout
     assert "mailq-deliver: no such list 'old' at this site" in body and "old@lists.example.org" in body, body
     assert "mailq-deliver -C" not in body and str(user.folder) not in body, body
 
@@ -351,3 +368,17 @@ def _listening(port: int) -> bool:
             return s.recv(3) == b"220"
     except OSError:
         return False
+
+
+
+def test_a_delivery_attempt_exim_cannot_make_fails_the_test_with_what_exim_said(pipe_site):
+    # What deliver() checks: an attempt Exim itself refuses must not pass for "delivered" (an empty
+    # queue) or "deferred" (a queue unchanged) in the tests above.
+    user, node, exim = pipe_site
+    with pytest.raises(AssertionError) as malformed:
+        exim.deliver("not-an-id")
+    assert "exim -M not-an-id exited 1: exim: malformed message id not-an-id" in str(malformed.value)
+    with pytest.raises(AssertionError) as missing:        # Exim exits 0 here: its log tells
+        exim.deliver("1aaaaa-000000-00")
+    assert "exim -M 1aaaaa-000000-00 did not deliver" in str(missing.value)
+    assert "Spool file 1aaaaa-000000-00-D not found" in str(missing.value)

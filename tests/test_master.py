@@ -317,6 +317,94 @@ def test_start_fails_clearly_when_the_lmtp_port_is_taken(tmp_path):
     assert status(node)["running"] is False
 
 
+# A stand-in listener: binds, prints its port, listens once told "go" on stdin, greets, reports the QUIT.
+GREETER = """
+import socket, sys
+s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1], flush=True)
+sys.stdin.readline(); s.listen(1); s.settimeout(60)   # no master connecting: fail, never hang
+conn, _ = s.accept(); conn.sendall(b"220 greeter ready\\r\\n")
+print(conn.recv(64).decode().strip(), flush=True)
+"""
+
+
+def _listener_classes(port: int) -> dict[str, type]:
+    from mailq.runners.process import RunnerProcess
+
+    class Greeter(RunnerProcess):
+        name, unsliced = "greeter", True
+
+        @classmethod
+        def ready_address(cls, settings):
+            return "0.0.0.0", port            # a wildcard host: tried on loopback
+
+        def serve(self, once: bool) -> int:
+            return 0
+
+    class Quiet(RunnerProcess):             # listens nowhere: start-up never waits for it
+        name, unsliced = "quiet", True
+
+        def serve(self, once: bool) -> int:
+            return 0
+
+    return {"greeter": Greeter, "quiet": Quiet}
+
+
+def test_start_up_waits_for_every_runner_whose_class_gives_a_ready_address(node):
+    # The hook, not a runner's name, decides: a runner class that is not the LMTP listener but says
+    # where it listens is waited for; one without a ready_address is not (its process is not even there).
+    import logging
+    import threading
+
+    from mailq.master import Child, Master
+
+    proc = subprocess.Popen([sys.executable, "-c", GREETER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        port = int(proc.stdout.readline())
+        master = Master(node.settings(), logging.getLogger("test.master.ready"))
+        master._classes = _listener_classes(port)
+        master.children = {("greeter", 0, 1): Child("greeter", 0, 1, unsliced=True, proc=proc),
+                           ("quiet", 0, 1): Child("quiet", 0, 1, unsliced=True, proc=None)}
+        failures: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                master._wait_listeners()
+            except BaseException as exc:
+                failures.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        waiter.join(120)
+        assert not waiter.is_alive() and not failures, failures
+        # It returned because the greeter greeted: the master's QUIT reached it.
+        assert proc.stdout.readline().strip() == "QUIT"
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_start_up_names_the_listener_that_exited_and_its_log(node):
+    import logging
+
+    from mailq.errors import MailqError
+    from mailq.master import Child, Master
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    proc.wait()
+    master = Master(node.settings(), logging.getLogger("test.master.ready"))
+    master._classes = _listener_classes(1)
+    master.children = {("greeter", 0, 1): Child("greeter", 0, 1, unsliced=True, proc=proc)}
+    with pytest.raises(MailqError) as caught:
+        master._wait_listeners()
+    message = str(caught.value)
+    assert "the greeter runner exited (status 3) before it accepted connections on 127.0.0.1:1" in message
+    assert str(node.settings().log_dir / "greeter.log") in message
+
+
 @pytest.mark.parametrize("failover, other_node, rejoins", [("manual", True, False), ("auto", False, False),
                                                            ("auto", True, True)])
 def test_a_restart_after_silence_waits_out_the_lease_only_when_a_takeover_can_happen(

@@ -16,6 +16,7 @@ from __future__ import annotations
 from email.message import Message
 from typing import Any
 
+from mailq.lists.mlist import MailingList
 from mailq.pipeline.base import Context
 
 HEADER = "X-Mailq-Post-Number"
@@ -28,13 +29,13 @@ def valid_number(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def process(mlist: Any, msg: Message, msgdata: dict, ctx: Context) -> None:
+def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> None:
     number = number_for(mlist, msgdata, ctx)
     del msg[HEADER]
     msg[HEADER] = str(number)
 
 
-def number_for(mlist: Any, msgdata: dict, ctx: Context) -> int:
+def number_for(mlist: MailingList, msgdata: dict, ctx: Context) -> int:
     """The post's number: the one in *msgdata*, or the next one from the list's counter."""
     from mailq.lists.numbers import take
 

@@ -23,14 +23,13 @@ after.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from mailq import clock, stats
 from mailq.bounce import score as scoring
 from mailq.bounce.detect import Detection, detect
 from mailq.bounce.notices import forward_unrecognized, send_decision_notices
 from mailq.errors import NotFound
 from mailq.lists import ListStore
+from mailq.queue.queue import Claimed
 from mailq.runners.base import Runner
 
 #: Most entries claimed for one batch (one lock cycle and save per list per batch).
@@ -49,10 +48,10 @@ class BouncesRunner(Runner):
     def batch_limit(self) -> int:
         return BATCH
 
-    def process_batch(self, entries: list[Any]) -> dict[str, BaseException]:
+    def process_batch(self, entries: list[Claimed]) -> dict[str, BaseException]:
         if not hasattr(self, "store"):
             self.setup()
-        by_list: dict[str, list[tuple[Any, Detection]]] = {}
+        by_list: dict[str, list[tuple[Claimed, Detection]]] = {}
         for entry in entries:
             meta = entry.metadata
             listname = str(meta.get("listname") or "")
@@ -80,7 +79,7 @@ class BouncesRunner(Runner):
                     failed[entry.id] = exc
         return failed
 
-    def _apply(self, listname: str, items: list[tuple[Any, Detection]]) -> None:
+    def _apply(self, listname: str, items: list[tuple[Claimed, Detection]]) -> None:
         counting = [(e, d) for e, d in items if d.recognized]
         decisions: list[scoring.Decision] = []
         if counting:

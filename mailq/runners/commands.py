@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import email
 from email import policy
+from email.message import Message
 from email.utils import getaddresses, parseaddr
-from typing import Any
 
 from mailq.commands import Context, membership, run
 from mailq.commands.parse import Command, clean_subject, find_token, parse
@@ -29,11 +29,14 @@ from mailq.lists.autoresponse import reason_not_to_answer, take
 from mailq.lists.pending import carry_out_many
 from mailq.lists.validate import validate_address
 from mailq.notices import template_entry
+from mailq.queue.queue import Claimed
 from mailq.runners.base import Runner
 
 #: Most entries claimed for one batch: the confirmations among them are carried out with one lock
 #: cycle, one load and one save of each list (``pending.carry_out_many``).
 BATCH = 200
+#: One token of a confirming entry: (token, pending id or "" when refused, refusal line).
+Slot = tuple[str, str, str]
 
 
 class CommandsRunner(Runner):
@@ -46,12 +49,12 @@ class CommandsRunner(Runner):
     def batch_limit(self) -> int:
         return BATCH
 
-    def process(self, entry: Any) -> None:
+    def process(self, entry: Claimed) -> None:
         failed = self.process_batch([entry])
         if failed:
             raise failed[entry.id]
 
-    def process_batch(self, entries: list[Any]) -> dict[str, BaseException]:
+    def process_batch(self, entries: list[Claimed]) -> dict[str, BaseException]:
         """Each entry on its own, except the confirmations' carrying out: every token is decided by
         its own entry (``decide``: the once-only step), then the decided ones are carried out together,
         one ``carry_out_many`` per list, and each confirming entry is answered."""
@@ -60,7 +63,7 @@ class CommandsRunner(Runner):
             self.setup()
         failed: dict[str, BaseException] = {}
         #: Confirming entries: (entry, ctx, [(token, pending id or "", refusal line)]), by list.
-        confirming: dict[str, list[tuple[Any, Any, list[tuple[str, str, str]]]]] = {}
+        confirming: dict[str, list[tuple[Claimed, Context, list[Slot]]]] = {}
         for entry in entries:
             try:
                 ctx = self._context(entry)
@@ -80,7 +83,8 @@ class CommandsRunner(Runner):
             self._confirm_many(listname, items, failed)
         return failed
 
-    def _confirm_many(self, listname: str, items: list, failed: dict[str, BaseException]) -> None:
+    def _confirm_many(self, listname: str, items: list[tuple[Claimed, Context, list[Slot]]],
+                       failed: dict[str, BaseException]) -> None:
         """Carry out the decisions *items* took, together; then answer each entry (after the
         carrying out: a crash inside it sends none of these answers twice)."""
 
@@ -101,7 +105,8 @@ class CommandsRunner(Runner):
         for entry, ctx, slots in items:
             self._answer_confirm(entry, ctx, slots, results, failed)
 
-    def _answer_confirm(self, entry: Any, ctx: Any, slots: list, results: dict, failed: dict) -> None:
+    def _answer_confirm(self, entry: Claimed, ctx: Context, slots: list[Slot], results: dict,
+                        failed: dict) -> None:
 
         try:
             lines = [membership.confirmed(ctx, token, *results[pending_id]) if pending_id else refused
@@ -111,7 +116,7 @@ class CommandsRunner(Runner):
         except Exception as exc:        # noqa: BLE001
             failed[entry.id] = exc
 
-    def _context(self, entry: Any) -> Any:
+    def _context(self, entry: Claimed) -> Context | None:
         """The Context for answering *entry*, or None when it is finished unanswered (logged)."""
 
         metadata = entry.metadata
@@ -140,14 +145,14 @@ class CommandsRunner(Runner):
         # The entry's SHA-1 names it for good (its time field changes when it is requeued).
         return Context(self.settings, self.store, mlist, sender, msg, entry.id.rpartition("+")[2], self.log)
 
-    def _finish(self, entry: Any, ctx: Any, kind: str, lines: list[str], answer: bool) -> None:
+    def _finish(self, entry: Claimed, ctx: Context, kind: str, lines: list[str], answer: bool) -> None:
         if answer:
             self._reply(ctx, lines)
         self.log.info("%s: %s mail from %s for %s: %s", entry.id, kind, ctx.sender, ctx.mlist.name,
                       "; ".join(lines) or "-")
 
     @staticmethod
-    def _confirm_tokens(ctx: Any, kind: str, metadata: dict) -> list[str]:
+    def _confirm_tokens(ctx: Context, kind: str, metadata: dict) -> list[str]:
         """The tokens a mail to ``-confirm`` carries: one per ``-confirm+TOKEN`` recipient (one LMTP
         DATA to several is one entry listing them all, used in RCPT order), else the one in the
         Subject or first body line; [] for other mail."""
@@ -161,7 +166,7 @@ class CommandsRunner(Runner):
         return tokens
 
     # -- what the mail asks -----------------------------------------------------------------------
-    def _carry_out(self, ctx: Any, kind: str, metadata: dict) -> tuple[list[str], bool]:
+    def _carry_out(self, ctx: Context, kind: str, metadata: dict) -> tuple[list[str], bool]:
         """(reply lines, whether to send a reply).  -join/-leave answer only through the mail they cause."""
 
         if kind == "join":
@@ -182,7 +187,7 @@ class CommandsRunner(Runner):
         return lines, True
 
     @staticmethod
-    def _sender(msg: Any, envelope: Any) -> str | None:
+    def _sender(msg: Message, envelope: object) -> str | None:
 
         candidates = [a for _, a in getaddresses([str(v) for v in msg.get_all("From", [])])]
         if isinstance(envelope, str):
@@ -195,7 +200,7 @@ class CommandsRunner(Runner):
         return None
 
     # -- the answer -------------------------------------------------------------------------------
-    def _reply(self, ctx: Any, lines: list[str]) -> None:
+    def _reply(self, ctx: Context, lines: list[str]) -> None:
 
         mlist = ctx.mlist
         if not take(self.settings, mlist, ctx.sender):

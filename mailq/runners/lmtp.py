@@ -22,6 +22,14 @@ class LMTPRunner(RunnerProcess):
     def enabled(cls, settings: Settings) -> bool:
         return settings.lmtp.enabled
 
+    @classmethod
+    def ready_address(cls, settings: Settings) -> tuple[str, int] | None:
+        return settings.lmtp.host, settings.lmtp.port
+
+    @classmethod
+    def title(cls) -> str:
+        return "the LMTP listener"
+
     def serve(self, once: bool) -> int:
         # Imported here: the master imports this module to read ``unsliced``, and needs no aiosmtpd.
         from mailq.mta.lmtp import LMTPServer

@@ -77,6 +77,19 @@ class RunnerProcess(abc.ABC):
         """Whether the master starts this unsliced runner on this node (queue runners follow the slice map)."""
         return True
 
+    @classmethod
+    def ready_address(cls, settings: Settings) -> tuple[str, int] | None:
+        """Where this runner, once it serves, accepts connections and greets with ``220``; None when it
+        listens nowhere (the default).  The master's start-up waits for every such runner it started
+        (``mailqctl start`` returns when mail can be handed over); a wildcard host is tried on loopback.
+        """
+        return None
+
+    @classmethod
+    def title(cls) -> str:
+        """How operators' messages name this runner ("the LMTP listener")."""
+        return f"the {cls.runner_name()} runner"
+
     # -- hooks for subclasses -----------------------------------------------------------------
     def setup(self) -> None:  # noqa: B027 (optional hook, empty on purpose)
         """Once, after the process starts and before ``serve``."""
