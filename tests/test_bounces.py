@@ -494,6 +494,8 @@ def test_mail_that_is_no_bounce_goes_to_the_owners_within_the_daily_budget(node,
     log = (settings.log_dir / "bounces.log").read_text()
     assert "pat@example.net used up today's 2 forwards" in log
     assert member(settings, "bob@example.org").bounce_score == 0.0
+    # One decision per forward; what the budget dropped left no file (a mail loop cannot fill the disk).
+    assert len(list((settings.lists_dir / "dev" / "forwards").glob("*.decision"))) == 3
 
 
 HUMAN = (b"From: pat@example.net\r\nTo: dev-bounces@example.org\r\nSubject: why do I get this?\r\n"

@@ -7,17 +7,18 @@ claims: the same message then comes round again, on this host or another.  Each 
 therefore a decision taken once and carried out once, with the two file operations of
 ``mailq.lists.once``.  Layout, in ``var/lists/<list>/forwards/``::
 
-    <sha>.decision          JSON: outcome ("forward" | "dropped"), why, the stage's name, the key,
-                            when, which host; its existence IS the decision (``link_once``)
+    <sha>.decision          JSON: the stage's name, the key, when, which host; its existence IS the
+                            decision to forward (``link_once``)
     <sha>.<token>.to-virgin the forward's complete ``virgin`` entry, staged before the decision
 
 ``<sha>`` is the SHA-1 of the list and the message's once-only key (``Detection.key``: its
 Message-ID, else a digest of its bytes), the key that also keeps a bounce from being counted twice.
 
 ``forward_once``: (1) a message with a decision already skips to (4); (2) otherwise the sender's
-daily budget is taken (``autoresponse.take``) and the forward staged (temp file, fsync, rename);
+daily budget is taken (``autoresponse.take``; none left: dropped, and nothing is written, so a mail
+loop leaves no file per message) and the forward staged (temp file, fsync, rename);
 (3) the decision is linked: of several processes on several hosts exactly one wins, the others
-remove their own stage and follow the winner; (4) a "forward" decision renames its stage into
+remove their own stage and follow the winner; (4) the decided stage is renamed into
 ``qfiles/virgin`` under a name fixed by the key (``send_staged``): a rename of one source succeeds
 once, and a stage already gone was sent.  A crash before (3) leaves a stage no decision names
 (and at most spends one more slot of the budget, erring on the side of fewer forwards); a crash
@@ -49,8 +50,8 @@ from mailq.queue.payload import encode
 FOLDER = "forwards"
 DECISION = ".decision"
 STAGED = ".to-virgin"
-#: Decisions are kept this long (a bounce entry waiting for a retry longer than that is forwarded again).
-KEEP_DAYS = 30
+#: Decisions are kept this long (a message coming back later than that is forwarded again).
+KEEP_DAYS = 7
 #: A stage no decision names is a crash's leftover once this old (a live forward links within seconds).
 ORPHAN_AFTER = 86400.0
 RESUME_HINT = "mailqctl cron run bounce-warnings"
@@ -83,32 +84,25 @@ def forward_once(settings: Settings, mlist: Any, key: str, raw: bytes, sender: s
     record = folder / f"{sha}{DECISION}"
     decision = _read(record)
     if decision is None:
-        make_shared_dir(folder)
         per_day = int(s.max_autoresponses_per_day)
-        stage: Path | None = None
-        if take(settings, mlist, sender or "<>"):
-            outcome, why = "forward", ""
-            raw_notice, metadata = template_entry(
-                settings, mlist, owner_addresses(settings, mlist), "bounce-unrecognized",
-                from_address=mlist.owner_address, attachment=raw, sender=sender or "<>", reason=reason,
-                per_day=per_day or "unlimited")
-            stage = folder / f"{sha}.{secrets.token_hex(4)}{STAGED}"
-            atomic_write(stage, encode(raw_notice, metadata), fsync=settings.queue.fsync)
-            _crash_point("staged")
-        else:
-            outcome, why = "dropped", f"{sender or 'the null sender'} used up today's {per_day} forwards"
+        if not take(settings, mlist, sender or "<>"):
+            return f"dropped: {sender or 'the null sender'} used up today's {per_day} forwards"
+        make_shared_dir(folder)
+        raw_notice, metadata = template_entry(
+            settings, mlist, owner_addresses(settings, mlist), "bounce-unrecognized",
+            from_address=mlist.owner_address, attachment=raw, sender=sender or "<>", reason=reason,
+            per_day=per_day or "unlimited")
+        stage = folder / f"{sha}.{secrets.token_hex(4)}{STAGED}"
+        atomic_write(stage, encode(raw_notice, metadata), fsync=settings.queue.fsync)
+        _crash_point("staged")
         # "at" names the virgin entry (due now by this host's clock, whatever MAILQ_NOW a test set)
-        mine = {"outcome": outcome, "why": why, "stage": stage.name if stage else "", "key": key,
-                "at": time.time(), "by": socket.gethostname()}
-        if not link_once(record, json.dumps(mine).encode(), what="a forward to the owners"):
-            if stage is not None:           # another process decided first: its decision stands
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(stage)
-        else:
+        mine = {"stage": stage.name, "key": key, "at": time.time(), "by": socket.gethostname()}
+        if link_once(record, json.dumps(mine).encode(), what="a forward to the owners"):
             _crash_point("decided")
+        else:                               # another process decided first: its decision stands
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stage)
         decision = _read(record) or mine
-    if decision.get("outcome") != "forward":
-        return f"dropped: {decision.get('why') or 'decided so before'}"
     sent = _send(settings, mlist.name, folder, decision)
     if sent is None:
         return "already forwarded to the owners (decided before: a retry or a copy)"
@@ -121,9 +115,9 @@ def _read(record: Path) -> dict[str, Any] | None:
         data = json.loads(record.read_bytes())
     except FileNotFoundError:
         return None
-    except ValueError:      # not ours, damaged by hand: treat as decided, never forward twice
-        return {"outcome": "dropped", "why": f"unreadable decision {record.name}"}
-    return data if isinstance(data, dict) else {"outcome": "dropped", "why": f"odd decision {record.name}"}
+    except ValueError:      # damaged by hand: it still says "decided", and nothing is sent twice
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _send(settings: Settings, listname: str, folder: Path, decision: dict[str, Any]) -> str | None:
@@ -159,7 +153,7 @@ def finish_and_prune(settings: Settings, mlist: Any) -> tuple[int, int]:
         decision = _read(path) or {}
         stage = str(decision.get("stage") or "")
         decided.add(stage)
-        if decision.get("outcome") == "forward" and stage in names and _send(settings, mlist.name, folder, decision):
+        if stage in names and _send(settings, mlist.name, folder, decision):
             sent += 1
         with contextlib.suppress(FileNotFoundError):
             if now - path.stat().st_mtime > KEEP_DAYS * 86400.0:
