@@ -8,7 +8,7 @@ Files, all in ``var/lists/<list>/`` and all guarded by the list's digest lock
 * ``digest.texts``: the text of the HTML parts of pending posts, converted when they were appended
   (for plain-digest readers; JSON lines ``{"h": sha1 of the HTML, "t": text or null}``).  A cache:
   a post without its line is converted when the digest is built, so losing it costs time only;
-* ``digest.json``: the numbers: ``{"volume", "issue", "last_sent", "volume_started"}``;
+* ``digest.json``: the numbers: ``{"volume", "issue", "last_sent", "volume_started", "last_dropped"}``;
 * ``digest.v<V>.i<I>.mbox``: the posts of issue V/I, moved aside to be sent;
 * ``digest.v<V>.i<I>.<mime|plain>.to-out``: the queue entry of that issue for the members reading
   that format, staged (complete payload, fsynced) before it is renamed into ``qfiles/out``.
@@ -25,6 +25,12 @@ Sending one issue (``send``), under the digest lock from first to last step:
    staged files are never rewritten;
 4. **queue**: rename each staged file into ``qfiles/out`` (``Queue.adopt``): a rename of one
    source succeeds once.
+
+**Nobody reads the digest**: when a digest is due (or forced) and the list has no enabled digest
+member, nothing is built and no number is taken; the pending posts are dropped (they went to
+nobody, as a post goes to no disabled member) with a warning naming how many, and the time is kept
+as ``last_dropped``, so the next digest is due by the calendar as if one had been sent.  Posts
+pending while the digest is not due yet are kept: a member enabled again before then gets them.
 
 What is on disk always says which step comes next, and every ``send`` (any host, any list) first
 finishes the issues it finds half done (``.mbox`` aside -> steps 2-4, ``.to-out`` -> step 4), so a
@@ -190,6 +196,8 @@ class DigestState:
     issue: int = 0
     last_sent: float | None = None
     volume_started: float | None = None
+    #: When pending posts were last dropped because nobody read the digest (no number taken).
+    last_dropped: float | None = None
 
     @classmethod
     def load(cls, settings: Settings, listname: str) -> DigestState:
@@ -207,7 +215,7 @@ class DigestState:
         for key in ("volume", "issue"):
             if isinstance(data.get(key), int) and data[key] >= 0:
                 setattr(state, key, data[key])
-        for key in ("last_sent", "volume_started"):
+        for key in ("last_sent", "volume_started", "last_dropped"):
             if isinstance(data.get(key), (int, float)):
                 setattr(state, key, float(data[key]))
         return state
@@ -216,6 +224,12 @@ class DigestState:
 
         atomic_write(settings.lists_dir / listname / STATE_NAME, (json.dumps(asdict(self)) + "\n").encode(),
                      fsync=settings.queue.fsync)
+
+    def period_from(self) -> float | None:
+        """The moment the digest's current period is counted from: the last digest sent, or the last
+        pending digest dropped for want of readers, whichever is later (None: neither ever)."""
+        times = [t for t in (self.last_sent, self.last_dropped) if t is not None]
+        return max(times) if times else None
 
     def next_number(self, volume_frequency: str, now: float) -> tuple[int, int, bool]:
         """(volume, issue, new volume?) of the next digest: issue + 1, or a new volume at issue 1."""
@@ -262,11 +276,12 @@ def is_due(mlist: Any, state: DigestState, size: int, now: float) -> tuple[bool,
     if size_due(mlist, size):
         return True, f"pending {size} bytes > digest_size_kb {mlist.settings.digest_size_kb}"
     frequency = mlist.settings.digest_frequency
-    if state.last_sent is None:
+    since = state.period_from()
+    if since is None:
         return True, "first digest of the list"
-    if period_key(frequency, now) != period_key(frequency, state.last_sent):
+    if period_key(frequency, now) != period_key(frequency, since):
         return True, f"{frequency} digest: a new period began since the last one"
-    return False, f"{frequency} digest not due before {_stamp(next_due(frequency, state.last_sent))}"
+    return False, f"{frequency} digest not due before {_stamp(next_due(frequency, since))}"
 
 
 def _stamp(when: float | None) -> str:
@@ -295,6 +310,8 @@ class SendReport:
     list: str
     sent: list[Issue] = field(default_factory=list)
     reason: str = ""
+    #: pending posts dropped because the list had no digest member when the digest was due
+    dropped: int = 0
 
     def summary(self) -> str:
         if not self.sent:
@@ -305,14 +322,17 @@ class SendReport:
         return f"{self.list}: " + "; ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"list": self.list, "sent": [i.as_dict() for i in self.sent], "reason": self.reason}
+        return {"list": self.list, "sent": [i.as_dict() for i in self.sent], "reason": self.reason,
+                "dropped": self.dropped}
 
 
 def send(settings: Settings, listname: str, *, force: bool = False, now: float | None = None,
          store: Any = None, log: Any = None, lock_timeout: float = 30.0) -> SendReport:
     """Finish interrupted issues of *listname*, then send its pending digest if due (or *force*d).
 
-    Never sends an empty digest.  The whole of it runs under the list's digest lock.
+    Never sends an empty digest, nor one nobody reads (the pending posts are then dropped, with a
+    warning, and no number is taken: module docstring).  The whole of it runs under the list's
+    digest lock.
     """
 
     store = store or ListStore(settings, log=log)
@@ -335,6 +355,13 @@ def send(settings: Settings, listname: str, *, force: bool = False, now: float |
         report.reason = why
         if not due:
             return report
+        if not mlist.digest_recipients():
+            report.dropped = _drop_unread(settings, listname, state, now)
+            report.reason = (f"no digest members: {report.dropped} pending post(s), {size} bytes, dropped "
+                             f"unread; no issue number taken")
+            if log is not None:
+                log.warning("digest of list %s: %s (%s)", listname, report.reason, why)
+            return report
         volume, issue, new_volume = state.next_number(mlist.settings.digest_volume_frequency, now)
         aside = _aside_path(settings, listname, volume, issue)
         os.rename(path, aside)                                     # step 1: take
@@ -351,6 +378,20 @@ def send(settings: Settings, listname: str, *, force: bool = False, now: float |
     if log is not None:
         log.info("digest %s", report.summary())
     return report
+
+
+def _drop_unread(settings: Settings, listname: str, state: DigestState, now: float) -> int:
+    """Drop the pending posts of a due digest nobody reads; how many there were."""
+    path = pending_path(settings, listname)
+    posts = len(read_mbox(path.read_bytes()))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path.with_name(TEXTS_NAME))           # the cache first, as in step 3
+    os.unlink(path)
+    if settings.queue.fsync:
+        fsync_dir(path.parent)
+    state.last_dropped = now
+    state.save(settings, listname)
+    return posts
 
 
 def _aside_path(settings: Settings, listname: str, volume: int, issue: int) -> Path:
@@ -457,13 +498,16 @@ def status(settings: Settings, mlist: Any, now: float | None = None) -> dict[str
         data = b""
     state = DigestState.load(settings, mlist.name)
     due, why = is_due(mlist, state, len(data), now)
+    if due and not mlist.digest_recipients():
+        why += "; no digest members: the pending posts will be dropped unread, no issue number taken"
     volume, issue, _ = state.next_number(mlist.settings.digest_volume_frequency, now)
     return {"list": mlist.name, "digest_enabled": mlist.settings.digest_enabled,
             "pending_posts": len(read_mbox(data)) if data else 0, "pending_bytes": len(data),
             "digest_size_kb": mlist.settings.digest_size_kb, "digest_frequency": mlist.settings.digest_frequency,
-            "last_sent": state.last_sent, "volume": state.volume, "issue": state.issue,
+            "last_sent": state.last_sent, "last_dropped": state.last_dropped,
+            "volume": state.volume, "issue": state.issue,
             "next_volume": volume, "next_issue": issue,
-            "next_due": now if due else next_due(mlist.settings.digest_frequency, state.last_sent),
+            "next_due": now if due else next_due(mlist.settings.digest_frequency, state.period_from()),
             "due": due, "why": why,
             "members": {fmt: len(mlist.digest_recipients(fmt)) for fmt in FORMATS},
             "interrupted": [f"v{v}.i{i}" for v, i in interrupted(settings, mlist.name)]}
@@ -482,7 +526,7 @@ def send_digests(settings: Settings, log: Any) -> str:
             log.error("digest of list %s: %s", name, exc)
             problems.append(name)
             continue
-        if report.sent:
+        if report.sent or report.dropped:
             sent.append(report.summary())
     if problems:
         raise MailqError(f"{'; '.join(sent) + '; ' if sent else ''}digests of {', '.join(problems)} failed "

@@ -496,6 +496,83 @@ def test_mail_that_is_no_bounce_goes_to_the_owners_within_the_daily_budget(node,
     assert member(settings, "bob@example.org").bounce_score == 0.0
 
 
+HUMAN = (b"From: pat@example.net\r\nTo: dev-bounces@example.org\r\nSubject: why do I get this?\r\n"
+         b"Message-ID: <why@example.net>\r\n\r\nPlease explain.\r\n")
+
+
+def _forwards(settings) -> list[str]:
+    subjects = [" ".join(s.split()) for _, s, _ in virgin_notices(settings)]       # unfolded
+    return [s for s in subjects if s.startswith("dev: unrecognized mail")]
+
+
+def test_a_forward_is_sent_once_when_a_later_step_of_its_batch_fails_and_the_batch_comes_back(node, settings):
+    from tests.pipeline_support import make_due
+
+    bounce_list(settings, ["bob@example.org"], bounce_score_threshold=1.0)
+    node.run("mailq-deliver", "bounces", "dev", input=HUMAN, env={"SENDER": "pat@example.net"}, check=True)
+    _deliver(node, dsn("bob@example.org", msgid="<bob-gone@mx>"))
+    batch = {path: path.read_bytes() for path in queue_files(node.var, "bounces")}     # as recovery brings it back
+    assert len(batch) == 2
+    # The virgin queue is full: the forward goes out first, then bob's notices fail and the list is
+    # not saved, so bob's entry goes back to the queue.
+    node.run("qrunner", "-r", "bounces", "--once", env={"MAILQ_FAULT_ENOSPC": "virgin"}, check=True)
+    assert _forwards(settings) == ["dev: unrecognized mail to dev-bounces@example.org from pat@example.net"]
+    assert member(settings, "bob@example.org").bounce_score == 0.0 and len(queue_files(node.var, "bounces")) == 1
+    log = (settings.log_dir / "bounces.log").read_text()
+    assert "is no bounce (" in log and ": forwarded to the owners" in log and "1 bounce(s) not applied" in log
+    make_due(settings, "bounces")
+    node.run("qrunner", "-r", "bounces", "--once", check=True)
+    assert member(settings, "bob@example.org").status == "disabled_bounce"
+    # The whole batch once more (its runner killed before the finish, then recovered, or a takeover).
+    for path, data in batch.items():
+        path.write_bytes(data)
+    node.run("qrunner", "-r", "bounces", "--once", check=True)
+    assert not queue_files(node.var, "bounces") and not queue_files(node.var, "shunt")
+    assert len(_forwards(settings)) == 1
+    assert sorted(to[0] for to, _, _ in virgin_notices(settings)) == ["bob@example.org", "owner@example.org",
+                                                                      "owner@example.org"]
+    log = (settings.log_dir / "bounces.log").read_text()
+    assert "already forwarded to the owners" in log and "ignored: already counted" in log
+
+
+@pytest.mark.parametrize("step", ["staged", "decided"])
+def test_a_runner_killed_while_forwarding_leaves_one_forward_and_the_cron_task_tidies_up(node, settings, step):
+    import os
+    import time
+
+    from mailq.bounce.forwards import KEEP_DAYS
+
+    bounce_list(settings, ["bob@example.org"])
+    node.run("mailq-deliver", "bounces", "dev", input=HUMAN, env={"SENDER": "pat@example.net"}, check=True)
+    killed = node.run("qrunner", "-r", "bounces", "--once", env={"MAILQ_FAULT_FORWARD_CRASH": step})
+    assert killed.returncode == -9, killed.stderr
+    assert _forwards(settings) == []
+    folder = settings.lists_dir / "dev" / "forwards"
+    assert len(list(folder.glob("*.to-virgin"))) == 1
+    if step == "decided":       # the cron task finds the decided forward and sends it
+        assert _cron(node, "2026-12-01T12:00:00Z")["summary"].endswith("1 forward(s) finished, 0 file(s) removed")
+        assert len(_forwards(settings)) == 1
+    recovered = json.loads(node.mailq("queue", "recover", "--json", check=True).stdout)
+    assert len(recovered["recovered"]) == 1
+    node.run("qrunner", "-r", "bounces", "--once", check=True)
+    assert len(_forwards(settings)) == 1 and not queue_files(node.var, "bounces")
+    log = (settings.log_dir / "bounces.log").read_text()
+    assert ("already forwarded to the owners" in log) is (step == "decided")
+    # A stage no decision names (killed before deciding) goes after a day; decisions after KEEP_DAYS.
+    left = sorted(p.name.rsplit(".", 1)[-1] for p in folder.iterdir())
+    assert left == (["decision", "to-virgin"] if step == "staged" else ["decision"])
+    old = time.time() - 2 * 86400
+    for path in folder.iterdir():
+        os.utime(path, (old, old))
+    summary = _cron(node, "2026-12-01T12:00:00Z")["summary"]
+    assert summary.endswith(f"0 forward(s) finished, {1 if step == 'staged' else 0} file(s) removed")
+    older = time.time() - (KEEP_DAYS + 1) * 86400
+    for path in folder.iterdir():
+        os.utime(path, (older, older))
+    assert _cron(node, "2026-12-01T12:00:00Z")["summary"].endswith("0 forward(s) finished, 1 file(s) removed")
+    assert list(folder.iterdir()) == [] and len(_forwards(settings)) == 1
+
+
 def _disabled_by_bounces(settings, address: str) -> None:
     with ListStore(settings).edit("dev") as mlist:
         d = scoring.count_bounce(mlist, address, "permanent", f"k-{address}")

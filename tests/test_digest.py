@@ -314,6 +314,59 @@ def test_two_nodes_running_digests_send_at_once_send_one_numbered_digest_per_rou
     assert not pending_path(settings, "dev").exists() and DigestState.load(settings, "dev").issue == 8
 
 
+def _set_status(store, address: str, status: str) -> None:
+    with store.edit("dev") as mlist:
+        mlist.members.get(address).status = status
+
+
+def test_a_due_digest_nobody_reads_takes_no_number_and_its_posts_are_dropped_with_a_warning(tree):
+    node, settings, store = tree
+    with store.edit("dev") as mlist:
+        mlist.members.get("plain@example.org").digest = "off"          # one digest reader: mime@
+    append_pending(settings, "dev", [(plain_post(i), "ann@example.org", JAN_2027) for i in range(2)])
+    assert [(i.issue, i.posts) for i in send(settings, "dev", now=JAN_2027).sent] == [(1, 2)]
+    day = 86400
+
+    def digests_send(when: float, *flags: str) -> dict:
+        out = node.run("mailqctl", "digests", "send", "dev", "--json", *flags, check=True,
+                       env={"MAILQ_NOW": str(when)})
+        return json.loads(out.stdout)
+
+    # Posts pending while the digest is not due are kept for a reader enabled again before it is.
+    append_pending(settings, "dev", [(plain_post(i), "ann@example.org", JAN_2027) for i in range(10, 12)])
+    _set_status(store, "mime@example.org", "disabled_bounce")
+    assert digests_send(JAN_2027 + 60)["reason"].startswith("daily digest not due")
+    _set_status(store, "mime@example.org", "enabled")
+    second = digests_send(JAN_2027 + day)
+    assert [(i["issue"], i["posts"], i["recipients"]) for i in second["sent"]] == [(2, 2, {"mime": 1})]
+
+    # Due with nobody reading: nothing built, no number, the posts dropped, a warning says how many.
+    append_pending(settings, "dev", [(plain_post(i), "ann@example.org", JAN_2027) for i in range(20, 23)])
+    size = pending_path(settings, "dev").stat().st_size
+    _set_status(store, "mime@example.org", "disabled_bounce")
+    info = status(settings, store.load("dev"), now=JAN_2027 + 2 * day)
+    assert info["due"] and "no digest members" in info["why"] and (info["next_volume"], info["next_issue"]) == (1, 3)
+    cron = json.loads(node.run("mailqctl", "cron", "run", "send-digests", "--force", "--json", check=True,
+                               env={"MAILQ_NOW": str(JAN_2027 + 2 * day)}).stdout)
+    reason = f"no digest members: 3 pending post(s), {size} bytes, dropped unread; no issue number taken"
+    assert cron["ok"] and cron["summary"] == f"dev: nothing sent ({reason})"
+    assert f"WARNING digest of list dev: {reason} (daily digest: a new period began" in \
+        (settings.log_dir / "cron.log").read_text()
+    state = DigestState.load(settings, "dev")
+    assert (state.issue, state.last_sent, state.last_dropped) == (2, JAN_2027 + day, JAN_2027 + 2 * day)
+    assert not pending_path(settings, "dev").exists() and len(out_digests(settings)) == 2
+    assert digests_send(JAN_2027 + 2 * day + 60, "--force") == {
+        "list": "dev", "sent": [], "reason": "no pending posts", "dropped": 0}
+
+    # The drop counts as the period's digest: the next one is due the next day, as issue 3.
+    _set_status(store, "mime@example.org", "enabled")
+    append_pending(settings, "dev", [(plain_post(30), "ann@example.org", JAN_2027)])
+    assert digests_send(JAN_2027 + 2 * day + 120)["reason"].startswith("daily digest not due")
+    third = digests_send(JAN_2027 + 3 * day)
+    assert [(i["issue"], i["posts"]) for i in third["sent"]] == [(3, 1)]
+    assert sorted(d["issue"] for d in out_digests(settings)) == [1, 2, 3]
+
+
 # -- the member's digest format ----------------------------------------------------------------------
 
 def test_a_list_stored_with_the_old_digest_boolean_loads_with_mime_digests_and_saves_formats(tree):

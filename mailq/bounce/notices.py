@@ -1,4 +1,5 @@
-"""The mail bounce processing sends: member warnings, owner notices, forwarded non-bounces.
+"""The mail bounce processing sends: member warnings and owner notices (forwards of mail that is
+no bounce: ``mailq.bounce.forwards``).
 
 Texts are templates (``mailq/templates/bounce-*.txt``, a ``Subject:`` first line; per-list copies
 with ``mailqctl templates``, docs/commands.md §5), queued in ``virgin`` with
@@ -17,13 +18,13 @@ from mailq.bounce import score as scoring
 from mailq.config import Settings
 from mailq.errors import MailqError
 from mailq.lists import ListStore
-from mailq.lists.autoresponse import take
 from mailq.lists.pending import PendingStore
 from mailq.logs import get_logger
 from mailq.notices import notify_template
 
 
-def _owners(settings: Settings, mlist: Any) -> list[str]:
+def owner_addresses(settings: Settings, mlist: Any) -> list[str]:
+    """Who gets an owner notice: the list's owners, else the site owner."""
     return list(mlist.settings.owners) or [settings.site_owner]
 
 
@@ -51,13 +52,13 @@ def send_decision_notices(settings: Settings, mlist: Any, decision: Any, log: An
                                         warnings_total=s.bounce_disabled_warnings, days_left=left, token=token,
                                         confirm_token_address=token_address))
         elif name == "disabled_owner":
-            sent.append(notify_template(settings, mlist, _owners(settings, mlist), "bounce-disabled",
+            sent.append(notify_template(settings, mlist, owner_addresses(settings, mlist), "bounce-disabled",
                                         from_address=mlist.owner_address, address=decision.address,
                                         score=f"{decision.after:g}", threshold=f"{s.bounce_score_threshold:g}",
                                         kind=decision.kind, last_bounce=clock.day(clock.now()),
                                         warnings_total=s.bounce_disabled_warnings))
         elif name == "removed_owner":
-            sent.append(notify_template(settings, mlist, _owners(settings, mlist), "bounce-removed",
+            sent.append(notify_template(settings, mlist, owner_addresses(settings, mlist), "bounce-removed",
                                         from_address=mlist.owner_address, address=decision.address,
                                         score=f"{decision.after:g}", warnings_sent=decision.warnings))
         else:
@@ -66,37 +67,29 @@ def send_decision_notices(settings: Settings, mlist: Any, decision: Any, log: An
     return sent
 
 
-def forward_unrecognized(settings: Settings, mlist: Any, raw: bytes, sender: str, reason: str, log: Any) -> str:
-    """Forward a non-bounce to the owners; what happened, for the log."""
-
-    s = mlist.settings
-    if not s.forward_unrecognized_bounces:
-        return "dropped (forward_unrecognized_bounces is false)"
-    per_day = int(s.max_autoresponses_per_day)
-    if not take(settings, mlist, sender or "<>"):
-        return f"dropped: {sender or 'the null sender'} used up today's {per_day} forwards"
-    entry = notify_template(settings, mlist, _owners(settings, mlist), "bounce-unrecognized",
-                            from_address=mlist.owner_address, attachment=raw, sender=sender or "<>",
-                            reason=reason, per_day=per_day or "unlimited")
-    return f"forwarded to the owners ({entry})"
-
-
 def bounce_warnings(settings: Settings, log: Any) -> str:
     """Cron task ``bounce-warnings``: the next warning, or removal, for members disabled by bounces.
 
     Each list is first read without a lock; only a list with a member due is edited (one lock cycle
     and save for all its due members), and ``score.due_warnings`` decides again under the lock, so
     a warning is counted once even if two hosts ran the task at once.  Decisions go to
-    ``bounces.log`` as well as the cron log.
+    ``bounces.log`` as well as the cron log.  Each list's forwards of non-bounces are finished and
+    pruned too (``forwards.finish_and_prune``).
     """
+    from mailq.bounce.forwards import finish_and_prune
 
     decisions_log = get_logger(settings, "bounce-warnings", filename="bounces")
     store = ListStore(settings)
     now = clock.now()
-    warned = removed = lists = 0
+    warned = removed = lists = forwarded = pruned = 0
     for name in store.names():
         try:
             mlist = store.load(name)
+            finished, gone = finish_and_prune(settings, mlist)
+            forwarded, pruned = forwarded + finished, pruned + gone
+            if finished:
+                decisions_log.info("list %s: %d forward(s) to the owners decided but not sent: sent now", name,
+                                   finished)
             interval = mlist.settings.bounce_disabled_warnings_interval_days * scoring.DAY
             if not any(scoring.warning_due(m, now, interval) for m in mlist.members):
                 continue
@@ -111,4 +104,5 @@ def bounce_warnings(settings: Settings, log: Any) -> str:
         scoring.log_decisions(decisions_log, decisions)
         warned += sum(d.kind == "warning" for d in decisions)
         removed += sum(d.kind == "removal" for d in decisions)
-    return f"{warned} warning(s) sent, {removed} member(s) removed, in {lists} list(s)"
+    return (f"{warned} warning(s) sent, {removed} member(s) removed, in {lists} list(s); "
+            f"{forwarded} forward(s) finished, {pruned} file(s) removed")
