@@ -28,6 +28,7 @@ from mailq.errors import LeaseLost
 from mailq.queue import Claimant, Queue
 from mailq.queue import progress as prog_mod
 from mailq.queue.names import split_id
+from mailq.queue.entry import QueueFull
 from mailq.queue.progress import Progress, max_bytes, path_for
 from mailq.queue.recovery import recover, remove_stale_temps
 from tests.support import SMTPSink, make_node, wait_for
@@ -658,17 +659,55 @@ def test_sessions_recording_at_once_put_every_record_in_the_file_once(tmp_path):
 
 
 def test_a_checkpoint_that_cannot_be_written_keeps_its_records_for_the_next(tmp_path):
+    """An append that fails (a full disk: /dev/full) writes nothing and forgets nothing: its
+    records go with the next append, before the ones recorded meanwhile."""
     items = [f"m{i}@example.net" for i in range(30)]
-    folder = tmp_path / "bucket"
-    folder.write_text("a file where the bucket folder should be")
-    prog = Progress(folder / ".0123.progress", items, every=5)
-    prog.delivered(list(range(10)))
-    with pytest.raises(OSError):
-        prog.flush()                 # cannot write: nothing written, nothing forgotten
+    path = tmp_path / ".0123.progress"
+    prog = Progress(path, items, every=5)
+    prog.delivered([0, 1])
+    prog.flush()                                 # the first write makes the file
+    aside = tmp_path / "aside"
+    path.rename(aside)
+    path.symlink_to("/dev/full")                 # the next append hits a full disk
+    prog.delivered(list(range(2, 10)))
+    with pytest.raises(QueueFull, match="No space left"):
+        prog.flush()
     prog.record("T", [10], 451, "busy")
-    folder.unlink()
-    folder.mkdir()
-    prog.flush()
+    path.unlink()
+    aside.rename(path)
+    prog.flush()                                 # an append again (the file is there): all of it
     prog.close()
-    again = Progress(folder / ".0123.progress", items)
+    again = Progress(path, items)
     assert again.resumed == 11 and again.outcomes[10] == ("T", 451, "busy")
+    assert set(again.outcomes) == set(range(11))
+
+
+def test_a_bug_in_one_session_stops_the_delivery_and_its_successor_loses_nobody(tmp_path, monkeypatch):
+    """Anything a session raises outside the SMTP exchange (here: recording its checkpoint) stops
+    every session and is raised by deliver; the batches that session had taken and not started are
+    not dropped: the next delivery of the entry sends every member not recorded."""
+    with SMTPSink() as sink:
+        settings, queues, enqueue, put = _setup(tmp_path, sink.port, connections=4)
+        members = rcpts(256)
+        eid = queues["out"].enqueue(MSG, out_meta(members, personalize=True), listname="dev")
+        c = queues["out"].claim(eid, CLAIMANT)
+        calls = 0
+        real = Progress.transaction
+
+        def breaks_once(self):
+            nonlocal calls
+            calls += 1
+            if calls == 40:
+                raise RuntimeError("a bug while recording")
+            return real(self)
+        monkeypatch.setattr(Progress, "transaction", breaks_once)
+        with pytest.raises(RuntimeError, match="a bug while recording"):
+            deliver(settings, make_transports(settings), MSG, c.metadata, enqueue,
+                    checkpoint=Checkpoint(path_for(c), split_id(eid)[1], put))
+        first = len(sink.recipients())
+        assert first < len(members)
+        report = deliver(settings, make_transports(settings), MSG, c.metadata, enqueue,
+                         checkpoint=Checkpoint(path_for(c), split_id(eid)[1], put))
+    got = Counter(sink.recipients())
+    assert set(got) == set(members) and report.resumed > 0
+    assert sum(got.values()) - len(members) <= 5 + 3      # resent: at most the checkpoint window

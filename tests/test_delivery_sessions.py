@@ -131,25 +131,56 @@ def test_a_session_dropped_mid_transaction_retires_and_nothing_is_sent_twice(env
     assert take(queues["retry"]).metadata["recipients"] == ["user5@example.com"]
 
 
-def test_a_session_that_dies_gives_back_the_batches_it_had_taken(env):
+class LateDropSink(SMTPSink):
+    """Holds the DATA of ``drop`` until every other message but ``spared`` has arrived, then closes
+    that connection (a session dying mid-transaction once the other sessions have run out of work)."""
+
+    def __init__(self, drop: str, spared: int) -> None:
+        super().__init__()
+        self.drop, self.spared = drop, spared
+        self.total = 0
+        self.others_in: asyncio.Event | None = None
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        self.others_in = self.others_in or asyncio.Event()
+        if self.drop in {r.lower() for r in envelope.rcpt_tos}:
+            await asyncio.wait_for(self.others_in.wait(), 60)
+            server.transport.close()
+            return "421 4.4.2 gone"
+        reply = await super().handle_DATA(server, session, envelope)
+        if len(self.messages) >= self.total - 1 - self.spared:
+            self.others_in.set()
+        return reply
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_session_that_dies_gives_back_the_batches_it_had_taken(env, late):
     """A big entry: sessions take several batches at a time (outqueue.BLOCK); the one that dies on
-    user7 hands back the rest of its block, which the other sessions deliver (not retry)."""
+    user3 hands back the rest of its block (user4-user7), which the other sessions deliver, not
+    retry -- also when it dies last, after the others ran out of batches to take (*late*)."""
     from mailq.delivery import outqueue
 
-    members = rcpts(400)
-    assert len(members) // (4 * outqueue.BLOCK) >= outqueue.BLOCK     # whole blocks are taken
-    with GatheringSink(0) as sink:
-        sink.drop = {"user7@example.com"}
-        settings, queues, enqueue = env(sink)
+    members = rcpts(400 if not late else 128)
+    connections = 4 if not late else 2
+    block = min(outqueue.BLOCK, len(members) // (connections * outqueue.BLOCK))
+    assert block == outqueue.BLOCK              # user3 is in the middle of the first block
+    sink = GatheringSink(0) if not late else LateDropSink("user3@example.com", spared=4)
+    with sink:
+        if late:
+            sink.total = len(members)
+        else:
+            sink.drop = {"user3@example.com"}
+        settings, queues, enqueue = env(sink, connections=connections)
         transports = make_transports(settings)
         report = deliver(settings, transports, MSG, out_meta(members, personalize=True), enqueue)
         for t in transports:
             t.close()
-    assert list(report.retried) == ["user7@example.com"] and not report.bounced
+    assert list(report.retried) == ["user3@example.com"] and not report.bounced
     received = sink.recipients()
-    assert len(received) == len(set(received)) == 399 and set(received) == set(members) - {"user7@example.com"}
-    assert sorted(report.delivered) == sorted(received) and report.transactions == 400
-    assert take(queues["retry"]).metadata["recipients"] == ["user7@example.com"]
+    assert len(received) == len(set(received)) == len(members) - 1
+    assert set(received) == set(members) - {"user3@example.com"}
+    assert sorted(report.delivered) == sorted(received) and report.transactions == len(members)
+    assert take(queues["retry"]).metadata["recipients"] == ["user3@example.com"]
 
 
 class RefusingGatheringSink(GatheringSink):

@@ -539,8 +539,8 @@ class MapWatcher:
         sig = self._signature(self.dir)
         if sig != self._dir_sig:
             self._dir_sig = _LOOKING
-            self._reload()
-            self._dir_sig = sig
+            # A reload that could not read the newest epoch file is tried again at the next look.
+            self._dir_sig = sig if self._reload() else ()
         if self.hand_edits or self.smap is None:
             sig = self._signature(self.path)
             if sig != self._file_sig:
@@ -559,23 +559,25 @@ class MapWatcher:
             return not os.access(self.dir, os.F_OK)
         return self._signature(self.dir) == sig
 
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
+        """Read the newest epoch file; False when it could not be read (the look is not done)."""
         damaged: list[str] = []
         try:
             found = _latest_with_text(self.settings, damaged)
         except (SliceMapError, OSError) as exc:
             self._refuse(f"cannot read the newest epoch file in {self.dir}: {exc}")
-            return
+            return False
         self.damaged = "\n".join(damaged)
         if self.damaged:
             self._refuse(self.damaged)
         new = found[0] if found is not None else None
         if new is None or (self.smap is not None and new.epoch <= self.smap.epoch):
-            return
+            return True
         if self.smap is not None:
             self.log.info("slice map epoch %d now in force (was %d)", new.epoch, self.smap.epoch)
         self.smap, self._text = new, found[1]
         self._file_sig = ()          # is slices.yaml still a hand edit, or the copy of this map?
+        return True
 
     def _look_at_file(self, missing: bool) -> None:
         self.file_is_copy = False

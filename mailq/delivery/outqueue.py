@@ -323,11 +323,13 @@ def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: Deliv
       fails (refused, dropped, 421) reports its batch as temporary failures -- exactly as one
       session would -- gives back the batches it had taken but not started, and retires; the
       others carry on. When every session has retired, the batches nobody sent go to retry, untried.
-    * A session takes up to ``BLOCK`` consecutive batches at a time (fewer near the end of a small
-      entry), so the shared cursor is locked once per block, not once per transaction; results
-      are gathered per session and merged when it ends.  Before each transaction of its block it
-      looks at the stop flag and the other sessions' errors, so stopping and LeaseLost still cost
-      at most the transactions already under way.
+    * A session takes up to ``BLOCK`` consecutive batches at a time (fewer for a small entry), so
+      the shared cursor is locked once per block, not once per transaction; results are gathered
+      per session and merged when it ends.  Before each transaction of its block it looks at the
+      stop flag and the other sessions' errors, so stopping and LeaseLost still cost at most the
+      transactions already under way.  Whatever ends a session (retiring, stopping, an error), the
+      batches of its block it had not started go back; a session finding no batch free waits
+      while another still holds a block, so given-back batches are sent, not sent to retry.
     * The lease is checked right before every transaction of every session, from the sessions'
       threads at once (*lease_check* must be thread-safe: ``Runner.check_lease`` is); LeaseLost in
       any session stops them all and is raised here.
@@ -344,6 +346,7 @@ def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: Deliv
     taken = [False] * len(batches)
     first_free = 0
     started = 0
+    in_block = 0                     # sessions holding a block: they may still give batches back
     halt: list[str] = []             # "stopping" once the runner is stopping
     errors: list[BaseException] = []
     failures: list[SendResult] = []
@@ -361,6 +364,9 @@ def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: Deliv
             while first_free < len(batches) and taken[first_free]:
                 first_free += 1
             if first_free >= len(batches):
+                if in_block:
+                    cond.wait()     # a session that fails gives back what it had not started
+                    continue
                 return []
             if started and stopping is not None and stopping():
                 halt.append("stopping")
@@ -390,50 +396,59 @@ def _send_parallel(sessions: list, batches: list[Batch], copy_for, report: Deliv
             taken[i] = False
         if rest:
             first_free = min(first_free, rest[0])
-            cond.notify_all()
 
     def worker(session) -> None:
+        nonlocal in_block
         mine = SendResult()
         count = 0
+        held: list[int] = []    # this session's block ...
+        nxt = 0                 # ... of which held[nxt:] are not started
         try:
             while True:
                 with cond:
-                    mine_now = take()
-                if not mine_now:
-                    return
-                for k, i in enumerate(mine_now):
+                    if held:
+                        in_block -= 1
+                        held, nxt = [], 0
+                        cond.notify_all()
+                    held = take()
+                    if not held:
+                        return
+                    in_block += 1
+                for k, i in enumerate(held):
                     if k and (errors or halt or (stopping is not None and stopping())):
                         with cond:
                             if not errors and not halt:
                                 halt.append("stopping")
-                            give_back(mine_now[k:])
-                        return
+                        return      # held[k:] go back (finally)
+                    nxt = k + 1
                     mail_from, batch = batches[i]
                     try:
                         part, sent = _send_batch(session, mail_from, batch, copy_for(batch), lease_check,
                                                  no_dots)
-                    except BaseException as exc:  # noqa: BLE001 - LeaseLost or a bug: stop all, raise in the caller
-                        with cond:
-                            errors.append(exc)
-                            cond.notify_all()
-                        return
+                    finally:
+                        if per_destination:
+                            with cond:
+                                busy[domain(i)] -= 1
+                                cond.notify_all()
                     count += sent
                     mine.merge(part)
                     if note is not None:
                         note(part)      # Progress is thread-safe; a due write runs in this session
-                    if per_destination:
-                        with cond:
-                            busy[domain(i)] -= 1
-                            cond.notify_all()
                     if part.connection_failed:
                         with cond:
                             failures.append(part)
-                            give_back(mine_now[k + 1:])
-                        return
+                        return      # retired; held[k + 1:] go back to the others (finally)
+        except BaseException as exc:  # noqa: BLE001 - LeaseLost, a bug: stop all, raised in the caller
+            with cond:
+                errors.append(exc)
         finally:
             with cond:
                 outcome.merge(mine)
                 report.transactions += count
+                if held:
+                    in_block -= 1
+                    give_back(held[nxt:])
+                cond.notify_all()
 
     threads = [threading.Thread(target=worker, args=(s,), name=f"smtp-session-{n}", daemon=True)
                for n, s in enumerate(sessions)]

@@ -24,7 +24,9 @@ anything is said on the connection. AUTH is refused over a connection without TL
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import re
 import smtplib
 import socket
@@ -416,17 +418,27 @@ def _kernel_timeouts(client: smtplib.SMTP, timeout: float) -> None:
     with ``smtp.connections`` sessions in threads that doubled the CPU per transaction (mailq
     spent it in ``futex``), measured by ``bench/fanout.py`` (docs/mail-flow.md "Several sessions").
     A timeout still ends the transaction the same way: ``TimeoutError("timed out")`` on a read,
-    an ``OSError`` on a write.  Called after the greeting, EHLO, STARTTLS and AUTH (which keep
-    Python's timeout), with nothing left unread.  A TLS connection keeps Python's timeout: the ssl
-    module would retry a kernel timeout for ever.
+    an ``OSError`` on a write.  One difference: the kernel's timeout bounds each wait for the
+    server, so a server that takes DATA slowly but steadily is not cut off after ``smtp.timeout``
+    in all (Python's was a deadline for the whole ``sendall``); a silent one is, as before.
+    Called after the greeting, EHLO, STARTTLS and AUTH (which keep Python's timeout), with nothing
+    left unread.  A TLS connection keeps Python's timeout: the ssl module would retry a kernel
+    timeout for ever.  So does a platform whose ``struct timeval`` is not two C longs.
     """
     sock = client.sock
     if sock is None or isinstance(sock, ssl.SSLSocket) or not timeout or timeout <= 0:
         return
-    seconds = int(timeout)
-    timeval = struct.pack("@ll", seconds, int((timeout - seconds) * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    micros = max(1, math.ceil(timeout * 1_000_000))      # {0, 0} would mean "no timeout"
+    timeval = struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    except OSError:
+        # Not this platform's struct timeval (a 64-bit time_t on a 32-bit system): keep Python's
+        # timeout; the receive timeout is put back in case only the send one was refused.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))
+        return
     sock.settimeout(None)
     old, client.file = client.file, io.BufferedReader(_TimeoutIO(sock, "rb"))
     if old is not None:

@@ -434,9 +434,17 @@ class Progress:
             if self._syncer is not None:
                 stale, self._sync_fd = self._sync_fd, fd    # the newest fd covers the older appends
             else:
-                self._syncer = threading.Thread(target=self._sync_loop, args=(fd,), name="progress-fsync",
-                                                daemon=True)
-                self._syncer.start()
+                syncer = threading.Thread(target=self._sync_loop, args=(fd,), name="progress-fsync", daemon=True)
+                try:
+                    syncer.start()
+                except RuntimeError:        # no thread to be had (limits): fsync here, as settling does
+                    fd, stale = -1, fd
+                    try:
+                        os.fsync(stale)
+                    except OSError:
+                        pass                # the next checkpoint's write will say so
+                else:
+                    self._syncer = syncer
         if stale >= 0:
             os.close(stale)
 
