@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mailq.errors import MailqError
+from mailq.runas import INSTALLED_DEFAULT
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = CHECKOUT / "etc" / "mailq.yaml"
@@ -412,8 +413,6 @@ class Settings:
     @property
     def run_as(self) -> str:
         """The user root switches to (``user:``, else the installed default); "" means no switch."""
-        from mailq.runas import INSTALLED_DEFAULT
-
         return self.user or ("" if IS_CHECKOUT else INSTALLED_DEFAULT)
 
     @property

@@ -25,6 +25,7 @@ import click
 import yaml
 
 from mailq.config import CHECKOUT, RUNNER_QUEUES
+from mailq.loopdns import LoopDNS
 
 NODES = ("demo1", "demo2")
 #: Header naming each demo post, so deliveries are matched to posts exactly.
@@ -80,8 +81,6 @@ class Demo:
         self.sink = Sink()
         # The demo's DNS, on loopback: the poster's domain publishes DMARC p=reject, so the list
         # sends the copies From: "Poster via dev" (stage dmarc); no query ever leaves the machine.
-        from mailq.loopdns import LoopDNS
-
         self.dns = LoopDNS({("_dmarc.example.com", "TXT"): ["v=DMARC1; p=reject"]}, negative_ttl=3600)
         self.lmtp_port = _free_port()
         self.configs: dict[str, Path] = {}

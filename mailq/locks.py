@@ -36,6 +36,7 @@ import filelock
 from filelock import StrictSoftFileLock
 from filelock._identity import host_name, owner_is_stale
 
+from mailq import stats
 from mailq.errors import MailqError, TemporaryFailure
 from mailq.fsutil import make_dirs, pid_alive
 from mailq.logs import get_logger
@@ -180,8 +181,6 @@ class Lock:
                 try:
                     self._flock.acquire(timeout=max(0.0, min(remaining, chunk)))
                     self._widen_sentinel()
-                    from mailq import stats
-
                     stats.observe("mailq_lock_wait_seconds", time.monotonic() - started)
                     if time.monotonic() - started > 0.5:
                         # "since" then says when it got the lock, not when it asked; the old record will do

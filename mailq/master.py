@@ -257,6 +257,7 @@ class Master:
         if not port:
             return
         try:
+            # Imported here: prometheus_client is loaded only when metrics.port is set (master start-up).
             from mailq.metrics import serve
 
             self._metrics_server = serve(self.settings, self.settings.metrics.host, port)

@@ -12,6 +12,7 @@ from typing import Any
 
 from mailq.config import Settings
 from mailq.queue import Queue
+from mailq.templates import render, render_message
 
 
 def build_notice(settings: Settings, to: list[str], subject: str, body: str, *,
@@ -101,8 +102,6 @@ def template_entry(settings: Settings, mlist: Any, to: list[str], name: str, *, 
     template; *values* the placeholders of the occasion; *from_address* the From (default: the
     site owner).
     """
-    from mailq.templates import render_message
-
     subject, body = render_message(mlist, name, **values)
     if listname is None:
         listname = mlist.name if mlist is not None else ""
@@ -114,8 +113,6 @@ def notify_template(settings: Settings, mlist: Any, to: list[str], name: str, *,
                     from_address: str | None = None, attachment: bytes | None = None,
                     headers: dict[str, str] | None = None, **values: Any) -> str:
     """Queue the notice made from template *name* (``template_entry``) in ``virgin``; the entry id."""
-    from mailq.queue import Queue
-
     raw, metadata = template_entry(settings, mlist, to, name, listname=listname, from_address=from_address,
                                    attachment=attachment, headers=headers, **values)
     return Queue.for_settings(settings, "virgin").enqueue(raw, metadata, listname=metadata["listname"])
@@ -123,6 +120,4 @@ def notify_template(settings: Settings, mlist: Any, to: list[str], name: str, *,
 
 def render_template(mlist: Any, name: str, **values: Any) -> str:
     """The body of template *name* for *mlist* (``mailq.templates.render``; the pipeline's notices call this)."""
-    from mailq.templates import render
-
     return render(mlist, name, **values)

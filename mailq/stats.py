@@ -22,6 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from mailq.errors import MailqError
+from mailq.fsutil import atomic_write, pid_alive
+
 #: Upper bounds (seconds) of the lock-wait histogram's buckets; +Inf is implied.
 LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 #: Seconds between two rewrites of the stats file by :func:`flush`.
@@ -71,9 +74,6 @@ def flush(force: bool = False) -> None:
     now = time.monotonic()
     if not force and now - _state["flushed"] < FLUSH_EVERY:
         return
-    from mailq.errors import MailqError
-    from mailq.fsutil import atomic_write
-
     data = {"name": _state["name"], "pid": os.getpid(), "started": _state["started"],
             "counters": {m: dict(v) for m, v in _counters.items()}, "histograms": _histograms}
     try:
@@ -86,8 +86,6 @@ def flush(force: bool = False) -> None:
 
 def read_all(settings: Any) -> list[dict[str, Any]]:
     """Every stats file of this node whose process is still alive (a dead one's figures went with it)."""
-    from mailq.fsutil import pid_alive
-
     out = []
     try:
         names = sorted(os.listdir(stats_dir(settings)))

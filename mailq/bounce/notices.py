@@ -76,6 +76,7 @@ def bounce_warnings(settings: Settings, log: Any) -> str:
     ``bounces.log`` as well as the cron log.  Each list's forwards of non-bounces are finished and
     pruned too (``forwards.finish_and_prune``).
     """
+    # Not at the top: an import cycle (mailq.bounce.forwards imports owner_addresses from here).
     from mailq.bounce.forwards import finish_and_prune
 
     decisions_log = get_logger(settings, "bounce-warnings", filename="bounces")

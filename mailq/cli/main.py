@@ -4,7 +4,9 @@
 executable, because every MTA ships a ``/usr/bin/mailq`` of its own (the sendmail queue listing).
 Each group lives in its own module and is imported only when used, so that ``mailqctl --help`` and
 each command start fast and one module's import error cannot break the others.  A new group is one
-line in SUBCOMMANDS.
+line in SUBCOMMANDS.  For the same reason the commands of a group import the modules doing their
+work inside the command function (``mailqctl GROUP --help`` loads none of them): those imports in
+mailq/cli/ are deliberate and carry no comment each.
 """
 from __future__ import annotations
 

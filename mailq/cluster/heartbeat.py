@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailq.cluster.slicemap import map_in_force
 from mailq.config import Settings
 from mailq.errors import MailqError, TemporaryFailure
 from mailq.fsutil import UMASK, atomic_write, make_dirs
@@ -123,8 +124,6 @@ def takeover_possible(settings: Settings) -> bool:
     """
     if settings.cluster.failover != "auto":
         return False
-    from mailq.cluster.slicemap import map_in_force
-
     try:
         smap = map_in_force(settings).smap
     except (MailqError, OSError):

@@ -44,6 +44,7 @@ from mailq.delivery.retry import next_attempt, should_give_up
 from mailq.delivery.smtp import NO_REPLY, SMTPConnection, SendResult
 from mailq.delivery.unsubscribe import linker, personalizer
 from mailq.delivery.verp import verp_sender
+from mailq.errors import MailqError
 from mailq.lists import ListStore
 from mailq.notices import notify_template
 from mailq.queue.entry import entry_id, fixed_sha
@@ -559,9 +560,6 @@ def _notify_give_up(settings: Settings, listname: str, sender: str, msg: bytes,
     lines = [f"  {r}: {c} {t}" for r, (c, t) in sorted(failed.items())]
     mlist = None
     if listname:
-        from mailq.errors import MailqError
-        from mailq.lists.store import ListStore
-
         try:
             mlist = ListStore(settings).load(listname)   # for the list's own copy of the template
         except MailqError:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote
 
-from mailq.config import Settings
+from mailq.config import Settings, load_settings
 from mailq.errors import TemporaryFailure
 
 SECRET_NAME = "unsubscribe.key"
@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
                          "  1 if not. Example:\n"
                          "  python -m mailq.delivery.unsubscribe verify dev alice@example.org Zm9v...\n")
         return 2
-    from mailq.config import load_settings
-
     ok = verify_token(load_settings(), args[1], args[2], args[3])
     print("valid" if ok else "not valid")
     return 0 if ok else 1

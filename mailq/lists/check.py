@@ -31,6 +31,7 @@ from pathlib import Path
 from mailq.config import Settings
 from mailq.errors import MailqError
 from mailq.lists.store import DB_NAME, DIR_MODE, ListStore
+from mailq.runas import ids
 from mailq.locks import (CLAIMS_DIR, COORDINATION_SUFFIX, HOLDERS_SUFFIX, LOCK_SUFFIX, all_locks, break_dead,
                          holder_is_dead_here, prune_records)
 
@@ -71,8 +72,6 @@ def check_owners(settings: Settings, fix: bool = False) -> list[Problem]:
     Nothing to check without a run-as user (a checkout run by whoever runs it).  Only root can
     chown, so ``fix`` repairs only when run as root.
     """
-    from mailq.runas import ids
-
     wanted = ids(settings.run_as)
     if wanted is None:
         return []

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from mailq.lists.members import Member
+from mailq.notices import template_entry
+from mailq.queue import Queue
 
 #: The values ``set digest`` takes, and the digest format each stores (docs/digests.md): ``on`` is
 #: the MIME digest, the format a member who asks for "the digest" gets.
@@ -78,8 +80,6 @@ def goodbye_entry(settings: Any, mlist: Any, address: str, send: bool | None = N
 
 
 def _member_notice(settings: Any, mlist: Any, address: str, template: str, **values: Any) -> tuple[bytes, dict]:
-    from mailq.notices import template_entry
-
     raw, metadata = template_entry(settings, mlist, [address], template, from_address=mlist.request_address,
                                    address=address, **values)
     metadata["envelope_sender"] = mlist.bounces_address     # a bounce of it is a bounce, never a command
@@ -88,8 +88,6 @@ def _member_notice(settings: Any, mlist: Any, address: str, template: str, **val
 
 def send_all(settings: Any, entries: list[tuple[bytes, dict] | None]) -> int:
     """Queue the welcome/goodbye *entries* (None skipped) in ``virgin``; how many were queued."""
-    from mailq.queue import Queue
-
     queue = Queue.for_settings(settings, "virgin")
     sent = 0
     for entry in entries:

@@ -20,6 +20,8 @@ from typing import Any
 
 from mailq.config import Settings
 from mailq.errors import MailqError
+from mailq.fsutil import atomic_write
+from mailq.locks import named_lock
 
 FILE_NAME = "posts.json"
 #: How many (entry, number) pairs are remembered for replays after a crash.
@@ -62,9 +64,6 @@ def take_many(settings: Settings, listname: str, keys: list[str | None]) -> list
     the order given.  The ``in`` runner numbers a whole batch of accepted posts this way
     (``mailq.runners.incoming``), so the lock and the fsyncs are paid once per batch.
     """
-    from mailq.fsutil import atomic_write
-    from mailq.locks import named_lock
-
     path = path_for(settings, listname)
     with named_lock(settings, f"posts.{listname}"):
         data = _read(path, listname)

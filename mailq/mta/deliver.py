@@ -106,6 +106,7 @@ def deliver(args: "list[str]") -> int:
     msg, from_line_sender = _strip_from_line(msg)
     if not msg.strip():
         raise Exit(EX_DATAERR, f"empty message on stdin for {kind} {listname}; nothing queued")
+    # Imported here (start-up per message, bench/flow.py --deliver-only): the refusals above exit without it.
     from mailq.mta.mime import mime_problem
 
     problem = mime_problem(msg)
@@ -187,6 +188,7 @@ def _enqueue(var: str, fsync: bool, queue_name: str, msg: bytes, metadata: dict)
         # Disk full, read-only or missing folders, a folder this user may not write: all fixable by
         # an operator, so the MTA keeps the mail and retries (75) rather than bouncing it.  Who we
         # ran as and which path failed is what the operator needs (the MTA may run us as nobody).
+        # Imported here: only this failure path needs it (start-up per message).
         from mailq.runas import who
 
         cause = exc if isinstance(exc, OSError) else exc.__cause__
@@ -199,6 +201,7 @@ def _enqueue(var: str, fsync: bool, queue_name: str, msg: bytes, metadata: dict)
 
 def _become(user: str) -> None:
     """Run as root by the MTA: switch to the run-as user before writing (mailq/runas.py)."""
+    # Imported here: only a start as root needs it (start-up per message).
     from mailq.runas import RunAsError, become
 
     try:
@@ -240,6 +243,7 @@ def _settings(explicit: "str | None" = None) -> "tuple[str, bool, int]":
         pass  # no cache, or a stale/broken one: parse the YAML
     try:
         _full_imports()
+        # Imported here: only a settings-cache miss parses the YAML, once site-packages is enabled.
         from mailq.config import ConfigError, load_settings
 
         settings = load_settings(path)

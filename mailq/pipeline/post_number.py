@@ -17,6 +17,7 @@ from email.message import Message
 from typing import Any
 
 from mailq.lists.mlist import MailingList
+from mailq.lists.numbers import take
 from mailq.pipeline.base import Context
 
 HEADER = "X-Mailq-Post-Number"
@@ -37,8 +38,6 @@ def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> No
 
 def number_for(mlist: MailingList, msgdata: dict, ctx: Context) -> int:
     """The post's number: the one in *msgdata*, or the next one from the list's counter."""
-    from mailq.lists.numbers import take
-
     number = msgdata.get("post_number")
     if valid_number(number):
         return number

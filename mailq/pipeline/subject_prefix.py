@@ -16,6 +16,7 @@ from email.message import Message
 from typing import Any
 
 from mailq.lists.mlist import MailingList
+from mailq.pipeline.post_number import number_for
 from mailq.pipeline.base import Context, _raw, _unescape_8bit, charset_name, header_text
 
 _REPLY = re.compile(r"^(\s*(re|aw|sv|antw|vs)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
@@ -27,7 +28,6 @@ def process(mlist: MailingList, msg: Message, msgdata: dict, ctx: Context) -> No
         return
     number = None
     if "%d" in prefix:
-        from mailq.pipeline.post_number import number_for
         number = number_for(mlist, msgdata, ctx)
     raw = msg.get("subject")
     original = header_text(raw) if raw is not None else ""

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailq.errors import NotFound
-from mailq.fsutil import fsync_dir, make_dirs
+from mailq.errors import MailqError, NotFound, TemporaryFailure
+from mailq.fsutil import TEMPORARY_ERRNOS, fsync_dir, make_dirs
 from mailq.queue import entry, progress
 from mailq.queue.entry import ENTRY_SUFFIX, QueueFull, entry_id
 from mailq.queue.names import (
@@ -148,9 +148,6 @@ class Queue:
         ENOENT, and the source is gone either way.  EXDEV (var/ split over two filesystems) is an
         error saying so; ENOSPC and the like are a TemporaryFailure.
         """
-        from mailq.errors import MailqError, TemporaryFailure
-        from mailq.fsutil import TEMPORARY_ERRNOS
-
         eid = entry_id(when, sha)
         folder = self.dir / sha[:2]
         folder.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,9 @@ import time
 from typing import Any
 
 from mailq.archive import append_to_archive
-from mailq.digest import append_pending, size_due
+from mailq.digest import append_pending, send, size_due
 from mailq.errors import MailqError
+from mailq.lists import ListStore
 from mailq.queue.queue import Claimed
 from mailq.runners.base import Runner
 
@@ -82,8 +83,6 @@ class ArchiveRunner(Runner):
             raise MailqError(f"archive entry for list {listname} with unknown store {store!r}")
 
     def _lists_store(self) -> Any:
-        from mailq.lists import ListStore
-
         store = getattr(self, "_lists", None) or ListStore(self.settings, log=self.log)
         self._lists = store
         return store
@@ -102,8 +101,6 @@ class ArchiveRunner(Runner):
         The posts are appended already, so a failure here must not give the entries back (that
         would append them twice): it is logged, and the cron task ``send-digests`` sends it later.
         """
-        from mailq.digest import send
-
         if not size:
             return
         store = self._lists_store()

@@ -31,6 +31,7 @@ from typing import Any
 from mailq.errors import MailqError
 from mailq.lists import ListStore
 from mailq.lists.held import HeldStore, notify_held, notify_rejected
+from mailq.lists.numbers import take_many
 from mailq.lists.preserved import PreservedStore, notify_owners
 from mailq.pipeline import Context, Discard, Hold, Reject, load_stage, run, run_stages
 from mailq.pipeline.base import header_text, parse
@@ -153,8 +154,6 @@ class IncomingRunner(Runner):
     def _number(self, posts: list[_Post], failed: dict[str, BaseException]) -> None:
         """Give every post about to enter ``post_number`` without a number its number: one lock
         cycle per list (``take_many``), in the order the posts were claimed."""
-        from mailq.lists.numbers import take_many
-
         wanting: dict[str, list[_Post]] = {}
         for post in posts:
             if post.rest[:1] == [NUMBER_STAGE] and not valid_number(post.metadata.get("post_number")):
