@@ -41,7 +41,7 @@ from typing import Any
 from mailq.config import Settings
 from mailq.delivery.mx import MXTransport
 from mailq.delivery.retry import next_attempt, should_give_up
-from mailq.delivery.smtp import NO_REPLY, SMTPConnection, SendResult
+from mailq.delivery.smtp import NO_REPLY, SMTPConnection, SendResult, has_leading_dot
 from mailq.delivery.unsubscribe import linker, personalizer
 from mailq.delivery.verp import verp_sender
 from mailq.errors import MailqError
@@ -153,7 +153,7 @@ def deliver(settings: Settings, transport, msg: bytes, metadata: dict[str, Any],
     copy_for = (lambda batch: one_click(batch[0])) if one_click else (lambda batch: msg)
     # A copy has a line starting with a dot only if the post has one (the link is inside a header
     # line): looked for once here, not in every copy (smtp.SMTPConnection.send's no_dots).
-    no_dots = one_click is not None and not (msg.startswith(b".") or b"\n." in msg)
+    no_dots = one_click is not None and not has_leading_dot(msg)
     note = _recorder(prog, where) if prog is not None else None
     sessions = list(transport) if isinstance(transport, (list, tuple)) else [transport]
     if len(sessions) > 1 and len(batches) > 1:

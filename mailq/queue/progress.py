@@ -150,6 +150,12 @@ def _line(body: str) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(data), data)
 
 
+def _outcome_lines(groups: dict[tuple[str, int, str], list[int]]) -> list[bytes]:
+    """The ``D``/``T``/``P`` records for outcomes grouped by (kind, code, text)."""
+    return [_line(f"{kind} {code} {_ranges(idx)} {text}".rstrip(" ") if kind != "D" else f"D 0 {_ranges(idx)}")
+            for (kind, code, text), idx in groups.items()]
+
+
 class Progress:
     """The progress of one entry over its item list *items*: read from *path* when there, written
     there from now on.  Thread-safe: several sessions record at once (one lock over the records,
@@ -355,9 +361,7 @@ class Progress:
                     return
                 pending, extra = self._pending, self._extra
                 self._pending, self._extra = {}, []
-                lines = [_line(f"{kind} {code} {_ranges(idx)} {text}".rstrip(" ") if kind != "D"
-                               else f"D 0 {_ranges(idx)}") for (kind, code, text), idx in pending.items()]
-                lines += [_line(e) for e in extra]
+                lines = _outcome_lines(pending) + [_line(e) for e in extra]
                 data = b"".join(lines)
                 whole = self._whole() if self._restart or self._size + len(data) > max_bytes(self.count) else None
                 self._writing = True
@@ -475,9 +479,7 @@ class Progress:
         groups: dict[tuple[str, int, str], list[int]] = {}
         for i, outcome in self.outcomes.items():
             groups.setdefault(outcome, []).append(i)
-        lines = [self._header()]
-        lines += [_line(f"{kind} {code} {_ranges(idx)} {text}".rstrip(" ") if kind != "D" else f"D 0 {_ranges(idx)}")
-                  for (kind, code, text), idx in groups.items()]
+        lines = [self._header(), *_outcome_lines(groups)]
         if self.settled_at is not None:
             lines.append(_line(f"S {self.settled_at!r}"))
         if self.settled:
